@@ -1,0 +1,96 @@
+"""The record Kafka carries between ingest and consume.
+
+Versioned (`v`): readers accept every version up to ENVELOPE_VERSION and reject newer
+ones with a clear EnvelopeError, so a rolling upgrade never silently misreads a message.
+The key is always the external_userid; the WeCom `msgid` is the message_id, stable
+across re-pulls, which is what consumers deduplicate on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from qywx_ray.errors import EnvelopeError
+
+ENVELOPE_VERSION = 1
+
+Headers = list[tuple[str, bytes]]
+
+
+class Envelope(BaseModel):
+    v: int = ENVELOPE_VERSION
+    message_id: str = Field(min_length=1)
+    open_kfid: str
+    external_userid: str = Field(min_length=1)
+    msgtype: str
+    origin: int = 3
+    send_time: int = 0  # WeCom send_time, seconds
+    raw: dict[str, Any] = Field(default_factory=dict)  # the WeCom message exactly as pulled
+    ingest_ts_ms: int = Field(default_factory=lambda: int(time.time() * 1000))
+
+    @classmethod
+    def from_wecom(cls, msg: dict[str, Any], *, ingest_ts_ms: int | None = None) -> Envelope:
+        """Build from one kf/sync_msg item; events carry their ids inside `event`."""
+        raw_event = msg.get("event")
+        event: dict[str, Any] = raw_event if isinstance(raw_event, dict) else {}
+        external_userid = msg.get("external_userid") or event.get("external_userid") or ""
+        open_kfid = msg.get("open_kfid") or event.get("open_kfid") or ""
+        try:
+            return cls(
+                message_id=str(msg["msgid"]),
+                open_kfid=open_kfid,
+                external_userid=external_userid or f"~{open_kfid}",
+                msgtype=str(msg.get("msgtype", "")),
+                origin=int(msg.get("origin", 3)),
+                send_time=int(msg.get("send_time", 0)),
+                raw=msg,
+                ingest_ts_ms=ingest_ts_ms or int(time.time() * 1000),
+            )
+        except (KeyError, ValueError, ValidationError) as exc:
+            raise EnvelopeError(f"WeCom message cannot be enveloped: {exc}") from exc
+
+    @property
+    def key(self) -> bytes:
+        return self.external_userid.encode()
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.model_dump(), ensure_ascii=False, separators=(",", ":")).encode()
+
+    def headers(self) -> Headers:
+        return [
+            ("msg_type", self.msgtype.encode()),
+            ("msg_id", self.message_id.encode()),
+            ("timestamp", str(self.ingest_ts_ms // 1000).encode()),
+            ("v", str(self.v).encode()),
+        ]
+
+    @classmethod
+    def from_bytes(cls, value: bytes | None) -> Envelope:
+        if not value:
+            raise EnvelopeError("empty record value")
+        try:
+            data = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EnvelopeError(f"record value is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise EnvelopeError("record value is not a JSON object")
+        version = data.get("v", 1)
+        if not isinstance(version, int) or version > ENVELOPE_VERSION:
+            raise EnvelopeError(
+                f"envelope version {version!r} is newer than this reader ({ENVELOPE_VERSION})"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise EnvelopeError(f"record is not a valid envelope: {exc}") from exc
+
+
+def header_value(headers: Headers | None, name: str) -> str | None:
+    for key, value in headers or ():
+        if key == name:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None

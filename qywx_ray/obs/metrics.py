@@ -1,0 +1,161 @@
+"""Metrics that work the same in a driver, a Serve replica or any Ray actor on any node.
+
+Inside a Ray worker the values go to Ray's metrics agent (`ray.util.metrics`), which
+every node exports and Prometheus discovers through Ray's service-discovery file: one
+scrape configuration covers actors wherever they move (Ray prefixes names with `ray_`).
+Outside Ray (simulator, CLI, tests) they go to prometheus_client's default registry.
+Every process also keeps a local mirror, so a test or an admin route can read values
+without scraping.
+
+Names follow Prometheus conventions: `qywx_` prefix, `_total` for counters, base units.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+_lock = threading.Lock()
+_metrics: dict[str, Metric] = {}
+
+DEFAULT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _in_ray_worker() -> bool:
+    try:
+        import ray
+
+        return bool(ray.is_initialized()) and ray.get_runtime_context().worker.mode == 0
+    except Exception:
+        return False
+
+
+class Metric:
+    """One named metric; `kind` is counter, gauge or histogram."""
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        doc: str,
+        labels: Sequence[str] = (),
+        buckets: Sequence[float] = DEFAULT_BUCKETS_S,
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.doc = doc
+        self.labels = tuple(labels)
+        self.buckets = tuple(buckets)
+        self._backend: Any = None
+        self._ray = False
+        self._mirror: dict[tuple[str, ...], float] = defaultdict(float)
+        self._counts: dict[tuple[str, ...], int] = defaultdict(int)
+
+    def _resolve(self) -> None:
+        if self._backend is not None:
+            return
+        if _in_ray_worker():
+            from ray.util import metrics as rm
+
+            if self.kind == "counter":
+                self._backend = rm.Counter(self.name, self.doc, tag_keys=self.labels)
+            elif self.kind == "gauge":
+                self._backend = rm.Gauge(self.name, self.doc, tag_keys=self.labels)
+            else:
+                self._backend = rm.Histogram(
+                    self.name, self.doc, boundaries=list(self.buckets), tag_keys=self.labels
+                )
+            self._ray = True
+            return
+        import prometheus_client as pc
+
+        base = (
+            self.name[: -len("_total")]
+            if self.kind == "counter" and self.name.endswith("_total")
+            else self.name
+        )
+        try:
+            if self.kind == "counter":
+                self._backend = pc.Counter(base, self.doc, self.labels)
+            elif self.kind == "gauge":
+                self._backend = pc.Gauge(self.name, self.doc, self.labels)
+            else:
+                self._backend = pc.Histogram(self.name, self.doc, self.labels, buckets=self.buckets)
+        except ValueError:  # already registered in this process (re-import in tests)
+            self._backend = pc.REGISTRY._names_to_collectors.get(
+                base
+            ) or pc.REGISTRY._names_to_collectors.get(self.name)
+
+    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
+        return tuple(str(labels.get(k, "")) for k in self.labels)
+
+    def _target(self, labels: dict[str, str]) -> Any:
+        if self._ray or not self.labels:
+            return self._backend
+        return self._backend.labels(**{k: str(labels.get(k, "")) for k in self.labels})
+
+    def inc(self, value: float = 1.0, **labels: str) -> None:
+        with _lock:
+            self._resolve()
+            self._mirror[self._key(labels)] += value
+        if self._ray:
+            self._backend.inc(value, tags={k: str(v) for k, v in labels.items()} or None)
+        else:
+            self._target(labels).inc(value)
+
+    def set(self, value: float, **labels: str) -> None:
+        with _lock:
+            self._resolve()
+            self._mirror[self._key(labels)] = value
+        if self._ray:
+            self._backend.set(value, tags={k: str(v) for k, v in labels.items()} or None)
+        else:
+            self._target(labels).set(value)
+
+    def observe(self, value: float, **labels: str) -> None:
+        with _lock:
+            self._resolve()
+            self._mirror[self._key(labels)] += value
+            self._counts[self._key(labels)] += 1
+        if self._ray:
+            self._backend.observe(value, tags={k: str(v) for k, v in labels.items()} or None)
+        else:
+            self._target(labels).observe(value)
+
+    def value(self, **labels: str) -> float:
+        """The local mirror: counter total, gauge value, or histogram sum."""
+        return self._mirror.get(self._key(labels), 0.0)
+
+    def total(self) -> float:
+        return sum(self._mirror.values())
+
+
+def _get(kind: str, name: str, doc: str, labels: Sequence[str], **kw: Any) -> Metric:
+    with _lock:
+        metric = _metrics.get(name)
+        if metric is None:
+            metric = Metric(kind, name, doc, labels, **kw)
+            _metrics[name] = metric
+        return metric
+
+
+def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Metric:
+    return _get("counter", name, doc, labels)
+
+
+def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Metric:
+    return _get("gauge", name, doc, labels)
+
+
+def histogram(
+    name: str, doc: str, labels: Sequence[str] = (), buckets: Sequence[float] = DEFAULT_BUCKETS_S
+) -> Metric:
+    return _get("histogram", name, doc, labels, buckets=buckets)
+
+
+def snapshot() -> dict[str, float]:
+    """Totals of every metric this process has touched (for tests and admin/introspection)."""
+    with _lock:
+        return {name: m.total() for name, m in _metrics.items()}

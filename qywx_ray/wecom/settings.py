@@ -1,0 +1,20 @@
+"""WeCom credentials and callback settings (secrets come from env, never from logs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, SecretStr
+
+
+class WeComSettings(BaseModel):
+    corp_id: str = "wwqywxraydemo0001"
+    # Callback Token and EncodingAESKey (43 chars) from the kf callback configuration page.
+    token: SecretStr = SecretStr("qywxraydevtoken")
+    encoding_aes_key: SecretStr = SecretStr("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG")
+    kf_secret: SecretStr = SecretStr("qywx-ray-dev-secret")
+    api_base: str = "https://qyapi.weixin.qq.com/cgi-bin"
+    callback_max_skew_s: int = 300
+    callback_max_body_bytes: int = 65_536
+    http_timeout_s: float = 10.0
+    max_retries: int = 4
+    retry_base_s: float = 0.2
+    retry_max_s: float = 5.0
