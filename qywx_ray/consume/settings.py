@@ -11,15 +11,28 @@ class ConsumeSettings(BaseModel):
     mode: Literal["hosted", "dedicated"] = "hosted"
     num_consumers: int = Field(default=2, ge=1)
     num_hosts: int = Field(default=4, ge=1)
+    # Ray placement of our named detached actors: `{name_prefix}-user-host-{i}`,
+    # `{name_prefix}-consumer-{i}`, `user:{open_kfid}:{external_userid}` in `namespace`.
+    namespace: str = "qywx"
+    name_prefix: str = "qywx"
     mailbox_size: int = Field(default=1000, ge=1)
     idle_lifetime_s: float = 10_800.0  # 3 h
-    max_dedicated_actors: int = 100
+    idle_sweep_interval_s: float = 5.0  # how often a host looks for idle mailboxes
+    max_dedicated_actors: int = 100  # per pipeline; beyond it users fall back to hosted
     max_inflight_per_consumer: int = 50_000
     commit_every_messages: int = 1000
     commit_interval_s: float = 1.0
     revoke_wait_s: float = 10.0
+    completion_flush_ms: float = 20.0  # hosts batch completions back to consumers
+    health_check_interval_s: float = 1.0  # consumer probes hosts holding its in-flight work
+    static_membership: bool = True  # group.instance.id per consumer: a restart takes over at once
     handler: str = "qywx_ray.consume.handlers:default_handler"
     handler_timeout_s: float = 30.0
-    handler_concurrency: int = 1000
+    handler_concurrency: int = 1000  # per host: handlers running at once (across users)
     dedup_ttl_s: int = 86_400
+    dedup_recent_size: int = 100_000  # in-memory recent-done LRU per host
     redis_down_policy: Literal["stop", "process"] = "stop"
+    redis_retry_max_s: float = 5.0  # backoff cap while Redis is down (policy stop)
+    transcript_max_len: int = 200  # default handler: messages kept per user
+    reply_enabled: bool = False  # default handler: reply via WeCom kf/send_msg
+    record_key: str = "qywx:test:record"  # recording handler (tests, bench)

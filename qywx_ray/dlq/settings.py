@@ -1,15 +1,27 @@
-"""Dead-letter settings."""
+"""Dead-letter settings: DLQ producer, emergency file, recovery service, delay queue, parking."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class DLQSettings(BaseModel):
     emergency_dir: str = ""  # default: <data_dir>/dlq-emergency
-    max_retries: int = 10
-    backoff_base_s: float = 60.0
-    backoff_max_s: float = 3600.0
+    max_retries: int = Field(default=10, ge=0)
+    backoff_base_s: float = Field(default=60.0, gt=0)
+    backoff_max_s: float = Field(default=3600.0, gt=0)
     ttl_s: float = 7 * 86_400.0
     park_rate_limited: bool = False
     scheduler_interval_s: float = 1.0
+    # Producer: how long a DLQ write may take before the emergency file takes it.
+    produce_timeout_s: float = Field(default=10.0, gt=0)
+    breaker_failure_threshold: int = Field(default=10, ge=1)
+    breaker_open_s: float = Field(default=60.0, gt=0)
+    # Recovery service.
+    recovery_group_id: str = "qywx-dlq-recovery"
+    recovery_actor_name: str = "qywx-dlq-recovery"
+    consume_batch_max: int = Field(default=500, ge=1)
+    schedule_batch_max: int = Field(default=500, ge=1)
+    lease_s: float = Field(default=60.0, gt=0)  # a claimed retry not acked by then is re-queued
+    retry_produce_timeout_s: float = Field(default=15.0, gt=0)
+    redis_prefix: str = "qywx:dlq"

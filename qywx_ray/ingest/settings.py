@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class IngestSettings(BaseModel):
-    sync_page_limit: int = 1000
+    sync_page_limit: int = Field(default=1000, ge=1, le=1000)
     sweep_interval_s: float = 30.0
     lock_ttl_s: float = 30.0
     lock_extend_every_s: float = 10.0
     delivery_wait_timeout_s: float = 30.0
     serve_replicas: int = 1
     serve_max_ongoing_requests: int = 256
+    # A callback token is valid 10 min at WeCom; stop using it a little earlier.
+    callback_token_valid_s: float = 540.0
+    # Back-pressure: how long one produce may wait for room in librdkafka's queue.
+    produce_block_timeout_s: float = 10.0
+    # Retry of a failed pull (WeCom 45009/-1, Kafka and Redis both down, ...).
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    # Producer circuit breaker: consecutive failed deliveries before it opens.
+    breaker_failure_threshold: int = 50
+    breaker_cooldown_s: float = 10.0
+    # Spool replayer.
+    spool_replay_interval_s: float = 2.0
+    spool_replay_max_per_user: int = 200
+    spool_replay_max_batch: int = 2000
+    key_prefix: str = "qywx"

@@ -18,3 +18,7 @@ class WeComSettings(BaseModel):
     max_retries: int = 4
     retry_base_s: float = 0.2
     retry_max_s: float = 5.0
+    # Refresh the cached access_token this long before WeCom says it expires.
+    token_refresh_margin_s: int = 300
+    # Callback replay-cache lookups slower than this fail open (Redis slow or down).
+    callback_replay_timeout_s: float = 0.5

@@ -1,0 +1,114 @@
+"""`qywx-ray` command line: topics, the local dev stack, the demo, operations.
+
+Exit codes: 0 ok, 2 configuration error (nothing was changed), 3 infrastructure
+unreachable, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qywx_ray.errors import ConfigError, InfraError, QywxError
+from qywx_ray.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, profile=args.profile)
+
+
+def cmd_topics_ensure(args: argparse.Namespace) -> int:
+    from qywx_ray.kafka.topics import ensure_topics
+
+    settings = _settings(args)
+    for report in ensure_topics(settings.kafka, timeout_s=args.timeout_s):
+        print(
+            f"{report.action:8} {report.name}: partitions={report.partitions} "
+            f"rf={report.replication_factor} "
+            + " ".join(f"{k}={v}" for k, v in sorted(report.configs.items()))
+        )
+    return 0
+
+
+def _stack(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from qywx_ray.devstack.local import LocalStack
+
+    settings = _settings(args)
+    return LocalStack(Path(settings.data_dir) / "dev", brokers=args.brokers)
+
+
+def cmd_dev_up(args: argparse.Namespace) -> int:
+    stack = _stack(args)
+    started = stack.up()
+    for line in started or ["already running"]:
+        print(f"dev: {line}")
+    print(f"dev: QYWX_KAFKA__BOOTSTRAP_SERVERS={stack.bootstrap()}")
+    print(f"dev: QYWX_REDIS__URL={stack.redis_url()}")
+    return 0
+
+
+def cmd_dev_down(args: argparse.Namespace) -> int:
+    stopped = _stack(args).down()
+    print("dev: stopped " + (", ".join(stopped) if stopped else "nothing (none running)"))
+    return 0
+
+
+def cmd_dev_status(args: argparse.Namespace) -> int:
+    print(json.dumps(_stack(args).status(), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qywx_ray.demo import run_demo
+
+    return run_demo(_settings(args), args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qywx-ray", description=__doc__)
+    parser.add_argument("--config", help="YAML config file (default: config/<profile>.yaml)")
+    parser.add_argument("--profile", help="development or production (env QYWX_PROFILE)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    topics = sub.add_parser("topics", help="Kafka topics").add_subparsers(dest="sub", required=True)
+    ensure = topics.add_parser("ensure", help="create or validate main and DLQ topics")
+    ensure.add_argument("--timeout-s", type=float, default=30.0)
+    ensure.set_defaults(func=cmd_topics_ensure)
+
+    dev = sub.add_parser("dev", help="local Kafka + Redis for development")
+    dev.add_argument("--brokers", type=int, choices=(1, 3), default=1)
+    dev_sub = dev.add_subparsers(dest="sub", required=True)
+    dev_sub.add_parser("up").set_defaults(func=cmd_dev_up)
+    dev_sub.add_parser("down").set_defaults(func=cmd_dev_down)
+    dev_sub.add_parser("status").set_defaults(func=cmd_dev_status)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline locally with a live view")
+    demo.add_argument("--users", type=int, default=200)
+    demo.add_argument("--rate-per-min", type=float, default=6.0)
+    demo.add_argument("--duration-s", type=float, default=0.0, help="0: until Ctrl-C")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"qywx-ray: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except InfraError as exc:
+        print(f"qywx-ray: infrastructure error: {exc}", file=sys.stderr)
+        return 3
+    except QywxError as exc:
+        print(f"qywx-ray: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The WeCom callback endpoint: verify, decrypt, dedupe, hand off, answer — nothing more.
+
+GET answers WeCom's URL check (must be well under 1 s); POST takes a kf_msg_or_event
+callback and passes a KfCallbackEvent to a CallbackSink that returns immediately.
+This module must never call Kafka or WeCom inside a request, never echo a secret or a
+decryption detail to the caller, and never fail a request because Redis (the replay
+cache) is down — a duplicate pull is harmless, a missed callback is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import defusedxml
+import defusedxml.ElementTree as SafeET
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import ValidationError
+
+from qywx_ray.errors import CryptoError
+from qywx_ray.obs.logging import get_logger
+from qywx_ray.obs.metrics import counter, histogram
+from qywx_ray.store.client import make_async_redis
+from qywx_ray.store.settings import RedisSettings
+from qywx_ray.wecom.crypto import BadSignatureError, WeComCrypto
+from qywx_ray.wecom.models import KfCallbackEvent
+
+log = get_logger(__name__)
+
+CALLBACKS = counter(
+    "qywx_callbacks_total",
+    "WeCom callback requests by result",
+    ["result"],
+)
+REPLAY_CACHE_ERRORS = counter(
+    "qywx_callback_replay_cache_errors_total",
+    "Replay-cache lookups that failed or timed out (the callback failed open)",
+)
+CALLBACK_SECONDS = histogram(
+    "qywx_callback_duration_seconds", "Time to answer a WeCom callback", ["method"]
+)
+
+
+class CallbackSink(Protocol):
+    """Receives verified callbacks; must return immediately (enqueue, no I/O)."""
+
+    def submit(self, event: KfCallbackEvent) -> None: ...
+
+
+class ReplayCache(Protocol):
+    async def first_seen(self, key: str, ttl_s: int) -> bool:
+        """True the first time `key` is seen within ttl_s, False for a replay."""
+        ...
+
+
+class InMemoryReplayCache:
+    """For unit tests and single-process use; expires entries by an injected clock."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._expiry: dict[str, float] = {}
+
+    async def first_seen(self, key: str, ttl_s: int) -> bool:
+        now = self._clock()
+        if len(self._expiry) > 10_000:
+            self._expiry = {k: t for k, t in self._expiry.items() if t > now}
+        expiry = self._expiry.get(key)
+        if expiry is not None and expiry > now:
+            return False
+        self._expiry[key] = now + ttl_s
+        return True
+
+
+class RedisReplayCache:
+    """SET NX EX in Redis, so every replica of the ingress shares one replay window."""
+
+    def __init__(
+        self, client: aioredis.Redis, *, prefix: str = "qywx:wecom:callback:seen:"
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+
+    @classmethod
+    def from_settings(cls, settings: RedisSettings) -> RedisReplayCache:
+        return cls(make_async_redis(settings))
+
+    async def first_seen(self, key: str, ttl_s: int) -> bool:
+        return bool(await self._client.set(self._prefix + key, b"1", nx=True, ex=max(1, ttl_s)))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, result: str, body: str) -> None:
+        self.status = status
+        self.result = result
+        self.body = body
+
+
+_GENERIC = {
+    400: "bad request",
+    401: "unauthorized",
+    403: "forbidden",
+    413: "payload too large",
+}
+
+
+def _reject(status: int, result: str) -> _Reject:
+    return _Reject(status, result, _GENERIC[status])
+
+
+def _xml_fields(data: bytes | str) -> dict[str, str]:
+    try:
+        root = SafeET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except (ET.ParseError, defusedxml.DefusedXmlException, ValueError) as exc:
+        raise _reject(400, "bad_xml") from exc
+    return {child.tag: (child.text or "").strip() for child in root}
+
+
+async def _read_body(request: Request, max_body_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > max_body_bytes:
+                raise _reject(413, "too_large")
+        except ValueError as exc:
+            raise _reject(400, "bad_request") from exc
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise _reject(413, "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _query(request: Request, *names: str) -> list[str]:
+    values = [request.query_params.get(n) for n in names]
+    if any(not v for v in values):
+        raise _reject(400, "bad_request")
+    return [v for v in values if v]
+
+
+def make_callback_router(
+    crypto: WeComCrypto,
+    sink: CallbackSink,
+    replay: ReplayCache,
+    *,
+    max_skew_s: int = 300,
+    max_body_bytes: int = 65_536,
+    replay_timeout_s: float = 0.5,
+    clock: Callable[[], float] = time.time,
+    path: str = "/wecom/callback",
+) -> APIRouter:
+    """The callback router; mount it on any FastAPI app (Serve ingress, tests)."""
+    router = APIRouter()
+    replay_ttl_s = 2 * max_skew_s + 60  # a replay older than this is rejected as stale anyway
+
+    def _done(method: str, started: float, result: str, response: Response) -> Response:
+        CALLBACKS.inc(result=result)
+        CALLBACK_SECONDS.observe(time.perf_counter() - started, method=method)
+        return response
+
+    async def _first_seen(key: str) -> bool:
+        try:
+            return await asyncio.wait_for(replay.first_seen(key, replay_ttl_s), replay_timeout_s)
+        except Exception as exc:  # Redis down or slow: fail open, a duplicate pull is harmless
+            REPLAY_CACHE_ERRORS.inc()
+            log.warning("callback.replay_cache_unavailable", error=type(exc).__name__)
+            return True
+
+    @router.get(path, response_class=PlainTextResponse)
+    async def verify_url(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            signature, timestamp, nonce, echostr = _query(
+                request, "msg_signature", "timestamp", "nonce", "echostr"
+            )
+            try:
+                crypto.verify(signature, timestamp, nonce, echostr)
+            except BadSignatureError as exc:
+                raise _reject(401, "bad_signature") from exc
+            try:
+                plain = crypto.decrypt(echostr)
+            except CryptoError as exc:
+                raise _reject(400, "bad_crypto") from exc
+        except _Reject as rej:
+            log.warning("callback.rejected", method="GET", result=rej.result)
+            return _done("GET", started, rej.result, PlainTextResponse(rej.body, rej.status))
+        return _done("GET", started, "verified", PlainTextResponse(plain))
+
+    @router.post(path, response_class=PlainTextResponse)
+    async def receive(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            body = await _read_body(request, max_body_bytes)
+            signature, timestamp, nonce = _query(request, "msg_signature", "timestamp", "nonce")
+            outer = _xml_fields(body)
+            encrypt = outer.get("Encrypt")
+            if not encrypt:
+                raise _reject(400, "bad_xml")
+            try:
+                crypto.verify(signature, timestamp, nonce, encrypt)
+            except BadSignatureError as exc:
+                raise _reject(401, "bad_signature") from exc
+            try:
+                ts = int(timestamp)
+            except ValueError as exc:
+                raise _reject(400, "bad_request") from exc
+            if abs(clock() - ts) > max_skew_s:
+                raise _reject(403, "stale")
+            key = hashlib.sha1(f"{timestamp}|{nonce}|{signature}".encode()).hexdigest()
+            if not await _first_seen(key):
+                return _done("POST", started, "duplicate", PlainTextResponse("success"))
+            try:
+                inner_xml = crypto.decrypt(encrypt)
+            except CryptoError as exc:
+                raise _reject(400, "bad_crypto") from exc
+            inner: dict[str, Any] = _xml_fields(inner_xml)
+            if inner.get("MsgType") != "event" or inner.get("Event") != "kf_msg_or_event":
+                # Authentic but not ours (another event on a shared URL): ack, do nothing.
+                return _done("POST", started, "ignored", PlainTextResponse("success"))
+            try:
+                event = KfCallbackEvent.model_validate(inner)
+            except ValidationError as exc:
+                raise _reject(400, "bad_fields") from exc
+        except _Reject as rej:
+            log.warning("callback.rejected", method="POST", result=rej.result)
+            return _done("POST", started, rej.result, PlainTextResponse(rej.body, rej.status))
+        sink.submit(event)
+        return _done("POST", started, "ok", PlainTextResponse("success"))
+
+    return router
