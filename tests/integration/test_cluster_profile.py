@@ -1,0 +1,72 @@
+"""The production profile on a real 3-broker KRaft cluster: same code, RF 3, min ISR 2."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from qywx_ray.devstack.kafka import KafkaCluster
+from qywx_ray.envelope import Envelope
+from qywx_ray.kafka.config import consumer_config, producer_config
+from qywx_ray.kafka.topics import ensure_topics
+from qywx_ray.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    cluster = KafkaCluster(Path(tmp_path_factory.mktemp("k3")), brokers=3, heap_mb=384).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_production_topics_and_acks_all_on_three_brokers(cluster3: KafkaCluster) -> None:
+    s = load_settings(
+        profile="production",
+        overrides={"kafka": {"bootstrap_servers": cluster3.bootstrap_servers}},
+    )
+    reports = {r.name: r for r in ensure_topics(s.kafka)}
+    main = reports["qywx-chat-messages"]
+    assert (main.partitions, main.replication_factor) == (12, 3)
+    assert main.configs["min.insync.replicas"] == "2"
+    assert reports["qywx-dead-letter-queue"].partitions == 6
+
+    producer = Producer(producer_config(s.kafka))
+    errors: list[object] = []
+    for i in range(200):
+        env = Envelope(
+            message_id=f"m{i}", open_kfid="wk1", external_userid=f"u{i % 20}", msgtype="text"
+        )
+        producer.produce(
+            s.kafka.main_topic.name,
+            env.to_bytes(),
+            env.key,
+            headers=env.headers(),
+            on_delivery=lambda err, _msg: errors.append(err) if err else None,
+        )
+    assert producer.flush(30) == 0
+    assert errors == []
+
+    consumer = Consumer(consumer_config(s.kafka, group_id="cluster-profile-test"))
+    consumer.subscribe([s.kafka.main_topic.name])
+    seen: dict[str, list[int]] = {}
+    try:
+        for _ in range(300):
+            for msg in consumer.consume(500, timeout=0.5):
+                if msg.error():
+                    continue
+                env = Envelope.from_bytes(msg.value())
+                seen.setdefault(env.external_userid, []).append(int(env.message_id[1:]))
+            if sum(map(len, seen.values())) >= 200:
+                break
+    finally:
+        consumer.close()
+    assert sum(map(len, seen.values())) == 200
+    for ids in seen.values():
+        assert ids == sorted(ids)  # per-user order across 12 partitions
