@@ -7,10 +7,13 @@ and rule at run time (kept in Redis, see protect/ratelimit.py).
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, Field, model_validator
 
 WHITELIST = "whitelist"
 DEFAULT_GROUP = "default"
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 class RateLimitRule(BaseModel):
@@ -79,6 +82,9 @@ class ProtectSettings(BaseModel):
                 f"protect.user_groups names unknown group(s) {unknown}; "
                 f"define them under protect.groups (known: {sorted(known)})"
             )
+        bad = sorted(g for g in self.groups if not _GROUP_NAME.fullmatch(g))
+        if bad:
+            raise ValueError(f"protect.groups: names must match [A-Za-z0-9_-]{{1,32}}: {bad}")
         if DEFAULT_GROUP in self.groups:
             raise ValueError("protect.groups must not define 'default'; use protect.default")
         return self

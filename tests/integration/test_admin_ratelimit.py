@@ -1,0 +1,244 @@
+"""Admin rate-limit API over a real Redis: every endpoint, auth, bad input, audit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from qywx_ray.admin.ratelimit import make_ratelimit_router
+from qywx_ray.protect.decision import Verdict
+from qywx_ray.protect.groups import UserGroups
+from qywx_ray.protect.ratelimit import RateLimiter
+from qywx_ray.protect.settings import ProtectSettings
+from qywx_ray.settings import Settings
+from qywx_ray.store.client import make_async_redis
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Admin-User": "alice"}
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Env:
+    def __init__(self, limiter: RateLimiter, http: httpx.AsyncClient, clock: FakeClock) -> None:
+        self.limiter = limiter
+        self.http = http
+        self.clock = clock
+
+
+@pytest.fixture
+async def env(
+    redis_client: redis.Redis, make_settings: Callable[..., Settings]
+) -> AsyncIterator[Env]:
+    aredis = make_async_redis(make_settings().redis)
+    settings = ProtectSettings(user_groups={"cfg-white": "whitelist"})
+    clock = FakeClock()
+    groups = UserGroups(settings, aredis)
+    limiter = RateLimiter(aredis, settings, groups, clock=clock)
+    app = FastAPI()
+    app.include_router(make_ratelimit_router(limiter, groups, SecretStr(TOKEN)))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin", timeout=10) as c:
+        yield Env(limiter, c, clock)
+    await aredis.aclose()
+
+
+async def audit(env: Env) -> list[dict[str, Any]]:
+    r = await env.http.get("/admin/audit", headers=AUTH)
+    assert r.status_code == 200
+    return list(r.json())
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/admin/ratelimit/status/u", None),
+        ("POST", "/admin/ratelimit/unblock/u", {"reason": "x"}),
+        ("POST", "/admin/ratelimit/block/u", {"reason": "x"}),
+        ("GET", "/admin/ratelimit/blocked", None),
+        ("POST", "/admin/ratelimit/whitelist/u", None),
+        ("DELETE", "/admin/ratelimit/whitelist/u", None),
+        ("PUT", "/admin/ratelimit/group/u", {"group": "vip"}),
+        ("DELETE", "/admin/ratelimit/limit/u", None),
+        ("GET", "/admin/audit", None),
+    ],
+)
+async def test_every_route_needs_the_token(
+    env: Env, redis_client: redis.Redis, method: str, path: str, body: Any
+) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
+        r = await env.http.request(method, path, json=body, headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+    assert redis_client.dbsize() == 0  # nothing was changed
+
+
+async def test_status_of_unknown_user_is_404_and_known_after_traffic(env: Env) -> None:
+    r = await env.http.get("/admin/ratelimit/status/nobody", headers=AUTH)
+    assert r.status_code == 404 and "nobody" in r.json()["detail"]
+    await env.limiter.check_batch([("chatty", 7)])
+    r = await env.http.get("/admin/ratelimit/status/chatty", headers=AUTH)
+    assert r.status_code == 200
+    st = r.json()
+    assert st["messages_in_window"] == 5 and st["violations"] == 2 and not st["blocked"]
+    assert st["group"] == "default" and st["rule"]["max_messages"] == 5
+    # A configured group makes a user known even without traffic.
+    r = await env.http.get("/admin/ratelimit/status/cfg-white", headers=AUTH)
+    assert r.status_code == 200 and r.json()["group"] == "whitelist"
+
+
+async def test_blocked_list_and_unblock_with_reason(env: Env) -> None:
+    await env.limiter.check_batch([("bot", 20)])
+    r = await env.http.get("/admin/ratelimit/blocked", headers=AUTH)
+    assert r.status_code == 200
+    [entry] = r.json()
+    assert entry["user"] == "bot" and not entry["permanent"]
+    assert entry["blocked_until"] == pytest.approx(T0 + 3600)
+
+    r = await env.http.post("/admin/ratelimit/unblock/bot", headers=AUTH, json={})
+    assert r.status_code == 422 and "reason" in r.text
+    r = await env.http.post("/admin/ratelimit/unblock/bot", headers=AUTH, json={"reason": ""})
+    assert r.status_code == 422
+    r = await env.http.post(
+        "/admin/ratelimit/unblock/bot", headers=AUTH, json={"reason": "customer called"}
+    )
+    assert r.status_code == 200 and r.json() == {"user": "bot", "was_blocked": True}
+    assert (await env.limiter.check_batch([("bot", 1)]))["bot"][0].verdict is Verdict.ALLOW
+    assert (await env.http.get("/admin/ratelimit/blocked", headers=AUTH)).json() == []
+    r = await env.http.post("/admin/ratelimit/unblock/ghost", headers=AUTH, json={"reason": "x"})
+    assert r.status_code == 404
+    [entry] = await audit(env)
+    assert entry["actor"] == "alice" and entry["action"] == "unblock"
+    assert entry["user"] == "bot" and entry["reason"] == "customer called"
+    assert entry["ts"] == T0
+
+
+async def test_permanent_and_temporary_block(env: Env) -> None:
+    r = await env.http.post("/admin/ratelimit/block/evil", headers=AUTH, json={"reason": "fraud"})
+    assert r.status_code == 200 and r.json()["permanent"] is True
+    env.clock.t += 10 * 365 * 86400
+    d = (await env.limiter.check_batch([("evil", 1)]))["evil"][0]
+    assert d.verdict is Verdict.BLOCKED
+    st = (await env.http.get("/admin/ratelimit/status/evil", headers=AUTH)).json()
+    assert st["permanent"] and st["block_reason"] == "fraud" and st["blocked_by"] == "alice"
+
+    r = await env.http.post(
+        "/admin/ratelimit/block/temp",
+        headers=AUTH,
+        json={"reason": "cool down", "permanent": False},
+    )
+    assert r.status_code == 422 and "duration_seconds" in r.text
+    r = await env.http.post(
+        "/admin/ratelimit/block/temp",
+        headers=AUTH,
+        json={"reason": "cool down", "permanent": False, "duration_seconds": 60},
+    )
+    assert r.status_code == 200 and r.json()["blocked_until"] == pytest.approx(env.clock.t + 60)
+    r = await env.http.post("/admin/ratelimit/block/x", headers=AUTH, json={"permanent": True})
+    assert r.status_code == 422 and "reason" in r.text
+    users = [
+        b["user"] for b in (await env.http.get("/admin/ratelimit/blocked", headers=AUTH)).json()
+    ]
+    assert users == ["evil", "temp"]
+    env.clock.t += 61
+    assert (await env.limiter.check_batch([("temp", 1)]))["temp"][0].verdict is Verdict.ALLOW
+    assert [e["action"] for e in await audit(env)] == ["block", "block"]
+
+
+async def test_whitelist_add_and_remove(env: Env) -> None:
+    r = await env.http.post("/admin/ratelimit/whitelist/boss", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {
+        "user": "boss",
+        "group": "whitelist",
+        "changed": True,
+    }
+    out = await env.limiter.check_batch([("boss", 100)])
+    assert all(d.verdict is Verdict.ALLOW for d in out["boss"])
+    r = await env.http.delete("/admin/ratelimit/whitelist/boss?reason=done", headers=AUTH)
+    assert r.status_code == 200 and r.json()["group"] is None
+    out = await env.limiter.check_batch([("boss", 6)])
+    assert out["boss"][5].verdict is Verdict.RATE_LIMITED
+    r = await env.http.delete("/admin/ratelimit/whitelist/boss", headers=AUTH)
+    assert r.status_code == 404
+    r = await env.http.delete("/admin/ratelimit/whitelist/cfg-white", headers=AUTH)
+    assert r.status_code == 409 and "configuration" in r.json()["detail"]
+    r = await env.http.put(
+        "/admin/ratelimit/group/sus", headers=AUTH, json={"group": "suspicious", "reason": "r"}
+    )
+    assert r.status_code == 200
+    out = await env.limiter.check_batch([("sus", 4)])
+    assert [d.verdict for d in out["sus"]][-1] is Verdict.BLOCKED  # 3 allowed, 1st violation
+    r = await env.http.put("/admin/ratelimit/group/sus", headers=AUTH, json={"group": "gold"})
+    assert r.status_code == 400 and "unknown group" in r.json()["detail"]
+    actions = [(e["action"], e["user"]) for e in await audit(env)]
+    assert actions == [("set_group", "sus"), ("whitelist_remove", "boss"), ("set_group", "boss")]
+
+
+async def test_temporary_limit_override(env: Env) -> None:
+    body = {
+        "window_seconds": 10,
+        "max_messages": 50,
+        "penalty_threshold": 5,
+        "block_hours": 1,
+        "duration_seconds": 3600,
+        "reason": "campaign",
+    }
+    r = await env.http.put("/admin/ratelimit/limit/promo", headers=AUTH, json=body)
+    assert r.status_code == 200 and r.json()["expires_at"] == pytest.approx(T0 + 3600)
+    out = await env.limiter.check_batch([("promo", 50)])
+    assert all(d.verdict is Verdict.ALLOW for d in out["promo"])
+    st = (await env.http.get("/admin/ratelimit/status/promo", headers=AUTH)).json()
+    assert st["group_source"] == "override" and st["override_expires_at"] == T0 + 3600
+
+    bad: list[tuple[dict[str, Any], int, str]] = [
+        ({**body, "duration_seconds": -5}, 422, "greater than 0"),
+        ({**body, "duration_seconds": 0}, 422, "greater than 0"),
+        ({**body, "duration_seconds": "two hours"}, 422, "valid number"),
+        ({**body, "expires_at": T0 + 10}, 422, "exactly one"),
+        ({k: v for k, v in body.items() if k != "duration_seconds"}, 422, "exactly one"),
+        ({**body, "duration_seconds": 10**9}, 400, "maximum"),
+        ({**body, "duration_seconds": None, "expires_at": T0 - 1}, 400, "not in the future"),
+        ({**body, "max_messages": 0}, 422, "max_messages"),
+    ]
+    for payload, code, text in bad:
+        r = await env.http.put("/admin/ratelimit/limit/promo", headers=AUTH, json=payload)
+        assert r.status_code == code, (payload, r.text)
+        assert text in r.text, (payload, r.text)
+
+    r = await env.http.delete("/admin/ratelimit/limit/promo", headers=AUTH)
+    assert r.status_code == 204
+    r = await env.http.delete("/admin/ratelimit/limit/promo", headers=AUTH)
+    assert r.status_code == 404
+    actions = [e["action"] for e in await audit(env)]
+    assert actions == ["clear_limit", "set_limit"]
+
+
+async def test_audit_filter_and_limit(env: Env) -> None:
+    for i in range(5):
+        await env.http.post(f"/admin/ratelimit/block/u{i}", headers=AUTH, json={"reason": "r"})
+    r = await env.http.get("/admin/audit?limit=2", headers=AUTH)
+    assert [e["user"] for e in r.json()] == ["u4", "u3"]
+    r = await env.http.get("/admin/audit?user=u1", headers=AUTH)
+    assert [e["user"] for e in r.json()] == ["u1"]
+    r = await env.http.get("/admin/audit?limit=0", headers=AUTH)
+    assert r.status_code == 422
+
+
+async def test_openapi_schema_names_the_models(env: Env) -> None:
+    schema = (await env.http.get("/openapi.json")).json()
+    names = set(schema["components"]["schemas"])
+    assert {"UserStatus", "BlockedUser", "LimitBody", "AuditEntry", "ReasonBody"} <= names

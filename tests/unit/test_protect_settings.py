@@ -1,0 +1,66 @@
+"""Protection settings, groups and the deny reasons shared with the DLQ."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from qywx_ray.protect.decision import ALLOW, Decision, DenyReason, Verdict
+from qywx_ray.protect.groups import GroupResolver, UserGroups
+from qywx_ray.protect.settings import ProtectSettings
+
+
+def test_deny_reason_values_are_the_dlq_contract() -> None:
+    assert [r.value for r in DenyReason] == [
+        "rate_limited",
+        "user_blocked",
+        "circuit_open",
+        "queue_full",
+    ]
+    assert ALLOW.allowed and ALLOW.deny_reason is None
+    assert Decision(Verdict.RATE_LIMITED).deny_reason is DenyReason.RATE_LIMITED
+    assert Decision(Verdict.BLOCKED).deny_reason is DenyReason.USER_BLOCKED
+
+
+def test_seed_group_numbers() -> None:
+    s = ProtectSettings()
+    got = {
+        name: (r.window_seconds, r.max_messages, r.penalty_threshold, r.block_hours)
+        for name, r in {"default": s.default, **s.groups}.items()
+    }
+    assert got == {
+        "default": (10, 5, 3, 1.0),
+        "normal": (10, 5, 3, 1.0),
+        "vip": (10, 20, 10, 0.5),
+        "suspicious": (30, 3, 1, 24.0),
+        "whitelist": (1, 9999, 9999, 0.0),
+    }
+    pp = s.progressive_penalty
+    assert (pp.enabled, pp.multiplier, pp.max_block_hours, pp.history_hours) == (
+        False,
+        2.0,
+        24.0,
+        24.0,
+    )
+
+
+def test_unknown_group_in_user_groups_is_a_clear_error() -> None:
+    with pytest.raises(ValidationError, match="unknown group"):
+        ProtectSettings(user_groups={"u": "gold"})
+    rule = {"window_seconds": 1, "max_messages": 1, "penalty_threshold": 1, "block_hours": 0}
+    with pytest.raises(ValidationError, match="names must match"):
+        ProtectSettings(groups={"a|b": rule})
+    with pytest.raises(ValidationError, match=r"protect\.default"):
+        ProtectSettings(groups={"default": rule})
+
+
+async def test_config_resolver_and_protocol() -> None:
+    groups = UserGroups(ProtectSettings(user_groups={"a": "vip", "b": "whitelist"}))
+    assert isinstance(groups, GroupResolver)
+    assert await groups.resolve(["a", "b", "c"]) == {"a": "vip", "b": "whitelist", "c": "default"}
+
+    class Tiered:
+        async def resolve(self, users: list[str]) -> dict[str, str]:
+            return {u: "vip" for u in users}
+
+    assert isinstance(Tiered(), GroupResolver)
