@@ -10,6 +10,7 @@ cache) is down — a duplicate pull is harmless, a missed callback is not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import xml.etree.ElementTree as ET
@@ -58,6 +59,10 @@ class ReplayCache(Protocol):
         """True the first time `key` is seen within ttl_s, False for a replay."""
         ...
 
+    async def forget(self, key: str) -> None:
+        """Undo first_seen (the callback was not acked, so WeCom's retry must pass)."""
+        ...
+
 
 class InMemoryReplayCache:
     """For unit tests and single-process use; expires entries by an injected clock."""
@@ -76,6 +81,9 @@ class InMemoryReplayCache:
         self._expiry[key] = now + ttl_s
         return True
 
+    async def forget(self, key: str) -> None:
+        self._expiry.pop(key, None)
+
 
 class RedisReplayCache:
     """SET NX EX in Redis, so every replica of the ingress shares one replay window."""
@@ -92,6 +100,9 @@ class RedisReplayCache:
 
     async def first_seen(self, key: str, ttl_s: int) -> bool:
         return bool(await self._client.set(self._prefix + key, b"1", nx=True, ex=max(1, ttl_s)))
+
+    async def forget(self, key: str) -> None:
+        await self._client.delete(self._prefix + key)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -217,9 +228,6 @@ def make_callback_router(
                 raise _reject(400, "bad_request") from exc
             if abs(clock() - ts) > max_skew_s:
                 raise _reject(403, "stale")
-            key = hashlib.sha1(f"{timestamp}|{nonce}|{signature}".encode()).hexdigest()
-            if not await _first_seen(key):
-                return _done("POST", started, "duplicate", PlainTextResponse("success"))
             try:
                 inner_xml = crypto.decrypt(encrypt)
             except CryptoError as exc:
@@ -235,7 +243,17 @@ def make_callback_router(
         except _Reject as rej:
             log.warning("callback.rejected", method="POST", result=rej.result)
             return _done("POST", started, rej.result, PlainTextResponse(rej.body, rej.status))
-        sink.submit(event)
+        key = hashlib.sha1(f"{timestamp}|{nonce}|{signature}".encode()).hexdigest()
+        if not await _first_seen(key):
+            return _done("POST", started, "duplicate", PlainTextResponse("success"))
+        try:
+            sink.submit(event)
+        except Exception:
+            # Not acked: let WeCom's retry through the replay window, or the pull is lost.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(replay.forget(key), replay_timeout_s)
+            log.error("callback.sink_failed", exc_info=True, open_kfid=event.open_kfid)
+            return _done("POST", started, "sink_error", PlainTextResponse("retry", 503))
         return _done("POST", started, "ok", PlainTextResponse("success"))
 
     return router

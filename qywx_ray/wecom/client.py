@@ -10,7 +10,9 @@ access_token, the kf secret or a callback token.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -28,12 +30,39 @@ log = get_logger(__name__)
 
 API_CALLS = counter("qywx_wecom_api_calls_total", "WeCom API calls by result", ["api", "result"])
 API_RETRIES = counter("qywx_wecom_api_retries_total", "WeCom API retries", ["api"])
+TOKEN_CACHE_ERRORS = counter(
+    "qywx_wecom_token_cache_errors_total", "access_token cache (Redis) failures; fell back locally"
+)
 API_SECONDS = histogram("qywx_wecom_api_duration_seconds", "WeCom API call latency", ["api"])
+
+_SECRET_PARAM = re.compile(r"(access_token|corpsecret)=[^&\s\"']+")
+
+
+class RedactSecretsFilter(logging.Filter):
+    """httpx logs every request URL at INFO; WeCom puts access_token/corpsecret in it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _SECRET_PARAM.sub(r"\1=***", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+def _install_redaction() -> None:
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecretsFilter) for f in logger.filters):
+            logger.addFilter(RedactSecretsFilter())
+
+
+_install_redaction()
 
 TOKEN_INVALID_ERRCODES = frozenset({40014, 42001})
 RETRYABLE_ERRCODES = frozenset({-1, 45009, 45033})
 TRANSPORT_ERRCODE = -1  # errcode reported for timeouts, connection errors, HTTP 5xx
 MAX_SYNC_LIMIT = 1000
+SYNC_TOKEN_ERRCODES = frozenset({95007})  # the callback's sync token is invalid or expired
 
 
 class WeComTransientError(WeComError):
@@ -132,6 +161,7 @@ class WeComClient:
             transport=transport, timeout=httpx.Timeout(settings.http_timeout_s)
         )
         self._token_lock = asyncio.Lock()
+        self._local: tuple[str, float] | None = None  # (token, expiry) if the cache is down
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -219,15 +249,27 @@ class WeComClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ----------------------------------------------------------------- token
+    async def _cache_get(self) -> str | None:
+        """The shared token; if the cache (Redis) fails, this process's own copy."""
+        try:
+            token = await self._cache.get(self._settings.corp_id)
+        except Exception as exc:
+            TOKEN_CACHE_ERRORS.inc()
+            log.warning("wecom.token_cache_unavailable", op="get", error=type(exc).__name__)
+            token = None
+            if self._local is not None and self._local[1] > self._clock():
+                token = self._local[0]
+        return token
+
     async def get_access_token(self) -> str:
-        corp_id = self._settings.corp_id
-        token = await self._cache.get(corp_id)
+        token = await self._cache_get()
         if token:
             return token
         async with self._token_lock:  # one refresh per process at a time
-            token = await self._cache.get(corp_id)
+            token = await self._cache_get()
             if token:
                 return token
+            corp_id = self._settings.corp_id
             params = {
                 "corpid": corp_id,
                 "corpsecret": self._settings.kf_secret.get_secret_value(),
@@ -241,11 +283,22 @@ class WeComClient:
             token = str(data["access_token"])
             expires_in = int(data.get("expires_in", 7200))
             ttl_s = max(1, expires_in - self._settings.token_refresh_margin_s)
-            await self._cache.set(corp_id, token, ttl_s)
+            self._local = (token, self._clock() + ttl_s)
+            try:
+                await self._cache.set(corp_id, token, ttl_s)
+            except Exception as exc:
+                TOKEN_CACHE_ERRORS.inc()
+                log.warning("wecom.token_cache_unavailable", op="set", error=type(exc).__name__)
             return token
 
     async def invalidate_token(self, token: str) -> None:
-        await self._cache.invalidate(self._settings.corp_id, token)
+        if self._local is not None and self._local[0] == token:
+            self._local = None
+        try:
+            await self._cache.invalidate(self._settings.corp_id, token)
+        except Exception as exc:
+            TOKEN_CACHE_ERRORS.inc()
+            log.warning("wecom.token_cache_unavailable", op="invalidate", error=type(exc).__name__)
 
     # ----------------------------------------------------------------- kf APIs
     async def sync_msg(
@@ -266,7 +319,15 @@ class WeComClient:
             body["cursor"] = cursor
         if token:
             body["token"] = token
-        data = await self._call("kf/sync_msg", "/kf/sync_msg", body)
+        try:
+            data = await self._call("kf/sync_msg", "/kf/sync_msg", body)
+        except WeComError as exc:
+            if not token or exc.errcode not in SYNC_TOKEN_ERRCODES:
+                raise
+            # The callback token lives 10 minutes; a late pull still works without it.
+            log.info("wecom.sync_token_rejected", open_kfid=open_kfid, errcode=exc.errcode)
+            body.pop("token")
+            data = await self._call("kf/sync_msg", "/kf/sync_msg", body)
         return SyncMsgPage.model_validate(data)
 
     async def iter_sync(
@@ -307,6 +368,12 @@ class WeComClient:
             body["msgid"] = msgid
         data = await self._call("kf/send_msg", "/kf/send_msg", body)
         return str(data.get("msgid", msgid or ""))
+
+    async def send_text(
+        self, touser: str, open_kfid: str, content: str, msgid: str | None = None
+    ) -> str:
+        """send_msg with msgtype text (what consume's handlers call)."""
+        return await self.send_msg(touser, open_kfid, "text", {"content": content}, msgid)
 
     async def send_msg_on_event(
         self, code: str, msgtype: str, content: dict[str, Any], msgid: str | None = None
