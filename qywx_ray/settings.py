@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     @property
+    def ray_namespace(self) -> str:
+        return self.consume.namespace
+
+    @property
     def dlq_emergency_dir(self) -> Path:
         return Path(self.dlq.emergency_dir or Path(self.data_dir) / "dlq-emergency")
 

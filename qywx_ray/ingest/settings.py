@@ -20,6 +20,8 @@ class IngestSettings(BaseModel):
     # Retry of a failed pull (WeCom 45009/-1, Kafka and Redis both down, ...).
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    # A pull found the lock held by another node: try again this soon.
+    busy_retry_s: float = 1.0
     # Producer circuit breaker: consecutive failed deliveries before it opens.
     breaker_failure_threshold: int = 50
     breaker_cooldown_s: float = 10.0
@@ -28,3 +30,9 @@ class IngestSettings(BaseModel):
     spool_replay_max_per_user: int = 200
     spool_replay_max_batch: int = 2000
     key_prefix: str = "qywx"
+    # Syncer hosts (named detached actors `qywx-syncer-host-{i}`); open_kfids placed by hash.
+    num_syncer_hosts: int = Field(default=1, ge=1)
+    # open_kfids to sweep from the start, before any callback names them.
+    open_kfids: list[str] = []
+    # The callback path coalesces pull requests for this long before one Ray call per host.
+    callback_flush_interval_s: float = 0.01

@@ -159,3 +159,33 @@ def snapshot() -> dict[str, float]:
     """Totals of every metric this process has touched (for tests and admin/introspection)."""
     with _lock:
         return {name: m.total() for name, m in _metrics.items()}
+
+
+def render_text() -> str:
+    """This process's metrics in Prometheus text format, from the local mirror.
+
+    Serve replicas are Ray workers, whose metrics go to Ray's per-node exporter; this
+    gives the ingress's own `/metrics` route something to show as well.
+    """
+    lines: list[str] = []
+    with _lock:
+        items = sorted(_metrics.items())
+        for name, m in items:
+            kind = "untyped" if m.kind == "histogram" else m.kind
+            out_name = f"{name}_sum" if m.kind == "histogram" else name
+            lines.append(f"# HELP {out_name} {m.doc}")
+            lines.append(f"# TYPE {out_name} {kind}")
+            for key, value in sorted(m._mirror.items()):
+                labels = ",".join(
+                    f'{k}="{v}"' for k, v in zip(m.labels, key, strict=True) if v != ""
+                )
+                lines.append(f"{out_name}{{{labels}}} {value}" if labels else f"{out_name} {value}")
+            if m.kind == "histogram":
+                for key, count in sorted(m._counts.items()):
+                    labels = ",".join(
+                        f'{k}="{v}"' for k, v in zip(m.labels, key, strict=True) if v != ""
+                    )
+                    lines.append(
+                        f"{name}_count{{{labels}}} {count}" if labels else f"{name}_count {count}"
+                    )
+    return "\n".join(lines) + "\n"

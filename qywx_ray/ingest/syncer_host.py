@@ -1,0 +1,151 @@
+"""Hosts the KfSyncers of many open_kfids in one process, plus the spool replayer.
+
+A fixed set of named detached host actors (`qywx-syncer-host-{i}`); an open_kfid always
+maps to the same host by a stable hash, so exactly one syncer per open_kfid exists in
+the Ray cluster, and the Redis lock + fenced cursor keep it exactly one even across
+clusters or while a host restarts. Known open_kfids are remembered in Redis so a
+restarted host resumes their periodic sweeps (lost callbacks) without a new callback.
+Must never: pull for an open_kfid that hashes to another host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import zlib
+from typing import Any
+
+from qywx_ray.ingest.factory import IngestParts, build_ingest
+from qywx_ray.ingest.syncer import KfSyncer
+from qywx_ray.obs.logging import get_logger
+from qywx_ray.settings import Settings
+from qywx_ray.wecom.client import RedisTokenCache, WeComClient
+
+log = get_logger(__name__)
+
+KNOWN_KFIDS_KEY = "qywx:ingest:kfids"
+
+
+def syncer_host_index(open_kfid: str, num_hosts: int) -> int:
+    return zlib.crc32(open_kfid.encode()) % num_hosts
+
+
+def syncer_host_name(index: int) -> str:
+    return f"qywx-syncer-host-{index}"
+
+
+class SyncerHostService:
+    """Plain asyncio object: one IngestParts, one WeCom client, many syncers."""
+
+    def __init__(self, settings: Settings, index: int, num_hosts: int) -> None:
+        self.settings = settings
+        self.index = index
+        self.num_hosts = num_hosts
+        self.parts: IngestParts = build_ingest(settings)
+        self.wecom = WeComClient(settings.wecom, RedisTokenCache(self.parts.redis))
+        self.syncers: dict[str, KfSyncer] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._replayer_task: asyncio.Task[None] | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._replayer_task = asyncio.create_task(self._replay_loop())
+        with contextlib.suppress(Exception):  # Redis down: callbacks will bring them back
+            for raw in await self.parts.redis.smembers(KNOWN_KFIDS_KEY):
+                kfid = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if syncer_host_index(kfid, self.num_hosts) == self.index:
+                    self._ensure(kfid)
+        for kfid in self.settings.ingest.open_kfids:
+            if syncer_host_index(kfid, self.num_hosts) == self.index:
+                self._ensure(kfid)
+
+    def _ensure(self, open_kfid: str) -> KfSyncer:
+        syncer = self.syncers.get(open_kfid)
+        if syncer is None:
+            syncer = self.parts.syncer(open_kfid, self.wecom)
+            self.syncers[open_kfid] = syncer
+            self.tasks[open_kfid] = asyncio.create_task(syncer.run())
+            log.info("syncer.started", open_kfid=open_kfid, host=self.index)
+        return syncer
+
+    async def request_pulls(self, items: list[tuple[str, str]]) -> int:
+        """(open_kfid, callback token) pairs, already coalesced by the dispatcher."""
+        await self.start()
+        new = []
+        for open_kfid, token in items:
+            if open_kfid not in self.syncers:
+                new.append(open_kfid)
+            self._ensure(open_kfid).request_pull(token or None)
+        if new:
+            with contextlib.suppress(Exception):
+                await self.parts.redis.sadd(KNOWN_KFIDS_KEY, *new)
+        return len(items)
+
+    async def _replay_loop(self) -> None:
+        replayer = self.parts.replayer()
+        interval_s = self.settings.ingest.spool_replay_interval_s
+        while True:
+            try:
+                await replayer.replay_once()
+            except Exception as exc:
+                log.warning("spool.replay_failed", host=self.index, error=str(exc))
+            await asyncio.sleep(interval_s)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "host": self.index,
+            "pid": os.getpid(),
+            "open_kfids": sorted(self.syncers),
+            "pending_deliveries": len(self.parts.producer),
+        }
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        for syncer in self.syncers.values():
+            syncer.stop()
+        tasks = [*self.tasks.values()]
+        if self._replayer_task:
+            self._replayer_task.cancel()
+            tasks.append(self._replayer_task)
+        await asyncio.wait(tasks, timeout=timeout_s) if tasks else None
+        await self.wecom.aclose()
+        await self.parts.aclose(timeout_s)
+
+
+def syncer_host_actor_class() -> Any:
+    """The Ray shell, built lazily so importing this module does not need Ray."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+    class SyncerHostActor:
+        def __init__(self, settings: Settings, index: int, num_hosts: int) -> None:
+            from qywx_ray.obs.logging import configure_logging
+
+            configure_logging(settings.obs.log_level, settings.obs.log_format)
+            self.service = SyncerHostService(settings, index, num_hosts)
+
+        async def request_pulls(self, items: list[tuple[str, str]]) -> int:
+            return await self.service.request_pulls(items)
+
+        async def stats(self) -> dict[str, Any]:
+            await self.service.start()
+            return self.service.stats()
+
+        async def shutdown(self, timeout_s: float = 10.0) -> None:
+            await self.service.close(timeout_s)
+
+    return SyncerHostActor
+
+
+def get_syncer_host(settings: Settings, index: int) -> Any:
+    """The named host actor, created on first use (detached: it outlives the caller)."""
+    actor_cls = syncer_host_actor_class()
+    return actor_cls.options(  # type: ignore[attr-defined]
+        name=syncer_host_name(index),
+        namespace=settings.ray_namespace,
+        lifetime="detached",
+        get_if_exists=True,
+    ).remote(settings, index, settings.ingest.num_syncer_hosts)

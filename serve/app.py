@@ -1,0 +1,158 @@
+"""The Ray Serve application: assembles the routers and wraps them in one deployment.
+
+- `serve run serve.app:build_app [config=path.yaml] [profile=production]`  (env QYWX_* applies)
+- `serve run serve/config.yaml` / `serve deploy serve/config.yaml`
+- `create_app(settings)` is the same FastAPI app, for plain uvicorn and tests.
+
+The callback path never waits on Kafka, WeCom or a pull: it verifies, decrypts,
+replay-checks and hands the open_kfid to a coalescing dispatcher (see ingest/dispatch.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from qywx_ray.ingest.dispatch import PullDispatcher
+from qywx_ray.obs.logging import configure_logging
+from qywx_ray.obs.metrics import render_text
+from qywx_ray.settings import Settings, load_settings
+from qywx_ray.store.client import make_async_redis
+from qywx_ray.wecom.callback import CallbackSink, RedisReplayCache, make_callback_router
+from qywx_ray.wecom.crypto import WeComCrypto
+
+
+def ray_pull_sender(settings: Settings) -> Any:
+    """Send coalesced pull requests to the named syncer host actors (created on demand)."""
+    from qywx_ray.ingest.syncer_host import get_syncer_host
+
+    handles: dict[int, Any] = {}
+
+    async def send(host: int, items: list[tuple[str, str]]) -> object:
+        handle = handles.get(host)
+        if handle is None:
+            handle = handles[host] = get_syncer_host(settings, host)
+        try:
+            return await handle.request_pulls.remote(items)
+        except Exception:
+            handles.pop(host, None)  # a dead handle: look the actor up again next time
+            raise
+
+    return send
+
+
+def create_app(
+    settings: Settings, *, sink: CallbackSink | None = None, admin: bool = True
+) -> FastAPI:
+    app = FastAPI(title="qywx-ray", version="0.1.0")
+    redis = make_async_redis(settings.redis)
+    if sink is None:
+        sink = PullDispatcher(
+            ray_pull_sender(settings),
+            settings.ingest.num_syncer_hosts,
+            settings.ingest.callback_flush_interval_s,
+        )
+    app.state.sink = sink
+    w = settings.wecom
+    crypto = WeComCrypto(
+        w.token.get_secret_value(), w.encoding_aes_key.get_secret_value(), w.corp_id
+    )
+    app.include_router(
+        make_callback_router(
+            crypto,
+            sink,
+            RedisReplayCache(redis),
+            max_skew_s=w.callback_max_skew_s,
+            max_body_bytes=w.callback_max_body_bytes,
+            replay_timeout_s=w.callback_replay_timeout_s,
+        )
+    )
+    if admin:
+        _mount_admin(app, settings, redis)
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        return "ok"
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        checks = await readiness(settings, redis)
+        ok = all(c["ok"] for c in checks.values())
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        return render_text()
+
+    return app
+
+
+def _mount_admin(app: FastAPI, settings: Settings, redis: Any) -> None:
+    from qywx_ray.admin.dlq import make_dlq_router
+    from qywx_ray.admin.ratelimit import make_ratelimit_router
+    from qywx_ray.protect.groups import UserGroups
+    from qywx_ray.protect.ratelimit import RateLimiter
+
+    groups = UserGroups(settings.protect, redis)
+    limiter = RateLimiter(redis, settings.protect, groups)
+    app.include_router(make_ratelimit_router(limiter, groups, settings.admin.token))
+    app.include_router(make_dlq_router(settings))
+    try:
+        from qywx_ray.admin.users import make_users_router
+    except ImportError:  # pragma: no cover - consume not installed
+        return
+    app.include_router(make_users_router(settings))
+
+
+async def readiness(settings: Settings, redis: Any) -> dict[str, dict[str, Any]]:
+    """Kafka and Redis reachable, each within a short bound."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        await asyncio.wait_for(redis.ping(), 1.0)
+        out["redis"] = {"ok": True}
+    except Exception as exc:
+        out["redis"] = {"ok": False, "error": str(exc)[:200]}
+
+    def kafka_brokers() -> int:
+        from confluent_kafka.admin import AdminClient
+
+        from qywx_ray.kafka.config import admin_config
+
+        md = AdminClient(admin_config(settings.kafka)).list_topics(timeout=2)
+        return len(md.brokers)
+
+    try:
+        brokers = await asyncio.wait_for(asyncio.to_thread(kafka_brokers), 3.0)
+        out["kafka"] = {"ok": brokers > 0, "brokers": brokers}
+    except Exception as exc:
+        out["kafka"] = {"ok": False, "error": str(exc)[:200]}
+    return out
+
+
+def deployment(settings: Settings) -> Any:
+    """The Serve application for these settings (replicas and concurrency from config)."""
+    from ray import serve
+
+    @serve.deployment(name="qywx-ingress")
+    @serve.ingress()
+    class Ingress:
+        def __init__(self, settings: Settings) -> None:
+            self.settings = settings
+            configure_logging(self.settings.obs.log_level, self.settings.obs.log_format)
+
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            return create_app(self.settings)
+
+    s = settings.ingest
+    return Ingress.options(  # type: ignore[attr-defined]
+        num_replicas=s.serve_replicas, max_ongoing_requests=s.serve_max_ongoing_requests
+    ).bind(settings)
+
+
+def build_app(args: dict[str, str] | None = None) -> Any:
+    """`serve run serve.app:build_app config=path.yaml` (an application builder)."""
+    args = args or {}
+    return deployment(load_settings(args.get("config"), profile=args.get("profile")))
