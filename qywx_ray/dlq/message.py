@@ -104,8 +104,7 @@ class DeadLetterMessage(BaseModel):
         version = data.get("v", 1)
         if not isinstance(version, int) or version > DLQ_MESSAGE_VERSION:
             raise EnvelopeError(
-                f"dead-letter version {version!r} is newer than this reader "
-                f"({DLQ_MESSAGE_VERSION})"
+                f"dead-letter version {version!r} is newer than this reader ({DLQ_MESSAGE_VERSION})"
             )
         try:
             return cls.model_validate(data)
@@ -190,10 +189,7 @@ def make_dead_letter(
 ) -> DeadLetterMessage:
     """Build a letter with the seed's policy applied. Poison records pass `raw_value`."""
     original: dict[str, Any] | None
-    if isinstance(envelope, Envelope):
-        original = envelope.model_dump()
-    else:
-        original = envelope
+    original = envelope.model_dump() if isinstance(envelope, Envelope) else envelope
     mid = message_id or (str(original.get("message_id", "")) if original else "")
     if not mid:
         src = source or KafkaSource()

@@ -6,6 +6,7 @@ A strategy never schedules a retry earlier than its backoff or the end of a user
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,10 +73,15 @@ def prepare_retry(letter: DeadLetterMessage) -> RetryRecord:
     return RetryRecord(key=letter.user_id.encode(), value=letter.original_bytes(), headers=headers)
 
 
+def is_dlq_retry(headers: Headers | None) -> bool:
+    """Whether a consumed record came back from the DLQ (pass `is_retry` to admit_batch)."""
+    return header_value(headers, "retry_from_dlq") == "true"
+
+
 def retry_count_of(headers: Headers | None) -> int:
     """The retry_count a host must put in a new dead letter for a record it consumed."""
     value = header_value(headers, "retry_count")
-    if header_value(headers, "retry_from_dlq") != "true" or value is None:
+    if not is_dlq_retry(headers) or value is None:
         return 0
     try:
         return max(0, int(value))
@@ -113,17 +119,39 @@ class BlockedUserRecovery(BackoffRecovery):
     def __init__(self, settings: DLQSettings, blocked_until: BlockedUntil | None) -> None:
         super().__init__(settings)
         self.blocked_until = blocked_until
+        self._memo: tuple[float, dict[str, float | None]] = (float("nan"), {})
+
+    def _until(self, user: str, now: float) -> float | None:
+        """One lookup per user per `now` (a consumed batch shares one `now`)."""
+        if self.blocked_until is None:
+            return None
+        at, memo = self._memo
+        if at != now:
+            memo = {}
+            self._memo = (now, memo)
+        if user not in memo:
+            memo[user] = self.blocked_until(user)
+        return memo[user]
+
+    def can_recover(self, letter: DeadLetterMessage, now: float) -> bool:
+        if not super().can_recover(letter, now):
+            return False
+        until = self._until(letter.user_id, now)
+        return until is None or math.isfinite(until)  # a permanent block: manual review
 
     def retry_delay(self, letter: DeadLetterMessage, now: float) -> float:
         delay = super().retry_delay(letter, now)
-        until = self.blocked_until(letter.user_id) if self.blocked_until else None
+        until = self._until(letter.user_id, now)
         if until is not None:
             delay = max(delay, until - now)
         return max(0.0, delay)
 
 
 class NotRecoverable:
-    """Invalid messages: never retried, always manual review."""
+    """Invalid messages: never retried automatically, always manual review.
+
+    `prepare` is reached only when an operator explicitly retries such a letter.
+    """
 
     def can_recover(self, letter: DeadLetterMessage, now: float) -> bool:
         return False
@@ -132,7 +160,7 @@ class NotRecoverable:
         return 0.0
 
     def prepare(self, letter: DeadLetterMessage) -> RetryRecord:
-        raise ValueError(f"{letter.failure_reason.value} letters are never retried")
+        return prepare_retry(letter)
 
     def on_success(self, letter: DeadLetterMessage) -> None:
         return None
@@ -169,5 +197,9 @@ def decide(
     if not strategy.can_recover(letter, now):
         if not letter.recoverable:
             return Decision(False, why=f"{letter.failure_reason.value} is not recoverable")
-        return Decision(False, why=f"retries exhausted ({letter.retry_count}/{letter.max_retries})")
+        if letter.retry_count >= letter.max_retries:
+            return Decision(
+                False, why=f"retries exhausted ({letter.retry_count}/{letter.max_retries})"
+            )
+        return Decision(False, why=f"{letter.failure_reason.value}: cannot recover now")
     return Decision(True, due_s=now + strategy.retry_delay(letter, now))

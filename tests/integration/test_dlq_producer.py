@@ -1,0 +1,204 @@
+"""DLQ producer on a real Kafka: round trip with headers; topic unreachable → emergency file
+(fsync'd), and replay re-publishes every entry exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from qywx_ray.dlq.message import DeadLetterMessage, FailureReason, KafkaSource, make_dead_letter
+from qywx_ray.dlq.producer import EMERGENCY_WRITES, PRODUCED, DLQProducer, replay_emergency
+from qywx_ray.envelope import Envelope
+from qywx_ray.errors import InfraError
+from qywx_ray.kafka.config import admin_config
+from qywx_ray.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def create_topics(settings: Settings, *names_partitions: tuple[str, int]) -> None:
+    admin = AdminClient(admin_config(settings.kafka))
+    futures = admin.create_topics(
+        [NewTopic(n, num_partitions=p, replication_factor=1) for n, p in names_partitions],
+        operation_timeout=20,
+    )
+    for future in futures.values():
+        future.result(timeout=30)
+
+
+def read_all(settings: Settings, topic: str, expected: int, timeout_s: float = 30.0) -> list:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": f"reader-{topic}-{time.time()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            out += [m for m in consumer.consume(500, 0.5) if m.error() is None]
+        # a little more, to catch duplicates beyond `expected`
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            out += [m for m in consumer.consume(500, 0.2) if m.error() is None]
+    finally:
+        consumer.close()
+    return out
+
+
+def letters_for(n: int, prefix: str = "m") -> list[DeadLetterMessage]:
+    from qywx_ray.dlq.settings import DLQSettings
+
+    return [
+        make_dead_letter(
+            reason=FailureReason.DOWNSTREAM_ERROR if i % 2 else FailureReason.QUEUE_FULL,
+            failure_time=time.time(),
+            settings=DLQSettings(),
+            envelope=Envelope(
+                message_id=f"{prefix}{i}",
+                open_kfid="kf",
+                external_userid=f"u{i % 7}",
+                msgtype="text",
+                raw={"i": i},
+            ),
+            source=KafkaSource(topic="main", partition=i % 4, offset=i),
+            details="handler error",
+        )
+        for i in range(n)
+    ]
+
+
+def test_round_trip_with_headers(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    create_topics(settings, (settings.kafka.dlq_topic.name, 2))
+    letters = letters_for(200)
+    before = PRODUCED.value(reason="queue_full")
+    with DLQProducer(settings) as producer:
+        producer.send_many_sync(letters)
+    assert PRODUCED.value(reason="queue_full") - before == 100
+    got = read_all(settings, settings.kafka.dlq_topic.name, 200)
+    assert len(got) == 200
+    by_id = {DeadLetterMessage.from_bytes(m.value()).message_id: m for m in got}
+    for letter in letters:
+        m = by_id[letter.message_id]
+        assert m.key() == letter.user_id.encode()
+        headers = dict(m.headers())
+        assert headers["failure_reason"] == letter.failure_reason.value.encode()
+        assert (
+            headers["retry_count"] == b"0" and headers["message_id"] == letter.message_id.encode()
+        )
+        assert DeadLetterMessage.from_bytes(m.value()) == letter
+    assert not settings.dlq_emergency_dir.exists()
+
+
+async def test_async_send_many(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    create_topics(settings, (settings.kafka.dlq_topic.name, 2))
+    producer = DLQProducer(settings)
+    try:
+        await producer.send_many(letters_for(20))
+    finally:
+        producer.close()
+    assert len(read_all(settings, settings.kafka.dlq_topic.name, 20)) == 20
+
+
+def test_unreachable_topic_goes_to_emergency_file_and_replays_once(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = make_settings(dlq={"produce_timeout_s": 2.0, "breaker_failure_threshold": 1})
+    down = good.model_copy(deep=True)
+    down.kafka.bootstrap_servers = "127.0.0.1:1"  # nothing listens there
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    before = EMERGENCY_WRITES.total()
+    letters = letters_for(50, "e")
+    producer = DLQProducer(down)
+    try:
+        t0 = time.monotonic()
+        producer.send_many_sync(letters[:30])
+        elapsed = time.monotonic() - t0
+        assert producer.breaker.state == "open"
+        t1 = time.monotonic()
+        producer.send_many_sync(letters[30:])  # breaker open: straight to the file
+        assert time.monotonic() - t1 < 1.0
+    finally:
+        producer.close(timeout_s=0.5)
+    assert elapsed < 6.0, f"DLQ timeout must be short, took {elapsed:.1f}s"
+    assert synced, "emergency lines must be fsync'd before send_many returns"
+    assert EMERGENCY_WRITES.total() - before == 50
+    files = sorted(Path(good.dlq_emergency_dir).glob("dlq_emergency_*.jsonl"))
+    assert [f.name for f in files] == [time.strftime("dlq_emergency_%Y%m%d.jsonl", time.gmtime())]
+    lines = [json.loads(x) for x in files[0].read_text().splitlines()]
+    assert sorted(x["id"] for x in lines) == sorted(lt.letter_id for lt in letters)
+
+    create_topics(good, (good.kafka.dlq_topic.name, 2))
+    report = replay_emergency(good)
+    assert (report.published, report.failed, report.already_done) == (50, 0, 0)
+    again = replay_emergency(good)
+    assert (again.published, again.already_done) == (0, 50)
+    got = read_all(good, good.kafka.dlq_topic.name, 50)
+    ids = [DeadLetterMessage.from_bytes(m.value()).letter_id for m in got]
+    assert sorted(ids) == sorted(lt.letter_id for lt in letters)  # each exactly once
+
+
+def test_raises_when_neither_kafka_nor_the_emergency_file_can_take_it(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the emergency directory should be")
+    settings = make_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:1"},
+        dlq={"produce_timeout_s": 1.0, "emergency_dir": str(blocker / "dlq")},
+    )
+    producer = DLQProducer(settings)
+    try:
+        with pytest.raises(InfraError, match="nor to"):
+            producer.send_many_sync(letters_for(3, "x"))
+    finally:
+        producer.close(timeout_s=0.2)
+
+
+async def test_sink_for_the_consume_path(make_settings: Callable[..., Settings]) -> None:
+    from qywx_ray.consume.types import DeadLetter
+    from qywx_ray.dlq.sink import make_sink
+
+    settings = make_settings()
+    create_topics(settings, (settings.kafka.dlq_topic.name, 2))
+    host_letters = [
+        DeadLetter(
+            reason="downstream_error",
+            error="500",
+            message_id=f"s{i}",
+            user="u1",
+            open_kfid="kf",
+            topic="main",
+            partition=0,
+            offset=i,
+            timestamp_ms=0,
+            value=Envelope(
+                message_id=f"s{i}", open_kfid="kf", external_userid="u1", msgtype="text"
+            ).to_bytes(),
+        )
+        for i in range(5)
+    ]
+    sink = make_sink(settings)
+    try:
+        await sink.dead_letter(host_letters)
+    finally:
+        sink.close()
+    got = read_all(settings, settings.kafka.dlq_topic.name, 5)
+    assert sorted(DeadLetterMessage.from_bytes(m.value()).message_id for m in got) == [
+        f"s{i}" for i in range(5)
+    ]
