@@ -100,11 +100,6 @@ def _mount_admin(app: FastAPI, settings: Settings, redis: Any) -> None:
     limiter = RateLimiter(redis, settings.protect, groups)
     app.include_router(make_ratelimit_router(limiter, groups, settings.admin.token))
     app.include_router(make_dlq_router(settings))
-    try:
-        from qywx_ray.admin.users import make_users_router
-    except ImportError:  # pragma: no cover - consume not installed
-        return
-    app.include_router(make_users_router(settings))
 
 
 async def readiness(settings: Settings, redis: Any) -> dict[str, dict[str, Any]]:
