@@ -148,3 +148,19 @@ def stop_pidfile(pid_path: Path, timeout_s: float = 15.0) -> bool:
                 os.killpg(pid, signal.SIGKILL)
     pid_path.unlink(missing_ok=True)
     return was_running
+
+
+def kill_named_actors(namespace: str, prefixes: tuple[str, ...] = ("qywx-", "user:")) -> int:
+    """Detached actors outlive their creator: whoever started them must remove them."""
+    import ray
+    from ray.util import list_named_actors
+
+    killed = 0
+    for entry in list_named_actors(all_namespaces=True):
+        if entry["namespace"] == namespace and entry["name"].startswith(prefixes):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)
+                killed += 1
+            except ValueError:
+                pass
+    return killed

@@ -665,6 +665,7 @@ class WeComSimulator:
         self._tasks: list[asyncio.Task[None]] = []
         self._http: httpx.AsyncClient | None = None
         self.callback_log: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.population_paused = False  # customers stop chatting (e.g. before an audit)
         state.listeners.append(self._on_new)
 
     def _on_new(self, open_kfid: str) -> None:
@@ -709,7 +710,8 @@ class WeComSimulator:
         while True:
             await asyncio.sleep(self.tick_s)
             now = time.monotonic()
-            self.population.tick(now - last)
+            if not self.population_paused:
+                self.population.tick(now - last)
             last = now
 
     async def _push_loop(self) -> None:
@@ -867,6 +869,13 @@ def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:
     @app.post("/sim/tokens/expire")
     async def expire_tokens() -> dict[str, int]:
         return {"expired": state.expire_access_tokens()}
+
+    @app.post("/sim/population/{action}")
+    async def population(action: str) -> Response:
+        if action not in ("pause", "resume"):
+            return JSONResponse({"error": "action is pause or resume"}, status_code=400)
+        sim.population_paused = action == "pause"
+        return JSONResponse({"paused": sim.population_paused})
 
     @app.get("/sim/truth")
     async def truth() -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer
 
-from qywx_ray.devstack.procs import free_port
+from qywx_ray.devstack.procs import free_port, kill_named_actors
 from qywx_ray.devstack.simproc import SimulatorProcess
 from qywx_ray.envelope import Envelope
 from qywx_ray.kafka.topics import ensure_topics
@@ -26,19 +26,6 @@ class Ingress:
     @property
     def callback_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/wecom/callback"
-
-
-def kill_detached(namespace: str, prefixes: tuple[str, ...]) -> None:
-    """Detached actors outlive their creator: a test must remove the ones it made."""
-    import ray
-    from ray.util import list_named_actors
-
-    for entry in list_named_actors(all_namespaces=True):
-        if entry["namespace"] == namespace and entry["name"].startswith(prefixes):
-            try:
-                ray.kill(ray.get_actor(entry["name"], namespace=namespace))
-            except ValueError:
-                pass
 
 
 @pytest.fixture
@@ -66,18 +53,18 @@ def ingress_factory(
         for key, value in overrides.items():
             base[key] = {**base.get(key, {}), **value}
         settings = make_settings(**base)
+        ingress = Ingress(settings, sim, http_port)
+        started.append(ingress)  # from here on, teardown stops the simulator
         ensure_topics(settings.kafka)
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         serve.run(deployment(settings), name=f"qywx-{unique}", route_prefix="/")
-        ingress = Ingress(settings, sim, http_port)
-        started.append(ingress)
         return ingress
 
     yield start
     for ingress in started:
         ingress.sim.stop()
         serve.shutdown()
-        kill_detached(ingress.settings.ray_namespace, ("qywx-",))
+        kill_named_actors(ingress.settings.ray_namespace)
 
 
 def read_topic(settings: Settings, expected: int, timeout_s: float = 60.0) -> dict[str, list[str]]:

@@ -1,0 +1,271 @@
+"""`make demo`: the whole pipeline on this machine, with a live view and a final audit.
+
+Starts (or reuses) Kafka + Redis, a Ray head (`ray start --head`, so the dashboard is
+there), the WeCom simulator with a population of chatting customers, the Serve ingress,
+the consumers with the default handler (transcript in Redis + an echo reply through
+kf/send_msg), and the DLQ recovery actor. Ctrl-C (or --duration-s) stops what it
+started, by PID, and prints an audit against the simulator's ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qywx_ray.devstack.local import LocalStack
+from qywx_ray.devstack.procs import kill_named_actors
+from qywx_ray.devstack.simproc import SimulatorProcess
+from qywx_ray.settings import Settings, _deep_merge, load_settings
+
+HTTP_PORT = 8000
+SIM_PORT = 8081
+DASHBOARD_PORT = 8265
+RAY_METRICS_PORT = 8080
+
+
+@dataclass
+class Started:
+    stack: LocalStack | None = None
+    ray_head: bool = False
+    sim: SimulatorProcess | None = None
+    serve: bool = False
+    pipeline: Any = None
+    actors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def start_ray_head() -> bool:
+    """`ray start --head` unless a cluster already runs here; True if we started it."""
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    probe = subprocess.run([ray_bin, "status"], capture_output=True, text=True, timeout=60)
+    if probe.returncode == 0:
+        return False
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--num-cpus=4",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={DASHBOARD_PORT}",
+            f"--metrics-export-port={RAY_METRICS_PORT}",
+            "--port=6380",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    return True
+
+
+def stop_ray_head() -> None:
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+class Progress:
+    """Reads the pipeline's state from the outside (Kafka offsets, Redis, the simulator)."""
+
+    def __init__(self, settings: Settings, sim: SimulatorProcess) -> None:
+        from confluent_kafka import Consumer
+
+        self.settings = settings
+        self.sim = sim
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka.bootstrap_servers,
+                "group.id": settings.kafka.consumer.group_id,
+                "enable.auto.commit": False,
+            }
+        )
+        self.started = time.monotonic()
+        self.last: tuple[float, int] = (self.started, 0)
+
+    def offsets(self, topic: str, partitions: int) -> tuple[int, int]:
+        from confluent_kafka import TopicPartition
+
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        end = sum(self.consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in tps)
+        committed = sum(max(tp.offset, 0) for tp in self.consumer.committed(tps, timeout=5))
+        return end, committed
+
+    def line(self) -> str:
+        main = self.settings.kafka.main_topic
+        dlq = self.settings.kafka.dlq_topic
+        end, committed = self.offsets(main.name, main.partitions)
+        dlq_end, _ = self.offsets(dlq.name, dlq.partitions)
+        stats = self.sim.stats()
+        now = time.monotonic()
+        rate = (committed - self.last[1]) / max(now - self.last[0], 1e-6)
+        self.last = (now, committed)
+        return (
+            f"t={now - self.started:5.0f}s  wecom msgs={stats.get('messages', 0):>7,}  "
+            f"kafka={end:>7,}  processed(committed)={committed:>7,}  lag={end - committed:>5,}  "
+            f"replies={stats.get('replies', 0):>6,}  dlq={dlq_end:>4,}  {rate:6.0f} msg/s"
+        )
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def audit(settings: Settings, sim: SimulatorProcess) -> dict[str, int]:
+    """Each customer's transcript must equal WeCom's record of that customer, in order."""
+    import redis as redis_lib
+
+    from qywx_ray.consume.handlers import TRANSCRIPT_KEY
+    from qywx_ray.store.client import make_redis
+
+    client: redis_lib.Redis = make_redis(settings.redis)
+    lost = reordered = duplicated = total = 0
+    for kfid, users in sim.truth().items():
+        for user, ids in users.items():
+            raw = client.lrange(TRANSCRIPT_KEY.format(kfid, user), 0, -1)
+            got = [json.loads(x)["msgid"] for x in raw]
+            total += len(ids)
+            duplicated += len(got) - len(set(got))
+            missing = set(ids) - set(got)
+            lost += len(missing)
+            kept = [m for m in got if m in set(ids)]
+            expected = [m for m in ids if m not in missing]
+            if list(dict.fromkeys(kept)) != expected:
+                reordered += 1
+    return {"messages": total, "lost": lost, "reordered_users": reordered, "duplicated": duplicated}
+
+
+def run_demo(base: Settings, args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from qywx_ray.consume.pipeline import start_consumers, stop_consumers
+    from qywx_ray.dlq.actor import start_recovery_actor
+    from qywx_ray.kafka.topics import ensure_topics
+    from qywx_ray.obs.logging import configure_logging
+    from serve.app import deployment
+
+    configure_logging("WARNING", "text")
+    data = Path(base.data_dir).resolve()
+    done = Started()
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    try:
+        print("demo: starting Kafka and Redis (qywx-ray dev up) ...", flush=True)
+        done.stack = LocalStack(data / "dev", brokers=1)
+        started = done.stack.up()
+        for line in started:
+            print(f"demo:   started {line}")
+        settings = load_settings(
+            overrides=_deep_merge(
+                base.model_dump(),
+                {
+                    "data_dir": str(data),
+                    "kafka": {"bootstrap_servers": done.stack.bootstrap()},
+                    "redis": {"url": done.stack.redis_url()},
+                    "wecom": {"api_base": f"http://127.0.0.1:{SIM_PORT}/cgi-bin"},
+                    "consume": {"reply_enabled": True},
+                    "obs": {"log_level": "WARNING"},
+                },
+            )
+        )
+        for report in ensure_topics(settings.kafka):
+            print(f"demo:   topic {report.name}: {report.action}")
+        print("demo: starting Ray (ray start --head) ...", flush=True)
+        done.ray_head = start_ray_head()
+        ray.init(
+            address="auto",
+            namespace=settings.ray_namespace,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        print("demo: starting the WeCom simulator, Serve ingress and consumers ...", flush=True)
+        done.sim = SimulatorProcess(
+            data / "sim",
+            f"http://127.0.0.1:{HTTP_PORT}/wecom/callback",
+            port=SIM_PORT,
+            extra_args=["--users", str(args.users), "--rate", f"{args.rate_per_min}/min"],
+        )
+        done.pipeline = start_consumers(settings)
+        start_recovery_actor(settings)
+        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+        serve.run(deployment(settings), name="qywx", route_prefix="/")
+        done.serve = True
+        done.sim.start()
+        token = settings.admin.token.get_secret_value()
+        print(
+            "\ndemo: running. Where to look:\n"
+            f"  Ray dashboard     http://127.0.0.1:{DASHBOARD_PORT}\n"
+            f"  Admin API (docs)  http://127.0.0.1:{HTTP_PORT}/docs   "
+            f"(Authorization: Bearer {token})\n"
+            f"  e.g.              curl -H 'Authorization: Bearer {token}' "
+            f"http://127.0.0.1:{HTTP_PORT}/admin/dlq/stats\n"
+            f"  Metrics           http://127.0.0.1:{HTTP_PORT}/metrics  and Ray's exporter "
+            f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics\n"
+            f"  WeCom simulator   http://127.0.0.1:{SIM_PORT}/sim/stats   /sim/truth\n"
+            "  Ctrl-C to stop.\n",
+            flush=True,
+        )
+        progress = Progress(settings, done.sim)
+        deadline = time.monotonic() + args.duration_s if args.duration_s else float("inf")
+        try:
+            while not stop["flag"] and time.monotonic() < deadline:
+                time.sleep(1.0)
+                print(progress.line(), flush=True)
+        except KeyboardInterrupt:
+            pass
+        # Let the last messages through before the audit.
+        httpx_stop(done.sim)
+        settle = time.monotonic() + 30
+        while time.monotonic() < settle:
+            end, committed = progress.offsets(
+                settings.kafka.main_topic.name, settings.kafka.main_topic.partitions
+            )
+            if end == committed:
+                break
+            time.sleep(0.5)
+        print(progress.line(), flush=True)
+        progress.close()
+        result = audit(settings, done.sim)
+        print(
+            f"\ndemo: audit against WeCom's record: messages={result['messages']} "
+            f"lost={result['lost']} reordered={result['reordered_users']} "
+            f"duplicated_side_effects={result['duplicated']}",
+            flush=True,
+        )
+        return 0 if result["lost"] == result["reordered_users"] == 0 else 1
+    finally:
+        print("demo: stopping ...", flush=True)
+        with contextlib.suppress(Exception):
+            if done.pipeline is not None:
+                stop_consumers(done.pipeline, timeout_s=20)
+        with contextlib.suppress(Exception):
+            if done.serve:
+                serve.shutdown()
+        if done.sim is not None:
+            done.sim.stop()
+        with contextlib.suppress(Exception):
+            if ray.is_initialized() and not done.ray_head:
+                kill_named_actors(base.ray_namespace)
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        if done.ray_head:
+            stop_ray_head()
+        if done.stack is not None:
+            stopped = done.stack.down()
+            print("demo: stopped " + ", ".join(stopped) if stopped else "demo: stopped")
+
+
+def httpx_stop(sim: SimulatorProcess) -> None:
+    """Ask the simulator's customers to stop chatting (best effort)."""
+    import httpx
+
+    with contextlib.suppress(Exception):
+        httpx.post(f"{sim.base_url}/sim/population/pause", timeout=5)
