@@ -61,6 +61,23 @@ def cmd_dev_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from qywx_ray.dlq.cli import run
+
+    return run(args, _settings(args))
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    import ray
+
+    from qywx_ray.consume.introspect import users_command
+
+    settings = _settings(args)
+    ray.init(address=args.address, namespace=settings.ray_namespace, log_to_driver=False)
+    print(users_command(settings, as_json=args.json, limit=args.limit))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qywx_ray.demo import run_demo
 
@@ -84,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     dev_sub.add_parser("up").set_defaults(func=cmd_dev_up)
     dev_sub.add_parser("down").set_defaults(func=cmd_dev_down)
     dev_sub.add_parser("status").set_defaults(func=cmd_dev_status)
+
+    from qywx_ray.dlq.cli import add_subcommands as add_dlq
+
+    dlq = sub.add_parser("dlq", help="dead letters: stats, list, retry, purge, export, ...")
+    add_dlq(dlq)
+    dlq.set_defaults(func=cmd_dlq)
+
+    users = sub.add_parser("users", help="live user actors (needs a running Ray cluster)")
+    users.add_argument("--address", default="auto")
+    users.add_argument("--json", action="store_true")
+    users.add_argument("--limit", type=int, default=100)
+    users.set_defaults(func=cmd_users)
 
     demo = sub.add_parser("demo", help="run the whole pipeline locally with a live view")
     demo.add_argument("--users", type=int, default=200)
