@@ -1,0 +1,529 @@
+"""Turn bench/results/*.jsonl into bench/REPORT.md (+ PNG charts when matplotlib is present).
+
+Per bench: the median of repeated runs with min/max, each throughput beside its Kafka
+ceiling from the same harness run, the machine facts, and the harness status of every
+bench (a failed or timed-out bench is reported, not hidden). Reads results only; never
+runs a benchmark and never needs a service. Charts are optional: without matplotlib
+(the `bench` extra) the report is still written in full.
+
+  python bench/report.py [--results bench/results] [--out bench/REPORT.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS_DIR, ROOT, VOLATILE_KEYS, median
+
+CEILING_BENCH = "kafka_ceiling"
+# Which ceiling cases a stage's throughput is read against, best client first.
+CEILINGS_BY_STAGE: dict[str, tuple[str, ...]] = {
+    "produce": ("raw_produce", "kafka_perf_produce"),
+    "consume": ("raw_consume", "kafka_perf_consume"),
+}
+# Keys that describe the record itself rather than a grouping dimension.
+RECORD_KEYS = frozenset({"bench", "case", "metric", "unit", "ceiling", "error", "status"})
+# Legacy lines (no metric/value): numeric fields with these suffixes are metrics.
+LEGACY_METRIC_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("_per_s", "/s"),
+    ("_ms", "ms"),
+    ("_mib_s", "MiB/s"),
+)
+# Legacy numbers that are inputs (grouping dimensions) rather than results; any other
+# number that is not a metric is taken as a per-run detail and ignored.
+LEGACY_NUMERIC_DIMS = frozenset(
+    {
+        "users",
+        "partitions",
+        "brokers",
+        "page",
+        "concurrency",
+        "record_size",
+        "envelope_bytes",
+        "payload_bytes",
+        "hosts",
+        "consumers",
+        "batch",
+        "connections",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    bench: str
+    case: str
+    metric: str
+    unit: str
+    value: float
+    run: int | None
+    dims: tuple[tuple[str, str], ...] = ()
+    run_id: str | None = None
+    ceiling: str | None = None
+
+
+@dataclass
+class Row:
+    """The summary of one (bench, case, dims, metric) across runs."""
+
+    bench: str
+    case: str
+    metric: str
+    unit: str
+    dims: tuple[tuple[str, str], ...]
+    values: list[float]
+    run_ids: set[str | None] = field(default_factory=set)
+    ceiling: str | None = None
+
+    @property
+    def median(self) -> float:
+        return median(self.values)
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+    @property
+    def runs(self) -> int:
+        return len(self.values)
+
+    def dim(self, key: str) -> str | None:
+        return dict(self.dims).get(key)
+
+
+@dataclass
+class BenchResults:
+    name: str
+    measurements: list[Measurement] = field(default_factory=list)
+    harness: dict[str, Any] | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    machine_lines: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: int = 0
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _dims(record: dict[str, Any], exclude: set[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for key, value in record.items():
+        if key in VOLATILE_KEYS or key in RECORD_KEYS or key in exclude:
+            continue
+        if value is None or isinstance(value, dict | list):
+            continue
+        out.append((key, str(value)))
+    return tuple(sorted(out))
+
+
+def normalize(record: dict[str, Any], default_bench: str) -> list[Measurement]:
+    """One JSON line → its measurements (none for machine/error/harness/summary lines).
+
+    Conforming lines carry metric + value. Older lines that only carry named numbers
+    (e.g. {"msg_per_s": 4100, "delivery_p99_ms": 31}) are read by field suffix, so a
+    bench written before this protocol still shows up in the report.
+    """
+    kind = record.get("kind", "measurement")
+    if kind != "measurement":
+        return []
+    bench = str(record.get("bench") or default_bench)
+    if bench.endswith("_summary"):
+        return []  # the report computes its own medians from the per-run lines
+    run = record.get("run")
+    run_n = int(run) if isinstance(run, int | float) and not isinstance(run, bool) else None
+    run_id = record.get("run_id")
+    ceiling = record.get("ceiling")
+    ceiling_s = str(ceiling) if ceiling else None
+    if "metric" in record and "value" in record:
+        if not _is_number(record["value"]):
+            return []
+        return [
+            Measurement(
+                bench=bench,
+                case=str(record.get("case", "")),
+                metric=str(record["metric"]),
+                unit=str(record.get("unit", "")),
+                value=float(record["value"]),
+                run=run_n,
+                dims=_dims(record, set()),
+                run_id=run_id,
+                ceiling=ceiling_s,
+            )
+        ]
+    metric_fields: dict[str, str] = {}
+    inputs: set[str] = set()
+    for key, value in record.items():
+        if not _is_number(value) or key in VOLATILE_KEYS:
+            continue
+        if key in LEGACY_NUMERIC_DIMS or key.startswith(("rate_", "target_")):
+            inputs.add(key)  # a configured rate is an input, not a result
+            continue
+        for suffix, unit in LEGACY_METRIC_SUFFIXES:
+            if key.endswith(suffix):
+                metric_fields[key] = unit
+                break
+    ignored = {k for k, v in record.items() if _is_number(v) and k not in inputs}
+    dims = _dims(record, ignored)
+    # Legacy benches name their sub-measurement in `bench` (e.g. consume_drain): use it
+    # as the case when the line has none.
+    case = str(record.get("case") or (bench if bench != default_bench else ""))
+    return [
+        Measurement(
+            bench=bench,
+            case=case,
+            metric=key,
+            unit=unit if unit != "/s" else f"{key[: -len('_per_s')]}/s",
+            value=float(record[key]),
+            run=run_n,
+            dims=dims,
+            run_id=run_id,
+            ceiling=ceiling_s,
+        )
+        for key, unit in metric_fields.items()
+    ]
+
+
+def parse_lines(name: str, lines: list[str]) -> BenchResults:
+    results = BenchResults(name=name)
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            results.bad_lines += 1
+            continue
+        if not isinstance(record, dict):
+            results.bad_lines += 1
+            continue
+        kind = record.get("kind", "measurement")
+        if kind == "harness":
+            results.harness = record
+        elif kind == "machine":
+            results.machine_lines.append(record)
+        elif kind == "error":
+            results.errors.append(record)
+        else:
+            results.measurements.extend(normalize(record, name))
+    return results
+
+
+def load_results(results_dir: Path) -> tuple[dict[str, Any], list[BenchResults]]:
+    machine: dict[str, Any] = {}
+    machine_file = results_dir / "machine.json"
+    if machine_file.exists():
+        try:
+            machine = json.loads(machine_file.read_text())
+        except json.JSONDecodeError:
+            machine = {}
+    benches = [
+        parse_lines(path.stem, path.read_text(errors="replace").splitlines())
+        for path in sorted(results_dir.glob("*.jsonl"))
+    ]
+    return machine, benches
+
+
+# ---------------------------------------------------------------------------------------
+# Summaries
+
+
+def summarize(measurements: list[Measurement]) -> list[Row]:
+    groups: dict[tuple[Any, ...], Row] = {}
+    for m in measurements:
+        key = (m.bench, m.case, m.dims, m.metric, m.unit)
+        row = groups.get(key)
+        if row is None:
+            row = groups[key] = Row(m.bench, m.case, m.metric, m.unit, m.dims, [], set())
+        row.values.append(m.value)
+        row.run_ids.add(m.run_id)
+        if m.ceiling:
+            row.ceiling = m.ceiling
+    return list(groups.values())
+
+
+def is_throughput(row: Row) -> bool:
+    return row.unit.endswith("/s") and not row.unit.startswith("MiB")
+
+
+def stage_of(row: Row) -> str | None:
+    """produce / consume: from the row's `stage` field, else guessed from bench and case."""
+    stage = row.dim("stage")
+    if stage in CEILINGS_BY_STAGE:
+        return stage
+    text = f"{row.bench} {row.case}".lower()
+    if "consum" in text:
+        return "consume"
+    if "produc" in text or "ingest" in text:
+        return "produce"
+    return None
+
+
+@dataclass
+class Ceiling:
+    case: str
+    value: float
+    unit: str
+    same_run: bool
+
+
+def find_ceiling(row: Row, ceilings: list[Row], run_id: str | None) -> Ceiling | None:
+    """The Kafka ceiling a throughput row is read against, preferring a matching record size."""
+    if row.bench == CEILING_BENCH or not is_throughput(row):
+        return None
+    wanted: tuple[str, ...]
+    if row.ceiling:
+        wanted = (row.ceiling.split("/")[-1],)
+    else:
+        stage = stage_of(row)
+        if stage is None:
+            return None
+        wanted = CEILINGS_BY_STAGE[stage]
+    for case in wanted:
+        candidates = [c for c in ceilings if c.case == case and c.metric == "throughput"]
+        if not candidates:
+            continue
+        size = row.dim("record_size")
+        matching = [c for c in candidates if size is not None and c.dim("record_size") == size]
+        best = (matching or candidates)[0]
+        same = run_id is not None and best.run_ids == {run_id} and row.run_ids == {run_id}
+        return Ceiling(case, best.median, best.unit, same_run=same or run_id is None)
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+
+
+def fmt(value: float) -> str:
+    if value != value:  # NaN
+        return "n/a"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _dims_text(row: Row, skip: set[str]) -> str:
+    parts = [f"{k}={v}" for k, v in row.dims if k not in skip]
+    return ", ".join(parts) or "-"
+
+
+def _common_dims(rows: list[Row]) -> dict[str, str]:
+    """Dimensions with one value across a bench: shown once above its table."""
+    if not rows:
+        return {}
+    common = dict(rows[0].dims)
+    for row in rows[1:]:
+        d = dict(row.dims)
+        common = {k: v for k, v in common.items() if d.get(k) == v}
+    return common
+
+
+def render_machine(machine: dict[str, Any], benches: list[BenchResults]) -> list[str]:
+    facts = dict(machine.get("facts") or {})
+    if not facts:
+        for b in benches:
+            if b.machine_lines:
+                skip = {"kind", "ts", "bench", "run_id"}
+                facts = {k: v for k, v in b.machine_lines[0].items() if k not in skip}
+                break
+    if not facts:
+        return ["_No machine facts recorded._", ""]
+    lines = ["| fact | value |", "|---|---|"]
+    for key in sorted(facts):
+        value = facts[key]
+        if key.endswith("_bytes") and _is_number(value):
+            value = f"{value / 2**30:.1f} GiB"
+        lines.append(f"| {key} | {value} |")
+    return [*lines, ""]
+
+
+def render_harness(benches: list[BenchResults]) -> list[str]:
+    lines = [
+        "| bench | status | exit | elapsed s | load1 start→end | steal % | lines | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for b in benches:
+        h = b.harness or {}
+        status = h.get("status", "no harness record")
+        load = f"{h.get('load1_start', '?')}→{h.get('load1_end', '?')}" if h else "-"
+        lines.append(
+            f"| {b.name} | {status} | {h.get('returncode', '-')} | {h.get('elapsed_s', '-')} "
+            f"| {load} | {h.get('steal_pct', '-')} | {len(b.measurements)} "
+            f"| {len(b.errors) + b.bad_lines} |"
+        )
+    return [*lines, ""]
+
+
+def render_bench(
+    bench: BenchResults, rows: list[Row], ceilings: list[Row], run_id: str | None
+) -> list[str]:
+    out = [f"## {bench.name}", ""]
+    h = bench.harness or {}
+    if h.get("status") not in (None, "ok"):
+        tail = str(h.get("stderr_tail", "")).strip().splitlines()[-6:]
+        out += [f"**{h.get('status')}** (exit {h.get('returncode')}).", ""]
+        if tail:
+            out += ["```", *tail, "```", ""]
+    for err in bench.errors[:5]:
+        out.append(
+            f"- error in `{err.get('case', '?')}` run {err.get('run', '?')}: "
+            f"{str(err.get('error', ''))[:200]}"
+        )
+    if bench.errors:
+        out.append("")
+    if not rows:
+        return [*out, "_No measurements._", ""]
+    common = _common_dims(rows)
+    if common:
+        out += ["Context: " + ", ".join(f"{k}={v}" for k, v in sorted(common.items())), ""]
+    out += [
+        "| case | context | metric | median | min | max | unit | runs | vs ceiling |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (r.case, r.dims, r.metric)):
+        ceiling = find_ceiling(row, ceilings, run_id)
+        versus = "-"
+        if ceiling is not None and ceiling.value > 0:
+            pct = 100.0 * row.median / ceiling.value
+            versus = f"{pct:.0f}% of {ceiling.case} ({fmt(ceiling.value)} {ceiling.unit})"
+            if not ceiling.same_run:
+                versus += " [other run]"
+        out.append(
+            f"| {row.case or '-'} | {_dims_text(row, set(common))} | {row.metric} "
+            f"| {fmt(row.median)} | {fmt(row.min)} | {fmt(row.max)} | {row.unit} "
+            f"| {row.runs} | {versus} |"
+        )
+    return [*out, ""]
+
+
+def render_report(
+    machine: dict[str, Any],
+    benches: list[BenchResults],
+    charts: list[Path] | None = None,
+    base_dir: Path | None = None,
+) -> str:
+    """The whole REPORT.md text; chart links are relative to base_dir (the report's folder)."""
+    run_id = machine.get("run_id")
+    all_rows = {b.name: summarize(b.measurements) for b in benches}
+    ceilings = [r for rows in all_rows.values() for r in rows if r.bench == CEILING_BENCH]
+    mode = machine.get("mode", "?")
+    out = [
+        "# qywx-ray benchmark report",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from "
+        f"`bench/results/` (run `{run_id or 'unknown'}`, mode {mode}). Figures are medians "
+        "of the repeated runs with their min and max: the vCPUs here are slow and the "
+        "hypervisor steals time, so a single run means little. Throughput is read against "
+        "the Kafka ceiling (`kafka_ceiling`: raw confluent-kafka loop, else Kafka's perf "
+        "tools) measured in the same harness run.",
+        "",
+        "## Machine",
+        "",
+        *render_machine(machine, benches),
+        "## Harness",
+        "",
+        *render_harness(benches),
+    ]
+    order = sorted(benches, key=lambda b: (b.name != CEILING_BENCH, b.name))
+    for bench in order:
+        out += render_bench(bench, all_rows[bench.name], ceilings, run_id)
+    if charts:
+        out += ["## Charts", ""]
+        for chart in charts:
+            rel = os.path.relpath(chart, base_dir or ROOT / "bench")
+            out.append(f"![{chart.stem}]({rel})")
+        out.append("")
+    else:
+        out += [
+            "_Charts: install the `bench` extra (matplotlib) and re-run `python "
+            "bench/report.py` to add PNG charts._",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def write_charts(benches: list[BenchResults], results_dir: Path) -> list[Path]:
+    """Throughput and latency bars per bench (median, min–max whiskers); [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written: list[Path] = []
+    for bench in benches:
+        rows = summarize(bench.measurements)
+        common = _common_dims(rows)
+        for kind, select in (
+            ("throughput", is_throughput),
+            ("latency", lambda r: r.unit == "ms"),
+        ):
+            chosen = sorted((r for r in rows if select(r)), key=lambda r: (r.case, r.dims))
+            if not chosen:
+                continue
+            labels = [
+                " ".join(x for x in (r.case, r.metric, _dims_text(r, set(common))) if x != "-")
+                for r in chosen
+            ]
+            medians = [r.median for r in chosen]
+            lower = [r.median - r.min for r in chosen]
+            upper = [r.max - r.median for r in chosen]
+            fig, ax = plt.subplots(figsize=(9, 0.45 * len(chosen) + 1.5))
+            ax.barh(range(len(chosen)), medians, xerr=[lower, upper], capsize=3)
+            ax.set_yticks(range(len(chosen)), labels, fontsize=7)
+            units = sorted({r.unit for r in chosen})
+            ax.set_xlabel(f"median ({', '.join(units)}), whiskers min–max")
+            ax.set_title(f"{bench.name}: {kind}")
+            fig.tight_layout()
+            path = results_dir / f"{bench.name}_{kind}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def write_report(results_dir: Path = RESULTS_DIR, out_path: Path | None = None) -> Path:
+    out_path = out_path or results_dir.parent / "REPORT.md"
+    machine, benches = load_results(results_dir)
+    charts = write_charts(benches, results_dir)
+    text = render_report(machine, benches, charts, base_dir=out_path.parent)
+    out_path.write_text(text, encoding="utf-8")
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    path = write_report(args.results, args.out)
+    print(f"report written to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
