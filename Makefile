@@ -24,6 +24,7 @@ drills: setup
 	$(PY) -m pytest -m slow -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run_all.py
 
 dev-up: setup
