@@ -78,6 +78,12 @@ def cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from qywx_ray.doctor import main_doctor
+
+    return main_doctor(_settings(args), ray_address=args.ray_address)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qywx_ray.demo import run_demo
 
@@ -113,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_argument("--json", action="store_true")
     users.add_argument("--limit", type=int, default=100)
     users.set_defaults(func=cmd_users)
+
+    doctor = sub.add_parser("doctor", help="check brokers, topics, Redis, Ray, credentials")
+    doctor.add_argument("--ray-address", default="auto", help="'' to skip the Ray check")
+    doctor.set_defaults(func=cmd_doctor)
 
     demo = sub.add_parser("demo", help="run the whole pipeline locally with a live view")
     demo.add_argument("--users", type=int, default=200)

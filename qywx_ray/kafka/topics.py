@@ -82,7 +82,9 @@ def diff_existing(
     return diffs
 
 
-def _describe(admin: AdminClient, name: str, timeout_s: float) -> tuple[int, int, dict[str, str]]:
+def describe_topic(
+    admin: AdminClient, name: str, timeout_s: float
+) -> tuple[int, int, dict[str, str]]:
     md = admin.list_topics(topic=name, timeout=timeout_s)
     topic = md.topics[name]
     partitions = len(topic.partitions)
@@ -103,7 +105,7 @@ def ensure_topics(kafka: KafkaSettings, timeout_s: float = 30.0) -> list[TopicRe
     described: dict[str, tuple[int, int, dict[str, str]]] = {}
     for spec in specs:
         if spec.name in existing:
-            described[spec.name] = _describe(admin, spec.name, timeout_s)
+            described[spec.name] = describe_topic(admin, spec.name, timeout_s)
             problems.extend(diff_existing(spec, *described[spec.name]))
     if problems:
         raise TopicConfigError(

@@ -24,10 +24,11 @@ DEFAULT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 
 
 def _in_ray_worker() -> bool:
+    """True in an actor or Serve replica (Ray's WORKER_MODE = 1; the driver is 0)."""
     try:
         import ray
 
-        return bool(ray.is_initialized()) and ray.get_runtime_context().worker.mode == 0
+        return bool(ray.is_initialized()) and ray.get_runtime_context().worker.mode == 1
     except Exception:
         return False
 

@@ -1,0 +1,70 @@
+"""cluster.yaml is a valid `ray up` config by Ray's own schema and says what we rely on."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import validate_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+
+
+def _config() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_cluster_yaml_matches_rays_schema() -> None:
+    jsonschema.validate(_config(), json.loads(SCHEMA.read_text()))
+    validate_config(_config())  # schema + Ray's own cross-field checks
+
+
+def test_schema_check_is_not_vacuous() -> None:
+    bad = copy.deepcopy(_config())
+    bad["available_node_types"]["worker"]["min_wrokers"] = 2  # typo: unknown key
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(bad)
+    bad = copy.deepcopy(_config())
+    bad["head_node_type"] = "nope"
+    with pytest.raises(ValueError):
+        validate_config(bad)
+
+
+def test_head_and_worker_types_and_commands() -> None:
+    cfg = _config()
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] == "head" and set(types) == {"head", "worker"}
+    assert types["worker"]["min_workers"] >= 1
+    assert sum(t.get("min_workers", 0) for t in types.values()) <= cfg["max_workers"]
+    assert any("pip install ~/qywx-ray" in c for c in cfg["setup_commands"])
+    head = " ".join(cfg["head_start_ray_commands"])
+    worker = " ".join(cfg["worker_start_ray_commands"])
+    assert "ray start --head" in head and "--metrics-export-port=8080" in head
+    assert "ray start --address=$RAY_HEAD_IP:6379" in worker
+    assert "--metrics-export-port=8080" in worker
+    for cmds in (head, worker):
+        assert "QYWX_PROFILE=production" in cmds and "QYWX_CONFIG=" in cmds
+
+
+def test_file_mounts_exist_and_placeholders_are_marked() -> None:
+    cfg = _config()
+    sources = [str(s).split("#")[0].strip() for s in cfg["file_mounts"].values()]
+    assert "./config" in sources
+    for src in sources:
+        assert (ROOT / src).exists(), src
+    assert (ROOT / "config" / "production.yaml").exists()
+    text = (ROOT / "cluster.yaml").read_text()
+    # every AWS identifier that cannot be known here is visibly a placeholder
+    for line in text.splitlines():
+        if any(k in line for k in ("ImageId", "SubnetIds", "SecurityGroupIds", "KeyName")):
+            assert "PLACEHOLDER" in line, line
+    assert "secret" not in json.dumps(cfg["provider"]).lower()
