@@ -58,7 +58,8 @@ class Envelope(BaseModel):
         return self.external_userid.encode()
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(), ensure_ascii=False, separators=(",", ":")).encode()
+        # pydantic's Rust serializer: half the CPU of json.dumps on this hot path.
+        return self.model_dump_json().encode()
 
     def headers(self) -> Headers:
         return [

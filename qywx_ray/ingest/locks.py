@@ -1,0 +1,219 @@
+"""Distributed lock per name (one per open_kfid) in Redis, with fencing tokens.
+
+Works the same on a single Redis and behind Sentinel: plain commands and Lua only.
+Acquire = SET NX PX with a random holder token, plus INCR of a fence counter so every
+acquisition gets a strictly larger fencing token. `hold()` extends the lock in the
+background while work runs (`run_locked`) and cancels that work when the lock is lost.
+Must never: release or extend a lock held by someone else (compare-and-delete/expire
+in Lua), or let work continue once it knows the lock is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from qywx_ray.errors import InfraError, QywxError
+from qywx_ray.obs import metrics
+from qywx_ray.obs.logging import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+LOCK_ACQUIRED = metrics.counter("qywx_lock_acquired_total", "Locks acquired", ("lock",))
+LOCK_FAILED = metrics.counter(
+    "qywx_lock_failed_total", "Lock acquisitions refused (held elsewhere)", ("lock",)
+)
+LOCK_EXPIRED = metrics.counter(
+    "qywx_lock_expired_total", "Locks found lost or expired while held", ("lock",)
+)
+LOCK_HOLD = metrics.histogram(
+    "qywx_lock_hold_seconds",
+    "How long a lock was held",
+    ("lock",),
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+# KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] ttl_ms -> fence or 0
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return 0
+"""
+# KEYS[1] lock; ARGV[1] token, ARGV[2] ttl_ms -> 1 extended, 0 not ours
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# KEYS[1] lock; ARGV[1] token -> 1 released, 0 not ours
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class LockLostError(QywxError):
+    """The lock expired or was taken over while work was running under it."""
+
+
+@dataclass(frozen=True, slots=True)
+class LockLease:
+    """Proof of one acquisition: `token` identifies the holder, `fence` orders holders."""
+
+    name: str
+    key: str
+    token: str
+    fence: int
+    acquired_at: float  # monotonic seconds
+
+
+def _redis_error(what: str, exc: RedisError) -> InfraError:
+    return InfraError(f"redis unavailable while {what}: {exc}")
+
+
+class LockManager:
+    """Acquire / extend / release named locks; `hold()` keeps one alive around work."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        ttl_s: float = 30.0,
+        extend_every_s: float = 10.0,
+        prefix: str = "qywx:lock:",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if extend_every_s >= ttl_s:
+            raise ValueError(f"extend_every_s={extend_every_s} must be < ttl_s={ttl_s}")
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self.extend_every_s = extend_every_s
+        self.prefix = prefix
+        self.clock = clock
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._extend = redis.register_script(_EXTEND)
+        self._release = redis.register_script(_RELEASE)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.ttl_s * 1000))
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def fence_key(self, name: str) -> str:
+        return f"{self.prefix}{name}:fence"
+
+    async def acquire(self, name: str) -> LockLease | None:
+        """Non-blocking: a lease, or None when someone else holds the lock."""
+        token = secrets.token_hex(16)
+        try:
+            keys = [self.key(name), self.fence_key(name)]
+            fence = int(await self._acquire(keys=keys, args=[token, self._ttl_ms]))
+        except RedisError as exc:
+            raise _redis_error(f"acquiring lock {name}", exc) from exc
+        if not fence:
+            LOCK_FAILED.inc(lock=_label(name))
+            return None
+        LOCK_ACQUIRED.inc(lock=_label(name))
+        return LockLease(name, self.key(name), token, fence, self.clock())
+
+    async def extend(self, lease: LockLease) -> bool:
+        """Reset the TTL if we still hold it; False means the lock is lost."""
+        try:
+            ok = int(await self._extend(keys=[lease.key], args=[lease.token, self._ttl_ms]))
+        except RedisError as exc:
+            raise _redis_error(f"extending lock {lease.name}", exc) from exc
+        return ok == 1
+
+    async def release(self, lease: LockLease) -> bool:
+        """Compare-and-delete; False when it had already expired or changed hands."""
+        LOCK_HOLD.observe(max(0.0, self.clock() - lease.acquired_at), lock=_label(lease.name))
+        try:
+            ok = int(await self._release(keys=[lease.key], args=[lease.token]))
+        except RedisError as exc:
+            raise _redis_error(f"releasing lock {lease.name}", exc) from exc
+        if not ok:
+            LOCK_EXPIRED.inc(lock=_label(lease.name))
+            log.warning("lock.expired_before_release", lock=lease.name, fence=lease.fence)
+        return ok == 1
+
+    async def run_locked(self, lease: LockLease, work: Callable[[], Awaitable[T]]) -> T:
+        """Run `work()` while extending the lease every extend_every_s, then release it.
+
+        If the lease is lost (taken over, expired, or Redis unreachable for a whole TTL)
+        the work is cancelled and LockLostError is raised. The work runs as its own task,
+        so cancelling it never leaks into the caller's task.
+        """
+        work_task: asyncio.Task[T] = asyncio.create_task(_as_coro(work))
+        lost = asyncio.Event()
+        extender = asyncio.create_task(self._keep(lease, work_task, lost))
+        try:
+            return await work_task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if lost.is_set() and not (current is not None and current.cancelling()):
+                raise LockLostError(
+                    f"lock {lease.name} (fence {lease.fence}) was lost; work cancelled"
+                ) from None
+            raise
+        finally:
+            extender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await extender
+            if not work_task.done():
+                work_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work_task
+            if lost.is_set():
+                held_s = max(0.0, self.clock() - lease.acquired_at)
+                LOCK_HOLD.observe(held_s, lock=_label(lease.name))
+            else:
+                try:
+                    await self.release(lease)
+                except InfraError as err:
+                    log.warning("lock.release_failed", lock=lease.name, error=str(err))
+
+    async def _keep(
+        self, lease: LockLease, work_task: asyncio.Task[Any], lost: asyncio.Event
+    ) -> None:
+        last_ok = self.clock()
+        while True:
+            await asyncio.sleep(self.extend_every_s)
+            try:
+                if await self.extend(lease):
+                    last_ok = self.clock()
+                    continue
+                reason = "taken_or_expired"
+            except InfraError as exc:
+                if self.clock() - last_ok < self.ttl_s:
+                    log.warning("lock.extend_failed", lock=lease.name, error=str(exc))
+                    continue
+                reason = "redis_unreachable_for_ttl"
+            lost.set()
+            LOCK_EXPIRED.inc(lock=_label(lease.name))
+            log.warning("lock.lost", lock=lease.name, fence=lease.fence, reason=reason)
+            work_task.cancel()
+            return
+
+
+async def _as_coro(work: Callable[[], Awaitable[T]]) -> T:
+    return await work()
+
+
+def _label(name: str) -> str:
+    """Metric label: the lock kind, not the id (keeps cardinality bounded)."""
+    return name.split(":", 1)[0]

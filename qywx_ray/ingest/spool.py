@@ -1,0 +1,414 @@
+"""Per-user durable spool in Redis: where messages wait, in order, while Kafka cannot take them.
+
+Replaces the seed's local-channel fallback (which reordered and lost on crash). Per user
+(the Kafka key, external_userid) a Redis list `{prefix}:spool:{user}` holds envelopes in
+arrival order; an index set lists users with a non-empty spool. While a user has spooled
+messages, that user's new messages are appended behind them (atomic check-and-append in
+Lua, one round trip per page), and the SpoolReplayer drains each user head-first:
+produce confirmed, then trim exactly the acknowledged prefix. A crash between produce
+and trim re-sends (a duplicate, deduplicated by message_id downstream), never loses.
+Must never: let a user's new message overtake a spooled one, or remove an entry
+before Kafka acknowledged it.
+
+Keys are built inside Lua from a prefix, which is fine for a single Redis or Sentinel
+(the only modes we support) but would not be for Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from confluent_kafka import KafkaError
+from redis.exceptions import RedisError
+
+from qywx_ray.envelope import Envelope
+from qywx_ray.errors import EnvelopeError, InfraError
+from qywx_ray.ingest.breaker import ProducerBreaker
+from qywx_ray.ingest.locks import LockLostError, LockManager
+from qywx_ray.ingest.producer import BatchProducer
+from qywx_ray.obs import metrics
+from qywx_ray.obs.logging import get_logger
+
+log = get_logger(__name__)
+
+DEGRADED_MESSAGES = metrics.counter(
+    "qywx_degraded_messages_total", "Messages written to the Redis spool instead of Kafka"
+)
+DEGRADED_USERS = metrics.gauge("qywx_degraded_users", "Users with a non-empty spool")
+KAFKA_FAILURES = metrics.counter(
+    "qywx_kafka_failures_total", "Produce attempts that left messages for the spool"
+)
+LAST_DEGRADATION = metrics.gauge(
+    "qywx_last_degradation_timestamp_seconds", "Wall-clock time of the last spool write"
+)
+SPOOL_DEPTH = metrics.gauge("qywx_spool_depth", "Messages waiting in the spool (all users)")
+SPOOL_REPLAYED = metrics.counter(
+    "qywx_spool_replayed_total", "Spooled messages acknowledged by Kafka and trimmed"
+)
+SPOOL_BURIED = metrics.counter(
+    "qywx_spool_set_aside_total", "Spool entries Kafka can never take, moved to the dead list"
+)
+
+# Errors a retry cannot fix: the record itself is unacceptable to the broker.
+_PERMANENT_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD})
+
+
+def is_permanent(error: Exception) -> bool:
+    kafka_error = getattr(error, "kafka_error", None)
+    return kafka_error is not None and kafka_error.code() in _PERMANENT_CODES
+
+
+# KEYS[1] index set, KEYS[2] depth counter; ARGV[1] key prefix, ARGV[2] mode
+# ("force" appends for every user, "ifspooled" only where the list is non-empty), then
+# groups: user, n, item_1..item_n. -> {users appended, depth, users with spool}
+_APPEND = """
+local prefix = ARGV[1]
+local force = ARGV[2] == 'force'
+local appended = {}
+local added = 0
+local i = 3
+while i <= #ARGV do
+  local user = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  local key = prefix .. user
+  if force or redis.call('LLEN', key) > 0 then
+    for j = i + 2, i + 1 + n do
+      redis.call('RPUSH', key, ARGV[j])
+    end
+    redis.call('SADD', KEYS[1], user)
+    appended[#appended + 1] = user
+    added = added + n
+  end
+  i = i + 2 + n
+end
+local depth = redis.call('INCRBY', KEYS[2], added)
+return {appended, depth, redis.call('SCARD', KEYS[1])}
+"""
+
+# KEYS[1] index set, KEYS[2] depth counter; ARGV[1] key prefix, then pairs user, n:
+# drop the first n entries of each user's list. -> {depth, users with spool}
+_TRIM = """
+local prefix = ARGV[1]
+local removed = 0
+for i = 2, #ARGV, 2 do
+  local user = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  local key = prefix .. user
+  local len = redis.call('LLEN', key)
+  if n > len then n = len end
+  if n > 0 then
+    redis.call('LTRIM', key, n, -1)
+    removed = removed + n
+  end
+  if redis.call('LLEN', key) == 0 then
+    redis.call('DEL', key)
+    redis.call('SREM', KEYS[1], user)
+  end
+end
+local depth = redis.call('DECRBY', KEYS[2], removed)
+if depth < 0 then
+  redis.call('SET', KEYS[2], 0)
+  depth = 0
+end
+return {depth, redis.call('SCARD', KEYS[1])}
+"""
+
+
+def _redis_error(what: str, exc: RedisError) -> InfraError:
+    return InfraError(f"redis unavailable while {what}: {exc}")
+
+
+def group_by_user(envelopes: Iterable[Envelope]) -> dict[str, list[Envelope]]:
+    """Per user, in the given order (dicts keep first-seen user order)."""
+    groups: dict[str, list[Envelope]] = {}
+    for env in envelopes:
+        groups.setdefault(env.external_userid, []).append(env)
+    return groups
+
+
+class Spool:
+    """Redis-backed per-user FIFO of envelopes; every method is one round trip."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "qywx",
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.list_prefix = f"{prefix}:spool:"
+        self.index_key = f"{prefix}:spool-index"
+        self.depth_key = f"{prefix}:spool-depth"
+        self.dead_key = f"{prefix}:spool-dead"
+        self.wall_clock = wall_clock
+        self._append = redis.register_script(_APPEND)
+        self._trim = redis.register_script(_TRIM)
+
+    def key(self, user: str) -> str:
+        return f"{self.list_prefix}{user}"
+
+    async def _run_append(self, envelopes: Sequence[Envelope], mode: str) -> set[str]:
+        groups = group_by_user(envelopes)
+        args: list[str | bytes | int] = [self.list_prefix, mode]
+        for user, envs in groups.items():
+            args.append(user)
+            args.append(len(envs))
+            args.extend(e.to_bytes() for e in envs)
+        try:
+            appended, depth, users = await self._append(
+                keys=[self.index_key, self.depth_key], args=args
+            )
+        except RedisError as exc:
+            raise _redis_error("appending to the spool", exc) from exc
+        done = {u.decode() if isinstance(u, bytes) else str(u) for u in appended}
+        count = sum(len(groups[u]) for u in done)
+        SPOOL_DEPTH.set(int(depth))
+        DEGRADED_USERS.set(int(users))
+        if count:
+            DEGRADED_MESSAGES.inc(count)
+            LAST_DEGRADATION.set(self.wall_clock())
+        return done
+
+    async def spooled_users(self, users: Sequence[str]) -> set[str]:
+        """Which of these users currently have a spool (cheap pre-check, one SMISMEMBER)."""
+        if not users:
+            return set()
+        try:
+            flags = await self.redis.smismember(self.index_key, list(users))  # type: ignore[misc]
+        except RedisError as exc:
+            raise _redis_error("checking the spool index", exc) from exc
+        return {u for u, f in zip(users, flags, strict=True) if f}
+
+    async def append_if_spooled(self, envelopes: Sequence[Envelope]) -> set[str]:
+        """Atomically append the messages of every user whose spool is non-empty.
+
+        Returns the users whose messages were appended; the caller sends the others to
+        Kafka. One round trip for the page, zero when no user of the page is spooled.
+        """
+        if not envelopes:
+            return set()
+        candidates = await self.spooled_users(list(group_by_user(envelopes)))
+        if not candidates:
+            return set()
+        return await self._run_append(
+            [e for e in envelopes if e.external_userid in candidates], "ifspooled"
+        )
+
+    async def append(
+        self, envelopes: Sequence[Envelope], *, reason: str = "", open_kfid: str = ""
+    ) -> None:
+        """Unconditionally append (Kafka failed for these); one round trip. Logs a WARN."""
+        if not envelopes:
+            return
+        users = await self._run_append(envelopes, "force")
+        log.warning(
+            "spool.degraded",
+            open_kfid=open_kfid,
+            messages=len(envelopes),
+            users=len(users),
+            reason=reason[:300],
+        )
+
+    async def users(self) -> list[str]:
+        try:
+            members = await self.redis.smembers(self.index_key)  # type: ignore[misc]
+        except RedisError as exc:
+            raise _redis_error("listing spooled users", exc) from exc
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+    async def peek(self, users: Sequence[str], max_per_user: int) -> dict[str, list[bytes]]:
+        """The first max_per_user entries of each user's spool (one pipelined round trip)."""
+        if not users:
+            return {}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for user in users:
+                    pipe.lrange(self.key(user), 0, max_per_user - 1)
+                rows = await pipe.execute()
+        except RedisError as exc:
+            raise _redis_error("reading the spool", exc) from exc
+        return {user: list(row) for user, row in zip(users, rows, strict=True)}
+
+    async def trim(self, counts: dict[str, int]) -> int:
+        """Drop the first n entries of each user's spool; returns the remaining depth."""
+        args: list[str | int] = [self.list_prefix]
+        for user, n in counts.items():
+            args += [user, n]
+        try:
+            depth, users = await self._trim(keys=[self.index_key, self.depth_key], args=args)
+        except RedisError as exc:
+            raise _redis_error("trimming the spool", exc) from exc
+        SPOOL_DEPTH.set(int(depth))
+        DEGRADED_USERS.set(int(users))
+        return int(depth)
+
+    async def bury(self, user: str, raw: bytes, *, reason: str) -> None:
+        """Set an entry Kafka can never take aside for an operator (kept, not dropped),
+        instead of blocking the user forever. Call before trimming it from the spool."""
+        try:
+            await self.redis.rpush(self.dead_key, raw)  # type: ignore[misc]
+        except RedisError as exc:
+            raise _redis_error("setting a spool entry aside", exc) from exc
+        SPOOL_BURIED.inc()
+        log.error(
+            "spool.entry_set_aside",
+            user=user,
+            dead_key=self.dead_key,
+            size=len(raw),
+            reason=reason[:300],
+        )
+
+    async def depth(self) -> int:
+        """Messages spooled across all users; also refreshes the depth/users gauges."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(self.depth_key)
+                pipe.scard(self.index_key)
+                value, users = await pipe.execute()
+        except RedisError as exc:
+            raise _redis_error("reading the spool depth", exc) from exc
+        SPOOL_DEPTH.set(int(value or 0))
+        DEGRADED_USERS.set(int(users))
+        return int(value or 0)
+
+    async def entries(self, user: str) -> list[Envelope]:
+        """Everything spooled for one user, in order (for admin views and tests)."""
+        try:
+            rows = await self.redis.lrange(self.key(user), 0, -1)  # type: ignore[misc]
+        except RedisError as exc:
+            raise _redis_error("reading the spool", exc) from exc
+        return [Envelope.from_bytes(r if isinstance(r, bytes) else r.encode()) for r in rows]
+
+
+@dataclass
+class ReplayResult:
+    skipped: bool = False  # another replayer holds the lock, or the breaker is open
+    produced: int = 0
+    failed: int = 0
+    remaining_depth: int = 0
+
+
+class SpoolReplayer:
+    """Drains every user's spool in order once Kafka takes messages again.
+
+    One replayer at a time cluster-wide (a lock named `spool-replay`). Per round: read
+    the head of up to max_batch/max_per_user users (one round trip), produce them as one
+    confirmed batch, then trim each user's acknowledged prefix (one Lua call). A user
+    whose head failed keeps it at the head; the next round retries it first.
+    """
+
+    LOCK_NAME = "spool-replay"
+
+    def __init__(
+        self,
+        spool: Spool,
+        producer: BatchProducer,
+        locks: LockManager,
+        *,
+        breaker: ProducerBreaker | None = None,
+        max_per_user: int = 200,
+        max_batch: int = 2000,
+    ) -> None:
+        self.spool = spool
+        self.producer = producer
+        self.locks = locks
+        self.breaker = breaker
+        self.max_per_user = max_per_user
+        self.users_per_round = max(1, max_batch // max(1, max_per_user))
+        self.max_passes = 100  # bounds one replay_once while syncers keep appending
+
+    async def replay_once(self) -> ReplayResult:
+        """Drain until empty or until Kafka fails; bounded by what is spooled now."""
+        if self.breaker is not None and not self.breaker.allow():
+            return ReplayResult(skipped=True)
+        lease = await self.locks.acquire(self.LOCK_NAME)
+        if lease is None:
+            return ReplayResult(skipped=True)
+        try:
+            return await self.locks.run_locked(lease, self._drain)
+        except LockLostError:
+            log.warning("spool.replay_lock_lost")
+            return ReplayResult(skipped=True)
+
+    async def _drain(self) -> ReplayResult:
+        result = ReplayResult()
+        for _ in range(self.max_passes):
+            users = await self.spool.users()
+            if not users:
+                break
+            progressed = False
+            for start in range(0, len(users), self.users_per_round):
+                chunk = users[start : start + self.users_per_round]
+                produced, failed = await self._round(chunk)
+                result.produced += produced
+                result.failed += failed
+                progressed = progressed or produced > 0
+                if failed:
+                    result.remaining_depth = await self.spool.depth()
+                    return result
+            if not progressed:
+                break
+        result.remaining_depth = await self.spool.depth()
+        return result
+
+    async def _round(self, users: Sequence[str]) -> tuple[int, int]:
+        """One batch over the heads of `users`; returns (produced, failed)."""
+        heads = await self.spool.peek(users, self.max_per_user)
+        batch: list[Envelope] = []
+        slots: dict[str, list[tuple[bytes, int | None]]] = {}  # raw, index in batch
+        for user, rows in heads.items():
+            for raw in rows:
+                try:
+                    env = Envelope.from_bytes(raw)
+                except EnvelopeError:
+                    slots.setdefault(user, []).append((raw, None))  # corrupt: set aside
+                    continue
+                slots.setdefault(user, []).append((raw, len(batch)))
+                batch.append(env)
+        outcome = await self.producer.produce_batch(batch) if batch else None
+        counts: dict[str, int] = {}
+        produced = failed = 0
+        for user, entries in slots.items():
+            consumed = 0
+            for raw, idx in entries:
+                if idx is None:
+                    await self.spool.bury(user, raw, reason="undecodable entry")
+                else:
+                    assert outcome is not None
+                    error = outcome.deliveries[idx].error
+                    if error is None:
+                        produced += 1
+                    elif is_permanent(error):
+                        await self.spool.bury(user, raw, reason=str(error))
+                    else:
+                        failed += 1  # stays at the head; retried first next time
+                        break
+                consumed += 1
+            if consumed:
+                counts[user] = consumed
+        if self.breaker is not None and batch:
+            self.breaker.record(produced, failed)
+        depth = await self.spool.trim(counts) if counts else await self.spool.depth()
+        SPOOL_REPLAYED.inc(produced)
+        if failed:
+            KAFKA_FAILURES.inc()
+            log.warning("spool.replay_failed", failed=failed, produced=produced, depth=depth)
+        elif produced:
+            log.info("spool.replayed", produced=produced, users=len(users), depth=depth)
+        return produced, failed
+
+    async def run(self, interval_s: float, stop: asyncio.Event) -> None:
+        """Replay every interval_s until `stop` is set; errors are logged and retried."""
+        while not stop.is_set():
+            try:
+                await self.replay_once()
+            except InfraError as exc:
+                log.warning("spool.replay_error", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)

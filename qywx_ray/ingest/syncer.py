@@ -1,0 +1,278 @@
+"""KfSyncer: pulls kf/sync_msg for one open_kfid and hands every message to Kafka or the spool.
+
+One plain object per open_kfid (the lead wraps it in a Ray actor). Callbacks only call
+`request_pull(token)`, which returns at once; bursts coalesce into one more pull. A
+pull takes the open_kfid's Redis lock (skips if another node holds it), reads the
+cursor, and for each page: envelopes (message_id = WeCom msgid, stable across re-pulls),
+spooled users' messages appended behind their spool, the rest produced as one confirmed
+batch, anything not acked spooled - and only then the fenced cursor commit.
+Must never: advance the cursor past a message that is neither acked by Kafka nor
+durably spooled. If both Kafka and Redis fail, the cursor stays and the pull retries
+with backoff (WeCom keeps messages 3 days). A periodic sweep catches lost callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from qywx_ray.envelope import Envelope
+from qywx_ray.errors import EnvelopeError, InfraError, WeComError
+from qywx_ray.ingest.breaker import ProducerBreaker
+from qywx_ray.ingest.cursor import CursorStore
+from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
+from qywx_ray.ingest.producer import BatchProducer
+from qywx_ray.ingest.settings import IngestSettings
+from qywx_ray.ingest.spool import KAFKA_FAILURES, Spool
+from qywx_ray.obs import metrics
+from qywx_ray.obs.logging import get_logger
+
+log = get_logger(__name__)
+
+SYNC_PULLS = metrics.counter("qywx_sync_pulls_total", "sync_msg pull runs", ("outcome",))
+SYNC_PAGES = metrics.counter("qywx_sync_pages_total", "sync_msg pages fetched")
+SYNC_MESSAGES = metrics.counter("qywx_sync_messages_total", "Messages pulled from sync_msg")
+SYNC_ERRORS = metrics.counter("qywx_sync_errors_total", "Failed pulls", ("errcode",))
+
+# 45009: API rate limit; -1: WeCom busy. Both: back off and retry the same cursor.
+BACKOFF_ERRCODES = frozenset({45009, -1})
+
+
+class SyncPage(Protocol):
+    """The shape of one kf/sync_msg page (qywx_ray.wecom's SyncMsgPage fits it)."""
+
+    @property
+    def errcode(self) -> int: ...
+    @property
+    def errmsg(self) -> str: ...
+    @property
+    def next_cursor(self) -> str: ...
+    @property
+    def has_more(self) -> bool: ...
+    @property
+    def msg_list(self) -> list[dict[str, Any]]: ...
+
+
+class SyncSource(Protocol):
+    """Where pages come from: the WeCom client, or a fake in tests."""
+
+    async def sync_msg(self, open_kfid: str, cursor: str, token: str, limit: int) -> SyncPage: ...
+
+
+@dataclass
+class PullResult:
+    status: str  # "done" | "busy" (another holder has the lock)
+    pages: int = 0
+    messages: int = 0
+    produced: int = 0
+    spooled: int = 0
+    cursor: str = ""
+
+
+class KfSyncer:
+    """Pull loop for one open_kfid. All methods run on one asyncio loop."""
+
+    def __init__(
+        self,
+        open_kfid: str,
+        *,
+        source: SyncSource,
+        producer: BatchProducer,
+        locks: LockManager,
+        cursors: CursorStore,
+        spool: Spool,
+        breaker: ProducerBreaker | None = None,
+        settings: IngestSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.open_kfid = open_kfid
+        self.source = source
+        self.producer = producer
+        self.locks = locks
+        self.cursors = cursors
+        self.spool = spool
+        self.breaker = breaker
+        self.settings = settings or IngestSettings()
+        self.clock = clock
+        self.rng = rng
+        self._sleep = sleep
+        self._token = ""
+        self._token_at = 0.0
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.lock_name = f"sync:{open_kfid}"
+
+    # ------------------------------------------------------------------ requests
+    def request_pull(self, token: str | None = None) -> None:
+        """Ask for a pull (a callback arrived). Returns at once; bursts coalesce."""
+        if token:
+            self._token = token
+            self._token_at = self.clock()
+        self._wake.set()
+
+    @property
+    def pull_requested(self) -> bool:
+        return self._wake.is_set()
+
+    def current_token(self) -> str:
+        """The callback token while it is still valid, else "" (pull without it)."""
+        if self._token and self.clock() - self._token_at < self.settings.callback_token_valid_s:
+            return self._token
+        return ""
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ one pull
+    async def pull_once(self) -> PullResult:
+        """Pull every page available now. Raises WeComError/InfraError/LockLostError."""
+        lease = await self.locks.acquire(self.lock_name)
+        if lease is None:
+            SYNC_PULLS.inc(outcome="busy")
+            return PullResult("busy")
+        try:
+            result = await self.locks.run_locked(lease, lambda: self._pull_pages(lease))
+        except BaseException:
+            SYNC_PULLS.inc(outcome="error")
+            raise
+        SYNC_PULLS.inc(outcome="done")
+        return result
+
+    async def _pull_pages(self, lease: LockLease) -> PullResult:
+        cursor = await self.cursors.get(self.open_kfid)
+        result = PullResult("done", cursor=cursor)
+        while True:
+            page = await self._fetch(cursor)
+            result.pages += 1
+            SYNC_PAGES.inc()
+            envelopes = self._envelopes(page.msg_list)
+            result.messages += len(page.msg_list)
+            SYNC_MESSAGES.inc(len(page.msg_list))
+            produced, spooled = await self._deliver(envelopes)
+            result.produced += produced
+            result.spooled += spooled
+            # Every message of the page is now acked by Kafka or in the spool.
+            next_cursor = page.next_cursor or cursor
+            if next_cursor != cursor:
+                if not await self.cursors.commit_cursor(self.open_kfid, next_cursor, lease):
+                    raise LockLostError(
+                        f"cursor commit for {self.open_kfid} refused: lock "
+                        f"(fence {lease.fence}) no longer held"
+                    )
+                cursor = next_cursor
+                result.cursor = cursor
+            elif page.has_more and not page.msg_list:
+                break  # no progress possible now; the next request or sweep retries
+            if not page.has_more:
+                break
+        return result
+
+    async def _fetch(self, cursor: str) -> SyncPage:
+        page = await self.source.sync_msg(
+            self.open_kfid, cursor, self.current_token(), self.settings.sync_page_limit
+        )
+        if page.errcode != 0:
+            raise WeComError(page.errcode, page.errmsg, api="kf/sync_msg")
+        return page
+
+    def _envelopes(self, msg_list: Sequence[dict[str, Any]]) -> list[Envelope]:
+        out = []
+        ingest_ts_ms = int(time.time() * 1000)
+        for msg in msg_list:
+            try:
+                out.append(Envelope.from_wecom(msg, ingest_ts_ms=ingest_ts_ms))
+            except EnvelopeError as exc:
+                # Without a msgid a message cannot be deduplicated or addressed anywhere.
+                SYNC_ERRORS.inc(errcode="envelope")
+                log.error(
+                    "sync.bad_message",
+                    open_kfid=self.open_kfid,
+                    error=str(exc),
+                    msg=str(msg)[:500],
+                )
+        return out
+
+    async def _deliver(self, envelopes: list[Envelope]) -> tuple[int, int]:
+        """Kafka for users without a spool, the spool for the rest and for failures.
+
+        Returns (produced, spooled). Raises InfraError when a message could be neither
+        produced nor spooled: the caller must then not move the cursor.
+        """
+        if not envelopes:
+            return 0, 0
+        behind = await self.spool.append_if_spooled(envelopes)
+        spooled = sum(1 for e in envelopes if e.external_userid in behind)
+        rest = [e for e in envelopes if e.external_userid not in behind]
+        failed: list[Envelope] = []
+        reason = ""
+        if rest:
+            if self.breaker is None or self.breaker.allow():
+                outcome = await self.producer.produce_batch(rest)
+                bad = outcome.failed
+                if self.breaker is not None:
+                    self.breaker.record(len(rest) - len(bad), len(bad))
+                failed = [d.envelope for d in bad]
+                if bad:
+                    reason = str(bad[0].error)
+            else:
+                failed = rest
+                reason = "producer circuit breaker open"
+        if failed:
+            KAFKA_FAILURES.inc()
+            await self.spool.append(failed, reason=reason, open_kfid=self.open_kfid)
+        return len(rest) - len(failed), spooled + len(failed)
+
+    # ------------------------------------------------------------------ loop
+    async def _pause(self, delay_s: float) -> None:
+        if self._sleep is not None:
+            await self._sleep(delay_s)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay_s)
+
+    async def run(self) -> None:
+        """Pull on request, at least every sweep_interval_s; back off on failure. Until stop()."""
+        s = self.settings
+        backoff_s = s.backoff_initial_s
+        self._wake.set()  # catch up on start
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), s.sweep_interval_s)
+            if self._stop.is_set():
+                break
+            self._wake.clear()  # requests arriving during the pull cause one more pull
+            try:
+                result = await self.pull_once()
+                backoff_s = s.backoff_initial_s
+                if result.status == "busy":
+                    # Another node is pulling and may already be past our message: retry
+                    # soon rather than at the next sweep.
+                    await self._pause(s.busy_retry_s)
+                    self._wake.set()
+                continue
+            except WeComError as exc:
+                SYNC_ERRORS.inc(errcode=str(exc.errcode))
+                if exc.errcode not in BACKOFF_ERRCODES:
+                    self._token = ""  # e.g. a rejected token: next try goes without it
+                log.warning("sync.wecom_error", open_kfid=self.open_kfid, errcode=exc.errcode)
+            except LockLostError as exc:
+                SYNC_ERRORS.inc(errcode="lock_lost")
+                log.warning("sync.lock_lost", open_kfid=self.open_kfid, error=str(exc))
+            except InfraError as exc:
+                SYNC_ERRORS.inc(errcode="infra")
+                log.warning("sync.infra_error", open_kfid=self.open_kfid, error=str(exc))
+            except Exception:  # a bug must not kill the loop of this open_kfid
+                SYNC_ERRORS.inc(errcode="unexpected")
+                log.error("sync.unexpected_error", exc_info=True, open_kfid=self.open_kfid)
+            delay_s = backoff_s * (0.5 + self.rng())
+            backoff_s = min(backoff_s * 2, s.backoff_max_s)
+            await self._pause(delay_s)
+            self._wake.set()  # retry after the backoff

@@ -1,0 +1,172 @@
+"""KafkaIngestProducer against the real broker: batches, back-pressure, murmur2, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from qywx_ray.envelope import Envelope
+from qywx_ray.ingest.producer import Delivery, ProduceError
+from qywx_ray.obs import metrics
+from tests.integration.test_ingest_support import (
+    create_topic,
+    dead_producer,
+    good_producer,
+    per_user_order,
+    read_topic,
+    wecom_msg,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def envelopes(n: int, users: int, tag: str = "p") -> list[Envelope]:
+    return [Envelope.from_wecom(wecom_msg(f"{tag}{i:05d}", f"u{i % users:03d}")) for i in range(n)]
+
+
+def java_murmur2(data: bytes) -> int:
+    """org.apache.kafka.common.utils.Utils.murmur2, as a signed 32-bit int."""
+    mask = 0xFFFFFFFF
+    m, r = 0x5BD1E995, 24
+    length = len(data)
+    h = (0x9747B28C ^ length) & mask
+    for i in range(length // 4):
+        k = data[4 * i] | data[4 * i + 1] << 8 | data[4 * i + 2] << 16 | data[4 * i + 3] << 24
+        k = (k * m) & mask
+        k ^= k >> r
+        k = (k * m) & mask
+        h = (h * m) & mask
+        h ^= k
+    tail = length & ~3
+    rem = length % 4
+    if rem == 3:
+        h ^= data[tail + 2] << 16
+    if rem >= 2:
+        h ^= data[tail + 1] << 8
+    if rem >= 1:
+        h ^= data[tail]
+        h = (h * m) & mask
+    h ^= h >> 13
+    h = (h * m) & mask
+    h ^= h >> 15
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def java_partition(key: bytes, partitions: int) -> int:
+    return (java_murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def test_java_murmur2_reference_values() -> None:
+    # Values from Kafka's own UtilsTest.testMurmur2.
+    assert java_murmur2(b"21") == -973932308
+    assert java_murmur2(b"foobar") == -790332482
+    assert java_murmur2(b"a-little-bit-long-string") == -985981536
+    assert java_murmur2(b"a-little-bit-longer-string") == -1486304829
+    assert java_murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") == -58897971
+    assert java_murmur2(b"abc") == 479470107
+
+
+async def test_produce_batch_round_trip(make_settings) -> None:
+    settings = make_settings()
+    create_topic(settings)
+    producer = good_producer(settings)
+    try:
+        envs = envelopes(500, users=40)
+        before = metrics.counter("qywx_produced_total", "").value()
+        result = await producer.produce_batch(envs)
+        assert result.ok and len(result) == 500
+        assert [d.envelope.message_id for d in result.deliveries] == [e.message_id for e in envs]
+        assert all(d.partition is not None and d.offset is not None for d in result.deliveries)
+        assert metrics.counter("qywx_produced_total", "").value() - before == 500
+    finally:
+        assert producer.close(10) == 0
+    records = read_topic(settings, 500)
+    assert len(records) == 500
+    got = per_user_order(records)
+    want: dict[str, list[str]] = {}
+    for e in envs:
+        want.setdefault(e.external_userid, []).append(e.message_id)
+    assert got == want
+    assert records[0][2].raw["text"] == {"content": "hi"}
+
+
+async def test_back_pressure_on_full_queue_loses_nothing(make_settings) -> None:
+    settings = make_settings()
+    create_topic(settings)
+    # A 20-message local queue: nearly every produce meets BufferError and must wait.
+    producer = good_producer(settings, **{"queue.buffering.max.messages": 20})
+    try:
+        envs = envelopes(3000, users=7, tag="bp")
+        waits = metrics.counter("qywx_produce_backpressure_total", "")
+        before = waits.value()
+        result = await producer.produce_batch(envs)
+        assert result.ok, result.failed[:3]
+        assert waits.value() - before > 100  # BufferError really happened, and was absorbed
+    finally:
+        producer.close(10)
+    records = read_topic(settings, 3000)
+    assert sorted(env.message_id for _, _, env in records) == sorted(e.message_id for e in envs)
+
+
+async def test_partition_is_javas_murmur2(make_settings) -> None:
+    settings = make_settings()
+    partitions = 4
+    create_topic(settings, partitions)
+    producer = good_producer(settings)
+    try:
+        envs = [
+            Envelope.from_wecom(wecom_msg(f"k{i}", f"wmUser-{i}-{i * 7919:x}")) for i in range(200)
+        ]
+        result = await producer.produce_batch(envs)
+        assert result.ok
+        mismatches = [
+            (d.envelope.external_userid, d.partition)
+            for d in result.deliveries
+            if d.partition != java_partition(d.envelope.key, partitions)
+        ]
+        assert mismatches == []
+        assert len({d.partition for d in result.deliveries}) == partitions
+    finally:
+        producer.close(10)
+
+
+async def test_fire_and_forget_callback_and_confirmed_modes(make_settings) -> None:
+    settings = make_settings()
+    create_topic(settings)
+    producer = good_producer(settings)
+    got: list[Delivery] = []
+    done = threading.Event()
+
+    def on_delivery(d: Delivery) -> None:
+        got.append(d)
+        done.set()
+
+    try:
+        producer.produce_nowait(envelopes(1, 1, tag="nowait")[0])
+        producer.produce(envelopes(1, 1, tag="cb")[0], on_delivery)
+        confirmed = await producer.produce_confirmed(envelopes(1, 1, tag="conf")[0])
+        assert confirmed.ok and confirmed.offset is not None
+        assert await asyncio.to_thread(done.wait, 30)
+        assert got[0].ok and got[0].envelope.message_id == "cb00000"
+    finally:
+        assert producer.close(10) == 0
+    ids = {env.message_id for _, _, env in read_topic(settings, 3)}
+    assert ids == {"nowait00000", "cb00000", "conf00000"}
+
+
+async def test_unreachable_broker_reports_every_message_failed(make_settings) -> None:
+    settings = make_settings()
+    producer = dead_producer(settings, timeout_ms=1500)
+    try:
+        started = time.monotonic()
+        result = await producer.produce_batch(envelopes(50, 5, tag="dead"))
+        assert len(result.failed) == 50 and not result.acked
+        assert all(isinstance(d.error, ProduceError) for d in result.failed)
+        assert time.monotonic() - started < 10
+        with pytest.raises(ProduceError):
+            await producer.produce_confirmed(envelopes(1, 1, tag="dead1")[0])
+    finally:
+        producer.close(1)

@@ -1,0 +1,173 @@
+"""Helpers shared by the ingest integration tests (no tests here).
+
+Topic creation, reading a topic back, a fake kf/sync_msg page source, WeCom-shaped
+messages, and clients pointed at closed ports to simulate outages without touching
+the shared services.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from qywx_ray.devstack.procs import free_port
+from qywx_ray.envelope import Envelope
+from qywx_ray.ingest.producer import KafkaIngestProducer
+from qywx_ray.kafka.config import admin_config, consumer_config
+from qywx_ray.settings import Settings
+from qywx_ray.store.client import make_async_redis
+from qywx_ray.store.settings import RedisSettings
+
+
+def create_topic(settings: Settings, partitions: int = 4, timeout_s: float = 30.0) -> str:
+    topic = settings.kafka.main_topic.name
+    admin = AdminClient(admin_config(settings.kafka))
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+        request_timeout=timeout_s,
+    )
+    futures[topic].result(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # metadata propagation
+        md = admin.list_topics(topic, timeout=5)
+        t = md.topics.get(topic)
+        if t is not None and t.error is None and len(t.partitions) == partitions:
+            return topic
+        time.sleep(0.1)
+    raise TimeoutError(f"topic {topic} not visible")
+
+
+def read_topic(
+    settings: Settings, expected: int, timeout_s: float = 30.0, grace_s: float = 1.0
+) -> list[tuple[int, int, Envelope]]:
+    """All records as (partition, offset, envelope): waits for `expected`, then grace_s more."""
+    topic = settings.kafka.main_topic.name
+    consumer = Consumer(consumer_config(settings.kafka, group_id=f"reader-{topic}"))
+    try:
+        md = consumer.list_topics(topic, timeout=10)
+        parts = sorted(md.topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        out: list[tuple[int, int, Envelope]] = []
+        deadline = time.monotonic() + timeout_s
+        grace_end: float | None = None
+        while time.monotonic() < deadline:
+            if grace_end is None and len(out) >= expected:
+                grace_end = time.monotonic() + grace_s
+            if grace_end is not None and time.monotonic() > grace_end:
+                break
+            for msg in consumer.consume(1000, timeout=0.2):
+                if msg.error():
+                    continue
+                out.append((msg.partition(), msg.offset(), Envelope.from_bytes(msg.value())))
+        return out
+    finally:
+        consumer.close()
+
+
+def per_user_order(records: list[tuple[int, int, Envelope]]) -> dict[str, list[str]]:
+    """message_ids per user in log order (a user lives in one partition: offset order)."""
+    by_user: dict[str, list[tuple[int, int, str]]] = {}
+    for partition, offset, env in records:
+        by_user.setdefault(env.external_userid, []).append((partition, offset, env.message_id))
+    out = {}
+    for user, rows in by_user.items():
+        assert len({p for p, _, _ in rows}) == 1, f"user {user} spread over partitions"
+        out[user] = [mid for _, _, mid in sorted(rows)]
+    return out
+
+
+def first_occurrences(ids: list[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for mid in ids:
+        if mid not in seen:
+            seen.add(mid)
+            out.append(mid)
+    return out
+
+
+def wecom_msg(msgid: str, user: str, kfid: str = "wkKF1", text: str = "hi") -> dict[str, Any]:
+    return {
+        "msgid": msgid,
+        "open_kfid": kfid,
+        "external_userid": user,
+        "send_time": 1_700_000_000,
+        "origin": 3,
+        "msgtype": "text",
+        "text": {"content": text},
+    }
+
+
+def make_pages(
+    n_pages: int, per_page: int, users: int, kfid: str = "wkKF1", tag: str = "m"
+) -> list[list[dict[str, Any]]]:
+    pages = []
+    seq = 0
+    for _ in range(n_pages):
+        page = []
+        for _ in range(per_page):
+            page.append(wecom_msg(f"{tag}{seq:05d}", f"u{seq % users:03d}", kfid))
+            seq += 1
+        pages.append(page)
+    return pages
+
+
+@dataclass
+class FakePage:
+    errcode: int = 0
+    errmsg: str = "ok"
+    next_cursor: str = ""
+    has_more: bool = False
+    msg_list: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FakeSource:
+    """kf/sync_msg over a growing list of pages; the cursor is the index of the next page."""
+
+    def __init__(self, pages: list[list[dict[str, Any]]] | None = None) -> None:
+        self.pages: list[list[dict[str, Any]]] = list(pages or [])
+        self.calls: list[tuple[str, str, str, int]] = []
+        self.errors: list[int] = []  # errcodes to answer first, one per call
+
+    async def sync_msg(self, open_kfid: str, cursor: str, token: str, limit: int) -> FakePage:
+        self.calls.append((open_kfid, cursor, token, limit))
+        if self.errors:
+            return FakePage(errcode=self.errors.pop(0), errmsg="simulated")
+        i = int(cursor or 0)
+        if i >= len(self.pages):
+            return FakePage(next_cursor=cursor, has_more=False)
+        return FakePage(
+            next_cursor=str(i + 1), has_more=i + 1 < len(self.pages), msg_list=self.pages[i]
+        )
+
+
+def dead_redis() -> aioredis.Redis:
+    """An asyncio client pointed at a closed port (an unreachable Redis)."""
+    return make_async_redis(
+        RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5)
+    )
+
+
+def dead_producer(settings: Settings, timeout_ms: int = 1500) -> KafkaIngestProducer:
+    """A producer whose broker is a closed port: every delivery fails after timeout_ms."""
+    kafka = settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"})
+    return KafkaIngestProducer(
+        kafka,
+        topic=settings.kafka.main_topic.name,
+        delivery_wait_timeout_s=10.0,
+        **{"delivery.timeout.ms": timeout_ms, "request.timeout.ms": min(timeout_ms, 1000)},
+    )
+
+
+def good_producer(settings: Settings, **extra: Any) -> KafkaIngestProducer:
+    return KafkaIngestProducer(
+        settings.kafka,
+        delivery_wait_timeout_s=settings.ingest.delivery_wait_timeout_s,
+        produce_block_timeout_s=settings.ingest.produce_block_timeout_s,
+        **extra,
+    )

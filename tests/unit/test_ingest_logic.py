@@ -1,0 +1,118 @@
+"""Pure ingest logic: breaker state machine, token validity, grouping, batch results."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qywx_ray.envelope import Envelope
+from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
+from qywx_ray.ingest.producer import BatchResult, Delivery, ProduceError
+from qywx_ray.ingest.settings import IngestSettings
+from qywx_ray.ingest.spool import group_by_user
+from qywx_ray.ingest.syncer import KfSyncer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def env(msgid: str, user: str) -> Envelope:
+    return Envelope.from_wecom(
+        {"msgid": msgid, "external_userid": user, "open_kfid": "kf", "msgtype": "text"}
+    )
+
+
+def test_breaker_opens_after_consecutive_failures_and_half_opens_after_cooldown() -> None:
+    clock = Clock()
+    b = ProducerBreaker(failure_threshold=10, cooldown_s=5, clock=clock)
+    b.record(0, 6)
+    assert b.allow() and b.state is BreakerState.CLOSED
+    b.record(3, 1)  # any success resets the run of failures
+    b.record(0, 9)
+    assert b.state is BreakerState.CLOSED
+    b.record(0, 1)
+    assert b.state is BreakerState.OPEN and not b.allow()
+    clock.now += 4.9
+    assert not b.allow()
+    clock.now += 0.2
+    assert b.state is BreakerState.HALF_OPEN
+    assert b.allow()  # one trial ...
+    assert not b.allow()  # ... only one
+    b.record(0, 1)  # the trial failed: open again for a full cooldown
+    assert b.state is BreakerState.OPEN
+    clock.now += 5.1
+    assert b.allow()
+    b.record(1, 0)
+    assert b.state is BreakerState.CLOSED and b.allow() and b.allow()
+
+
+def test_breaker_trial_that_never_reports_does_not_block_forever() -> None:
+    clock = Clock()
+    b = ProducerBreaker(failure_threshold=1, cooldown_s=2, clock=clock)
+    b.record(0, 1)
+    clock.now += 2
+    assert b.allow()
+    assert not b.allow()
+    clock.now += 2
+    assert b.allow()
+
+
+def test_breaker_rejects_a_zero_threshold() -> None:
+    with pytest.raises(ValueError):
+        ProducerBreaker(failure_threshold=0)
+
+
+def test_group_by_user_keeps_order_within_and_across_users() -> None:
+    envs = [env("1", "b"), env("2", "a"), env("3", "b"), env("4", "c"), env("5", "a")]
+    groups = group_by_user(envs)
+    assert list(groups) == ["b", "a", "c"]
+    assert [e.message_id for e in groups["b"]] == ["1", "3"]
+    assert [e.message_id for e in groups["a"]] == ["2", "5"]
+
+
+def test_batch_result_views() -> None:
+    a, b, c = env("1", "u"), env("2", "u"), env("3", "v")
+    err = ProduceError("boom")
+    result = BatchResult([Delivery(a, None, 0, 1), Delivery(b, err), Delivery(c, None, 1, 7)])
+    assert not result.ok and len(result) == 3
+    assert result.acked == [a, c]
+    assert [d.envelope for d in result.failed] == [b]
+    assert BatchResult([]).ok
+
+
+async def test_callback_token_is_used_only_while_valid_and_requests_coalesce() -> None:
+    clock = Clock()
+    syncer = KfSyncer(
+        "kf",
+        source=None,  # type: ignore[arg-type]
+        producer=None,  # type: ignore[arg-type]
+        locks=None,  # type: ignore[arg-type]
+        cursors=None,  # type: ignore[arg-type]
+        spool=None,  # type: ignore[arg-type]
+        settings=IngestSettings(callback_token_valid_s=540),
+        clock=clock,
+    )
+    assert syncer.current_token() == "" and not syncer.pull_requested
+    for _ in range(100):
+        syncer.request_pull("t1")
+    assert syncer.pull_requested and syncer.current_token() == "t1"
+    syncer.request_pull(None)  # a sweep keeps the last token
+    assert syncer.current_token() == "t1"
+    clock.now += 539
+    assert syncer.current_token() == "t1"
+    clock.now += 2
+    assert syncer.current_token() == ""
+    syncer.request_pull("t2")
+    assert syncer.current_token() == "t2"
+    await asyncio.sleep(0)
+
+
+def test_message_id_is_the_wecom_msgid_on_every_pull() -> None:
+    msg = {"msgid": "MSG-1", "external_userid": "u", "open_kfid": "kf", "msgtype": "text"}
+    assert Envelope.from_wecom(msg).message_id == Envelope.from_wecom(dict(msg)).message_id
