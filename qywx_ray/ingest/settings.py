@@ -36,3 +36,13 @@ class IngestSettings(BaseModel):
     open_kfids: list[str] = []
     # The callback path coalesces pull requests for this long before one Ray call per host.
     callback_flush_interval_s: float = 0.01
+    # Callback load shedding (ingest/shedding.py): above this many callbacks in flight in
+    # one replica, or this much event-loop lag, answer 200 at once without decrypting
+    # (0 disables a signal). Shed callbacks wait in a backlog of this many entries.
+    callback_shed_max_inflight: int = Field(default=128, ge=0)
+    callback_shed_max_loop_lag_s: float = Field(default=0.5, ge=0)
+    callback_shed_backlog: int = Field(default=10_000, ge=0)
+    # After a shed, every known open_kfid is pulled within this delay (one request per host).
+    callback_shed_sweep_delay_s: float = Field(default=1.0, gt=0)
+    # Under a callback burst, at most one pull request per syncer host this often.
+    callback_min_send_interval_s: float = Field(default=0.1, ge=0)
