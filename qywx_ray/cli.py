@@ -84,6 +84,52 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return main_doctor(_settings(args), ray_address=args.ray_address)
 
 
+def cmd_start(args: argparse.Namespace) -> int:
+    """Start (or reuse: actors are named) the pipeline on a running Ray cluster."""
+    import ray
+
+    from qywx_ray.consume.pipeline import start_consumers
+    from qywx_ray.dlq.actor import start_recovery_actor
+
+    settings = _settings(args)
+    ray.init(address=args.address, namespace=settings.ray_namespace, log_to_driver=False)
+    pipeline = start_consumers(settings)
+    start_recovery_actor(settings)
+    print(
+        f"consume: {len(pipeline.consumers)} consumers, {len(pipeline.hosts)} hosts "
+        f"({settings.consume.mode}); DLQ recovery actor running"
+    )
+    if not args.no_serve:
+        from ray import serve
+
+        from serve.app import deployment
+
+        serve.start(http_options={"host": args.http_host, "port": args.http_port})
+        serve.run(deployment(settings), name="qywx", route_prefix="/")
+        print(f"ingress: http://{args.http_host}:{args.http_port}/wecom/callback")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Drain and stop the pipeline: consumers commit, Serve stops, named actors end."""
+    import ray
+
+    from qywx_ray.consume.pipeline import find_pipeline, stop_consumers
+    from qywx_ray.devstack.procs import kill_named_actors
+
+    settings = _settings(args)
+    ray.init(address=args.address, namespace=settings.ray_namespace, log_to_driver=False)
+    try:
+        from ray import serve
+
+        serve.delete("qywx")
+    except Exception as exc:  # not running is fine
+        print(f"ingress: {exc}")
+    stop_consumers(find_pipeline(settings), timeout_s=args.timeout_s)
+    print(f"stopped; {kill_named_actors(settings.ray_namespace)} named actors removed")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qywx_ray.demo import run_demo
 
@@ -123,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check brokers, topics, Redis, Ray, credentials")
     doctor.add_argument("--ray-address", default="auto", help="'' to skip the Ray check")
     doctor.set_defaults(func=cmd_doctor)
+
+    start = sub.add_parser("start", help="start consumers, DLQ recovery and the ingress on Ray")
+    start.add_argument("--address", default="auto")
+    start.add_argument("--no-serve", action="store_true", help="consumers and DLQ only")
+    start.add_argument("--http-host", default="0.0.0.0")
+    start.add_argument("--http-port", type=int, default=8000)
+    start.set_defaults(func=cmd_start)
+    stop = sub.add_parser("stop", help="drain and stop what `start` started")
+    stop.add_argument("--address", default="auto")
+    stop.add_argument("--timeout-s", type=float, default=60.0)
+    stop.set_defaults(func=cmd_stop)
 
     demo = sub.add_parser("demo", help="run the whole pipeline locally with a live view")
     demo.add_argument("--users", type=int, default=200)
