@@ -473,8 +473,12 @@ class WeComSimulatorState:
         size_bytes: int = 0,
         origin: int = 3,
         notify: bool = True,
+        extra: dict[str, Any] | None = None,
     ) -> list[str]:
-        """Append `count` messages from one user (ground truth records them in order)."""
+        """Append `count` messages from one user (ground truth records them in order).
+
+        `extra` fields are merged into each message (tests use them to steer a handler).
+        """
         log = self.logs[open_kfid]
         truth = self.truth[open_kfid][external_userid]
         now = self.clock()
@@ -506,6 +510,8 @@ class WeComSimulatorState:
                     origin=origin,
                 )
                 msg[msgtype] = self._payload(msgtype, content)
+            if extra:
+                msg.update(extra)
             log.messages.append(
                 _Message(
                     log.next_seq,
@@ -779,6 +785,7 @@ class InjectRequest(BaseModel):
     msgtype: str = "text"
     size_bytes: int = Field(default=0, ge=0, le=1_000_000)
     origin: int = 3
+    extra: dict[str, Any] = Field(default_factory=dict)
 
 
 def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:
@@ -849,7 +856,13 @@ def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:
     @app.post("/sim/messages")
     async def inject(req: InjectRequest) -> dict[str, Any]:
         ids = state.add_messages(
-            req.open_kfid, req.external_userid, req.count, req.msgtype, req.size_bytes, req.origin
+            req.open_kfid,
+            req.external_userid,
+            req.count,
+            req.msgtype,
+            req.size_bytes,
+            req.origin,
+            extra=req.extra,
         )
         return {"msgids": ids}
 
