@@ -4,6 +4,8 @@ Works the same on a single Redis and behind Sentinel: plain commands and Lua onl
 Acquire = SET NX PX with a random holder token, plus INCR of a fence counter so every
 acquisition gets a strictly larger fencing token. `hold()` extends the lock in the
 background while work runs (`run_locked`) and cancels that work when the lock is lost.
+A release that fails (Redis down) is remembered and retried at the next acquire of the
+same name, so a Redis restart does not leave our own lock blocking us for a whole TTL.
 Must never: release or extend a lock held by someone else (compare-and-delete/expire
 in Lua), or let work continue once it knows the lock is gone.
 """
@@ -106,6 +108,8 @@ class LockManager:
         self._acquire = redis.register_script(_ACQUIRE)
         self._extend = redis.register_script(_EXTEND)
         self._release = redis.register_script(_RELEASE)
+        # Leases whose release failed (Redis unreachable): freed before the next acquire.
+        self._unreleased: dict[str, LockLease] = {}
 
     @property
     def _ttl_ms(self) -> int:
@@ -119,6 +123,7 @@ class LockManager:
 
     async def acquire(self, name: str) -> LockLease | None:
         """Non-blocking: a lease, or None when someone else holds the lock."""
+        await self._release_unreleased(name)
         token = secrets.token_hex(16)
         try:
             keys = [self.key(name), self.fence_key(name)]
@@ -130,6 +135,19 @@ class LockManager:
             return None
         LOCK_ACQUIRED.inc(lock=_label(name))
         return LockLease(name, self.key(name), token, fence, self.clock())
+
+    async def _release_unreleased(self, name: str) -> None:
+        """Free our own lease of `name` whose release failed earlier (compare-and-delete)."""
+        stale = self._unreleased.get(name)
+        if stale is None:
+            return
+        try:
+            freed = int(await self._release(keys=[stale.key], args=[stale.token]))
+        except RedisError as exc:
+            raise _redis_error(f"releasing stale lock {name}", exc) from exc
+        del self._unreleased[name]
+        if freed:
+            log.info("lock.stale_released", lock=name, fence=stale.fence)
 
     async def extend(self, lease: LockLease) -> bool:
         """Reset the TTL if we still hold it; False means the lock is lost."""
@@ -145,6 +163,7 @@ class LockManager:
         try:
             ok = int(await self._release(keys=[lease.key], args=[lease.token]))
         except RedisError as exc:
+            self._unreleased[lease.name] = lease  # retried before the next acquire
             raise _redis_error(f"releasing lock {lease.name}", exc) from exc
         if not ok:
             LOCK_EXPIRED.inc(lock=_label(lease.name))

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError
-from qywx_ray.ingest.breaker import ProducerBreaker
+from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.locks import LockLostError, LockManager
 from qywx_ray.ingest.producer import BatchProducer
 from qywx_ray.obs import metrics
@@ -301,6 +301,9 @@ class SpoolReplayer:
     the head of up to max_batch/max_per_user users (one round trip), produce them as one
     confirmed batch, then trim each user's acknowledged prefix (one Lua call). A user
     whose head failed keeps it at the head; the next round retries it first.
+    While the breaker is not closed, a pass starts with a one-message probe: a failed
+    attempt leaves its messages queued in librdkafka (delivered again once Kafka is back),
+    so a whole batch per trial would multiply duplicates over a long outage.
     """
 
     LOCK_NAME = "spool-replay"
@@ -325,19 +328,31 @@ class SpoolReplayer:
 
     async def replay_once(self) -> ReplayResult:
         """Drain until empty or until Kafka fails; bounded by what is spooled now."""
-        if self.breaker is not None and not self.breaker.allow():
-            return ReplayResult(skipped=True)
+        probe = False
+        if self.breaker is not None:
+            probe = self.breaker.state is not BreakerState.CLOSED
+            if not self.breaker.allow():
+                return ReplayResult(skipped=True)
         lease = await self.locks.acquire(self.LOCK_NAME)
         if lease is None:
             return ReplayResult(skipped=True)
         try:
-            return await self.locks.run_locked(lease, self._drain)
+            return await self.locks.run_locked(lease, lambda: self._drain(probe=probe))
         except LockLostError:
             log.warning("spool.replay_lock_lost")
             return ReplayResult(skipped=True)
 
-    async def _drain(self) -> ReplayResult:
+    async def _drain(self, probe: bool = False) -> ReplayResult:
         result = ReplayResult()
+        if probe:  # one message first: is Kafka back?
+            users = await self.spool.users()
+            if users:
+                produced, failed = await self._round(users[:1], per_user=1)
+                result.produced += produced
+                result.failed += failed
+                if failed:
+                    result.remaining_depth = await self.spool.depth()
+                    return result
         for _ in range(self.max_passes):
             users = await self.spool.users()
             if not users:
@@ -357,9 +372,9 @@ class SpoolReplayer:
         result.remaining_depth = await self.spool.depth()
         return result
 
-    async def _round(self, users: Sequence[str]) -> tuple[int, int]:
+    async def _round(self, users: Sequence[str], per_user: int | None = None) -> tuple[int, int]:
         """One batch over the heads of `users`; returns (produced, failed)."""
-        heads = await self.spool.peek(users, self.max_per_user)
+        heads = await self.spool.peek(users, per_user or self.max_per_user)
         batch: list[Envelope] = []
         slots: dict[str, list[tuple[bytes, int | None]]] = {}  # raw, index in batch
         for user, rows in heads.items():

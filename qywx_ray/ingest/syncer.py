@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError, WeComError
-from qywx_ray.ingest.breaker import ProducerBreaker
+from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
 from qywx_ray.ingest.producer import BatchProducer
@@ -214,14 +214,9 @@ class KfSyncer:
         failed: list[Envelope] = []
         reason = ""
         if rest:
+            probe = self.breaker is not None and self.breaker.state is not BreakerState.CLOSED
             if self.breaker is None or self.breaker.allow():
-                outcome = await self.producer.produce_batch(rest)
-                bad = outcome.failed
-                if self.breaker is not None:
-                    self.breaker.record(len(rest) - len(bad), len(bad))
-                failed = [d.envelope for d in bad]
-                if bad:
-                    reason = str(bad[0].error)
+                failed, reason = await self._produce(rest, probe=probe)
             else:
                 failed = rest
                 reason = "producer circuit breaker open"
@@ -229,6 +224,24 @@ class KfSyncer:
             KAFKA_FAILURES.inc()
             await self.spool.append(failed, reason=reason, open_kfid=self.open_kfid)
         return len(rest) - len(failed), spooled + len(failed)
+
+    async def _produce(
+        self, envelopes: list[Envelope], *, probe: bool
+    ) -> tuple[list[Envelope], str]:
+        """Produce confirmed; returns (not acked, reason). A probe (the breaker's trial)
+        sends one message first and spools the rest if it fails: a failed attempt stays
+        queued in librdkafka and is delivered again later, so a whole page per trial would
+        multiply duplicates over a long outage."""
+        if probe and len(envelopes) > 1:
+            head_failed, reason = await self._produce(envelopes[:1], probe=False)
+            if head_failed:
+                return list(envelopes), reason  # all of them, in order, to the spool
+            return await self._produce(envelopes[1:], probe=False)
+        outcome = await self.producer.produce_batch(envelopes)
+        bad = outcome.failed
+        if self.breaker is not None:
+            self.breaker.record(len(envelopes) - len(bad), len(bad))
+        return [d.envelope for d in bad], str(bad[0].error) if bad else ""
 
     # ------------------------------------------------------------------ loop
     async def _pause(self, delay_s: float) -> None:

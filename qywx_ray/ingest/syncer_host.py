@@ -134,6 +134,12 @@ def syncer_host_actor_class() -> Any:
             await self.service.start()
             return self.service.stats()
 
+        async def metrics_snapshot(self) -> dict[str, float]:
+            """This host's metric totals (e.g. qywx_degraded_messages_total), no scrape needed."""
+            from qywx_ray.obs.metrics import snapshot
+
+            return snapshot()
+
         async def shutdown(self, timeout_s: float = 10.0) -> None:
             await self.service.close(timeout_s)
 
