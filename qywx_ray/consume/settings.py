@@ -28,7 +28,9 @@ class ConsumeSettings(BaseModel):
     static_membership: bool = True  # group.instance.id per consumer: a restart takes over at once
     handler: str = "qywx_ray.consume.handlers:default_handler"
     handler_timeout_s: float = 30.0
-    handler_concurrency: int = 1000  # per host: handlers running at once (across users)
+    # Per host: handlers running at once (across users). Kept below the asyncio Redis
+    # pool's 100 connections so Redis-using handlers never hit "Too many connections".
+    handler_concurrency: int = Field(default=64, ge=1)
     dedup_ttl_s: int = 86_400
     dedup_recent_size: int = 100_000  # in-memory recent-done LRU per host
     redis_down_policy: Literal["stop", "process"] = "stop"
@@ -36,3 +38,6 @@ class ConsumeSettings(BaseModel):
     transcript_max_len: int = 200  # default handler: messages kept per user
     reply_enabled: bool = False  # default handler: reply via WeCom kf/send_msg
     record_key: str = "qywx:test:record"  # recording handler (tests, bench)
+    # Hooks the lead wires to protect/ and dlq/: "module:factory", factory(settings) -> hook.
+    admission: str = ""  # -> consume.types.Admission; empty = allow all
+    dead_letter_sink: str = ""  # -> consume.types.DeadLetterSink; empty = JSON to DLQ topic

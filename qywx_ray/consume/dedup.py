@@ -1,0 +1,219 @@
+"""Done-flags: a message whose handler succeeded is never handled again (24 h window).
+
+Flags are written only AFTER the handler succeeded (never before: a failed handler must
+be retried), one pipeline per batch; checked once per delivery batch. A recent-done LRU in
+memory answers most re-deliveries without Redis. This module never reports a message done
+before its flag is durable (policy `stop`); with policy `process` Redis trouble is counted
+and processing continues without dedup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from qywx_ray.obs.logging import get_logger
+from qywx_ray.obs.metrics import counter
+
+log = get_logger(__name__)
+
+DONE_KEY = "qywx:done:{}"
+
+dedup_bypassed = counter(
+    "qywx_dedup_bypassed_total", "Messages handled without a dedup check (Redis down)"
+)
+dedup_hits = counter("qywx_dedup_hits_total", "Re-delivered messages skipped because already done")
+
+
+_EXISTS_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then out[#out + 1] = i end
+end
+return out
+"""
+
+_MARK_LUA = """
+for i = 1, #KEYS do redis.call('SET', KEYS[i], '1', 'EX', ARGV[1]) end
+return #KEYS
+"""
+
+
+class DedupUnavailable(Exception):
+    """The done-flag store cannot be reached."""
+
+
+class DoneStore(Protocol):
+    async def done_among(self, message_ids: Sequence[str]) -> set[str]: ...
+
+    async def mark_done(self, message_ids: Sequence[str]) -> None: ...
+
+
+class MemoryDoneStore:
+    """In-memory DoneStore for unit tests; `down=True` simulates an outage."""
+
+    def __init__(self) -> None:
+        self.done: set[str] = set()
+        self.down = False
+        self.checks = 0
+        self.writes = 0
+
+    async def done_among(self, message_ids: Sequence[str]) -> set[str]:
+        if self.down:
+            raise DedupUnavailable("memory store down")
+        self.checks += 1
+        return {m for m in message_ids if m in self.done}
+
+    async def mark_done(self, message_ids: Sequence[str]) -> None:
+        if self.down:
+            raise DedupUnavailable("memory store down")
+        self.writes += 1
+        self.done.update(message_ids)
+
+
+class RedisDoneStore:
+    """`qywx:done:{message_id}` with TTL; one pipeline round trip per call."""
+
+    def __init__(self, redis: Any, ttl_s: int) -> None:
+        self._redis = redis  # redis.asyncio.Redis
+        self._ttl_s = ttl_s
+
+    async def done_among(self, message_ids: Sequence[str]) -> set[str]:
+        # One command per batch answering only the (few) 1-based indexes that exist.
+        if not message_ids:
+            return set()
+        found: set[str] = set()
+        try:
+            for i in range(0, len(message_ids), 5000):
+                chunk = message_ids[i : i + 5000]
+                hits = await self._redis.eval(
+                    _EXISTS_LUA, len(chunk), *[DONE_KEY.format(m) for m in chunk]
+                )
+                found.update(chunk[int(h) - 1] for h in hits)
+        except Exception as exc:  # redis.RedisError, OSError, timeouts
+            raise DedupUnavailable(str(exc)) from exc
+        return found
+
+    async def mark_done(self, message_ids: Sequence[str]) -> None:
+        # One command per batch (a pipeline of SETs costs a reply parse per message).
+        if not message_ids:
+            return
+        try:
+            for i in range(0, len(message_ids), 5000):
+                chunk = message_ids[i : i + 5000]
+                await self._redis.eval(
+                    _MARK_LUA, len(chunk), *[DONE_KEY.format(m) for m in chunk], self._ttl_s
+                )
+        except Exception as exc:
+            raise DedupUnavailable(str(exc)) from exc
+
+
+class RecentDone:
+    """Bounded LRU of message ids whose done-flag is durable."""
+
+    def __init__(self, max_size: int) -> None:
+        self._max = max_size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, message_id: str) -> None:
+        self._ids[message_id] = None
+        self._ids.move_to_end(message_id)
+        while len(self._ids) > self._max:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, message_id: object) -> bool:
+        return message_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+class Deduplicator:
+    """Batch check and batched, durable mark-done over a DoneStore, with retry policy."""
+
+    def __init__(
+        self,
+        store: DoneStore,
+        *,
+        policy: str = "stop",
+        recent_size: int = 100_000,
+        retry_max_s: float = 5.0,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.recent = RecentDone(recent_size)
+        self._retry_max_s = retry_max_s
+        self._sleep = sleep
+        self._to_mark: list[tuple[str, Callable[[], None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.redis_ok = True
+
+    async def already_done(self, message_ids: Sequence[str]) -> set[str]:
+        """Ids already done (LRU first, then one store round trip for the rest).
+
+        Policy stop: retries with backoff while the store is down (the caller waits, so
+        nothing completes and commits do not advance). Policy process: returns what the
+        LRU knows and counts the rest as bypassed.
+        """
+        known = {m for m in message_ids if m in self.recent}
+        rest = [m for m in message_ids if m not in known]
+        if not rest:
+            dedup_hits.inc(len(known))
+            return known
+        delay = 0.05
+        while True:
+            try:
+                found = await self.store.done_among(rest)
+                self.redis_ok = True
+                break
+            except DedupUnavailable as exc:
+                self.redis_ok = False
+                if self.policy == "process":
+                    dedup_bypassed.inc(len(rest))
+                    log.warning("dedup.bypassed", count=len(rest), error=str(exc))
+                    found = set()
+                    break
+                log.warning("dedup.check_retry", delay_s=delay, error=str(exc))
+                await self._sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+        out = known | found
+        if out:
+            dedup_hits.inc(len(out))
+        return out
+
+    def mark_done(self, message_id: str, on_durable: Callable[[], None]) -> None:
+        """Queue a done-flag write; `on_durable` runs (in the loop) once it is written."""
+        self._to_mark.append((message_id, on_durable))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let the current tick add more marks to this batch
+        while self._to_mark:
+            batch, self._to_mark = self._to_mark, []
+            ids = [m for m, _ in batch]
+            delay = 0.05
+            while True:
+                try:
+                    await self.store.mark_done(ids)
+                    self.redis_ok = True
+                    break
+                except DedupUnavailable as exc:
+                    self.redis_ok = False
+                    if self.policy == "process":
+                        dedup_bypassed.inc(len(ids))
+                        log.warning("dedup.mark_bypassed", count=len(ids), error=str(exc))
+                        break
+                    log.warning("dedup.mark_retry", delay_s=delay, error=str(exc))
+                    await self._sleep(delay)
+                    delay = min(delay * 2, self._retry_max_s)
+            for m, callback in batch:
+                self.recent.add(m)
+                callback()
+
+    @property
+    def pending_marks(self) -> int:
+        return len(self._to_mark)

@@ -1,0 +1,192 @@
+"""Business handlers: the plugin point where a customer's message is finally acted on.
+
+`settings.consume.handler = "package.module:function"`; the function takes the typed
+message (a `qywx_ray.wecom.models.KfMessage` when that parser is present, else the
+Envelope) and a HandlerContext, and may be sync (run in a thread) or async. Raise
+`PermanentError` (or let a ValueError escape) for a message that can never succeed
+(dead letter `invalid_message`); any other exception is retryable (`downstream_error`).
+Handlers must be idempotent for side effects outside Redis done-flags: a crash between
+the side effect and the done-flag write replays the message once more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from qywx_ray.envelope import Envelope
+from qywx_ray.errors import EnvelopeError, QywxError
+from qywx_ray.obs.logging import StructLogger, get_logger
+
+Handler = Callable[[Any, "HandlerContext"], Awaitable[None] | None]
+
+
+class PermanentError(QywxError):
+    """The handler says this message can never be processed (not retryable)."""
+
+
+@dataclass
+class HandlerContext:
+    user_id: str
+    open_kfid: str
+    message_id: str
+    envelope: Envelope
+    attempt: int
+    log: StructLogger
+    redis: Any  # redis.asyncio.Redis or None
+    wecom: Any  # a WeCom API client or None
+    options: dict[str, Any]  # consume settings as a dict (record_key, transcript_max_len, ...)
+
+
+def load_handler(spec: str) -> Handler:
+    """Import "package.module:function"; a clear error when it does not exist."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise QywxError(f"handler {spec!r} must look like 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise QywxError(f"handler {spec!r} cannot be imported: {exc}") from exc
+    if not callable(fn):
+        raise QywxError(f"handler {spec!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def typed_message(envelope: Envelope) -> Any:
+    """The WeCom model of the message when the parser exists and the raw item parses."""
+    if not envelope.raw:
+        return envelope
+    try:
+        from qywx_ray.wecom.models import parse_kf_message
+    except ImportError:
+        return envelope
+    try:
+        return parse_kf_message(envelope.raw)
+    except (ValidationError, ValueError, KeyError, TypeError):
+        return envelope
+
+
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """Failure reason and whether a retry can help."""
+    if isinstance(exc, PermanentError | EnvelopeError | ValidationError | ValueError | TypeError):
+        return "invalid_message", False
+    return "downstream_error", True
+
+
+_is_async: dict[Any, bool] = {}
+
+
+async def run_handler(handler: Handler, message: Any, ctx: HandlerContext) -> None:
+    """Call a sync (in a thread) or async handler."""
+    is_async = _is_async.get(handler)
+    if is_async is None:
+        is_async = _is_async[handler] = inspect.iscoroutinefunction(handler)
+    if is_async:
+        await handler(message, ctx)  # type: ignore[misc]
+        return
+    result = await asyncio.to_thread(handler, message, ctx)
+    if inspect.isawaitable(result):
+        await result
+
+
+# ---------------------------------------------------------------- bundled handlers
+
+TRANSCRIPT_KEY = "qywx:transcript:{}:{}"
+
+
+async def default_handler(message: Any, ctx: HandlerContext) -> None:
+    """Append the message to the user's transcript in Redis (capped list).
+
+    With `consume.reply_enabled` and a WeCom client, replies with a short text.
+    """
+    env = ctx.envelope
+    entry = json.dumps(
+        {
+            "msgid": env.message_id,
+            "msgtype": env.msgtype,
+            "origin": env.origin,
+            "send_time": env.send_time,
+            "raw": env.raw,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    if ctx.redis is not None:
+        key = TRANSCRIPT_KEY.format(ctx.open_kfid, ctx.user_id)
+        cap = int(ctx.options.get("transcript_max_len", 200))
+        async with ctx.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, entry)
+            pipe.ltrim(key, -cap, -1)
+            await pipe.execute()
+    if ctx.options.get("reply_enabled") and ctx.wecom is not None and env.origin == 3:
+        send = getattr(ctx.wecom, "send_text", None)
+        if send is not None:
+            result = send(ctx.user_id, ctx.open_kfid, "received", msgid=f"r{env.message_id}"[:32])
+            if inspect.isawaitable(result):
+                await result
+
+
+_RECORD_LUA = """
+redis.call('RPUSH', KEYS[3], ARGV[1])
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+
+async def recording_handler(message: Any, ctx: HandlerContext) -> None:
+    """Test handler: records "user|message_id" in order.
+
+    `{record_key}:calls` gets every invocation; `{record_key}` gets the side effect once
+    per message id (an idempotent side effect, as handlers should have). Message content
+    drives faults: raw `hold` = a Redis key to wait for before finishing (bounded by the
+    handler timeout), raw `fail` = "permanent" or "retryable" to raise.
+    """
+    env = ctx.envelope
+    hold = env.raw.get("hold")
+    if hold:
+        while not await ctx.redis.exists(hold):
+            await asyncio.sleep(0.02)
+    fail = env.raw.get("fail")
+    if fail == "permanent":
+        raise PermanentError("asked to fail permanently")
+    if fail == "retryable":
+        raise RuntimeError("asked to fail (retryable)")
+    record_key = str(ctx.options.get("record_key", "qywx:test:record"))
+    value = f"{ctx.user_id}|{ctx.message_id}"
+    await ctx.redis.eval(
+        _RECORD_LUA,
+        3,
+        f"{record_key}:effect:{ctx.message_id}",
+        record_key,
+        f"{record_key}:calls",
+        value,
+    )
+
+
+async def noop_handler(message: Any, ctx: HandlerContext) -> None:
+    """Benchmark handler: does nothing."""
+    return None
+
+
+async def sleep_5ms_handler(message: Any, ctx: HandlerContext) -> None:
+    """Benchmark handler: 5 ms of awaited I/O."""
+    await asyncio.sleep(0.005)
+
+
+def sync_sleep_handler(message: Any, ctx: HandlerContext) -> None:
+    """A synchronous handler (runs in a thread), for tests."""
+    time.sleep(0.001)
+
+
+def make_context_logger() -> StructLogger:
+    return get_logger("qywx_ray.handler")

@@ -1,0 +1,292 @@
+"""Thin Ray shells around HostCore: shared host actors and dedicated per-user actors.
+
+Both are SYNCHRONOUS actors with max_concurrency=1 (Ray keeps one caller's call order
+only for those) that run an asyncio loop on their own thread; `deliver` only checks the
+incarnation and hands the batch to the loop, so one Ray call carries many messages.
+Every instance has an incarnation id: a batch addressed to another incarnation is
+rejected so the consumer re-sends everything in flight, in order. A dedicated actor ends
+itself after its idle lifetime, but only when it holds nothing: no queued, running or
+undurable message and no unreported completion. Never holds per-user order in Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import ray
+
+from qywx_ray.consume.dedup import Deduplicator, RedisDoneStore
+from qywx_ray.consume.handlers import load_handler
+from qywx_ray.consume.sinks import make_admission, make_dead_letter_sink
+from qywx_ray.consume.types import Delivery
+from qywx_ray.consume.user_actor import CoreOptions, HostCore
+from qywx_ray.errors import QywxError
+from qywx_ray.obs.logging import configure_logging, get_logger
+from qywx_ray.settings import Settings
+from qywx_ray.store.client import make_async_redis
+
+log = get_logger(__name__)
+
+
+class IncarnationMismatch(QywxError):
+    """The batch was addressed to an earlier (or later) instance of this actor."""
+
+
+class UserActorDying(QywxError):
+    """A dedicated user actor is ending itself; fetch it again and re-send."""
+
+
+def host_name(settings: Settings, index: int) -> str:
+    return f"{settings.consume.name_prefix}-user-host-{index}"
+
+
+def consumer_name(settings: Settings, index: int) -> str:
+    return f"{settings.consume.name_prefix}-consumer-{index}"
+
+
+def user_actor_name(open_kfid: str, external_userid: str) -> str:
+    return f"user:{open_kfid}:{external_userid}"
+
+
+def host_index(user: str, num_hosts: int) -> int:
+    """Stable across processes and restarts (unlike Python's salted hash())."""
+    return zlib.crc32(user.encode()) % num_hosts
+
+
+class RayCompletionSink:
+    """Sends completion batches to consumer actors by name (fire and forget)."""
+
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+        self._handles: dict[str, Any] = {}
+        self.last_refs: list[Any] = []
+
+    def complete(self, consumer: str, done: Sequence[tuple[str, int, int]]) -> None:
+        handle = self._handles.get(consumer)
+        if handle is None:
+            handle = ray.get_actor(consumer, namespace=self._namespace)
+            self._handles[consumer] = handle
+        try:
+            ref = handle.complete.options(enable_task_events=False).remote(list(done))
+        except Exception:
+            self._handles.pop(consumer, None)
+            raise
+        self.last_refs = [*self.last_refs[-15:], ref]
+
+
+class HostShell:
+    """The plain object inside both actor kinds: a loop thread running a HostCore."""
+
+    def __init__(self, settings: Settings, name: str, dedicated: bool = False) -> None:
+        configure_logging(settings.obs.log_level, settings.obs.log_format)
+        self.settings = settings
+        self.name = name
+        self.dedicated = dedicated
+        self.incarnation = uuid.uuid4().hex
+        self.dying = False
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._taken = 0
+        self._last_take_s = time.monotonic()  # a new actor lives at least one idle lifetime
+        self.completions = RayCompletionSink(settings.consume.namespace)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="host-loop", daemon=True)
+        self._thread.start()
+        self.core: HostCore = self._call(self._build())
+        asyncio.run_coroutine_threadsafe(self._sweeper(), self.loop)
+
+    def _call(self, coro: Any, timeout_s: float = 30.0) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout_s)
+
+    async def _build(self) -> HostCore:
+        s = self.settings
+        c = s.consume
+        redis = make_async_redis(s.redis)
+        dedup = Deduplicator(
+            RedisDoneStore(redis, c.dedup_ttl_s),
+            policy=c.redis_down_policy,
+            recent_size=c.dedup_recent_size,
+            retry_max_s=c.redis_retry_max_s,
+        )
+        return HostCore(
+            name=self.name,
+            handler=load_handler(c.handler),
+            dedup=dedup,
+            completions=self.completions,
+            dead_letters=make_dead_letter_sink(s),
+            admission=make_admission(s),
+            options=CoreOptions(
+                mailbox_size=c.mailbox_size,
+                idle_lifetime_s=c.idle_lifetime_s,
+                handler_timeout_s=c.handler_timeout_s,
+                handler_concurrency=c.handler_concurrency,
+                completion_flush_ms=c.completion_flush_ms,
+                handler_options=c.model_dump(),
+            ),
+            redis=make_async_redis(s.redis),  # handlers get their own pool, dedup never waits
+            on_fatal=self._crash,
+        )
+
+    def _crash(self, why: str) -> None:
+        """Crash-only: an internal error must not leave messages stuck in a live actor.
+        Ray restarts us with a new incarnation and the consumers re-send in order."""
+        log.error("host.crash", host=self.name, why=why)
+        os._exit(70)
+
+    async def _sweeper(self) -> None:
+        c = self.settings.consume
+        interval = max(0.01, min(c.idle_sweep_interval_s, c.idle_lifetime_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.core.sweep()
+                if self.dedicated and self._maybe_die():
+                    return
+            except Exception:
+                log.error("host.sweep_failed", exc_info=True, host=self.name)
+
+    def _maybe_die(self) -> bool:
+        idle_s = time.monotonic() - self._last_take_s
+        with self._lock:
+            if (
+                self._accepted != self._taken
+                or idle_s < self.settings.consume.idle_lifetime_s
+                or not self.core.idle()
+            ):
+                return False
+            self.dying = True  # from now on deliver() and incarnation() refuse
+        log.info("user_actor.exit", actor=self.name)
+        refs = list(self.completions.last_refs)
+        threading.Thread(target=self._exit, args=(refs,), daemon=True).start()
+        return True
+
+    def _exit(self, refs: list[Any]) -> None:
+        if refs:  # make sure our last completions left this process before it ends
+            ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _take(self, batch: list[Delivery]) -> None:
+        self._taken += 1
+        self._last_take_s = time.monotonic()
+        self.core.accept(batch)
+
+    # ---------------------------------------------------------------- actor API
+
+    def deliver(self, batch: list[Delivery], expected_incarnation: str | None) -> str:
+        if expected_incarnation != self.incarnation:
+            raise IncarnationMismatch(f"{self.name}: now {self.incarnation}")
+        with self._lock:
+            if self.dying:
+                raise UserActorDying(self.name)
+            self._accepted += 1
+            self.loop.call_soon_threadsafe(self._take, batch)
+        return self.incarnation
+
+    def incarnation_id(self) -> str:
+        if self.dying:
+            raise UserActorDying(self.name)
+        return self.incarnation
+
+    def snapshot(self) -> dict[str, Any]:
+        async def snap() -> dict[str, Any]:
+            return self.core.snapshot()
+
+        out: dict[str, Any] = self._call(snap(), 10.0)
+        out.update(
+            mode="dedicated" if self.dedicated else "hosted",
+            incarnation=self.incarnation,
+            pid=os.getpid(),
+            dying=self.dying,
+        )
+        return out
+
+    def latency_stats(self, reset: bool = False) -> dict[str, Any]:
+        async def stats() -> dict[str, Any]:
+            return self.core.latency_stats(reset)
+
+        return self._call(stats(), 10.0)  # type: ignore[no-any-return]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class UserHost:
+    """A shared host of many user mailboxes (mode `hosted`)."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.shell = HostShell(settings, name)
+
+    def deliver(self, batch: list[Delivery], expected_incarnation: str | None) -> str:
+        return self.shell.deliver(batch, expected_incarnation)
+
+    def incarnation_id(self) -> str:
+        return self.shell.incarnation_id()
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.shell.snapshot()
+
+    def latency_stats(self, reset: bool = False) -> dict[str, Any]:
+        return self.shell.latency_stats(reset)
+
+    def pid(self) -> int:
+        return self.shell.pid()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class DedicatedUserActor:
+    """One user's own actor (mode `dedicated`); ends itself when idle and empty."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.shell = HostShell(settings, name, dedicated=True)
+
+    def deliver(self, batch: list[Delivery], expected_incarnation: str | None) -> str:
+        return self.shell.deliver(batch, expected_incarnation)
+
+    def incarnation_id(self) -> str:
+        return self.shell.incarnation_id()
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.shell.snapshot()
+
+    def latency_stats(self, reset: bool = False) -> dict[str, Any]:
+        return self.shell.latency_stats(reset)
+
+    def pid(self) -> int:
+        return self.shell.pid()
+
+
+def start_hosts(settings: Settings) -> list[Any]:
+    """Create (or find) the named detached host actors and wait until they answer."""
+    c = settings.consume
+    handles = [
+        UserHost.options(  # type: ignore[attr-defined]
+            name=host_name(settings, i),
+            namespace=c.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            max_concurrency=1,  # sync + 1: Ray keeps our call order
+        ).remote(settings, host_name(settings, i))
+        for i in range(c.num_hosts)
+    ]
+    ray.get([h.incarnation_id.remote() for h in handles], timeout=120)
+    return handles
+
+
+def get_or_create_user_actor(settings: Settings, name: str) -> Any:
+    return DedicatedUserActor.options(  # type: ignore[attr-defined]
+        name=name,
+        namespace=settings.consume.namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_concurrency=1,
+    ).remote(settings, name)

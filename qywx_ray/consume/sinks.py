@@ -1,0 +1,79 @@
+"""Default implementations of the consume hooks that need infrastructure.
+
+`KafkaDeadLetterSink` writes each DeadLetter as JSON to the DLQ topic and returns only
+when Kafka acknowledged every record (never reports durable on a failed delivery). The
+dlq package's richer producer replaces it through `consume.dead_letter_sink`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from qywx_ray.consume.types import Admission, AllowAll, DeadLetter, DeadLetterSink
+from qywx_ray.errors import InfraError, QywxError
+from qywx_ray.kafka.config import producer_config
+from qywx_ray.settings import Settings
+
+
+class KafkaDeadLetterSink:
+    def __init__(self, settings: Settings, flush_timeout_s: float = 30.0) -> None:
+        from confluent_kafka import Producer
+
+        self._topic = settings.kafka.dlq_topic.name
+        self._producer = Producer(producer_config(settings.kafka, "dlq"))
+        self._timeout_s = flush_timeout_s
+        self._lock = threading.Lock()
+
+    def _send_blocking(self, letters: Sequence[DeadLetter]) -> None:
+        errors: list[str] = []
+
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        with self._lock:
+            for letter in letters:
+                self._producer.produce(
+                    self._topic,
+                    key=letter.user.encode(),
+                    value=letter.to_json(),
+                    headers=[
+                        ("reason", letter.reason.encode()),
+                        ("msg_id", letter.message_id.encode()),
+                    ],
+                    on_delivery=on_delivery,
+                )
+            left = self._producer.flush(self._timeout_s)
+        if left:
+            raise InfraError(f"{left} dead letters not acknowledged within {self._timeout_s}s")
+        if errors:
+            raise InfraError(f"dead letter delivery failed: {errors[0]}")
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        if letters:
+            await asyncio.to_thread(self._send_blocking, letters)
+
+
+def _factory(spec: str, settings: Settings) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise QywxError(f"hook factory {spec!r} cannot be imported: {exc}") from exc
+    return fn(settings)
+
+
+def make_admission(settings: Settings) -> Admission:
+    """`consume.admission` = "module:factory(settings) -> Admission"; default allow-all."""
+    spec = settings.consume.admission
+    return _factory(spec, settings) if spec else AllowAll()  # type: ignore[no-any-return]
+
+
+def make_dead_letter_sink(settings: Settings) -> DeadLetterSink:
+    """`consume.dead_letter_sink` = "module:factory(settings) -> DeadLetterSink"."""
+    spec = settings.consume.dead_letter_sink
+    return _factory(spec, settings) if spec else KafkaDeadLetterSink(settings)  # type: ignore[no-any-return]

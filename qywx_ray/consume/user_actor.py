@@ -1,0 +1,533 @@
+"""Per-user mailboxes ("virtual user actors") and the asyncio core that hosts them.
+
+A `UserMailbox` processes its user's messages strictly one at a time in arrival order;
+`HostCore` owns many mailboxes inside one asyncio loop: it ingests delivery batches in
+order (one dedup round trip per round), applies admission (rate limit / breaker), runs
+handlers, writes done-flags in batches, dead-letters failures, and reports completions
+in batches. Lifecycle: active -> dying -> dead after `idle_lifetime_s` without work; a
+message arriving while a mailbox is dying goes to a successor that starts only after the
+old one is dead. Never: report a completion before the done-flag or dead letter is
+durable, run two messages of one user at once, or let a denied message wait in a queue.
+Pure asyncio: no Ray, no Kafka; Redis only behind the Deduplicator / DoneStore seam.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qywx_ray.consume.dedup import Deduplicator
+from qywx_ray.consume.handlers import (
+    Handler,
+    HandlerContext,
+    classify,
+    make_context_logger,
+    run_handler,
+    typed_message,
+)
+from qywx_ray.consume.types import (
+    REASON_INVALID,
+    REASON_QUEUE_FULL,
+    REASON_TIMEOUT,
+    RETRYABLE_REASONS,
+    Admission,
+    AllowAll,
+    CompletionSink,
+    DeadLetter,
+    DeadLetterSink,
+    Delivery,
+)
+from qywx_ray.envelope import Envelope
+from qywx_ray.errors import EnvelopeError
+from qywx_ray.obs.logging import get_logger
+from qywx_ray.obs.metrics import counter, gauge, histogram
+
+log = get_logger(__name__)
+
+m_processed = counter(
+    "qywx_messages_processed_total", "Messages finished by user actors", ["result"]
+)
+m_failures = counter("qywx_handler_failures_total", "Messages dead-lettered, by reason", ["reason"])
+m_seconds = histogram("qywx_processing_seconds", "Handler wall time per message")
+m_active = gauge("qywx_active_user_actors", "Live user mailboxes/actors in this host", ["host"])
+
+
+class State(enum.Enum):
+    ACTIVE = "active"
+    DYING = "dying"
+    DEAD = "dead"
+
+
+@dataclass
+class Pending:
+    """One message id in this host, from ingest until its outcome is durable."""
+
+    delivery: Delivery
+    envelope: Envelope
+    waiters: list[Delivery] = field(default_factory=list)  # every delivery of this id
+
+
+class UserMailbox:
+    def __init__(self, user: str, predecessor: UserMailbox | None, now_s: float) -> None:
+        self.user = user
+        self.state = State.ACTIVE
+        self.queue: deque[Pending] = deque()
+        self.predecessor = predecessor
+        self.dead = asyncio.Event()
+        self.scheduled = False  # on the ready queue or being processed by a worker
+        self.busy = False
+        self.unfinished = 0  # queued + running + awaiting durability
+        self.last_active_s = now_s
+        self.processed = 0
+
+    def snapshot(self, now_s: float) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "state": self.state.value,
+            "queue_depth": len(self.queue),
+            "busy": self.busy,
+            "unfinished": self.unfinished,
+            "idle_s": round(max(0.0, now_s - self.last_active_s), 3),
+            "processed": self.processed,
+            "waiting_for_predecessor": self.predecessor is not None
+            and not self.predecessor.dead.is_set(),
+        }
+
+
+@dataclass
+class CoreOptions:
+    mailbox_size: int = 1000
+    idle_lifetime_s: float = 10_800.0
+    handler_timeout_s: float = 30.0
+    handler_concurrency: int = 1000
+    completion_flush_ms: float = 20.0
+    latency_samples: int = 200_000
+    handler_options: dict[str, Any] = field(default_factory=dict)
+
+
+class HostCore:
+    """All user mailboxes of one host (or the single user of a dedicated actor)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        handler: Handler,
+        dedup: Deduplicator,
+        completions: CompletionSink,
+        dead_letters: DeadLetterSink,
+        admission: Admission | None = None,
+        options: CoreOptions | None = None,
+        redis: Any = None,
+        wecom: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        on_dying: Callable[[UserMailbox], Awaitable[None]] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.handler = handler
+        self.dedup = dedup
+        self.completions = completions
+        self.sink = dead_letters
+        self.admission: Admission = admission or AllowAll()
+        self.opt = options or CoreOptions()
+        self.redis = redis
+        self.wecom = wecom
+        self.clock = clock
+        self.wall_ms = wall_ms
+        self.on_dying = on_dying
+        self.on_fatal = on_fatal  # a bug left state inconsistent: the shell crashes and restarts
+        self.mailboxes: dict[str, UserMailbox] = {}
+        self.pending: dict[str, Pending] = {}
+        self._inbox: deque[list[Delivery]] = deque()
+        self._inbox_event = asyncio.Event()
+        self._ingest_task: asyncio.Task[None] | None = None
+        self._ingesting = False
+        self._out: dict[str, list[tuple[str, int, int]]] = {}
+        self._flush_task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Queue[UserMailbox] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._ctx_log = make_context_logger()
+        self.latencies_ms: list[int] = []  # Kafka timestamp -> handler start
+        self.arrival_ms: list[int] = []  # Kafka timestamp -> batch reaches this host
+        self.counts: dict[str, int] = {"processed": 0, "duplicate": 0, "dead_letter": 0}
+        self._published: dict[str, int] = {}
+        self._durations_s: list[float] = []
+
+    # ------------------------------------------------------------ intake
+
+    def accept(self, batch: list[Delivery]) -> None:
+        """Called in the loop thread: queue a delivery batch for ordered ingest."""
+        if batch and len(self.arrival_ms) < self.opt.latency_samples:
+            self.arrival_ms.append(self.wall_ms() - batch[0].timestamp_ms)
+        self._inbox.append(batch)
+        self._inbox_event.set()
+        if self._ingest_task is None or self._ingest_task.done():
+            self._ingest_task = asyncio.get_running_loop().create_task(self._ingest_loop())
+
+    @property
+    def busy_ingesting(self) -> bool:
+        return bool(self._inbox) or self._ingesting
+
+    async def _ingest_loop(self) -> None:
+        while self._inbox:
+            self._ingesting = True
+            try:
+                items: list[Delivery] = []
+                while self._inbox:
+                    items.extend(self._inbox.popleft())
+                await self._ingest(items)
+            except Exception:
+                log.error("host.ingest_failed", exc_info=True, host=self.name)
+                if self.on_fatal is not None:
+                    self.on_fatal("ingest failed")
+                raise
+            finally:
+                self._ingesting = False
+
+    async def _ingest(self, items: list[Delivery]) -> None:
+        parsed: list[tuple[Delivery, Envelope]] = []
+        poison: list[DeadLetter] = []
+        poison_waiters: list[list[Delivery]] = []
+        for d in items:
+            try:
+                env = Envelope.from_bytes(d.value)
+            except EnvelopeError as exc:
+                poison.append(self._letter(d, None, REASON_INVALID, str(exc)))
+                poison_waiters.append([d])
+                continue
+            parsed.append((d, env))
+        if poison:
+            self._spawn(self._dead_letter_then_complete(poison, poison_waiters))
+        ask = [env.message_id for _, env in parsed if env.message_id not in self.pending]
+        done = await self.dedup.already_done(ask) if ask else set()
+        # Everything below runs without an await: pending/recent cannot change under us.
+        fresh: list[Pending] = []
+        for d, env in parsed:
+            mid = env.message_id
+            p = self.pending.get(mid)
+            if p is not None:  # a re-delivery of a message still queued or running here
+                p.waiters.append(d)
+                continue
+            if mid in done or mid in self.dedup.recent:
+                self.counts["duplicate"] += 1
+                self._complete(d)
+                continue
+            p = Pending(d, env, [d])
+            self.pending[mid] = p
+            fresh.append(p)
+        if not fresh:
+            return
+        per_user: dict[str, int] = {}
+        for p in fresh:
+            per_user[p.envelope.external_userid] = per_user.get(p.envelope.external_userid, 0) + 1
+        try:
+            decisions = await self.admission.admit(list(per_user.items()))
+        except Exception as exc:  # protection unavailable: fail open, never block users
+            log.warning("host.admission_failed", host=self.name, error=str(exc))
+            decisions = {u: [None] * n for u, n in per_user.items()}
+        cursor: dict[str, int] = {}
+        denied: list[Pending] = []
+        denied_reasons: list[str] = []
+        for p in fresh:
+            user = p.envelope.external_userid
+            i = cursor.get(user, 0)
+            cursor[user] = i + 1
+            reasons = decisions.get(user) or []
+            reason = reasons[i] if i < len(reasons) else None
+            if reason is None:
+                mb = self._mailbox_for(user)
+                if len(mb.queue) >= self.opt.mailbox_size:
+                    reason = REASON_QUEUE_FULL
+                    self.admission.on_failure(user)
+                else:
+                    self._offer(mb, p)
+                    continue
+            denied.append(p)
+            denied_reasons.append(reason)
+        if denied:
+            letters = [
+                self._letter(p.delivery, p.envelope, r, f"denied: {r}")
+                for p, r in zip(denied, denied_reasons, strict=True)
+            ]
+            for r in denied_reasons:
+                m_failures.inc(reason=r)
+            self._spawn(self._dead_letter_then_finish(letters, denied))
+
+    # ------------------------------------------------------------ mailboxes
+
+    def _mailbox_for(self, user: str) -> UserMailbox:
+        mb = self.mailboxes.get(user)
+        if mb is not None and mb.state is State.ACTIVE:
+            return mb
+        predecessor = mb if mb is not None and mb.state is State.DYING else None
+        new = UserMailbox(user, predecessor, self.clock())
+        self.mailboxes[user] = new
+        return new
+
+    def _offer(self, mb: UserMailbox, p: Pending) -> None:
+        mb.queue.append(p)
+        mb.unfinished += 1
+        if mb.scheduled:
+            return
+        mb.scheduled = True
+        if mb.predecessor is not None and not mb.predecessor.dead.is_set():
+            self._spawn(self._after_predecessor(mb))
+        else:
+            mb.predecessor = None
+            self._schedule(mb)
+
+    async def _after_predecessor(self, mb: UserMailbox) -> None:
+        assert mb.predecessor is not None
+        await mb.predecessor.dead.wait()
+        mb.predecessor = None
+        self._schedule(mb)
+
+    def _schedule(self, mb: UserMailbox) -> None:
+        """Put a mailbox with work on the ready queue (at most once: one message at a time)."""
+        self._ready.put_nowait(mb)
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            self._workers = [
+                loop.create_task(self._worker()) for _ in range(self.opt.handler_concurrency)
+            ]
+
+    async def _worker(self) -> None:
+        """Handler slots: take the next ready user, run ONE of its messages, requeue it."""
+        while True:
+            mb = await self._ready.get()
+            p = mb.queue[0]
+            mb.busy = True
+            try:
+                await self._process(mb, p)
+            except Exception:
+                log.error("host.process_failed", exc_info=True, user=mb.user)
+                if self.on_fatal is not None:
+                    self.on_fatal("process failed")
+            finally:
+                mb.queue.popleft()
+                mb.busy = False
+                mb.last_active_s = self.clock()
+                mb.processed += 1
+            if mb.queue:  # round robin: the user goes to the back of the line
+                self._ready.put_nowait(mb)
+            else:
+                mb.scheduled = False
+
+    async def _process(self, mb: UserMailbox, p: Pending) -> None:
+        env = p.envelope
+        d = p.delivery
+        start_ms = self.wall_ms()
+        if len(self.latencies_ms) < self.opt.latency_samples:
+            self.latencies_ms.append(start_ms - d.timestamp_ms)
+        ctx = HandlerContext(
+            user_id=env.external_userid,
+            open_kfid=env.open_kfid,
+            message_id=env.message_id,
+            envelope=env,
+            attempt=1,
+            log=self._ctx_log,
+            redis=self.redis,
+            wecom=self.wecom,
+            options=self.opt.handler_options,
+        )
+        t0 = time.perf_counter()
+        reason: str | None = None
+        error = ""
+        try:
+            async with asyncio.timeout(self.opt.handler_timeout_s):
+                await run_handler(self.handler, typed_message(env), ctx)
+        except TimeoutError:
+            reason, error = REASON_TIMEOUT, f"handler exceeded {self.opt.handler_timeout_s}s"
+        except Exception as exc:
+            reason, _ = classify(exc)
+            error = f"{type(exc).__name__}: {exc}"
+        self._durations_s.append(time.perf_counter() - t0)
+        if reason is None:
+            self.admission.on_success(mb.user)
+            self.counts["processed"] += 1
+            self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
+            return
+        self.admission.on_failure(mb.user)
+        m_failures.inc(reason=reason)
+        log.warning(
+            "handler.failed", user=mb.user, message_id=env.message_id, reason=reason, error=error
+        )
+        # Durable before we move on: the user's next message waits for this dead letter.
+        await self._durable_dead_letter([self._letter(d, env, reason, error)])
+        self._finish(p, mb)
+
+    def _finish(self, p: Pending, mb: UserMailbox | None) -> None:
+        self.pending.pop(p.envelope.message_id, None)
+        for w in p.waiters:
+            self._complete(w)
+        if mb is not None:
+            mb.unfinished -= 1
+            mb.last_active_s = self.clock()
+
+    # ------------------------------------------------------------ dead letters
+
+    def _letter(self, d: Delivery, env: Envelope | None, reason: str, error: str) -> DeadLetter:
+        return DeadLetter(
+            reason=reason,
+            error=error[:2000],
+            message_id=env.message_id if env else (d.msg_id or "{}:{}:{}".format(*d.tpo)),
+            user=env.external_userid if env else d.key,
+            open_kfid=env.open_kfid if env else "",
+            topic=d.topic,
+            partition=d.partition,
+            offset=d.offset,
+            timestamp_ms=d.timestamp_ms,
+            value=d.value,
+            retryable=reason in RETRYABLE_REASONS,
+        )
+
+    async def _durable_dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self.sink.dead_letter(letters)
+                self.counts["dead_letter"] += len(letters)
+                return
+            except Exception as exc:  # never complete a message whose letter is not durable
+                log.error("dlq.write_retry", host=self.name, error=str(exc), delay_s=delay)
+                await asyncio.sleep(delay + random.random() * delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _dead_letter_then_finish(
+        self, letters: Sequence[DeadLetter], items: Sequence[Pending]
+    ) -> None:
+        await self._durable_dead_letter(letters)
+        for p in items:
+            self._finish(p, None)
+
+    async def _dead_letter_then_complete(
+        self, letters: Sequence[DeadLetter], waiters: Sequence[list[Delivery]]
+    ) -> None:
+        await self._durable_dead_letter(letters)
+        for ws in waiters:
+            for w in ws:
+                self._complete(w)
+
+    # ------------------------------------------------------------ completions
+
+    def _complete(self, d: Delivery) -> None:
+        self._out.setdefault(d.consumer, []).append(d.tpo)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.opt.completion_flush_ms / 1000.0)
+        self.flush_completions()
+
+    def flush_metrics(self) -> None:
+        """Metrics leave the hot path: counted locally, published with each completion flush."""
+        for result in ("processed", "duplicate", "dead_letter"):
+            delta = self.counts[result] - self._published.get(result, 0)
+            if delta:
+                m_processed.inc(delta, result={"processed": "ok"}.get(result, result))
+                self._published[result] = self.counts[result]
+        durations, self._durations_s = self._durations_s, []
+        for d in durations:
+            m_seconds.observe(d)
+        m_active.set(len(self.mailboxes), host=self.name)
+
+    def flush_completions(self) -> None:
+        self.flush_metrics()
+        out, self._out = self._out, {}
+        for consumer, done in out.items():
+            try:
+                self.completions.complete(consumer, done)
+            except Exception as exc:  # the consumer re-delivers what it never heard about
+                log.warning("host.completion_lost", consumer=consumer, n=len(done), error=str(exc))
+
+    @property
+    def completions_pending(self) -> int:
+        return sum(len(v) for v in self._out.values())
+
+    # ------------------------------------------------------------ lifecycle
+
+    def sweep(self) -> list[str]:
+        """Start dying for every mailbox idle longer than idle_lifetime_s; returns users."""
+        now = self.clock()
+        expired = []
+        for user, mb in list(self.mailboxes.items()):
+            if (
+                mb.state is State.ACTIVE
+                and not mb.queue
+                and mb.unfinished == 0
+                and not mb.scheduled
+                and now - mb.last_active_s >= self.opt.idle_lifetime_s
+            ):
+                mb.state = State.DYING
+                expired.append(user)
+                self._spawn(self._die(mb))
+        return expired
+
+    async def _die(self, mb: UserMailbox) -> None:
+        try:
+            if self.on_dying is not None:
+                await self.on_dying(mb)
+            else:
+                await asyncio.sleep(0)
+        finally:
+            mb.state = State.DEAD
+            mb.dead.set()
+            if self.mailboxes.get(mb.user) is mb:
+                del self.mailboxes[mb.user]
+
+    def idle(self) -> bool:
+        """Nothing queued, running, pending durability or unreported (dedicated actors)."""
+        return (
+            not self.mailboxes
+            and not self.pending
+            and not self.busy_ingesting
+            and not self._bg
+            and self.completions_pending == 0
+            and self.dedup.pending_marks == 0
+        )
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    # ------------------------------------------------------------ introspection
+
+    def snapshot(self, limit: int = 1000) -> dict[str, Any]:
+        now = self.clock()
+        users = [mb.snapshot(now) for mb in list(self.mailboxes.values())[:limit]]
+        return {
+            "host": self.name,
+            "users": len(self.mailboxes),
+            "pending": len(self.pending),
+            "counts": dict(self.counts),
+            "redis_ok": self.dedup.redis_ok,
+            "mailboxes": users,
+        }
+
+    def latency_stats(self, reset: bool = False) -> dict[str, Any]:
+        def pct(xs: list[int], q: float) -> int | None:
+            return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+        xs = sorted(self.latencies_ms)
+        arrivals = sorted(self.arrival_ms)
+        if reset:
+            self.latencies_ms = []
+            self.arrival_ms = []
+        return {
+            "n": len(xs),
+            "p50_ms": pct(xs, 0.5),
+            "p99_ms": pct(xs, 0.99),
+            "max_ms": xs[-1] if xs else None,
+            "arrival_p50_ms": pct(arrivals, 0.5),
+            "arrival_p99_ms": pct(arrivals, 0.99),
+        }

@@ -1,0 +1,219 @@
+"""Consume end to end on real Kafka, Redis and Ray (hosted mode)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis as redis_lib
+
+from qywx_ray.consume.introspect import list_users
+from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers, stop_consumers
+from qywx_ray.consume.testing import (
+    check_order,
+    committed_offsets,
+    ensure_topics,
+    envelopes,
+    produce,
+    produce_one,
+    records,
+    wait_for,
+)
+from qywx_ray.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+RECORD = "qywx:test:record"
+
+
+def consume_settings(
+    make_settings: Callable[..., Settings], unique: str, **consume: Any
+) -> Settings:
+    base: dict[str, Any] = {
+        "namespace": f"qywx-test-{unique}",
+        "name_prefix": f"t{unique}",
+        "handler": "qywx_ray.consume.handlers:recording_handler",
+        "num_hosts": 2,
+        "num_consumers": 1,
+        "commit_interval_s": 0.2,
+        "completion_flush_ms": 10,
+        "handler_timeout_s": 20,
+        "revoke_wait_s": 10,
+    }
+    base.update(consume)
+    return make_settings(
+        consume=base,
+        kafka={"consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}},
+    )
+
+
+@pytest.fixture
+def started(ray_session: None) -> Iterator[list[ConsumePipeline]]:
+    pipelines: list[ConsumePipeline] = []
+    yield pipelines
+    for p in pipelines:
+        stop_consumers(p, timeout_s=15)
+
+
+def test_round_trip(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    s = consume_settings(make_settings, unique)
+    ensure_topics(s)
+    msgs = envelopes(5, 4)
+    produce(s, msgs)
+    p = start_consumers(s)
+    started.append(p)
+    assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 60)
+    rep = check_order(records(redis_client, RECORD), msgs)
+    assert rep.missing == [] and rep.inversions == 0 and rep.duplicates == 0
+    view = list_users(s)  # what GET /admin/users and `qywx-ray users` show
+    assert {r["user"] for r in view["users"]} == {f"u{i}" for i in range(5)}
+    assert all(r["mode"] == "hosted" and r["state"] == "active" for r in view["users"])
+    # committed offsets reach the end of every partition
+    total = len(msgs)
+    assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == total, 20)
+
+
+def test_order_10000_messages_500_users_hosted(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    s = consume_settings(make_settings, unique, num_consumers=2, commit_interval_s=0.5)
+    ensure_topics(s)
+    msgs = envelopes(500, 20)
+    produce(s, msgs)
+    p = start_consumers(s)
+    started.append(p)
+    assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 120)
+    rep = check_order(records(redis_client, RECORD), msgs)
+    assert rep.missing == [] and rep.inversions == 0 and rep.duplicates == 0
+    assert redis_client.llen(f"{RECORD}:calls") == len(msgs)  # no handler ran twice
+    assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == len(msgs), 30), (
+        committed_offsets(s, 4),
+        p.snapshots(),
+    )
+
+
+def test_slow_user_holds_neither_others_nor_commits_past_it(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    s = consume_settings(make_settings, unique)
+    ensure_topics(s)
+    release = f"release-{unique}"
+    held = envelopes(1, 1, prefix="slow", hold=release)[0]
+    part, off = produce_one(s, held)
+    after_slow = envelopes(1, 3, prefix="slow", seed=1)
+    for i, e in enumerate(after_slow):  # its next messages queue behind it, in order
+        after_slow[i] = e.model_copy(update={"message_id": f"slow0-{i + 1:06d}"})
+    others = envelopes(40, 10, prefix="o")
+    produce(s, [*after_slow, *others])
+    p = start_consumers(s)
+    started.append(p)
+
+    def others_done() -> bool:
+        return sum(1 for u, _ in records(redis_client, RECORD) if u.startswith("o")) == len(others)
+
+    assert wait_for(others_done, 60)
+
+    # Other partitions commit; the held message's partition stops exactly at its offset
+    # even though later offsets of that partition (other users) are already processed.
+    def others_committed() -> bool:
+        offs = committed_offsets(s, 4)
+        return all(offs[q] > 0 for q in range(4) if q != part) and offs[part] == off
+
+    assert wait_for(others_committed, 20), committed_offsets(s, 4)
+    later_on_part = [o for o in range(4) if o != part]
+    assert later_on_part  # (4 partitions)
+    assert committed_offsets(s, 4)[part] == off
+    assert not any(u.startswith("slow") for u, _ in records(redis_client, RECORD))
+    redis_client.set(release, 1)
+    assert wait_for(lambda: redis_client.llen(RECORD) == len(others) + 4, 30)
+    slow_order = [m for u, m in records(redis_client, RECORD) if u.startswith("slow")]
+    assert slow_order == [held.message_id] + [e.message_id for e in after_slow]
+
+
+def test_backpressure_pauses_fetch_at_the_inflight_cap(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    s = consume_settings(make_settings, unique, max_inflight_per_consumer=30)
+    s.kafka.consumer.poll_batch_max = 10
+    ensure_topics(s)
+    release = f"release-{unique}"
+    held = envelopes(1, 1, prefix="flood", hold=release)[0]
+    rest = [
+        e.model_copy(update={"message_id": f"flood0-{i + 1:06d}", "raw": {}})
+        for i, e in enumerate(envelopes(1, 60, prefix="flood", seed=2))
+    ]
+    produce(s, [held, *rest])
+    p = start_consumers(s)
+    started.append(p)
+
+    def paused() -> bool:
+        snap = p.snapshots()[0]
+        return bool(snap["paused"]) and snap["inflight"] <= 30 + 10
+
+    assert wait_for(paused, 30), p.snapshots()
+    assert redis_client.llen(RECORD) == 0
+    redis_client.set(release, 1)
+    assert wait_for(lambda: redis_client.llen(RECORD) == 61, 30)
+    assert wait_for(lambda: not p.snapshots()[0]["paused"], 10)
+    rep = check_order(records(redis_client, RECORD), [held, *rest])
+    assert rep.missing == [] and rep.inversions == 0
+
+
+def test_failed_message_goes_to_dlq_topic_then_commits(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    from confluent_kafka import Consumer
+
+    from qywx_ray.consume.types import DeadLetter
+    from qywx_ray.kafka.config import consumer_config
+
+    s = consume_settings(make_settings, unique)
+    ensure_topics(s)
+    bad = envelopes(1, 1, prefix="bad", fail="permanent")[0]
+    part, off = produce_one(s, bad)
+    good = envelopes(3, 2, prefix="g")
+    produce(s, good)
+    p = start_consumers(s)
+    started.append(p)
+    assert wait_for(lambda: redis_client.llen(RECORD) == len(good), 60)
+    dlq = Consumer(consumer_config(s.kafka, group_id=f"dlq-reader-{unique}"))
+    dlq.subscribe([s.kafka.dlq_topic.name])
+    letters: list[DeadLetter] = []
+
+    def read_dlq() -> bool:
+        letters.extend(
+            DeadLetter.from_json(m.value()) for m in dlq.consume(10, 0.5) if not m.error()
+        )
+        return bool(letters)
+
+    try:
+        assert wait_for(read_dlq, 30)
+    finally:
+        dlq.close()
+    [letter] = letters
+    assert (letter.reason, letter.retryable, letter.message_id) == (
+        "invalid_message",
+        False,
+        bad.message_id,
+    )
+    assert (letter.topic, letter.partition, letter.offset) == (s.kafka.main_topic.name, part, off)
+    total = len(good) + 1  # the dead-lettered message is complete too: commits pass it
+    assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == total, 20)
