@@ -65,6 +65,7 @@ class Envelope(BaseModel):
         return [
             ("msg_type", self.msgtype.encode()),
             ("msg_id", self.message_id.encode()),
+            ("open_kfid", self.open_kfid.encode()),
             ("timestamp", str(self.ingest_ts_ms // 1000).encode()),
             ("v", str(self.v).encode()),
         ]

@@ -34,12 +34,15 @@ def make_redis(settings: RedisSettings) -> redis.Redis:
             socket_timeout=settings.socket_timeout_s,
             password=settings.password or None,
         )
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         settings.url,
+        max_connections=settings.max_connections,
+        timeout=settings.pool_timeout_s,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         password=settings.password or None,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def make_async_redis(settings: RedisSettings) -> aioredis.Redis:
@@ -56,12 +59,15 @@ def make_async_redis(settings: RedisSettings) -> aioredis.Redis:
             socket_timeout=settings.socket_timeout_s,
             password=settings.password or None,
         )
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.url,
+        max_connections=settings.max_connections,
+        timeout=settings.pool_timeout_s,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         password=settings.password or None,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def redis_address(settings: RedisSettings) -> str:

@@ -15,6 +15,10 @@ class RedisSettings(BaseModel):
     db: int = 0
     password: str = ""
     socket_timeout_s: float = 2.0
+    # Connections per client pool; when all are busy a caller waits (bounded by
+    # pool_timeout_s) instead of failing.
+    max_connections: int = 128
+    pool_timeout_s: float = 5.0
 
     @model_validator(mode="after")
     def _sentinel_needs_addrs(self) -> RedisSettings:
