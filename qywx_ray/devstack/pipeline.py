@@ -178,14 +178,19 @@ class LocalPipeline:
         finally:
             c.close()
 
-    def wait_drained(self, expected: int, timeout_s: float = 120.0) -> None:
-        """Until every expected message is processed or dead-lettered and lag is 0."""
+    def wait_drained(
+        self, expected: int, timeout_s: float = 120.0, processed: int | None = None
+    ) -> None:
+        """Until `expected` distinct messages are processed or dead-lettered (and at least
+        `processed` processed), and the consumer group has committed everything."""
         client = self.redis_client()
 
         def done() -> bool:
             try:
-                handled = int(client.llen(RECORD_KEY)) + self.dead_letter_count(client)
-                return handled >= expected and self.lag() == 0
+                effects = {x.decode().partition("|")[2] for x in client.lrange(RECORD_KEY, 0, -1)}
+                if processed is not None and len(effects) < processed:
+                    return False
+                return len(effects | self.dead_letter_ids(client)) >= expected and self.lag() == 0
             except Exception:
                 return False
 
@@ -247,11 +252,12 @@ class LocalPipeline:
             with contextlib.suppress(Exception):
                 stop_consumers(self.consume, timeout_s=15)
         if self.serve_app:
+            # The proxy keeps the port it started with: the next pipeline needs a fresh one.
             with contextlib.suppress(Exception):
-                serve.delete(self.serve_app)
+                serve.shutdown()
         if self.settings is not None:
-            with contextlib.suppress(Exception):
-                kill_named_actors(self.settings.ray_namespace)
+            with contextlib.suppress(Exception):  # the namespace is this pipeline's alone
+                kill_named_actors(self.settings.ray_namespace, prefixes=("",))
         if self.sim is not None:
             self.sim.stop()
         if self.kafka is not None:

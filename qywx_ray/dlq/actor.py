@@ -7,6 +7,7 @@ DLQ offsets and the delay queue are durable. It must never hold state that matte
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -34,6 +35,9 @@ class DLQRecoveryActor:
     def ping(self) -> str:
         return "ok"
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def stats(self) -> dict[str, Any]:
         return self._service.stats()
 
@@ -45,6 +49,7 @@ def start_recovery_actor(settings: Settings, *, name: str | None = None) -> Any:
     """Get or create the detached recovery actor (`qywx-dlq-recovery` unless `name`)."""
     return DLQRecoveryActor.options(  # type: ignore[attr-defined]
         name=name or settings.dlq.recovery_actor_name,
+        namespace=settings.ray_namespace,
         lifetime="detached",
         get_if_exists=True,
     ).remote(settings)
