@@ -5,18 +5,21 @@
 - `create_app(settings)` is the same FastAPI app, for plain uvicorn and tests.
 
 The callback path never waits on Kafka, WeCom or a pull: it verifies, decrypts,
-replay-checks and hands the open_kfid to a coalescing dispatcher (see ingest/dispatch.py).
+replay-checks and hands the open_kfid to a coalescing dispatcher (see ingest/dispatch.py);
+under overload it answers 200 without decrypting (ingest/shedding.py). How to size and run
+the deployment for WeCom's callback rate, with measured numbers: serve/config.yaml.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from qywx_ray.ingest.dispatch import PullDispatcher
+from qywx_ray.ingest.shedding import LoadShedder, ShedBacklog, ShedMiddleware, ShedSink
 from qywx_ray.obs.logging import configure_logging
 from qywx_ray.obs.metrics import render_text
 from qywx_ray.settings import Settings, load_settings
@@ -36,7 +39,7 @@ def ray_pull_sender(settings: Settings) -> Any:
         if handle is None:
             handle = handles[host] = get_syncer_host(settings, host)
         try:
-            return await handle.request_pulls.remote(items)
+            return await handle.request_pulls.options(enable_task_events=False).remote(items)
         except Exception:
             handles.pop(host, None)  # a dead handle: look the actor up again next time
             raise
@@ -44,21 +47,53 @@ def ray_pull_sender(settings: Settings) -> Any:
     return send
 
 
+class _NoSweep:
+    """Adapts a plain CallbackSink (tests) to what the shedder needs."""
+
+    def __init__(self, sink: CallbackSink) -> None:
+        self.submit = sink.submit
+
+    def sweep_soon(self) -> None:
+        return None
+
+
 def create_app(
     settings: Settings, *, sink: CallbackSink | None = None, admin: bool = True
 ) -> FastAPI:
-    app = FastAPI(title="qywx-ray", version="0.1.0")
+    """The ingress app; `sink` defaults to a PullDispatcher feeding the syncer hosts.
+
+    POST /wecom/callback passes ShedMiddleware first: while this process is overloaded
+    it answers 200 without decrypting (ingest/shedding.py says why nothing is lost);
+    otherwise the callback router verifies, decrypts, replay-checks and submits.
+    """
+    s, w = settings.ingest, settings.wecom
     redis = make_async_redis(settings.redis)
     if sink is None:
         sink = PullDispatcher(
             ray_pull_sender(settings),
-            settings.ingest.num_syncer_hosts,
-            settings.ingest.callback_flush_interval_s,
+            s.num_syncer_hosts,
+            s.callback_flush_interval_s,
+            min_send_interval_s=s.callback_min_send_interval_s,
+            known_kfids=s.open_kfids,
+            sweep_delay_s=s.callback_shed_sweep_delay_s,
         )
-    app.state.sink = sink
-    w = settings.wecom
     crypto = WeComCrypto(
         w.token.get_secret_value(), w.encoding_aes_key.get_secret_value(), w.corp_id
+    )
+    shedder = LoadShedder(
+        max_inflight=s.callback_shed_max_inflight, max_loop_lag_s=s.callback_shed_max_loop_lag_s
+    )
+    app = FastAPI(title="qywx-ray", version="0.1.0")
+    app.state.sink = sink
+    app.state.shedder = shedder
+    app.add_middleware(
+        ShedMiddleware,  # type: ignore[arg-type]
+        shedder=shedder,
+        backlog=ShedBacklog(s.callback_shed_backlog),
+        crypto=crypto,
+        sink=cast(ShedSink, sink) if hasattr(sink, "sweep_soon") else _NoSweep(sink),
+        max_skew_s=w.callback_max_skew_s,
+        max_body_bytes=w.callback_max_body_bytes,
     )
     app.include_router(
         make_callback_router(
@@ -143,7 +178,9 @@ def deployment(settings: Settings) -> Any:
 
     s = settings.ingest
     return Ingress.options(  # type: ignore[attr-defined]
-        num_replicas=s.serve_replicas, max_ongoing_requests=s.serve_max_ongoing_requests
+        num_replicas=s.serve_replicas,
+        max_ongoing_requests=s.serve_max_ongoing_requests,
+        logging_config={"enable_access_log": s.serve_access_log},
     ).bind(settings)
 
 

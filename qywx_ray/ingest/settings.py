@@ -46,3 +46,6 @@ class IngestSettings(BaseModel):
     callback_shed_sweep_delay_s: float = Field(default=1.0, gt=0)
     # Under a callback burst, at most one pull request per syncer host this often.
     callback_min_send_interval_s: float = Field(default=0.1, ge=0)
+    # Serve writes one access-log line per request in the replica; at hundreds of
+    # callbacks/s that is CPU on the callback path (the metrics count them anyway).
+    serve_access_log: bool = False

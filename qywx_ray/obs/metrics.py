@@ -98,6 +98,8 @@ class Metric:
         return self._backend.labels(**{k: str(labels.get(k, "")) for k in self.labels})
 
     def inc(self, value: float = 1.0, **labels: str) -> None:
+        if value <= 0:  # Ray's counters reject 0 (and a counter never goes down)
+            return
         with _lock:
             self._resolve()
             self._mirror[self._key(labels)] += value
