@@ -128,6 +128,7 @@ def create_app(
 def _mount_admin(app: FastAPI, settings: Settings, redis: Any) -> None:
     from qywx_ray.admin.dlq import make_dlq_router
     from qywx_ray.admin.ratelimit import make_ratelimit_router
+    from qywx_ray.admin.users import make_users_router, ray_user_source
     from qywx_ray.protect.groups import UserGroups
     from qywx_ray.protect.ratelimit import RateLimiter
 
@@ -135,6 +136,7 @@ def _mount_admin(app: FastAPI, settings: Settings, redis: Any) -> None:
     limiter = RateLimiter(redis, settings.protect, groups)
     app.include_router(make_ratelimit_router(limiter, groups, settings.admin.token))
     app.include_router(make_dlq_router(settings))
+    app.include_router(make_users_router(ray_user_source(settings), settings.admin.token))
 
 
 async def readiness(settings: Settings, redis: Any) -> dict[str, dict[str, Any]]:
