@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -166,10 +167,13 @@ def raw_rate(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bootstrap", default="127.0.0.1:19092")
-    ap.add_argument("--redis", default="redis://127.0.0.1:16390/4")
+    quick = os.environ.get("QYWX_BENCH_QUICK") == "1"
+    ap.add_argument("--bootstrap", default=os.environ.get("QYWX_BENCH_BOOTSTRAP", "127.0.0.1:9092"))
+    ap.add_argument(
+        "--redis", default=os.environ.get("QYWX_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     ap.add_argument("--users", type=int, default=10_000)
-    ap.add_argument("--messages", type=int, default=50_000)
+    ap.add_argument("--messages", type=int, default=20_000 if quick else 50_000)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--hosts", type=int, default=4)
     ap.add_argument("--consumers", type=int, default=2)

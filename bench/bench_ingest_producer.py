@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -139,13 +140,14 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bootstrap", default="127.0.0.1:9092")
-    ap.add_argument("--messages", type=int, default=50_000)
+    quick = os.environ.get("QYWX_BENCH_QUICK") == "1"
+    ap.add_argument("--bootstrap", default=os.environ.get("QYWX_BENCH_BOOTSTRAP", "127.0.0.1:9092"))
+    ap.add_argument("--messages", type=int, default=10_000 if quick else 50_000)
     ap.add_argument("--page", type=int, default=1000)
     ap.add_argument("--users", type=int, default=500)
     ap.add_argument("--payload-bytes", type=int, default=700)
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1 if quick else 3)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     return asyncio.run(main_async(ap.parse_args()))
 
