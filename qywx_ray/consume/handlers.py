@@ -149,19 +149,30 @@ async def recording_handler(message: Any, ctx: HandlerContext) -> None:
     `{record_key}:calls` gets every invocation; `{record_key}` gets the side effect once
     per message id (an idempotent side effect, as handlers should have). Message content
     drives faults: raw `hold` = a Redis key to wait for before finishing (bounded by the
-    handler timeout), raw `fail` = "permanent" or "retryable" to raise.
+    handler timeout), raw `fail` = "permanent" or "retryable" to raise, raw `fail_until`
+    = a Redis key: retryable failure until it exists (each failure is logged to
+    `{record_key}:fails` as "message_id|attempt|unix_ms"), raw `track_latency` = record
+    ms from the envelope's ingest time to this call in hash `{record_key}:latency_ms`.
     """
     env = ctx.envelope
+    record_key = str(ctx.options.get("record_key", "qywx:test:record"))
     hold = env.raw.get("hold")
     if hold:
         while not await ctx.redis.exists(hold):
             await asyncio.sleep(0.02)
+    fail_until = env.raw.get("fail_until")
+    if fail_until and not await ctx.redis.exists(fail_until):
+        entry = f"{ctx.message_id}|{ctx.attempt}|{int(time.time() * 1000)}"
+        await ctx.redis.rpush(f"{record_key}:fails", entry)
+        raise RuntimeError(f"asked to fail until {fail_until} exists")
+    if env.raw.get("track_latency"):
+        latency_ms = int(time.time() * 1000) - env.ingest_ts_ms
+        await ctx.redis.hset(f"{record_key}:latency_ms", ctx.message_id, latency_ms)
     fail = env.raw.get("fail")
     if fail == "permanent":
         raise PermanentError("asked to fail permanently")
     if fail == "retryable":
         raise RuntimeError("asked to fail (retryable)")
-    record_key = str(ctx.options.get("record_key", "qywx:test:record"))
     value = f"{ctx.user_id}|{ctx.message_id}"
     await ctx.redis.eval(
         _RECORD_LUA,

@@ -25,7 +25,7 @@ import ray
 
 from qywx_ray.consume.dedup import Deduplicator, RedisDoneStore
 from qywx_ray.consume.handlers import load_handler
-from qywx_ray.consume.sinks import make_admission, make_dead_letter_sink
+from qywx_ray.consume.sinks import make_admission, make_dead_letter_sink, make_retry_order
 from qywx_ray.consume.types import Delivery
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.errors import QywxError
@@ -117,6 +117,12 @@ class HostShell:
             recent_size=c.dedup_recent_size,
             retry_max_s=c.redis_retry_max_s,
         )
+        handler_redis = make_async_redis(s.redis)  # handlers' own pool: dedup never waits
+        wecom = None
+        if c.reply_enabled:  # one WeCom client per host, its token shared through Redis
+            from qywx_ray.wecom.client import RedisTokenCache, WeComClient
+
+            wecom = WeComClient(s.wecom, RedisTokenCache(handler_redis))
         return HostCore(
             name=self.name,
             handler=load_handler(c.handler),
@@ -124,6 +130,7 @@ class HostShell:
             completions=self.completions,
             dead_letters=make_dead_letter_sink(s),
             admission=make_admission(s),
+            retry_order=make_retry_order(s),
             options=CoreOptions(
                 mailbox_size=c.mailbox_size,
                 idle_lifetime_s=c.idle_lifetime_s,
@@ -131,8 +138,13 @@ class HostShell:
                 handler_concurrency=c.handler_concurrency,
                 completion_flush_ms=c.completion_flush_ms,
                 handler_options=c.model_dump(),
+                breaker=s.protect.breaker if s.protect.enabled else None,
+                redis_down_policy=c.redis_down_policy,
+                redis_retry_max_s=c.redis_retry_max_s,
+                park_drain_chunk=c.park_drain_chunk,
             ),
-            redis=make_async_redis(s.redis),  # handlers get their own pool, dedup never waits
+            redis=handler_redis,
+            wecom=wecom,
             on_fatal=self._crash,
         )
 

@@ -34,6 +34,7 @@ from qywx_ray.consume.hosts import (
 )
 from qywx_ray.consume.types import Delivery
 from qywx_ray.consume.watermark import CommitPolicy, WatermarkTable
+from qywx_ray.dlq.strategies import is_dlq_retry, retry_count_of
 from qywx_ray.envelope import header_value
 from qywx_ray.kafka.config import consumer_config
 from qywx_ray.obs.logging import configure_logging, get_logger
@@ -177,6 +178,8 @@ class PartitionConsumerCore:
                     value,
                     header_value(headers, "msg_id") or "",
                     self.name,
+                    retry_count_of(headers),
+                    is_dlq_retry(headers),
                 )
                 target = self._target_for(key, value, headers, now)
                 target.inflight[d.tpo] = d

@@ -38,6 +38,11 @@ class ConsumeSettings(BaseModel):
     transcript_max_len: int = 200  # default handler: messages kept per user
     reply_enabled: bool = False  # default handler: reply via WeCom kf/send_msg
     record_key: str = "qywx:test:record"  # recording handler (tests, bench)
-    # Hooks the lead wires to protect/ and dlq/: "module:factory", factory(settings) -> hook.
-    admission: str = ""  # -> consume.types.Admission; empty = allow all
-    dead_letter_sink: str = ""  # -> consume.types.DeadLetterSink; empty = JSON to DLQ topic
+    # Hooks into protect/ and dlq/: "module:factory", factory(settings) -> hook.
+    # Rate limiting (allow-all when protect.enabled is false); empty = allow all.
+    admission: str = "qywx_ray.protect.admission:make_admission"
+    # -> consume.types.DeadLetterSink (seed DLQ format, read by the recovery actor).
+    dead_letter_sink: str = "qywx_ray.dlq.sink:make_sink"
+    # -> consume.types.RetryOrder: per-user order across retries; empty = no parking.
+    retry_order: str = "qywx_ray.dlq.parking:make_async_parking"
+    park_drain_chunk: int = Field(default=200, ge=1)  # parked messages taken per round trip

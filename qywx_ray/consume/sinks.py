@@ -1,8 +1,10 @@
-"""Default implementations of the consume hooks that need infrastructure.
+"""Loading the consume hooks named in settings ("module:factory"), and one test fake.
 
-`KafkaDeadLetterSink` writes each DeadLetter as JSON to the DLQ topic and returns only
-when Kafka acknowledged every record (never reports durable on a failed delivery). The
-dlq package's richer producer replaces it through `consume.dead_letter_sink`.
+The real hooks: `consume.admission` (protect/admission.py, rate limiter),
+`consume.dead_letter_sink` (dlq/sink.py, seed DLQ format the recovery actor reads) and
+`consume.retry_order` (dlq/parking.py). `KafkaDeadLetterSink` below writes a JSON format
+the recovery actor can NOT read: it is a test fake only (`json_sink`), never a default.
+It returns only when Kafka acknowledged every record.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from qywx_ray.consume.types import Admission, AllowAll, DeadLetter, DeadLetterSink
+from qywx_ray.consume.types import Admission, AllowAll, DeadLetter, DeadLetterSink, RetryOrder
 from qywx_ray.errors import InfraError, QywxError
 from qywx_ray.kafka.config import producer_config
 from qywx_ray.settings import Settings
@@ -73,7 +75,18 @@ def make_admission(settings: Settings) -> Admission:
     return _factory(spec, settings) if spec else AllowAll()  # type: ignore[no-any-return]
 
 
+def json_sink(settings: Settings) -> KafkaDeadLetterSink:
+    """Test fake: consume.dead_letter_sink = "qywx_ray.consume.sinks:json_sink"."""
+    return KafkaDeadLetterSink(settings)
+
+
 def make_dead_letter_sink(settings: Settings) -> DeadLetterSink:
     """`consume.dead_letter_sink` = "module:factory(settings) -> DeadLetterSink"."""
-    spec = settings.consume.dead_letter_sink
-    return _factory(spec, settings) if spec else KafkaDeadLetterSink(settings)  # type: ignore[no-any-return]
+    spec = settings.consume.dead_letter_sink or "qywx_ray.dlq.sink:make_sink"
+    return _factory(spec, settings)  # type: ignore[no-any-return]
+
+
+def make_retry_order(settings: Settings) -> RetryOrder | None:
+    """`consume.retry_order` = "module:factory(settings) -> RetryOrder"; empty = none."""
+    spec = settings.consume.retry_order
+    return _factory(spec, settings) if spec else None

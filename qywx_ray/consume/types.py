@@ -38,6 +38,8 @@ class Delivery(NamedTuple):
     value: bytes
     msg_id: str  # from the msg_id header; "" if absent (then parsed from the value)
     consumer: str  # name of the consumer actor to report completion to
+    retry_count: int = 0  # header retry_count of a record re-produced by the DLQ recovery
+    is_retry: bool = False  # header retry_from_dlq: already counted by protection once
 
     @property
     def tpo(self) -> tuple[str, int, int]:
@@ -84,6 +86,52 @@ class Admission(Protocol):
     def on_success(self, user: str) -> None: ...
 
     def on_failure(self, user: str) -> None: ...
+
+
+class TimedAdmission(Protocol):
+    """Optional richer Admission: each message rated at its own send time (Unix s), so a
+    backlog replayed after an outage is not mistaken for a flood. Raises when its store
+    is unreachable; the host then follows `consume.redis_down_policy`."""
+
+    async def admit_at(
+        self, requests: Sequence[tuple[str, Sequence[float]]]
+    ) -> dict[str, list[str | None]]: ...
+
+
+# Codes of RetryOrder.admit, per message.
+PARKED = 0  # durably appended behind the user's message in the retry path: complete it
+ADMITTED = 1  # process now
+WAITED_ON = 2  # the very message the user is parked behind: process, then drain the lot
+
+
+class RetryOrder(Protocol):
+    """Per-user order across DLQ retries (the dlq package's parking lot, async, batched).
+
+    A user is parked behind one message id while that message is in the retry path; the
+    user's later messages wait, durably and in order, until it succeeded.
+    """
+
+    def parks(self, reason: str) -> bool:
+        """Whether a failure for this reason parks the user's later messages."""
+        ...
+
+    async def admit(self, items: Sequence[tuple[str, str, bytes, bool]]) -> list[int]:
+        """(user, message_id, value, is_retry) -> PARKED / ADMITTED / WAITED_ON; one trip."""
+        ...
+
+    async def park(
+        self, user: str, message_id: str, drop_first: int, pending: Sequence[bytes]
+    ) -> None:
+        """Atomically: drop the first `drop_first` parked items (a drained chunk the host
+        holds), put `pending` in front, and wait on `message_id`."""
+        ...
+
+    async def advance(
+        self, user: str, message_id: str, drop_n: int, max_n: int
+    ) -> tuple[int, list[bytes]]:
+        """While the user waits on `message_id`: drop `drop_n` processed items, return up to
+        `max_n` next ones (status 1), or unpark when empty (status 2); 0 = not waiting."""
+        ...
 
 
 class DeadLetterSink(Protocol):

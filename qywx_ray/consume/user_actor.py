@@ -2,25 +2,35 @@
 
 A `UserMailbox` processes its user's messages strictly one at a time in arrival order;
 `HostCore` owns many mailboxes inside one asyncio loop: it ingests delivery batches in
-order (one dedup round trip per round), applies admission (rate limit / breaker), runs
-handlers, writes done-flags in batches, dead-letters failures, and reports completions
-in batches. Lifecycle: active -> dying -> dead after `idle_lifetime_s` without work; a
-message arriving while a mailbox is dying goes to a successor that starts only after the
-old one is dead. Never: report a completion before the done-flag or dead letter is
-durable, run two messages of one user at once, or let a denied message wait in a queue.
-Pure asyncio: no Ray, no Kafka; Redis only behind the Deduplicator / DoneStore seam.
+order (one dedup round trip per round), applies admission (rate limit at each
+message's send time, then the per-user parking lot for retry order, then the mailbox's
+circuit breaker), runs handlers, writes done-flags in batches, dead-letters failures,
+and reports completions in batches. Per-user order across DLQ retries: a recoverable
+failure parks the user (its queued later messages move, in order, to the parking lot
+before the dead letter is written); when the retried message succeeds, the parked
+messages run before anything new, then the user is unparked.
+Lifecycle: active -> dying -> dead after `idle_lifetime_s` without work; a message
+arriving while a mailbox is dying goes to a successor that starts only after the old one
+is dead. Never: report a completion before the done-flag or dead letter is
+durable, run two messages of one user at once, let a denied message wait in a queue, or
+admit past protection while Redis is down under policy `stop`.
+Pure asyncio: no Ray, no Kafka; Redis only behind the seams (DoneStore, Admission,
+RetryOrder).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from qywx_ray.consume.dedup import Deduplicator
 from qywx_ray.consume.handlers import (
@@ -32,21 +42,28 @@ from qywx_ray.consume.handlers import (
     typed_message,
 )
 from qywx_ray.consume.types import (
+    ADMITTED,
+    PARKED,
+    REASON_CIRCUIT_OPEN,
     REASON_INVALID,
     REASON_QUEUE_FULL,
     REASON_TIMEOUT,
     RETRYABLE_REASONS,
+    WAITED_ON,
     Admission,
     AllowAll,
     CompletionSink,
     DeadLetter,
     DeadLetterSink,
     Delivery,
+    RetryOrder,
 )
 from qywx_ray.envelope import Envelope
-from qywx_ray.errors import EnvelopeError
+from qywx_ray.errors import EnvelopeError, InfraError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter, gauge, histogram
+from qywx_ray.protect.breaker import CircuitBreaker
+from qywx_ray.protect.settings import BreakerSettings
 
 log = get_logger(__name__)
 
@@ -56,6 +73,14 @@ m_processed = counter(
 m_failures = counter("qywx_handler_failures_total", "Messages dead-lettered, by reason", ["reason"])
 m_seconds = histogram("qywx_processing_seconds", "Handler wall time per message")
 m_active = gauge("qywx_active_user_actors", "Live user mailboxes/actors in this host", ["host"])
+# Store unreachable (the limiter wraps RedisError in InfraError; parking raises RedisError).
+INFRA_ERRORS = (InfraError, RedisError, OSError, TimeoutError)
+
+m_bypassed = counter(
+    "qywx_admission_bypassed_total", "Messages admitted unchecked: Redis down, policy process"
+)
+m_parked = counter("qywx_messages_parked_total", "Messages parked behind a user's retry")
+m_unparked = counter("qywx_messages_unparked_total", "Parked messages taken back to process")
 
 
 class State(enum.Enum):
@@ -71,11 +96,26 @@ class Pending:
     delivery: Delivery
     envelope: Envelope
     waiters: list[Delivery] = field(default_factory=list)  # every delivery of this id
+    waited_on: bool = False  # the user is parked behind it: drain the lot after success
+    skip_handler: bool = False  # already done; only resumes a drain a crash interrupted
+    chunk_end: bool = False  # last of a drained chunk: take the next one after it
 
 
 class UserMailbox:
-    def __init__(self, user: str, predecessor: UserMailbox | None, now_s: float) -> None:
+    def __init__(
+        self,
+        user: str,
+        predecessor: UserMailbox | None,
+        now_s: float,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.user = user
+        self.breaker = breaker
+        self.drain_owner: Pending | None = None  # the waited-on message while draining
+        # This host parked the user and has not unparked it yet: a plain new message that
+        # raced past the Redis flag into the queue is moved to the lot, not run.
+        self.parked_local = False
+        self.undropped = 0  # drained items still at the head of the parked list
         self.state = State.ACTIVE
         self.queue: deque[Pending] = deque()
         self.predecessor = predecessor
@@ -95,6 +135,8 @@ class UserMailbox:
             "unfinished": self.unfinished,
             "idle_s": round(max(0.0, now_s - self.last_active_s), 3),
             "processed": self.processed,
+            "parked": self.parked_local,  # parked by this host, not unparked yet
+            "draining": self.drain_owner is not None,
             "waiting_for_predecessor": self.predecessor is not None
             and not self.predecessor.dead.is_set(),
         }
@@ -109,6 +151,10 @@ class CoreOptions:
     completion_flush_ms: float = 20.0
     latency_samples: int = 200_000
     handler_options: dict[str, Any] = field(default_factory=dict)
+    breaker: BreakerSettings | None = None  # per-user circuit breaker; None = none
+    redis_down_policy: str = "stop"  # admission/parking while Redis is down: stop | process
+    redis_retry_max_s: float = 5.0
+    park_drain_chunk: int = 200
 
 
 class HostCore:
@@ -123,6 +169,7 @@ class HostCore:
         completions: CompletionSink,
         dead_letters: DeadLetterSink,
         admission: Admission | None = None,
+        retry_order: RetryOrder | None = None,
         options: CoreOptions | None = None,
         redis: Any = None,
         wecom: Any = None,
@@ -137,6 +184,7 @@ class HostCore:
         self.completions = completions
         self.sink = dead_letters
         self.admission: Admission = admission or AllowAll()
+        self.retry_order = retry_order
         self.opt = options or CoreOptions()
         self.redis = redis
         self.wecom = wecom
@@ -158,7 +206,14 @@ class HostCore:
         self._ctx_log = make_context_logger()
         self.latencies_ms: list[int] = []  # Kafka timestamp -> handler start
         self.arrival_ms: list[int] = []  # Kafka timestamp -> batch reaches this host
-        self.counts: dict[str, int] = {"processed": 0, "duplicate": 0, "dead_letter": 0}
+        self.counts: dict[str, int] = {
+            "processed": 0,
+            "duplicate": 0,
+            "dead_letter": 0,
+            "parked": 0,
+            "unparked": 0,
+            "admission_bypassed": 0,
+        }
         self._published: dict[str, int] = {}
         self._durations_s: list[float] = []
 
@@ -209,8 +264,9 @@ class HostCore:
             self._spawn(self._dead_letter_then_complete(poison, poison_waiters))
         ask = [env.message_id for _, env in parsed if env.message_id not in self.pending]
         done = await self.dedup.already_done(ask) if ask else set()
-        # Everything below runs without an await: pending/recent cannot change under us.
+        # Below, until the next await, pending/recent cannot change under us.
         fresh: list[Pending] = []
+        resume: list[Pending] = []  # done retries: maybe a drain a crash interrupted
         for d, env in parsed:
             mid = env.message_id
             p = self.pending.get(mid)
@@ -219,48 +275,172 @@ class HostCore:
                 continue
             if mid in done or mid in self.dedup.recent:
                 self.counts["duplicate"] += 1
-                self._complete(d)
+                if d.is_retry and self.retry_order is not None:
+                    p = Pending(d, env, [d], skip_handler=True)
+                    self.pending[mid] = p
+                    resume.append(p)
+                else:
+                    self._complete(d)
                 continue
             p = Pending(d, env, [d])
             self.pending[mid] = p
             fresh.append(p)
-        if not fresh:
+        if not fresh and not resume:
             return
-        per_user: dict[str, int] = {}
-        for p in fresh:
-            per_user[p.envelope.external_userid] = per_user.get(p.envelope.external_userid, 0) + 1
-        try:
-            decisions = await self.admission.admit(list(per_user.items()))
-        except Exception as exc:  # protection unavailable: fail open, never block users
-            log.warning("host.admission_failed", host=self.name, error=str(exc))
-            decisions = {u: [None] * n for u, n in per_user.items()}
+        reasons = await self._rate_limit([p for p in fresh if not p.delivery.is_retry])
+        allowed = [p for p in fresh if p.envelope.message_id not in reasons]
+        denied = [
+            (p, reasons[p.envelope.message_id]) for p in fresh if p.envelope.message_id in reasons
+        ]
+        codes = await self._admit_parking([*allowed, *resume])
+        code_of = {
+            p.envelope.message_id: c for p, c in zip([*allowed, *resume], codes, strict=True)
+        }
+        parked_now: dict[str, tuple[Pending, list[Pending]]] = {}  # user -> (blocker, later)
+        n_parked = 0
+        for p in [*fresh, *resume]:  # arrival order per user (resume: skipped dups only)
+            mid = p.envelope.message_id
+            if mid not in code_of:
+                continue  # denied by the rate limiter
+            user = p.envelope.external_userid
+            code = code_of[mid]
+            if p.skip_handler and code != WAITED_ON:
+                self._finish(p, None)  # a plain duplicate
+                continue
+            if code == PARKED:
+                n_parked += 1
+                self._finish(p, None)  # durably parked: its offset counts as processed
+                continue
+            blocked = parked_now.get(user)
+            if blocked is not None:  # behind a message denied in this batch: park it too
+                blocked[1].append(p)
+                continue
+            p.waited_on = code == WAITED_ON
+            mb = self._mailbox_for(user)
+            reason: str | None = None
+            if mb.breaker is not None and not mb.breaker.allow():
+                reason = REASON_CIRCUIT_OPEN
+            elif len(mb.queue) >= self.opt.mailbox_size:
+                reason = REASON_QUEUE_FULL
+                if mb.breaker is not None:
+                    mb.breaker.on_failure()
+                self.admission.on_failure(user)
+            if reason is None:
+                if mb.breaker is not None:
+                    mb.breaker.on_success()
+                self._offer(mb, p)
+                continue
+            denied.append((p, reason))
+            if self.retry_order is not None and self.retry_order.parks(reason):
+                parked_now[user] = (p, [])
+        if n_parked:
+            self.counts["parked"] += n_parked
+            m_parked.inc(n_parked)
+        for user, (blocker, later) in parked_now.items():
+            # Durably parked BEFORE the dead letter is written (parking protocol).
+            self._mailbox_for(user).parked_local = True
+            await self._retry_redis("park", functools.partial(self._park, user, blocker, 0, later))
+            for q in later:
+                self._finish(q, None)
+        if denied:
+            letters = [self._letter(p.delivery, p.envelope, r, f"denied: {r}") for p, r in denied]
+            for _, r in denied:  # dead letters by reason (denials: protect's own counters)
+                m_failures.inc(reason=r)
+            self._spawn(self._dead_letter_then_finish(letters, [p for p, _ in denied]))
+
+    async def _rate_limit(self, items: list[Pending]) -> dict[str, str]:
+        """Denial reason by message id (one round trip); policy applies if Redis is down."""
+        if not items:
+            return {}
+        times: dict[str, list[float]] = {}
+        for p in items:
+            t = p.envelope.send_time or p.delivery.timestamp_ms / 1000.0
+            times.setdefault(p.envelope.external_userid, []).append(float(t))
+        timed = getattr(self.admission, "admit_at", None)
+
+        async def ask() -> dict[str, list[str | None]]:
+            if timed is not None:
+                return await timed(list(times.items()))  # type: ignore[no-any-return]
+            return await self.admission.admit([(u, len(ts)) for u, ts in times.items()])
+
+        decisions = await self._with_policy("admission", ask, len(items))
+        if decisions is None:
+            return {}
         cursor: dict[str, int] = {}
-        denied: list[Pending] = []
-        denied_reasons: list[str] = []
-        for p in fresh:
+        out: dict[str, str] = {}
+        for p in items:
             user = p.envelope.external_userid
             i = cursor.get(user, 0)
             cursor[user] = i + 1
-            reasons = decisions.get(user) or []
-            reason = reasons[i] if i < len(reasons) else None
-            if reason is None:
-                mb = self._mailbox_for(user)
-                if len(mb.queue) >= self.opt.mailbox_size:
-                    reason = REASON_QUEUE_FULL
-                    self.admission.on_failure(user)
-                else:
-                    self._offer(mb, p)
-                    continue
-            denied.append(p)
-            denied_reasons.append(reason)
-        if denied:
-            letters = [
-                self._letter(p.delivery, p.envelope, r, f"denied: {r}")
-                for p, r in zip(denied, denied_reasons, strict=True)
-            ]
-            for r in denied_reasons:
-                m_failures.inc(reason=r)
-            self._spawn(self._dead_letter_then_finish(letters, denied))
+            got = decisions.get(user) or []
+            reason = got[i] if i < len(got) else None
+            if reason is not None:
+                out[p.envelope.message_id] = reason
+        return out
+
+    async def _admit_parking(self, items: list[Pending]) -> list[int]:
+        if not items:
+            return []
+        order = self.retry_order
+        if order is None:
+            return [ADMITTED] * len(items)
+        request = [
+            (
+                p.envelope.external_userid,
+                p.envelope.message_id,
+                p.delivery.value,
+                p.delivery.is_retry or p.skip_handler,
+            )
+            for p in items
+        ]
+
+        async def ask() -> list[int]:
+            return await order.admit(request)
+
+        codes = await self._with_policy("parking", ask, len(items))
+        return [ADMITTED] * len(items) if codes is None else codes
+
+    async def _with_policy(self, what: str, call: Callable[[], Awaitable[Any]], n: int) -> Any:
+        """Redis-backed protection: policy stop retries with backoff (the batch waits, so
+        nothing completes and commits do not advance); policy process admits and counts.
+        Returns None when bypassed. Only infrastructure errors are retried: any other
+        error is a bug, and retrying a call that may have recorded state would count
+        the batch twice, so it propagates (crash-only: the host restarts)."""
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except INFRA_ERRORS as exc:
+                if self.opt.redis_down_policy == "process":
+                    self.counts["admission_bypassed"] += n
+                    m_bypassed.inc(n)
+                    log.warning("host.admission_bypassed", what=what, n=n, error=str(exc))
+                    return None
+                log.warning("host.admission_retry", what=what, delay_s=delay, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.opt.redis_retry_max_s)
+
+    async def _retry_redis(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Order-critical parking writes: retried until they succeed, whatever the policy."""
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except INFRA_ERRORS as exc:
+                log.warning("host.parking_retry", what=what, delay_s=delay, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.opt.redis_retry_max_s)
+
+    async def _park(
+        self, user: str, blocker: Pending, drop_first: int, later: list[Pending]
+    ) -> None:
+        assert self.retry_order is not None
+        await self.retry_order.park(
+            user, blocker.envelope.message_id, drop_first, [q.delivery.value for q in later]
+        )
+        if later:
+            self.counts["parked"] += len(later)
+            m_parked.inc(len(later))
 
     # ------------------------------------------------------------ mailboxes
 
@@ -269,7 +449,10 @@ class HostCore:
         if mb is not None and mb.state is State.ACTIVE:
             return mb
         predecessor = mb if mb is not None and mb.state is State.DYING else None
-        new = UserMailbox(user, predecessor, self.clock())
+        breaker = None
+        if self.opt.breaker is not None:
+            breaker = CircuitBreaker(self.opt.breaker, user=user, clock=self.clock)
+        new = UserMailbox(user, predecessor, self.clock(), breaker)
         self.mailboxes[user] = new
         return new
 
@@ -325,15 +508,21 @@ class HostCore:
     async def _process(self, mb: UserMailbox, p: Pending) -> None:
         env = p.envelope
         d = p.delivery
+        if p.skip_handler:  # done before a crash cut its drain short: resume the drain
+            await self._drain(mb, p, 0)
+            return
+        plain = not (p.waited_on or d.is_retry or d.partition < 0)
+        if mb.parked_local and plain and await self._move_to_lot(mb, p):
+            return
         start_ms = self.wall_ms()
-        if len(self.latencies_ms) < self.opt.latency_samples:
+        if d.partition >= 0 and len(self.latencies_ms) < self.opt.latency_samples:
             self.latencies_ms.append(start_ms - d.timestamp_ms)
         ctx = HandlerContext(
             user_id=env.external_userid,
             open_kfid=env.open_kfid,
             message_id=env.message_id,
             envelope=env,
-            attempt=1,
+            attempt=d.retry_count + 1,
             log=self._ctx_log,
             redis=self.redis,
             wecom=self.wecom,
@@ -354,16 +543,124 @@ class HostCore:
         if reason is None:
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
+            if p.waited_on:  # durable done-flag first, then the parked messages, in order
+                durable = asyncio.get_running_loop().create_future()
+                self.dedup.mark_done(env.message_id, lambda: durable.set_result(None))
+                await durable
+                await self._drain(mb, p, 0)
+                return
             self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
+            if p.chunk_end:
+                await self._drain_next(mb)
             return
         self.admission.on_failure(mb.user)
         m_failures.inc(reason=reason)
         log.warning(
             "handler.failed", user=mb.user, message_id=env.message_id, reason=reason, error=error
         )
+        if self.retry_order is not None and self.retry_order.parks(reason):
+            # Park the user behind this message (with its queued later messages, in order,
+            # and minus a drained chunk still at the list head) BEFORE the dead letter.
+            later = list(mb.queue)[1:]
+            drop, owner = mb.undropped, mb.drain_owner
+            mb.parked_local = True
+            await self._retry_redis("park", functools.partial(self._park, mb.user, p, drop, later))
+            # Only the snapshot was parked: what arrived meanwhile stays queued behind
+            # and is moved to the lot when its turn comes (parked_local).
+            rest = list(mb.queue)[1 + len(later) :]
+            mb.queue.clear()
+            mb.queue.append(p)
+            mb.queue.extend(rest)
+            for q in later:
+                self._finish(q, mb)
+            mb.undropped, mb.drain_owner = 0, None
+            await self._durable_dead_letter([self._letter(d, env, reason, error)])
+            self._finish(p, mb)
+            if owner is not None and owner is not p:
+                self._finish(owner, mb)
+            return
         # Durable before we move on: the user's next message waits for this dead letter.
         await self._durable_dead_letter([self._letter(d, env, reason, error)])
         self._finish(p, mb)
+        if p.chunk_end:  # not retried (e.g. invalid): the rest of the lot goes on
+            await self._drain_next(mb)
+
+    async def _move_to_lot(self, mb: UserMailbox, p: Pending) -> bool:
+        """A plain message queued for a user this host parked: append it to the lot (in
+        order). False: the user is no longer parked in Redis (e.g. released after a
+        manual review), so it runs now."""
+        assert self.retry_order is not None
+        order = self.retry_order
+        item = [(mb.user, p.envelope.message_id, p.delivery.value, False)]
+        codes = await self._retry_redis("move", functools.partial(order.admit, item))
+        if codes[0] != PARKED:
+            mb.parked_local = False
+            return False
+        self.counts["parked"] += 1
+        m_parked.inc()
+        self._finish(p, mb)
+        return True
+
+    async def _drain_next(self, mb: UserMailbox) -> None:
+        owner = mb.drain_owner
+        if owner is not None:
+            await self._drain(mb, owner, mb.undropped)
+
+    async def _drain(self, mb: UserMailbox, owner: Pending, drop_n: int) -> None:
+        """Feed the next parked messages into the mailbox, right after the current one
+        (before anything new); finish `owner` once the lot is empty and the user free."""
+        assert self.retry_order is not None
+        order = self.retry_order
+        user, mid = mb.user, owner.envelope.message_id
+        chunk = self.opt.park_drain_chunk
+        while True:
+            status, raw = await self._retry_redis(
+                "advance", functools.partial(order.advance, user, mid, drop_n, chunk)
+            )
+            if status != 1:  # 2: drained and unparked; 0: no longer waiting on it
+                mb.drain_owner, mb.undropped = None, 0
+                mb.parked_local = False
+                self._finish(owner, mb)
+                if status == 2:
+                    log.info("host.unparked", user=user, after=mid)
+                return
+            items: list[tuple[Delivery, Envelope]] = []
+            for value in raw:
+                try:
+                    env = Envelope.from_bytes(value)
+                except EnvelopeError:  # never parked unparsed; skip rather than block
+                    log.error("host.parked_unreadable", user=user)
+                    continue
+                d = owner.delivery._replace(
+                    partition=-1,
+                    offset=-1,
+                    value=value,
+                    msg_id=env.message_id,
+                    retry_count=0,
+                    is_retry=False,
+                )
+                items.append((d, env))
+            ids = [e.message_id for _, e in items if e.message_id not in self.pending]
+            done = await self.dedup.already_done(ids) if ids else set()
+            take = [
+                Pending(d, e, [])
+                for d, e in items
+                if e.message_id not in done
+                and e.message_id not in self.pending
+                and e.message_id not in self.dedup.recent
+            ]
+            if not take:
+                drop_n = len(raw)
+                continue
+            self.counts["unparked"] += len(take)
+            m_unparked.inc(len(take))
+            take[-1].chunk_end = True
+            mb.drain_owner, mb.undropped = owner, len(raw)
+            for i, q in enumerate(take):
+                self.pending[q.envelope.message_id] = q
+                mb.queue.insert(1 + i, q)
+                mb.unfinished += 1
+            return
 
     def _finish(self, p: Pending, mb: UserMailbox | None) -> None:
         self.pending.pop(p.envelope.message_id, None)
@@ -388,6 +685,7 @@ class HostCore:
             timestamp_ms=d.timestamp_ms,
             value=d.value,
             retryable=reason in RETRYABLE_REASONS,
+            attempt=d.retry_count + 1,  # so dlq.max_retries bounds a message's retries
         )
 
     async def _durable_dead_letter(self, letters: Sequence[DeadLetter]) -> None:

@@ -13,34 +13,41 @@ Host protocol (consume side):
   3. when a retried message (or the waited-on message) of a parked user succeeds:
      `peek_parked` → process in order before anything new → `drop_parked(n)`; repeat
      until empty; then `try_unpark` (False: more arrived meanwhile, keep draining).
+`AsyncParkingLot` is the host's asyncio form of the same protocol (consume.types.RetryOrder):
+admit codes tell the waited-on message apart, and `advance` = drop + peek + unpark in one
+atomic step, `park(drop_first=…)` re-parks a half-drained chunk without a window of loss.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import redis
+import redis.asyncio as aioredis
 
 from qywx_ray.dlq.message import FailureReason, is_recoverable
 from qywx_ray.dlq.settings import DLQSettings
+from qywx_ray.settings import Settings
+from qywx_ray.store.client import make_async_redis
 
 FLAG_PREFIX = "qywx:park:"
 LIST_PREFIX = "qywx:parked:"
 
 _ADMIT = """
 -- KEYS: (flag, list) per item; ARGV: (message_id, envelope, is_retry) per item
+-- 1 = process, 0 = parked, 2 = process: it is the very message the user waits on
 local out = {}
 for i = 1, #KEYS / 2 do
   local flag = KEYS[2 * i - 1]
   local mid = ARGV[3 * i - 2]
   local ok = 1
-  if ARGV[3 * i] ~= '1' then
-    local waiting = redis.call('GET', flag)
-    if waiting and waiting ~= mid then
-      redis.call('RPUSH', KEYS[2 * i], ARGV[3 * i - 1])
-      ok = 0
-    end
+  local waiting = redis.call('GET', flag)
+  if waiting and waiting == mid then
+    ok = 2
+  elseif waiting and ARGV[3 * i] ~= '1' then
+    redis.call('RPUSH', KEYS[2 * i], ARGV[3 * i - 1])
+    ok = 0
   end
   out[i] = ok
 end
@@ -48,13 +55,31 @@ return out
 """
 
 _PARK = """
--- KEYS: flag, list; ARGV: message_id, pending envelopes...
+-- KEYS: flag, list; ARGV: message_id, drop_first, pending envelopes...
 redis.call('SET', KEYS[1], ARGV[1])
+local drop = tonumber(ARGV[2])
+if drop > 0 then redis.call('LTRIM', KEYS[2], drop, -1) end
 -- pending mailbox items precede everything parked: they go to the FRONT, in order.
-for i = #ARGV, 2, -1 do
+for i = #ARGV, 3, -1 do
   redis.call('LPUSH', KEYS[2], ARGV[i])
 end
 return 1
+"""
+
+_ADVANCE = """
+-- KEYS: flag, list; ARGV: message_id, drop_n, max_n
+-- {0} not waiting on it; {2} drained and unparked; {1, items...} next items (left in place)
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
+local drop = tonumber(ARGV[2])
+if drop > 0 then redis.call('LTRIM', KEYS[2], drop, -1) end
+local items = redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+if #items == 0 then
+  redis.call('DEL', KEYS[1])
+  return {2}
+end
+local out = {1}
+for i = 1, #items do out[i + 1] = items[i] end
+return out
 """
 
 _TAKE = """
@@ -121,7 +146,7 @@ class Parking:
         """
         if reason is not None and not parks_for(reason, self._settings):
             return False
-        self._park(keys=[FLAG_PREFIX + user, LIST_PREFIX + user], args=[message_id, *pending])
+        self._park(keys=[FLAG_PREFIX + user, LIST_PREFIX + user], args=[message_id, 0, *pending])
         return True
 
     def is_parked(self, user: str) -> bool:
@@ -151,3 +176,54 @@ class Parking:
 
     def parked_count(self, user: str) -> int:
         return int(cast(int, self._r.llen(LIST_PREFIX + user)))
+
+
+def _reason(reason: str) -> FailureReason:
+    try:
+        return FailureReason(reason)
+    except ValueError:
+        return FailureReason.DOWNSTREAM_ERROR
+
+
+class AsyncParkingLot:
+    """consume.types.RetryOrder over Redis (asyncio client); every call one EVALSHA."""
+
+    def __init__(self, client: aioredis.Redis, settings: DLQSettings) -> None:
+        self._settings = settings
+        self._admit = client.register_script(_ADMIT)
+        self._park = client.register_script(_PARK)
+        self._advance = client.register_script(_ADVANCE)
+
+    def parks(self, reason: str) -> bool:
+        return parks_for(_reason(reason), self._settings)
+
+    async def admit(self, items: Sequence[AdmitItem]) -> list[int]:
+        if not items:
+            return []
+        keys: list[str] = []
+        args: list[str | bytes] = []
+        for user, message_id, envelope, is_retry in items:
+            keys += [FLAG_PREFIX + user, LIST_PREFIX + user]
+            args += [message_id, envelope, "1" if is_retry else "0"]
+        return [int(x) for x in await self._admit(keys=keys, args=args)]
+
+    async def park(
+        self, user: str, message_id: str, drop_first: int, pending: Sequence[bytes]
+    ) -> None:
+        await self._park(
+            keys=[FLAG_PREFIX + user, LIST_PREFIX + user],
+            args=[message_id, drop_first, *pending],
+        )
+
+    async def advance(
+        self, user: str, message_id: str, drop_n: int, max_n: int
+    ) -> tuple[int, list[bytes]]:
+        reply: Any = await self._advance(
+            keys=[FLAG_PREFIX + user, LIST_PREFIX + user], args=[message_id, drop_n, max_n]
+        )
+        return int(reply[0]), list(reply[1:])
+
+
+def make_async_parking(settings: Settings) -> AsyncParkingLot:
+    """Hook factory (`consume.retry_order`): the parking lot on the configured Redis."""
+    return AsyncParkingLot(make_async_redis(settings.redis), settings.dlq)

@@ -44,6 +44,7 @@ def fault_settings(make_settings: Callable[..., Settings], unique: str, **consum
     base.update(consume)
     return make_settings(
         consume=base,
+        protect={"enabled": False},  # these tests push many messages per user at once
         kafka={
             "consumer": {
                 "session_timeout_ms": 6000,

@@ -46,6 +46,7 @@ def life_settings(make_settings: Callable[..., Settings], unique: str, **consume
     base.update(consume)
     return make_settings(
         consume=base,
+        protect={"enabled": False},  # these tests push many messages per user at once
         kafka={"consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}},
     )
 

@@ -44,6 +44,7 @@ def consume_settings(
     base.update(consume)
     return make_settings(
         consume=base,
+        protect={"enabled": False},  # these tests push many messages per user at once
         kafka={"consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}},
     )
 
@@ -182,7 +183,7 @@ def test_failed_message_goes_to_dlq_topic_then_commits(
 ) -> None:
     from confluent_kafka import Consumer
 
-    from qywx_ray.consume.types import DeadLetter
+    from qywx_ray.dlq.message import DeadLetterMessage
     from qywx_ray.kafka.config import consumer_config
 
     s = consume_settings(make_settings, unique)
@@ -196,11 +197,11 @@ def test_failed_message_goes_to_dlq_topic_then_commits(
     assert wait_for(lambda: redis_client.llen(RECORD) == len(good), 60)
     dlq = Consumer(consumer_config(s.kafka, group_id=f"dlq-reader-{unique}"))
     dlq.subscribe([s.kafka.dlq_topic.name])
-    letters: list[DeadLetter] = []
+    letters: list[DeadLetterMessage] = []
 
     def read_dlq() -> bool:
         letters.extend(
-            DeadLetter.from_json(m.value()) for m in dlq.consume(10, 0.5) if not m.error()
+            DeadLetterMessage.from_bytes(m.value()) for m in dlq.consume(10, 0.5) if not m.error()
         )
         return bool(letters)
 
@@ -209,11 +210,15 @@ def test_failed_message_goes_to_dlq_topic_then_commits(
     finally:
         dlq.close()
     [letter] = letters
-    assert (letter.reason, letter.retryable, letter.message_id) == (
+    assert (letter.failure_reason.value, letter.recoverable, letter.message_id) == (
         "invalid_message",
         False,
         bad.message_id,
     )
-    assert (letter.topic, letter.partition, letter.offset) == (s.kafka.main_topic.name, part, off)
+    assert (letter.source_topic, letter.source_partition, letter.source_offset) == (
+        s.kafka.main_topic.name,
+        part,
+        off,
+    )
     total = len(good) + 1  # the dead-lettered message is complete too: commits pass it
     assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == total, 20)
