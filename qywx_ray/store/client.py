@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlparse
 
 import redis
@@ -20,53 +21,35 @@ def _sentinel_hosts(settings: RedisSettings) -> list[tuple[str, int]]:
     return hosts
 
 
+def _common(settings: RedisSettings) -> dict[str, Any]:
+    return {"socket_timeout": settings.socket_timeout_s, "password": settings.password or None}
+
+
+def _pool_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    """A blocking pool: when every connection is busy a caller waits (bounded), not fails."""
+    return {
+        **_common(settings),
+        "max_connections": settings.max_connections,
+        "timeout": settings.pool_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+    }
+
+
 def make_redis(settings: RedisSettings) -> redis.Redis:
     """A synchronous client; in sentinel mode it follows the current master."""
     if settings.mode == "sentinel":
-        sentinel = Sentinel(
-            _sentinel_hosts(settings),
-            socket_timeout=settings.socket_timeout_s,
-            password=settings.password or None,
-        )
-        return sentinel.master_for(
-            settings.master_name,
-            db=settings.db,
-            socket_timeout=settings.socket_timeout_s,
-            password=settings.password or None,
-        )
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.url,
-        max_connections=settings.max_connections,
-        timeout=settings.pool_timeout_s,
-        socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
-        password=settings.password or None,
-    )
+        sentinel = Sentinel(_sentinel_hosts(settings), **_common(settings))
+        return sentinel.master_for(settings.master_name, db=settings.db, **_common(settings))
+    pool = redis.BlockingConnectionPool.from_url(settings.url, **_pool_kwargs(settings))
     return redis.Redis(connection_pool=pool)
 
 
 def make_async_redis(settings: RedisSettings) -> aioredis.Redis:
     """An asyncio client; in sentinel mode it follows the current master."""
     if settings.mode == "sentinel":
-        sentinel = AsyncSentinel(
-            _sentinel_hosts(settings),
-            socket_timeout=settings.socket_timeout_s,
-            password=settings.password or None,
-        )
-        return sentinel.master_for(
-            settings.master_name,
-            db=settings.db,
-            socket_timeout=settings.socket_timeout_s,
-            password=settings.password or None,
-        )
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.url,
-        max_connections=settings.max_connections,
-        timeout=settings.pool_timeout_s,
-        socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
-        password=settings.password or None,
-    )
+        sentinel = AsyncSentinel(_sentinel_hosts(settings), **_common(settings))
+        return sentinel.master_for(settings.master_name, db=settings.db, **_common(settings))
+    pool = aioredis.BlockingConnectionPool.from_url(settings.url, **_pool_kwargs(settings))
     return aioredis.Redis(connection_pool=pool)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ import ray
 import redis as redis_lib
 
 from qywx_ray.consume.partition_consumer import PartitionConsumer
-from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers, stop_consumers
+from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers
 from qywx_ray.consume.testing import (
     check_order,
     committed_offsets,
@@ -23,44 +23,11 @@ from qywx_ray.consume.testing import (
     wait_for,
 )
 from qywx_ray.settings import Settings
+from tests.integration.conftest import consume_test_settings
 
 pytestmark = pytest.mark.integration
 
 RECORD = "qywx:test:record"
-
-
-def fault_settings(make_settings: Callable[..., Settings], unique: str, **consume: Any) -> Settings:
-    base: dict[str, Any] = {
-        "namespace": f"qywx-test-{unique}",
-        "name_prefix": f"t{unique}",
-        "handler": "qywx_ray.consume.handlers:recording_handler",
-        "num_hosts": 2,
-        "num_consumers": 1,
-        "commit_interval_s": 0.2,
-        "completion_flush_ms": 10,
-        "health_check_interval_s": 0.5,
-        "revoke_wait_s": 10,
-    }
-    base.update(consume)
-    return make_settings(
-        consume=base,
-        protect={"enabled": False},  # these tests push many messages per user at once
-        kafka={
-            "consumer": {
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
-                "poll_batch_max": 200,
-            }
-        },
-    )
-
-
-@pytest.fixture
-def started(ray_session: None) -> Iterator[list[ConsumePipeline]]:
-    pipelines: list[ConsumePipeline] = []
-    yield pipelines
-    for p in pipelines:
-        stop_consumers(p, timeout_s=15)
 
 
 def _pid(actor: Any) -> int | None:
@@ -88,7 +55,7 @@ def test_kill_9_host_actor_mid_stream(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = fault_settings(make_settings, unique)
+    s = consume_test_settings(make_settings, unique, kafka_consumer={"poll_batch_max": 200})
     ensure_topics(s)
     msgs = envelopes(200, 30)
     produce(s, msgs)
@@ -116,7 +83,7 @@ def test_kill_9_consumer_actor_mid_stream(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = fault_settings(make_settings, unique)
+    s = consume_test_settings(make_settings, unique, kafka_consumer={"poll_batch_max": 200})
     ensure_topics(s)
     msgs = envelopes(200, 30)
     produce(s, msgs)
@@ -144,7 +111,9 @@ def test_second_consumer_joins_and_leaves_mid_stream(
     started: list[ConsumePipeline],
 ) -> None:
     # Dynamic membership so a leaving consumer hands its partitions back at once.
-    s = fault_settings(make_settings, unique, static_membership=False)
+    s = consume_test_settings(
+        make_settings, unique, kafka_consumer={"poll_batch_max": 200}, static_membership=False
+    )
     ensure_topics(s)
     first = envelopes(200, 20)
     produce(s, first)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import ray
@@ -13,7 +12,6 @@ import redis as redis_lib
 from qywx_ray.consume.pipeline import (
     ConsumePipeline,
     start_consumers,
-    stop_consumers,
     user_actor_names,
 )
 from qywx_ray.consume.testing import (
@@ -26,37 +24,11 @@ from qywx_ray.consume.testing import (
 )
 from qywx_ray.envelope import Envelope
 from qywx_ray.settings import Settings
+from tests.integration.conftest import consume_test_settings
 
 pytestmark = pytest.mark.integration
 
 RECORD = "qywx:test:record"
-
-
-def life_settings(make_settings: Callable[..., Settings], unique: str, **consume: Any) -> Settings:
-    base: dict[str, Any] = {
-        "namespace": f"qywx-test-{unique}",
-        "name_prefix": f"t{unique}",
-        "handler": "qywx_ray.consume.handlers:recording_handler",
-        "num_hosts": 2,
-        "num_consumers": 1,
-        "commit_interval_s": 0.2,
-        "completion_flush_ms": 10,
-        "health_check_interval_s": 0.5,
-    }
-    base.update(consume)
-    return make_settings(
-        consume=base,
-        protect={"enabled": False},  # these tests push many messages per user at once
-        kafka={"consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}},
-    )
-
-
-@pytest.fixture
-def started(ray_session: None) -> Iterator[list[ConsumePipeline]]:
-    pipelines: list[ConsumePipeline] = []
-    yield pipelines
-    for p in pipelines:
-        stop_consumers(p, timeout_s=15)
 
 
 def _rounds(users: int, rounds: int) -> list[list[Envelope]]:
@@ -84,7 +56,7 @@ def test_dedicated_mode_order_idle_exit_and_death_race(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = life_settings(
+    s = consume_test_settings(
         make_settings, unique, mode="dedicated", idle_lifetime_s=1.0, idle_sweep_interval_s=0.1
     )
     ensure_topics(s)
@@ -121,7 +93,7 @@ def test_hosted_idle_expiry_then_new_mailbox(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = life_settings(make_settings, unique, idle_lifetime_s=0.5, idle_sweep_interval_s=0.1)
+    s = consume_test_settings(make_settings, unique, idle_lifetime_s=0.5, idle_sweep_interval_s=0.1)
     ensure_topics(s)
     msgs = envelopes(30, 5)
     produce(s, msgs)
@@ -150,7 +122,7 @@ def test_dedicated_cap_falls_back_to_hosted(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = life_settings(make_settings, unique, mode="dedicated", max_dedicated_actors=2)
+    s = consume_test_settings(make_settings, unique, mode="dedicated", max_dedicated_actors=2)
     ensure_topics(s)
     msgs = envelopes(6, 5)
     produce(s, msgs)

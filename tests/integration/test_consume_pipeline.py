@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import redis as redis_lib
 
 from qywx_ray.consume.introspect import list_users
-from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers, stop_consumers
+from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers
 from qywx_ray.consume.testing import (
     check_order,
     committed_offsets,
@@ -21,40 +20,11 @@ from qywx_ray.consume.testing import (
     wait_for,
 )
 from qywx_ray.settings import Settings
+from tests.integration.conftest import consume_test_settings
 
 pytestmark = pytest.mark.integration
 
 RECORD = "qywx:test:record"
-
-
-def consume_settings(
-    make_settings: Callable[..., Settings], unique: str, **consume: Any
-) -> Settings:
-    base: dict[str, Any] = {
-        "namespace": f"qywx-test-{unique}",
-        "name_prefix": f"t{unique}",
-        "handler": "qywx_ray.consume.handlers:recording_handler",
-        "num_hosts": 2,
-        "num_consumers": 1,
-        "commit_interval_s": 0.2,
-        "completion_flush_ms": 10,
-        "handler_timeout_s": 20,
-        "revoke_wait_s": 10,
-    }
-    base.update(consume)
-    return make_settings(
-        consume=base,
-        protect={"enabled": False},  # these tests push many messages per user at once
-        kafka={"consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}},
-    )
-
-
-@pytest.fixture
-def started(ray_session: None) -> Iterator[list[ConsumePipeline]]:
-    pipelines: list[ConsumePipeline] = []
-    yield pipelines
-    for p in pipelines:
-        stop_consumers(p, timeout_s=15)
 
 
 def test_round_trip(
@@ -63,7 +33,7 @@ def test_round_trip(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = consume_settings(make_settings, unique)
+    s = consume_test_settings(make_settings, unique)
     ensure_topics(s)
     msgs = envelopes(5, 4)
     produce(s, msgs)
@@ -86,7 +56,7 @@ def test_order_10000_messages_500_users_hosted(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = consume_settings(make_settings, unique, num_consumers=2, commit_interval_s=0.5)
+    s = consume_test_settings(make_settings, unique, num_consumers=2, commit_interval_s=0.5)
     ensure_topics(s)
     msgs = envelopes(500, 20)
     produce(s, msgs)
@@ -108,7 +78,7 @@ def test_slow_user_holds_neither_others_nor_commits_past_it(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = consume_settings(make_settings, unique)
+    s = consume_test_settings(make_settings, unique)
     ensure_topics(s)
     release = f"release-{unique}"
     held = envelopes(1, 1, prefix="slow", hold=release)[0]
@@ -149,7 +119,7 @@ def test_backpressure_pauses_fetch_at_the_inflight_cap(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = consume_settings(make_settings, unique, max_inflight_per_consumer=30)
+    s = consume_test_settings(make_settings, unique, max_inflight_per_consumer=30)
     s.kafka.consumer.poll_batch_max = 10
     ensure_topics(s)
     release = f"release-{unique}"
@@ -186,7 +156,7 @@ def test_failed_message_goes_to_dlq_topic_then_commits(
     from qywx_ray.dlq.message import DeadLetterMessage
     from qywx_ray.kafka.config import consumer_config
 
-    s = consume_settings(make_settings, unique)
+    s = consume_test_settings(make_settings, unique)
     ensure_topics(s)
     bad = envelopes(1, 1, prefix="bad", fail="permanent")[0]
     part, off = produce_one(s, bad)
