@@ -38,9 +38,16 @@ class LocalStack:
             DEV_REDIS_PORT
         )
 
-    def up(self) -> list[str]:
-        """Start what is not running; returns what was started."""
+    def up(self, fresh: bool = False) -> list[str]:
+        """Start what is not running; returns what was started.
+
+        `fresh`: a service that has to be started starts from empty data."""
         started = []
+        if fresh and not self.running():
+            import shutil
+
+            for sub in (f"kafka-{self.brokers}", "redis"):
+                shutil.rmtree(self.root / sub, ignore_errors=True)
         if not all(port_open(p) for p in DEV_KAFKA_PORTS[self.brokers]):
             KafkaCluster(
                 self.root / f"kafka-{self.brokers}",
