@@ -73,6 +73,7 @@ def ray_session() -> Iterator[None]:
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a fresh local Ray, even if a `ray start` cluster runs
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,

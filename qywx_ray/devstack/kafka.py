@@ -190,8 +190,8 @@ class KafkaCluster:
                 "kafka.tools.StorageTool",
                 "format",
                 "--ignore-formatted",
-                "-t",
-                _kafka_uuid(self.cluster_id),
+                # `=` form: a base64url id may start with "-" and read as an option.
+                f"--cluster-id={_kafka_uuid(self.cluster_id)}",
                 "-c",
                 str(node.workdir / "server.properties"),
             )

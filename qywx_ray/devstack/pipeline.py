@@ -125,9 +125,9 @@ class LocalPipeline:
         assert self.kafka is not None
         self.kafka.kill9(node_id)
 
-    def restart_broker(self, node_id: int = 1) -> None:
+    def restart_broker(self, node_id: int = 1, timeout_s: float = 180.0) -> None:
         assert self.kafka is not None
-        self.kafka.start_node(node_id)
+        self.kafka.start_node(node_id, timeout_s=timeout_s)
 
     def kill_redis(self) -> None:
         assert self.redis is not None

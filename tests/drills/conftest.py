@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from qywx_ray.devstack.pipeline import AuditResult, LocalPipeline
+from qywx_ray.devstack.pipeline import RECORD_KEY, AuditResult, LocalPipeline
 from qywx_ray.settings import _deep_merge
 
 # The drills chat at machine speed (10 messages per customer in a few seconds), far above
@@ -79,5 +79,36 @@ def finish(
     p.wait_drained(expected, timeout_s=timeout_s, processed=processed)
     result = p.audit()
     print(f"\ndrill audit: {result.line()}")
+    if not result.ok:
+        print(evidence(p))
     assert result.ok, result.details[:10]
     return result
+
+
+def evidence(p: LocalPipeline) -> str:
+    """What a failed audit needs to be diagnosed: per user, the order in which side
+    effects were recorded and the handler calls, as positions in the simulator's truth
+    (e.g. `0 1 3 2`), plus where Ray keeps the workers' logs."""
+    assert p.sim is not None
+    client = p.redis_client()
+    truth = p.sim.truth()
+    records = [x.decode().partition("|") for x in client.lrange(RECORD_KEY, 0, -1)]
+    calls = [x.decode().partition("|") for x in client.lrange(f"{RECORD_KEY}:calls", 0, -1)]
+    lines = []
+    for users in truth.values():
+        for user, ids in users.items():
+            pos = {m: i for i, m in enumerate(ids)}
+            got = [pos.get(m, -1) for u, _, m in records if u == user]
+            called = [pos.get(m, -1) for u, _, m in calls if u == user]
+            if got != sorted(got) or len(called) != len(set(called)) or len(got) < len(ids):
+                lines.append(f"user {user} ({len(ids)} msgs)")
+                lines.append(f"  effects: {' '.join(map(str, got))}")
+                lines.append(f"  calls:   {' '.join(map(str, called))}")
+    try:
+        from ray._private.worker import global_worker
+
+        node: Any = global_worker.node
+        lines.append(f"ray logs: {node.get_session_dir_path()}/logs")
+    except Exception as exc:  # evidence is best effort; the audit already failed
+        lines.append(f"ray logs: unknown ({exc!r})")
+    return "\n".join(["drill evidence:", *lines])

@@ -12,13 +12,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from qywx_ray.devstack.pipeline import LocalPipeline
 from tests.drills.conftest import chat, finish
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Each drill: pipeline start (~1 min) + fault + a bounded drain; the global 300 s is too short.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+RESTART_BROKER_TIMEOUT_S = 180.0
 
 
 class Chatter:
@@ -27,13 +32,17 @@ class Chatter:
     def __init__(self, p: LocalPipeline, kfids: list[str], users: int) -> None:
         self.p, self.kfids, self.users = p, kfids, users
         self.total = 0
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.total += chat(self.p, self.kfids, self.users, rounds=1, per_round=1)
-            self._stop.wait(0.2)
+        try:
+            while not self._stop.is_set():
+                self.total += chat(self.p, self.kfids, self.users, rounds=1, per_round=1)
+                self._stop.wait(0.2)
+        except BaseException as exc:  # surfaced in __exit__: a silent stop would hide it
+            self.error = exc
 
     def __enter__(self) -> Chatter:
         self._thread.start()
@@ -42,6 +51,54 @@ class Chatter:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the chatter did not stop within 30 s"
+        if self.error is not None:
+            raise AssertionError(f"the chatter failed: {self.error!r}") from self.error
+        print(f"\ndrill: {self.total} messages injected")
+
+
+def _restart_broker(p: LocalPipeline, node_id: int) -> None:
+    """Restart a killed broker, waiting longer than LocalPipeline's 60 s: a JVM restart
+    with log recovery took ~60 s here on 2 loaded cores (listening at 60.1 s once)."""
+    assert p.kafka is not None
+    p.kafka.start_node(node_id, timeout_s=RESTART_BROKER_TIMEOUT_S)
+
+
+def _serve_replica_pid(app: str) -> int:
+    """PID of a live replica of `app`, from the GCS actor table (the drills' Ray runs
+    without a dashboard, so the state API is not there). Fails if there is none: a drill
+    that silently kills nothing would pass without testing anything."""
+    from ray._private.state import actors
+
+    for info in actors(actor_state_name="ALIVE").values():
+        if str(info.get("ActorClassName", "")).startswith(f"ServeReplica:{app}:"):
+            return int(info["Pid"])
+    raise AssertionError(f"no live Serve replica of {app}")
+
+
+def _leader_of_busiest_partition(p: LocalPipeline) -> int:
+    """The broker leading the main-topic partition with the most records so far: killing
+    the leader of an idle partition would test nothing."""
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    assert p.settings is not None
+    k = p.settings.kafka
+    topic = k.main_topic.name
+    md = AdminClient({"bootstrap.servers": k.bootstrap_servers}).list_topics(topic, timeout=10)
+    c = Consumer({"bootstrap.servers": k.bootstrap_servers, "group.id": "drill-probe"})
+    try:
+        ends = {
+            pid: c.get_watermark_offsets(TopicPartition(topic, pid), timeout=10)[1]
+            for pid in md.topics[topic].partitions
+        }
+    finally:
+        c.close()
+    busiest = max(ends, key=lambda pid: ends[pid])
+    assert ends[busiest] > 0, f"no records on {topic} yet: {ends}"
+    leader = int(md.topics[topic].partitions[busiest].leader)
+    print(f"\ndrill: killing broker {leader}, leader of partition {busiest} ({ends})")
+    return leader
 
 
 def test_kafka_fully_down_60s(pipeline_factory: Callable[..., LocalPipeline]) -> None:
@@ -50,7 +107,7 @@ def test_kafka_fully_down_60s(pipeline_factory: Callable[..., LocalPipeline]) ->
         time.sleep(5)
         p.kill_broker(1)
         time.sleep(60)  # the fault's duration, not a synchronisation
-        p.restart_broker(1)
+        _restart_broker(p, 1)
         time.sleep(5)
     finish(p, chatter.total, timeout_s=240)
 
@@ -69,19 +126,14 @@ def test_redis_down_10s(pipeline_factory: Callable[..., LocalPipeline]) -> None:
 def test_three_brokers_leader_of_busy_partition_killed(
     pipeline_factory: Callable[..., LocalPipeline],
 ) -> None:
-    from confluent_kafka.admin import AdminClient
-
     p = pipeline_factory(brokers=3)
     assert p.settings is not None
     with Chatter(p, ["wkL"], users=10) as chatter:
         time.sleep(5)
-        md = AdminClient({"bootstrap.servers": p.settings.kafka.bootstrap_servers}).list_topics(
-            p.settings.kafka.main_topic.name, timeout=10
-        )
-        leader = md.topics[p.settings.kafka.main_topic.name].partitions[0].leader
+        leader = _leader_of_busiest_partition(p)
         p.kill_broker(leader)
         time.sleep(20)
-        p.restart_broker(leader)
+        _restart_broker(p, leader)
         time.sleep(5)
     finish(p, chatter.total, timeout_s=240)
 
@@ -100,14 +152,11 @@ def test_actors_killed_mid_stream(pipeline_factory: Callable[..., LocalPipeline]
         recovery = ray.get_actor(
             p.settings.dlq.recovery_actor_name, namespace=p.settings.ray_namespace
         )
-        os.kill(int(ray.get(recovery.pid.remote(), timeout=30)), signal.SIGKILL)
+        recovery_pid: Any = ray.get(recovery.pid.remote(), timeout=30)
+        os.kill(int(recovery_pid), signal.SIGKILL)
         time.sleep(4)
         # A Serve replica: WeCom retries unanswered callbacks; the sweep pulls anyway.
-        from ray.util.state import list_actors
-
-        for actor in list_actors(filters=[("class_name", "=", "ServeReplica")], limit=50):
-            if actor.get("state") == "ALIVE" and p.serve_app in str(actor.get("name", "")):
-                os.kill(int(actor["pid"]), signal.SIGKILL)
-                break
+        replica_pid = _serve_replica_pid(p.serve_app)
+        os.kill(replica_pid, signal.SIGKILL)
         time.sleep(6)
     finish(p, chatter.total, timeout_s=240)
