@@ -105,6 +105,9 @@ class KafkaCluster:
     base_dir: Path
     brokers: int = 1
     ports: list[int] | None = None
+    # Fixed controller ports (the dev stack's well-known ones); free ports otherwise. A
+    # node keeps its ports across kill9/start_node, so restarts land on the same ones.
+    controller_ports: list[int] | None = None
     heap_mb: int = 512
     nodes: list[KafkaNode] = field(default_factory=list)
     cluster_id: str = ""
@@ -119,7 +122,7 @@ class KafkaCluster:
             KafkaNode(
                 node_id=i + 1,
                 port=p,
-                controller_port=p + 1 if self.ports else free_port(),
+                controller_port=self.controller_ports[i] if self.controller_ports else free_port(),
                 workdir=self.base_dir / f"node{i + 1}",
             )
             for i, p in enumerate(ports)

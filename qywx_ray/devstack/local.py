@@ -53,6 +53,7 @@ class LocalStack:
                 self.root / f"kafka-{self.brokers}",
                 brokers=self.brokers,
                 ports=DEV_KAFKA_PORTS[self.brokers],
+                controller_ports=[p + 1 for p in DEV_KAFKA_PORTS[self.brokers]],
             ).start()
             started.append(f"kafka x{self.brokers} at {self.bootstrap()}")
         if not port_open(DEV_REDIS_PORT):
