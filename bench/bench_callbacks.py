@@ -355,9 +355,9 @@ def settings_and_sim(
     # or each case would also sweep the (idle) accounts of all the cases before it.
     import redis
 
-    from qywx_ray.ingest.syncer_host import KNOWN_KFIDS_KEY
+    from qywx_ray.ingest.syncer_host import known_kfids_key
 
-    redis.Redis.from_url(settings.redis.url).delete(KNOWN_KFIDS_KEY)
+    redis.Redis.from_url(settings.redis.url).delete(known_kfids_key(settings.ingest.key_prefix))
     return settings, sim, http_port, overrides
 
 

@@ -24,7 +24,10 @@ from qywx_ray.wecom.client import RedisTokenCache, WeComClient
 
 log = get_logger(__name__)
 
-KNOWN_KFIDS_KEY = "qywx:ingest:kfids"
+
+def known_kfids_key(key_prefix: str) -> str:
+    """Redis set of every open_kfid seen, so restarted hosts resume their sweeps."""
+    return f"{key_prefix}:ingest:kfids"
 
 
 def syncer_host_index(open_kfid: str, num_hosts: int) -> int:
@@ -42,6 +45,7 @@ class SyncerHostService:
         self.settings = settings
         self.index = index
         self.num_hosts = num_hosts
+        self.kfids_key = known_kfids_key(settings.ingest.key_prefix)
         self.parts: IngestParts = build_ingest(settings)
         self.wecom = WeComClient(settings.wecom, RedisTokenCache(self.parts.redis))
         self.syncers: dict[str, KfSyncer] = {}
@@ -55,7 +59,7 @@ class SyncerHostService:
         self._started = True
         self._replayer_task = asyncio.create_task(self._replay_loop())
         with contextlib.suppress(Exception):  # Redis down: callbacks will bring them back
-            for raw in await self.parts.redis.smembers(KNOWN_KFIDS_KEY):
+            for raw in await self.parts.redis.smembers(self.kfids_key):
                 kfid = raw.decode() if isinstance(raw, bytes) else str(raw)
                 if syncer_host_index(kfid, self.num_hosts) == self.index:
                     self._ensure(kfid)
@@ -82,7 +86,7 @@ class SyncerHostService:
             self._ensure(open_kfid).request_pull(token or None)
         if new:
             with contextlib.suppress(Exception):
-                await self.parts.redis.sadd(KNOWN_KFIDS_KEY, *new)
+                await self.parts.redis.sadd(self.kfids_key, *new)
         return len(items)
 
     async def _replay_loop(self) -> None:

@@ -48,13 +48,16 @@ def _assert_exactly_once_in_order(redis_client: redis_lib.Redis, msgs: list[Any]
     return int(redis_client.llen(f"{RECORD}:calls")) - len(msgs)  # handler re-runs
 
 
-@pytest.mark.timeout(180)
-def test_kill_9_host_actor_mid_stream(
+def _kill_mid_stream(
     make_settings: Callable[..., Settings],
     unique: str,
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
-) -> None:
+    pick: Callable[[ConsumePipeline], Any],
+) -> tuple[ConsumePipeline, int, int]:
+    """kill -9 the actor `pick` chooses once 1,000 of 6,000 messages are handled, then
+    check every message was handled exactly once, in per-user order, and committed.
+    Returns (pipeline, handled at the kill, handler re-runs)."""
     s = consume_test_settings(make_settings, unique, kafka_consumer={"poll_batch_max": 200})
     ensure_topics(s)
     msgs = envelopes(200, 30)
@@ -62,18 +65,31 @@ def test_kill_9_host_actor_mid_stream(
     p = start_consumers(s)
     started.append(p)
     assert wait_for(lambda: redis_client.llen(RECORD) >= 1000, 60)
-    victim = p.hosts[0]
+    victim = pick(p)
     pid = ray.get(victim.pid.remote(), timeout=10)
     os.kill(pid, signal.SIGKILL)
-    at_kill = redis_client.llen(RECORD)
+    at_kill = int(redis_client.llen(RECORD))
     assert at_kill < len(msgs)  # really mid-stream
     assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 90), redis_client.llen(RECORD)
     rerun = _assert_exactly_once_in_order(redis_client, msgs)
     assert _restarted(victim, pid)  # Ray restarted it
+    assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == len(msgs), 30)
+    return p, at_kill, rerun
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_host_actor_mid_stream(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    p, at_kill, rerun = _kill_mid_stream(
+        make_settings, unique, redis_client, started, lambda p: p.hosts[0]
+    )
     stats = p.snapshots()[0]["stats"]
     assert stats["resent"] > 0  # the dead host's in-flight messages were sent again
-    print(f"host kill at {at_kill}/{len(msgs)}: resent={stats['resent']} handler re-runs={rerun}")
-    assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == len(msgs), 30)
+    print(f"host kill at {at_kill}: resent={stats['resent']} handler re-runs={rerun}")
 
 
 @pytest.mark.timeout(180)
@@ -83,24 +99,11 @@ def test_kill_9_consumer_actor_mid_stream(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = consume_test_settings(make_settings, unique, kafka_consumer={"poll_batch_max": 200})
-    ensure_topics(s)
-    msgs = envelopes(200, 30)
-    produce(s, msgs)
-    p = start_consumers(s)
-    started.append(p)
-    assert wait_for(lambda: redis_client.llen(RECORD) >= 1000, 60)
-    victim = p.consumers[0]
-    pid = ray.get(victim.pid.remote(), timeout=10)
-    os.kill(pid, signal.SIGKILL)
-    at_kill = redis_client.llen(RECORD)
-    assert at_kill < len(msgs)
-    assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 90), redis_client.llen(RECORD)
-    rerun = _assert_exactly_once_in_order(redis_client, msgs)
-    assert _restarted(victim, pid)
+    p, at_kill, rerun = _kill_mid_stream(
+        make_settings, unique, redis_client, started, lambda p: p.consumers[0]
+    )
     dups = sum(ray.get(h.snapshot.remote(), timeout=10)["counts"]["duplicate"] for h in p.hosts)
-    print(f"consumer kill at {at_kill}/{len(msgs)}: dedup skips={dups} handler re-runs={rerun}")
-    assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == len(msgs), 30)
+    print(f"consumer kill at {at_kill}: dedup skips={dups} handler re-runs={rerun}")
 
 
 @pytest.mark.timeout(180)
