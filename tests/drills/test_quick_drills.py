@@ -68,7 +68,7 @@ def test_hanging_handler_times_out_and_is_retried_in_order(
 
     wait_until(
         lambda: stuck[0].encode() in client.hkeys("qywx:dlq:letters"),
-        timeout_s=60,
+        timeout_s=150,  # recovery actor start + DLQ consume under load
         what="the hung message to be dead-lettered",
     )
     client.set(hold_key, "1")
