@@ -120,17 +120,24 @@ class RetryOrder(Protocol):
         ...
 
     async def park(
-        self, user: str, message_id: str, drop_first: int, pending: Sequence[bytes]
+        self,
+        user: str,
+        message_id: str,
+        drop_first: int,
+        pending: Sequence[bytes],
+        op_id: str = "",
     ) -> None:
         """Atomically: drop the first `drop_first` parked items (a drained chunk the host
-        holds), put `pending` in front, and wait on `message_id`."""
+        holds), put `pending` in front, and wait on `message_id`. Applied at most once
+        per `op_id`: the caller reuses it when it retries after an unknown outcome."""
         ...
 
     async def advance(
-        self, user: str, message_id: str, drop_n: int, max_n: int
+        self, user: str, message_id: str, drop_n: int, max_n: int, op_id: str = ""
     ) -> tuple[int, list[bytes]]:
-        """While the user waits on `message_id`: drop `drop_n` processed items, return up to
-        `max_n` next ones (status 1), or unpark when empty (status 2); 0 = not waiting."""
+        """While the user waits on `message_id`: drop `drop_n` processed items (once per
+        `op_id`), return up to `max_n` next ones (status 1), or unpark when empty
+        (status 2); 0 = not waiting."""
         ...
 
 

@@ -20,6 +20,7 @@ atomic step, `park(drop_first=…)` re-parks a half-drained chunk without a wind
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -33,6 +34,13 @@ from qywx_ray.store.client import make_async_redis
 
 FLAG_PREFIX = "qywx:park:"
 LIST_PREFIX = "qywx:parked:"
+OP_PREFIX = "qywx:park-op:"  # one key per applied park/advance (24 h): retries are no-ops
+
+
+def new_op_id() -> str:
+    """Idempotency key of one park/advance: created once, reused by every retry of it."""
+    return uuid.uuid4().hex
+
 
 _ADMIT = """
 -- KEYS: (flag, list) per item; ARGV: (message_id, envelope, is_retry) per item
@@ -55,7 +63,10 @@ return out
 """
 
 _PARK = """
--- KEYS: flag, list; ARGV: message_id, drop_first, pending envelopes...
+-- KEYS: flag, list, op; ARGV: message_id, drop_first, pending envelopes...
+-- Applied once per op key: a retry after a lost reply (or a timeout) must not drop or
+-- push twice.
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 local drop = tonumber(ARGV[2])
 if drop > 0 then redis.call('LTRIM', KEYS[2], drop, -1) end
@@ -67,11 +78,14 @@ return 1
 """
 
 _ADVANCE = """
--- KEYS: flag, list; ARGV: message_id, drop_n, max_n
+-- KEYS: flag, list, op; ARGV: message_id, drop_n, max_n
 -- {0} not waiting on it; {2} drained and unparked; {1, items...} next items (left in place)
+-- The drop is applied once per op key (a retried call reads the same items again).
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
 local drop = tonumber(ARGV[2])
-if drop > 0 then redis.call('LTRIM', KEYS[2], drop, -1) end
+if redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) and drop > 0 then
+  redis.call('LTRIM', KEYS[2], drop, -1)
+end
 local items = redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1)
 if #items == 0 then
   redis.call('DEL', KEYS[1])
@@ -146,7 +160,8 @@ class Parking:
         """
         if reason is not None and not parks_for(reason, self._settings):
             return False
-        self._park(keys=[FLAG_PREFIX + user, LIST_PREFIX + user], args=[message_id, 0, *pending])
+        keys = [FLAG_PREFIX + user, LIST_PREFIX + user, OP_PREFIX + new_op_id()]
+        self._park(keys=keys, args=[message_id, 0, *pending])
         return True
 
     def is_parked(self, user: str) -> bool:
@@ -208,18 +223,24 @@ class AsyncParkingLot:
         return [int(x) for x in await self._admit(keys=keys, args=args)]
 
     async def park(
-        self, user: str, message_id: str, drop_first: int, pending: Sequence[bytes]
+        self,
+        user: str,
+        message_id: str,
+        drop_first: int,
+        pending: Sequence[bytes],
+        op_id: str = "",
     ) -> None:
         await self._park(
-            keys=[FLAG_PREFIX + user, LIST_PREFIX + user],
+            keys=[FLAG_PREFIX + user, LIST_PREFIX + user, OP_PREFIX + (op_id or new_op_id())],
             args=[message_id, drop_first, *pending],
         )
 
     async def advance(
-        self, user: str, message_id: str, drop_n: int, max_n: int
+        self, user: str, message_id: str, drop_n: int, max_n: int, op_id: str = ""
     ) -> tuple[int, list[bytes]]:
         reply: Any = await self._advance(
-            keys=[FLAG_PREFIX + user, LIST_PREFIX + user], args=[message_id, drop_n, max_n]
+            keys=[FLAG_PREFIX + user, LIST_PREFIX + user, OP_PREFIX + (op_id or new_op_id())],
+            args=[message_id, drop_n, max_n],
         )
         return int(reply[0]), list(reply[1:])
 

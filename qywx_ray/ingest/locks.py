@@ -44,10 +44,16 @@ LOCK_HOLD = metrics.histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
-# KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] ttl_ms -> fence or 0
+# KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] ttl_ms -> fence or 0.
+# Already ours (redis-py resent the command after a lost reply or a timeout): the fence
+# we got (nobody else can have incremented it while we hold the lock); without this the
+# resend would read "busy" and the lock would sit unused until its TTL.
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return tonumber(redis.call('GET', KEYS[2]))
 end
 return 0
 """

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -90,9 +91,14 @@ local depth = redis.call('INCRBY', KEYS[2], added)
 return {appended, depth, redis.call('SCARD', KEYS[1])}
 """
 
-# KEYS[1] index set, KEYS[2] depth counter; ARGV[1] key prefix, then pairs user, n:
-# drop the first n entries of each user's list. -> {depth, users with spool}
+# KEYS[1] index set, KEYS[2] depth counter, KEYS[3] op key; ARGV[1] key prefix, then
+# pairs user, n: drop the first n entries of each user's list. -> {depth, users with
+# spool}. Applied once per op key: redis-py resends a command after a lost reply or a
+# timeout, and a second drop would lose spooled messages.
 _TRIM = """
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then
+  return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('SCARD', KEYS[1])}
+end
 local prefix = ARGV[1]
 local removed = 0
 for i = 2, #ARGV, 2 do
@@ -145,6 +151,7 @@ class Spool:
         self.list_prefix = f"{prefix}:spool:"
         self.index_key = f"{prefix}:spool-index"
         self.depth_key = f"{prefix}:spool-depth"
+        self.op_prefix = f"{prefix}:spool-op:"
         self.dead_key = f"{prefix}:spool-dead"
         self.wall_clock = wall_clock
         self._append = redis.register_script(_APPEND)
@@ -241,7 +248,9 @@ class Spool:
         for user, n in counts.items():
             args += [user, n]
         try:
-            depth, users = await self._trim(keys=[self.index_key, self.depth_key], args=args)
+            op_key = f"{self.op_prefix}{uuid.uuid4().hex}"
+            keys = [self.index_key, self.depth_key, op_key]
+            depth, users = await self._trim(keys=keys, args=args)
         except RedisError as exc:
             raise _redis_error("trimming the spool", exc) from exc
         SPOOL_DEPTH.set(int(depth))

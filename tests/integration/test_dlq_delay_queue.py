@@ -160,3 +160,34 @@ def test_admit_batch_is_atomic_with_concurrent_park(
     assert admitted_after == []
     parked = [int(x) for x in p.peek_parked("u", 10_000)]
     assert parked == sorted(parked) and (not parked or parked[-1] == 2999)
+
+
+async def test_parking_writes_retried_after_an_unknown_outcome_apply_once(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    """A park or advance whose reply was lost (Redis killed, a timeout) is retried with
+    the same op id: the drop and the push must not happen twice (that would lose parked
+    messages or run them twice)."""
+    import redis.asyncio as aioredis
+
+    from qywx_ray.dlq.parking import AsyncParkingLot
+
+    client = aioredis.Redis.from_url(redis_url)
+    lot = AsyncParkingLot(client, DLQSettings())
+    try:
+        await lot.park("u", "m0", 0, [b"1", b"2"], op_id="park-1")
+        await lot.park("u", "m0", 0, [b"1", b"2"], op_id="park-1")  # the retry
+        assert await lot.admit([("u", "m3", b"3", False)]) == [0]
+        assert redis_client.lrange("qywx:parked:u", 0, -1) == [b"1", b"2", b"3"]
+        first = await lot.advance("u", "m0", 0, 2, op_id="adv-1")
+        assert first == (1, [b"1", b"2"])
+        assert await lot.advance("u", "m0", 2, 2, op_id="adv-2") == (1, [b"3"])
+        assert await lot.advance("u", "m0", 2, 2, op_id="adv-2") == (1, [b"3"])  # retry
+        # Re-park mid-drain (drop the chunk the host holds), retried: still one drop.
+        await lot.park("u", "m3", 1, [], op_id="park-2")
+        await lot.park("u", "m3", 1, [], op_id="park-2")
+        assert redis_client.lrange("qywx:parked:u", 0, -1) == []
+        assert redis_client.get("qywx:park:u") == b"m3"
+        assert await lot.advance("u", "m3", 0, 2, op_id="adv-3") == (2, [])
+    finally:
+        await client.aclose()

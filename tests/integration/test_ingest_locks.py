@@ -53,6 +53,17 @@ async def test_one_holder_at_a_time_with_increasing_fences(aredis) -> None:
     assert sum(lease is not None for lease in leases) == 1
 
 
+async def test_a_resent_acquire_gets_the_same_fence_not_busy(aredis) -> None:
+    """redis-py resends a command after a lost reply: the resend finds the lock holding
+    its own token and must answer with the fence it got, not 0 (busy until the TTL)."""
+    m = LockManager(aredis, ttl_s=5, extend_every_s=1)
+    keys = [m.key("sync:kfR"), m.fence_key("sync:kfR")]
+    first = int(await m._acquire(keys=keys, args=["tok", 5000]))
+    assert first > 0
+    assert int(await m._acquire(keys=keys, args=["tok", 5000])) == first
+    assert int(await m._acquire(keys=keys, args=["other", 5000])) == 0
+
+
 async def test_extend_keeps_the_lock_while_work_runs(aredis) -> None:
     # TTL 1.2 s, extended every 0.2 s: survives a 1 s stall of this loaded 2-core box.
     locks = LockManager(aredis, ttl_s=1.2, extend_every_s=0.2)

@@ -63,6 +63,18 @@ async def test_new_messages_of_a_spooled_user_go_behind_the_spool(aredis) -> Non
     assert await aredis.exists(spool.key("ua")) == 0
 
 
+async def test_a_resent_trim_drops_once(aredis) -> None:
+    """redis-py resends a command whose reply was lost or timed out: the trim script,
+    sent twice with the same op key, must drop the head once (twice = spool lost)."""
+    spool = Spool(aredis)
+    await spool.append([env(f"a{i}", "ua") for i in range(4)], reason="kafka down")
+    keys = [spool.index_key, spool.depth_key, f"{spool.op_prefix}resent"]
+    args = [spool.list_prefix, "ua", 2]
+    assert await spool._trim(keys=keys, args=args) == [2, 1]
+    assert await spool._trim(keys=keys, args=args) == [2, 1]  # the resend: a no-op
+    assert ids(await spool.entries("ua")) == ["a2", "a3"]
+
+
 async def test_replay_drains_each_user_in_order(make_settings, aredis) -> None:
     settings = make_settings()
     create_topic(settings)
