@@ -1,116 +1,298 @@
-"""Consume benchmark: processed msg/s and Kafka-append -> handler-start latency.
+"""Consume benchmark: Kafka -> partition consumers -> user mailboxes -> handler, one run.
 
-Hosted mode, 10,000 users, 4 partitions, real Kafka/Redis/Ray. For each handler
-(trivial, 5 ms asyncio.sleep) it measures (1) throughput draining a pre-produced backlog
-and (2) latency p50/p99 while a producer writes at a steady rate; plus the raw
-confluent-kafka consume rate on the same topic as the ceiling. Prints JSON lines.
+Real Kafka, Redis and Ray; 4 partitions; protections on (rate limiter consulted for every
+message with a limit high enough that no bench message is denied, per-user breaker, dedup
+done-flags). Per run it prints JSON lines (bench.common.emit) for:
 
-    python bench/bench_consume.py --bootstrap 127.0.0.1:19092 --redis redis://127.0.0.1:16390/4
+  ceiling    raw confluent-kafka consume rate of the hosted trivial backlog (same topic)
+  hosted     10,000 users in 4 host actors: trivial-handler and 5 ms-I/O-handler drain
+             throughput, Kafka-append -> handler-start p50/p99 at a steady 2,000 msg/s,
+             cold start (a new user's first message) p50/p99, CPU µs per message of the
+             consumer and host actors during the drains
+  dedicated  50 users (quick: 20), each a real Ray actor: the same, at a lower paced rate
+
+Latency = handler start (wall clock, in the host) minus the Kafka record timestamp (set
+by the producer at produce(), so it includes the producer's linger). Every line carries
+the 1-minute load average (`load1`); the machine is shared, quote medians of runs.
+Between phases the consumers are stopped (drained, committed) and restarted while host
+and user actors stay up, so a drain is measured on a backlog, from the first record
+consumed to the last completion reported back (done-flag durable).
+
+    QYWX_BENCH_QUICK=1 QYWX_BENCH_BOOTSTRAP=127.0.0.1:19092 \\
+      QYWX_BENCH_REDIS_URL=redis://127.0.0.1:16390/6 python bench/bench_consume.py
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import contextlib
+
 import ray
-import redis
 
-from qywx_ray.consume.pipeline import start_consumers, stop_consumers
-from qywx_ray.consume.testing import ensure_topics, envelopes, produce, wait_for
+from bench import common
+from bench.common import (
+    _delete_topics,
+    bench_services,
+    default_runs,
+    emit,
+    log,
+    percentiles,
+    quick_mode,
+    settings_for,
+)
+from qywx_ray.consume.pipeline import (
+    ConsumePipeline,
+    start_consumers,
+    stop_consumers,
+    user_actor_names,
+)
+from qywx_ray.consume.testing import ensure_topics, produce, wait_for
+from qywx_ray.envelope import Envelope
 from qywx_ray.kafka.config import consumer_config, producer_config
-from qywx_ray.settings import Settings, load_settings
 
-HANDLERS = {
-    "trivial": "qywx_ray.consume.handlers:noop_handler",
-    "sleep_5ms": "qywx_ray.consume.handlers:sleep_5ms_handler",
+BENCH = "consume"
+HANDLER = "qywx_ray.consume.handlers:bench_handler"
+# Consulted for every message (one EVALSHA per batch), never denies a bench message.
+NO_DENIAL_RULE = {
+    "window_seconds": 10,
+    "max_messages": 1_000_000,
+    "penalty_threshold": 1_000_000,
+    "block_hours": 1.0,
 }
 
 
-def make(args: argparse.Namespace, handler: str, tag: str) -> Settings:
-    u = f"{tag}-{uuid.uuid4().hex[:6]}"
-    args.run_id = u  # message ids are unique per run: no done-flags from earlier runs apply
-    return load_settings(
-        profile="development",
-        overrides={
-            "kafka": {
-                "bootstrap_servers": args.bootstrap,
-                "main_topic": {"name": f"bench-{u}", "partitions": args.partitions},
-                "dlq_topic": {"name": f"bench-dlq-{u}"},
-                "consumer": {"group_id": f"bench-{u}", "poll_timeout_s": args.poll_timeout_s},
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def make_envelopes(
+    users_tag: str, ids_tag: str, users: int, per_user: int, first_user: int = 0, **raw: Any
+) -> list[Envelope]:
+    """Round-robin over users (every user's n-th message before anyone's n+1-th); user
+    ids from `users_tag` (phases share users), message ids unique per `ids_tag`."""
+    out = []
+    for n in range(per_user):
+        for u in range(first_user, first_user + users):
+            user = f"{users_tag}u{u}"
+            out.append(
+                Envelope(
+                    message_id=f"{ids_tag}-{u}-{n:06d}",
+                    open_kfid="kf-bench",
+                    external_userid=user,
+                    msgtype="text",
+                    raw={"text": {"content": f"hello {n}"}, **raw},
+                )
+            )
+    return out
+
+
+class ModeBench:
+    """One pipeline (hosted or dedicated) and its phases; host/user actors stay up."""
+
+    def __init__(self, args: argparse.Namespace, svc: Any, mode: str, run: int) -> None:
+        self.args = args
+        self.mode = mode
+        self.run = run
+        self.tag = f"{mode[0]}{run}{uuid.uuid4().hex[:5]}"
+        self.users = args.users if mode == "hosted" else args.dedicated_users
+        self.settings = settings_for(
+            svc.bootstrap_servers,
+            svc.redis_url,
+            svc.workdir,
+            overrides={
+                "kafka": {
+                    "main_topic": {"partitions": args.partitions},
+                    "consumer": {"fetch_min_bytes": args.fetch_min_bytes},
+                },
+                "consume": {
+                    "mode": mode,
+                    "namespace": f"bench-{self.tag}",
+                    "name_prefix": f"b{self.tag}",
+                    "handler": HANDLER,
+                    "num_hosts": args.hosts,
+                    "num_consumers": args.consumers,
+                    "max_dedicated_actors": max(100, 2 * args.dedicated_users),
+                    **(
+                        {"poll_linger_ms": args.poll_linger_ms}
+                        if args.poll_linger_ms is not None
+                        else {}
+                    ),
+                },
+                "protect": {"enabled": True, "default": NO_DENIAL_RULE},
+                "obs": {"log_level": "WARNING"},
             },
-            "redis": {"url": args.redis},
-            "consume": {
-                "namespace": f"bench-{u}",
-                "name_prefix": f"b{u}",
-                "handler": handler,
-                "num_hosts": args.hosts,
-                "num_consumers": args.consumers,
-            },
-            "obs": {"log_level": "WARNING"},
-        },
-    )
+            tag=self.tag,
+        )
+        ensure_topics(self.settings)
+        self.topics = [self.settings.kafka.main_topic.name, self.settings.kafka.dlq_topic.name]
+        self.pipeline: ConsumePipeline | None = None
+        self.done_before = 0
 
+    def dims(self, **more: Any) -> dict[str, Any]:
+        return {
+            "bench": BENCH,
+            "run": self.run,
+            "stage": "consume",
+            "partitions": self.args.partitions,
+            "users": self.users,
+            "pipeline": self.mode,
+            **more,
+        }
 
-def completed(p: Any) -> tuple[int, int]:
-    snaps = p.snapshots()
-    return sum(s["stats"]["completed"] for s in snaps), sum(s["stats"]["consumed"] for s in snaps)
+    # ------------------------------------------------------------------ plumbing
 
+    def start(self) -> ConsumePipeline:
+        p = start_consumers(self.settings)
+        self.pipeline = p
+        if not p.wait_assigned(self.args.partitions, 90):
+            raise RuntimeError("consumers did not get every partition within 90 s")
+        return p
 
-def drain_rate(args: argparse.Namespace, name: str, handler: str) -> dict[str, Any]:
-    s = make(args, handler, "t")
-    ensure_topics(s)
-    n = produce(s, envelopes(args.users, args.messages // args.users, prefix=f"b{args.run_id}-"))
-    p = start_consumers(s)
-    try:
-        t_first = None
-        deadline = time.monotonic() + args.timeout_s
+    def stop_consumers_only(self) -> None:
+        assert self.pipeline is not None
+        stop_consumers(self.pipeline, timeout_s=30, kill_hosts=False)
+        c = self.settings.consume
+        names = [f"{c.name_prefix}-consumer-{i}" for i in range(c.num_consumers)]
+
+        def gone() -> bool:
+            for name in names:
+                try:
+                    ray.get_actor(name, namespace=self.settings.consume.namespace)
+                    return False
+                except ValueError:
+                    pass
+            return True
+
+        wait_for(gone, 30)
+        self.pipeline = None
+
+    def stop_all(self) -> None:
+        if self.pipeline is not None:
+            stop_consumers(self.pipeline, timeout_s=30, kill_hosts=True)
+            self.pipeline = None
+        else:  # hosts and user actors left up between phases
+            p = ConsumePipeline(self.settings, self._hosts(), [])
+            stop_consumers(p, timeout_s=5, kill_hosts=True)
+
+    def _hosts(self) -> list[Any]:
+        out = []
+        for i in range(self.settings.consume.num_hosts):
+            with contextlib.suppress(ValueError):
+                out.append(
+                    ray.get_actor(
+                        f"{self.settings.consume.name_prefix}-user-host-{i}",
+                        namespace=self.settings.consume.namespace,
+                    )
+                )
+        return out
+
+    def _targets(self) -> list[Any]:
+        """Every actor that runs handlers: hosts plus (dedicated) user actors."""
+        ns = self.settings.consume.namespace
+        out = self._hosts()
+        for name in user_actor_names(ns):
+            with contextlib.suppress(ValueError):
+                out.append(ray.get_actor(name, namespace=ns))
+        return out
+
+    def completed(self) -> tuple[int, int]:
+        assert self.pipeline is not None
+        snaps = self.pipeline.snapshots()
+        return (
+            sum(s["stats"]["completed"] for s in snaps),
+            sum(s["stats"]["consumed"] for s in snaps),
+        )
+
+    def samples(self, reset: bool) -> list[int]:
+        out: list[int] = []
+        for got in ray.get([t.latency_samples.remote(reset) for t in self._targets()], timeout=60):
+            out.extend(got)
+        return out
+
+    def pids(self) -> dict[str, list[int]]:
+        assert self.pipeline is not None
+        consumers = ray.get([c.pid.remote() for c in self.pipeline.consumers], timeout=30)
+        actors = ray.get([t.pid.remote() for t in self._targets()], timeout=60)
+        return {"consumers": list(consumers), "hosts": list(actors)}
+
+    # ------------------------------------------------------------------ phases
+
+    def drain(self, name: str, per_user: int, sleep_ms: float, ceiling: bool) -> None:
+        """Produce a backlog with the consumers stopped, then time the drain."""
+        extra: dict[str, Any] = {"sleep_ms": sleep_ms} if sleep_ms else {}
+        msgs = make_envelopes(self.tag, f"{self.tag}{name}", self.users, per_user, **extra)
+        n = produce(self.settings, msgs)
+        if ceiling:
+            self.raw_ceiling(n)
+        # CPU baseline taken as soon as the consumers answer (they are still joining the
+        # group); fresh consumer instances count completions from 0
+        p = self.pipeline = start_consumers(self.settings)
+        cpu0 = {pid: cpu_s(pid) for v in self.pids().values() for pid in v}
+        deadline = time.monotonic() + self.args.timeout_s
         done = 0
         while time.monotonic() < deadline:
-            done, consumed = completed(p)
-            if t_first is None and consumed > 0:
-                t_first = time.monotonic()
+            done = self.completed()[0]
             if done >= n:
                 break
             time.sleep(0.05)
-        elapsed = time.monotonic() - (t_first or time.monotonic())
-        return {
-            "bench": "consume_drain",
-            "handler": name,
-            "messages": n,
-            "completed": done,
-            "seconds": round(elapsed, 2),
-            "msg_per_s": round(done / elapsed) if elapsed > 0 else None,
-        }
-    finally:
-        stop_consumers(p, timeout_s=20)
+        t_end = time.time()
+        firsts = [s["first_consumed_unix_s"] for s in p.snapshots()]
+        t_first = min((f for f in firsts if f is not None), default=t_end)
+        pids_after = self.pids()  # a pid that appeared meanwhile counts from 0 CPU s
+        used = {k: sum(cpu_s(x) - cpu0.get(x, 0.0) for x in v) for k, v in pids_after.items()}
+        elapsed = t_end - t_first
+        case = f"{self.mode}_{name}"
+        common = self.dims(handler=name)
+        emit(
+            case=case,
+            metric="throughput",
+            value=round(done / elapsed, 1) if elapsed > 0 else 0.0,
+            unit="msg/s",
+            **common,
+            extra={
+                "messages": n,
+                "completed": done,
+                "elapsed_s": round(elapsed, 3),
+                "loadavg": os.getloadavg(),
+            },
+        )
+        for group in ("consumers", "hosts"):
+            emit(
+                case=case,
+                metric=f"cpu_per_msg_{group}",
+                value=round(used[group] / max(1, n) * 1e6, 1),
+                unit="us/msg",
+                **common,
+                extra={"pids": len(pids_after[group])},
+            )
+        self.stop_consumers_only()
+        if done < n:
+            emit(kind="error", case=case, run=self.run, error=f"only {done}/{n} completed")
+        del p
 
+    def paced(self, name: str, rate: float, msgs: list[Envelope]) -> list[int]:
+        """Produce at a steady rate with consumers running; handler-start latencies (ms)."""
+        from confluent_kafka import Producer
 
-def paced_latency(args: argparse.Namespace, name: str, handler: str) -> dict[str, Any]:
-    from confluent_kafka import Producer
-
-    s = make(args, handler, "l")
-    ensure_topics(s)
-    p = start_consumers(s)
-    try:
-        assert p.wait_assigned(args.partitions, 60)  # the group settled: no rebalance mid-run
-        produce(s, envelopes(10, 1, prefix=f"w{args.run_id}-"))
-        assert wait_for(lambda: completed(p)[0] >= 10, 60)
-        for h in p.hosts:
-            ray.get(h.latency_stats.remote(True))
+        s = self.settings
+        if self.pipeline is None:
+            self.start()
+        # Warm the producer with a few records first: a new idempotent producer holds
+        # its first ~0.5 s of records while it fetches metadata and a producer id.
         producer = Producer(producer_config(s.kafka))
-        per_user = max(1, int(args.rate * args.paced_s) // args.users)
-        msgs = envelopes(args.users, per_user, prefix=f"p{args.run_id}-")
-        t0 = time.monotonic()
-        for i, env in enumerate(msgs):
-            due = t0 + i / args.rate
-            while time.monotonic() < due:
-                producer.poll(0)
-                time.sleep(min(0.002, max(0.0, due - time.monotonic())))
+        warm = make_envelopes(self.tag, f"{self.tag}{name}w", 4, 1, first_user=10**6)
+        base = self.completed()[0]
+        for env in warm:
             producer.produce(
                 s.kafka.main_topic.name,
                 key=env.key,
@@ -118,86 +300,169 @@ def paced_latency(args: argparse.Namespace, name: str, handler: str) -> dict[str
                 headers=list(env.headers()),  # type: ignore[arg-type]
             )
         producer.flush(30)
-        wait_for(lambda: completed(p)[0] >= 10 + len(msgs), args.timeout_s)
-        stats = [ray.get(h.latency_stats.remote(False)) for h in p.hosts]
-        n = sum(st["n"] for st in stats)
-        # merge percentiles conservatively: report the worst host's p50/p99
-        return {
-            "bench": "consume_latency",
-            "handler": name,
-            "rate_msg_per_s": args.rate,
-            "messages": len(msgs),
-            "samples": n,
-            "p50_ms": max((st["p50_ms"] or 0) for st in stats),
-            "p99_ms": max((st["p99_ms"] or 0) for st in stats),
-            "max_ms": max((st["max_ms"] or 0) for st in stats),
-            "arrival_p50_ms": max((st["arrival_p50_ms"] or 0) for st in stats),
-            "arrival_p99_ms": max((st["arrival_p99_ms"] or 0) for st in stats),
-            "note": "Kafka record timestamp -> handler start; worst host's percentiles",
-        }
+        wait_for(lambda: self.completed()[0] - base >= len(warm), 60)
+        self.samples(reset=True)
+        base = self.completed()[0]
+        t0 = time.monotonic()
+        for i, env in enumerate(msgs):
+            due = t0 + i / rate
+            while True:
+                now = time.monotonic()
+                if now >= due:
+                    break
+                producer.poll(0)
+                time.sleep(min(0.002, due - now))
+            producer.produce(
+                s.kafka.main_topic.name,
+                key=env.key,
+                value=env.to_bytes(),
+                headers=list(env.headers()),  # type: ignore[arg-type]
+            )
+        producer.flush(30)
+        ok = wait_for(lambda: self.completed()[0] - base >= len(msgs), self.args.timeout_s)
+        got = self.samples(reset=True)
+        if not ok:
+            emit(kind="error", case=f"{self.mode}_{name}", run=self.run, error="not all completed")
+        return got
+
+    def emit_latency(self, name: str, rate: float, samples: list[int], **more: Any) -> None:
+        if not samples:
+            emit(kind="error", case=f"{self.mode}_{name}", run=self.run, error="no samples")
+            return
+        pct = percentiles(samples, [50, 99, 100])
+        for q, metric in ((50, "latency_p50"), (99, "latency_p99")):
+            emit(
+                case=f"{self.mode}_{name}",
+                metric=metric,
+                value=pct[q],
+                unit="ms",
+                rate_msg_per_s=rate,
+                **self.dims(handler="trivial", **more),
+                extra={"samples": len(samples), "max_ms": pct[100], "loadavg": os.getloadavg()},
+            )
+
+    def raw_ceiling(self, n: int) -> None:
+        from confluent_kafka import Consumer
+
+        conf = consumer_config(self.settings.kafka, group_id=f"raw-{self.tag}")
+        c = Consumer(conf)
+        c.subscribe([self.settings.kafka.main_topic.name])
+        got = 0
+        t_first: float | None = None
+        deadline = time.monotonic() + self.args.timeout_s
+        try:
+            while got < n and time.monotonic() < deadline:
+                batch = c.consume(1000, 0.5)
+                if batch and t_first is None:
+                    t_first = time.monotonic()
+                got += sum(1 for m in batch if m.error() is None)
+            elapsed = time.monotonic() - (t_first or time.monotonic())
+        finally:
+            c.close()
+        emit(
+            case="raw_consume",
+            metric="throughput",
+            value=round(got / elapsed, 1) if elapsed > 0 else 0.0,
+            unit="msg/s",
+            **self.dims(),
+            extra={"messages": got, "elapsed_s": round(elapsed, 3), "loadavg": os.getloadavg()},
+        )
+
+
+def run_hosted(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
+    b = ModeBench(args, svc, "hosted", run)
+    try:
+        b.start()
+        # cold start: paced first messages of users no host has seen
+        cold = make_envelopes(b.tag, f"{b.tag}c", args.cold_users, 1, first_user=10**5)
+        b.emit_latency("cold_start", args.cold_rate, b.paced("cold", args.cold_rate, cold))
+        b.stop_consumers_only()
+        b.drain("trivial", args.per_user, 0, ceiling=True)
+        b.drain("sleep_5ms", args.per_user, 5, ceiling=False)
+        per_user = max(1, round(args.rate * args.paced_s / b.users))
+        steady = make_envelopes(b.tag, f"{b.tag}p", b.users, per_user)
+        b.emit_latency("steady", args.rate, b.paced("steady", args.rate, steady))
     finally:
-        stop_consumers(p, timeout_s=20)
+        b.stop_all()
+    return b.topics
 
 
-def raw_rate(args: argparse.Namespace) -> dict[str, Any]:
-    from confluent_kafka import Consumer
-
-    s = make(args, HANDLERS["trivial"], "r")
-    ensure_topics(s)
-    n = produce(s, envelopes(args.users, args.messages // args.users, prefix=f"r{args.run_id}-"))
-    c = Consumer(consumer_config(s.kafka))
-    c.subscribe([s.kafka.main_topic.name])
-    got = 0
-    t_first = None
-    deadline = time.monotonic() + args.timeout_s
-    while got < n and time.monotonic() < deadline:
-        batch = c.consume(1000, 0.5)
-        if batch and t_first is None:
-            t_first = time.monotonic()
-        got += sum(1 for m in batch if m.error() is None)
-    elapsed = time.monotonic() - (t_first or time.monotonic())
-    c.close()
-    return {
-        "bench": "raw_kafka_consume",
-        "messages": got,
-        "seconds": round(elapsed, 2),
-        "msg_per_s": round(got / elapsed) if elapsed > 0 else None,
-    }
+def run_dedicated(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
+    b = ModeBench(args, svc, "dedicated", run)
+    try:
+        b.start()
+        # cold start: a new user's first message = a new Ray actor
+        cold = make_envelopes(b.tag, f"{b.tag}c", b.users, 1)
+        rate = args.dedicated_cold_rate
+        b.emit_latency("cold_start", rate, b.paced("cold", rate, cold))
+        b.stop_consumers_only()
+        b.drain("trivial", args.dedicated_per_user, 0, ceiling=False)
+        b.drain("sleep_5ms", args.dedicated_per_user, 5, ceiling=False)
+        per_user = max(1, round(args.dedicated_rate * args.paced_s / b.users))
+        steady = make_envelopes(b.tag, f"{b.tag}p", b.users, per_user)
+        b.emit_latency(
+            "steady", args.dedicated_rate, b.paced("steady", args.dedicated_rate, steady)
+        )
+    finally:
+        b.stop_all()
+    return b.topics
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    quick = os.environ.get("QYWX_BENCH_QUICK") == "1"
-    ap.add_argument("--bootstrap", default=os.environ.get("QYWX_BENCH_BOOTSTRAP", "127.0.0.1:9092"))
-    ap.add_argument(
-        "--redis", default=os.environ.get("QYWX_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-    )
+    quick = quick_mode()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--runs", type=int, default=default_runs(3))
     ap.add_argument("--users", type=int, default=10_000)
-    ap.add_argument("--messages", type=int, default=20_000 if quick else 50_000)
+    ap.add_argument("--per-user", type=int, default=2 if quick else 5, help="drain backlog")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--hosts", type=int, default=4)
     ap.add_argument("--consumers", type=int, default=2)
-    ap.add_argument("--rate", type=float, default=2_000.0, help="paced latency run, msg/s")
-    ap.add_argument("--paced-s", type=float, default=10.0)
-    ap.add_argument("--timeout-s", type=float, default=180.0)
-    ap.add_argument("--only", choices=["drain", "latency", "raw"], default=None)
-    ap.add_argument("--handler", choices=list(HANDLERS), default=None)
-    ap.add_argument("--poll-timeout-s", type=float, default=0.05, help="kafka.consumer setting")
+    ap.add_argument("--rate", type=float, default=2_000.0, help="hosted steady rate, msg/s")
+    ap.add_argument("--paced-s", type=float, default=5.0 if quick else 10.0)
+    ap.add_argument("--cold-users", type=int, default=500 if quick else 1_000)
+    ap.add_argument("--cold-rate", type=float, default=250.0 if quick else 200.0)
+    ap.add_argument("--dedicated-users", type=int, default=20 if quick else 50)
+    ap.add_argument("--dedicated-per-user", type=int, default=50 if quick else 100)
+    ap.add_argument("--dedicated-rate", type=float, default=200.0 if quick else 500.0)
+    ap.add_argument("--dedicated-cold-rate", type=float, default=4.0 if quick else 2.0)
+    ap.add_argument(
+        "--fetch-min-bytes",
+        type=int,
+        default=1,
+        help="kafka.consumer.fetch_min_bytes (1: the broker answers a fetch at once)",
+    )
+    ap.add_argument(
+        "--poll-linger-ms", type=float, default=None, help="consume.poll_linger_ms override"
+    )
+    ap.add_argument("--timeout-s", type=float, default=120.0)
+    ap.add_argument("--only", choices=["hosted", "dedicated"], default=None)
     args = ap.parse_args()
-    redis.Redis.from_url(args.redis).ping()
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="bench")
-    try:
-        if args.only in (None, "raw"):
-            print(json.dumps(raw_rate(args)), flush=True)
-        for name, handler in HANDLERS.items():
-            if args.handler not in (None, name):
-                continue
-            if args.only in (None, "drain"):
-                print(json.dumps(drain_rate(args, name, handler)), flush=True)
-            if args.only in (None, "latency"):
-                print(json.dumps(paced_latency(args, name, handler)), flush=True)
-    finally:
-        ray.shutdown()
+    # Ray's driver prints raylet warnings to sys.stdout: keep stdout for JSON lines only.
+    common._EMITTER.stream = sys.stdout
+    sys.stdout = sys.stderr
+    with bench_services() as svc:
+        ray.init(
+            address="local",  # never join a `ray start` cluster someone else runs here
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="bench",
+        )
+        topics: list[str] = []
+        try:
+            for run in range(args.runs):
+                for mode, fn in (("hosted", run_hosted), ("dedicated", run_dedicated)):
+                    if args.only not in (None, mode):
+                        continue
+                    log(f"consume bench: run {run} {mode} (load {os.getloadavg()[0]:.1f})")
+                    try:
+                        topics += fn(args, svc, run)
+                    except Exception as exc:  # record it; the other cases still run
+                        emit(kind="error", case=mode, run=run, error=repr(exc)[:500])
+        finally:
+            ray.shutdown()
+            if svc.external and topics:
+                _delete_topics(svc.settings.kafka, topics)
 
 
 if __name__ == "__main__":

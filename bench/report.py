@@ -30,6 +30,8 @@ CEILINGS_BY_STAGE: dict[str, tuple[str, ...]] = {
     "produce": ("raw_produce", "kafka_perf_produce"),
     "consume": ("raw_consume", "kafka_perf_consume"),
 }
+# Line kinds that carry a whole result for a dedicated report section.
+SECTION_KINDS = frozenset({"profile", "stress_step", "stress_summary"})
 # Keys that describe the record itself rather than a grouping dimension.
 RECORD_KEYS = frozenset({"bench", "case", "metric", "unit", "ceiling", "error", "status"})
 # Legacy lines (no metric/value): numeric fields with these suffixes are metrics.
@@ -112,6 +114,8 @@ class BenchResults:
     errors: list[dict[str, Any]] = field(default_factory=list)
     machine_lines: list[dict[str, Any]] = field(default_factory=list)
     bad_lines: int = 0
+    # Whole-result lines some benches add for their own report section (see SECTION_KINDS).
+    sections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,6 +225,8 @@ def parse_lines(name: str, lines: list[str]) -> BenchResults:
             results.machine_lines.append(record)
         elif kind == "error":
             results.errors.append(record)
+        elif kind in SECTION_KINDS:
+            results.sections.setdefault(kind, []).append(record)
         else:
             results.measurements.extend(normalize(record, name))
     return results
@@ -419,6 +425,153 @@ def render_bench(
     return [*out, ""]
 
 
+def _ms(value: Any) -> str:
+    return fmt(float(value)) if _is_number(value) else "-"
+
+
+def _top_groups(cpu: dict[str, Any], n: int = 3) -> str:
+    items = sorted(
+        ((g, float(v)) for g, v in (cpu or {}).items() if _is_number(v)), key=lambda kv: -kv[1]
+    )
+    return ", ".join(f"{g} {v:.0f}%" for g, v in items[:n]) or "-"
+
+
+def render_profiles(records: list[dict[str, Any]]) -> list[str]:
+    """The seed's load profiles: one row per profile (the latest run of each)."""
+    if not records:
+        return []
+    latest: dict[str, tuple[dict[str, Any], Any]] = {}
+    for rec in records:
+        result = rec.get("result") or {}
+        latest[str(result.get("profile", rec.get("case", "?")))] = (result, rec.get("load1", "-"))
+    out = [
+        "### Load profiles (seed section 8), end to end",
+        "",
+        "Latency = message created at the simulator → handler start, on the direct path; "
+        "messages handled only when the DLQ retried them (rate-limited ones, by design a "
+        "minute or more later) are counted apart. Audit against the "
+        "simulator's ground truth after the load stops; dead letters by reason. CPU in % of "
+        "one core (200 % = both cores), summed over the window.",
+        "",
+        "| profile | target msg/s | offered | processed | p50 ms | p99 ms | max ms "
+        "| normal users p99 ms | handled via DLQ retry: n, max ms | mailboxes | Ray workers "
+        "| RSS Ray / stack MiB "
+        "| lost | reordered | dup. effects | dead letters | busiest (CPU) | load1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (r, load1) in latest.items():
+        lat = (r.get("latency") or {}).get("all") or {}
+        normal = (r.get("latency") or {}).get("normal") or {}
+        audit = r.get("audit") or {}
+        rss = r.get("rss_mib") or {}
+        reasons = r.get("dead_letters_by_reason") or {}
+        dead = ", ".join(f"{k} {v}" for k, v in reasons.items()) or "0"
+        via = (r.get("latency") or {}).get("via_dlq") or {}
+        via_text = f"{via.get('n', 0)}, {_ms(via.get('max_ms'))}" if via.get("n") else "0"
+        normal_p99 = _ms(normal.get("p99_ms"))
+        if r.get("normal_p99_without_attackers_ms") is not None:
+            normal_p99 = (
+                f"{normal_p99} (without attackers: {_ms(r['normal_p99_without_attackers_ms'])})"
+            )
+        out.append(
+            f"| {name} | {_ms(r.get('target_msg_s'))} | {_ms(r.get('offered_msg_s'))} "
+            f"| {_ms(r.get('processed_msg_s'))} | {_ms(lat.get('p50_ms'))} "
+            f"| {_ms(lat.get('p99_ms'))} | {_ms(lat.get('max_ms'))} | {normal_p99} | {via_text} "
+            f"| {r.get('mailboxes', '-')} | {r.get('ray_worker_processes', '-')} "
+            f"| {_ms(rss.get('ray'))} / {_ms(rss.get('stack'))} | {audit.get('lost', '-')} "
+            f"| {audit.get('reordered', '-')} | {audit.get('duplicated_side_effects', '-')} "
+            f"| {dead} | {_top_groups(r.get('cpu_pct_by_group') or {})} | {load1} |"
+        )
+    return [*out, ""]
+
+
+def render_stress(steps: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> list[str]:
+    """The stress curve (one row per step) and where and why it broke."""
+    if not steps and not summaries:
+        return []
+    out = [
+        "### Stress to breaking point",
+        "",
+        "Each step raises the offered load; a step breaks when p99 > 1 s (messages not "
+        "handled yet count as slower), processed < 90 % of offered, consumer lag grows, or "
+        "the simulator cannot offer the load; a step broken by latency alone is measured "
+        "once more before it counts. `≥` marks a p99 that is only a lower bound. "
+        "CPU total is this pipeline's processes only; load1 counts everything on the machine.",
+        "",
+        "| target msg/s | offered | processed | p50 ms | p99 ms | before Kafka start→end "
+        "| consumer lag start→end | Redis cmds/s | CPU total % | busiest (CPU) | load1 "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rec in steps:
+        r = rec.get("result") or {}
+        p99 = _ms(r.get("p99_ms"))
+        if r.get("p99_censored"):
+            p99 = f"≥ {p99}"
+        verdict = "; ".join(r.get("reasons") or []) if r.get("broke") else "ok"
+        if r.get("retried"):
+            verdict = f"{verdict} → measured again (latency only: a neighbour's burst?)"
+        out.append(
+            f"| {_ms(r.get('target_msg_s'))} | {_ms(r.get('offered_msg_s'))} "
+            f"| {_ms(r.get('processed_msg_s'))} | {_ms(r.get('p50_ms'))} | {p99} "
+            f"| {r.get('ingest_backlog_start', '-')}→{r.get('ingest_backlog_end', '-')} "
+            f"| {r.get('lag_start', '-')}→{r.get('lag_end', '-')} "
+            f"| {_ms(r.get('redis_cmds_s'))} | {_ms(r.get('cpu_total_pct'))} "
+            f"| {_top_groups(r.get('cpu_pct_by_group') or {})} | {r.get('load1', '-')} "
+            f"| {verdict} |"
+        )
+    out.append("")
+    for rec in summaries[-1:]:
+        r = rec.get("result") or {}
+        audit = r.get("audit") or {}
+        out.append(
+            f"Highest load handled without breaking: **{_ms(r.get('max_ok_msg_s'))} msg/s** "
+            f"({r.get('users', '?')} users, handler `{r.get('handler', '?')}`). Audit after "
+            f"the climb: " + ", ".join(f"{k}={v}" for k, v in audit.items()) + "."
+        )
+        brk = r.get("breaking")
+        if not brk:
+            out += ["", f"_{r.get('note', 'No step broke.')}_", ""]
+            continue
+        out += [
+            "",
+            f"**Broke at {_ms(brk.get('target_msg_s'))} msg/s**: " + "; ".join(brk.get("why", [])),
+            "",
+        ]
+        busiest = ", ".join(f"{g} {v}%" for g, v in brk.get("busiest_groups", []))
+        if busiest:
+            out += [f"Busiest process groups there: {busiest}.", ""]
+        if brk.get("error"):
+            out += [f"py-spy: {brk['error']}", ""]
+        hottest = brk.get("hottest_process") or {}
+        if hottest:
+            out += [
+                f"Busiest single process: pid {hottest.get('pid')} (`{hottest.get('group')}`).",
+                "",
+            ]
+        for prof in brk.get("profiles") or []:
+            if prof.get("error"):
+                out += [f"py-spy of `{prof.get('group')}` failed: {prof['error']}", ""]
+                continue
+            path = Path(str(prof.get("path", "")))
+            out += [
+                f"py-spy of pid {prof.get('pid')} (`{prof.get('group')}`): "
+                f"`results/{path.name}` (open in speedscope.app). Top functions by self "
+                "time (threads blocked in C calls, e.g. a Ray worker's main loop or "
+                "librdkafka's poll, can show up as busy):",
+                "",
+                "| function | file | self % |",
+                "|---|---|---|",
+            ]
+            for fn in (prof.get("top") or [])[:12]:
+                out.append(
+                    f"| `{fn.get('function')}` | {Path(str(fn.get('file', ''))).name} "
+                    f"| {fn.get('self_pct')} |"
+                )
+            out.append("")
+    return out
+
+
 def render_report(
     machine: dict[str, Any],
     benches: list[BenchResults],
@@ -450,6 +603,10 @@ def render_report(
     order = sorted(benches, key=lambda b: (b.name != CEILING_BENCH, b.name))
     for bench in order:
         out += render_bench(bench, all_rows[bench.name], ceilings, run_id)
+        out += render_profiles(bench.sections.get("profile", []))
+        out += render_stress(
+            bench.sections.get("stress_step", []), bench.sections.get("stress_summary", [])
+        )
     if charts:
         out += ["## Charts", ""]
         for chart in charts:
@@ -503,7 +660,42 @@ def write_charts(benches: list[BenchResults], results_dir: Path) -> list[Path]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
+        curve = stress_curve(bench.sections.get("stress_step", []))
+        if curve:
+            fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+            xs = [c[0] for c in curve]
+            top.plot(xs, [c[1] for c in curve], marker="o", label="offered")
+            top.plot(xs, [c[2] for c in curve], marker="o", label="processed")
+            top.set_ylabel("msg/s")
+            top.legend()
+            bottom.plot(xs, [c[3] for c in curve], marker="o", label="p50")
+            bottom.plot(xs, [c[4] for c in curve], marker="o", label="p99")
+            bottom.axhline(1000, linestyle="--", linewidth=1, label="1 s limit")
+            bottom.set_ylabel("ms (creation → handler)")
+            bottom.set_xlabel("target msg/s")
+            bottom.legend()
+            for ax in (top, bottom):
+                ax.set_xscale("log")
+            fig.suptitle(f"{bench.name}: stress curve")
+            fig.tight_layout()
+            path = results_dir / f"{bench.name}_curve.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
     return written
+
+
+def stress_curve(steps: list[dict[str, Any]]) -> list[tuple[float, float, float, float, float]]:
+    """(target, offered, processed, p50, p99) per stress step, for the curve chart."""
+    out = []
+    for rec in steps:
+        r = rec.get("result") or {}
+        if r.get("retried"):
+            continue  # the step's second measurement is the one that counts
+        keys = ("target_msg_s", "offered_msg_s", "processed_msg_s", "p50_ms", "p99_ms")
+        if all(_is_number(r.get(k)) for k in keys):
+            out.append(tuple(float(r[k]) for k in keys))
+    return sorted(out)  # type: ignore[arg-type]
 
 
 def write_report(results_dir: Path = RESULTS_DIR, out_path: Path | None = None) -> Path:

@@ -46,6 +46,11 @@ from bench.report import write_report
 BENCH_DIR = ROOT / "bench"
 CEILING_SCRIPT = "bench_kafka_ceiling"
 STDERR_TAIL_CHARS = 3000
+DEFAULT_TIMEOUT_S = 900.0
+DEFAULT_QUICK_TIMEOUT_S = 240.0
+# A bench that needs longer than the default says so in one line of its source:
+#   # bench-timeout-s: full=1500 quick=600
+TIMEOUT_MARK = "# bench-timeout-s:"
 
 
 @dataclass
@@ -64,6 +69,33 @@ def discover(bench_dir: Path = BENCH_DIR, only: list[str] | None = None) -> list
     if only:
         scripts = [s for s in scripts if any(o in s.stem for o in only)]
     return scripts
+
+
+def declared_timeout(source: str, quick: bool) -> float | None:
+    """The timeout a bench declares for itself (see TIMEOUT_MARK), or None."""
+    for line in source.splitlines():
+        if not line.startswith(TIMEOUT_MARK):
+            continue
+        fields = dict(
+            part.split("=", 1) for part in line[len(TIMEOUT_MARK) :].split() if "=" in part
+        )
+        raw = fields.get("quick" if quick else "full")
+        try:
+            return float(raw) if raw is not None else None
+        except ValueError:
+            return None
+    return None
+
+
+def timeout_for(script: Path, quick: bool, override_s: float | None) -> float:
+    """--timeout-s wins; else the bench's own declaration; else the harness default."""
+    if override_s:
+        return override_s
+    try:
+        declared = declared_timeout(script.read_text(encoding="utf-8"), quick)
+    except OSError:
+        declared = None
+    return declared or (DEFAULT_QUICK_TIMEOUT_S if quick else DEFAULT_TIMEOUT_S)
 
 
 def bench_name(script: Path) -> str:
@@ -161,7 +193,7 @@ def run_one(script: Path, results_dir: Path, env: dict[str, str], timeout_s: flo
 
 def clear_results(results_dir: Path) -> None:
     """A full run replaces every result, so a bench that vanished leaves nothing stale."""
-    for pattern in ("*.jsonl", "*.stderr.log", "*.png", "machine.json"):
+    for pattern in ("*.jsonl", "*.stderr.log", "*.png", "*.speedscope.json", "machine.json"):
         for path in results_dir.glob(pattern):
             path.unlink(missing_ok=True)
 
@@ -170,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"short mode (sets {QUICK_ENV}=1)")
     ap.add_argument("--only", nargs="+", help="run only benches whose name contains one of these")
-    ap.add_argument("--timeout-s", type=float, default=None, help="per bench (900, quick 240)")
+    ap.add_argument(
+        "--timeout-s",
+        type=float,
+        default=None,
+        help="per bench (default: its own `# bench-timeout-s:` line, else 900, quick 240)",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--report", type=Path, default=BENCH_DIR / "REPORT.md")
     ap.add_argument(
@@ -185,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         env[QUICK_ENV] = "1"
         os.environ[QUICK_ENV] = "1"
     quick = quick_mode()
-    timeout_s = args.timeout_s or (240.0 if quick else 900.0)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     env[RUN_ID_ENV] = run_id
     env["PYTHONUNBUFFERED"] = "1"
@@ -218,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         (results_dir / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
         for script in scripts:
+            timeout_s = timeout_for(script, quick, args.timeout_s)
             log(f"run_all: {bench_name(script)} (timeout {timeout_s:.0f}s) ...")
             outcome = run_one(script, results_dir, env, timeout_s)
             outcomes.append(outcome)

@@ -600,6 +600,9 @@ class PopulationConfig(BaseModel):
     attackers: int = 0
     attacker_rate_per_min: float = 600.0
     size_bytes: int = 0
+    # Benchmarks: stamp each message with `sim_created_ms` (unix ms when the population
+    # added it), so end-to-end latency can be measured from creation to the handler.
+    stamp_created_ms: bool = False
 
 
 class Population:
@@ -622,11 +625,14 @@ class Population:
         self._carry += cfg.users * cfg.rate_per_min * dt_s / 60.0
         due, self._carry = int(self._carry), self._carry - int(self._carry)
         added = 0
+        extra = {"sim_created_ms": int(self.state.clock() * 1000)} if cfg.stamp_created_ms else None
         for _ in range(due):
             kf, user = self.user(rng.randrange(max(1, cfg.users)))
             msgtype = rng.choices(self._types, self._weights)[0]
             count = cfg.burst_size if rng.random() < cfg.burst_probability else 1
-            added += len(self.state.add_messages(kf, user, count, msgtype, cfg.size_bytes))
+            added += len(
+                self.state.add_messages(kf, user, count, msgtype, cfg.size_bytes, extra=extra)
+            )
         self._attack_carry += cfg.attackers * cfg.attacker_rate_per_min * dt_s / 60.0
         due, self._attack_carry = (
             int(self._attack_carry),
@@ -635,7 +641,7 @@ class Population:
         for _ in range(due):
             i = rng.randrange(cfg.attackers)
             kf = cfg.open_kfids[i % len(cfg.open_kfids)]
-            added += len(self.state.add_messages(kf, f"wmSIMATTACK{i:06d}", 1, "text"))
+            added += len(self.state.add_messages(kf, f"wmSIMATTACK{i:06d}", 1, "text", extra=extra))
         return added
 
 
@@ -788,6 +794,15 @@ class InjectRequest(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class PopulationRates(BaseModel):
+    """A running population's new rates; a field left out keeps its value."""
+
+    users: int | None = Field(default=None, ge=1)
+    rate_per_min: float | None = Field(default=None, ge=0)
+    attackers: int | None = Field(default=None, ge=0)
+    attacker_rate_per_min: float | None = Field(default=None, ge=0)
+
+
 def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:
     """WeCom's paths under /cgi-bin plus /sim/* for tests; a thin layer over the state."""
 
@@ -883,6 +898,23 @@ def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:
     async def expire_tokens() -> dict[str, int]:
         return {"expired": state.expire_access_tokens()}
 
+    @app.get("/sim/population/mark")
+    async def population_mark() -> dict[str, int]:
+        """Messages created so far and the simulator's clock, read together: population
+        messages counted here carry sim_created_ms <= clock_ms, later ones >= it."""
+        return {"messages": state.stats.messages, "clock_ms": int(state.clock() * 1000)}
+
+    # Registered before /sim/population/{action}, which would otherwise match "rates".
+    @app.post("/sim/population/rates")
+    async def population_rates(rates: PopulationRates) -> Response:
+        """Change the population's rates while it runs (stress benchmarks step the load)."""
+        if sim.population is None:
+            return JSONResponse({"error": "no population configured"}, status_code=400)
+        cfg = sim.population.config
+        update = {k: v for k, v in rates.model_dump().items() if v is not None}
+        sim.population.config = cfg.model_copy(update=update)
+        return JSONResponse(sim.population.config.model_dump())
+
     @app.post("/sim/population/{action}")
     async def population(action: str) -> Response:
         if action not in ("pause", "resume"):
@@ -941,6 +973,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attackers", type=int, default=0)
     p.add_argument("--attacker-rate", type=parse_rate, default=600.0)
     p.add_argument("--size-bytes", type=int, default=0)
+    p.add_argument(
+        "--stamp-created-ms",
+        action="store_true",
+        help="add sim_created_ms to every population message (latency benchmarks)",
+    )
     p.add_argument("--callback-timeout-s", type=float, default=5.0)
     p.add_argument("--corp-id", default=defaults.corp_id)
     p.add_argument("--seed", type=int, default=None)
@@ -965,6 +1002,7 @@ def main(argv: list[str] | None = None) -> None:
             attackers=args.attackers,
             attacker_rate_per_min=args.attacker_rate,
             size_bytes=args.size_bytes,
+            stamp_created_ms=args.stamp_created_ms,
             **({"mix": args.mix} if args.mix else {}),
         )
     sim = WeComSimulator(
