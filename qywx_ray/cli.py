@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from qywx_ray.errors import ConfigError, InfraError, QywxError
 from qywx_ray.settings import Settings, load_settings
@@ -105,28 +108,97 @@ def cmd_start(args: argparse.Namespace) -> int:
         from serve.app import deployment
 
         serve.start(http_options={"host": args.http_host, "port": args.http_port})
-        serve.run(deployment(settings), name="qywx", route_prefix="/")
+        serve.run(deployment(settings), name=SERVE_APP, route_prefix="/")
         print(f"ingress: http://{args.http_host}:{args.http_port}/wecom/callback")
+    if not args.foreground:
+        return 0
+    # Supervised (systemd, a container): stay up until SIGTERM/SIGINT, then stop in order.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print("running; SIGTERM or Ctrl-C drains and stops everything started here", flush=True)
+    while not stop.wait(1.0):
+        pass
+    print("stopping ...", flush=True)
+    ordered_stop(settings, args.stop_timeout_s, serve_app=None if args.no_serve else SERVE_APP)
     return 0
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
-    """Drain and stop the pipeline: consumers commit, Serve stops, named actors end."""
+SERVE_APP = "qywx"
+
+
+def _bounded(ref: Any, timeout_s: float, what: str) -> Any:
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception as exc:  # dead already, or over its bound: the kill below ends it
+        print(f"{what}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        return None
+
+
+def ordered_stop(settings: Settings, timeout_s: float, serve_app: str | None = SERVE_APP) -> int:
+    """Graceful stop of everything `start` starts, upstream first; each step bounded.
+
+    1. ingress: Serve stops routing, answers in-flight callbacks, sends held pull requests;
+    2. syncer hosts: finish or cancel pulls (cursor only ever at an acked page), release
+       their locks, flush the producer;
+    3. consumers: drain in-flight messages, commit the watermark, close (hosts then end);
+    4. DLQ recovery: finish the batch, commit, hand leased retries back to the delay queue;
+    5. every named actor left in the namespace is killed.
+    Returns the number of actors killed at the end. Bound: about 4 x timeout_s.
+    """
     import ray
 
     from qywx_ray.consume.pipeline import find_pipeline, stop_consumers
     from qywx_ray.devstack.procs import kill_named_actors
+    from qywx_ray.ingest.syncer_host import syncer_host_name
+
+    ns = settings.ray_namespace
+    if serve_app:
+        try:
+            from ray import serve
+
+            serve.delete(serve_app)
+            print("ingress: stopped", flush=True)
+        except Exception as exc:  # not running is fine
+            print(f"ingress: {exc}", flush=True)
+    refs: list[Any] = []
+    for i in range(settings.ingest.num_syncer_hosts):
+        try:
+            host = ray.get_actor(syncer_host_name(i), namespace=ns)
+        except ValueError:
+            continue  # never created (no callback reached this host)
+        refs.append(host.shutdown.remote(timeout_s / 2))
+    for ref in refs:
+        left = _bounded(ref, timeout_s, "syncer host")
+        print(f"syncer host: stopped, {left} undelivered", flush=True)
+    try:
+        pipeline = find_pipeline(settings)
+    except ValueError as exc:
+        print(f"consume: {exc}", flush=True)
+    else:
+        stop_consumers(pipeline, timeout_s=timeout_s)
+        print("consume: drained and committed", flush=True)
+    try:
+        recovery = ray.get_actor(settings.dlq.recovery_actor_name, namespace=ns)
+    except ValueError:
+        pass
+    else:
+        released = _bounded(recovery.stop.remote(timeout_s / 2), timeout_s, "dlq recovery")
+        print(f"dlq recovery: stopped, {released} leases handed back", flush=True)
+        ray.kill(recovery, no_restart=True)
+    return kill_named_actors(ns)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Drain and stop the pipeline in order (see ordered_stop); named actors end."""
+    import ray
 
     settings = _settings(args)
     ray.init(address=args.address, namespace=settings.ray_namespace, log_to_driver=False)
-    try:
-        from ray import serve
-
-        serve.delete("qywx")
-    except Exception as exc:  # not running is fine
-        print(f"ingress: {exc}")
-    stop_consumers(find_pipeline(settings), timeout_s=args.timeout_s)
-    print(f"stopped; {kill_named_actors(settings.ray_namespace)} named actors removed")
+    killed = ordered_stop(settings, args.timeout_s)
+    print(f"stopped; {killed} named actors removed")
     return 0
 
 
@@ -175,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--no-serve", action="store_true", help="consumers and DLQ only")
     start.add_argument("--http-host", default="0.0.0.0")
     start.add_argument("--http-port", type=int, default=8000)
+    start.add_argument(
+        "--foreground",
+        action="store_true",
+        help="stay up; on SIGTERM/SIGINT drain and stop everything started (exit 0)",
+    )
+    start.add_argument("--stop-timeout-s", type=float, default=20.0, help="per shutdown step")
     start.set_defaults(func=cmd_start)
     stop = sub.add_parser("stop", help="drain and stop what `start` started")
     stop.add_argument("--address", default="auto")

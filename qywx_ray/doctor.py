@@ -138,13 +138,27 @@ def _redis_checks(rs: RedisSettings, timeout_s: float) -> list[Check]:
     return [_redis_master_check(rs, where, timeout_s)]
 
 
+def _min_replicas_to_write(client: redis.Redis) -> int | None:
+    """None when the server hides CONFIG (managed Redis services often do)."""
+    try:
+        got: dict[Any, Any] = client.config_get("min-replicas-to-write")  # type: ignore[assignment]
+    except redis.ResponseError:
+        return None
+    value = got.get("min-replicas-to-write", got.get(b"min-replicas-to-write", 0))
+    return int(_s(value))
+
+
 def _redis_master_check(rs: RedisSettings, where: str, timeout_s: float) -> Check:
-    bounded = rs.model_copy(update={"socket_timeout_s": min(rs.socket_timeout_s, timeout_s)})
+    # One try, bounded: the client's failover retries would make a dead Redis cost ~10 s.
+    bounded = rs.model_copy(
+        update={"socket_timeout_s": min(rs.socket_timeout_s, timeout_s), "retry_budget_s": 0.0}
+    )
     client = make_redis(bounded)
     try:
         client.ping()
         server = client.info("server")
         repl = client.info("replication")
+        min_replicas = _min_replicas_to_write(client)
     except redis.RedisError as exc:
         return Check(
             "redis",
@@ -168,6 +182,16 @@ def _redis_master_check(rs: RedisSettings, where: str, timeout_s: float) -> Chec
             True,
             detail + " - no replica: a master failure would lose data and stop writes",
             "start a replica (or restart the failed old master; sentinels re-attach it)",
+            warn=True,
+        )
+    if rs.mode == "sentinel" and min_replicas == 0:
+        return Check(
+            "redis",
+            True,
+            detail + " - min-replicas-to-write is 0: writes the old master takes during a"
+            " failover are thrown away when it rejoins (done-flags, cursors, parking)",
+            "set `min-replicas-to-write 1`, `min-replicas-max-lag 2` on every Redis node, with"
+            " at least 2 replicas (docker-compose.yml shows it)",
             warn=True,
         )
     return Check("redis", True, detail)

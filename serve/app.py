@@ -13,6 +13,8 @@ the deployment for WeCom's callback rate, with measured numbers: serve/config.ya
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from fastapi import FastAPI, Response
@@ -20,12 +22,39 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from qywx_ray.ingest.dispatch import PullDispatcher
 from qywx_ray.ingest.shedding import LoadShedder, ShedBacklog, ShedMiddleware, ShedSink
-from qywx_ray.obs.logging import configure_logging
+from qywx_ray.obs.logging import configure_logging, get_logger
 from qywx_ray.obs.metrics import render_text
 from qywx_ray.settings import Settings, load_settings
 from qywx_ray.store.client import make_async_redis
 from qywx_ray.wecom.callback import CallbackSink, RedisReplayCache, make_callback_router
 from qywx_ray.wecom.crypto import WeComCrypto
+
+log = get_logger(__name__)
+
+# Shutdown bounds: Serve stops routing to a replica, waits (up to the graceful timeout) for
+# its in-flight callbacks to be answered, then runs the app's lifespan shutdown, where the
+# pull requests still held are sent (bounded).
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 10.0
+SHUTDOWN_FLUSH_TIMEOUT_S = 5.0
+
+
+async def drain_pulls(sink: Any, timeout_s: float = SHUTDOWN_FLUSH_TIMEOUT_S) -> bool:
+    """Send the pull requests this replica still holds, bounded; then stop the dispatcher.
+    False when some could not be sent: nothing is lost (the cursor never moved past an
+    unproduced message, and syncers sweep every open_kfid periodically), only delayed."""
+    flush = getattr(sink, "flush", None)
+    ok = True
+    if flush is not None:
+        try:
+            ok = bool(await asyncio.wait_for(flush(), timeout_s))
+        except TimeoutError:
+            ok = False
+    aclose = getattr(sink, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    if not ok:
+        log.warning("ingress.pulls_unsent", pending=getattr(sink, "pending", None))
+    return ok
 
 
 def ray_pull_sender(settings: Settings) -> Any:
@@ -83,7 +112,16 @@ def create_app(
     shedder = LoadShedder(
         max_inflight=s.callback_shed_max_inflight, max_loop_lag_s=s.callback_shed_max_loop_lag_s
     )
-    app = FastAPI(title="qywx-ray", version="0.1.0")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Shutdown (Serve runs it after in-flight requests were answered): pulls first.
+        await drain_pulls(app.state.sink)
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+
+    app = FastAPI(title="qywx-ray", version="0.1.0", lifespan=lifespan)
     app.state.sink = sink
     app.state.shedder = shedder
     app.add_middleware(
@@ -182,6 +220,8 @@ def deployment(settings: Settings) -> Any:
     return Ingress.options(  # type: ignore[attr-defined]
         num_replicas=s.serve_replicas,
         max_ongoing_requests=s.serve_max_ongoing_requests,
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
         logging_config={"enable_access_log": s.serve_access_log},
     ).bind(settings)
 

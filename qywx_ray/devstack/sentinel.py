@@ -72,6 +72,12 @@ class SentinelCluster:
     quorum: int = 2
     down_after_ms: int = 1000
     failover_timeout_ms: int = 10_000
+    # The master refuses writes (NOREPLICAS) unless this many replicas acked within
+    # `min_replicas_max_lag_s`. With 1, a master cut off from its replica by a failover
+    # stops acknowledging writes the promotion is about to discard (split brain); clients
+    # retry them on the new master. 0 = Redis' default (accept, and lose them).
+    min_replicas_to_write: int = 0
+    min_replicas_max_lag_s: int = 2
     data: list[_Node] = field(default_factory=list, init=False)
     watchers: list[_Node] = field(default_factory=list, init=False)
 
@@ -162,6 +168,14 @@ class SentinelCluster:
             "no",
             "--replica-announce-ip",
             HOST,
+            # A demoted master resyncs at once (the default waits 5 s for more replicas),
+            # so the new master has its replica back within ~0.1 s.
+            "--repl-diskless-sync-delay",
+            "0",
+            "--min-replicas-to-write",
+            str(self.min_replicas_to_write),
+            "--min-replicas-max-lag",
+            str(self.min_replicas_max_lag_s),
         ]
 
     def _sentinel_conf(
@@ -210,10 +224,16 @@ class SentinelCluster:
                 info = c.info("replication")
         except redis.RedisError:
             return False
+        # "online" is not enough: after a diskless sync the master streams nothing until
+        # the replica's first REPLCONF ACK (up to 1 s later), so writes acknowledged in
+        # between would be lost by a failover. A replica that has ACKed has offset > 0.
         online = [
             v
             for k, v in info.items()
-            if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+            if k.startswith("slave")
+            and isinstance(v, dict)
+            and v.get("state") == "online"
+            and int(v.get("offset", 0)) > 0
         ]
         return info.get("role") == "master" and len(online) >= expected
 

@@ -41,8 +41,10 @@ class DLQRecoveryActor:
     def stats(self) -> dict[str, Any]:
         return self._service.stats()
 
-    def stop(self) -> None:
-        self._service.close()
+    def stop(self, timeout_s: float = 10.0) -> int:
+        """Graceful: loops finish their batch, DLQ group left, producer flushed, leases
+        handed back to the delay queue (returns how many). Call before ray.kill."""
+        return self._service.close(timeout_s)
 
 
 def start_recovery_actor(settings: Settings, *, name: str | None = None) -> Any:

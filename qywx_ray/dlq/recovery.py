@@ -84,6 +84,8 @@ class RecoveryService:
         self._last_gauges = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._leased: set[str] = set()  # claimed by schedule_once and not acked yet
+        self._leased_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> RecoveryService:
@@ -120,17 +122,28 @@ class RecoveryService:
             thread.start()
             self._threads.append(thread)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> int:
+        """Graceful stop (bounded by ~2 x timeout_s): let both loops finish their batch,
+        leave the DLQ group (what was consumed and durably scheduled is committed; the rest
+        is read again), flush the producer, and put entries this service still holds a
+        lease on back in the delay queue, due now, instead of waiting for the lease to
+        expire. Returns how many leases were released."""
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=10.0)
+            thread.join(timeout=timeout_s)
         self._threads.clear()
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
         if self._producer is not None:
-            self._producer.flush(5.0)
+            self._producer.flush(timeout_s)
             self._producer = None
+        with self._leased_lock:
+            leased, self._leased = sorted(self._leased), set()
+        released = self.queue.retry_later(leased, self.clock()) if leased else 0
+        if leased:
+            log.info("dlq.recovery.leases_released", count=released)
+        return released
 
     def _consume_loop(self) -> None:
         while not self._stop.is_set():
@@ -313,6 +326,8 @@ class RecoveryService:
         if not claimed:
             self._update_gauges()
             return 0
+        with self._leased_lock:
+            self._leased.update(e.entry_id for e in claimed)
         results: dict[str, str | None] = {}
         letters: dict[str, DeadLetterMessage] = {}
         unsendable: list[DeadLetterMessage] = []
@@ -360,6 +375,8 @@ class RecoveryService:
         acked = [eid for eid, err in results.items() if err is None]
         failed = {eid: err for eid, err in results.items() if err is not None}
         self.queue.ack_many(acked)
+        with self._leased_lock:
+            self._leased.difference_update([*acked, *(lt.entry_id() for lt in unsendable)])
         self.index.mark([letters[eid].message_id for eid in acked], RETRIED)
         for eid in acked:
             self.strategies[letters[eid].failure_reason].on_success(letters[eid])

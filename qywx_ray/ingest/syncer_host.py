@@ -107,16 +107,30 @@ class SyncerHostService:
             "pending_deliveries": len(self.parts.producer),
         }
 
-    async def close(self, timeout_s: float = 10.0) -> None:
+    async def close(self, timeout_s: float = 10.0) -> int:
+        """Graceful stop, bounded by ~2 x timeout_s: no new pulls; a pull in progress may
+        finish within timeout_s, then it is cancelled (its cursor stays at the last page
+        Kafka acked or the spool took, so nothing is skipped; the page is pulled again
+        later). Locks are released as their pulls end, then the producer is flushed.
+        Returns the messages the producer could not deliver in time (their cursor did
+        not move: they are pulled again by the next owner)."""
         for syncer in self.syncers.values():
             syncer.stop()
         tasks = [*self.tasks.values()]
         if self._replayer_task:
             self._replayer_task.cancel()
             tasks.append(self._replayer_task)
-        await asyncio.wait(tasks, timeout=timeout_s) if tasks else None
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:  # run_locked releases the lock as the pull unwinds
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=timeout_s)
+                log.warning("syncer_host.pulls_cancelled", host=self.index, n=len(pending))
         await self.wecom.aclose()
-        await self.parts.aclose(timeout_s)
+        remaining = await self.parts.aclose(timeout_s)
+        log.info("syncer_host.closed", host=self.index, undelivered=remaining)
+        return remaining
 
 
 def syncer_host_actor_class() -> Any:
@@ -144,8 +158,9 @@ def syncer_host_actor_class() -> Any:
 
             return snapshot()
 
-        async def shutdown(self, timeout_s: float = 10.0) -> None:
-            await self.service.close(timeout_s)
+        async def shutdown(self, timeout_s: float = 10.0) -> int:
+            """Graceful stop (see SyncerHostService.close); call before ray.kill."""
+            return await self.service.close(timeout_s)
 
     return SyncerHostActor
 

@@ -1,16 +1,177 @@
-"""The one place that builds Redis clients (single instance or Sentinel, sync or asyncio)."""
+"""The one place that builds Redis clients (single instance or Sentinel, sync or asyncio).
+
+Every client rides a failover: a command that meets a transient error (connection lost or
+refused, timeout, READONLY from a demoted master, NOREPLICAS from a master that lost its
+replicas, no master known while the sentinels vote) reconnects and is retried with
+exponential backoff within `RedisSettings.retry_budget_s` of its start; only then does
+the caller see the error. Never retries an ordinary command error (WRONGTYPE, a failing
+script, ...): those are bugs or data problems, not outages.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-from redis.sentinel import Sentinel
+from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelConnection
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from qywx_ray.store.settings import RedisSettings
+
+T = TypeVar("T")
+
+# Errors a command may be retried on; `is_transient_redis_error` narrows ResponseError.
+_CAUGHT: tuple[type[Exception], ...] = (
+    RedisConnectionError,  # includes MasterNotFoundError, BusyLoadingError
+    RedisTimeoutError,
+    socket.timeout,
+    ReadOnlyError,
+    ResponseError,
+)
+# Server replies meaning "not now, this node": the command did not run.
+_TRANSIENT_REPLIES = ("NOREPLICAS", "MASTERDOWN", "LOADING", "TRYAGAIN")
+
+
+def is_transient_redis_error(exc: BaseException) -> bool:
+    """True when Redis is (momentarily) unreachable or not the writable master: an outage
+    or a failover, not something wrong with the command. Callers retry these in place."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | socket.timeout | ReadOnlyError):
+        return True
+    if isinstance(exc, ResponseError):
+        # ReadOnlyError is mapped by redis-py; NOREPLICAS (min-replicas-to-write) and
+        # friends arrive as plain ResponseError, sometimes with the code stripped.
+        text = str(exc)
+        code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+        return code in _TRANSIENT_REPLIES or text.startswith(_TRANSIENT_REPLIES)
+    return False
+
+
+class FailoverRetry(Retry):
+    """redis-py Retry bounded by time (from the start of the call), not by a count, and
+    retrying only transient errors. Time-bounded so that the connect retry nested inside
+    a command retry does not multiply the wait."""
+
+    def __init__(self, budget_s: float, base_s: float, cap_s: float) -> None:
+        super().__init__(ExponentialBackoff(cap=cap_s, base=base_s), -1, _CAUGHT)
+        self.budget_s = budget_s
+
+    def call_with_retry(
+        self,
+        do: Callable[[], T],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        deadline = time.monotonic() + self.budget_s
+        self._backoff.reset()
+        failures = 0
+        while True:
+            try:
+                return do()
+            except self._supported_errors as error:
+                if not is_transient_redis_error(error) or (
+                    is_retryable is not None and not is_retryable(error)
+                ):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise error
+                time.sleep(min(self._backoff.compute(failures), left_s))
+
+
+class AsyncFailoverRetry(AsyncRetry):
+    """The asyncio twin of FailoverRetry."""
+
+    def __init__(self, budget_s: float, base_s: float, cap_s: float) -> None:
+        super().__init__(ExponentialBackoff(cap=cap_s, base=base_s), -1, _CAUGHT)  # type: ignore[arg-type]
+        self.budget_s = budget_s
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        deadline = time.monotonic() + self.budget_s
+        self._backoff.reset()
+        failures = 0
+        while True:
+            try:
+                return await do()
+            except self._supported_errors as error:
+                if not is_transient_redis_error(error) or (
+                    is_retryable is not None and not is_retryable(error)
+                ):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    await fail(error, failures)
+                else:
+                    await fail(error)
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise error
+                await asyncio.sleep(min(self._backoff.compute(failures), left_s))
+
+
+class _FollowMasterConnection(SentinelManagedConnection):
+    """redis-py 8.1 reconnects a connection dropped in the middle of a command (READONLY
+    from a demoted master, NOREPLICAS, a reset) straight to its last host, bypassing the
+    sentinel lookup, so every retry of that command would hit the old master again. Here
+    such a reconnect asks the sentinels for the current master first."""
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if retry_socket_connect and not self._sock:  # not from connect_to(): look up
+            self._connect_retry()
+            return
+        super().connect_check_health(check_health, retry_socket_connect)
+
+
+class _AsyncFollowMasterConnection(AsyncSentinelConnection):
+    """The asyncio twin of _FollowMasterConnection."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if retry_socket_connect and not self.is_connected:
+            await self._connect_retry()
+            return
+        await super().connect_check_health(check_health, retry_socket_connect)
+
+
+def _retry_kwargs(settings: RedisSettings, is_async: bool) -> dict[str, Any]:
+    if settings.retry_budget_s <= 0:
+        return {"retry": (AsyncRetry if is_async else Retry)(NoBackoff(), 0)}
+    cls = AsyncFailoverRetry if is_async else FailoverRetry
+    return {
+        "retry": cls(
+            settings.retry_budget_s, settings.retry_backoff_base_s, settings.retry_backoff_cap_s
+        ),
+        # What redis-py documents for riding a failover; FailoverRetry already covers
+        # these, listed so a reader (and redis-py's own bookkeeping) sees them.
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ReadOnlyError],
+    }
 
 
 def _sentinel_hosts(settings: RedisSettings) -> list[tuple[str, int]]:
@@ -25,10 +186,21 @@ def _common(settings: RedisSettings) -> dict[str, Any]:
     return {"socket_timeout": settings.socket_timeout_s, "password": settings.password or None}
 
 
-def _pool_kwargs(settings: RedisSettings) -> dict[str, Any]:
+def _sentinel_kwargs(settings: RedisSettings, is_async: bool) -> dict[str, Any]:
+    """Connections to the sentinels themselves: no retry (a dead sentinel is skipped and
+    the next one asked; the command's own retry repeats the whole lookup)."""
+    return {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+        "retry": (AsyncRetry if is_async else Retry)(NoBackoff(), 0),
+    }
+
+
+def _pool_kwargs(settings: RedisSettings, is_async: bool) -> dict[str, Any]:
     """A blocking pool: when every connection is busy a caller waits (bounded), not fails."""
     return {
         **_common(settings),
+        **_retry_kwargs(settings, is_async),
         "max_connections": settings.max_connections,
         "timeout": settings.pool_timeout_s,
         "socket_connect_timeout": settings.socket_timeout_s,
@@ -38,18 +210,40 @@ def _pool_kwargs(settings: RedisSettings) -> dict[str, Any]:
 def make_redis(settings: RedisSettings) -> redis.Redis:
     """A synchronous client; in sentinel mode it follows the current master."""
     if settings.mode == "sentinel":
-        sentinel = Sentinel(_sentinel_hosts(settings), **_common(settings))
-        return sentinel.master_for(settings.master_name, db=settings.db, **_common(settings))
-    pool = redis.BlockingConnectionPool.from_url(settings.url, **_pool_kwargs(settings))
+        sentinel = Sentinel(
+            _sentinel_hosts(settings),
+            sentinel_kwargs=_sentinel_kwargs(settings, is_async=False),
+            **_common(settings),
+        )
+        return sentinel.master_for(
+            settings.master_name,
+            db=settings.db,
+            socket_connect_timeout=settings.socket_timeout_s,
+            connection_class=_FollowMasterConnection,
+            **_common(settings),
+            **_retry_kwargs(settings, is_async=False),
+        )
+    pool = redis.BlockingConnectionPool.from_url(settings.url, **_pool_kwargs(settings, False))
     return redis.Redis(connection_pool=pool)
 
 
 def make_async_redis(settings: RedisSettings) -> aioredis.Redis:
     """An asyncio client; in sentinel mode it follows the current master."""
     if settings.mode == "sentinel":
-        sentinel = AsyncSentinel(_sentinel_hosts(settings), **_common(settings))
-        return sentinel.master_for(settings.master_name, db=settings.db, **_common(settings))
-    pool = aioredis.BlockingConnectionPool.from_url(settings.url, **_pool_kwargs(settings))
+        sentinel = AsyncSentinel(
+            _sentinel_hosts(settings),
+            sentinel_kwargs=_sentinel_kwargs(settings, is_async=True),
+            **_common(settings),
+        )
+        return sentinel.master_for(
+            settings.master_name,
+            db=settings.db,
+            socket_connect_timeout=settings.socket_timeout_s,
+            connection_class=_AsyncFollowMasterConnection,
+            **_common(settings),
+            **_retry_kwargs(settings, is_async=True),
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(settings.url, **_pool_kwargs(settings, True))
     return aioredis.Redis(connection_pool=pool)
 
 

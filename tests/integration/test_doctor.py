@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 from pydantic import SecretStr
 
 from qywx_ray.devstack.procs import free_port
@@ -89,7 +90,7 @@ def test_unreachable_services_fail_fast_with_fixes(
 def test_sentinel_mode_reports_master_replicas_and_failover(
     make_settings: Callable[..., Settings], ray_session: None, tmp_path: Path
 ) -> None:
-    with SentinelCluster(tmp_path / "sentinel") as cluster:
+    with SentinelCluster(tmp_path / "sentinel", min_replicas_to_write=1) as cluster:
         settings = make_settings(
             redis={
                 "mode": "sentinel",
@@ -98,6 +99,12 @@ def test_sentinel_mode_reports_master_replicas_and_failover(
             }
         )
         host, port = cluster.master()
+        master = redis_lib.Redis(host=host, port=port)
+        master.config_set("min-replicas-to-write", 0)  # the failover-unsafe default: flagged
+        unsafe = _by_name(run_doctor(settings))["redis"]
+        assert unsafe.ok and unsafe.warn and "min-replicas-to-write is 0" in unsafe.detail
+        master.config_set("min-replicas-to-write", 1)
+        master.close()
         checks = _by_name(run_doctor(settings))
         sentinel = checks["redis.sentinel"]
         assert sentinel.ok and not sentinel.warn, sentinel

@@ -149,7 +149,9 @@ class FakeSource:
 def dead_redis() -> aioredis.Redis:
     """An asyncio client pointed at a closed port (an unreachable Redis)."""
     return make_async_redis(
-        RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5)
+        RedisSettings(
+            url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5, retry_budget_s=0
+        )
     )
 
 

@@ -74,7 +74,11 @@ def test_redis_sentinel_topology_matches_production_profile() -> None:
     services = _compose()["services"]
     sentinels = [n for n, s in services.items() if "--sentinel" in str(s.get("command", ""))]
     assert len(sentinels) == 3
-    assert "--replicaof redis-master 6379" in services["redis-replica"]["command"]
+    redis_nodes = ["redis-master", "redis-replica", "redis-replica-2"]
+    for name in redis_nodes[1:]:
+        assert "--replicaof redis-master 6379" in services[name]["command"]
+    for name in redis_nodes:  # any node can be promoted: all refuse unreplicated writes
+        assert "--min-replicas-to-write 1" in services[name]["command"], name
     conf = (ROOT / "deploy" / "redis" / "sentinel.conf").read_text()
     assert "sentinel monitor mymaster redis-master 6379 2" in conf
     prod = yaml.safe_load((ROOT / "config" / "production.yaml").read_text())
