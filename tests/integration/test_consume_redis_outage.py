@@ -42,7 +42,7 @@ def test_redis_killed_mid_stream_stops_commits_then_resumes_in_order(
     started: list[ConsumePipeline],
     tmp_path: Path,
 ) -> None:
-    server = RedisServer(tmp_path / "redis", port=free_port()).start()
+    server = RedisServer(tmp_path / "redis", port=free_port(), appendfsync="always").start()
     client = redis_lib.Redis.from_url(server.url, socket_timeout=5)
     try:
         s = consume_test_settings(
