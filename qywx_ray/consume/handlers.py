@@ -2,7 +2,8 @@
 
 `settings.consume.handler = "package.module:function"`; the function takes the typed
 message (a `qywx_ray.wecom.models.KfMessage` when that parser is present, else the
-Envelope) and a HandlerContext, and may be sync (run in a thread) or async. Raise
+Envelope; with `@envelope_handler` always the Envelope, and no typed parse is paid) and
+a HandlerContext, and may be sync (run in a thread) or async. Raise
 `PermanentError` (or let a ValueError escape) for a message that can never succeed
 (dead letter `invalid_message`); any other exception is retryable (`downstream_error`).
 Handlers must be idempotent for side effects outside Redis done-flags: a crash between
@@ -22,9 +23,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from qywx_ray.consume.dedup import DONE_KEY
 from qywx_ray.envelope import Envelope
-from qywx_ray.errors import EnvelopeError, QywxError
+from qywx_ray.errors import EnvelopeError, InfraError, QywxError
 from qywx_ray.obs.logging import StructLogger, get_logger
+from qywx_ray.store.client import is_transient_redis_error
+from qywx_ray.wecom.models import parse_kf_message  # once, not per message
 
 Handler = Callable[[Any, "HandlerContext"], Awaitable[None] | None]
 
@@ -61,17 +65,31 @@ def load_handler(spec: str) -> Handler:
 
 
 def typed_message(envelope: Envelope) -> Any:
-    """The WeCom model of the message when the parser exists and the raw item parses."""
+    """The WeCom model of the message when the raw item parses, else the Envelope."""
     if not envelope.raw:
-        return envelope
-    try:
-        from qywx_ray.wecom.models import parse_kf_message
-    except ImportError:
         return envelope
     try:
         return parse_kf_message(envelope.raw)
     except (ValidationError, ValueError, KeyError, TypeError):
         return envelope
+
+
+def envelope_handler(fn: Handler) -> Handler:
+    """Mark a handler that reads only `ctx.envelope`: it gets the Envelope as `message`
+    and the host skips the typed WeCom parse (a pydantic model per message)."""
+    fn.__qywx_message__ = "envelope"  # type: ignore[attr-defined]
+    return fn
+
+
+def wants_typed_message(handler: Handler) -> bool:
+    return getattr(handler, "__qywx_message__", "typed") != "envelope"
+
+
+def is_infra_error(exc: BaseException) -> bool:
+    """Our own stores unreachable (Redis down, or failing over: READONLY, NOREPLICAS, no
+    master yet): not the message's fault, so the host retries it in place with a short
+    backoff (`consume.handler_infra_retry_s`) instead of dead-lettering it."""
+    return isinstance(exc, InfraError) or is_transient_redis_error(exc)
 
 
 def classify(exc: BaseException) -> tuple[str, bool]:
@@ -102,6 +120,7 @@ async def run_handler(handler: Handler, message: Any, ctx: HandlerContext) -> No
 TRANSCRIPT_KEY = "qywx:transcript:{}:{}"
 
 
+@envelope_handler
 async def default_handler(message: Any, ctx: HandlerContext) -> None:
     """Append the message to the user's transcript in Redis (capped list).
 
@@ -136,6 +155,9 @@ async def default_handler(message: Any, ctx: HandlerContext) -> None:
 
 _RECORD_LUA = """
 redis.call('RPUSH', KEYS[3], ARGV[1])
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('RPUSH', KEYS[5], ARGV[1])
+end
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then
   redis.call('RPUSH', KEYS[2], ARGV[1])
 end
@@ -143,11 +165,15 @@ return 1
 """
 
 
+@envelope_handler
 async def recording_handler(message: Any, ctx: HandlerContext) -> None:
     """Test handler: records "user|message_id" in order.
 
     `{record_key}:calls` gets every invocation; `{record_key}` gets the side effect once
-    per message id (an idempotent side effect, as handlers should have). Message content
+    per message id (an idempotent side effect, as handlers should have);
+    `{record_key}:after_done` gets every invocation that started after the message's
+    done-flag was durable — a dedup failure, unlike a re-run after a crash or a lost
+    reply, which at-least-once delivery allows. Message content
     drives faults: raw `hold` = a Redis key to wait for before finishing (bounded by the
     handler timeout), raw `fail` = "permanent" or "retryable" to raise, raw `fail_until`
     = a Redis key: retryable failure until it exists (each failure is logged to
@@ -176,19 +202,32 @@ async def recording_handler(message: Any, ctx: HandlerContext) -> None:
     value = f"{ctx.user_id}|{ctx.message_id}"
     await ctx.redis.eval(
         _RECORD_LUA,
-        3,
+        5,
         f"{record_key}:effect:{ctx.message_id}",
         record_key,
         f"{record_key}:calls",
+        DONE_KEY.format(ctx.message_id),
+        f"{record_key}:after_done",
         value,
     )
 
 
+@envelope_handler
 async def noop_handler(message: Any, ctx: HandlerContext) -> None:
     """Benchmark handler: does nothing."""
     return None
 
 
+@envelope_handler
+async def bench_handler(message: Any, ctx: HandlerContext) -> None:
+    """Benchmark handler: trivial, or `raw.sleep_ms` of awaited I/O (one pipeline serves
+    every bench case)."""
+    sleep_ms = ctx.envelope.raw.get("sleep_ms")
+    if sleep_ms:
+        await asyncio.sleep(float(sleep_ms) / 1000.0)
+
+
+@envelope_handler
 async def sleep_5ms_handler(message: Any, ctx: HandlerContext) -> None:
     """Benchmark handler: 5 ms of awaited I/O."""
     await asyncio.sleep(0.005)

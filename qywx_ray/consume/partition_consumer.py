@@ -17,7 +17,9 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +32,15 @@ from qywx_ray.consume.hosts import (
     get_or_create_user_actor,
     host_index,
     host_name,
+    tune_gc,
     user_actor_name,
 )
-from qywx_ray.consume.types import Delivery
+from qywx_ray.consume.types import (
+    Delivery,
+    PackedDone,
+    pack_deliveries,
+    unpack_done,
+)
 from qywx_ray.consume.watermark import CommitPolicy, WatermarkTable
 from qywx_ray.dlq.strategies import is_dlq_retry, retry_count_of
 from qywx_ray.envelope import header_value
@@ -85,6 +93,9 @@ class PartitionConsumerCore:
         self.c = settings.consume
         self.index = index
         self.name = f"{self.c.name_prefix}-consumer-{index}"
+        # Completions are addressed to this instance: hosts resolve the name afresh for a
+        # new instance, never reuse a handle to a consumer that was replaced by name.
+        self.instance = f"{self.name}#{uuid.uuid4().hex[:8]}"
         self.topic = settings.kafka.main_topic.name
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -98,6 +109,7 @@ class PartitionConsumerCore:
         self._revoking: set[tuple[str, int]] = set()
         self._paused = False
         self._placement: dict[str, str] = {}  # user -> target key (dedicated mode)
+        self._host_names = [host_name(settings, i) for i in range(self.c.num_hosts)]
         self._last_health_s = 0.0
         self._last_commit_s = 0.0
         self.stats = {
@@ -109,6 +121,7 @@ class PartitionConsumerCore:
             "rebalances": 0,
         }
         self.error: str | None = None
+        self.first_consumed_unix_s: float | None = None  # benchmarks time drains from it
         self.consumer: Consumer | None = None
         self._thread = threading.Thread(target=self._run, name=f"poll-{index}", daemon=True)
         self._thread.start()
@@ -135,7 +148,7 @@ class PartitionConsumerCore:
             kc = self.settings.kafka.consumer
             while not self._stop.is_set():
                 self._service()
-                msgs = self.consumer.consume(kc.poll_batch_max, kc.poll_timeout_s)
+                msgs = self._poll(kc.poll_batch_max, kc.poll_timeout_s)
                 if msgs:
                     self._dispatch(msgs)
             self._drain(self.c.revoke_wait_s)
@@ -149,10 +162,26 @@ class PartitionConsumerCore:
         finally:
             self._stopped.set()
 
+    def _poll(self, max_n: int, timeout_s: float) -> list[Any]:
+        """Wait up to timeout_s for the FIRST record only, then at most `poll_linger_ms`
+        for more: batches grow with load while a lone record is not held back (a plain
+        consume(n, timeout) waits the whole timeout unless n records arrive)."""
+        assert self.consumer is not None
+        first = self.consumer.poll(timeout_s)
+        if first is None:
+            return []
+        if max_n <= 1:
+            return [first]
+        rest = self.consumer.consume(max_n - 1, self.c.poll_linger_ms / 1000.0)
+        return [first, *rest]
+
     def _dispatch(self, msgs: list[Any]) -> None:
         now = time.monotonic()
+        if self.first_consumed_unix_s is None:
+            self.first_consumed_unix_s = time.time()
         groups: dict[str, list[Delivery]] = {}
         per_partition: dict[int, int] = {}
+        wall_ms = int(time.time() * 1000)
         with self._lock:
             for m in msgs:
                 err = m.error()
@@ -169,17 +198,18 @@ class PartitionConsumerCore:
                 headers = m.headers()
                 ts = m.timestamp()[1]
                 value = m.value() or b""
+                msg_id, retry_count, is_retry = _routing_headers(headers)
                 d = Delivery(
                     topic,
                     partition,
                     offset,
-                    ts if ts > 0 else int(time.time() * 1000),
+                    ts if ts > 0 else wall_ms,
                     key,
                     value,
-                    header_value(headers, "msg_id") or "",
-                    self.name,
-                    retry_count_of(headers),
-                    is_dlq_retry(headers),
+                    msg_id,
+                    self.instance,
+                    retry_count,
+                    is_retry,
                 )
                 target = self._target_for(key, value, headers, now)
                 target.inflight[d.tpo] = d
@@ -212,7 +242,7 @@ class PartitionConsumerCore:
             if t is None:
                 t = self.targets[key] = Target(key, dedicated=key.startswith("user:"))
             return t
-        key = host_name(self.settings, host_index(user, self.c.num_hosts))
+        key = self._host_names[host_index(user, self.c.num_hosts)]
         t = self.targets.get(key)
         if t is None:
             t = self.targets[key] = Target(key, dedicated=False)
@@ -231,7 +261,8 @@ class PartitionConsumerCore:
     # ------------------------------------------------------------ Ray calls
 
     def _send(self, t: Target, batch: list[Delivery]) -> None:
-        ref = t.handle.deliver.options(enable_task_events=False).remote(batch, t.incarnation)
+        packed = pack_deliveries(batch)
+        ref = t.handle.deliver.options(enable_task_events=False).remote(packed, t.incarnation)
         self._refs[ref] = (t.key, "deliver", t.epoch)
 
     def _start_recovery(self, t: Target, why: str) -> None:
@@ -344,7 +375,7 @@ class PartitionConsumerCore:
 
     # ------------------------------------------------------------ completions
 
-    def complete(self, done: list[tuple[str, int, int]]) -> int:
+    def complete(self, done: Iterable[tuple[str, int, int]]) -> int:
         n = 0
         with self._lock:
             for tpo in done:
@@ -506,9 +537,25 @@ class PartitionConsumerCore:
                 },
                 "committed": {f"{t}:{p}": m.committed for (t, p), m in self.table._marks.items()},
                 "stats": dict(self.stats),
+                "first_consumed_unix_s": self.first_consumed_unix_s,
                 "error": self.error,
                 "running": not self._stopped.is_set(),
             }
+
+
+def _routing_headers(headers: Any) -> tuple[str, int, bool]:
+    """(msg_id, retry_count, is_retry) in one pass; the DLQ helpers only for a retry."""
+    msg_id: str | None = None
+    retry = False
+    for name, value in headers or ():
+        if name == "msg_id":
+            if msg_id is None:  # the first one, as header_value
+                msg_id = value.decode() if isinstance(value, bytes) else str(value)
+        elif name == "retry_from_dlq":
+            retry = True
+    if not retry:
+        return msg_id or "", 0, False
+    return msg_id or "", retry_count_of(headers), is_dlq_retry(headers)
 
 
 def _is(error: BaseException, cls: type[BaseException]) -> bool:
@@ -523,9 +570,11 @@ class PartitionConsumer:
     def __init__(self, settings: Settings, index: int) -> None:
         configure_logging(settings.obs.log_level, settings.obs.log_format)
         self.core = PartitionConsumerCore(settings, index, crash_on_error=True)
+        tune_gc()
 
-    def complete(self, done: list[tuple[str, int, int]]) -> int:
-        return self.core.complete(done)
+    def complete(self, done: PackedDone) -> int:
+        """`done` = consume.types.pack_done(completed (topic, partition, offset)s)."""
+        return self.core.complete(unpack_done(done))
 
     def snapshot(self) -> dict[str, Any]:
         return self.core.snapshot()

@@ -20,6 +20,9 @@ class ConsumeSettings(BaseModel):
     idle_sweep_interval_s: float = 5.0  # how often a host looks for idle mailboxes
     max_dedicated_actors: int = 100  # per pipeline; beyond it users fall back to hosted
     max_inflight_per_consumer: int = 50_000
+    # After the first record of a poll, wait at most this long for more (batching vs
+    # latency; kafka.consumer.poll_timeout_s bounds only the wait for the first one).
+    poll_linger_ms: float = Field(default=25.0, ge=0)
     commit_every_messages: int = 1000
     commit_interval_s: float = 1.0
     revoke_wait_s: float = 10.0
@@ -35,6 +38,9 @@ class ConsumeSettings(BaseModel):
     dedup_recent_size: int = 100_000  # in-memory recent-done LRU per host
     redis_down_policy: Literal["stop", "process"] = "stop"
     redis_retry_max_s: float = 5.0  # backoff cap while Redis is down (policy stop)
+    # A handler failing because our Redis is unreachable (or failing over) is retried in
+    # place this long (backoff up to redis_retry_max_s) before it becomes a dead letter.
+    handler_infra_retry_s: float = Field(default=60.0, ge=0)
     transcript_max_len: int = 200  # default handler: messages kept per user
     reply_enabled: bool = False  # default handler: reply via WeCom kf/send_msg
     record_key: str = "qywx:test:record"  # recording handler (tests, bench)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 # Reasons a message ends in the dead-letter topic instead of being processed.
 REASON_INVALID = "invalid_message"
@@ -44,6 +44,39 @@ class Delivery(NamedTuple):
     @property
     def tpo(self) -> tuple[str, int, int]:
         return (self.topic, self.partition, self.offset)
+
+
+# Wire forms of the two hot Ray calls. Columns of plain lists/str/int/bytes/bool travel
+# through Ray's msgpack path in C; a list of NamedTuples goes through cloudpickle, one
+# Python reducer call per message (measured here: ~11 µs vs ~0.3 µs a message).
+PackedDeliveries = list[list[Any]]
+PackedDone = list[list[Any]]  # [[topic, partition, [offset, ...]], ...]
+
+
+def pack_deliveries(batch: Sequence[Delivery]) -> PackedDeliveries:
+    """Columns (one list per Delivery field); `unpack_deliveries` restores the batch."""
+    return [list(column) for column in zip(*batch, strict=True)] if batch else []
+
+
+def unpack_deliveries(packed: PackedDeliveries) -> list[Delivery]:
+    return list(map(Delivery._make, zip(*packed, strict=True))) if packed else []
+
+
+def pack_done(done: Iterable[tuple[str, int, int]]) -> PackedDone:
+    """Completed (topic, partition, offset)s grouped per partition, order kept within each."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for topic, partition, offset in done:
+        offsets = groups.get((topic, partition))
+        if offsets is None:
+            offsets = groups[(topic, partition)] = []
+        offsets.append(offset)
+    return [[topic, partition, offsets] for (topic, partition), offsets in groups.items()]
+
+
+def unpack_done(packed: PackedDone) -> Iterator[tuple[str, int, int]]:
+    for topic, partition, offsets in packed:
+        for offset in offsets:
+            yield (topic, partition, offset)
 
 
 @dataclass

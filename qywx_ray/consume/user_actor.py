@@ -25,6 +25,7 @@ import enum
 import functools
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,9 +38,11 @@ from qywx_ray.consume.handlers import (
     Handler,
     HandlerContext,
     classify,
+    is_infra_error,
     make_context_logger,
     run_handler,
     typed_message,
+    wants_typed_message,
 )
 from qywx_ray.consume.types import (
     ADMITTED,
@@ -81,6 +84,15 @@ m_bypassed = counter(
 )
 m_parked = counter("qywx_messages_parked_total", "Messages parked behind a user's retry")
 m_unparked = counter("qywx_messages_unparked_total", "Parked messages taken back to process")
+m_handler_infra_retries = counter(
+    "qywx_handler_infra_retries_total", "Handler runs retried in place: our Redis unreachable"
+)
+
+
+def _op_id() -> str:
+    """Idempotency key of one parking write, reused by its retries: a retry after a lost
+    reply or a timeout (the write may have happened) must not drop or push twice."""
+    return uuid.uuid4().hex
 
 
 class State(enum.Enum):
@@ -155,6 +167,7 @@ class CoreOptions:
     redis_down_policy: str = "stop"  # admission/parking while Redis is down: stop | process
     redis_retry_max_s: float = 5.0
     park_drain_chunk: int = 200
+    handler_infra_retry_s: float = 60.0  # a handler's Redis outage: retried in place this long
 
 
 class HostCore:
@@ -204,6 +217,10 @@ class HostCore:
         self._workers: list[asyncio.Task[None]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self._ctx_log = make_context_logger()
+        self._typed = wants_typed_message(handler)  # else the handler gets the Envelope
+        self._deadlines: dict[asyncio.Task[Any], float] = {}  # running handlers
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
         self.latencies_ms: list[int] = []  # Kafka timestamp -> handler start
         self.arrival_ms: list[int] = []  # Kafka timestamp -> batch reaches this host
         self.counts: dict[str, int] = {
@@ -339,7 +356,9 @@ class HostCore:
         for user, (blocker, later) in parked_now.items():
             # Durably parked BEFORE the dead letter is written (parking protocol).
             self._mailbox_for(user).parked_local = True
-            await self._retry_redis("park", functools.partial(self._park, user, blocker, 0, later))
+            await self._retry_redis(
+                "park", functools.partial(self._park, user, blocker, 0, later, _op_id())
+            )
             for q in later:
                 self._finish(q, None)
         if denied:
@@ -432,12 +451,11 @@ class HostCore:
                 delay = min(delay * 2, self.opt.redis_retry_max_s)
 
     async def _park(
-        self, user: str, blocker: Pending, drop_first: int, later: list[Pending]
+        self, user: str, blocker: Pending, drop_first: int, later: list[Pending], op_id: str
     ) -> None:
         assert self.retry_order is not None
-        await self.retry_order.park(
-            user, blocker.envelope.message_id, drop_first, [q.delivery.value for q in later]
-        )
+        values = [q.delivery.value for q in later]
+        await self.retry_order.park(user, blocker.envelope.message_id, drop_first, values, op_id)
         if later:
             self.counts["parked"] += len(later)
             m_parked.inc(len(later))
@@ -529,16 +547,7 @@ class HostCore:
             options=self.opt.handler_options,
         )
         t0 = time.perf_counter()
-        reason: str | None = None
-        error = ""
-        try:
-            async with asyncio.timeout(self.opt.handler_timeout_s):
-                await run_handler(self.handler, typed_message(env), ctx)
-        except TimeoutError:
-            reason, error = REASON_TIMEOUT, f"handler exceeded {self.opt.handler_timeout_s}s"
-        except Exception as exc:
-            reason, _ = classify(exc)
-            error = f"{type(exc).__name__}: {exc}"
+        reason, error = await self._run_handler(env, ctx)
         self._durations_s.append(time.perf_counter() - t0)
         if reason is None:
             self.admission.on_success(mb.user)
@@ -564,7 +573,8 @@ class HostCore:
             later = list(mb.queue)[1:]
             drop, owner = mb.undropped, mb.drain_owner
             mb.parked_local = True
-            await self._retry_redis("park", functools.partial(self._park, mb.user, p, drop, later))
+            park = functools.partial(self._park, mb.user, p, drop, later, _op_id())
+            await self._retry_redis("park", park)
             # Only the snapshot was parked: what arrived meanwhile stays queued behind
             # and is moved to the lot when its turn comes (parked_local).
             rest = list(mb.queue)[1 + len(later) :]
@@ -584,6 +594,66 @@ class HostCore:
         self._finish(p, mb)
         if p.chunk_end:  # not retried (e.g. invalid): the rest of the lot goes on
             await self._drain_next(mb)
+
+    async def _run_handler(self, env: Envelope, ctx: HandlerContext) -> tuple[str | None, str]:
+        """(None, "") on success, else (reason, error). A handler that fails because our
+        Redis is unreachable or failing over is retried in place (short backoff, up to
+        `handler_infra_retry_s`): the user's next message waits and nothing commits past
+        it, as with policy stop elsewhere; only a longer outage makes it a dead letter."""
+        deadline_s = self.clock() + self.opt.handler_infra_retry_s
+        delay_s = 0.05
+        while True:
+            try:
+                message = typed_message(env) if self._typed else env
+                await self._with_deadline(run_handler(self.handler, message, ctx))
+                return None, ""
+            except TimeoutError:
+                return REASON_TIMEOUT, f"handler exceeded {self.opt.handler_timeout_s}s"
+            except Exception as exc:
+                reason, _ = classify(exc)
+                error = f"{type(exc).__name__}: {exc}"
+                if not is_infra_error(exc) or self.clock() >= deadline_s:
+                    return reason, error
+            m_handler_infra_retries.inc()
+            log.warning(
+                "handler.infra_retry", message_id=env.message_id, delay_s=delay_s, error=error
+            )
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, self.opt.redis_retry_max_s)
+
+    async def _with_deadline(self, handler_call: Awaitable[None]) -> None:
+        """`await handler_call`, TimeoutError after handler_timeout_s (like asyncio.timeout,
+        whose timer per call cost ~10 µs a message here): one watchdog task checks the
+        running handlers and cancels an expired one; only that cancellation becomes the
+        TimeoutError, any other propagates."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        self._deadlines[task] = loop.time() + self.opt.handler_timeout_s
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = loop.create_task(self._watch_deadlines())
+        try:
+            await handler_call
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            raise TimeoutError from None
+        finally:
+            del self._deadlines[task]
+            if task in self._expired:  # ours: undo it (also if the handler swallowed it)
+                self._expired.discard(task)
+                task.uncancel()
+
+    async def _watch_deadlines(self) -> None:
+        interval_s = max(0.005, min(0.25, self.opt.handler_timeout_s / 4))
+        loop = asyncio.get_running_loop()
+        while self._deadlines:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            for task, deadline in list(self._deadlines.items()):
+                if now >= deadline and task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
 
     async def _move_to_lot(self, mb: UserMailbox, p: Pending) -> bool:
         """A plain message queued for a user this host parked: append it to the lot (in
@@ -615,7 +685,7 @@ class HostCore:
         chunk = self.opt.park_drain_chunk
         while True:
             status, raw = await self._retry_redis(
-                "advance", functools.partial(order.advance, user, mid, drop_n, chunk)
+                "advance", functools.partial(order.advance, user, mid, drop_n, chunk, _op_id())
             )
             if status != 1:  # 2: drained and unparked; 0: no longer waiting on it
                 mb.drain_owner, mb.undropped = None, 0
@@ -642,13 +712,16 @@ class HostCore:
                 items.append((d, env))
             ids = [e.message_id for _, e in items if e.message_id not in self.pending]
             done = await self.dedup.already_done(ids) if ids else set()
-            take = [
-                Pending(d, e, [])
-                for d, e in items
-                if e.message_id not in done
-                and e.message_id not in self.pending
-                and e.message_id not in self.dedup.recent
-            ]
+            # A lot can hold one message twice (a re-pulled or re-delivered copy parked
+            # behind the original): run the first copy only.
+            take: list[Pending] = []
+            seen: set[str] = set()
+            for d, e in items:
+                mid = e.message_id
+                if mid in done or mid in seen or mid in self.pending or mid in self.dedup.recent:
+                    continue
+                seen.add(mid)
+                take.append(Pending(d, e, []))
             if not take:
                 drop_n = len(raw)
                 continue

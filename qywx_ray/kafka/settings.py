@@ -48,7 +48,9 @@ class ConsumerSettings(BaseModel):
     session_timeout_ms: int = 30_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
-    fetch_min_bytes: int = 1_024
+    # 1: a record at a quiet broker is fetched at once (1 KiB held it up to
+    # fetch_wait_max_ms: cold-start and low-rate latency); busy partitions batch anyway.
+    fetch_min_bytes: int = 1
     fetch_wait_max_ms: int = 100
     poll_batch_max: int = 1_000
     poll_timeout_s: float = 0.05

@@ -60,7 +60,7 @@ def test_dedicated_mode_order_idle_exit_and_death_race(
         make_settings, unique, mode="dedicated", idle_lifetime_s=1.0, idle_sweep_interval_s=0.1
     )
     ensure_topics(s)
-    msgs = envelopes(8, 15)
+    msgs = envelopes(8, 100)  # order: 8 users (8 actors), 100 messages each, interleaved
     produce(s, msgs)
     p = start_consumers(s)
     started.append(p)

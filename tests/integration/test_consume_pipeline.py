@@ -50,19 +50,23 @@ def test_round_trip(
     assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == total, 20)
 
 
-def test_order_10000_messages_500_users_hosted(
+@pytest.mark.timeout(300)
+def test_order_200000_messages_10000_users_hosted(
     make_settings: Callable[..., Settings],
     unique: str,
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    s = consume_test_settings(make_settings, unique, num_consumers=2, commit_interval_s=0.5)
+    """20 messages for each of 10,000 users, interleaved at random, on 4 partitions."""
+    s = consume_test_settings(
+        make_settings, unique, num_consumers=2, num_hosts=4, commit_interval_s=0.5
+    )
     ensure_topics(s)
-    msgs = envelopes(500, 20)
+    msgs = envelopes(10_000, 20)
     produce(s, msgs)
     p = start_consumers(s)
     started.append(p)
-    assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 120)
+    assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 200, interval_s=0.5)
     rep = check_order(records(redis_client, RECORD), msgs)
     assert rep.missing == [] and rep.inversions == 0 and rep.duplicates == 0
     assert redis_client.llen(f"{RECORD}:calls") == len(msgs)  # no handler ran twice

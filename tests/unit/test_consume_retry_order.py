@@ -42,13 +42,15 @@ class MemoryRetryOrder:
                 out.append(ADMITTED)
         return out
 
-    async def park(self, user: str, mid: str, drop_first: int, pending: Sequence[bytes]) -> None:
+    async def park(
+        self, user: str, mid: str, drop_first: int, pending: Sequence[bytes], op_id: str = ""
+    ) -> None:
         self.flag[user] = mid
         lot = self.lots.setdefault(user, [])[drop_first:]
         self.lots[user] = [*pending, *lot]
 
     async def advance(
-        self, user: str, mid: str, drop_n: int, max_n: int
+        self, user: str, mid: str, drop_n: int, max_n: int, op_id: str = ""
     ) -> tuple[int, list[bytes]]:
         if self.flag.get(user) != mid:
             return 0, []
@@ -227,3 +229,19 @@ async def test_queue_full_opens_the_breaker_then_circuit_open() -> None:
     ]
     gate.set()
     await until(lambda: len(done.done) == 5)
+
+
+async def test_a_copy_parked_behind_its_original_runs_once() -> None:
+    """A re-pulled copy (same msgid, later offset) lands in the lot behind the original:
+    both come back in one drain chunk, and the handler must run once, in order."""
+    order = MemoryRetryOrder()
+    core, done, _letters, opts = make(order)
+    core.accept([delivery("A", 0, 0, fail="retryable"), delivery("A", 1, 1)])
+    await until(lambda: len(done.done) == 2)
+    core.accept([delivery("A", 1, 2), delivery("A", 2, 3)])  # the copy, then a new one
+    await until(lambda: len(done.done) == 4)
+    assert len(order.lots["A"]) == 3
+    core.accept([retry_of("A", 0)])
+    await until(lambda: "A" not in order.flag)
+    await until(lambda: len(done.done) == 5)
+    assert [m for u, m in opts["calls"] if u == "A"] == ["A-m0", "A-m1", "A-m2"]
