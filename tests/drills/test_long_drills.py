@@ -7,6 +7,7 @@ against the simulator's ground truth and prints
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -163,3 +164,42 @@ def test_actors_killed_mid_stream(pipeline_factory: Callable[..., LocalPipeline]
         os.kill(replica_pid, signal.SIGKILL)
         time.sleep(6)
     finish(p, chatter.total, timeout_s=240)
+
+
+# What stays on the head node: Serve's controller and HTTP proxies (GCS and the raylet are
+# not actors). Everything else is what a worker node of a real deployment carries.
+HEAD_ONLY_ACTORS = ("ServeController", "ProxyActor")
+
+
+def _worker_like_pids() -> dict[int, str]:
+    """PID -> actor class of every live actor a worker node would carry."""
+    from ray._private.state import actors
+
+    out: dict[int, str] = {}
+    for info in actors(actor_state_name="ALIVE").values():
+        cls = str(info.get("ActorClassName", ""))
+        if int(info.get("Pid") or 0) > 0 and not cls.startswith(HEAD_ONLY_ACTORS):
+            out[int(info["Pid"])] = cls
+    return out
+
+
+def test_worker_like_process_group_killed_at_once(
+    pipeline_factory: Callable[..., LocalPipeline],
+) -> None:
+    """`ray stop --force` on a worker node, as near as one machine allows: every process
+    carrying a pipeline actor (consumers, user hosts, syncer hosts, DLQ recovery, the
+    Serve replica) gets SIGKILL in the same instant; the head (GCS, raylet, Serve
+    controller and proxy) stays. Ray restarts them; nothing may be lost or reordered."""
+    p = pipeline_factory()
+    with Chatter(p, ["wkW1", "wkW2"], users=8) as chatter:
+        time.sleep(6)
+        victims = _worker_like_pids()
+        kinds = sorted(set(victims.values()))
+        for needed in ("PartitionConsumer", "UserHost", "SyncerHostActor"):
+            assert any(k.startswith(needed) for k in kinds), f"no {needed} among {kinds}"
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        print(f"\ndrill: killed {len(victims)} worker-like processes at once: {kinds}")
+        time.sleep(10)
+    finish(p, chatter.total, timeout_s=300)
