@@ -14,7 +14,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlparse
 
 import redis
@@ -209,42 +209,36 @@ def _pool_kwargs(settings: RedisSettings, is_async: bool) -> dict[str, Any]:
 
 def make_redis(settings: RedisSettings) -> redis.Redis:
     """A synchronous client; in sentinel mode it follows the current master."""
-    if settings.mode == "sentinel":
-        sentinel = Sentinel(
-            _sentinel_hosts(settings),
-            sentinel_kwargs=_sentinel_kwargs(settings, is_async=False),
-            **_common(settings),
-        )
-        return sentinel.master_for(
-            settings.master_name,
-            db=settings.db,
-            socket_connect_timeout=settings.socket_timeout_s,
-            connection_class=_FollowMasterConnection,
-            **_common(settings),
-            **_retry_kwargs(settings, is_async=False),
-        )
-    pool = redis.BlockingConnectionPool.from_url(settings.url, **_pool_kwargs(settings, False))
-    return redis.Redis(connection_pool=pool)
+    return cast(redis.Redis, _make_client(settings, is_async=False))
 
 
 def make_async_redis(settings: RedisSettings) -> aioredis.Redis:
     """An asyncio client; in sentinel mode it follows the current master."""
+    return cast(aioredis.Redis, _make_client(settings, is_async=True))
+
+
+def _make_client(settings: RedisSettings, is_async: bool) -> Any:
+    """One recipe for both flavours; only the redis-py classes differ."""
     if settings.mode == "sentinel":
-        sentinel = AsyncSentinel(
+        sentinel_cls: Any = AsyncSentinel if is_async else Sentinel
+        sentinel = sentinel_cls(
             _sentinel_hosts(settings),
-            sentinel_kwargs=_sentinel_kwargs(settings, is_async=True),
+            sentinel_kwargs=_sentinel_kwargs(settings, is_async=is_async),
             **_common(settings),
         )
         return sentinel.master_for(
             settings.master_name,
             db=settings.db,
             socket_connect_timeout=settings.socket_timeout_s,
-            connection_class=_AsyncFollowMasterConnection,
+            connection_class=(
+                _AsyncFollowMasterConnection if is_async else _FollowMasterConnection
+            ),
             **_common(settings),
-            **_retry_kwargs(settings, is_async=True),
+            **_retry_kwargs(settings, is_async=is_async),
         )
-    pool = aioredis.BlockingConnectionPool.from_url(settings.url, **_pool_kwargs(settings, True))
-    return aioredis.Redis(connection_pool=pool)
+    flavour: Any = aioredis if is_async else redis
+    pool = flavour.BlockingConnectionPool.from_url(settings.url, **_pool_kwargs(settings, is_async))
+    return flavour.Redis(connection_pool=pool)
 
 
 def redis_address(settings: RedisSettings) -> str:
