@@ -425,6 +425,8 @@ class RecoveryService:
             "scheduled_inflight": inflight,
             "manual_review_pending": self.index.review_count(),
             "recovered_total": RECOVERED.total(),
+            # 0 until the recovery consumer has joined its group: letters wait meanwhile.
+            "assigned_partitions": len(self._consumer.assignment()) if self._consumer else 0,
         }
 
 

@@ -91,8 +91,14 @@ def test_failing_user_retried_with_backoff_parked_then_in_order(
     bad = "bad"
     first = [_env(bad, 0, fail_until=flag)]
     first += [_env(f"u{i}", 0) for i in range(20)]
+    recovery = start_recovery_actor(s)
+    running.append(recovery)
+    # The first gap below is failure -> retry: measure it with the recovery consumer in its
+    # group already (a join under load took 8 s once and is not the backoff under test).
+    assert wait_for(
+        lambda: ray.get(recovery.stats.remote(), timeout=10)["assigned_partitions"] > 0, 60
+    )
     produce(s, first)
-    running.append(start_recovery_actor(s))
     pipeline = start_consumers(s)
     running.append(pipeline)
     fails_key = f"{RECORD}:fails"
