@@ -115,6 +115,21 @@ return 0
 AdmitItem = tuple[str, str, bytes, bool]  # (user, message_id, envelope_bytes, is_retry)
 
 
+def _admit_call(items: Sequence[AdmitItem]) -> tuple[list[str], list[str | bytes]]:
+    """KEYS and ARGV of the _ADMIT script for a batch."""
+    keys: list[str] = []
+    args: list[str | bytes] = []
+    for user, message_id, envelope, is_retry in items:
+        keys += [FLAG_PREFIX + user, LIST_PREFIX + user]
+        args += [message_id, envelope, "1" if is_retry else "0"]
+    return keys, args
+
+
+def _op_keys(user: str, op_id: str) -> list[str]:
+    """KEYS of _PARK / _ADVANCE: flag, list, and the op key that makes a resend a no-op."""
+    return [FLAG_PREFIX + user, LIST_PREFIX + user, OP_PREFIX + (op_id or new_op_id())]
+
+
 def parks_for(reason: FailureReason, settings: DLQSettings) -> bool:
     """Whether a failure for this reason parks the user's later messages."""
     if not is_recoverable(reason):
@@ -137,11 +152,7 @@ class Parking:
         """True = process now; False = parked (durably appended behind the user's retry)."""
         if not items:
             return []
-        keys: list[str] = []
-        args: list[str | bytes] = []
-        for user, message_id, envelope, is_retry in items:
-            keys += [FLAG_PREFIX + user, LIST_PREFIX + user]
-            args += [message_id, envelope, "1" if is_retry else "0"]
+        keys, args = _admit_call(items)
         result = cast(list[int], self._admit(keys=keys, args=args))
         return [bool(x) for x in result]
 
@@ -160,8 +171,7 @@ class Parking:
         """
         if reason is not None and not parks_for(reason, self._settings):
             return False
-        keys = [FLAG_PREFIX + user, LIST_PREFIX + user, OP_PREFIX + new_op_id()]
-        self._park(keys=keys, args=[message_id, 0, *pending])
+        self._park(keys=_op_keys(user, ""), args=[message_id, 0, *pending])
         return True
 
     def is_parked(self, user: str) -> bool:
@@ -215,11 +225,7 @@ class AsyncParkingLot:
     async def admit(self, items: Sequence[AdmitItem]) -> list[int]:
         if not items:
             return []
-        keys: list[str] = []
-        args: list[str | bytes] = []
-        for user, message_id, envelope, is_retry in items:
-            keys += [FLAG_PREFIX + user, LIST_PREFIX + user]
-            args += [message_id, envelope, "1" if is_retry else "0"]
+        keys, args = _admit_call(items)
         return [int(x) for x in await self._admit(keys=keys, args=args)]
 
     async def park(
@@ -230,17 +236,13 @@ class AsyncParkingLot:
         pending: Sequence[bytes],
         op_id: str = "",
     ) -> None:
-        await self._park(
-            keys=[FLAG_PREFIX + user, LIST_PREFIX + user, OP_PREFIX + (op_id or new_op_id())],
-            args=[message_id, drop_first, *pending],
-        )
+        await self._park(keys=_op_keys(user, op_id), args=[message_id, drop_first, *pending])
 
     async def advance(
         self, user: str, message_id: str, drop_n: int, max_n: int, op_id: str = ""
     ) -> tuple[int, list[bytes]]:
         reply: Any = await self._advance(
-            keys=[FLAG_PREFIX + user, LIST_PREFIX + user, OP_PREFIX + (op_id or new_op_id())],
-            args=[message_id, drop_n, max_n],
+            keys=_op_keys(user, op_id), args=[message_id, drop_n, max_n]
         )
         return int(reply[0]), list(reply[1:])
 
