@@ -119,7 +119,7 @@ class ModeBench:
                     "namespace": f"bench-{self.tag}",
                     "name_prefix": f"b{self.tag}",
                     "handler": HANDLER,
-                    "num_hosts": args.hosts,
+                    **({"num_hosts": args.hosts} if args.hosts else {}),
                     "num_consumers": args.consumers,
                     "max_dedicated_actors": max(100, 2 * args.dedicated_users),
                     **(
@@ -415,7 +415,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--per-user", type=int, default=2 if quick else 5, help="drain backlog")
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--hosts", type=int, default=4)
+    ap.add_argument("--hosts", type=int, default=None, help="default: consume.num_hosts")
     ap.add_argument("--consumers", type=int, default=2)
     ap.add_argument("--rate", type=float, default=2_000.0, help="hosted steady rate, msg/s")
     ap.add_argument("--paced-s", type=float, default=5.0 if quick else 10.0)

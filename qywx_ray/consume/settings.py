@@ -10,7 +10,10 @@ from pydantic import BaseModel, Field
 class ConsumeSettings(BaseModel):
     mode: Literal["hosted", "dedicated"] = "hosted"
     num_consumers: int = Field(default=2, ge=1)
-    num_hosts: int = Field(default=4, ge=1)
+    # Host actors for hosted users. Each adds a fixed cost per delivery batch (a Ray call,
+    # Redis round trips, a completion call): about one per core is right; more hosts on
+    # the same cores raised the p99 at 2,000 msg/s here from ~60 ms to over 150 ms.
+    num_hosts: int = Field(default=2, ge=1)
     # Ray placement of our named detached actors: `{name_prefix}-user-host-{i}`,
     # `{name_prefix}-consumer-{i}`, `user:{open_kfid}:{external_userid}` in `namespace`.
     namespace: str = "qywx"
@@ -20,9 +23,10 @@ class ConsumeSettings(BaseModel):
     idle_sweep_interval_s: float = 5.0  # how often a host looks for idle mailboxes
     max_dedicated_actors: int = 100  # per pipeline; beyond it users fall back to hosted
     max_inflight_per_consumer: int = 50_000
-    # After the first record of a poll, wait at most this long for more (batching vs
-    # latency; kafka.consumer.poll_timeout_s bounds only the wait for the first one).
-    poll_linger_ms: float = Field(default=25.0, ge=0)
+    # Poll batches leave at most this often: under load the records that arrive meanwhile
+    # ride along (batching vs latency); a record after a quiet spell leaves at once.
+    # (kafka.consumer.poll_timeout_s bounds only the wait for a first record.)
+    poll_linger_ms: float = Field(default=15.0, ge=0)
     commit_every_messages: int = 1000
     commit_interval_s: float = 1.0
     revoke_wait_s: float = 10.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -147,6 +148,32 @@ def test_backpressure_pauses_fetch_at_the_inflight_cap(
     assert wait_for(lambda: not p.snapshots()[0]["paused"], 10)
     rep = check_order(records(redis_client, RECORD), [held, *rest])
     assert rep.missing == [] and rep.inversions == 0
+
+
+def test_poll_linger_spaces_batches_but_never_holds_a_record_after_a_quiet_spell(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    """poll_linger_ms 4 s: a lone record leaves at once (no linger after a quiet spell);
+    a record arriving right after a batch waits for the next batch slot (~4 s later)."""
+    s = consume_test_settings(make_settings, unique, poll_linger_ms=4000)
+    ensure_topics(s)
+    p = start_consumers(s)
+    started.append(p)
+    assert p.wait_assigned(4, 60), p.snapshots()
+    first, second = envelopes(2, 1, prefix="lone")
+    t0 = time.monotonic()
+    produce(s, [first])
+    assert wait_for(lambda: redis_client.llen(RECORD) == 1, 30, interval_s=0.02)
+    t1 = time.monotonic()
+    assert t1 - t0 < 2.5, f"a lone record waited {t1 - t0:.2f} s (linger 4 s)"
+    produce(s, [second])
+    assert wait_for(lambda: redis_client.llen(RECORD) == 2, 30, interval_s=0.02)
+    t2 = time.monotonic()
+    # its batch slot opens 4 s after the first batch left (t1 - t0 after it, at most)
+    assert t2 - t1 > 4.0 - (t1 - t0) - 0.5, f"second record after {t2 - t1:.2f} s"
 
 
 def test_failed_message_goes_to_dlq_topic_then_commits(
