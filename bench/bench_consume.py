@@ -450,10 +450,13 @@ def main() -> None:
         )
         topics: list[str] = []
         try:
-            for run in range(args.runs):
-                for mode, fn in (("hosted", run_hosted), ("dedicated", run_dedicated)):
-                    if args.only not in (None, mode):
-                        continue
+            # Every hosted run first: a dedicated phase leaves dozens of Ray worker
+            # processes exiting and the pool refilling (load 30+ here), which would
+            # land on the next hosted run's latency phases.
+            for mode, fn in (("hosted", run_hosted), ("dedicated", run_dedicated)):
+                if args.only not in (None, mode):
+                    continue
+                for run in range(args.runs):
                     log(f"consume bench: run {run} {mode} (load {os.getloadavg()[0]:.1f})")
                     try:
                         topics += fn(args, svc, run)
