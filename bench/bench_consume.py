@@ -120,7 +120,7 @@ class ModeBench:
                     "name_prefix": f"b{self.tag}",
                     "handler": HANDLER,
                     **({"num_hosts": args.hosts} if args.hosts else {}),
-                    "num_consumers": args.consumers,
+                    **({"num_consumers": args.consumers} if args.consumers else {}),
                     "max_dedicated_actors": max(100, 2 * args.dedicated_users),
                     **(
                         {"poll_linger_ms": args.poll_linger_ms}
@@ -416,7 +416,7 @@ def main() -> None:
     ap.add_argument("--per-user", type=int, default=2 if quick else 5, help="drain backlog")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--hosts", type=int, default=None, help="default: consume.num_hosts")
-    ap.add_argument("--consumers", type=int, default=2)
+    ap.add_argument("--consumers", type=int, default=None, help="default: consume.num_consumers")
     ap.add_argument("--rate", type=float, default=2_000.0, help="hosted steady rate, msg/s")
     ap.add_argument("--paced-s", type=float, default=5.0 if quick else 10.0)
     ap.add_argument("--cold-users", type=int, default=500 if quick else 1_000)
@@ -434,6 +434,12 @@ def main() -> None:
     ap.add_argument(
         "--poll-linger-ms", type=float, default=None, help="consume.poll_linger_ms override"
     )
+    ap.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=not quick,
+        help="one unrecorded hosted run first (warms the broker JVM, Redis, Ray workers)",
+    )
     ap.add_argument("--timeout-s", type=float, default=120.0)
     ap.add_argument("--only", choices=["hosted", "dedicated"], default=None)
     args = ap.parse_args()
@@ -450,6 +456,21 @@ def main() -> None:
         )
         topics: list[str] = []
         try:
+            if args.warmup:
+                # Discarded: a freshly started broker JVM is still JIT-compiling for its
+                # first minutes (30-60 % of a core here), which lands on the first run's
+                # latency phases; `make bench` runs other benches first, `--only` may not.
+                log("consume bench: warm-up run (not recorded)")
+                em = common._EMITTER
+                stream, facts_written = em.stream, em._facts_written
+                em.stream = open(os.devnull, "w")  # noqa: SIM115 (closed below)
+                try:
+                    topics += run_hosted(args, svc, -1)
+                except Exception as exc:
+                    log(f"consume bench: warm-up failed: {exc!r}")
+                finally:
+                    em.stream.close()
+                    em.stream, em._facts_written = stream, facts_written
             # Every hosted run first: a dedicated phase leaves dozens of Ray worker
             # processes exiting and the pool refilling (load 30+ here), which would
             # land on the next hosted run's latency phases.
