@@ -5,15 +5,20 @@ message with a limit high enough that no bench message is denied, per-user break
 done-flags). Per run it prints JSON lines (bench.common.emit) for:
 
   ceiling    raw confluent-kafka consume rate of the hosted trivial backlog (same topic)
-  hosted     10,000 users in 4 host actors: trivial-handler and 5 ms-I/O-handler drain
-             throughput, Kafka-append -> handler-start p50/p99 at a steady 2,000 msg/s,
-             cold start (a new user's first message) p50/p99, CPU µs per message of the
-             consumer and host actors during the drains
+  hosted     10,000 users in the default host actors (consume.num_hosts, one consumer by
+             default): cold start (a new user's first message) p50/p99, Kafka-append ->
+             handler-start p50/p99 at a steady 2,000 msg/s, then trivial-handler and 5 ms-
+             I/O-handler drain throughput and CPU µs per message of the consumer and host
+             actors during the drains (latency phases first: a drain leaves background
+             work behind, e.g. Redis rewriting its AOF)
   dedicated  50 users (quick: 20), each a real Ray actor: the same, at a lower paced rate
 
 Latency = handler start (wall clock, in the host) minus the Kafka record timestamp (set
 by the producer at produce(), so it includes the producer's linger). Every line carries
 the 1-minute load average (`load1`); the machine is shared, quote medians of runs.
+Full mode starts with one unrecorded hosted run (`--no-warmup` to skip): a fresh broker
+JVM spends its first minutes JIT-compiling (30-60 % of a core here). Every hosted run
+comes before the dedicated ones (dedicated mode churns dozens of Ray worker processes).
 Between phases the consumers are stopped (drained, committed) and restarted while host
 and user actors stay up, so a drain is measured on a backlog, from the first record
 consumed to the last completion reported back (done-flag durable).
@@ -376,12 +381,15 @@ def run_hosted(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
         # cold start: paced first messages of users no host has seen
         cold = make_envelopes(b.tag, f"{b.tag}c", args.cold_users, 1, first_user=10**5)
         b.emit_latency("cold_start", args.cold_rate, b.paced("cold", args.cold_rate, cold))
-        b.stop_consumers_only()
-        b.drain("trivial", args.per_user, 0, ceiling=True)
-        b.drain("sleep_5ms", args.per_user, 5, ceiling=False)
+        # steady before the drains: a 100,000-message drain leaves background work behind
+        # (Redis rewrites its AOF after the done-flags doubled it, the broker flushes)
+        # that would land on whatever phase runs next
         per_user = max(1, round(args.rate * args.paced_s / b.users))
         steady = make_envelopes(b.tag, f"{b.tag}p", b.users, per_user)
         b.emit_latency("steady", args.rate, b.paced("steady", args.rate, steady))
+        b.stop_consumers_only()
+        b.drain("trivial", args.per_user, 0, ceiling=True)
+        b.drain("sleep_5ms", args.per_user, 5, ceiling=False)
     finally:
         b.stop_all()
     return b.topics
