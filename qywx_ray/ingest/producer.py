@@ -56,6 +56,11 @@ class ProduceError(InfraError):
         self.kafka_error = kafka_error
 
 
+class HeldBehind(ProduceError):
+    """Not sent: an earlier record of the same user in the batch failed (says nothing
+    about Kafka's health, so breakers do not count it)."""
+
+
 @dataclass(slots=True)
 class Delivery:
     """The outcome for one envelope: error is None when Kafka acknowledged it."""
@@ -320,11 +325,20 @@ class KafkaIngestProducer:
         return result
 
     async def _produce_all(self, envelopes: Sequence[Envelope], waiter: _BatchWaiter) -> None:
+        """Queue every record. Once one of a user's records could not even be queued, that
+        user's later records in the batch are not queued either (failed, "held"): the
+        caller spools them behind it, so a record retried later never lands behind a
+        later one of the same user that went straight to Kafka."""
+        failed_users: set[str] = set()
         for idx, env in enumerate(envelopes):
             if idx and idx % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             if self._closed:
                 waiter.settle(idx, ProduceError("producer is closed"), None, None)
+                continue
+            if env.external_userid in failed_users:
+                held = HeldBehind("held behind an earlier record of this user that failed")
+                waiter.settle(idx, held, None, None)
                 continue
             try:
                 value = env.to_bytes()
@@ -332,8 +346,10 @@ class KafkaIngestProducer:
                 if not self._try_produce(env, value, cb):
                     await self._queue_when_room(env, value, cb)
             except ProduceError as exc:
+                failed_users.add(env.external_userid)
                 waiter.settle(idx, exc, None, None)
             except KafkaException as exc:  # e.g. too large, or a fatal idempotence error
+                failed_users.add(env.external_userid)
                 err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
                 waiter.settle(idx, ProduceError(f"produce failed: {exc}", err), None, None)
 

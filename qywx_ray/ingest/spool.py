@@ -31,7 +31,7 @@ from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.locks import LockLostError, LockManager
-from qywx_ray.ingest.producer import BatchProducer
+from qywx_ray.ingest.producer import BatchProducer, HeldBehind
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
 
@@ -410,8 +410,8 @@ class SpoolReplayer:
                         produced += 1
                     elif is_permanent(error):
                         await self.spool.bury(user, raw, reason=str(error))
-                    else:
-                        failed += 1  # stays at the head; retried first next time
+                    else:  # stays at the head; retried first next time
+                        failed += 0 if isinstance(error, HeldBehind) else 1
                         break
                 consumed += 1
             if consumed:

@@ -26,7 +26,7 @@ from qywx_ray.errors import EnvelopeError, InfraError, WeComError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
-from qywx_ray.ingest.producer import BatchProducer
+from qywx_ray.ingest.producer import BatchProducer, HeldBehind
 from qywx_ray.ingest.settings import IngestSettings
 from qywx_ray.ingest.spool import KAFKA_FAILURES, Spool
 from qywx_ray.obs import metrics
@@ -239,8 +239,9 @@ class KfSyncer:
             return await self._produce(envelopes[1:], probe=False)
         outcome = await self.producer.produce_batch(envelopes)
         bad = outcome.failed
-        if self.breaker is not None:
-            self.breaker.record(len(envelopes) - len(bad), len(bad))
+        if self.breaker is not None:  # records held behind a failed one say nothing of Kafka
+            kafka_bad = sum(1 for d in bad if not isinstance(d.error, HeldBehind))
+            self.breaker.record(len(envelopes) - len(bad), kafka_bad)
         return [d.envelope for d in bad], str(bad[0].error) if bad else ""
 
     # ------------------------------------------------------------------ loop

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from qywx_ray.envelope import Envelope
-from qywx_ray.ingest.producer import Delivery, ProduceError
+from qywx_ray.ingest.producer import Delivery, HeldBehind, ProduceError
 from qywx_ray.obs import metrics
 from tests.integration.test_ingest_support import (
     create_topic,
@@ -91,6 +91,31 @@ async def test_produce_batch_round_trip(make_settings) -> None:
         want.setdefault(e.external_userid, []).append(e.message_id)
     assert got == want
     assert records[0][2].raw["text"] == {"content": "hi"}
+
+
+async def test_a_record_that_cannot_be_queued_holds_back_its_users_later_records(
+    make_settings,
+) -> None:
+    """Too large for the producer (fails at produce()): the same user's later record is
+    not sent either (it goes to the spool behind it), other users' records are."""
+    settings = make_settings()
+    create_topic(settings)
+    producer = good_producer(settings)
+    try:
+        first = Envelope.from_wecom(wecom_msg("h00000", "uA"))
+        big = Envelope.from_wecom(wecom_msg("h00001", "uA", text="x" * 1_200_000))
+        later = Envelope.from_wecom(wecom_msg("h00002", "uA"))
+        other = Envelope.from_wecom(wecom_msg("h00003", "uB"))
+        result = await producer.produce_batch([first, big, later, other])
+        ok = {d.envelope.message_id: d.ok for d in result.deliveries}
+        assert ok == {"h00000": True, "h00001": False, "h00002": False, "h00003": True}
+        held = result.deliveries[2].error
+        assert isinstance(held, HeldBehind) and "held behind" in str(held)
+        assert "produce failed" in str(result.deliveries[1].error)
+    finally:
+        assert producer.close(10) == 0
+    got = per_user_order(read_topic(settings, 2))
+    assert got == {"uA": ["h00000"], "uB": ["h00003"]}
 
 
 async def test_back_pressure_on_full_queue_loses_nothing(make_settings) -> None:
