@@ -411,7 +411,8 @@ class SpoolReplayer:
                     elif is_permanent(error):
                         await self.spool.bury(user, raw, reason=str(error))
                     else:  # stays at the head; retried first next time
-                        failed += 0 if isinstance(error, HeldBehind) else 1
+                        if not isinstance(error, HeldBehind):  # held: Kafka did not fail
+                            failed += 1
                         break
                 consumed += 1
             if consumed:
