@@ -8,19 +8,122 @@ Every process also keeps a local mirror, so a test or an admin route can read va
 without scraping.
 
 Names follow Prometheus conventions: `qywx_` prefix, `_total` for counters, base units.
+
+Histograms inside Ray are not `ray.util.metrics.Histogram`s: Ray 2.60's metrics agent
+rebuilds those by calling OpenTelemetry's `record()` once per observation it was sent, so
+each timed message cost the agent ~25 us of CPU in one burst per export cycle. At 2,000
+msg/s that was a 0.3-0.5 s burst every few seconds, which on a 2-core node stalled the
+whole pipeline and set its p99. We keep the buckets here and publish them as gauges
+(`<name>_bucket{le}`, `_sum`, `_count`, cumulative, like a Prometheus histogram): the
+agent's cost is one value per bucket whatever the rate, and every query stays the same.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
+
+from prometheus_client.utils import floatToGoString
 
 _lock = threading.Lock()
 _metrics: dict[str, Metric] = {}
 
 DEFAULT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+HISTOGRAM_PUBLISH_INTERVAL_S = 1.0  # Ray's agent exports every ~5-10 s anyway
+
+log = logging.getLogger(__name__)
+Changed = tuple[tuple[str, ...], list[tuple[str, int]], float, int]
+_publish_lock = threading.Lock()  # one publisher at a time: a stale value never lands last
+_publisher: threading.Thread | None = None
+
+
+class BucketCounts:
+    """A histogram's state per label set, read out as cumulative Prometheus buckets."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.les = (*(floatToGoString(b) for b in self.bounds), "+Inf")
+        self._counts: dict[tuple[str, ...], list[int]] = {}
+        self._sums: dict[tuple[str, ...], float] = defaultdict(float)
+        self._dirty: set[tuple[str, ...]] = set()
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = [0] * (len(self.bounds) + 1)
+        counts[bisect.bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self._sums[key] += value
+        self._dirty.add(key)
+
+    def take_changed(self) -> list[Changed]:
+        """(key, [(le, cumulative count)], sum, count) for each label set changed since last."""
+        out: list[Changed] = []
+        for key in sorted(self._dirty):
+            running, buckets = 0, []
+            for le, n in zip(self.les, self._counts[key], strict=True):
+                running += n
+                buckets.append((le, running))
+            out.append((key, buckets, self._sums[key], running))
+        self._dirty.clear()
+        return out
+
+
+class _GaugeHistogram:
+    """BucketCounts published through three ray.util.metrics gauges."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...], bounds: Sequence[float]):
+        from ray.util import metrics as rm
+
+        self.labels = labels
+        self.state = BucketCounts(bounds)
+        self.bucket = rm.Gauge(f"{name}_bucket", doc, tag_keys=(*labels, "le"))
+        self.sum = rm.Gauge(f"{name}_sum", doc, tag_keys=labels)
+        self.count = rm.Gauge(f"{name}_count", doc, tag_keys=labels)
+
+    def publish(self, changed: list[Changed]) -> None:
+        for key, buckets, total, count in changed:
+            tags = dict(zip(self.labels, key, strict=True))
+            for le, n in buckets:
+                self.bucket.set(n, tags={**tags, "le": le})
+            self.sum.set(total, tags=tags)
+            self.count.set(count, tags=tags)
+
+
+def publish_histograms() -> None:
+    """Push every changed histogram to Ray's gauges now (the publisher does it each second)."""
+    with _publish_lock:
+        with _lock:
+            todo = [
+                (m._backend, m._backend.state.take_changed())
+                for m in _metrics.values()
+                if isinstance(m._backend, _GaugeHistogram)
+            ]
+        for hist, changed in todo:
+            if changed:
+                hist.publish(changed)
+
+
+def _publish_forever() -> None:
+    while True:
+        time.sleep(HISTOGRAM_PUBLISH_INTERVAL_S)
+        try:
+            publish_histograms()
+        except Exception:  # a metrics hiccup must never end the publisher
+            log.warning("histogram publish failed", exc_info=True)
+
+
+def _ensure_publisher() -> None:
+    global _publisher
+    if _publisher is None or not _publisher.is_alive():
+        _publisher = threading.Thread(
+            target=_publish_forever, name="qywx-histogram-publisher", daemon=True
+        )
+        _publisher.start()
 
 
 def _in_ray_worker() -> bool:
@@ -65,9 +168,8 @@ class Metric:
             elif self.kind == "gauge":
                 self._backend = rm.Gauge(self.name, self.doc, tag_keys=self.labels)
             else:
-                self._backend = rm.Histogram(
-                    self.name, self.doc, boundaries=list(self.buckets), tag_keys=self.labels
-                )
+                self._backend = _GaugeHistogram(self.name, self.doc, self.labels, self.buckets)
+                _ensure_publisher()
             self._ray = True
             return
         import prometheus_client as pc
@@ -120,12 +222,13 @@ class Metric:
     def observe(self, value: float, **labels: str) -> None:
         with _lock:
             self._resolve()
-            self._mirror[self._key(labels)] += value
-            self._counts[self._key(labels)] += 1
-        if self._ray:
-            self._backend.observe(value, tags={k: str(v) for k, v in labels.items()} or None)
-        else:
-            self._target(labels).observe(value)
+            key = self._key(labels)
+            self._mirror[key] += value
+            self._counts[key] += 1
+            if self._ray:  # published by the publisher thread, see the module docstring
+                self._backend.state.observe(key, value)
+                return
+        self._target(labels).observe(value)
 
     def value(self, **labels: str) -> float:
         """The local mirror: counter total, gauge value, or histogram sum."""

@@ -4,7 +4,9 @@ A counter, a gauge and a histogram recorded with ray.util.metrics inside a Ray a
 scraped from the node's metrics agent as `ray_<name>` (a counter already ending in
 `_total` keeps exactly one `_total`; a histogram gives `_bucket`/`_sum`/`_count`), with
 our labels plus Ray's own (WorkerId, NodeAddress, ...). deploy/metrics.yml documents this.
-The second test checks that qywx_ray.obs.metrics takes that path inside an actor.
+The other tests check that qywx_ray.obs.metrics takes that path inside an actor, and that
+its histograms (kept in the process and published as cumulative gauges, see
+qywx_ray/obs/metrics.py) scrape as the same `_bucket{le}`/`_sum`/`_count` series.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ class _Emitter:
 
         metrics.counter("qywx_export_facade_total", "facade probe", ["result"]).inc(2, result="ok")
         return metrics._in_ray_worker()
+
+    def emit_facade_histogram(self, values: list[float]) -> None:
+        from qywx_ray.obs import metrics
+
+        h = metrics.histogram("qywx_export_facade_seconds", "facade histogram", ["api"])
+        for v in values:
+            h.observe(v, api="sync")
 
 
 @pytest.fixture
@@ -102,3 +111,40 @@ def test_facade_inside_actor_goes_to_ray_export(emitter: Any) -> None:
     assert used_ray is True
     text = _scrape_until(_metrics_port(), "ray_qywx_export_facade_total{")
     assert _sample(text, "ray_qywx_export_facade_total", result="ok") == 2.0
+
+
+def _scrape_until_counted(port: int, name: str, count: int, **labels: str) -> str:
+    """Scrape until `name` shows `count` in every bucket-derived series (one export cycle)."""
+    deadline = time.monotonic() + EXPORT_WAIT_S
+    text = ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        if (
+            _sample(text, f"{name}_count", **labels) == count
+            and _sample(text, f"{name}_bucket", le="+Inf", **labels) == count
+            and _sample(text, f"{name}_bucket", le="0.001", **labels) is not None
+        ):
+            return text
+        time.sleep(0.5)
+    return text
+
+
+def test_facade_histogram_scrapes_as_cumulative_buckets(emitter: Any) -> None:
+    # 20,000 observations: published as a handful of gauge values, not 20,000 records.
+    values = [0.003] * 19_997 + [0.2, 0.2, 20.0]
+    ray.get(emitter.emit_facade_histogram.remote(values), timeout=60)
+    port, name = _metrics_port(), "ray_qywx_export_facade_seconds"
+    text = _scrape_until_counted(port, name, 20_000, api="sync")
+    expected = {"0.0025": 0, "0.005": 19_997, "0.1": 19_997, "0.25": 19_999, "10.0": 19_999}
+    for le, count in {**expected, "+Inf": 20_000}.items():
+        got = _sample(text, f"{name}_bucket", api="sync", le=le)
+        assert got == count, (le, got)
+    assert _sample(text, f"{name}_count", api="sync") == 20_000
+    total = _sample(text, f"{name}_sum", api="sync")
+    assert total is not None and abs(total - (0.003 * 19_997 + 20.4)) < 1e-6
+    # Later observations move the same series (cumulative, published again).
+    ray.get(emitter.emit_facade_histogram.remote([0.001]), timeout=60)
+    text = _scrape_until_counted(port, name, 20_001, api="sync")
+    assert _sample(text, f"{name}_bucket", api="sync", le="0.001") == 1
+    assert _sample(text, f"{name}_bucket", api="sync", le="+Inf") == 20_001
