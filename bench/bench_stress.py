@@ -171,14 +171,19 @@ class StampReader:
 
 
 def wait_all_stamped(
-    p: LocalPipeline, reader: StampReader, expected: int, timeout_s: float
+    p: LocalPipeline, reader: StampReader, expected: int, stall_timeout_s: float
 ) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Wait for the backlog of the breaking step to drain: give up only when nothing moved
+    for `stall_timeout_s` (a backlog of 500,000 can take minutes) or after 10 minutes."""
+    deadline = time.monotonic() + 600.0
+    done, moved_at = -1, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - moved_at < stall_timeout_s:
         handled = {s.message_id for s in reader.refresh()}
         dead = {k.decode() for k in p.redis_client().hkeys("qywx:dlq:letters")}
         if len(handled | dead) >= expected and p.lag() == 0:
             return True
+        if len(handled | dead) > done:
+            done, moved_at = len(handled | dead), time.monotonic()
         time.sleep(1.0)
     return False
 
@@ -339,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         default="noop",
         help="noop: stamps only (batched); record: + the recording handler's Redis side effect",
     )
-    ap.add_argument("--drain-timeout-s", type=float, default=120.0)
+    ap.add_argument(
+        "--drain-timeout-s", type=float, default=120.0, help="give up draining after no progress"
+    )
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     if args.quick:
