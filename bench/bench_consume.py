@@ -469,16 +469,11 @@ def main() -> None:
                 # first minutes (30-60 % of a core here), which lands on the first run's
                 # latency phases; `make bench` runs other benches first, `--only` may not.
                 log("consume bench: warm-up run (not recorded)")
-                em = common._EMITTER
-                stream, facts_written = em.stream, em._facts_written
-                em.stream = open(os.devnull, "w")  # noqa: SIM115 (closed below)
-                try:
-                    topics += run_hosted(args, svc, -1)
-                except Exception as exc:
-                    log(f"consume bench: warm-up failed: {exc!r}")
-                finally:
-                    em.stream.close()
-                    em.stream, em._facts_written = stream, facts_written
+                with common._EMITTER.muted():
+                    try:
+                        topics += run_hosted(args, svc, -1)
+                    except Exception as exc:
+                        log(f"consume bench: warm-up failed: {exc!r}")
             # Every hosted run first: a dedicated phase leaves dozens of Ray worker
             # processes exiting and the pool refilling (load 30+ here), which would
             # land on the next hosted run's latency phases.

@@ -180,10 +180,11 @@ def wait_all_stamped(
     while time.monotonic() < deadline and time.monotonic() - moved_at < stall_timeout_s:
         handled = {s.message_id for s in reader.refresh()}
         dead = {k.decode() for k in p.redis_client().hkeys("qywx:dlq:letters")}
-        if len(handled | dead) >= expected and p.lag() == 0:
+        accounted = len(handled | dead)
+        if accounted >= expected and p.lag() == 0:
             return True
-        if len(handled | dead) > done:
-            done, moved_at = len(handled | dead), time.monotonic()
+        if accounted > done:
+            done, moved_at = accounted, time.monotonic()
         time.sleep(1.0)
     return False
 

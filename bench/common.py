@@ -247,6 +247,17 @@ class Emitter:
         out.flush()
         return record
 
+    @contextlib.contextmanager
+    def muted(self) -> Iterator[None]:
+        """Measurements inside are discarded (an unrecorded warm-up run)."""
+        stream, facts_written = self.stream, self._facts_written
+        with open(os.devnull, "w") as devnull:
+            self.stream = devnull
+            try:
+                yield
+            finally:
+                self.stream, self._facts_written = stream, facts_written
+
 
 _EMITTER = Emitter()
 

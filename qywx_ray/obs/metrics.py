@@ -38,38 +38,38 @@ DEFAULT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 HISTOGRAM_PUBLISH_INTERVAL_S = 1.0  # Ray's agent exports every ~5-10 s anyway
 
 log = logging.getLogger(__name__)
-Changed = tuple[tuple[str, ...], list[tuple[str, int]], float, int]
+Key = tuple[str, ...]  # label values, in the metric's label order
+Buckets = list[tuple[str, int]]  # [(le, cumulative count)]
 _publish_lock = threading.Lock()  # one publisher at a time: a stale value never lands last
 _publisher: threading.Thread | None = None
 
 
 class BucketCounts:
-    """A histogram's state per label set, read out as cumulative Prometheus buckets."""
+    """A histogram's bucket counts per label set, read out cumulatively (Prometheus `le`).
+    The sum lives in the Metric's mirror; the count is the `+Inf` bucket."""
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(sorted(bounds))
         self.les = (*(floatToGoString(b) for b in self.bounds), "+Inf")
-        self._counts: dict[tuple[str, ...], list[int]] = {}
-        self._sums: dict[tuple[str, ...], float] = defaultdict(float)
-        self._dirty: set[tuple[str, ...]] = set()
+        self._counts: dict[Key, list[int]] = {}
+        self._dirty: set[Key] = set()
 
-    def observe(self, key: tuple[str, ...], value: float) -> None:
+    def observe(self, key: Key, value: float) -> None:
         counts = self._counts.get(key)
         if counts is None:
             counts = self._counts[key] = [0] * (len(self.bounds) + 1)
         counts[bisect.bisect_left(self.bounds, value)] += 1  # le: value <= bound
-        self._sums[key] += value
         self._dirty.add(key)
 
-    def take_changed(self) -> list[Changed]:
-        """(key, [(le, cumulative count)], sum, count) for each label set changed since last."""
-        out: list[Changed] = []
+    def take_changed(self) -> list[tuple[Key, Buckets]]:
+        """(key, [(le, cumulative count)]) for each label set changed since the last call."""
+        out: list[tuple[Key, Buckets]] = []
         for key in sorted(self._dirty):
             running, buckets = 0, []
             for le, n in zip(self.les, self._counts[key], strict=True):
                 running += n
                 buckets.append((le, running))
-            out.append((key, buckets, self._sums[key], running))
+            out.append((key, buckets))
         self._dirty.clear()
         return out
 
@@ -86,13 +86,14 @@ class _GaugeHistogram:
         self.sum = rm.Gauge(f"{name}_sum", doc, tag_keys=labels)
         self.count = rm.Gauge(f"{name}_count", doc, tag_keys=labels)
 
-    def publish(self, changed: list[Changed]) -> None:
-        for key, buckets, total, count in changed:
+    def publish(self, changed: list[tuple[Key, Buckets, float]]) -> None:
+        """Each changed label set: its cumulative buckets and its sum (the Metric's mirror)."""
+        for key, buckets, total in changed:
             tags = dict(zip(self.labels, key, strict=True))
             for le, n in buckets:
                 self.bucket.set(n, tags={**tags, "le": le})
             self.sum.set(total, tags=tags)
-            self.count.set(count, tags=tags)
+            self.count.set(buckets[-1][1], tags=tags)
 
 
 def publish_histograms() -> None:
@@ -100,7 +101,7 @@ def publish_histograms() -> None:
     with _publish_lock:
         with _lock:
             todo = [
-                (m._backend, m._backend.state.take_changed())
+                (m._backend, [(k, b, m._mirror[k]) for k, b in m._backend.state.take_changed()])
                 for m in _metrics.values()
                 if isinstance(m._backend, _GaugeHistogram)
             ]

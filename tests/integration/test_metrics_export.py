@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -62,13 +62,15 @@ def _metrics_port() -> int:
     return int(ray.nodes()[0]["MetricsExportPort"])
 
 
-def _scrape_until(port: int, *needles: str) -> str:
+def _scrape_until(port: int, *needles: str, ready: Callable[[str], bool] | None = None) -> str:
+    """Scrape Ray's exporter until every needle is in the text (and `ready` holds), or
+    EXPORT_WAIT_S passed; the last scrape either way, for the asserts to judge."""
     deadline = time.monotonic() + EXPORT_WAIT_S
     text = ""
     while time.monotonic() < deadline:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-        if all(n in text for n in needles):
+        if all(n in text for n in needles) and (ready is None or ready(text)):
             return text
         time.sleep(0.5)
     return text
@@ -113,21 +115,13 @@ def test_facade_inside_actor_goes_to_ray_export(emitter: Any) -> None:
     assert _sample(text, "ray_qywx_export_facade_total", result="ok") == 2.0
 
 
-def _scrape_until_counted(port: int, name: str, count: int, **labels: str) -> str:
-    """Scrape until `name` shows `count` in every bucket-derived series (one export cycle)."""
-    deadline = time.monotonic() + EXPORT_WAIT_S
-    text = ""
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        if (
-            _sample(text, f"{name}_count", **labels) == count
-            and _sample(text, f"{name}_bucket", le="+Inf", **labels) == count
-            and _sample(text, f"{name}_bucket", le="0.001", **labels) is not None
-        ):
-            return text
-        time.sleep(0.5)
-    return text
+def _counted(name: str, count: int, **labels: str) -> Callable[[str], bool]:
+    """True once one export cycle shows `count` in the histogram's count and +Inf bucket."""
+    return lambda text: (
+        _sample(text, f"{name}_count", **labels) == count
+        and _sample(text, f"{name}_bucket", le="+Inf", **labels) == count
+        and _sample(text, f"{name}_bucket", le="0.001", **labels) is not None
+    )
 
 
 def test_facade_histogram_scrapes_as_cumulative_buckets(emitter: Any) -> None:
@@ -135,7 +129,7 @@ def test_facade_histogram_scrapes_as_cumulative_buckets(emitter: Any) -> None:
     values = [0.003] * 19_997 + [0.2, 0.2, 20.0]
     ray.get(emitter.emit_facade_histogram.remote(values), timeout=60)
     port, name = _metrics_port(), "ray_qywx_export_facade_seconds"
-    text = _scrape_until_counted(port, name, 20_000, api="sync")
+    text = _scrape_until(port, ready=_counted(name, 20_000, api="sync"))
     expected = {"0.0025": 0, "0.005": 19_997, "0.1": 19_997, "0.25": 19_999, "10.0": 19_999}
     for le, count in {**expected, "+Inf": 20_000}.items():
         got = _sample(text, f"{name}_bucket", api="sync", le=le)
@@ -145,6 +139,6 @@ def test_facade_histogram_scrapes_as_cumulative_buckets(emitter: Any) -> None:
     assert total is not None and abs(total - (0.003 * 19_997 + 20.4)) < 1e-6
     # Later observations move the same series (cumulative, published again).
     ray.get(emitter.emit_facade_histogram.remote([0.001]), timeout=60)
-    text = _scrape_until_counted(port, name, 20_001, api="sync")
+    text = _scrape_until(port, ready=_counted(name, 20_001, api="sync"))
     assert _sample(text, f"{name}_bucket", api="sync", le="0.001") == 1
     assert _sample(text, f"{name}_bucket", api="sync", le="+Inf") == 20_001
