@@ -29,6 +29,7 @@ from qywx_ray.consume.handlers import load_handler
 from qywx_ray.consume.sinks import make_admission, make_dead_letter_sink, make_retry_order
 from qywx_ray.consume.types import PackedDeliveries, pack_done, unpack_deliveries
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
+from qywx_ray.dlq.tokens import make_drain_tokens
 from qywx_ray.errors import QywxError
 from qywx_ray.obs.logging import configure_logging, get_logger
 from qywx_ray.settings import Settings
@@ -151,6 +152,7 @@ class HostShell:
             dead_letters=make_dead_letter_sink(s),
             admission=make_admission(s),
             retry_order=make_retry_order(s),
+            drain_tokens=make_drain_tokens(s),
             options=CoreOptions(
                 mailbox_size=c.mailbox_size,
                 idle_lifetime_s=c.idle_lifetime_s,

@@ -36,6 +36,7 @@ from qywx_ray.consume.hosts import (
     user_actor_name,
 )
 from qywx_ray.consume.types import (
+    DRAIN_HEADER,
     Delivery,
     PackedDone,
     pack_deliveries,
@@ -203,7 +204,7 @@ class PartitionConsumerCore:
                 headers = m.headers()
                 ts = m.timestamp()[1]
                 value = m.value() or b""
-                msg_id, retry_count, is_retry = _routing_headers(headers)
+                msg_id, retry_count, is_retry, is_drain = _routing_headers(headers)
                 d = Delivery(
                     topic,
                     partition,
@@ -215,6 +216,7 @@ class PartitionConsumerCore:
                     self.instance,
                     retry_count,
                     is_retry,
+                    is_drain,
                 )
                 target = self._target_for(key, value, headers, now)
                 target.inflight[d.tpo] = d
@@ -548,19 +550,24 @@ class PartitionConsumerCore:
             }
 
 
-def _routing_headers(headers: Any) -> tuple[str, int, bool]:
-    """(msg_id, retry_count, is_retry) in one pass; the DLQ helpers only for a retry."""
+def _routing_headers(headers: Any) -> tuple[str, int, bool, bool]:
+    """(msg_id, retry_count, is_retry, is_drain) in one pass; the DLQ helpers only for a
+    retry."""
     msg_id: str | None = None
     retry = False
+    drain = False
     for name, value in headers or ():
         if name == "msg_id":
             if msg_id is None:  # the first one, as header_value
                 msg_id = value.decode() if isinstance(value, bytes) else str(value)
         elif name == "retry_from_dlq":
             retry = True
+        elif name == DRAIN_HEADER:
+            drain = True
     if not retry:
-        return msg_id or "", 0, False
-    return msg_id or "", retry_count_of(headers), is_dlq_retry(headers)
+        return msg_id or "", 0, False, False
+    dlq_retry = is_dlq_retry(headers)
+    return msg_id or "", retry_count_of(headers), dlq_retry, drain and dlq_retry
 
 
 def _is(error: BaseException, cls: type[BaseException]) -> bool:

@@ -40,6 +40,7 @@ class Delivery(NamedTuple):
     consumer: str  # name of the consumer actor to report completion to
     retry_count: int = 0  # header retry_count of a record re-produced by the DLQ recovery
     is_retry: bool = False  # header retry_from_dlq: already counted by protection once
+    is_drain: bool = False  # header qywx_drain: a drain token, never runs the handler
 
     @property
     def tpo(self) -> tuple[str, int, int]:
@@ -172,6 +173,33 @@ class RetryOrder(Protocol):
         `op_id`), return up to `max_n` next ones (status 1), or unpark when empty
         (status 2); 0 = not waiting."""
         ...
+
+    async def hold(
+        self, user: str, message_id: str, values: Sequence[bytes], op_id: str = ""
+    ) -> None:
+        """Append `values` to the user's lot (once per `op_id`) and, unless the user already
+        waits on a message, make it wait on `message_id`: the host's newest queued message,
+        which drains the lot when it finishes (a full mailbox overflows into the lot)."""
+        ...
+
+
+DRAIN_HEADER = "qywx_drain"
+
+
+class DrainTokenSink(Protocol):
+    """Puts a *drain token* for a parked user on the main topic (key = user), resolving
+    only once Kafka acknowledged it.
+
+    A token is a tiny record (headers `msg_id` = the blocker, `retry_from_dlq`, and
+    `qywx_drain`) that the host handles like the blocker's retry without running the
+    handler: "the user is released from `message_id`; drain its lot". Two writers: a host
+    that is draining (it hands its hold on the partition's commit from one token to the
+    next, one chunk at a time, so a long drain never pins a commit) and the DLQ recovery
+    (a blocker sent to manual review releases its user). A crash mid-drain leaves the
+    newest token uncommitted: it comes back and the drain resumes.
+    """
+
+    async def drain_token(self, user: str, message_id: str, open_kfid: str) -> None: ...
 
 
 class DeadLetterSink(Protocol):

@@ -59,6 +59,7 @@ from qywx_ray.consume.types import (
     DeadLetter,
     DeadLetterSink,
     Delivery,
+    DrainTokenSink,
     RetryOrder,
 )
 from qywx_ray.envelope import Envelope
@@ -89,6 +90,10 @@ m_handler_infra_retries = counter(
 )
 
 
+class HandlerCancelled(Exception):
+    """A handler raised asyncio.CancelledError that was not ours: a retryable failure."""
+
+
 def _op_id() -> str:
     """Idempotency key of one parking write, reused by its retries: a retry after a lost
     reply or a timeout (the write may have happened) must not drop or push twice."""
@@ -109,8 +114,9 @@ class Pending:
     envelope: Envelope
     waiters: list[Delivery] = field(default_factory=list)  # every delivery of this id
     waited_on: bool = False  # the user is parked behind it: drain the lot after success
-    skip_handler: bool = False  # already done; only resumes a drain a crash interrupted
+    skip_handler: bool = False  # a drain token (or a done retry): only drains the lot
     chunk_end: bool = False  # last of a drained chunk: take the next one after it
+    denied: str | None = None  # denied at ingest by a parking reason: acted on at the head
 
 
 class UserMailbox:
@@ -124,9 +130,6 @@ class UserMailbox:
         self.user = user
         self.breaker = breaker
         self.drain_owner: Pending | None = None  # the waited-on message while draining
-        # This host parked the user and has not unparked it yet: a plain new message that
-        # raced past the Redis flag into the queue is moved to the lot, not run.
-        self.parked_local = False
         self.undropped = 0  # drained items still at the head of the parked list
         self.state = State.ACTIVE
         self.queue: deque[Pending] = deque()
@@ -147,7 +150,6 @@ class UserMailbox:
             "unfinished": self.unfinished,
             "idle_s": round(max(0.0, now_s - self.last_active_s), 3),
             "processed": self.processed,
-            "parked": self.parked_local,  # parked by this host, not unparked yet
             "draining": self.drain_owner is not None,
             "waiting_for_predecessor": self.predecessor is not None
             and not self.predecessor.dead.is_set(),
@@ -183,6 +185,7 @@ class HostCore:
         dead_letters: DeadLetterSink,
         admission: Admission | None = None,
         retry_order: RetryOrder | None = None,
+        drain_tokens: DrainTokenSink | None = None,
         options: CoreOptions | None = None,
         redis: Any = None,
         wecom: Any = None,
@@ -198,6 +201,11 @@ class HostCore:
         self.sink = dead_letters
         self.admission: Admission = admission or AllowAll()
         self.retry_order = retry_order
+        self.drain_tokens = drain_tokens
+        # One lane for every parking-lot call of this host (admit, park, hold, advance):
+        # Redis applies them in the order the host decided them, and the mailbox snapshot
+        # a park pushes is taken while no admit can be in flight (issue 15, defect 2).
+        self._lane = asyncio.Lock()
         self.opt = options or CoreOptions()
         self.redis = redis
         self.wecom = wecom
@@ -283,12 +291,20 @@ class HostCore:
         done = await self.dedup.already_done(ask) if ask else set()
         # Below, until the next await, pending/recent cannot change under us.
         fresh: list[Pending] = []
-        resume: list[Pending] = []  # done retries: maybe a drain a crash interrupted
+        resume: list[Pending] = []  # drain tokens and done retries: maybe a drain to run
         for d, env in parsed:
             mid = env.message_id
             p = self.pending.get(mid)
-            if p is not None:  # a re-delivery of a message still queued or running here
+            if p is not None:  # a re-delivery (or a drain token) of a message still here
                 p.waiters.append(d)
+                continue
+            if d.is_drain:
+                if self.retry_order is None:
+                    self._complete(d)
+                    continue
+                p = Pending(d, env, [d], skip_handler=True)
+                self.pending[mid] = p
+                resume.append(p)
                 continue
             if mid in done or mid in self.dedup.recent:
                 self.counts["duplicate"] += 1
@@ -305,67 +321,85 @@ class HostCore:
         if not fresh and not resume:
             return
         reasons = await self._rate_limit([p for p in fresh if not p.delivery.is_retry])
-        allowed = [p for p in fresh if p.envelope.message_id not in reasons]
-        denied = [
-            (p, reasons[p.envelope.message_id]) for p in fresh if p.envelope.message_id in reasons
-        ]
-        codes = await self._admit_parking([*allowed, *resume])
-        code_of = {
-            p.envelope.message_id: c for p, c in zip([*allowed, *resume], codes, strict=True)
-        }
-        parked_now: dict[str, tuple[Pending, list[Pending]]] = {}  # user -> (blocker, later)
-        n_parked = 0
-        for p in [*fresh, *resume]:  # arrival order per user (resume: skipped dups only)
-            mid = p.envelope.message_id
-            if mid not in code_of:
-                continue  # denied by the rate limiter
-            user = p.envelope.external_userid
-            code = code_of[mid]
-            if p.skip_handler and code != WAITED_ON:
-                self._finish(p, None)  # a plain duplicate
+        denied: list[tuple[Pending, str]] = []
+        admit: list[Pending] = []
+        for p in fresh:
+            reason = reasons.get(p.envelope.message_id)
+            if reason is not None and not self._parks(reason):
+                denied.append((p, reason))  # exempt from order: dead-lettered at once
                 continue
-            if code == PARKED:
-                n_parked += 1
-                self._finish(p, None)  # durably parked: its offset counts as processed
-                continue
-            blocked = parked_now.get(user)
-            if blocked is not None:  # behind a message denied in this batch: park it too
-                blocked[1].append(p)
-                continue
-            p.waited_on = code == WAITED_ON
-            mb = self._mailbox_for(user)
-            reason: str | None = None
-            if mb.breaker is not None and not mb.breaker.allow():
-                reason = REASON_CIRCUIT_OPEN
-            elif len(mb.queue) >= self.opt.mailbox_size:
-                reason = REASON_QUEUE_FULL
-                if mb.breaker is not None:
-                    mb.breaker.on_failure()
-                self.admission.on_failure(user)
-            if reason is None:
-                if mb.breaker is not None:
-                    mb.breaker.on_success()
-                self._offer(mb, p)
-                continue
-            denied.append((p, reason))
-            if self.retry_order is not None and self.retry_order.parks(reason):
-                parked_now[user] = (p, [])
-        if n_parked:
-            self.counts["parked"] += n_parked
-            m_parked.inc(n_parked)
-        for user, (blocker, later) in parked_now.items():
-            # Durably parked BEFORE the dead letter is written (parking protocol).
-            self._mailbox_for(user).parked_local = True
-            await self._retry_redis(
-                "park", functools.partial(self._park, user, blocker, 0, later, _op_id())
-            )
-            for q in later:
-                self._finish(q, None)
+            p.denied = reason  # a parking denial acts at the head, after older messages
+            admit.append(p)
+        admit.extend(resume)
+        async with self._lane:
+            codes = await self._admit_parking(admit)
+            overflow = self._place(admit, codes, denied)
+            for user, (tail, held) in overflow.items():
+                hold = functools.partial(self._hold, user, tail, held, _op_id())
+                await self._retry_redis("hold", hold)
         if denied:
             letters = [self._letter(p.delivery, p.envelope, r, f"denied: {r}") for p, r in denied]
             for _, r in denied:  # dead letters by reason (denials: protect's own counters)
                 m_failures.inc(reason=r)
             self._spawn(self._dead_letter_then_finish(letters, [p for p, _ in denied]))
+
+    def _parks(self, reason: str) -> bool:
+        return self.retry_order is not None and self.retry_order.parks(reason)
+
+    def _place(
+        self, items: list[Pending], codes: list[int], denied: list[tuple[Pending, str]]
+    ) -> dict[str, tuple[Pending, list[Pending]]]:
+        """Apply the lot's answers in arrival order, synchronously (under the lane): parked
+        ones are durably behind the user's blocker; the rest join their mailbox. A full
+        mailbox does not deny (a denial's retry would overtake older queued messages): the
+        overflow is held in the user's lot behind the mailbox's newest message, which then
+        drains it when it finishes."""
+        n_parked = 0
+        overflow: dict[str, tuple[Pending, list[Pending]]] = {}  # user -> (tail, held)
+        for p, code in zip(items, codes, strict=True):
+            user = p.envelope.external_userid
+            if p.skip_handler and code != WAITED_ON:
+                self._finish(p, None)  # a plain duplicate, or a token for a drain now over
+                continue
+            if code == PARKED:
+                n_parked += 1
+                self._finish(p, None)  # durably parked: its offset counts as processed
+                continue
+            held = overflow.get(user)
+            if held is not None:
+                held[1].append(p)
+                continue
+            # A retry may be the blocker even when the lot could not say so (Redis down,
+            # policy process): it asks the lot once more when it succeeds (defect 4).
+            p.waited_on = self.retry_order is not None and (
+                code == WAITED_ON or p.delivery.is_retry
+            )
+            mb = self._mailbox_for(user)
+            if len(mb.queue) >= self.opt.mailbox_size:
+                if mb.breaker is not None:
+                    mb.breaker.on_failure()
+                self.admission.on_failure(user)
+                if self.retry_order is None:  # no lot to hold it: dead-letter it
+                    denied.append((p, REASON_QUEUE_FULL))
+                    continue
+                tail = mb.queue[-1]
+                tail.waited_on = True
+                overflow[user] = (tail, [p])
+                continue
+            self._offer(mb, p)
+        if n_parked:
+            self.counts["parked"] += n_parked
+            m_parked.inc(n_parked)
+        return overflow
+
+    async def _hold(self, user: str, tail: Pending, held: list[Pending], op_id: str) -> None:
+        assert self.retry_order is not None
+        values = [q.delivery.value for q in held]
+        await self.retry_order.hold(user, tail.envelope.message_id, values, op_id)
+        self.counts["parked"] += len(held)
+        m_parked.inc(len(held))
+        for q in held:
+            self._finish(q, None)
 
     async def _rate_limit(self, items: list[Pending]) -> dict[str, str]:
         """Denial reason by message id (one round trip); policy applies if Redis is down."""
@@ -439,13 +473,19 @@ class HostCore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.opt.redis_retry_max_s)
 
-    async def _retry_redis(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Order-critical parking writes: retried until they succeed, whatever the policy."""
+    async def _retry_redis(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[Any]],
+        errors: tuple[type[BaseException], ...] = INFRA_ERRORS,
+    ) -> Any:
+        """Order-critical writes (parking, drain tokens): retried until they succeed,
+        whatever the policy; each carries its op id, so a resend is applied once."""
         delay = 0.05
         while True:
             try:
                 return await call()
-            except INFRA_ERRORS as exc:
+            except errors as exc:
                 log.warning("host.parking_retry", what=what, delay_s=delay, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.opt.redis_retry_max_s)
@@ -509,7 +549,12 @@ class HostCore:
             mb.busy = True
             try:
                 await self._process(mb, p)
-            except Exception:
+            except BaseException as exc:
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                    raise  # shutdown
+                # A bug left this mailbox's state unknown: crash-only, the shell restarts
+                # and everything unfinished is re-delivered. The worker itself goes on.
                 log.error("host.process_failed", exc_info=True, user=mb.user)
                 if self.on_fatal is not None:
                     self.on_fatal("process failed")
@@ -524,31 +569,37 @@ class HostCore:
                 mb.scheduled = False
 
     async def _process(self, mb: UserMailbox, p: Pending) -> None:
+        """Run the head of `mb` to a durable outcome. Only the head may park the user: every
+        older message of the user has finished, so nothing can overtake it (issue 15)."""
         env = p.envelope
         d = p.delivery
-        if p.skip_handler:  # done before a crash cut its drain short: resume the drain
+        if p.skip_handler:  # a drain token (or a done retry): drain the lot, run nothing
             await self._drain(mb, p, 0)
             return
-        plain = not (p.waited_on or d.is_retry or d.partition < 0)
-        if mb.parked_local and plain and await self._move_to_lot(mb, p):
-            return
-        start_ms = self.wall_ms()
-        if d.partition >= 0 and len(self.latencies_ms) < self.opt.latency_samples:
-            self.latencies_ms.append(start_ms - d.timestamp_ms)
-        ctx = HandlerContext(
-            user_id=env.external_userid,
-            open_kfid=env.open_kfid,
-            message_id=env.message_id,
-            envelope=env,
-            attempt=d.retry_count + 1,
-            log=self._ctx_log,
-            redis=self.redis,
-            wecom=self.wecom,
-            options=self.opt.handler_options,
-        )
-        t0 = time.perf_counter()
-        reason, error = await self._run_handler(env, ctx)
-        self._durations_s.append(time.perf_counter() - t0)
+        reason, error = p.denied, f"denied: {p.denied}"
+        if reason is None and mb.breaker is not None:
+            if mb.breaker.allow():
+                mb.breaker.on_success()
+            else:
+                reason, error = REASON_CIRCUIT_OPEN, "denied: circuit_open"
+        if reason is None:
+            start_ms = self.wall_ms()
+            if d.partition >= 0 and len(self.latencies_ms) < self.opt.latency_samples:
+                self.latencies_ms.append(start_ms - d.timestamp_ms)
+            ctx = HandlerContext(
+                user_id=env.external_userid,
+                open_kfid=env.open_kfid,
+                message_id=env.message_id,
+                envelope=env,
+                attempt=d.retry_count + 1,
+                log=self._ctx_log,
+                redis=self.redis,
+                wecom=self.wecom,
+                options=self.opt.handler_options,
+            )
+            t0 = time.perf_counter()
+            reason, error = await self._run_handler(env, ctx)
+            self._durations_s.append(time.perf_counter() - t0)
         if reason is None:
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
@@ -556,43 +607,58 @@ class HostCore:
                 durable = asyncio.get_running_loop().create_future()
                 self.dedup.mark_done(env.message_id, lambda: durable.set_result(None))
                 await durable
-                await self._drain(mb, p, 0)
+                await self._release(mb, p)
                 return
             self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
             if p.chunk_end:
                 await self._drain_next(mb)
             return
-        self.admission.on_failure(mb.user)
+        if p.denied is None:
+            self.admission.on_failure(mb.user)
         m_failures.inc(reason=reason)
         log.warning(
             "handler.failed", user=mb.user, message_id=env.message_id, reason=reason, error=error
         )
-        if self.retry_order is not None and self.retry_order.parks(reason):
-            # Park the user behind this message (with its queued later messages, in order,
-            # and minus a drained chunk still at the list head) BEFORE the dead letter.
-            later = list(mb.queue)[1:]
-            drop, owner = mb.undropped, mb.drain_owner
-            mb.parked_local = True
-            park = functools.partial(self._park, mb.user, p, drop, later, _op_id())
-            await self._retry_redis("park", park)
-            # Only the snapshot was parked: what arrived meanwhile stays queued behind
-            # and is moved to the lot when its turn comes (parked_local).
-            rest = list(mb.queue)[1 + len(later) :]
-            mb.queue.clear()
-            mb.queue.append(p)
-            mb.queue.extend(rest)
-            for q in later:
-                self._finish(q, mb)
-            mb.undropped, mb.drain_owner = 0, None
+        if self._parks(reason):
+            owner = await self._park_behind(mb, p)
             await self._durable_dead_letter([self._letter(d, env, reason, error)])
             self._finish(p, mb)
-            if owner is not None and owner is not p:
+            if owner is not None and owner is not p:  # it held the drained p's place
                 self._finish(owner, mb)
             return
         # Durable before we move on: the user's next message waits for this dead letter.
         await self._durable_dead_letter([self._letter(d, env, reason, error)])
+        if p.waited_on:  # the blocker is settled for good (review): release the user
+            await self._release(mb, p)
+            return
         self._finish(p, mb)
         if p.chunk_end:  # not retried (e.g. invalid): the rest of the lot goes on
+            await self._drain_next(mb)
+
+    async def _park_behind(self, mb: UserMailbox, p: Pending) -> Pending | None:
+        """Park the user behind its head `p` BEFORE p's dead letter is written: the queued
+        later messages go, in order, to the front of the lot (minus a drained chunk still
+        at the list head). Under the lane: no admit runs meanwhile, so the snapshot is
+        the whole queue and everything admitted after it sees the flag."""
+        async with self._lane:
+            later = list(mb.queue)[1:]
+            drop, owner = mb.undropped, mb.drain_owner
+            park = functools.partial(self._park, mb.user, p, drop, later, _op_id())
+            await self._retry_redis("park", park)
+            assert len(mb.queue) == 1 + len(later), "the queue changed under the lane"
+            while len(mb.queue) > 1:
+                mb.queue.pop()
+            for q in later:
+                self._finish(q, mb)
+            mb.undropped, mb.drain_owner = 0, None
+        return owner
+
+    async def _release(self, mb: UserMailbox, p: Pending) -> None:
+        """`p` (maybe the user's blocker) is settled: drain the lot behind it if the user
+        waits on it; finish p either way. A drained chunk whose last item was p goes on."""
+        continues = p.chunk_end and mb.drain_owner is not None and mb.drain_owner is not p
+        await self._drain(mb, p, 0)
+        if continues:
             await self._drain_next(mb)
 
     async def _run_handler(self, env: Envelope, ctx: HandlerContext) -> tuple[str | None, str]:
@@ -635,9 +701,13 @@ class HostCore:
         try:
             await handler_call
         except asyncio.CancelledError:
-            if task not in self._expired:
+            if task in self._expired:
+                raise TimeoutError from None
+            if task.cancelling():  # the host itself is being cancelled (shutdown)
                 raise
-            raise TimeoutError from None
+            # The handler raised CancelledError on its own (e.g. a cancelled inner
+            # future): a failure of this message, not the end of the worker (defect 5).
+            raise HandlerCancelled("handler raised CancelledError") from None
         finally:
             del self._deadlines[task]
             if task in self._expired:  # ours: undo it (also if the handler swallowed it)
@@ -655,22 +725,6 @@ class HostCore:
                     self._expired.add(task)
                     task.cancel()
 
-    async def _move_to_lot(self, mb: UserMailbox, p: Pending) -> bool:
-        """A plain message queued for a user this host parked: append it to the lot (in
-        order). False: the user is no longer parked in Redis (e.g. released after a
-        manual review), so it runs now."""
-        assert self.retry_order is not None
-        order = self.retry_order
-        item = [(mb.user, p.envelope.message_id, p.delivery.value, False)]
-        codes = await self._retry_redis("move", functools.partial(order.admit, item))
-        if codes[0] != PARKED:
-            mb.parked_local = False
-            return False
-        self.counts["parked"] += 1
-        m_parked.inc()
-        self._finish(p, mb)
-        return True
-
     async def _drain_next(self, mb: UserMailbox) -> None:
         owner = mb.drain_owner
         if owner is not None:
@@ -678,18 +732,23 @@ class HostCore:
 
     async def _drain(self, mb: UserMailbox, owner: Pending, drop_n: int) -> None:
         """Feed the next parked messages into the mailbox, right after the current one
-        (before anything new); finish `owner` once the lot is empty and the user free."""
+        (before anything new); finish `owner` once the lot is empty and the user free.
+
+        While draining, the owner's Kafka record (the retry, then drain tokens) is what a
+        crash would redeliver to resume the drain. With a token sink, each chunk first
+        puts a fresh token on the main topic and then completes the records held so far:
+        the partition's commit is held for one chunk at a time, not the whole drain."""
         assert self.retry_order is not None
         order = self.retry_order
         user, mid = mb.user, owner.envelope.message_id
         chunk = self.opt.park_drain_chunk
         while True:
-            status, raw = await self._retry_redis(
-                "advance", functools.partial(order.advance, user, mid, drop_n, chunk, _op_id())
-            )
+            advance = functools.partial(order.advance, user, mid, drop_n, chunk, _op_id())
+            async with self._lane:
+                status, raw = await self._retry_redis("advance", advance)
             if status != 1:  # 2: drained and unparked; 0: no longer waiting on it
-                mb.drain_owner, mb.undropped = None, 0
-                mb.parked_local = False
+                if mb.drain_owner is owner:
+                    mb.drain_owner, mb.undropped = None, 0
                 self._finish(owner, mb)
                 if status == 2:
                     log.info("host.unparked", user=user, after=mid)
@@ -708,6 +767,7 @@ class HostCore:
                     msg_id=env.message_id,
                     retry_count=0,
                     is_retry=False,
+                    is_drain=False,
                 )
                 items.append((d, env))
             ids = [e.message_id for _, e in items if e.message_id not in self.pending]
@@ -729,11 +789,27 @@ class HostCore:
             m_unparked.inc(len(take))
             take[-1].chunk_end = True
             mb.drain_owner, mb.undropped = owner, len(raw)
+            await self._hand_over_hold(owner)
             for i, q in enumerate(take):
                 self.pending[q.envelope.message_id] = q
                 mb.queue.insert(1 + i, q)
                 mb.unfinished += 1
             return
+
+    async def _hand_over_hold(self, owner: Pending) -> None:
+        """Put a new drain token on the main topic, then complete the records the drain
+        held so far (the retry, earlier tokens that came back). Nothing to do while the
+        previous token is still on its way: it holds the place."""
+        if self.drain_tokens is None or not owner.waiters:
+            return
+        env = owner.envelope
+        token = functools.partial(
+            self.drain_tokens.drain_token, env.external_userid, env.message_id, env.open_kfid
+        )
+        await self._retry_redis("drain_token", token, errors=(Exception,))
+        held, owner.waiters = owner.waiters, []
+        for w in held:
+            self._complete(w)
 
     def _finish(self, p: Pending, mb: UserMailbox | None) -> None:
         self.pending.pop(p.envelope.message_id, None)

@@ -96,6 +96,16 @@ for i = 1, #items do out[i + 1] = items[i] end
 return out
 """
 
+_HOLD = """
+-- KEYS: flag, list, op; ARGV: message_id, envelopes...
+-- A full mailbox overflows into the lot: append (once per op key) and, unless the user
+-- already waits on a message, wait on the host's newest queued one (ARGV[1]).
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then return 0 end
+if not redis.call('GET', KEYS[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+for i = 2, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+return 1
+"""
+
 _TAKE = """
 -- KEYS: list; ARGV: max_n
 local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
@@ -218,6 +228,7 @@ class AsyncParkingLot:
         self._admit = client.register_script(_ADMIT)
         self._park = client.register_script(_PARK)
         self._advance = client.register_script(_ADVANCE)
+        self._hold = client.register_script(_HOLD)
 
     def parks(self, reason: str) -> bool:
         return parks_for(_reason(reason), self._settings)
@@ -245,6 +256,11 @@ class AsyncParkingLot:
             keys=_op_keys(user, op_id), args=[message_id, drop_n, max_n]
         )
         return int(reply[0]), list(reply[1:])
+
+    async def hold(
+        self, user: str, message_id: str, values: Sequence[bytes], op_id: str = ""
+    ) -> None:
+        await self._hold(keys=_op_keys(user, op_id), args=[message_id, *values])
 
 
 def make_async_parking(settings: Settings) -> AsyncParkingLot:

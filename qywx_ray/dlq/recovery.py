@@ -35,9 +35,10 @@ from qywx_ray.dlq.message import (
     KafkaSource,
     make_dead_letter,
 )
-from qywx_ray.dlq.parking import FLAG_PREFIX, Parking
+from qywx_ray.dlq.parking import FLAG_PREFIX
 from qywx_ray.dlq.strategies import BlockedUntil, RecoveryStrategy, decide, default_strategies
-from qywx_ray.envelope import Envelope, Headers
+from qywx_ray.dlq.tokens import drain_token_record
+from qywx_ray.envelope import Headers
 from qywx_ray.errors import EnvelopeError, InfraError
 from qywx_ray.kafka.config import consumer_config, producer_config
 from qywx_ray.obs import metrics
@@ -78,7 +79,6 @@ class RecoveryService:
         self.queue = DelayQueue(self.redis, settings.dlq.redis_prefix)
         self.index = DLQIndex(self.redis, settings.dlq.redis_prefix)
         self.strategies = strategies or default_strategies(settings.dlq, blocked_until)
-        self.parking = Parking(self.redis, settings.dlq)
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._last_gauges = 0.0
@@ -253,41 +253,30 @@ class RecoveryService:
 
     # ---- users parked behind a letter that will never be retried ---------------------------
     def _release_parked(self, review: list[DeadLetterMessage]) -> None:
-        """A user parked behind a letter now in manual review would wait forever: re-produce
-        their parked messages, in order, to the main topic as retries (which hosts admit),
-        confirmed before they leave the parked list; then unpark. While this runs, the flag
-        stays set, so newer messages keep queueing behind: order is kept. Crash-safe
-        (peek → confirmed produce → drop); duplicates possible, deduplicated downstream.
-        """
+        """A user parked behind a letter now in manual review (or unsendable) would wait
+        forever: put a drain token for it on the main topic, confirmed, before the DLQ
+        offset is committed. The user's host then drains the lot in order, exactly as
+        after a successful retry; this actor never touches the lot itself (it used to
+        peek/produce/trim, which raced with a host re-parking the user: issue 15, 7)."""
         if not review:
             return
         pipe = self.redis.pipeline(transaction=False)
         for letter in review:
             pipe.get(FLAG_PREFIX + letter.user_id)
         waiting = pipe.execute()
-        for letter, flag in zip(review, waiting, strict=True):
-            if flag is None or flag.decode() != letter.message_id:
-                continue
-            released = 0
-            while True:
-                batch = self.parking.peek_parked(letter.user_id, 500)
-                if not batch:
-                    if self.parking.try_unpark(letter.user_id):
-                        break
-                    continue
-                self._produce_confirmed(
-                    [
-                        (letter.user_id.encode(), value, _released_headers(value, letter))
-                        for value in batch
-                    ]
-                )
-                self.parking.drop_parked(letter.user_id, len(batch))
-                released += len(batch)
+        tokens = [
+            drain_token_record(letter.user_id, letter.message_id, letter.open_kfid)
+            for letter, flag in zip(review, waiting, strict=True)
+            if flag is not None and flag.decode() == letter.message_id
+        ]
+        if not tokens:
+            return
+        self._produce_confirmed(tokens)
+        for key, _value, headers in tokens:
             log.warning(
                 "dlq.parked_released",
-                user=letter.user_id,
-                blocked_by=letter.message_id,
-                released=released,
+                user=key.decode(),
+                blocked_by=dict(headers)["msg_id"].decode(),
             )
 
     def _produce_confirmed(self, records: list[tuple[bytes, bytes, Headers]]) -> None:
@@ -368,6 +357,7 @@ class RecoveryService:
                 )
         if unsendable:
             self.index.record([], unsendable)
+            self._release_parked(unsendable)  # before the ack: a crash re-claims them
             self.queue.ack_many([lt.entry_id() for lt in unsendable])
             UNRECOVERABLE.inc(len(unsendable))
             log.error("dlq.retry_unsendable", message_ids=[lt.message_id for lt in unsendable])
@@ -428,23 +418,6 @@ class RecoveryService:
             # 0 until the recovery consumer has joined its group: letters wait meanwhile.
             "assigned_partitions": len(self._consumer.assignment()) if self._consumer else 0,
         }
-
-
-def _released_headers(value: bytes, blocker: DeadLetterMessage) -> Headers:
-    headers: Headers = [
-        ("retry_from_dlq", b"true"),
-        ("retry_count", b"0"),
-        ("released_from_park", b"true"),
-        ("original_failure", blocker.failure_reason.value.encode()),
-    ]
-    try:
-        env = Envelope.from_bytes(value)
-    except EnvelopeError:
-        return headers
-    return [h for h in env.headers() if h[0] != "msg_id"] + [
-        ("msg_id", env.message_id.encode()),
-        *headers,
-    ]
 
 
 def _last_offsets(records: list[Message]) -> dict[tuple[str, int], int]:

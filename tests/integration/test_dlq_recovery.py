@@ -122,7 +122,8 @@ def test_end_to_end_with_injected_clock(
     svc = RecoveryService(settings, clock=clock)
     try:
         assert consume_until(svc, 33) == 33
-        assert not parking.is_parked("u0") and parking.parked_count("u0") == 0
+        # released by a drain token (the user's host drains the lot); the lot is untouched
+        assert parking.waiting_on("u0") == "exhausted" and parking.parked_count("u0") == 3
         assert committed_total(settings) == 33  # committed once scheduled / in review
         index = DLQIndex(redis_client, settings.dlq.redis_prefix)
         statuses = index.status_counts()
@@ -143,13 +144,14 @@ def test_end_to_end_with_injected_clock(
     finally:
         svc.close()
 
-    got = read_all(settings, settings.kafka.main_topic.name, 33)
-    assert len(got) == 33
-    released = [m for m in got if dict(m.headers()).get("released_from_park") == b"true"]
-    assert [m.value() for m in released] == [e.to_bytes() for e in later]  # in order
-    assert all(dict(m.headers())["retry_from_dlq"] == b"true" for m in released)
-    assert all(m.key() == b"u0" for m in released)
-    got = [m for m in got if m not in released]
+    got = read_all(settings, settings.kafka.main_topic.name, 31)
+    assert len(got) == 31
+    tokens = [m for m in got if dict(m.headers()).get("qywx_drain") == b"1"]
+    assert len(tokens) == 1 and tokens[0].key() == b"u0"
+    token_headers = dict(tokens[0].headers())
+    assert token_headers["msg_id"] == b"exhausted" and token_headers["retry_from_dlq"] == b"true"
+    assert Envelope.from_bytes(tokens[0].value()).message_id == "exhausted"
+    got = [m for m in got if m not in tokens]
     by_id = {dict(m.headers())["msg_id"].decode(): m for m in got}
     for letter in letters:
         m = by_id[letter.message_id]

@@ -56,7 +56,7 @@ async def test_queue_full_keeps_order_of_older_queued_messages() -> None:
     """Defect 1: mailbox_size=3, m0..m4: the overflow used to be denied and its retry ran
     ahead of older queued messages ([m3, m0, m1, m2, m4])."""
     order = MemoryRetryOrder()
-    core, done, letters, opts = make(order, mailbox_size=3)
+    core, _done, letters, opts = make(order, mailbox_size=3)
     opts["gates"]["A-m0"] = gate = asyncio.Event()
     core.accept([delivery("A", i, i) for i in range(5)])
     await until(lambda: len(opts["started"]) == 1)
@@ -91,7 +91,7 @@ async def test_park_on_failure_does_not_race_with_admit() -> None:
             await self.after.wait()
 
     order = SlowPark()
-    core, done, letters, opts = make(order)
+    core, done, _letters, opts = make(order)
     core.accept([delivery("A", 0, 0, fail="retryable"), delivery("A", 1, 1)])
     await until(lambda: order.parking)
     core.accept([delivery("A", 2, 2)])  # arrives while the park is in flight
@@ -121,7 +121,7 @@ async def test_redis_blip_on_the_blockers_retry_does_not_park_the_user_forever()
             return await super().admit(items)
 
     order = Blip()
-    core, done, letters, opts = make(order, redis_down_policy="process")
+    core, done, _letters, opts = make(order, redis_down_policy="process")
     core.accept([delivery("A", 0, 0, fail="retryable"), delivery("A", 1, 1)])
     await until(lambda: len(done.done) == 2)
     assert order.flag == {"A": "A-m0"}
@@ -162,7 +162,7 @@ async def test_drain_completes_the_retry_offset_before_the_lot_is_empty() -> Non
     and the retry completes while the drain goes on."""
     order = MemoryRetryOrder()
     tokens = Tokens()
-    core, done, letters, opts = make(order, park_drain_chunk=1)
+    core, done, _letters, opts = make(order, park_drain_chunk=1)
     core.drain_tokens = tokens
     core.accept([delivery("A", 0, 0, fail="retryable")] + [delivery("A", i, i) for i in (1, 2, 3)])
     await until(lambda: len(done.done) == 4)
@@ -182,7 +182,7 @@ async def test_drain_token_after_a_crash_resumes_the_drain() -> None:
     """A host died mid-drain after the retry completed: the uncommitted token comes back
     to a fresh host, which drains the rest without running the blocker again."""
     order = MemoryRetryOrder()
-    core, done, letters, opts = make(order)
+    core, done, _letters, _opts = make(order)
     core.drain_tokens = Tokens()
     core.accept([delivery("A", 0, 0, fail="retryable"), delivery("A", 1, 1)])
     await until(lambda: len(done.done) == 2)
@@ -201,7 +201,7 @@ async def test_release_token_for_a_reviewed_blocker_drains_without_running_it() 
     drain token the recovery actor produces: the host drains the lot in order, the
     reviewed message itself does not run, and nothing else touches the lot."""
     order = MemoryRetryOrder()
-    core, done, letters, opts = make(order)
+    core, done, _letters, opts = make(order)
     core.drain_tokens = Tokens()
     core.accept([delivery("A", 0, 0, fail="retryable")] + [delivery("A", i, i) for i in (1, 2)])
     await until(lambda: len(done.done) == 3)
@@ -231,10 +231,12 @@ async def test_circuit_open_is_decided_at_the_head_and_keeps_order() -> None:
 
     order = MemoryRetryOrder()
     breaker = BreakerSettings(failure_threshold=1, open_seconds=3600, success_threshold=1)
-    core, done, letters, opts = make(order, mailbox_size=2, breaker=breaker)
+    core, _done, letters, opts = make(order, mailbox_size=2, breaker=breaker)
     opts["gates"]["A-m0"] = gate = asyncio.Event()
-    core.accept([delivery("A", i, i) for i in range(4)])  # m2, m3 overflow: breaker opens
+    core.accept([delivery("A", 0, 0)])
     await until(lambda: len(opts["started"]) == 1)
+    core.accept([delivery("A", i, i) for i in (1, 2, 3)])  # m2, m3 overflow: breaker opens
+    await until(lambda: order.flag.get("A") == "A-m1")  # held behind the queue's tail
     gate.set()
     await until(lambda: len(letters.letters) == 1)
     assert letters.letters[0].reason == "circuit_open"

@@ -49,6 +49,10 @@ class MemoryRetryOrder:
         lot = self.lots.setdefault(user, [])[drop_first:]
         self.lots[user] = [*pending, *lot]
 
+    async def hold(self, user: str, mid: str, values: Sequence[bytes], op_id: str = "") -> None:
+        self.flag.setdefault(user, mid)
+        self.lots.setdefault(user, []).extend(values)
+
     async def advance(
         self, user: str, mid: str, drop_n: int, max_n: int, op_id: str = ""
     ) -> tuple[int, list[bytes]]:
@@ -215,20 +219,23 @@ async def test_admission_redis_down_policy_stop_holds_and_process_admits() -> No
     assert core2.counts["admission_bypassed"] == 1
 
 
-async def test_queue_full_opens_the_breaker_then_circuit_open() -> None:
+async def test_queue_full_opens_the_breaker_then_circuit_open_at_the_head() -> None:
+    """Without a lot (no retry order) the overflow is dead-lettered queue_full; those
+    events open the breaker, which then denies the user's next head: circuit_open."""
     breaker = BreakerSettings(failure_threshold=2, open_seconds=60, success_threshold=1)
     core, done, letters, opts = make(None, mailbox_size=1, breaker=breaker)
     opts["gates"]["A-m0"] = gate = asyncio.Event()
-    core.accept([delivery("A", i, i) for i in range(5)])
+    core.accept([delivery("A", 0, 0)])
+    await until(lambda: len(opts["started"]) == 1)
+    core.accept([delivery("A", i, i) for i in range(1, 5)])
     await until(lambda: len(letters.letters) == 4)
-    assert [x.reason for x in letters.letters] == [
-        "queue_full",
-        "queue_full",
-        "circuit_open",
-        "circuit_open",
-    ]
+    assert {x.reason for x in letters.letters} == {"queue_full"}
     gate.set()
     await until(lambda: len(done.done) == 5)
+    core.accept([delivery("A", 5, 5)])
+    await until(lambda: len(letters.letters) == 5)
+    assert letters.letters[-1].reason == "circuit_open"
+    assert [m for _, m in opts["calls"]] == ["A-m0"]
 
 
 async def test_a_copy_parked_behind_its_original_runs_once() -> None:

@@ -66,7 +66,7 @@ def test_packed_done_keeps_every_completion_and_per_partition_order(
 
 headers = st.lists(
     st.tuples(
-        st.sampled_from(["msg_id", "retry_from_dlq", "retry_count", "msg_type", "v"]),
+        st.sampled_from(["msg_id", "retry_from_dlq", "retry_count", "msg_type", "v", "qywx_drain"]),
         st.sampled_from([b"", b"m1", b"m2", b"true", b"false", b"3", b"x"]),
     ),
     max_size=7,
@@ -79,6 +79,7 @@ def test_routing_headers_equal_the_one_header_helpers(hs: list[tuple[str, bytes]
         header_value(hs, "msg_id") or "",
         retry_count_of(hs),
         is_dlq_retry(hs),
+        is_dlq_retry(hs) and header_value(hs, "qywx_drain") is not None,
     )
 
 
