@@ -249,3 +249,20 @@ async def test_circuit_open_is_decided_at_the_head_and_keeps_order() -> None:
     await until(lambda: order.flag == {})
     await until(lambda: len(handled(opts)) == 4)
     assert handled(opts) == [f"A-m{i}" for i in range(4)]
+
+
+async def test_park_rate_limited_parks_at_the_head_and_keeps_order() -> None:
+    """Defect 10: `dlq.park_rate_limited=True` had no effect. A parking denial now waits
+    for its turn at the head of the mailbox, then parks the user behind itself."""
+    from tests.unit.test_consume_retry_order import Limiter
+
+    order = MemoryRetryOrder(exempt=frozenset())  # rate_limited parks
+    core, done, letters, opts = make(order, admission=Limiter(allow=2))
+    core.accept([delivery("A", i, i) for i in range(4)])
+    await until(lambda: len(done.done) == 4)
+    assert [(x.message_id, x.reason) for x in letters.letters] == [("A-m2", "rate_limited")]
+    assert order.flag == {"A": "A-m2"} and len(order.lots["A"]) == 1
+    core.accept([retry_of("A", 2)])
+    await until(lambda: order.flag == {})
+    await until(lambda: len(handled(opts)) == 4)
+    assert handled(opts) == [f"A-m{i}" for i in range(4)]
