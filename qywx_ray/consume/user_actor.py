@@ -21,7 +21,6 @@ RetryOrder).
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import random
 import time
@@ -44,6 +43,7 @@ from qywx_ray.consume.handlers import (
     typed_message,
     wants_typed_message,
 )
+from qywx_ray.consume.mailbox import Pending, State, UserMailbox
 from qywx_ray.consume.types import (
     ADMITTED,
     PARKED,
@@ -98,62 +98,6 @@ def _op_id() -> str:
     """Idempotency key of one parking write, reused by its retries: a retry after a lost
     reply or a timeout (the write may have happened) must not drop or push twice."""
     return uuid.uuid4().hex
-
-
-class State(enum.Enum):
-    ACTIVE = "active"
-    DYING = "dying"
-    DEAD = "dead"
-
-
-@dataclass
-class Pending:
-    """One message id in this host, from ingest until its outcome is durable."""
-
-    delivery: Delivery
-    envelope: Envelope
-    waiters: list[Delivery] = field(default_factory=list)  # every delivery of this id
-    waited_on: bool = False  # the user is parked behind it: drain the lot after success
-    skip_handler: bool = False  # a drain token (or a done retry): only drains the lot
-    chunk_end: bool = False  # last of a drained chunk: take the next one after it
-    denied: str | None = None  # denied at ingest by a parking reason: acted on at the head
-
-
-class UserMailbox:
-    def __init__(
-        self,
-        user: str,
-        predecessor: UserMailbox | None,
-        now_s: float,
-        breaker: CircuitBreaker | None = None,
-    ) -> None:
-        self.user = user
-        self.breaker = breaker
-        self.drain_owner: Pending | None = None  # the waited-on message while draining
-        self.undropped = 0  # drained items still at the head of the parked list
-        self.state = State.ACTIVE
-        self.queue: deque[Pending] = deque()
-        self.predecessor = predecessor
-        self.dead = asyncio.Event()
-        self.scheduled = False  # on the ready queue or being processed by a worker
-        self.busy = False
-        self.unfinished = 0  # queued + running + awaiting durability
-        self.last_active_s = now_s
-        self.processed = 0
-
-    def snapshot(self, now_s: float) -> dict[str, Any]:
-        return {
-            "user": self.user,
-            "state": self.state.value,
-            "queue_depth": len(self.queue),
-            "busy": self.busy,
-            "unfinished": self.unfinished,
-            "idle_s": round(max(0.0, now_s - self.last_active_s), 3),
-            "processed": self.processed,
-            "draining": self.drain_owner is not None,
-            "waiting_for_predecessor": self.predecessor is not None
-            and not self.predecessor.dead.is_set(),
-        }
 
 
 @dataclass

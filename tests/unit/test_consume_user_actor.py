@@ -11,8 +11,9 @@ import pytest
 
 from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext, PermanentError
+from qywx_ray.consume.mailbox import State, UserMailbox
 from qywx_ray.consume.types import DeadLetter, Delivery
-from qywx_ray.consume.user_actor import CoreOptions, HostCore, State, UserMailbox
+from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.envelope import Envelope
 
 
