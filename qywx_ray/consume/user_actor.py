@@ -32,6 +32,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from qywx_ray.consume.deadlines import HandlerDeadlines
 from qywx_ray.consume.dedup import Deduplicator
 from qywx_ray.consume.handlers import (
     Handler,
@@ -88,10 +89,6 @@ m_unparked = counter("qywx_messages_unparked_total", "Parked messages taken back
 m_handler_infra_retries = counter(
     "qywx_handler_infra_retries_total", "Handler runs retried in place: our Redis unreachable"
 )
-
-
-class HandlerCancelled(Exception):
-    """A handler raised asyncio.CancelledError that was not ours: a retryable failure."""
 
 
 def _op_id() -> str:
@@ -170,9 +167,7 @@ class HostCore:
         self._bg: set[asyncio.Task[Any]] = set()
         self._ctx_log = make_context_logger()
         self._typed = wants_typed_message(handler)  # else the handler gets the Envelope
-        self._deadlines: dict[asyncio.Task[Any], float] = {}  # running handlers
-        self._expired: set[asyncio.Task[Any]] = set()
-        self._watchdog: asyncio.Task[None] | None = None
+        self._deadlines = HandlerDeadlines(self.opt.handler_timeout_s)
         self.latencies_ms: list[int] = []  # Kafka timestamp -> handler start
         self.arrival_ms: list[int] = []  # Kafka timestamp -> batch reaches this host
         self.counts: dict[str, int] = {
@@ -615,7 +610,7 @@ class HostCore:
         while True:
             try:
                 message = typed_message(env) if self._typed else env
-                await self._with_deadline(run_handler(self.handler, message, ctx))
+                await self._deadlines.run(run_handler(self.handler, message, ctx))
                 return None, ""
             except TimeoutError:
                 return REASON_TIMEOUT, f"handler exceeded {self.opt.handler_timeout_s}s"
@@ -630,44 +625,6 @@ class HostCore:
             )
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, self.opt.redis_retry_max_s)
-
-    async def _with_deadline(self, handler_call: Awaitable[None]) -> None:
-        """`await handler_call`, TimeoutError after handler_timeout_s (like asyncio.timeout,
-        whose timer per call cost ~10 µs a message here): one watchdog task checks the
-        running handlers and cancels an expired one; only that cancellation becomes the
-        TimeoutError, any other propagates."""
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        self._deadlines[task] = loop.time() + self.opt.handler_timeout_s
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = loop.create_task(self._watch_deadlines())
-        try:
-            await handler_call
-        except asyncio.CancelledError:
-            if task in self._expired:
-                raise TimeoutError from None
-            if task.cancelling():  # the host itself is being cancelled (shutdown)
-                raise
-            # The handler raised CancelledError on its own (e.g. a cancelled inner
-            # future): a failure of this message, not the end of the worker (defect 5).
-            raise HandlerCancelled("handler raised CancelledError") from None
-        finally:
-            del self._deadlines[task]
-            if task in self._expired:  # ours: undo it (also if the handler swallowed it)
-                self._expired.discard(task)
-                task.uncancel()
-
-    async def _watch_deadlines(self) -> None:
-        interval_s = max(0.005, min(0.25, self.opt.handler_timeout_s / 4))
-        loop = asyncio.get_running_loop()
-        while self._deadlines:
-            await asyncio.sleep(interval_s)
-            now = loop.time()
-            for task, deadline in list(self._deadlines.items()):
-                if now >= deadline and task not in self._expired:
-                    self._expired.add(task)
-                    task.cancel()
 
     async def _drain_next(self, mb: UserMailbox) -> None:
         owner = mb.drain_owner
