@@ -27,6 +27,7 @@ import ray
 from qywx_ray.consume.dedup import Deduplicator, RedisDoneStore
 from qywx_ray.consume.handlers import load_handler
 from qywx_ray.consume.sinks import make_admission, make_dead_letter_sink, make_retry_order
+from qywx_ray.consume.tracker import DEDICATED_PREFIX
 from qywx_ray.consume.types import PackedDeliveries, pack_done, unpack_deliveries
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.dlq.tokens import make_drain_tokens
@@ -68,7 +69,7 @@ def consumer_name(settings: Settings, index: int) -> str:
 
 
 def user_actor_name(open_kfid: str, external_userid: str) -> str:
-    return f"user:{open_kfid}:{external_userid}"
+    return f"{DEDICATED_PREFIX}{open_kfid}:{external_userid}"
 
 
 def host_index(user: str, num_hosts: int) -> int:

@@ -9,6 +9,10 @@ changed) everything still in flight for it is re-sent, in original order, before
 message; done-flags absorb what had already run. Never: commit past an unfinished
 offset, send message N+1 of a user to a new actor while N may still be with the old one,
 or hold a partition for one user's flood (denials complete at once in the host).
+
+The decisions are made by a pure `tracker.ConsumerTracker` (ownership, watermarks,
+in-flight per target, recoveries, commits); this module is the IO around it: Kafka,
+Ray calls, and in dedicated mode the placement shared through Redis (placement.py).
 """
 
 from __future__ import annotations
@@ -18,14 +22,13 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from redis.exceptions import RedisError
 
 from qywx_ray.consume.hosts import (
     UserActorDying,
@@ -35,6 +38,14 @@ from qywx_ray.consume.hosts import (
     tune_gc,
     user_actor_name,
 )
+from qywx_ray.consume.placement import (
+    Placement,
+    RedisPlacementStore,
+    Want,
+    is_dedicated,
+    placement_prefix,
+)
+from qywx_ray.consume.tracker import Call, ConsumerTracker, Forgotten, Send
 from qywx_ray.consume.types import (
     DRAIN_HEADER,
     Delivery,
@@ -42,13 +53,13 @@ from qywx_ray.consume.types import (
     pack_deliveries,
     unpack_done,
 )
-from qywx_ray.consume.watermark import CommitPolicy, WatermarkTable
 from qywx_ray.dlq.strategies import is_dlq_retry, retry_count_of
 from qywx_ray.envelope import header_value
 from qywx_ray.kafka.config import consumer_config
 from qywx_ray.obs.logging import configure_logging, get_logger
 from qywx_ray.obs.metrics import counter, gauge
 from qywx_ray.settings import Settings
+from qywx_ray.store.client import make_redis
 
 log = get_logger(__name__)
 
@@ -62,31 +73,15 @@ m_lag = gauge("qywx_consumer_lag", "High watermark minus committed offset", ["pa
 m_resent = counter("qywx_messages_resent_total", "Messages re-sent after a target failed")
 m_inflight = gauge("qywx_consumer_inflight", "Messages in flight", ["consumer"])
 
-READY = "ready"
-RECOVERING = "recovering"
-
-
-@dataclass
-class Target:
-    """A host or dedicated user actor and the messages it holds for this consumer."""
-
-    key: str  # actor name
-    dedicated: bool
-    handle: Any = None
-    incarnation: str | None = None
-    state: str = RECOVERING
-    epoch: int = 0
-    inflight: OrderedDict[tuple[str, int, int], Delivery] = field(default_factory=OrderedDict)
-    next_try_s: float = 0.0
-    backoff_s: float = 0.05
-    recovery_ref: Any = None
-    recovery_started_s: float = 0.0
-    health_ref: Any = None
-    last_used_s: float = 0.0
-
 
 class PartitionConsumerCore:
-    """Everything but the Ray actor shell; runs its own poll thread."""
+    """The IO shell around a `ConsumerTracker`; runs its own poll thread.
+
+    Every decision (what to dispatch, to whom, what to re-send, what to commit) is the
+    tracker's; this class feeds it Kafka records, rebalance callbacks, Ray answers and
+    completions, and executes what it returns. `_lock` guards the tracker: completions
+    arrive on Ray's threads while the poll thread runs.
+    """
 
     def __init__(self, settings: Settings, index: int, crash_on_error: bool = False) -> None:
         self.settings = settings
@@ -101,18 +96,21 @@ class PartitionConsumerCore:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._stopped = threading.Event()
-        self.table = WatermarkTable()
-        self.policy = CommitPolicy(self.c.commit_every_messages, self.c.commit_interval_s)
-        self.targets: dict[str, Target] = {}
-        self._where: dict[tuple[str, int, int], str] = {}
+        self.dedicated_mode = self.c.mode == "dedicated"
+        self.tracker = ConsumerTracker(
+            commit_every_messages=self.c.commit_every_messages,
+            commit_interval_s=self.c.commit_interval_s,
+            health_interval_s=self.c.health_check_interval_s,
+            forget_after_s=max(self.c.idle_lifetime_s, 1.0) * 2 if self.dedicated_mode else None,
+        )
+        self._handles: dict[str, Any] = {}  # target key -> Ray actor handle
         self._refs: dict[Any, tuple[str, str, int]] = {}  # ref -> (target, kind, epoch)
-        self._assigned: set[tuple[str, int]] = set()
-        self._revoking: set[tuple[str, int]] = set()
         self._paused = False
-        self._placement: dict[str, str] = {}  # user -> target key (dedicated mode)
         self._host_names = [host_name(settings, i) for i in range(self.c.num_hosts)]
-        self._last_health_s = 0.0
-        self._last_commit_s = 0.0
+        # Dedicated mode: the shared placement (poll thread only) and the users it may
+        # hand back once their dedicated actor has ended: user -> (key, partition).
+        self._placement: Placement | None = None
+        self._to_release: dict[str, tuple[str, tuple[str, int]]] = {}
         self._last_batch_s = 0.0  # when the previous poll batch left (poll linger)
         self.stats = {
             "consumed": 0,
@@ -150,9 +148,9 @@ class PartitionConsumerCore:
             kc = self.settings.kafka.consumer
             while not self._stop.is_set():
                 self._service()
-                msgs = self._poll(kc.poll_batch_max, kc.poll_timeout_s)
-                if msgs:
-                    self._dispatch(msgs)
+                batch = self._poll(kc.poll_batch_max, kc.poll_timeout_s)
+                if batch:
+                    self._dispatch(batch)
             self._drain(self.c.revoke_wait_s)
             self._commit(sync=True)
             self.consumer.close()  # revokes (and commits) what is left
@@ -164,96 +162,129 @@ class PartitionConsumerCore:
         finally:
             self._stopped.set()
 
-    def _poll(self, max_n: int, timeout_s: float) -> list[Any]:
+    def _poll(self, max_n: int, timeout_s: float) -> list[tuple[int, Any]]:
         """Wait up to timeout_s for the FIRST record, then take what is queued, lingering
         only until `poll_linger_ms` after the previous batch: a record after a quiet spell
         leaves at once (a cold user's first message is not held back), while under load
         batches leave at most every `poll_linger_ms` and grow with the rate (fewer Ray
-        calls and Redis round trips per message)."""
+        calls and Redis round trips per message).
+
+        Each record comes with the tracker's serial read right after the call that
+        returned it: a rebalance served inside `consume()` must not let the record that
+        `poll()` returned before it through (it belongs to the earlier assignment)."""
         assert self.consumer is not None
         first = self.consumer.poll(timeout_s)
         if first is None:
             return []
+        at_first = self.tracker.serial
         if max_n <= 1:
-            return [first]
+            return [(at_first, first)]
         wait_s = self._last_batch_s + self.c.poll_linger_ms / 1000.0 - time.monotonic()
         rest = self.consumer.consume(max_n - 1, max(0.0, wait_s))
         self._last_batch_s = time.monotonic()
-        return [first, *rest]
+        at_rest = self.tracker.serial
+        return [(at_first, first), *((at_rest, m) for m in rest)]
 
-    def _dispatch(self, msgs: list[Any]) -> None:
+    def _dispatch(self, batch: list[tuple[int, Any]]) -> None:
         now = time.monotonic()
         if self.first_consumed_unix_s is None:
             self.first_consumed_unix_s = time.time()
-        groups: dict[str, list[Delivery]] = {}
-        per_partition: dict[int, int] = {}
         wall_ms = int(time.time() * 1000)
+        deliveries: list[Delivery] = []
+        fetched_at: list[int] = []
+        firsts: dict[str, tuple[bytes, Any]] = {}  # dedicated mode: user -> its first record
+        for serial, m in batch:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer.record_error", error=str(err))
+                continue
+            key = (m.key() or b"").decode("utf-8", "replace")
+            headers = m.headers()
+            ts = m.timestamp()[1]
+            value = m.value() or b""
+            msg_id, retry_count, is_retry, is_drain = _routing_headers(headers)
+            d = Delivery(
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                ts if ts > 0 else wall_ms,
+                key,
+                value,
+                msg_id,
+                self.instance,
+                retry_count,
+                is_retry,
+                is_drain,
+            )
+            deliveries.append(d)
+            fetched_at.append(serial)
+            if self.dedicated_mode and key not in firsts:
+                firsts[key] = (value, headers)
+        route = self._route_hosted
+        if self.dedicated_mode:
+            placement = self._resolve_placements(deliveries, fetched_at, firsts)
+            if placement is None:
+                return  # stopping: nothing was tracked, the next owner reads them again
+            route = placement.route
         with self._lock:
-            for m in msgs:
-                err = m.error()
-                if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer.record_error", error=str(err))
-                    continue
-                topic, partition, offset = m.topic(), m.partition(), m.offset()
-                if (topic, partition) in self._revoking:
-                    continue
-                if not self.table.get(topic, partition).add(offset):
-                    continue
-                key = (m.key() or b"").decode("utf-8", "replace")
-                headers = m.headers()
-                ts = m.timestamp()[1]
-                value = m.value() or b""
-                msg_id, retry_count, is_retry, is_drain = _routing_headers(headers)
-                d = Delivery(
-                    topic,
-                    partition,
-                    offset,
-                    ts if ts > 0 else wall_ms,
-                    key,
-                    value,
-                    msg_id,
-                    self.instance,
-                    retry_count,
-                    is_retry,
-                    is_drain,
-                )
-                target = self._target_for(key, value, headers, now)
-                target.inflight[d.tpo] = d
-                target.last_used_s = now
-                self._where[d.tpo] = target.key
-                groups.setdefault(target.key, []).append(d)
-                per_partition[partition] = per_partition.get(partition, 0) + 1
-            self.stats["consumed"] += len(msgs)
-            m_consumed.inc(len(msgs))
-            for partition, n in per_partition.items():
+            out = self.tracker.polled(deliveries, route, now, fetched_at)
+            self.stats["consumed"] += len(batch)
+            m_consumed.inc(len(batch))
+            for partition, n in out.per_partition.items():
                 m_partition.inc(n, partition=str(partition))
-            for key, batch in groups.items():
-                t = self.targets[key]
-                if t.state == READY:
-                    self._send(t, batch)
+            for send in out.sends:
+                self._send(send)
             self._backpressure()
 
-    def _target_for(self, user: str, value: bytes, headers: Any, now: float) -> Target:
-        if self.c.mode == "dedicated":
-            key = self._placement.get(user)
-            if key is None:
-                dedicated_count = sum(1 for t in self.targets.values() if t.dedicated)
-                cap = max(1, self.c.max_dedicated_actors // self.c.num_consumers)
-                if dedicated_count < cap:
-                    key = user_actor_name(self._open_kfid(value, headers), user)
-                else:  # over the cap: this user is hosted (sticky while we remember it)
-                    key = host_name(self.settings, host_index(user, self.c.num_hosts))
-                self._placement[user] = key
-            t = self.targets.get(key)
-            if t is None:
-                t = self.targets[key] = Target(key, dedicated=key.startswith("user:"))
-            return t
-        key = self._host_names[host_index(user, self.c.num_hosts)]
-        t = self.targets.get(key)
-        if t is None:
-            t = self.targets[key] = Target(key, dedicated=False)
-        return t
+    def _route_hosted(self, user: str) -> str:
+        return self._host_names[host_index(user, self.c.num_hosts)]
+
+    def _resolve_placements(
+        self,
+        deliveries: list[Delivery],
+        fetched_at: list[int],
+        firsts: dict[str, tuple[bytes, Any]],
+    ) -> Placement | None:
+        """Dedicated mode: make sure every user of the batch that will be dispatched has
+        its shared placement (one store round trip for the new ones). Retries while the
+        store is unreachable (servicing completions and commits meanwhile); None if the
+        consumer is stopping."""
+        placement = self._placement_view()
+        with self._lock:  # in record order: the first user to come gets the free slot
+            users = {
+                d.key: None
+                for d, at in zip(deliveries, fetched_at, strict=True)
+                if not placement.known(d.key) and self.tracker.accepts((d.topic, d.partition), at)
+            }
+        if not users:
+            return placement
+        wants = [
+            Want(u, user_actor_name(self._open_kfid(*firsts[u]), u), self._route_hosted(u))
+            for u in users
+        ]
+        backoff_s = 0.05
+        while True:
+            try:
+                placement.resolve(wants)
+                return placement
+            except RedisError as exc:
+                log.warning("consumer.placement_unavailable", error=str(exc), users=len(wants))
+            if self._stop.is_set():
+                return None
+            deadline = time.monotonic() + backoff_s
+            while time.monotonic() < deadline:
+                self._service()
+                time.sleep(0.01)
+            backoff_s = min(backoff_s * 2, 2.0)
+
+    def _placement_view(self) -> Placement:
+        if self._placement is None:
+            store = RedisPlacementStore(
+                make_redis(self.settings.redis), placement_prefix(self.c.name_prefix)
+            )
+            self._placement = Placement(store, self.c.max_dedicated_actors)
+        return self._placement
 
     @staticmethod
     def _open_kfid(value: bytes, headers: Any) -> str:
@@ -267,140 +298,146 @@ class PartitionConsumerCore:
 
     # ------------------------------------------------------------ Ray calls
 
-    def _send(self, t: Target, batch: list[Delivery]) -> None:
-        packed = pack_deliveries(batch)
-        ref = t.handle.deliver.options(enable_task_events=False).remote(packed, t.incarnation)
-        self._refs[ref] = (t.key, "deliver", t.epoch)
+    def _send(self, send: Send) -> None:
+        handle = self._handles[send.key]
+        if send.resend:
+            self.stats["resent"] += len(send.deliveries)
+            m_resent.inc(len(send.deliveries))
+        packed = pack_deliveries(send.deliveries)
+        ref = handle.deliver.options(enable_task_events=False).remote(packed, send.incarnation)
+        self._refs[ref] = (send.key, "deliver", send.epoch)
 
-    def _start_recovery(self, t: Target, why: str) -> None:
-        if t.state == RECOVERING and t.recovery_ref is not None:
-            return
-        log.warning("consumer.target_recovering", target=t.key, why=why, inflight=len(t.inflight))
-        self.stats["recoveries"] += 1
-        t.state = RECOVERING
-        t.epoch += 1
-        t.recovery_ref = None
-        t.health_ref = None
-
-    def _try_recover(self, t: Target, now: float) -> None:
-        if t.recovery_ref is not None or now < t.next_try_s:
-            return
+    def _try_recover(self, call: Call, now: float) -> None:
         try:
-            if t.handle is None or t.dedicated:
-                if t.dedicated:
-                    t.handle = get_or_create_user_actor(self.settings, t.key)
+            handle = self._handles.get(call.key)
+            if handle is None or call.dedicated:
+                if call.dedicated:
+                    handle = get_or_create_user_actor(self.settings, call.key)
                 else:
-                    t.handle = ray.get_actor(t.key, namespace=self.c.namespace)
-            ref = t.handle.incarnation_id.remote()
+                    handle = ray.get_actor(call.key, namespace=self.c.namespace)
+                self._handles[call.key] = handle
+            ref = handle.incarnation_id.remote()
         except Exception as exc:  # name not registered yet / GCS hiccup
-            log.warning("consumer.recovery_retry", target=t.key, error=str(exc))
-            t.next_try_s = now + t.backoff_s
-            t.backoff_s = min(t.backoff_s * 2, 2.0)
+            log.warning("consumer.recovery_retry", target=call.key, error=str(exc))
+            self.tracker.recovery_failed(call.key, call.epoch, now)
             return
-        t.recovery_ref = ref
-        t.recovery_started_s = now
-        self._refs[ref] = (t.key, "recover", t.epoch)
+        self._refs[ref] = (call.key, "recover", call.epoch)
 
     def _service(self) -> None:
         """Check finished Ray calls, recover targets, probe health, commit, pace fetching."""
         now = time.monotonic()
         with self._lock:
-            for t in list(self.targets.values()):
-                if t.state == RECOVERING:
-                    if t.recovery_ref is not None and now - t.recovery_started_s > 60.0:
-                        self._refs.pop(t.recovery_ref, None)
-                        t.recovery_ref = None
-                    if t.inflight or not t.dedicated:
-                        self._try_recover(t, now)
-            if now - self._last_health_s >= self.c.health_check_interval_s:
-                self._last_health_s = now
-                for t in self.targets.values():
-                    if t.state == READY and t.inflight and t.health_ref is None:
-                        t.health_ref = t.handle.incarnation_id.remote()
-                        self._refs[t.health_ref] = (t.key, "health", t.epoch)
-                self._forget_idle_targets(now)
+            due = self.tracker.due(now)
+            for call in due.recover:
+                self._try_recover(call, now)
+            for call in due.probe:
+                ref = self._handles[call.key].incarnation_id.remote()
+                self._refs[ref] = (call.key, "health", call.epoch)
+            for key in due.forgotten_targets:
+                self._handles.pop(key, None)
+            if due.health_tick:  # calls we stopped listening to (abandoned, superseded)
+                for ref, (key, _kind, epoch) in list(self._refs.items()):
+                    if not self.tracker.is_current(key, epoch):
+                        del self._refs[ref]
             refs = list(self._refs)
+        if due.forgotten_users or (due.health_tick and self._to_release):
+            self._release_placements(due.forgotten_users)
         if refs:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             for ref in ready:
                 self._on_ref(ref)
-        if self.policy.due(now) or now - self._last_commit_s >= self.c.commit_interval_s:
-            # the interval path also retries commits that failed (e.g. during a rebalance)
-            self._commit(sync=False)
+        with self._lock:
+            offsets = self.tracker.commit_due(now)
+        if offsets:
+            self._execute_commit(offsets, sync=False)
         if self._paused:  # completions arrive on other threads; resume from here
             with self._lock:
                 self._backpressure()
 
     def _on_ref(self, ref: Any) -> None:
         with self._lock:
-            key, kind, epoch = self._refs.pop(ref)
-            t = self.targets.get(key)
-            if t is None:
+            entry = self._refs.pop(ref, None)
+            if entry is None:
                 return
+            key, kind, epoch = entry
             try:
                 incarnation = ray.get(ref, timeout=0)
                 error = None
             except (RayError, GetTimeoutError) as exc:
                 incarnation, error = None, exc
-            if kind == "health":
-                t.health_ref = None
-            if epoch != t.epoch:
-                return  # a call to an instance we already gave up on
             if kind == "recover":
-                t.recovery_ref = None
                 if error is not None:
-                    t.next_try_s = time.monotonic() + t.backoff_s
-                    t.backoff_s = min(t.backoff_s * 2, 2.0)
+                    self.tracker.recovery_failed(key, epoch, time.monotonic())
                     if not (isinstance(error, RayActorError) or _is(error, UserActorDying)):
-                        log.warning("consumer.recovery_failed", target=t.key, error=str(error))
+                        log.warning("consumer.recovery_failed", target=key, error=str(error))
                     return
-                first = t.incarnation is None
-                t.incarnation = incarnation
-                t.state = READY
-                t.epoch += 1
-                t.backoff_s = 0.05
-                if t.inflight:  # everything it may have lost, in original order, first
-                    batch = list(t.inflight.values())
-                    if not first:
-                        self.stats["resent"] += len(batch)
-                        m_resent.inc(len(batch))
-                    self._send(t, batch)
+                send = self.tracker.recovered(key, epoch, incarnation, time.monotonic())
+                if send is not None:  # everything it may have lost, in original order, first
+                    self._send(send)
                 return
-            if error is not None or incarnation != t.incarnation:
-                self._start_recovery(t, f"{kind}: {error or 'incarnation changed'}")
+            probe = kind == "health"
+            if error is not None:
+                started = self.tracker.target_failed(key, epoch, probe=probe)
+            else:
+                started = self.tracker.incarnation_seen(key, epoch, incarnation, probe=probe)
+            if started:
+                t = self.tracker.targets[key]
+                log.warning(
+                    "consumer.target_recovering",
+                    target=key,
+                    why=f"{kind}: {error or 'incarnation changed'}",
+                    inflight=len(t.inflight),
+                )
+                self.stats["recoveries"] += 1
 
-    def _forget_idle_targets(self, now: float) -> None:
-        """Dedicated targets with nothing in flight and long idle free their cap slot."""
-        if self.c.mode != "dedicated":
+    def _release_placements(self, forgotten: list[Forgotten]) -> None:
+        """Hand back the placements of users this consumer forgot (idle, nothing in
+        flight here), conservatively: a user placed on its own actor only once that actor
+        has ended, never a user seen again since, nor one whose partition moved on."""
+        if self._placement is None:
             return
-        horizon = max(self.c.idle_lifetime_s, 1.0) * 2
-        for key, t in list(self.targets.items()):
-            if t.dedicated and not t.inflight and now - t.last_used_s > horizon:
-                del self.targets[key]
-                for user in [u for u, k in self._placement.items() if k == key]:
-                    del self._placement[user]
+        self._placement.forget(f.user for f in forgotten)
+        for f in forgotten:
+            self._to_release[f.user] = (f.key, f.tp)
+        ready: list[tuple[str, str]] = []
+        for user, (key, tp) in list(self._to_release.items()):
+            with self._lock:
+                back_or_moved = self.tracker.knows_user(user) or not self.tracker.owns(tp)
+            if back_or_moved:
+                del self._to_release[user]
+            elif not is_dedicated(key) or not self._actor_alive(key):
+                ready.append((user, key))
+        if not ready:
+            return
+        try:
+            self._placement.store.release(ready)
+        except RedisError as exc:
+            log.warning("consumer.placement_release_failed", error=str(exc), users=len(ready))
+            return
+        for user, _key in ready:
+            self._to_release.pop(user, None)
+
+    def _actor_alive(self, name: str) -> bool:
+        try:
+            ray.get_actor(name, namespace=self.c.namespace)
+        except ValueError:
+            return False
+        except Exception:  # GCS hiccup: assume alive, ask again next time
+            return True
+        return True
 
     # ------------------------------------------------------------ completions
 
     def complete(self, done: Iterable[tuple[str, int, int]]) -> int:
-        n = 0
         with self._lock:
-            for tpo in done:
-                key = self._where.pop(tpo, None)
-                if key is not None:
-                    t = self.targets.get(key)
-                    if t is not None:
-                        t.inflight.pop(tpo, None)
-                if self.table.done(*tpo):
-                    n += 1
-            self.policy.record_done(n)
+            n = self.tracker.completed(done)
             self.stats["completed"] += n
         return n
 
     def _backpressure(self) -> None:
         if self.consumer is None:
             return
-        inflight = len(self._where)
+        inflight = self.tracker.inflight
         m_inflight.set(inflight, consumer=self.name)
         cap = self.c.max_inflight_per_consumer
         try:
@@ -419,16 +456,14 @@ class PartitionConsumerCore:
     def _commit(self, sync: bool, only: set[tuple[str, int]] | None = None) -> None:
         if self.consumer is None:
             return
-        self._last_commit_s = time.monotonic()
         with self._lock:
-            offsets = self.table.pending_commits()
-            if only is not None:
-                offsets = {k: v for k, v in offsets.items() if k in only}
-            if not offsets:
-                self.policy.committed(time.monotonic())
-                return
-            self.table.mark_committed(offsets)
-            self.policy.committed(time.monotonic())
+            offsets = self.tracker.commit_now(time.monotonic(), only)
+        if offsets:
+            self._execute_commit(offsets, sync)
+
+    def _execute_commit(self, offsets: dict[tuple[str, int], int], sync: bool) -> None:
+        if self.consumer is None:
+            return
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
             if sync:
@@ -440,10 +475,7 @@ class PartitionConsumerCore:
         except KafkaException as exc:
             log.warning("consumer.commit_failed", error=str(exc))
             with self._lock:
-                for key in offsets:
-                    mark = self.table._marks.get(key)
-                    if mark is not None:
-                        mark.committed = None
+                self.tracker.commit_failed(offsets)
             return
         for tp in tps:
             try:
@@ -458,10 +490,7 @@ class PartitionConsumerCore:
             return
         log.warning("consumer.commit_error", error=str(err))
         with self._lock:  # ask again at the next commit
-            for tp in partitions:
-                mark = self.table._marks.get((tp.topic, tp.partition))
-                if mark is not None:
-                    mark.committed = None
+            self.tracker.commit_failed((tp.topic, tp.partition) for tp in partitions)
 
     # ------------------------------------------------------------ rebalance
 
@@ -469,9 +498,8 @@ class PartitionConsumerCore:
         self.stats["rebalances"] += 1
         m_rebalances.inc()
         with self._lock:
-            for tp in partitions:
-                self.table.drop(tp.topic, tp.partition)
-                self._assigned.add((tp.topic, tp.partition))
+            self.tracker.assigned((tp.topic, tp.partition) for tp in partitions)
+        self._placement_changed()
         log.info(
             "consumer.assigned", consumer=self.name, partitions=[p.partition for p in partitions]
         )
@@ -481,38 +509,36 @@ class PartitionConsumerCore:
         m_rebalances.inc()
         tps = {(tp.topic, tp.partition) for tp in partitions}
         with self._lock:
-            self._revoking |= tps
+            self.tracker.revoking(tps)
         deadline = time.monotonic() + self.c.revoke_wait_s
         while time.monotonic() < deadline:
             with self._lock:
-                left = sum(self.table.inflight(t, p) for t, p in tps)
+                left = self.tracker.inflight_in(tps)
             if left == 0:
                 break
             self._service()
             time.sleep(0.01)
         self._commit(sync=True, only=tps)
-        self._release(tps)
+        with self._lock:
+            self.tracker.revoked(tps)
+        self._placement_changed()
         log.info("consumer.revoked", consumer=self.name, partitions=sorted(p for _, p in tps))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.stats["rebalances"] += 1
         m_rebalances.inc()
-        self._release({(tp.topic, tp.partition) for tp in partitions})
+        with self._lock:
+            self.tracker.lost({(tp.topic, tp.partition) for tp in partitions})
+        self._placement_changed()
         log.warning(
             "consumer.lost", consumer=self.name, partitions=[p.partition for p in partitions]
         )
 
-    def _release(self, tps: set[tuple[str, int]]) -> None:
-        with self._lock:
-            for tpo in [k for k in self._where if (k[0], k[1]) in tps]:
-                key = self._where.pop(tpo)
-                target = self.targets.get(key)
-                if target is not None:
-                    target.inflight.pop(tpo, None)
-            for topic, p in tps:
-                self.table.drop(topic, p)
-            self._assigned -= tps
-            self._revoking -= tps
+    def _placement_changed(self) -> None:
+        """Users whose partition moved may be placed anew by their next owner: read the
+        shared record again rather than trust this consumer's cache."""
+        if self._placement is not None:
+            self._placement.clear()
 
     # ------------------------------------------------------------ control
 
@@ -520,7 +546,7 @@ class PartitionConsumerCore:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._where:
+                if not self.tracker.inflight:
                     return
             self._service()
             time.sleep(0.01)
@@ -532,17 +558,18 @@ class PartitionConsumerCore:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
+            tr = self.tracker
             return {
                 "consumer": self.name,
                 "pid": os.getpid(),
-                "assigned": sorted(p for _, p in self._assigned),
-                "inflight": len(self._where),
+                "assigned": sorted(p for _, p in tr.assigned_partitions()),
+                "inflight": tr.inflight,
                 "paused": self._paused,
                 "targets": {
                     k: {"state": t.state, "inflight": len(t.inflight), "dedicated": t.dedicated}
-                    for k, t in self.targets.items()
+                    for k, t in tr.targets.items()
                 },
-                "committed": {f"{t}:{p}": m.committed for (t, p), m in self.table._marks.items()},
+                "committed": {f"{t}:{p}": c for (t, p), c in tr.committed().items()},
                 "stats": dict(self.stats),
                 "first_consumed_unix_s": self.first_consumed_unix_s,
                 "error": self.error,

@@ -25,7 +25,9 @@ class ConsumeSettings(BaseModel):
     mailbox_size: int = Field(default=1000, ge=1)
     idle_lifetime_s: float = 10_800.0  # 3 h
     idle_sweep_interval_s: float = 5.0  # how often a host looks for idle mailboxes
-    max_dedicated_actors: int = 100  # per pipeline; beyond it users fall back to hosted
+    # Per pipeline, counted in Redis across all consumers (consume/placement.py); users
+    # beyond it are hosted, and a user keeps its first placement while it is active.
+    max_dedicated_actors: int = 100
     max_inflight_per_consumer: int = 50_000
     # Poll batches leave at most this often: under load the records that arrive meanwhile
     # ride along (batching vs latency); a record after a quiet spell leaves at once.
