@@ -147,9 +147,14 @@ class Ledger:
         for o in range(old, new):
             if not self.finished(topic, parking, partition, o):
                 r = topic.partitions[partition][o]
+                how = (
+                    "its handler succeeded, done-flag not durable yet"
+                    if r.message_id in self.succeeded
+                    else "never succeeded: a crash now loses it"
+                )
                 self.fail(
                     f"commit_unfinished: p{partition} committed {new} past offset {o} "
-                    f"({r.message_id}, {r.origin}) that is not durably finished"
+                    f"({r.message_id}, {r.origin}) that is not durably finished ({how})"
                 )
                 return
 
