@@ -55,15 +55,20 @@ def run_many(
 ) -> Iterator[Result]:
     """Results in seed order; stops starting new seeds after `deadline_s` (wall)."""
     start = time.monotonic()
-    work = ((s, without, pin_bound_s) for s in seeds)
-    if deadline_s is not None:
-        work = (w for w in work if time.monotonic() - start < deadline_s)
-    if jobs <= 1:
-        yield from map(_one, work)
-        return
-    ctx = multiprocessing.get_context("spawn")  # safe where threads run (pytest, Ray)
-    with ctx.Pool(jobs) as pool:
-        yield from pool.imap(_one, work, chunksize=4)
+    work = [(s, without, pin_bound_s) for s in seeds]
+    block = 1 if jobs <= 1 else 16 * jobs  # the deadline is checked between blocks
+    pool = None
+    if jobs > 1:
+        pool = multiprocessing.get_context("spawn").Pool(jobs)  # safe where threads run
+    try:
+        for i in range(0, len(work), block):
+            if deadline_s is not None and time.monotonic() - start >= deadline_s:
+                return
+            chunk = work[i : i + block]
+            yield from (pool.imap(_one, chunk) if pool is not None else map(_one, chunk))
+    finally:
+        if pool is not None:
+            pool.terminate()
 
 
 def parse_range(text: str) -> range:
