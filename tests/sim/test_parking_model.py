@@ -1,0 +1,116 @@
+"""Differential test: the simulator's ParkingModel against the real Lua scripts.
+
+Random sequences of admit / park / advance (with op ids, and resends of earlier ops with
+the same op id, as a host does after a lost reply) go to `ParkingModel` and to
+`AsyncParkingLot` on a real Redis; every reply and the final flags and lists must match.
+The simulator is only as good as this model.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from typing import Any, cast
+
+import pytest
+import redis as redis_lib
+import redis.asyncio as aioredis
+
+from qywx_ray.dlq.parking import FLAG_PREFIX, LIST_PREFIX, AsyncParkingLot
+from qywx_ray.dlq.settings import DLQSettings
+from tests.sim.world import ParkingModel
+
+pytestmark = pytest.mark.integration
+
+USERS = ("a", "b")
+MIDS = tuple(f"m{i}" for i in range(5))
+SEQUENCES = 150
+OPS = 30
+
+Op = tuple[str, tuple[Any, ...]]
+
+
+def random_ops(r: random.Random, model: ParkingModel) -> list[Op]:
+    """Ops drawn against the model's state as it evolves (so advances often hit)."""
+    ops: list[Op] = []
+    sent: list[Op] = []
+    for _ in range(OPS):
+        kind = r.choices(("admit", "park", "advance", "resend"), (4, 2, 3, 1))[0]
+        user = r.choice(USERS)
+        flag = model.flags.get(user)
+        mid = flag if flag is not None and r.random() < 0.6 else r.choice(MIDS)
+        op: Op
+        if kind == "admit":
+            items = [
+                (r.choice(USERS), r.choice(MIDS), f"v{r.randrange(9)}".encode(), r.random() < 0.3)
+                for _ in range(r.randint(1, 4))
+            ]
+            op = ("admit", (items,))
+        elif kind == "park":
+            pending = [f"p{r.randrange(9)}".encode() for _ in range(r.randint(0, 3))]
+            op = ("park", (user, mid, r.randint(0, 3), pending, uuid.uuid4().hex))
+            sent.append(op)
+        elif kind == "advance":
+            op = ("advance", (user, mid, r.randint(0, 3), r.randint(0, 3), uuid.uuid4().hex))
+            sent.append(op)
+        elif sent:
+            op = r.choice(sent)  # the same call again: a retry after an unknown outcome
+        else:
+            continue
+        apply_model(model, op)
+        ops.append(op)
+    return ops
+
+
+def apply_model(model: ParkingModel, op: Op) -> Any:
+    kind, args = op
+    if kind == "admit":
+        return model.admit(*args)
+    if kind == "park":
+        model.park(*args)
+        return None
+    return model.advance(*args)
+
+
+async def apply_real(lot: AsyncParkingLot, op: Op) -> Any:
+    kind, args = op
+    if kind == "admit":
+        return await lot.admit(*args)
+    if kind == "park":
+        await lot.park(*args)
+        return None
+    return await lot.advance(*args)
+
+
+def real_state(client: redis_lib.Redis) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+    flags: dict[str, str] = {}
+    lots: dict[str, list[bytes]] = {}
+    for user in USERS:
+        flag = cast(bytes | None, client.get(FLAG_PREFIX + user))
+        if flag is not None:
+            flags[user] = flag.decode()
+        items = cast(list[bytes], client.lrange(LIST_PREFIX + user, 0, -1))
+        if items:
+            lots[user] = items
+    return flags, lots
+
+
+async def test_parking_model_matches_the_lua_scripts(
+    redis_url: str, redis_client: redis_lib.Redis
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    lot = AsyncParkingLot(client, DLQSettings())
+    try:
+        for seq in range(SEQUENCES):
+            redis_client.flushdb()
+            r = random.Random(f"parking:{seq}")
+            ops = random_ops(r, ParkingModel())
+            model = ParkingModel()  # replay the same ops on a fresh model and on Redis
+            for i, op in enumerate(ops):
+                want = apply_model(model, op)
+                got = await apply_real(lot, op)
+                assert got == want, f"sequence {seq}, op {i} {op}: redis {got} != model {want}"
+            flags, lots = real_state(redis_client)
+            assert (flags, lots) == (model.flags, model.lots), f"sequence {seq}: final state"
+    finally:
+        await client.aclose()

@@ -1,0 +1,79 @@
+"""Deterministic simulation of the consume path (see tests/sim/sim.py).
+
+The unmarked batch runs in `make test` (time-boxed); the slow one (>= 10,000 seeds) in
+`make drills`. A failure lists the failing seeds with their last events and the command
+that replays one: `python -m tests.sim.run --seed N --trace`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from tests.sim import adapter
+from tests.sim.run import report, run_many
+from tests.sim.sim import run_seed
+from tests.sim.vtime import VirtualTimeLoop, run_virtual
+
+QUICK_SEEDS = range(0, 3000)
+QUICK_DEADLINE_S = 45.0  # wall; `make test` must stay within a minute on 2 cores
+SLOW_SEEDS = range(100_000, 110_000)
+JOBS = max(1, min(2, os.cpu_count() or 1))
+
+known_broken = pytest.mark.xfail(
+    adapter.KNOWN_BROKEN,
+    reason="today's HostCore fails the simulator's invariants (adapter.KNOWN_BROKEN); "
+    "run `python -m tests.sim.run --seeds 0:3000` for the failing seeds",
+    strict=True,
+)
+
+
+def check_batch(seeds: range, deadline_s: float | None) -> None:
+    failed = []
+    n = 0
+    for result in run_many(seeds, jobs=JOBS, deadline_s=deadline_s):
+        n += 1
+        if not result.ok:
+            failed.append(result)
+    assert n > 0
+    if failed:
+        shown = "\n\n".join(report(r, frozenset()) for r in failed[:3])
+        seeds_line = ", ".join(f"{r.seed} ({r.invariant})" for r in failed[:20])
+        pytest.fail(f"{len(failed)} of {n} seeds failed: {seeds_line}\n\n{shown}", pytrace=False)
+
+
+def test_virtual_time_sleeps_without_waiting() -> None:
+    loop = VirtualTimeLoop()
+    woke: list[float] = []
+
+    async def main() -> None:
+        await asyncio.sleep(3600)
+        woke.append(asyncio.get_running_loop().time())
+        await asyncio.wait_for(asyncio.sleep(10), timeout=20)
+        woke.append(asyncio.get_running_loop().time())
+
+    t0 = time.monotonic()
+    run_virtual(loop, main())
+    assert woke == [3600.0, 3610.0]
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_a_seed_replays_exactly() -> None:
+    a, b = run_seed(7), run_seed(7)
+    assert a.trace == b.trace and a.violations == b.violations and a.steps == b.steps
+    assert run_seed(8).trace != a.trace
+
+
+@known_broken
+def test_simulated_seeds_keep_the_invariants() -> None:
+    check_batch(QUICK_SEEDS, QUICK_DEADLINE_S)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@known_broken
+def test_simulated_seeds_keep_the_invariants_long_run() -> None:
+    check_batch(SLOW_SEEDS, None)

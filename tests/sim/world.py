@@ -1,0 +1,469 @@
+"""The durable world the hosts run against: Kafka main topic and commits, Redis (done
+flags, the parking lot, the rate limiter), the dead-letter topic and the DLQ recovery.
+
+Everything here survives a host crash or a consumer restart; the fakes take seeded
+faults from `faults.Faults` (Redis down: raise before applying; lost reply: apply, then
+raise) and report what became durable to the `Ledger` (invariants.py). Every Redis call
+takes a little virtual time, so a loop of calls always yields to the scheduler.
+`ParkingModel` is the parking lot's Lua scripts (qywx_ray/dlq/parking.py) in Python,
+call for call; test_parking_model.py checks it against the real scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tests.sim import adapter
+from tests.sim.faults import Faults
+from tests.sim.invariants import Ledger
+from tests.sim.trace import Trace
+
+TOPIC = "main"
+EPOCH_MS = 1_700_000_000_000
+PARKED, ADMITTED, WAITED_ON = 0, 1, 2  # RetryOrder.admit codes (consume.types)
+
+
+def mid_of(value: bytes) -> str:
+    return str(json.loads(value)["message_id"])
+
+
+def lrange(items: list[bytes], start: int, stop: int) -> list[bytes]:
+    """Redis LRANGE index semantics (negative = from the end, stop inclusive)."""
+    n = len(items)
+    if start < 0:
+        start = max(0, n + start)
+    if stop < 0:
+        stop = n + stop
+    stop = min(stop, n - 1)
+    return items[start : stop + 1] if start <= stop else []
+
+
+def ltrim(items: list[bytes], start: int) -> list[bytes]:
+    """LTRIM key start -1 (start >= 0)."""
+    return items[start:]
+
+
+# ---------------------------------------------------------------- Kafka
+
+
+@dataclass(frozen=True)
+class Record:
+    partition: int
+    offset: int
+    user: str
+    message_id: str
+    value: bytes
+    timestamp_ms: int
+    retry_count: int = 0
+    is_retry: bool = False
+    origin: str = "ingest"  # ingest | retry | released
+
+
+class Topic:
+    """The main topic: N partitions of records, user -> partition by a stable hash."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions: list[list[Record]] = [[] for _ in range(partitions)]
+        self.committed: list[int] = [0] * partitions  # durable consumer-group commits
+
+    def partition_of(self, user: str) -> int:
+        return zlib.crc32(user.encode()) % len(self.partitions)
+
+    def produce(
+        self,
+        user: str,
+        message_id: str,
+        value: bytes,
+        now_s: float,
+        retry_count: int = 0,
+        is_retry: bool = False,
+        origin: str = "ingest",
+    ) -> Record:
+        p = self.partition_of(user)
+        log = self.partitions[p]
+        r = Record(
+            p,
+            len(log),
+            user,
+            message_id,
+            value,
+            EPOCH_MS + int(now_s * 1000),
+            retry_count,
+            is_retry,
+            origin,
+        )
+        log.append(r)
+        return r
+
+    def end(self, partition: int) -> int:
+        return len(self.partitions[partition])
+
+    def all_committed(self) -> bool:
+        return all(self.committed[p] == self.end(p) for p in range(len(self.partitions)))
+
+
+# ---------------------------------------------------------------- Redis
+
+
+class Redis:
+    """Availability of the one Redis every fake uses, and its per-call latency."""
+
+    def __init__(self, faults: Faults, clock: Callable[[], float]) -> None:
+        self.faults = faults
+        self.clock = clock
+        self.down_until = -1.0
+
+    def down(self) -> bool:
+        return self.clock() < self.down_until
+
+    async def call(self) -> None:
+        """One round trip: the reply comes after a little virtual time."""
+        await asyncio.sleep(self.faults.redis_latency())
+
+
+class ParkingModel:
+    """dlq/parking.py's _ADMIT, _PARK and _ADVANCE scripts, same arguments, same results."""
+
+    def __init__(self) -> None:
+        self.flags: dict[str, str] = {}
+        self.lots: dict[str, list[bytes]] = {}
+        self.ops: set[str] = set()
+
+    def _lot(self, user: str) -> list[bytes]:
+        return self.lots.get(user, [])
+
+    def _set_lot(self, user: str, items: list[bytes]) -> None:
+        if items:
+            self.lots[user] = items
+        else:
+            self.lots.pop(user, None)  # Redis deletes an empty list
+
+    def admit(self, items: Sequence[tuple[str, str, bytes, bool]]) -> list[int]:
+        out: list[int] = []
+        for user, mid, value, is_retry in items:
+            waiting = self.flags.get(user)
+            if waiting is not None and waiting == mid:
+                out.append(WAITED_ON)
+            elif waiting is not None and not is_retry:
+                self._set_lot(user, [*self._lot(user), value])
+                out.append(PARKED)
+            else:
+                out.append(ADMITTED)
+        return out
+
+    def park(
+        self, user: str, mid: str, drop_first: int, pending: Sequence[bytes], op_id: str
+    ) -> int:
+        if op_id in self.ops:
+            return 0
+        self.ops.add(op_id)
+        self.flags[user] = mid
+        lot = self._lot(user)
+        if drop_first > 0:
+            lot = ltrim(lot, drop_first)
+        self._set_lot(user, [*pending, *lot])
+        return 1
+
+    def advance(
+        self, user: str, mid: str, drop_n: int, max_n: int, op_id: str
+    ) -> tuple[int, list[bytes]]:
+        if self.flags.get(user) != mid:
+            return 0, []
+        fresh = op_id not in self.ops
+        self.ops.add(op_id)
+        if fresh and drop_n > 0:
+            self._set_lot(user, ltrim(self._lot(user), drop_n))
+        items = lrange(self._lot(user), 0, max_n - 1)
+        if not items:
+            del self.flags[user]
+            return 2, []
+        return 1, items
+
+    # the recovery's synchronous calls (Parking.peek_parked / drop_parked / try_unpark)
+    def peek(self, user: str, n: int) -> list[bytes]:
+        return lrange(self._lot(user), 0, n - 1)
+
+    def drop(self, user: str, n: int) -> None:
+        if n > 0:
+            self._set_lot(user, ltrim(self._lot(user), n))
+
+    def try_unpark(self, user: str) -> bool:
+        if not self._lot(user):
+            self.flags.pop(user, None)
+            return True
+        return False
+
+
+class FakeRetryOrder:
+    """consume.types.RetryOrder over the ParkingModel, with Redis faults."""
+
+    def __init__(self, redis: Redis, model: ParkingModel, ledger: Ledger, trace: Trace) -> None:
+        self.redis = redis
+        self.model = model
+        self.ledger = ledger
+        self.trace = trace
+        self.policy = "stop"
+        self._op_names: dict[str, int] = {}  # op ids are random: trace a stable number
+
+    def _op(self, op_id: str) -> int:
+        return self._op_names.setdefault(op_id, len(self._op_names))
+
+    def parks(self, reason: str) -> bool:
+        return adapter.parks(reason)
+
+    async def _fault_before(self, what: str) -> None:
+        await self.redis.call()
+        if self.redis.down():
+            self.trace.add(f"redis down: {what} refused")
+            raise adapter.InfraError(f"redis down ({what})")
+
+    def _fault_after(self, what: str) -> None:
+        if self.redis.faults.lose_reply():
+            self.trace.add(f"redis: {what} applied, reply lost")
+            raise adapter.InfraError(f"reply lost ({what})")
+
+    async def admit(self, items: Sequence[tuple[str, str, bytes, bool]]) -> list[int]:
+        try:
+            await self._fault_before("admit")
+            codes = self.model.admit(items)
+            self.trace.add(
+                "admit "
+                + " ".join(
+                    f"{m}{'(r)' if r else ''}={c}"
+                    for (_, m, _, r), c in zip(items, codes, strict=True)
+                )
+            )
+            self._fault_after("admit")
+        except adapter.InfraError:
+            if self.policy == "process":  # the host admits them all unchecked
+                self.ledger.exempt([m for _, m, _, _ in items], "parking_bypassed")
+            raise
+        return codes
+
+    async def park(
+        self, user: str, message_id: str, drop_first: int, pending: Sequence[bytes], op_id: str = ""
+    ) -> None:
+        await self._fault_before("park")
+        applied = self.model.park(user, message_id, drop_first, pending, op_id)
+        self.trace.add(
+            f"park {user} behind {message_id} drop={drop_first} "
+            f"front=[{','.join(mid_of(v) for v in pending)}] op#{self._op(op_id)} applied={applied}"
+        )
+        self._fault_after("park")
+
+    async def advance(
+        self, user: str, message_id: str, drop_n: int, max_n: int, op_id: str = ""
+    ) -> tuple[int, list[bytes]]:
+        await self._fault_before("advance")
+        status, items = self.model.advance(user, message_id, drop_n, max_n, op_id)
+        self.trace.add(
+            f"advance {user} on {message_id} drop={drop_n} -> {status} "
+            f"[{','.join(mid_of(v) for v in items)}]"
+        )
+        self._fault_after("advance")
+        return status, items
+
+
+class FakeDoneStore:
+    """consume.dedup.DoneStore: the durable done-flags."""
+
+    def __init__(self, redis: Redis, ledger: Ledger, trace: Trace) -> None:
+        self.redis = redis
+        self.ledger = ledger
+        self.trace = trace
+        self.done: set[str] = set()
+        self.policy = "stop"
+
+    async def done_among(self, message_ids: Sequence[str]) -> set[str]:
+        await self.redis.call()
+        if self.redis.down():
+            if self.policy == "process":
+                self.ledger.exempt(message_ids, "dedup_bypassed")
+            raise adapter.DedupUnavailable("redis down (done_among)")
+        return {m for m in message_ids if m in self.done}
+
+    async def mark_done(self, message_ids: Sequence[str]) -> None:
+        await self.redis.call()
+        if self.redis.down():
+            self.trace.add("redis down: mark_done refused")
+            if self.policy == "process":
+                self.ledger.exempt(message_ids, "mark_bypassed")
+            raise adapter.DedupUnavailable("redis down (mark_done)")
+        for m in message_ids:
+            if m not in self.done:
+                self.done.add(m)
+                self.ledger.on_done_durable(m)
+        self.trace.add(f"done-flags {','.join(message_ids)}")
+        if self.redis.faults.lose_reply():
+            self.trace.add("redis: mark_done applied, reply lost")
+            raise adapter.DedupUnavailable("reply lost (mark_done)")
+
+
+class FakeAdmission:
+    """The rate limiter (TimedAdmission): sometimes denies rate_limited; Redis-backed."""
+
+    def __init__(
+        self, redis: Redis, ledger: Ledger, trace: Trace, by_send_time: dict[tuple[str, int], str]
+    ) -> None:
+        self.redis = redis
+        self.ledger = ledger
+        self.trace = trace
+        self.by_send_time = by_send_time  # (user, send_time) -> message id (unique)
+
+    async def admit(self, requests: Sequence[tuple[str, int]]) -> dict[str, list[str | None]]:
+        raise AssertionError("the host must use admit_at")
+
+    async def admit_at(
+        self, requests: Sequence[tuple[str, Sequence[float]]]
+    ) -> dict[str, list[str | None]]:
+        await self.redis.call()
+        if self.redis.down():
+            raise adapter.InfraError("redis down (rate limiter)")
+        out: dict[str, list[str | None]] = {}
+        for user, times in requests:
+            got: list[str | None] = []
+            for t in times:
+                if self.redis.faults.deny():
+                    mid = self.by_send_time[(user, int(t))]
+                    self.trace.add(f"rate limiter denies {mid}")
+                    if not adapter.parks(adapter.REASON_RATE_LIMITED):
+                        self.ledger.exempt([mid], "rate_limited")
+                    got.append(adapter.REASON_RATE_LIMITED)
+                else:
+                    got.append(None)
+            out[user] = got
+        return out
+
+    def on_success(self, user: str) -> None:
+        return None
+
+    def on_failure(self, user: str) -> None:
+        return None
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+@dataclass
+class Letter:
+    letter: adapter.DeadLetter
+    durable_s: float
+
+
+class FakeDeadLetterSink:
+    """The DLQ topic: resolves only once the letters are durable; sometimes fails."""
+
+    def __init__(self, faults: Faults, ledger: Ledger, trace: Trace, clock: Callable[[], float]):
+        self.faults = faults
+        self.ledger = ledger
+        self.trace = trace
+        self.clock = clock
+        self.log: list[Letter] = []
+
+    async def dead_letter(self, letters: Sequence[adapter.DeadLetter]) -> None:
+        await asyncio.sleep(self.faults.dlq_latency())
+        if self.faults.dlq_fails():
+            self.trace.add(f"dlq write fails ({len(letters)} letters)")
+            raise RuntimeError("DLQ unavailable")
+        for lt in letters:
+            self.log.append(Letter(lt, self.clock()))
+            self.ledger.on_letter(lt, EPOCH_MS + int(self.clock() * 1000))
+            self.trace.add(f"letter {lt.message_id} {lt.reason} attempt={lt.attempt}")
+
+
+@dataclass
+class Scheduled:
+    due_s: float
+    user: str
+    message_id: str
+    value: bytes
+    retry_count: int
+
+
+@dataclass
+class Recovery:
+    """The DLQ recovery service: reads letters, `decide`s (real strategies), re-produces
+    due retries to the main topic with the retry headers; a letter sent to manual review
+    releases the users parked behind it (re-produced as retries, in order, then unpark)."""
+
+    topic: Topic
+    sink: FakeDeadLetterSink
+    redis: Redis
+    parking: ParkingModel
+    ledger: Ledger
+    trace: Trace
+    faults: Faults
+    clock: Callable[[], float]
+    read: int = 0
+    scheduled: list[Scheduled] = field(default_factory=list)
+    entries: set[str] = field(default_factory=set)
+    releasing: list[tuple[str, str]] = field(default_factory=list)
+
+    def idle(self) -> bool:
+        return self.read == len(self.sink.log) and not self.scheduled and not self.releasing
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.faults.recovery_tick())
+            if self.redis.down():  # delay queue and parking lot live in Redis
+                continue
+            await self.consume()
+            await self.release()
+            self.fire_due()
+
+    async def consume(self) -> None:
+        while self.read < len(self.sink.log):
+            lt = self.sink.log[self.read].letter
+            self.read += 1
+            now = self.clock()
+            cfg = self.faults.cfg
+            decision, retry_count = adapter.decide(lt, now, cfg.max_retries, cfg.backoff_base_s)
+            if decision is None:
+                self.ledger.on_review(lt.message_id)
+                self.trace.add(f"recovery: {lt.message_id} -> manual review")
+                self.releasing.append((lt.user, lt.message_id))
+                continue
+            entry = f"{lt.message_id}:{retry_count}"
+            if entry in self.entries:  # DelayQueue: one entry per id while it is queued
+                continue
+            self.entries.add(entry)
+            due = decision + self.faults.recovery_jitter()
+            self.scheduled.append(Scheduled(due, lt.user, lt.message_id, lt.value, retry_count))
+            self.trace.add(f"recovery: {lt.message_id} retry #{retry_count + 1} at {due:.3f}")
+
+    def fire_due(self) -> None:
+        now = self.clock()
+        due = [s for s in self.scheduled if s.due_s <= now]
+        self.scheduled = [s for s in self.scheduled if s.due_s > now]
+        for s in sorted(due, key=lambda s: s.due_s):
+            self.entries.discard(f"{s.message_id}:{s.retry_count}")  # acked: id free again
+            r = self.topic.produce(
+                s.user, s.message_id, s.value, now, s.retry_count + 1, True, "retry"
+            )
+            self.trace.add(f"retry record {s.message_id} p{r.partition}@{r.offset}")
+
+    async def release(self) -> None:
+        """recovery._release_parked: peek -> confirmed produce -> drop, then try_unpark."""
+        while self.releasing:
+            user, mid = self.releasing[0]
+            if self.parking.flags.get(user) != mid:
+                self.releasing.pop(0)
+                continue
+            await self.redis.call()
+            batch = self.parking.peek(user, 500)
+            if not batch:
+                if self.parking.try_unpark(user):
+                    self.trace.add(f"recovery: unparked {user} (released behind {mid})")
+                    self.releasing.pop(0)
+                continue
+            now = self.clock()
+            for value in batch:
+                m = mid_of(value)
+                r = self.topic.produce(user, m, value, now, 0, True, "released")
+                self.trace.add(f"released {m} p{r.partition}@{r.offset}")
+            await self.redis.call()
+            self.parking.drop(user, len(batch))
