@@ -37,6 +37,11 @@ class Pending:
     skip_handler: bool = False  # a drain token (or a done retry): only drains the lot
     chunk_end: bool = False  # last of a drained chunk: take the next one after it
     denied: str | None = None  # denied at ingest by a parking reason: acted on at the head
+    failed: bool = False  # its outcome is a dead letter
+    # A DLQ retry of this very message that arrived while this attempt was still running
+    # (possible when a dead letter is written before its park): completed if this
+    # attempt succeeds, ingested afresh if it fails; never completed with a failure.
+    late_retries: list[Delivery] = field(default_factory=list)
 
 
 class UserMailbox:

@@ -160,10 +160,13 @@ class RetryOrder(Protocol):
         drop_first: int,
         pending: Sequence[bytes],
         op_id: str = "",
+        replaces: Sequence[str] = (),
     ) -> None:
         """Atomically: drop the first `drop_first` parked items (a drained chunk the host
         holds), put `pending` in front, and wait on `message_id`. Applied at most once
-        per `op_id`: the caller reuses it when it retries after an unknown outcome."""
+        per `op_id`: the caller reuses it when it retries after an unknown outcome.
+        If the user already waits on a message other than `message_id` and not listed
+        in `replaces`, that older blocker stays: `pending` is appended to the lot."""
         ...
 
     async def advance(

@@ -235,7 +235,10 @@ class HostCore:
             mid = env.message_id
             p = self.pending.get(mid)
             if p is not None:  # a re-delivery (or a drain token) of a message still here
-                p.waiters.append(d)
+                if d.is_retry and not d.is_drain:
+                    p.late_retries.append(d)  # this attempt may still fail: keep it
+                else:
+                    p.waiters.append(d)
                 continue
             if d.is_drain:
                 if self.retry_order is None:
@@ -277,6 +280,8 @@ class HostCore:
                 hold = functools.partial(self._hold, user, tail, held, _op_id())
                 await self._retry_redis("hold", hold)
         if denied:
+            for p, _ in denied:
+                p.failed = True
             letters = [self._letter(p.delivery, p.envelope, r, f"denied: {r}") for p, r in denied]
             for _, r in denied:  # dead letters by reason (denials: protect's own counters)
                 m_failures.inc(reason=r)
@@ -430,11 +435,18 @@ class HostCore:
                 delay = min(delay * 2, self.opt.redis_retry_max_s)
 
     async def _park(
-        self, user: str, blocker: Pending, drop_first: int, later: list[Pending], op_id: str
+        self,
+        user: str,
+        blocker: Pending,
+        drop_first: int,
+        later: list[Pending],
+        replaces: list[str],
+        op_id: str,
     ) -> None:
         assert self.retry_order is not None
         values = [q.delivery.value for q in later]
-        await self.retry_order.park(user, blocker.envelope.message_id, drop_first, values, op_id)
+        mid = blocker.envelope.message_id
+        await self.retry_order.park(user, mid, drop_first, values, op_id, replaces)
         if later:
             self.counts["parked"] += len(later)
             m_parked.inc(len(later))
@@ -542,15 +554,20 @@ class HostCore:
         if reason is None:
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
-            if p.waited_on:  # durable done-flag first, then the parked messages, in order
+            if p.waited_on or p.chunk_end:
+                # Durable done-flag first: the lot drops a chunk only once every message
+                # of it is durably done (flags are written in order), then the parked
+                # messages run, in order.
                 durable = asyncio.get_running_loop().create_future()
                 self.dedup.mark_done(env.message_id, lambda: durable.set_result(None))
                 await durable
-                await self._release(mb, p)
+                if p.waited_on:
+                    await self._release(mb, p)
+                    return
+                self._finish(p, mb)
+                await self._drain_next(mb)
                 return
             self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
-            if p.chunk_end:
-                await self._drain_next(mb)
             return
         if p.denied is None:
             self.admission.on_failure(mb.user)
@@ -558,9 +575,20 @@ class HostCore:
         log.warning(
             "handler.failed", user=mb.user, message_id=env.message_id, reason=reason, error=error
         )
+        p.failed = True
         if self._parks(reason):
-            owner = await self._park_behind(mb, p)
-            await self._durable_dead_letter([self._letter(d, env, reason, error)])
+            letter = self._letter(d, env, reason, error)
+            if d.partition < 0:
+                # A drained message has no record of its own: its place is in the lot,
+                # held by the drain owner's record. Its dead letter is made durable while
+                # it is still there, and only then the park drops it from the lot (a crash
+                # in between runs it once more from the lot; none loses it). Its retry
+                # cannot slip past meanwhile: see Pending.late_retries.
+                await self._durable_dead_letter([letter])
+                owner = await self._park_behind(mb, p)
+            else:  # its own record stays uncommitted until the dead letter is durable
+                owner = await self._park_behind(mb, p)
+                await self._durable_dead_letter([letter])
             self._finish(p, mb)
             if owner is not None and owner is not p:  # it held the drained p's place
                 self._finish(owner, mb)
@@ -582,7 +610,13 @@ class HostCore:
         async with self._lane:
             later = list(mb.queue)[1:]
             drop, owner = mb.undropped, mb.drain_owner
-            park = functools.partial(self._park, mb.user, p, drop, later, _op_id())
+            # The flags this park may take over: its drain owner's, or a newer queued
+            # message's (a full mailbox held behind its tail). Any other blocker is older
+            # than p (p is then an exempt message): the park leaves it in place.
+            replaces = [q.envelope.message_id for q in later]
+            if owner is not None:
+                replaces.append(owner.envelope.message_id)
+            park = functools.partial(self._park, mb.user, p, drop, later, replaces, _op_id())
             await self._retry_redis("park", park)
             assert len(mb.queue) == 1 + len(later), "the queue changed under the lane"
             while len(mb.queue) > 1:
@@ -678,10 +712,15 @@ class HostCore:
             take: list[Pending] = []
             seen: set[str] = set()
             for d, e in items:
-                mid = e.message_id
-                if mid in done or mid in seen or mid in self.pending or mid in self.dedup.recent:
+                item_id = e.message_id  # not `mid`: that names the owner (advance needs it)
+                if (
+                    item_id in done
+                    or item_id in seen
+                    or item_id in self.pending
+                    or item_id in self.dedup.recent
+                ):
                     continue
-                seen.add(mid)
+                seen.add(item_id)
                 take.append(Pending(d, e, []))
             if not take:
                 drop_n = len(raw)
@@ -716,6 +755,12 @@ class HostCore:
         self.pending.pop(p.envelope.message_id, None)
         for w in p.waiters:
             self._complete(w)
+        if p.late_retries:
+            if p.failed:  # the retry is the next attempt: ingest it now (after p)
+                self.accept(p.late_retries)
+            else:
+                for w in p.late_retries:
+                    self._complete(w)
         if mb is not None:
             mb.unfinished -= 1
             mb.last_active_s = self.clock()

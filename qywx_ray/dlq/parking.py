@@ -63,15 +63,30 @@ return out
 """
 
 _PARK = """
--- KEYS: flag, list, op; ARGV: message_id, drop_first, pending envelopes...
+-- KEYS: flag, list, op; ARGV: message_id, drop_first, n, replaces (n ids), pending...
 -- Applied once per op key: a retry after a lost reply (or a timeout) must not drop or
--- push twice.
+-- push twice. The flag is taken over only when absent, already ours, or one of the
+-- `replaces` ids; another blocker is older than this message (an exempt one failed
+-- while its user was parked): it stays, and the pending items join the lot's end (2).
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then return 0 end
+local n = tonumber(ARGV[3])
+local first = 4 + n
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+  local ours = false
+  for i = 4, 3 + n do
+    if ARGV[i] == current then ours = true end
+  end
+  if not ours then
+    for i = first, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+    return 2
+  end
+end
 redis.call('SET', KEYS[1], ARGV[1])
 local drop = tonumber(ARGV[2])
 if drop > 0 then redis.call('LTRIM', KEYS[2], drop, -1) end
 -- pending mailbox items precede everything parked: they go to the FRONT, in order.
-for i = #ARGV, 3, -1 do
+for i = #ARGV, first, -1 do
   redis.call('LPUSH', KEYS[2], ARGV[i])
 end
 return 1
@@ -181,7 +196,7 @@ class Parking:
         """
         if reason is not None and not parks_for(reason, self._settings):
             return False
-        self._park(keys=_op_keys(user, ""), args=[message_id, 0, *pending])
+        self._park(keys=_op_keys(user, ""), args=[message_id, 0, 0, *pending])
         return True
 
     def is_parked(self, user: str) -> bool:
@@ -246,8 +261,11 @@ class AsyncParkingLot:
         drop_first: int,
         pending: Sequence[bytes],
         op_id: str = "",
+        replaces: Sequence[str] = (),
     ) -> None:
-        await self._park(keys=_op_keys(user, op_id), args=[message_id, drop_first, *pending])
+        args: list[str | int | bytes] = [message_id, drop_first, len(replaces), *replaces]
+        args.extend(pending)
+        await self._park(keys=_op_keys(user, op_id), args=args)
 
     async def advance(
         self, user: str, message_id: str, drop_n: int, max_n: int, op_id: str = ""

@@ -50,7 +50,7 @@ __all__ = [
 # circuit_open reorder, park racing admit, policy process parking forever, CancelledError
 # killing a worker, ...): the seed batches in test_sim.py are expected to fail (xfail,
 # strict). Set False once this adapter points at a HostCore that passes them.
-KNOWN_BROKEN = True
+KNOWN_BROKEN = False
 
 _DLQ = DLQSettings()
 _REASONS = {r.value: r for r in FailureReason}
@@ -121,6 +121,7 @@ class Host:
         done_store: Any,
         admission: Any,
         retry_order: Any,
+        drain_tokens: Any,
         dead_letters: Any,
         complete: Callable[[str, Sequence[tuple[str, int, int]]], None],
         options: HostOptions,
@@ -164,6 +165,7 @@ class Host:
             dead_letters=dead_letters,
             admission=admission,
             retry_order=retry_order,
+            drain_tokens=drain_tokens,
             options=CoreOptions(
                 mailbox_size=o.mailbox_size,
                 idle_lifetime_s=o.idle_lifetime_s,

@@ -129,6 +129,20 @@ class Ledger:
     def finished(self, topic: Topic, parking: ParkingModel, partition: int, offset: int) -> bool:
         r = topic.partitions[partition][offset]
         mid = r.message_id
+        if r.is_drain:  # a drain token holds its user's drain: free once a newer one
+            # is on the topic, or the user no longer waits on `mid` (drained, or parked
+            # behind a new blocker whose outcome is durable)
+            if any(
+                x.is_drain and x.message_id == mid and x.offset > offset
+                for x in topic.partitions[partition]
+            ):
+                return True
+            waiting = parking.flags.get(r.user)
+            if waiting is None:
+                return True
+            if waiting == mid:
+                return False
+            return waiting in self.done or bool(self.letters.get(waiting))
         if mid in self.done or self.is_exempt(mid, ("mark_bypassed",)):
             return True
         # a letter durable since the record was written (one letter covers every delivery

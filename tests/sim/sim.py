@@ -30,6 +30,7 @@ from tests.sim.world import (
     FakeAdmission,
     FakeDeadLetterSink,
     FakeDoneStore,
+    FakeDrainTokens,
     FakeRetryOrder,
     ParkingModel,
     Recovery,
@@ -112,6 +113,7 @@ class PartitionConsumer:
                 self.name,
                 r.retry_count,
                 r.is_retry,
+                r.is_drain,
             )
             groups.setdefault(sim.host_of(r.user), []).append(d)
         self.pos += n
@@ -185,6 +187,7 @@ class Simulation:
             self.faults,
             clock,
         )
+        self.tokens = FakeDrainTokens(self.topic, self.faults, self.trace, clock)
         self.hosts: list[adapter.Host | None] = [None] * cfg.hosts
         self.host_gen = [0] * cfg.hosts
         self.consumer_gen = [0] * cfg.partitions
@@ -208,6 +211,7 @@ class Simulation:
             done_store=self.done_store,
             admission=self.admission,
             retry_order=self.retry_order,
+            drain_tokens=self.tokens,
             dead_letters=self.sink,
             complete=self.complete,
             options=adapter.HostOptions(

@@ -1,6 +1,6 @@
 """Differential test: the simulator's ParkingModel against the real Lua scripts.
 
-Random sequences of admit / park / advance (with op ids, and resends of earlier ops with
+Random sequences of admit / park / hold / advance (with op ids, and resends of earlier ops with
 the same op id, as a host does after a lost reply) go to `ParkingModel` and to
 `AsyncParkingLot` on a real Redis; every reply and the final flags and lists must match.
 The simulator is only as good as this model.
@@ -35,7 +35,7 @@ def random_ops(r: random.Random, model: ParkingModel) -> list[Op]:
     ops: list[Op] = []
     sent: list[Op] = []
     for _ in range(OPS):
-        kind = r.choices(("admit", "park", "advance", "resend"), (4, 2, 3, 1))[0]
+        kind = r.choices(("admit", "park", "hold", "advance", "resend"), (4, 2, 1, 3, 1))[0]
         user = r.choice(USERS)
         flag = model.flags.get(user)
         mid = flag if flag is not None and r.random() < 0.6 else r.choice(MIDS)
@@ -48,7 +48,12 @@ def random_ops(r: random.Random, model: ParkingModel) -> list[Op]:
             op = ("admit", (items,))
         elif kind == "park":
             pending = [f"p{r.randrange(9)}".encode() for _ in range(r.randint(0, 3))]
-            op = ("park", (user, mid, r.randint(0, 3), pending, uuid.uuid4().hex))
+            replaces = r.sample(MIDS, r.randint(0, 2))
+            op = ("park", (user, mid, r.randint(0, 3), pending, uuid.uuid4().hex, replaces))
+            sent.append(op)
+        elif kind == "hold":
+            values = [f"h{r.randrange(9)}".encode() for _ in range(r.randint(1, 3))]
+            op = ("hold", (user, mid, values, uuid.uuid4().hex))
             sent.append(op)
         elif kind == "advance":
             op = ("advance", (user, mid, r.randint(0, 3), r.randint(0, 3), uuid.uuid4().hex))
@@ -69,6 +74,9 @@ def apply_model(model: ParkingModel, op: Op) -> Any:
     if kind == "park":
         model.park(*args)
         return None
+    if kind == "hold":
+        model.hold(*args)
+        return None
     return model.advance(*args)
 
 
@@ -78,6 +86,9 @@ async def apply_real(lot: AsyncParkingLot, op: Op) -> Any:
         return await lot.admit(*args)
     if kind == "park":
         await lot.park(*args)
+        return None
+    if kind == "hold":
+        await lot.hold(*args)
         return None
     return await lot.advance(*args)
 

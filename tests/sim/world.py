@@ -60,7 +60,8 @@ class Record:
     timestamp_ms: int
     retry_count: int = 0
     is_retry: bool = False
-    origin: str = "ingest"  # ingest | retry | released
+    origin: str = "ingest"  # ingest | retry | drain (a drain token: message_id = blocker)
+    is_drain: bool = False
 
 
 class Topic:
@@ -82,6 +83,7 @@ class Topic:
         retry_count: int = 0,
         is_retry: bool = False,
         origin: str = "ingest",
+        is_drain: bool = False,
     ) -> Record:
         p = self.partition_of(user)
         log = self.partitions[p]
@@ -95,6 +97,7 @@ class Topic:
             retry_count,
             is_retry,
             origin,
+            is_drain,
         )
         log.append(r)
         return r
@@ -126,7 +129,8 @@ class Redis:
 
 
 class ParkingModel:
-    """dlq/parking.py's _ADMIT, _PARK and _ADVANCE scripts, same arguments, same results."""
+    """dlq/parking.py's _ADMIT, _PARK, _HOLD and _ADVANCE scripts, same arguments, same
+    results."""
 
     def __init__(self) -> None:
         self.flags: dict[str, str] = {}
@@ -156,16 +160,34 @@ class ParkingModel:
         return out
 
     def park(
-        self, user: str, mid: str, drop_first: int, pending: Sequence[bytes], op_id: str
+        self,
+        user: str,
+        mid: str,
+        drop_first: int,
+        pending: Sequence[bytes],
+        op_id: str,
+        replaces: Sequence[str] = (),
     ) -> int:
         if op_id in self.ops:
             return 0
         self.ops.add(op_id)
+        current = self.flags.get(user)
+        if current is not None and current != mid and current not in replaces:
+            self._set_lot(user, [*self._lot(user), *pending])
+            return 2
         self.flags[user] = mid
         lot = self._lot(user)
         if drop_first > 0:
             lot = ltrim(lot, drop_first)
         self._set_lot(user, [*pending, *lot])
+        return 1
+
+    def hold(self, user: str, mid: str, values: Sequence[bytes], op_id: str) -> int:
+        if op_id in self.ops:
+            return 0
+        self.ops.add(op_id)
+        self.flags.setdefault(user, mid)
+        self._set_lot(user, [*self._lot(user), *values])
         return 1
 
     def advance(
@@ -245,15 +267,32 @@ class FakeRetryOrder:
         return codes
 
     async def park(
-        self, user: str, message_id: str, drop_first: int, pending: Sequence[bytes], op_id: str = ""
+        self,
+        user: str,
+        message_id: str,
+        drop_first: int,
+        pending: Sequence[bytes],
+        op_id: str = "",
+        replaces: Sequence[str] = (),
     ) -> None:
         await self._fault_before("park")
-        applied = self.model.park(user, message_id, drop_first, pending, op_id)
+        applied = self.model.park(user, message_id, drop_first, pending, op_id, replaces)
         self.trace.add(
             f"park {user} behind {message_id} drop={drop_first} "
             f"front=[{','.join(mid_of(v) for v in pending)}] op#{self._op(op_id)} applied={applied}"
         )
         self._fault_after("park")
+
+    async def hold(
+        self, user: str, message_id: str, values: Sequence[bytes], op_id: str = ""
+    ) -> None:
+        await self._fault_before("hold")
+        applied = self.model.hold(user, message_id, values, op_id)
+        self.trace.add(
+            f"hold {user} behind {message_id} [{','.join(mid_of(v) for v in values)}] "
+            f"op#{self._op(op_id)} applied={applied}"
+        )
+        self._fault_after("hold")
 
     async def advance(
         self, user: str, message_id: str, drop_n: int, max_n: int, op_id: str = ""
@@ -447,23 +486,45 @@ class Recovery:
             self.trace.add(f"retry record {s.message_id} p{r.partition}@{r.offset}")
 
     async def release(self) -> None:
-        """recovery._release_parked: peek -> confirmed produce -> drop, then try_unpark."""
+        """recovery._release_parked: a blocker in manual review releases its user with a
+        drain token on the main topic (when the user still waits on it); the host drains."""
         while self.releasing:
             user, mid = self.releasing[0]
-            if self.parking.flags.get(user) != mid:
-                self.releasing.pop(0)
-                continue
             await self.redis.call()
-            batch = self.parking.peek(user, 500)
-            if not batch:
-                if self.parking.try_unpark(user):
-                    self.trace.add(f"recovery: unparked {user} (released behind {mid})")
-                    self.releasing.pop(0)
-                continue
-            now = self.clock()
-            for value in batch:
-                m = mid_of(value)
-                r = self.topic.produce(user, m, value, now, 0, True, "released")
-                self.trace.add(f"released {m} p{r.partition}@{r.offset}")
-            await self.redis.call()
-            self.parking.drop(user, len(batch))
+            if self.redis.down():
+                return
+            if self.parking.flags.get(user) == mid:
+                r = self.topic.produce(
+                    user, mid, token_value(user, mid), self.clock(), 0, True, "drain", True
+                )
+                self.trace.add(
+                    f"recovery: drain token for {user} behind {mid} p{r.partition}@{r.offset}"
+                )
+            self.releasing.pop(0)
+
+
+def token_value(user: str, mid: str) -> bytes:
+    from qywx_ray.dlq.tokens import drain_token_record
+
+    return drain_token_record(user, mid, "kf")[1]
+
+
+class FakeDrainTokens:
+    """consume.types.DrainTokenSink: a confirmed produce to the main topic; sometimes fails
+    (the host retries it)."""
+
+    def __init__(self, topic: Topic, faults: Faults, trace: Trace, clock: Callable[[], float]):
+        self.topic = topic
+        self.faults = faults
+        self.trace = trace
+        self.clock = clock
+
+    async def drain_token(self, user: str, message_id: str, open_kfid: str) -> None:
+        await asyncio.sleep(self.faults.dlq_latency())
+        if self.faults.dlq_fails():
+            self.trace.add(f"drain token for {user} fails")
+            raise RuntimeError("main topic unavailable")
+        r = self.topic.produce(
+            user, message_id, token_value(user, message_id), self.clock(), 0, True, "drain", True
+        )
+        self.trace.add(f"drain token {user} behind {message_id} p{r.partition}@{r.offset}")

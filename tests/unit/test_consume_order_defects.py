@@ -83,7 +83,13 @@ async def test_park_on_failure_does_not_race_with_admit() -> None:
             self.parking = False
 
         async def park(
-            self, user: str, mid: str, drop_first: int, pending: Sequence[bytes], op_id: str = ""
+            self,
+            user: str,
+            mid: str,
+            drop_first: int,
+            pending: Sequence[bytes],
+            op_id: str = "",
+            replaces: Sequence[str] = (),
         ) -> None:
             self.parking = True
             await self.before.wait()

@@ -43,8 +43,18 @@ class MemoryRetryOrder:
         return out
 
     async def park(
-        self, user: str, mid: str, drop_first: int, pending: Sequence[bytes], op_id: str = ""
+        self,
+        user: str,
+        mid: str,
+        drop_first: int,
+        pending: Sequence[bytes],
+        op_id: str = "",
+        replaces: Sequence[str] = (),
     ) -> None:
+        current = self.flag.get(user)
+        if current is not None and current != mid and current not in replaces:
+            self.lots.setdefault(user, []).extend(pending)
+            return
         self.flag[user] = mid
         lot = self.lots.setdefault(user, [])[drop_first:]
         self.lots[user] = [*pending, *lot]
