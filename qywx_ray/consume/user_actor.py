@@ -203,7 +203,11 @@ class HostCore:
                 items: list[Delivery] = []
                 while self._inbox:
                     items.extend(self._inbox.popleft())
-                await self._ingest(items)
+                # The whole ingest holds the lane: while a drain or park talks to the lot,
+                # no batch is half-way (registered as pending but not yet placed), so a
+                # drained message never meets a copy of itself in flight (issue 15).
+                async with self._lane:
+                    await self._ingest(items)
             except Exception:
                 log.error("host.ingest_failed", exc_info=True, host=self.name)
                 if self.on_fatal is not None:
@@ -273,12 +277,11 @@ class HostCore:
             p.denied = reason  # a parking denial acts at the head, after older messages
             admit.append(p)
         admit.extend(resume)
-        async with self._lane:
-            codes = await self._admit_parking(admit)
-            overflow = self._place(admit, codes, denied)
-            for user, (tail, held) in overflow.items():
-                hold = functools.partial(self._hold, user, tail, held, _op_id())
-                await self._retry_redis("hold", hold)
+        codes = await self._admit_parking(admit)  # the caller holds the lane
+        overflow = self._place(admit, codes, denied)
+        for user, (tail, held) in overflow.items():
+            hold = functools.partial(self._hold, user, tail, held, _op_id())
+            await self._retry_redis("hold", hold)
         if denied:
             for p, _ in denied:
                 p.failed = True
@@ -319,7 +322,9 @@ class HostCore:
                 code == WAITED_ON or p.delivery.is_retry
             )
             mb = self._mailbox_for(user)
-            if len(mb.queue) >= self.opt.mailbox_size:
+            # Retries and drain tokens always enter: one may be the key to the user's lot
+            # (held in the lot, it would wait behind itself); they are few.
+            if len(mb.queue) >= self.opt.mailbox_size and not p.delivery.is_retry:
                 if mb.breaker is not None:
                     mb.breaker.on_failure()
                 self.admission.on_failure(user)

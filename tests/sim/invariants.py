@@ -142,7 +142,14 @@ class Ledger:
                 return True
             if waiting == mid:
                 return False
-            return waiting in self.done or bool(self.letters.get(waiting))
+            return (
+                waiting in self.done
+                or bool(self.letters.get(waiting))
+                or any(
+                    x.message_id == waiting and x.offset > offset
+                    for x in topic.partitions[partition]
+                )
+            )
         if mid in self.done or self.is_exempt(mid, ("mark_bypassed",)):
             return True
         # a letter durable since the record was written (one letter covers every delivery
