@@ -313,7 +313,7 @@ class HostCore:
                 self._finish(p, None)  # durably parked: its offset counts as processed
                 continue
             held = overflow.get(user)
-            if held is not None:
+            if held is not None and not p.delivery.is_retry:
                 held[1].append(p)
                 continue
             # A retry may be the blocker even when the lot could not say so (Redis down,
@@ -400,7 +400,9 @@ class HostCore:
             return await order.admit(request)
 
         codes = await self._with_policy("parking", ask, len(items))
-        return [ADMITTED] * len(items) if codes is None else codes
+        if codes is None:  # bypassed (policy process): a token still asks the lot itself
+            return [WAITED_ON if p.skip_handler else ADMITTED for p in items]
+        return codes
 
     async def _with_policy(self, what: str, call: Callable[[], Awaitable[Any]], n: int) -> Any:
         """Redis-backed protection: policy stop retries with backoff (the batch waits, so
