@@ -4,7 +4,9 @@ Durable = acknowledged by the DLQ topic (acks=all, idempotent, one in flight), o
 topic cannot take it (error, timeout, this producer's own breaker open), appended and
 fsync'd to the emergency file. It never returns normally with a letter in neither place:
 if both fail it raises InfraError and the caller must not count the offset as processed.
-Delivery reports are served by one dedicated poll thread.
+Delivery reports are served by one dedicated poll thread; `send_many` blocks on the
+producer's own small pool (`dlq.send_threads`), never on the loop's default executor: a
+host's hung handler threads must not be able to stop its dead letters.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +127,9 @@ class DLQProducer:
             target=self._poll_loop, name="dlq-producer-poll", daemon=True
         )
         self._poller.start()
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.dlq.send_threads, thread_name_prefix="dlq-send"
+        )
 
     # ---- plumbing ------------------------------------------------------------------------
     def _on_error(self, err: KafkaError) -> None:
@@ -216,7 +222,8 @@ class DLQProducer:
             self._write_emergency(rest)
 
     async def send_many(self, letters: list[DeadLetterMessage]) -> None:
-        await asyncio.to_thread(self.send_many_sync, letters)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.send_many_sync, letters)
 
     def _write_emergency(self, letters: Sequence[DeadLetterMessage]) -> None:
         try:
@@ -246,6 +253,7 @@ class DLQProducer:
         finally:
             self._stop.set()
             self._poller.join(timeout=2.0)
+            self._executor.shutdown(wait=False)
 
     def __enter__(self) -> DLQProducer:
         return self

@@ -17,6 +17,9 @@ class DLQSettings(BaseModel):
     produce_timeout_s: float = Field(default=10.0, gt=0)
     breaker_failure_threshold: int = Field(default=10, ge=1)
     breaker_open_s: float = Field(default=60.0, gt=0)
+    # The producer's own threads for blocking sends (never the loop's default executor,
+    # which hung work elsewhere in a host could fill).
+    send_threads: int = Field(default=8, ge=1)
     # Recovery service.
     recovery_group_id: str = "qywx-dlq-recovery"
     recovery_actor_name: str = "qywx-dlq-recovery"
