@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from qywx_ray.admin.settings import AdminSettings
@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     )
 
     profile: str = "development"
-    data_dir: str = ".qywx-data"
+    data_dir: str = ".qywx-data"  # made absolute when the settings are loaded (below)
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     wecom: WeComSettings = WeComSettings()
@@ -60,12 +60,21 @@ class Settings(BaseSettings):
         # init (the YAML merged with explicit overrides) is given last: env beats the file.
         return (env_settings, init_settings)
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: str) -> str:
+        """Fixed once, where the settings are loaded (the CLI or driver), and shipped to
+        actors as an absolute path: a Ray worker's working directory is Ray's, so a
+        relative path there would name a different directory in every process."""
+        return str(Path(value).expanduser().resolve())
+
     @property
     def ray_namespace(self) -> str:
         return self.consume.namespace
 
     @property
     def dlq_emergency_dir(self) -> Path:
+        """Absolute on every process (both settings are validated absolute)."""
         return Path(self.dlq.emergency_dir or Path(self.data_dir) / "dlq-emergency")
 
 

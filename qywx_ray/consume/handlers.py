@@ -3,7 +3,8 @@
 `settings.consume.handler = "package.module:function"`; the function takes the typed
 message (a `qywx_ray.wecom.models.KfMessage` when that parser is present, else the
 Envelope; with `@envelope_handler` always the Envelope, and no typed parse is paid) and
-a HandlerContext, and may be sync (run in a thread) or async. Raise
+a HandlerContext, and may be sync (run in the host's bounded handler thread pool,
+`consume.handler_threads`; see handler_threads.py) or async. Raise
 `PermanentError` (or let a ValueError escape) for a message that can never succeed
 (dead letter `invalid_message`); any other exception is retryable (`downstream_error`).
 Handlers must be idempotent for side effects outside Redis done-flags: a crash between
@@ -103,14 +104,19 @@ _is_async: dict[Any, bool] = {}
 
 
 async def run_handler(handler: Handler, message: Any, ctx: HandlerContext) -> None:
-    """Call a sync (in a thread) or async handler."""
+    """Call a sync or async handler. Host shells wrap sync handlers in their own
+    `HandlerThreads` (bounded, hung threads end the host); an unwrapped sync handler runs
+    in a shared bounded fallback pool, never in the loop's default executor, which the
+    dead-letter path must always find free."""
     is_async = _is_async.get(handler)
     if is_async is None:
         is_async = _is_async[handler] = inspect.iscoroutinefunction(handler)
     if is_async:
         await handler(message, ctx)  # type: ignore[misc]
         return
-    result = await asyncio.to_thread(handler, message, ctx)
+    from qywx_ray.consume.handler_threads import fallback_threads  # imports this module
+
+    result = await fallback_threads().run(handler, message, ctx)
     if inspect.isawaitable(result):
         await result
 

@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 from qywx_ray.consume.dedup import Deduplicator, RedisDoneStore
+from qywx_ray.consume.handler_threads import HandlerThreads
 from qywx_ray.consume.handlers import load_handler
 from qywx_ray.consume.sinks import make_admission, make_dead_letter_sink, make_retry_order
 from qywx_ray.consume.tracker import DEDICATED_PREFIX
@@ -118,6 +119,11 @@ class HostShell:
         self._taken = 0
         self._last_take_s = time.monotonic()  # a new actor lives at least one idle lifetime
         self.completions = RayCompletionSink(settings.consume.namespace)
+        # Sync handlers' own bounded pool; when timed-out handlers hold all of its threads
+        # this host can no longer run them, so it crashes and Ray restarts it.
+        self.handler_threads = HandlerThreads(
+            settings.consume.handler_threads, name=name, on_exhausted=self._threads_exhausted
+        )
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="host-loop", daemon=True)
         self._thread.start()
@@ -147,7 +153,7 @@ class HostShell:
             wecom = WeComClient(s.wecom, RedisTokenCache(handler_redis))
         return HostCore(
             name=self.name,
-            handler=load_handler(c.handler),
+            handler=self.handler_threads.wrap(load_handler(c.handler)),
             dedup=dedup,
             completions=self.completions,
             dead_letters=make_dead_letter_sink(s),
@@ -171,6 +177,11 @@ class HostShell:
             wecom=wecom,
             on_fatal=self._crash,
         )
+
+    def _threads_exhausted(self, hung: int) -> None:
+        """Every sync-handler thread is stuck in a handler past its timeout: the host
+        still answers `incarnation_id`, so nothing would fail over; end it instead."""
+        self._crash(f"{hung} handler threads hung past the handler timeout")
 
     def _crash(self, why: str) -> None:
         """Crash-only: an internal error must not leave messages stuck in a live actor.
@@ -243,6 +254,7 @@ class HostShell:
             incarnation=self.incarnation,
             pid=os.getpid(),
             dying=self.dying,
+            handler_threads_hung=self.handler_threads.hung,
         )
         return out
 

@@ -44,6 +44,10 @@ class ConsumeSettings(BaseModel):
     # Per host: handlers running at once (across users). Kept below the asyncio Redis
     # pool's 100 connections so Redis-using handlers never hit "Too many connections".
     handler_concurrency: int = Field(default=64, ge=1)
+    # Per host: threads for synchronous handlers (async ones need none). A sync handler
+    # past its timeout keeps its thread; when such hung threads hold all of them the
+    # host crashes so Ray restarts it (consume/handler_threads.py).
+    handler_threads: int = Field(default=32, ge=1)
     dedup_ttl_s: int = 86_400
     dedup_recent_size: int = 100_000  # in-memory recent-done LRU per host
     redis_down_policy: Literal["stop", "process"] = "stop"

@@ -4,7 +4,8 @@ The real hooks: `consume.admission` (protect/admission.py, rate limiter),
 `consume.dead_letter_sink` (dlq/sink.py, seed DLQ format the recovery actor reads) and
 `consume.retry_order` (dlq/parking.py). `KafkaDeadLetterSink` below writes a JSON format
 the recovery actor can NOT read: it is a test fake only (`json_sink`), never a default.
-It returns only when Kafka acknowledged every record.
+It returns only when Kafka acknowledged every record, from its own thread: never the
+loop's default executor, which hung work elsewhere in the process could fill.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import importlib
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from qywx_ray.consume.types import Admission, AllowAll, DeadLetter, DeadLetterSink, RetryOrder
@@ -29,6 +31,8 @@ class KafkaDeadLetterSink:
         self._producer = Producer(producer_config(settings.kafka, "dlq"))
         self._timeout_s = flush_timeout_s
         self._lock = threading.Lock()
+        # Sends are serialized by the lock anyway: one thread, owned by this sink.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="json-dlq-send")
 
     def _send_blocking(self, letters: Sequence[DeadLetter]) -> None:
         errors: list[str] = []
@@ -57,7 +61,8 @@ class KafkaDeadLetterSink:
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         if letters:
-            await asyncio.to_thread(self._send_blocking, letters)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._send_blocking, letters)
 
 
 def _factory(spec: str, settings: Settings) -> Any:

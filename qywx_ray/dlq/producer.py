@@ -4,7 +4,12 @@ Durable = acknowledged by the DLQ topic (acks=all, idempotent, one in flight), o
 topic cannot take it (error, timeout, this producer's own breaker open), appended and
 fsync'd to the emergency file. It never returns normally with a letter in neither place:
 if both fail it raises InfraError and the caller must not count the offset as processed.
-Delivery reports are served by one dedicated poll thread.
+Delivery reports are served by one dedicated poll thread; `send_many` blocks on the
+producer's own small pool (`dlq.send_threads`), never on the loop's default executor: a
+host's hung handler threads must not be able to stop its dead letters. The owner of a
+producer also empties the emergency file in the background once the topic takes writes
+again (`EmergencyReplayer`, `dlq.emergency_replay_interval_s`): until then the letters
+there keep their users parked.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from qywx_ray.dlq import emergency
-from qywx_ray.dlq.emergency import ReplayReport
+from qywx_ray.dlq.emergency import EmergencyReplayer, ReplayReport
 from qywx_ray.dlq.message import DeadLetterMessage
 from qywx_ray.errors import InfraError
 from qywx_ray.kafka.config import producer_config
@@ -98,7 +104,9 @@ class DLQProducer:
         *,
         clock: Clock = time.time,
         emergency_dir: Path | None = None,
+        replay_in_background: bool | None = None,
     ) -> None:
+        """`replay_in_background`: None = when `dlq.emergency_replay_interval_s` > 0."""
         self.settings = settings
         self.topic = settings.kafka.dlq_topic.name
         self.timeout_s = settings.dlq.produce_timeout_s
@@ -124,6 +132,21 @@ class DLQProducer:
             target=self._poll_loop, name="dlq-producer-poll", daemon=True
         )
         self._poller.start()
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.dlq.send_threads, thread_name_prefix="dlq-send"
+        )
+        interval_s = settings.dlq.emergency_replay_interval_s
+        if replay_in_background is None:
+            replay_in_background = interval_s > 0
+        self.replayer: EmergencyReplayer | None = None
+        if replay_in_background:
+            self.replayer = EmergencyReplayer(
+                self.emergency_dir,
+                self.replay_publish,
+                interval_s=interval_s or 5.0,
+                backoff_max_s=settings.dlq.emergency_replay_backoff_max_s,
+                can_try=self.breaker_allows,
+            ).start()
 
     # ---- plumbing ------------------------------------------------------------------------
     def _on_error(self, err: KafkaError) -> None:
@@ -189,6 +212,21 @@ class DLQProducer:
                 PRODUCED.inc(reason=letter.failure_reason.value)
         return acked
 
+    def breaker_allows(self) -> bool:
+        with self._send_lock:
+            return self.breaker.allow()
+
+    def replay_publish(self, letters: Sequence[DeadLetterMessage]) -> list[bool]:
+        """`publish` for the emergency replay: its outcome also drives the breaker, so a
+        replay that gets through (the half-open probe) sends new letters to the topic again."""
+        acked = self.publish(letters)
+        with self._send_lock:
+            if any(acked):
+                self.breaker.on_success()
+            else:
+                self.breaker.on_failure()
+        return acked
+
     # ---- the contract --------------------------------------------------------------------
     def send_many_sync(self, letters: Sequence[DeadLetterMessage]) -> None:
         """Return only when every letter is on the DLQ topic or in the fsync'd emergency file."""
@@ -216,7 +254,8 @@ class DLQProducer:
             self._write_emergency(rest)
 
     async def send_many(self, letters: list[DeadLetterMessage]) -> None:
-        await asyncio.to_thread(self.send_many_sync, letters)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.send_many_sync, letters)
 
     def _write_emergency(self, letters: Sequence[DeadLetterMessage]) -> None:
         try:
@@ -241,11 +280,14 @@ class DLQProducer:
         )
 
     def close(self, timeout_s: float = 5.0) -> None:
+        if self.replayer is not None:  # a round in progress ends within produce_timeout_s
+            self.replayer.stop(timeout_s=0)
         try:
             self._producer.flush(timeout_s)
         finally:
             self._stop.set()
             self._poller.join(timeout=2.0)
+            self._executor.shutdown(wait=False)
 
     def __enter__(self) -> DLQProducer:
         return self
@@ -255,8 +297,10 @@ class DLQProducer:
 
 
 def replay_emergency(settings: Settings, *, batch_size: int = 500) -> ReplayReport:
-    """Re-publish emergency-file entries to the DLQ topic, each exactly once across runs."""
-    producer = DLQProducer(settings)
+    """Re-publish emergency-file entries to the DLQ topic, each exactly once across runs
+    (by hand; producers' owners also do it in the background). Waits for a background
+    replay running on this node, then finds its entries done."""
+    producer = DLQProducer(settings, replay_in_background=False)
     try:
         report = emergency.replay(settings.dlq_emergency_dir, producer.publish, batch_size)
     finally:

@@ -157,7 +157,9 @@ def test_poll_linger_spaces_batches_but_never_holds_a_record_after_a_quiet_spell
     started: list[ConsumePipeline],
 ) -> None:
     """poll_linger_ms 4 s: a lone record leaves at once (no linger after a quiet spell);
-    a record arriving right after a batch waits for the next batch slot (~4 s later)."""
+    a record arriving right after a batch waits for the next batch slot (~4 s later).
+    The linger the consumer decides is asserted on a fake clock in
+    tests/unit/test_consume_poll_linger.py; here only what no load can make false."""
     s = consume_test_settings(make_settings, unique, poll_linger_ms=4000)
     ensure_topics(s)
     p = start_consumers(s)
@@ -168,7 +170,6 @@ def test_poll_linger_spaces_batches_but_never_holds_a_record_after_a_quiet_spell
     produce(s, [first])
     assert wait_for(lambda: redis_client.llen(RECORD) == 1, 30, interval_s=0.02)
     t1 = time.monotonic()
-    assert t1 - t0 < 2.5, f"a lone record waited {t1 - t0:.2f} s (linger 4 s)"
     produce(s, [second])
     assert wait_for(lambda: redis_client.llen(RECORD) == 2, 30, interval_s=0.02)
     t2 = time.monotonic()

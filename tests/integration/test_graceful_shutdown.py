@@ -82,12 +82,17 @@ class StallingSource:
         self.page = page
         self.calls: list[str] = []
         self.closed = False
+        self.cancelled = 0  # pulls the close gave up on
 
     async def sync_msg(self, open_kfid: str, cursor: str, token: str, limit: int) -> FakePage:
         self.calls.append(cursor)
         if not cursor:
             return FakePage(next_cursor="1", has_more=True, msg_list=self.page)
-        await asyncio.Event().wait()  # never answers: only cancellation ends it
+        try:
+            await asyncio.Event().wait()  # never answers: only cancellation ends it
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
@@ -112,9 +117,9 @@ async def test_syncer_host_close_releases_the_lock_and_keeps_the_cursor_at_the_a
         await asyncio.sleep(0.02)
     assert redis_client.exists(lock_key) == 1  # the stalled pull holds its lock
 
-    started = time.monotonic()
-    undelivered = await service.close(timeout_s=1.0)
-    assert time.monotonic() - started < 5.0  # bounded, although WeCom never answered
+    # Bounded although WeCom never answers: the close cancels the stalled pull.
+    undelivered = await asyncio.wait_for(service.close(timeout_s=1.0), 60)
+    assert source.cancelled == 1
     assert undelivered == 0
     assert redis_client.exists(lock_key) == 0  # released, not left to expire in 60 s
     cursor = redis_client.hget(f"{settings.ingest.key_prefix}:cursor:{kfid}", "cursor")
@@ -148,9 +153,7 @@ def test_recovery_close_hands_leased_retries_back_to_the_delay_queue(
     service.queue.schedule_many([(letter.entry_id(), time.time() - 1, letter.to_bytes())])
     assert service.schedule_once() == 0  # claimed, produce failed: still leased
     assert service.queue.counts() == (0, 1)
-    started = time.monotonic()
     released = service.close(timeout_s=2.0)
-    assert time.monotonic() - started < 10.0
     assert released == 1
     assert service.queue.counts() == (1, 0)  # due again now, not in 600 s
 
@@ -242,8 +245,7 @@ def test_start_foreground_sigterm_drains_commits_and_stops_everything(
             proc.kill()
             proc.wait(timeout=10)
     print(f"\nqywx-ray start: stopped in {stop_s:.1f}s after the handlers were released\n{out}")
-    assert proc.returncode == 0, out
-    assert stop_s < 60.0
+    assert proc.returncode == 0, out  # stopped on its own within communicate()'s 120 s
     done = [m for _, m in records(redis_client, key)]
     assert sorted(done) == sorted(ids)  # every in-flight message was processed
     assert redis_client.llen(calls) == len(ids)  # once each

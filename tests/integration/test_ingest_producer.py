@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -186,11 +185,15 @@ async def test_unreachable_broker_reports_every_message_failed(make_settings) ->
     settings = make_settings()
     producer = dead_producer(settings, timeout_ms=1500)
     try:
-        started = time.monotonic()
         result = await producer.produce_batch(envelopes(50, 5, tag="dead"))
         assert len(result.failed) == 50 and not result.acked
         assert all(isinstance(d.error, ProduceError) for d in result.failed)
-        assert time.monotonic() - started < 10
+        # Each failure is librdkafka's own report (its 1.5 s delivery timeout decided it),
+        # not our 10 s wait for reports running out.
+        assert all(
+            isinstance(d.error, ProduceError) and d.error.kafka_error is not None
+            for d in result.failed
+        ), {str(d.error) for d in result.failed}
         with pytest.raises(ProduceError):
             await producer.produce_confirmed(envelopes(1, 1, tag="dead1")[0])
     finally:

@@ -27,7 +27,12 @@ from qywx_ray.wecom.callback import (
     RedisReplayCache,
     make_callback_router,
 )
-from qywx_ray.wecom.client import InMemoryTokenCache, RedisTokenCache, WeComClient
+from qywx_ray.wecom.client import (
+    API_RETRIES,
+    InMemoryTokenCache,
+    RedisTokenCache,
+    WeComClient,
+)
 from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
 from qywx_ray.wecom.settings import WeComSettings
@@ -132,7 +137,8 @@ async def test_simulator_pushes_over_tcp_and_redis_replay_drops_duplicates(
     sim = WeComSimulator(state, callback_url=f"{ingress_url}/wecom/callback")
     sim_url, stop_sim = await _serve(make_app(sim, manage_lifecycle=True))
     try:
-        # URL verification over real TCP must answer well within WeCom's 1 s.
+        # URL verification over real TCP (answered from the request alone: see the unit
+        # test; its speed is measured, not asserted, so a loaded machine cannot fail it).
         async with httpx.AsyncClient(base_url=ingress_url, timeout=5) as client:
             timings = []
             for i in range(20):
@@ -141,7 +147,7 @@ async def test_simulator_pushes_over_tcp_and_redis_replay_drops_duplicates(
                 resp = await client.get("/wecom/callback", params=params)
                 timings.append(time.perf_counter() - started)
                 assert resp.status_code == 200 and resp.text == f"echo{i}"
-            assert max(timings) < 1.0
+            assert sink.events == []
             print(f"url-verify median {statistics.median(timings) * 1000:.1f} ms")
         async with httpx.AsyncClient(base_url=sim_url, timeout=5) as admin:
             await admin.post("/sim/faults", json={"api": "callback", "kind": "duplicate"})
@@ -179,6 +185,17 @@ async def test_callback_answers_fast_when_redis_is_down(mode: str) -> None:
     replay = RedisReplayCache.from_settings(
         RedisSettings(url=f"redis://127.0.0.1:{port}/0", socket_timeout_s=3.0)
     )
+    cancelled: list[str] = []  # replay checks our 0.3 s replay timeout gave up on
+    first_seen = replay.first_seen
+
+    async def watched(key: str, ttl_s: int) -> bool:
+        try:
+            return await first_seen(key, ttl_s)
+        except asyncio.CancelledError:
+            cancelled.append(key)
+            raise
+
+    replay.first_seen = watched  # type: ignore[method-assign]
     sink = ListSink()
     app = _callback_app(sink, replay, replay_timeout_s=0.3)
     state = WeComSimulatorState.from_settings(SETTINGS)
@@ -187,11 +204,12 @@ async def test_callback_answers_fast_when_redis_is_down(mode: str) -> None:
     try:
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
             params, body = state.build_callback(KF)
-            started = time.perf_counter()
             resp = await client.post("/wecom/callback", params=params, content=body)
-            elapsed = time.perf_counter() - started
         assert resp.status_code == 200 and resp.text == "success"
-        assert elapsed < 1.0, elapsed
+        # Black hole: the check was abandoned at replay_timeout_s (cancelled by us), not
+        # left to the 3 s socket timeout. Refused: failed at once or, while the client
+        # retried the connection, abandoned the same way.
+        assert len(cancelled) == 1 if mode == "blackhole" else len(cancelled) <= 1
         assert len(sink.events) == 1
         assert REPLAY_CACHE_ERRORS.value() == before + 1
     finally:
@@ -333,11 +351,12 @@ async def test_client_times_out_and_retries_a_hanging_api_over_tcp() -> None:
         ids = state.add_messages(KF, "u", 5)
         state.add_fault(FaultRule(api="kf/sync_msg", kind="timeout", count=1))
         state.add_fault(FaultRule(api="kf/sync_msg", kind="latency", latency_s=0.1, count=1))
-        started = time.perf_counter()
+        retries_before = API_RETRIES.total()
         page = await client.sync_msg(KF)
-        elapsed = time.perf_counter() - started
         assert [m["msgid"] for m in page.msg_list] == ids
-        assert 0.3 <= elapsed < 1.0  # gave up on the hung call at the timeout, not after it
+        # The hung call (1 s) was given up at the 0.3 s timeout and retried: waited out,
+        # it would have answered and needed no retry.
+        assert API_RETRIES.total() - retries_before == 1
         assert state.stats.faults_fired == 2
     finally:
         await client.aclose()

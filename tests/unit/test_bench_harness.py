@@ -148,7 +148,8 @@ def test_run_one_times_out_and_kills_the_bench(tmp_path: Path) -> None:
     )
     outcome = run_all.run_one(script, tmp_path, {"PATH": "/usr/bin:/bin"}, timeout_s=3)
     assert outcome.status == "timeout"
-    assert outcome.elapsed_s < 30
+    # Ended by the harness's signal at its timeout, not by finishing its 600 s sleep.
+    assert outcome.returncode is not None and outcome.returncode < 0
     pid = int(pid_file.read_text())
     from qywx_ray.devstack.procs import pid_alive
 

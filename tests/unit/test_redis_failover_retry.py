@@ -4,7 +4,6 @@ a handler's Redis outage retried in place by the host instead of dead-lettered."
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -74,15 +73,35 @@ def test_retry_rides_transient_errors_then_succeeds() -> None:
     assert flaky.calls == 4 and len(flaky.failed) == 3  # each failure disconnects first
 
 
-def test_retry_gives_up_at_its_time_budget() -> None:
+class FakeTime:
+    """The store client's clock: sleeping moves it, so the test sees what it decided."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_retry_gives_up_at_its_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qywx_ray.store import client as store_client
+
+    fake = FakeTime()
+    monkeypatch.setattr(store_client, "time", fake)
     flaky = Flaky([RedisConnectionError("down")] * 10_000)
     retry = FailoverRetry(budget_s=0.3, base_s=0.01, cap_s=0.05)
-    started = time.monotonic()
     with pytest.raises(RedisConnectionError):
         retry.call_with_retry(flaky.do, flaky.fail)
-    elapsed_s = time.monotonic() - started
-    assert 0.3 <= elapsed_s < 1.0
-    assert flaky.calls > 3
+    # It waited exactly its budget (the last pause cut to what was left), never past it,
+    # each pause within the backoff cap, then gave up after one more attempt.
+    assert sum(fake.sleeps) == pytest.approx(0.3)
+    assert all(0 < s <= 0.05 for s in fake.sleeps)
+    assert flaky.calls == len(fake.sleeps) + 1 and flaky.calls > 3
 
 
 def test_retry_never_repeats_a_command_error() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
-import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -38,12 +37,19 @@ class ListSink:
 
 
 class BrokenReplay:
+    """Redis down: refused at once, or (hang_s) a call that hangs until cancelled."""
+
     def __init__(self, hang_s: float = 0.0) -> None:
         self.hang_s = hang_s
+        self.cancelled = 0  # calls our replay timeout gave up on
 
     async def first_seen(self, key: str, ttl_s: int) -> bool:
         if self.hang_s:
-            await asyncio.sleep(self.hang_s)
+            try:
+                await asyncio.sleep(self.hang_s)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         raise ConnectionError("redis down")
 
     async def forget(self, key: str) -> None:
@@ -113,18 +119,18 @@ INNER = (
 )
 
 
-async def test_url_verification_returns_plain_echo_fast(
+async def test_url_verification_returns_plain_echo_without_touching_the_pipeline(
     setup: tuple[httpx.AsyncClient, ListSink], sim: WeComSimulatorState
 ) -> None:
-    client, _ = setup
+    """WeCom wants the echo within 1 s: the verification is answered from the request
+    alone (nothing submitted downstream), which is what keeps it fast."""
+    client, sink = setup
     params = sim.build_url_check("1616140317555161061")
-    started = time.perf_counter()
     resp = await client.get(URL, params=params)
-    elapsed = time.perf_counter() - started
     assert resp.status_code == 200
     assert resp.content == b"1616140317555161061"  # no quotes, no newline
     assert resp.headers["content-type"].startswith("text/plain")
-    assert elapsed < 1.0
+    assert sink.events == []
 
 
 async def test_url_verification_rejects_bad_signature_and_missing_params(
@@ -298,33 +304,53 @@ async def test_in_memory_replay_cache_expires_by_clock() -> None:
     assert await cache.first_seen("k", 10) is True
 
 
-@pytest.mark.parametrize("hang_s", [0.0, 5.0])
+@pytest.mark.parametrize("hang_s", [0.0, 600.0])
 async def test_replay_cache_down_fails_open_fast(hang_s: float) -> None:
+    """A hanging replay check is abandoned at replay_timeout_s (cancelled by us, not
+    waited out): the hang here is 600 s, so an answer at all means we gave up on it."""
     sink = ListSink()
-    app = _app(sink, BrokenReplay(hang_s), replay_timeout_s=0.2)
+    replay = BrokenReplay(hang_s)
+    app = _app(sink, replay, replay_timeout_s=0.2)
     before = REPLAY_CACHE_ERRORS.value()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
         params, body = _signed_body(INNER)
-        started = time.perf_counter()
         resp = await client.post(URL, params=params, content=body)
-        elapsed = time.perf_counter() - started
     assert resp.status_code == 200 and resp.text == "success"
     assert len(sink.events) == 1  # processed: a duplicate pull is harmless, a lost one is not
     assert REPLAY_CACHE_ERRORS.value() == before + 1
-    assert elapsed < 1.0
+    assert replay.cancelled == (1 if hang_s else 0)
 
 
-async def test_post_latency_is_small(
-    setup: tuple[httpx.AsyncClient, ListSink], sim: WeComSimulatorState
-) -> None:
-    client, sink = setup
+async def test_post_answers_before_any_downstream_work(sim: WeComSimulatorState) -> None:
+    """The callback's latency budget is WeCom's 5 s; it holds because the route only
+    verifies, records the event and answers: the pull itself happens later. A sink that
+    never lets its downstream run proves every answer came before any of it."""
+
+    class HeldSink(ListSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.downstream_ran = 0
+            self.release = asyncio.Event()
+            self.tasks: set[asyncio.Task[None]] = set()
+
+        def submit(self, event: KfCallbackEvent) -> None:
+            super().submit(event)
+            self.tasks.add(asyncio.get_running_loop().create_task(self._downstream()))
+
+        async def _downstream(self) -> None:
+            await self.release.wait()
+            self.downstream_ran += 1
+
+    sink = HeldSink()
     requests = [sim.build_callback(f"wk{i}") for i in range(200)]
-    started = time.perf_counter()
-    for params, body in requests:
-        assert (await client.post(URL, params=params, content=body)).status_code == 200
-    per_call_ms = (time.perf_counter() - started) / len(requests) * 1000
-    assert len(sink.events) == 200
-    assert per_call_ms < 50, per_call_ms
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_app(sink))) as client:
+        for params, body in requests:
+            resp = await client.post(URL, params=params, content=body)
+            assert resp.status_code == 200 and resp.text == "success"
+    assert len(sink.events) == 200 and sink.downstream_ran == 0
+    sink.release.set()
+    await asyncio.gather(*sink.tasks)
+    assert sink.downstream_ran == 200
 
 
 class FailingOnceSink(ListSink):
