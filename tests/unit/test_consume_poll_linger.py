@@ -38,7 +38,10 @@ def test_a_lone_record_leaves_at_once_and_the_next_waits_for_its_slot(
     monkeypatch.setattr(partition_consumer, "time", SimpleNamespace(monotonic=lambda: clock.now))
     kafka = FakeKafka()
     core: Any = SimpleNamespace(
-        consumer=kafka, c=ConsumeSettings(poll_linger_ms=4000), _last_batch_s=0.0
+        consumer=kafka,
+        c=ConsumeSettings(poll_linger_ms=4000),
+        _last_batch_s=0.0,
+        tracker=SimpleNamespace(serial=0),
     )
 
     PartitionConsumerCore._poll(core, 500, 1.0)  # after a quiet spell
