@@ -149,8 +149,10 @@ class RetryOrder(Protocol):
         """Whether a failure for this reason parks the user's later messages."""
         ...
 
-    async def admit(self, items: Sequence[tuple[str, str, bytes, bool]]) -> list[int]:
-        """(user, message_id, value, is_retry) -> PARKED / ADMITTED / WAITED_ON; one trip."""
+    async def admit(self, items: Sequence[tuple[str, str, bytes, bool, int, int]]) -> list[int]:
+        """(user, message_id, value, is_retry, partition, offset) -> PARKED / ADMITTED /
+        WAITED_ON; one trip. A record older (same partition, lower offset) than the
+        position of a hold's blocker is ADMITTED, never parked behind a newer message."""
         ...
 
     async def park(
@@ -178,11 +180,17 @@ class RetryOrder(Protocol):
         ...
 
     async def hold(
-        self, user: str, message_id: str, values: Sequence[bytes], op_id: str = ""
+        self,
+        user: str,
+        message_id: str,
+        values: Sequence[bytes],
+        op_id: str = "",
+        position: tuple[int, int] = (-1, -1),
     ) -> None:
         """Append `values` to the user's lot (once per `op_id`) and, unless the user already
         waits on a message, make it wait on `message_id`: the host's newest queued message,
-        which drains the lot when it finishes (a full mailbox overflows into the lot)."""
+        which drains the lot when it finishes (a full mailbox overflows into the lot).
+        `position` = that message's (partition, offset): see `admit`."""
         ...
 
 

@@ -344,7 +344,8 @@ class HostCore:
     async def _hold(self, user: str, tail: Pending, held: list[Pending], op_id: str) -> None:
         assert self.retry_order is not None
         values = [q.delivery.value for q in held]
-        await self.retry_order.hold(user, tail.envelope.message_id, values, op_id)
+        position = (tail.delivery.partition, tail.delivery.offset)
+        await self.retry_order.hold(user, tail.envelope.message_id, values, op_id, position)
         self.counts["parked"] += len(held)
         m_parked.inc(len(held))
         for q in held:
@@ -392,6 +393,8 @@ class HostCore:
                 p.envelope.message_id,
                 p.delivery.value,
                 p.delivery.is_retry or p.skip_handler,
+                p.delivery.partition,
+                p.delivery.offset,
             )
             for p in items
         ]

@@ -34,7 +34,8 @@ from qywx_ray.store.client import make_async_redis
 
 FLAG_PREFIX = "qywx:park:"
 LIST_PREFIX = "qywx:parked:"
-OP_PREFIX = "qywx:park-op:"  # one key per applied park/advance (24 h): retries are no-ops
+OP_PREFIX = "qywx:park-op:"  # one key per applied park/hold/advance (24 h): resends no-op
+AT_PREFIX = "qywx:park-at:"  # "partition:offset" of a hold's blocker (a host's queued tail)
 
 
 def new_op_id() -> str:
@@ -43,19 +44,31 @@ def new_op_id() -> str:
 
 
 _ADMIT = """
--- KEYS: (flag, list) per item; ARGV: (message_id, envelope, is_retry) per item
--- 1 = process, 0 = parked, 2 = process: it is the very message the user waits on
+-- KEYS: (flag, list, at) per item; ARGV: (message_id, envelope, is_retry, partition,
+-- offset) per item. 1 = process, 0 = parked, 2 = process: the very message waited on.
+-- `at` ("partition:offset") marks a hold behind a host's newest queued message: a record
+-- of that partition below that offset is OLDER than the blocker (redelivered after the
+-- host died before running it): it is processed, not parked behind a newer message.
 local out = {}
-for i = 1, #KEYS / 2 do
-  local flag = KEYS[2 * i - 1]
-  local mid = ARGV[3 * i - 2]
+for i = 1, #KEYS / 3 do
+  local flag = KEYS[3 * i - 2]
+  local mid = ARGV[5 * i - 4]
   local ok = 1
   local waiting = redis.call('GET', flag)
   if waiting and waiting == mid then
     ok = 2
-  elseif waiting and ARGV[3 * i] ~= '1' then
-    redis.call('RPUSH', KEYS[2 * i], ARGV[3 * i - 1])
-    ok = 0
+  elseif waiting and ARGV[5 * i - 2] ~= '1' then
+    local older = false
+    local at = redis.call('GET', KEYS[3 * i])
+    local offset = tonumber(ARGV[5 * i])
+    if at and offset >= 0 then
+      local p, o = string.match(at, '^(-?%d+):(-?%d+)$')
+      older = p == ARGV[5 * i - 1] and offset < tonumber(o)
+    end
+    if not older then
+      redis.call('RPUSH', KEYS[3 * i - 1], ARGV[5 * i - 3])
+      ok = 0
+    end
   end
   out[i] = ok
 end
@@ -83,6 +96,7 @@ if current and current ~= ARGV[1] then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[4])
 local drop = tonumber(ARGV[2])
 if drop > 0 then redis.call('LTRIM', KEYS[2], drop, -1) end
 -- pending mailbox items precede everything parked: they go to the FRONT, in order.
@@ -93,7 +107,7 @@ return 1
 """
 
 _ADVANCE = """
--- KEYS: flag, list, op; ARGV: message_id, drop_n, max_n
+-- KEYS: flag, list, op, at; ARGV: message_id, drop_n, max_n
 -- {0} not waiting on it; {2} drained and unparked; {1, items...} next items (left in place)
 -- The drop is applied once per op key (a retried call reads the same items again).
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
@@ -103,7 +117,7 @@ if redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) and drop > 0 then
 end
 local items = redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1)
 if #items == 0 then
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[4])
   return {2}
 end
 local out = {1}
@@ -112,12 +126,16 @@ return out
 """
 
 _HOLD = """
--- KEYS: flag, list, op; ARGV: message_id, envelopes...
+-- KEYS: flag, list, op, at; ARGV: message_id, "partition:offset", envelopes...
 -- A full mailbox overflows into the lot: append (once per op key) and, unless the user
--- already waits on a message, wait on the host's newest queued one (ARGV[1]).
+-- already waits on a message, wait on the host's newest queued one (ARGV[1]) at its
+-- Kafka position (ARGV[2]: older records of that partition are not parked behind it).
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then return 0 end
-if not redis.call('GET', KEYS[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
-for i = 2, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+if not redis.call('GET', KEYS[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[4], ARGV[2])
+end
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 return 1
 """
 
@@ -129,30 +147,39 @@ return items
 """
 
 _UNPARK = """
--- KEYS: flag, list
+-- KEYS: flag, list, at
 if redis.call('LLEN', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[3])
   return 1
 end
 return 0
 """
 
-AdmitItem = tuple[str, str, bytes, bool]  # (user, message_id, envelope_bytes, is_retry)
+# (user, message_id, envelope_bytes, is_retry[, partition, offset]); -1 = no position
+AdmitItem = tuple[str, str, bytes, bool] | tuple[str, str, bytes, bool, int, int]
 
 
 def _admit_call(items: Sequence[AdmitItem]) -> tuple[list[str], list[str | bytes]]:
     """KEYS and ARGV of the _ADMIT script for a batch."""
     keys: list[str] = []
     args: list[str | bytes] = []
-    for user, message_id, envelope, is_retry in items:
-        keys += [FLAG_PREFIX + user, LIST_PREFIX + user]
-        args += [message_id, envelope, "1" if is_retry else "0"]
+    for item in items:
+        user, message_id, envelope, is_retry = item[:4]
+        partition, offset = (item[4], item[5]) if len(item) == 6 else (-1, -1)  # type: ignore[misc]
+        keys += [FLAG_PREFIX + user, LIST_PREFIX + user, AT_PREFIX + user]
+        args += [message_id, envelope, "1" if is_retry else "0", str(partition), str(offset)]
     return keys, args
 
 
 def _op_keys(user: str, op_id: str) -> list[str]:
-    """KEYS of _PARK / _ADVANCE: flag, list, and the op key that makes a resend a no-op."""
-    return [FLAG_PREFIX + user, LIST_PREFIX + user, OP_PREFIX + (op_id or new_op_id())]
+    """KEYS of _PARK / _HOLD / _ADVANCE: flag, list, the op key that makes a resend a
+    no-op, and the hold position."""
+    return [
+        FLAG_PREFIX + user,
+        LIST_PREFIX + user,
+        OP_PREFIX + (op_id or new_op_id()),
+        AT_PREFIX + user,
+    ]
 
 
 def parks_for(reason: FailureReason, settings: DLQSettings) -> bool:
@@ -222,7 +249,7 @@ class Parking:
 
     def try_unpark(self, user: str) -> bool:
         """Clear the flag only if nothing is parked (atomic); True if the user is free."""
-        return bool(self._unpark(keys=[FLAG_PREFIX + user, LIST_PREFIX + user]))
+        return bool(self._unpark(keys=[FLAG_PREFIX + user, LIST_PREFIX + user, AT_PREFIX + user]))
 
     def parked_count(self, user: str) -> int:
         return int(cast(int, self._r.llen(LIST_PREFIX + user)))
@@ -276,9 +303,15 @@ class AsyncParkingLot:
         return int(reply[0]), list(reply[1:])
 
     async def hold(
-        self, user: str, message_id: str, values: Sequence[bytes], op_id: str = ""
+        self,
+        user: str,
+        message_id: str,
+        values: Sequence[bytes],
+        op_id: str = "",
+        position: tuple[int, int] = (-1, -1),
     ) -> None:
-        await self._hold(keys=_op_keys(user, op_id), args=[message_id, *values])
+        at = f"{position[0]}:{position[1]}"
+        await self._hold(keys=_op_keys(user, op_id), args=[message_id, at, *values])
 
 
 def make_async_parking(settings: Settings) -> AsyncParkingLot:

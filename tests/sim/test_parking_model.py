@@ -16,7 +16,7 @@ import pytest
 import redis as redis_lib
 import redis.asyncio as aioredis
 
-from qywx_ray.dlq.parking import FLAG_PREFIX, LIST_PREFIX, AsyncParkingLot
+from qywx_ray.dlq.parking import AT_PREFIX, FLAG_PREFIX, LIST_PREFIX, AsyncParkingLot
 from qywx_ray.dlq.settings import DLQSettings
 from tests.sim.world import ParkingModel
 
@@ -42,7 +42,14 @@ def random_ops(r: random.Random, model: ParkingModel) -> list[Op]:
         op: Op
         if kind == "admit":
             items = [
-                (r.choice(USERS), r.choice(MIDS), f"v{r.randrange(9)}".encode(), r.random() < 0.3)
+                (
+                    r.choice(USERS),
+                    r.choice(MIDS),
+                    f"v{r.randrange(9)}".encode(),
+                    r.random() < 0.3,
+                    r.choice((-1, 0, 1)),
+                    r.randint(-1, 9),
+                )
                 for _ in range(r.randint(1, 4))
             ]
             op = ("admit", (items,))
@@ -53,7 +60,8 @@ def random_ops(r: random.Random, model: ParkingModel) -> list[Op]:
             sent.append(op)
         elif kind == "hold":
             values = [f"h{r.randrange(9)}".encode() for _ in range(r.randint(1, 3))]
-            op = ("hold", (user, mid, values, uuid.uuid4().hex))
+            position = (r.choice((-1, 0, 1)), r.randint(-1, 9))
+            op = ("hold", (user, mid, values, uuid.uuid4().hex, position))
             sent.append(op)
         elif kind == "advance":
             op = ("advance", (user, mid, r.randint(0, 3), r.randint(0, 3), uuid.uuid4().hex))
@@ -93,17 +101,24 @@ async def apply_real(lot: AsyncParkingLot, op: Op) -> Any:
     return await lot.advance(*args)
 
 
-def real_state(client: redis_lib.Redis) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+State = tuple[dict[str, str], dict[str, list[bytes]], dict[str, str]]
+
+
+def real_state(client: redis_lib.Redis) -> State:
     flags: dict[str, str] = {}
     lots: dict[str, list[bytes]] = {}
+    ats: dict[str, str] = {}
     for user in USERS:
+        at = cast(bytes | None, client.get(AT_PREFIX + user))
+        if at is not None:
+            ats[user] = at.decode()
         flag = cast(bytes | None, client.get(FLAG_PREFIX + user))
         if flag is not None:
             flags[user] = flag.decode()
         items = cast(list[bytes], client.lrange(LIST_PREFIX + user, 0, -1))
         if items:
             lots[user] = items
-    return flags, lots
+    return flags, lots, ats
 
 
 async def test_parking_model_matches_the_lua_scripts(
@@ -121,7 +136,7 @@ async def test_parking_model_matches_the_lua_scripts(
                 want = apply_model(model, op)
                 got = await apply_real(lot, op)
                 assert got == want, f"sequence {seq}, op {i} {op}: redis {got} != model {want}"
-            flags, lots = real_state(redis_client)
-            assert (flags, lots) == (model.flags, model.lots), f"sequence {seq}: final state"
+            want = (model.flags, model.lots, model.at)
+            assert real_state(redis_client) == want, f"sequence {seq}: final state"
     finally:
         await client.aclose()

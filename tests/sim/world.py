@@ -135,6 +135,7 @@ class ParkingModel:
     def __init__(self) -> None:
         self.flags: dict[str, str] = {}
         self.lots: dict[str, list[bytes]] = {}
+        self.at: dict[str, str] = {}  # "partition:offset" of a hold's blocker
         self.ops: set[str] = set()
 
     def _lot(self, user: str) -> list[bytes]:
@@ -146,13 +147,24 @@ class ParkingModel:
         else:
             self.lots.pop(user, None)  # Redis deletes an empty list
 
-    def admit(self, items: Sequence[tuple[str, str, bytes, bool]]) -> list[int]:
+    def older_than_hold(self, user: str, partition: int, offset: int) -> bool:
+        at = self.at.get(user)
+        if at is None or offset < 0:
+            return False
+        p, o = at.split(":")
+        return p == str(partition) and offset < int(o)
+
+    def admit(self, items: Sequence[tuple[str, str, bytes, bool, int, int]]) -> list[int]:
         out: list[int] = []
-        for user, mid, value, is_retry in items:
+        for user, mid, value, is_retry, partition, offset in items:
             waiting = self.flags.get(user)
             if waiting is not None and waiting == mid:
                 out.append(WAITED_ON)
-            elif waiting is not None and not is_retry:
+            elif (
+                waiting is not None
+                and not is_retry
+                and not self.older_than_hold(user, partition, offset)
+            ):
                 self._set_lot(user, [*self._lot(user), value])
                 out.append(PARKED)
             else:
@@ -176,17 +188,27 @@ class ParkingModel:
             self._set_lot(user, [*self._lot(user), *pending])
             return 2
         self.flags[user] = mid
+        self.at.pop(user, None)
         lot = self._lot(user)
         if drop_first > 0:
             lot = ltrim(lot, drop_first)
         self._set_lot(user, [*pending, *lot])
         return 1
 
-    def hold(self, user: str, mid: str, values: Sequence[bytes], op_id: str) -> int:
+    def hold(
+        self,
+        user: str,
+        mid: str,
+        values: Sequence[bytes],
+        op_id: str,
+        position: tuple[int, int] = (-1, -1),
+    ) -> int:
         if op_id in self.ops:
             return 0
         self.ops.add(op_id)
-        self.flags.setdefault(user, mid)
+        if user not in self.flags:
+            self.flags[user] = mid
+            self.at[user] = f"{position[0]}:{position[1]}"
         self._set_lot(user, [*self._lot(user), *values])
         return 1
 
@@ -202,6 +224,7 @@ class ParkingModel:
         items = lrange(self._lot(user), 0, max_n - 1)
         if not items:
             del self.flags[user]
+            self.at.pop(user, None)
             return 2, []
         return 1, items
 
@@ -216,6 +239,7 @@ class ParkingModel:
     def try_unpark(self, user: str) -> bool:
         if not self._lot(user):
             self.flags.pop(user, None)
+            self.at.pop(user, None)
             return True
         return False
 
@@ -248,7 +272,7 @@ class FakeRetryOrder:
             self.trace.add(f"redis: {what} applied, reply lost")
             raise adapter.InfraError(f"reply lost ({what})")
 
-    async def admit(self, items: Sequence[tuple[str, str, bytes, bool]]) -> list[int]:
+    async def admit(self, items: Sequence[tuple[str, str, bytes, bool, int, int]]) -> list[int]:
         try:
             await self._fault_before("admit")
             codes = self.model.admit(items)
@@ -256,13 +280,13 @@ class FakeRetryOrder:
                 "admit "
                 + " ".join(
                     f"{m}{'(r)' if r else ''}={c}"
-                    for (_, m, _, r), c in zip(items, codes, strict=True)
+                    for (_, m, _, r, _, _), c in zip(items, codes, strict=True)
                 )
             )
             self._fault_after("admit")
         except adapter.InfraError:
             if self.policy == "process":  # the host admits them all unchecked
-                self.ledger.exempt([m for _, m, _, _ in items], "parking_bypassed")
+                self.ledger.exempt([m for _, m, *_ in items], "parking_bypassed")
             raise
         return codes
 
@@ -284,10 +308,15 @@ class FakeRetryOrder:
         self._fault_after("park")
 
     async def hold(
-        self, user: str, message_id: str, values: Sequence[bytes], op_id: str = ""
+        self,
+        user: str,
+        message_id: str,
+        values: Sequence[bytes],
+        op_id: str = "",
+        position: tuple[int, int] = (-1, -1),
     ) -> None:
         await self._fault_before("hold")
-        applied = self.model.hold(user, message_id, values, op_id)
+        applied = self.model.hold(user, message_id, values, op_id, position)
         self.trace.add(
             f"hold {user} behind {message_id} [{','.join(mid_of(v) for v in values)}] "
             f"op#{self._op(op_id)} applied={applied}"

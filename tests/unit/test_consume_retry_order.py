@@ -21,6 +21,7 @@ from tests.unit.test_consume_user_actor import Completions, Letters, delivery, r
 class MemoryRetryOrder:
     def __init__(self, exempt: frozenset[str] = frozenset({"rate_limited", "user_blocked"})):
         self.flag: dict[str, str] = {}
+        self.at: dict[str, tuple[int, int]] = {}  # a hold's blocker position
         self.lots: dict[str, list[bytes]] = {}
         self.exempt = exempt
         self.calls = 0
@@ -28,14 +29,17 @@ class MemoryRetryOrder:
     def parks(self, reason: str) -> bool:
         return reason != "invalid_message" and reason not in self.exempt
 
-    async def admit(self, items: Sequence[tuple[str, str, bytes, bool]]) -> list[int]:
+    async def admit(self, items: Sequence[tuple[Any, ...]]) -> list[int]:
         self.calls += 1
         out = []
-        for user, mid, value, is_retry in items:
+        for user, mid, value, is_retry, *position in items:
             waiting = self.flag.get(user)
+            at = self.at.get(user)
+            older = bool(position) and at is not None and position[0] == at[0]
+            older = older and 0 <= position[1] < at[1]
             if waiting == mid:
                 out.append(WAITED_ON)
-            elif waiting is not None and not is_retry:
+            elif waiting is not None and not is_retry and not older:
                 self.lots.setdefault(user, []).append(value)
                 out.append(PARKED)
             else:
@@ -56,11 +60,21 @@ class MemoryRetryOrder:
             self.lots.setdefault(user, []).extend(pending)
             return
         self.flag[user] = mid
+        self.at.pop(user, None)
         lot = self.lots.setdefault(user, [])[drop_first:]
         self.lots[user] = [*pending, *lot]
 
-    async def hold(self, user: str, mid: str, values: Sequence[bytes], op_id: str = "") -> None:
-        self.flag.setdefault(user, mid)
+    async def hold(
+        self,
+        user: str,
+        mid: str,
+        values: Sequence[bytes],
+        op_id: str = "",
+        position: tuple[int, int] = (-1, -1),
+    ) -> None:
+        if user not in self.flag:
+            self.flag[user] = mid
+            self.at[user] = position
         self.lots.setdefault(user, []).extend(values)
 
     async def advance(
@@ -72,6 +86,7 @@ class MemoryRetryOrder:
         del lot[:drop_n]
         if not lot:
             del self.flag[user]
+            self.at.pop(user, None)
             return 2, []
         return 1, lot[:max_n]
 
