@@ -38,6 +38,8 @@ class Pending:
     chunk_end: bool = False  # last of a drained chunk: take the next one after it
     denied: str | None = None  # denied at ingest by a parking reason: acted on at the head
     failed: bool = False  # its outcome is a dead letter
+    succeeded: bool = False  # its handler succeeded here
+    holds: bool = False  # a full mailbox's overflow waits in the lot behind it
     # A DLQ retry of this very message that arrived while this attempt was still running
     # (possible when a dead letter is written before its park): completed if this
     # attempt succeeds, ingested afresh if it fails; never completed with a failure.

@@ -136,6 +136,9 @@ class TimedAdmission(Protocol):
 PARKED = 0  # durably appended behind the user's message in the retry path: complete it
 ADMITTED = 1  # process now
 WAITED_ON = 2  # the very message the user is parked behind: process, then drain the lot
+# Result of RetryOrder.park: applied, or left alone because an older blocker holds the user.
+PARK_APPLIED = 1
+PARK_FOREIGN = 2
 
 
 class RetryOrder(Protocol):
@@ -163,12 +166,13 @@ class RetryOrder(Protocol):
         pending: Sequence[bytes],
         op_id: str = "",
         replaces: Sequence[str] = (),
-    ) -> None:
+    ) -> int:
         """Atomically: drop the first `drop_first` parked items (a drained chunk the host
-        holds), put `pending` in front, and wait on `message_id`. Applied at most once
-        per `op_id`: the caller reuses it when it retries after an unknown outcome.
-        If the user already waits on a message other than `message_id` and not listed
-        in `replaces`, that older blocker stays: `pending` is appended to the lot."""
+        holds), put `pending` in front, and wait on `message_id` (PARK_APPLIED). Applied
+        at most once per `op_id` (a resend returns the first answer): the caller reuses
+        it when it retries after an unknown outcome. If the user already waits on a
+        message other than `message_id` and not in `replaces`, that older blocker stays
+        and nothing changes (PARK_FOREIGN)."""
         ...
 
     async def advance(

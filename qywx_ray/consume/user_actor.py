@@ -47,6 +47,7 @@ from qywx_ray.consume.handlers import (
 from qywx_ray.consume.mailbox import Pending, State, UserMailbox
 from qywx_ray.consume.types import (
     ADMITTED,
+    PARK_FOREIGN,
     PARKED,
     REASON_CIRCUIT_OPEN,
     REASON_INVALID,
@@ -239,8 +240,12 @@ class HostCore:
             mid = env.message_id
             p = self.pending.get(mid)
             if p is not None:  # a re-delivery (or a drain token) of a message still here
-                if d.is_retry and not d.is_drain:
-                    p.late_retries.append(d)  # this attempt may still fail: keep it
+                # A retry or token for a message whose attempt here may still fail is
+                # kept aside (see Pending.late_retries); a token for a drain in progress
+                # (or a plain redelivery) waits with it.
+                settled = p.skip_handler or p.succeeded
+                if d.is_retry and not (d.is_drain and settled):
+                    p.late_retries.append(d)
                 else:
                     p.waiters.append(d)
                 continue
@@ -332,7 +337,7 @@ class HostCore:
                     denied.append((p, REASON_QUEUE_FULL))
                     continue
                 tail = mb.queue[-1]
-                tail.waited_on = True
+                tail.waited_on = tail.holds = True
                 overflow[user] = (tail, [p])
                 continue
             self._offer(mb, p)
@@ -452,11 +457,11 @@ class HostCore:
         later: list[Pending],
         replaces: list[str],
         op_id: str,
-    ) -> None:
+    ) -> int:
         assert self.retry_order is not None
         values = [q.delivery.value for q in later]
         mid = blocker.envelope.message_id
-        await self.retry_order.park(user, mid, drop_first, values, op_id, replaces)
+        return await self.retry_order.park(user, mid, drop_first, values, op_id, replaces)
         if later:
             self.counts["parked"] += len(later)
             m_parked.inc(len(later))
@@ -562,6 +567,7 @@ class HostCore:
             reason, error = await self._run_handler(env, ctx)
             self._durations_s.append(time.perf_counter() - t0)
         if reason is None:
+            p.succeeded = True
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
             if p.waited_on or p.chunk_end:
@@ -621,14 +627,23 @@ class HostCore:
             later = list(mb.queue)[1:]
             drop, owner = mb.undropped, mb.drain_owner
             # The flags this park may take over: its drain owner's, or a newer queued
-            # message's (a full mailbox held behind its tail). Any other blocker is older
-            # than p (p is then an exempt message): the park leaves it in place.
-            replaces = [q.envelope.message_id for q in later]
+            # plain message's (a full mailbox held behind its tail). Any other blocker is
+            # older than p (p is then an exempt message, e.g. a rate-limited retry): the
+            # park leaves the flag, the lot and this queue as they are (its retry may be
+            # queued right behind p).
+            replaces = [
+                q.envelope.message_id for q in later if q.holds or not q.delivery.is_retry
+            ]
             if owner is not None:
                 replaces.append(owner.envelope.message_id)
             park = functools.partial(self._park, mb.user, p, drop, later, replaces, _op_id())
-            await self._retry_redis("park", park)
+            status = await self._retry_redis("park", park)
             assert len(mb.queue) == 1 + len(later), "the queue changed under the lane"
+            if status == PARK_FOREIGN:
+                log.warning(
+                    "host.park_behind_older_blocker", user=mb.user, message_id=p.envelope.message_id
+                )
+                return None
             while len(mb.queue) > 1:
                 mb.queue.pop()
             for q in later:
@@ -683,68 +698,75 @@ class HostCore:
         crash would redeliver to resume the drain. With a token sink, each chunk first
         puts a fresh token on the main topic and then completes the records held so far:
         the partition's commit is held for one chunk at a time, not the whole drain."""
-        assert self.retry_order is not None
-        order = self.retry_order
-        user, mid = mb.user, owner.envelope.message_id
-        chunk = self.opt.park_drain_chunk
         while True:
-            advance = functools.partial(order.advance, user, mid, drop_n, chunk, _op_id())
+            # Under the lane from the lot's answer until the chunk is registered as
+            # pending: an ingest cannot slip a redelivered copy of a chunk message in
+            # between (it would be skipped here and parked behind newer ones).
             async with self._lane:
-                status, raw = await self._retry_redis("advance", advance)
+                status, take, n_raw = await self._next_chunk(mb, owner, drop_n)
             if status != 1:  # 2: drained and unparked; 0: no longer waiting on it
                 if mb.drain_owner is owner:
                     mb.drain_owner, mb.undropped = None, 0
                 self._finish(owner, mb)
                 if status == 2:
-                    log.info("host.unparked", user=user, after=mid)
+                    log.info("host.unparked", user=mb.user, after=owner.envelope.message_id)
                 return
-            items: list[tuple[Delivery, Envelope]] = []
-            for value in raw:
-                try:
-                    env = Envelope.from_bytes(value)
-                except EnvelopeError:  # never parked unparsed; skip rather than block
-                    log.error("host.parked_unreadable", user=user)
-                    continue
-                d = owner.delivery._replace(
-                    partition=-1,
-                    offset=-1,
-                    value=value,
-                    msg_id=env.message_id,
-                    retry_count=0,
-                    is_retry=False,
-                    is_drain=False,
-                )
-                items.append((d, env))
-            ids = [e.message_id for _, e in items if e.message_id not in self.pending]
-            done = await self.dedup.already_done(ids) if ids else set()
-            # A lot can hold one message twice (a re-pulled or re-delivered copy parked
-            # behind the original): run the first copy only.
-            take: list[Pending] = []
-            seen: set[str] = set()
-            for d, e in items:
-                item_id = e.message_id  # not `mid`: that names the owner (advance needs it)
-                if (
-                    item_id in done
-                    or item_id in seen
-                    or item_id in self.pending
-                    or item_id in self.dedup.recent
-                ):
-                    continue
-                seen.add(item_id)
-                take.append(Pending(d, e, []))
             if not take:
-                drop_n = len(raw)
+                drop_n = n_raw
                 continue
             self.counts["unparked"] += len(take)
             m_unparked.inc(len(take))
             take[-1].chunk_end = True
-            mb.drain_owner, mb.undropped = owner, len(raw)
+            mb.drain_owner, mb.undropped = owner, n_raw
             await self._hand_over_hold(owner)
             for i, q in enumerate(take):
-                self.pending[q.envelope.message_id] = q
                 mb.queue.insert(1 + i, q)
                 mb.unfinished += 1
             return
+
+    async def _next_chunk(
+        self, mb: UserMailbox, owner: Pending, drop_n: int
+    ) -> tuple[int, list[Pending], int]:
+        """(status, messages to run, items read) of one `advance`: drop what the previous
+        chunk consumed, read the next, skip what is done or already here (registered as
+        pending before returning). The caller holds the lane."""
+        assert self.retry_order is not None
+        user, mid = mb.user, owner.envelope.message_id
+        chunk = self.opt.park_drain_chunk
+        advance = functools.partial(self.retry_order.advance, user, mid, drop_n, chunk, _op_id())
+        status, raw = await self._retry_redis("advance", advance)
+        if status != 1:
+            return status, [], 0
+        items: list[tuple[Delivery, Envelope]] = []
+        for value in raw:
+            try:
+                env = Envelope.from_bytes(value)
+            except EnvelopeError:  # never parked unparsed; skip rather than block
+                log.error("host.parked_unreadable", user=user)
+                continue
+            d = owner.delivery._replace(
+                partition=-1,
+                offset=-1,
+                value=value,
+                msg_id=env.message_id,
+                retry_count=0,
+                is_retry=False,
+                is_drain=False,
+            )
+            items.append((d, env))
+        ids = [e.message_id for _, e in items if e.message_id not in self.pending]
+        done = await self.dedup.already_done(ids) if ids else set()
+        # A lot can hold one message twice (a re-pulled or re-delivered copy parked
+        # behind the original): run the first copy only.
+        take: list[Pending] = []
+        for d, e in items:
+            item_id = e.message_id  # not `mid`: that names the owner (advance needs it)
+            if item_id in done or item_id in self.pending or item_id in self.dedup.recent:
+                continue
+            q = Pending(d, e, [])
+            self.pending[item_id] = q
+            take.append(q)
+        return status, take, len(raw)
 
     async def _hand_over_hold(self, owner: Pending) -> None:
         """Put a new drain token on the main topic, then complete the records the drain

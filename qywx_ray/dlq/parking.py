@@ -78,10 +78,11 @@ return out
 _PARK = """
 -- KEYS: flag, list, op; ARGV: message_id, drop_first, n, replaces (n ids), pending...
 -- Applied once per op key: a retry after a lost reply (or a timeout) must not drop or
--- push twice. The flag is taken over only when absent, already ours, or one of the
--- `replaces` ids; another blocker is older than this message (an exempt one failed
--- while its user was parked): it stays, and the pending items join the lot's end (2).
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then return 0 end
+-- push twice (a resend returns the first answer). The flag is taken over only when
+-- absent, already ours, or one of the `replaces` ids; another blocker is older than this
+-- message (an exempt one failed while its user was parked): nothing changes (2).
+local done = redis.call('GET', KEYS[3])
+if done then return tonumber(done) end
 local n = tonumber(ARGV[3])
 local first = 4 + n
 local current = redis.call('GET', KEYS[1])
@@ -91,10 +92,11 @@ if current and current ~= ARGV[1] then
     if ARGV[i] == current then ours = true end
   end
   if not ours then
-    for i = first, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+    redis.call('SET', KEYS[3], '2', 'EX', 86400)
     return 2
   end
 end
+redis.call('SET', KEYS[3], '1', 'EX', 86400)
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[4])
 local drop = tonumber(ARGV[2])
@@ -289,10 +291,10 @@ class AsyncParkingLot:
         pending: Sequence[bytes],
         op_id: str = "",
         replaces: Sequence[str] = (),
-    ) -> None:
+    ) -> int:
         args: list[str | int | bytes] = [message_id, drop_first, len(replaces), *replaces]
         args.extend(pending)
-        await self._park(keys=_op_keys(user, op_id), args=args)
+        return int(await self._park(keys=_op_keys(user, op_id), args=args))
 
     async def advance(
         self, user: str, message_id: str, drop_n: int, max_n: int, op_id: str = ""

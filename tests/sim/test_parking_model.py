@@ -80,8 +80,7 @@ def apply_model(model: ParkingModel, op: Op) -> Any:
     if kind == "admit":
         return model.admit(*args)
     if kind == "park":
-        model.park(*args)
-        return None
+        return model.park(*args)
     if kind == "hold":
         model.hold(*args)
         return None
@@ -93,8 +92,7 @@ async def apply_real(lot: AsyncParkingLot, op: Op) -> Any:
     if kind == "admit":
         return await lot.admit(*args)
     if kind == "park":
-        await lot.park(*args)
-        return None
+        return await lot.park(*args)
     if kind == "hold":
         await lot.hold(*args)
         return None

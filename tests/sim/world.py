@@ -136,6 +136,7 @@ class ParkingModel:
         self.flags: dict[str, str] = {}
         self.lots: dict[str, list[bytes]] = {}
         self.at: dict[str, str] = {}  # "partition:offset" of a hold's blocker
+        self.park_results: dict[str, int] = {}  # op id -> first answer (resends get it)
         self.ops: set[str] = set()
 
     def _lot(self, user: str) -> list[bytes]:
@@ -180,13 +181,13 @@ class ParkingModel:
         op_id: str,
         replaces: Sequence[str] = (),
     ) -> int:
-        if op_id in self.ops:
-            return 0
-        self.ops.add(op_id)
+        if op_id in self.park_results:
+            return self.park_results[op_id]
         current = self.flags.get(user)
         if current is not None and current != mid and current not in replaces:
-            self._set_lot(user, [*self._lot(user), *pending])
+            self.park_results[op_id] = 2
             return 2
+        self.park_results[op_id] = 1
         self.flags[user] = mid
         self.at.pop(user, None)
         lot = self._lot(user)
@@ -298,7 +299,7 @@ class FakeRetryOrder:
         pending: Sequence[bytes],
         op_id: str = "",
         replaces: Sequence[str] = (),
-    ) -> None:
+    ) -> int:
         await self._fault_before("park")
         applied = self.model.park(user, message_id, drop_first, pending, op_id, replaces)
         self.trace.add(
@@ -306,6 +307,7 @@ class FakeRetryOrder:
             f"front=[{','.join(mid_of(v) for v in pending)}] op#{self._op(op_id)} applied={applied}"
         )
         self._fault_after("park")
+        return applied
 
     async def hold(
         self,

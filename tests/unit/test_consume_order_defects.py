@@ -76,7 +76,7 @@ async def test_park_on_failure_does_not_race_with_admit() -> None:
     lot only after messages admitted behind the flag: [m0, m1, m3, m2]."""
 
     class SlowPark(MemoryRetryOrder):
-        def __init__(self) -> None:
+        def __init__(self) -> int:
             super().__init__()
             self.before = asyncio.Event()
             self.after = asyncio.Event()

@@ -54,15 +54,15 @@ class MemoryRetryOrder:
         pending: Sequence[bytes],
         op_id: str = "",
         replaces: Sequence[str] = (),
-    ) -> None:
+    ) -> int:
         current = self.flag.get(user)
         if current is not None and current != mid and current not in replaces:
-            self.lots.setdefault(user, []).extend(pending)
-            return
+            return 2
         self.flag[user] = mid
         self.at.pop(user, None)
         lot = self.lots.setdefault(user, [])[drop_first:]
         self.lots[user] = [*pending, *lot]
+        return 1
 
     async def hold(
         self,
