@@ -631,9 +631,7 @@ class HostCore:
             # older than p (p is then an exempt message, e.g. a rate-limited retry): the
             # park leaves the flag, the lot and this queue as they are (its retry may be
             # queued right behind p).
-            replaces = [
-                q.envelope.message_id for q in later if q.holds or not q.delivery.is_retry
-            ]
+            replaces = [q.envelope.message_id for q in later if q.holds or not q.delivery.is_retry]
             if owner is not None:
                 replaces.append(owner.envelope.message_id)
             park = functools.partial(self._park, mb.user, p, drop, later, replaces, _op_id())
