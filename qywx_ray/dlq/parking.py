@@ -216,8 +216,10 @@ class Parking:
         message_id: str,
         reason: FailureReason | None = None,
         pending: Sequence[bytes] = (),
+        replaces: Sequence[str] = (),
     ) -> bool:
-        """Park `user` behind `message_id` (unless the reason is exempt); False if exempt.
+        """Park `user` behind `message_id` (unless the reason is exempt or another blocker
+        not in `replaces` holds the user); False if not parked.
 
         `pending` = that user's later messages the host already holds (its mailbox, or
         parked messages it took but has not processed), in order; they are put in FRONT
@@ -225,8 +227,9 @@ class Parking:
         """
         if reason is not None and not parks_for(reason, self._settings):
             return False
-        self._park(keys=_op_keys(user, ""), args=[message_id, 0, 0, *pending])
-        return True
+        args: list[str | int | bytes] = [message_id, 0, len(replaces), *replaces]
+        args.extend(pending)
+        return int(self._park(keys=_op_keys(user, ""), args=args)) == 1
 
     def is_parked(self, user: str) -> bool:
         return bool(self._r.exists(FLAG_PREFIX + user))

@@ -128,7 +128,10 @@ def test_parking_exempt_reasons_and_failures_during_drain(redis_client: redis.Re
     assert taken == [b"2", b"3", b"4"]
     p.admit_batch([("u", "m5", b"5", False)])
     # m2 succeeded, m3 failed again: m3 waits; m4 (taken, not processed) goes back in FRONT
-    assert p.park("u", "m3", FailureReason.PROCESS_TIMEOUT, pending=[b"4"])
+    # (it takes over from the drain owner m1; without saying so, m1 stays the blocker)
+    assert not p.park("u", "m3", FailureReason.PROCESS_TIMEOUT, pending=[b"4"])
+    assert p.waiting_on("u") == "m1"
+    assert p.park("u", "m3", FailureReason.PROCESS_TIMEOUT, pending=[b"4"], replaces=["m1"])
     assert p.waiting_on("u") == "m3"
     assert p.peek_parked("u", 10) == [b"4", b"5"]
 
@@ -184,8 +187,8 @@ async def test_parking_writes_retried_after_an_unknown_outcome_apply_once(
         assert await lot.advance("u", "m0", 2, 2, op_id="adv-2") == (1, [b"3"])
         assert await lot.advance("u", "m0", 2, 2, op_id="adv-2") == (1, [b"3"])  # retry
         # Re-park mid-drain (drop the chunk the host holds), retried: still one drop.
-        await lot.park("u", "m3", 1, [], op_id="park-2")
-        await lot.park("u", "m3", 1, [], op_id="park-2")
+        assert await lot.park("u", "m3", 1, [], op_id="park-2", replaces=["m0"]) == 1
+        assert await lot.park("u", "m3", 1, [], op_id="park-2", replaces=["m0"]) == 1
         assert redis_client.lrange("qywx:parked:u", 0, -1) == []
         assert redis_client.get("qywx:park:u") == b"m3"
         assert await lot.advance("u", "m3", 0, 2, op_id="adv-3") == (2, [])
