@@ -40,6 +40,7 @@ class Pending:
     failed: bool = False  # its outcome is a dead letter
     succeeded: bool = False  # its handler succeeded here
     holds: bool = False  # a full mailbox's overflow waits in the lot behind it
+    draining: bool = False  # settled, and its user's lot is draining behind it
     # A DLQ retry of this very message that arrived while this attempt was still running
     # (possible when a dead letter is written before its park): completed if this
     # attempt succeeds, ingested afresh if it fails; never completed with a failure.

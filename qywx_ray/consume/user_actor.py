@@ -241,10 +241,10 @@ class HostCore:
             p = self.pending.get(mid)
             if p is not None:  # a re-delivery (or a drain token) of a message still here
                 # A retry or token for a message whose attempt here may still fail is
-                # kept aside (see Pending.late_retries); a token for a drain in progress
-                # (or a plain redelivery) waits with it.
-                settled = p.skip_handler or p.succeeded
-                if d.is_retry and not (d.is_drain and settled):
+                # kept aside (see Pending.late_retries); once it succeeded (or it is a
+                # drain), any copy just waits with it (a drain hands them over per chunk).
+                settled = p.skip_handler or p.succeeded or p.draining
+                if d.is_retry and not settled:
                     p.late_retries.append(d)
                 else:
                     p.waiters.append(d)
@@ -716,6 +716,7 @@ class HostCore:
             m_unparked.inc(len(take))
             take[-1].chunk_end = True
             mb.drain_owner, mb.undropped = owner, n_raw
+            owner.draining = True
             await self._hand_over_hold(owner)
             for i, q in enumerate(take):
                 mb.queue.insert(1 + i, q)
@@ -770,6 +771,9 @@ class HostCore:
         """Put a new drain token on the main topic, then complete the records the drain
         held so far (the retry, earlier tokens that came back). Nothing to do while the
         previous token is still on its way: it holds the place."""
+        if owner.late_retries:  # copies that came during its attempt: it is settled now
+            owner.waiters.extend(owner.late_retries)
+            owner.late_retries = []
         if self.drain_tokens is None or not owner.waiters:
             return
         env = owner.envelope

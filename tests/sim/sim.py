@@ -155,7 +155,7 @@ class PartitionConsumer:
             return
         r = sim.topic.partitions[self.partition][head]
         draining = r.is_retry and sim.parking.flags.get(r.user) == r.message_id
-        sim.ledger.observe_head(self.partition, head, draining)
+        sim.ledger.observe_head(self.partition, head, draining, r.user, self.name)
 
 
 class Simulation:

@@ -255,6 +255,7 @@ class FakeRetryOrder:
         self.trace = trace
         self.policy = "stop"
         self._op_names: dict[str, int] = {}  # op ids are random: trace a stable number
+        self._chunk_ops: set[str] = set()
 
     def _op(self, op_id: str) -> int:
         return self._op_names.setdefault(op_id, len(self._op_names))
@@ -330,6 +331,12 @@ class FakeRetryOrder:
     ) -> tuple[int, list[bytes]]:
         await self._fault_before("advance")
         status, items = self.model.advance(user, message_id, drop_n, max_n, op_id)
+        if status == 1 and op_id not in self._chunk_ops:
+            # a chunk with work in it (a resend of the same op, or a chunk of copies
+            # already done, gives a drain nothing to hand its hold over at)
+            self._chunk_ops.add(op_id)
+            if any(mid_of(v) not in self.ledger.done for v in items):
+                self.ledger.on_chunk(user)
         self.trace.add(
             f"advance {user} on {message_id} drop={drop_n} -> {status} "
             f"[{','.join(mid_of(v) for v in items)}]"
