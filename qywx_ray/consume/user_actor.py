@@ -1,21 +1,32 @@
-"""Per-user mailboxes ("virtual user actors") and the asyncio core that hosts them.
+"""The asyncio core that hosts many per-user mailboxes ("virtual user actors").
 
-A `UserMailbox` processes its user's messages strictly one at a time in arrival order;
-`HostCore` owns many mailboxes inside one asyncio loop: it ingests delivery batches in
-order (one dedup round trip per round), applies admission (rate limit at each
-message's send time, then the per-user parking lot for retry order, then the mailbox's
-circuit breaker), runs handlers, writes done-flags in batches, dead-letters failures,
-and reports completions in batches. Per-user order across DLQ retries: a recoverable
-failure parks the user (its queued later messages move, in order, to the parking lot
-before the dead letter is written); when the retried message succeeds, the parked
-messages run before anything new, then the user is unparked.
+`HostCore` owns many `UserMailbox`es inside one asyncio loop: it ingests delivery batches
+in order (one dedup round trip per round), applies admission (rate limit at each
+message's send time, then the per-user parking lot for retry order), runs each user's
+head message (circuit breaker decided there), writes done-flags in batches,
+dead-letters failures, and reports completions in batches.
+
+Per-user order across DLQ retries (issue 15; proven by tests/sim):
+- Only a mailbox HEAD may park its user (every older message has finished): a failure
+  parks the user behind it with the queued later messages in front of the lot, BEFORE
+  its dead letter (a drained message, which has no record of its own: after it).
+- A full mailbox never denies: the overflow is held in the lot behind the newest queued
+  message (`hold`, with its Kafka position, so older redelivered records still run).
+- Every parking-lot call of a host goes through one lane (an asyncio lock held by the
+  whole ingest, by a park and by each drain chunk): Redis applies them in the order the
+  host decided them, and no drained message meets a half-ingested copy of itself.
+- A park takes the flag over only from its own drain owner or held tail; an older
+  blocker (the failing head is then an exempt message) stays.
+- A settled blocker (retry succeeded, failed for good, or reviewed: a drain token)
+  drains the lot chunk by chunk; before each chunk a new drain token goes to the main
+  topic and the records held so far complete, so a drain holds its partition's commit
+  for one chunk, and a crash mid-drain resumes from the newest token.
 Lifecycle: active -> dying -> dead after `idle_lifetime_s` without work; a message
 arriving while a mailbox is dying goes to a successor that starts only after the old one
-is dead. Never: report a completion before the done-flag or dead letter is
-durable, run two messages of one user at once, let a denied message wait in a queue, or
-admit past protection while Redis is down under policy `stop`.
-Pure asyncio: no Ray, no Kafka; Redis only behind the seams (DoneStore, Admission,
-RetryOrder).
+is dead. Never: report a completion before the done-flag or dead letter is durable, run
+two messages of one user at once, or admit past protection while Redis is down under
+policy `stop`. Pure asyncio: no Ray, no Kafka; Redis only behind the seams (DoneStore,
+Admission, RetryOrder, DrainTokenSink).
 """
 
 from __future__ import annotations

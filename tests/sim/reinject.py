@@ -1,0 +1,122 @@
+# ruff: noqa: E501  (verbatim source snippets)
+"""Put one issue-15 defect back, to show the simulator finds it (issue 15, "teeth").
+
+EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout:
+    git worktree add /tmp/teeth HEAD && cd /tmp/teeth
+    python tests/sim/reinject.py 4 && python -m tests.sim.run --seeds 0:3000 --list
+"""
+
+import sys
+from pathlib import Path
+
+UA = "qywx_ray/consume/user_actor.py"
+DL = "qywx_ray/consume/deadlines.py"
+W = "tests/sim/world.py"
+
+
+def patch(path: str, old: str, new: str, count: int = 1) -> None:
+    s = Path(path).read_text()
+    assert s.count(old) == count, (path, old[:60], s.count(old))
+    Path(path).write_text(s.replace(old, new))
+
+
+d = sys.argv[1]
+if d == "1":  # queue_full denied at ingest (its retry overtakes older queued messages)
+    patch(
+        UA,
+        """                if self.retry_order is None:  # no lot to hold it: dead-letter it
+                    denied.append((p, REASON_QUEUE_FULL))
+                    continue""",
+        """                if True:
+                    denied.append((p, REASON_QUEUE_FULL))
+                    continue""",
+    )
+elif d == "2":  # the park does not hold the lane: admits race it, the rest stays queued
+    patch(
+        UA,
+        """        async with self._lane:
+            later = list(mb.queue)[1:]""",
+        """        async with contextlib.AsyncExitStack():
+            later = list(mb.queue)[1:]""",
+    )
+    patch(
+        UA,
+        """            assert len(mb.queue) == 1 + len(later), "the queue changed under the lane\"""",
+        """            rest = list(mb.queue)[1 + len(later):]""",
+    )
+    patch(
+        UA,
+        """            while len(mb.queue) > 1:
+                mb.queue.pop()""",
+        """            head = mb.queue[0]
+            mb.queue.clear()
+            mb.queue.append(head)
+            mb.queue.extend(rest)""",
+    )
+    patch(UA, "import asyncio\n", "import asyncio\nimport contextlib\n")
+elif d == "3":
+    print("defect 3 lives in the partition consumer tracker; the simulator models its own consumer")
+    sys.exit(2)
+elif d == "4":  # only WAITED_ON drains; a bypassed retry/token runs without a drain
+    patch(
+        UA,
+        """            p.waited_on = self.retry_order is not None and (
+                code == WAITED_ON or p.delivery.is_retry
+            )""",
+        """            p.waited_on = self.retry_order is not None and code == WAITED_ON""",
+    )
+    patch(
+        UA,
+        """            return [WAITED_ON if p.skip_handler else ADMITTED for p in items]""",
+        """            return [ADMITTED for p in items]""",
+    )
+elif d == "5":  # a handler's own CancelledError propagates and kills the worker
+    patch(
+        DL,
+        """            raise HandlerCancelled("handler raised CancelledError") from None""",
+        """            raise""",
+    )
+    patch(
+        UA,
+        """            except BaseException as exc:
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                    raise  # shutdown""",
+        """            except Exception as exc:
+                task = asyncio.current_task()""",
+    )
+elif d == "6":  # the drain holds the retry's record until the lot is empty
+    patch(
+        UA,
+        """        if self.drain_tokens is None or not owner.waiters:
+            return""",
+        """        if True:
+            return""",
+    )
+elif d == "7":  # the recovery releases by peek/produce/trim (old dlq/recovery.py)
+    patch(
+        W,
+        """            if self.parking.flags.get(user) == mid:
+                r = self.topic.produce(""",
+        """            if self.parking.flags.get(user) == mid and old_release(self, user, mid):
+                pass
+            elif False:
+                r = self.topic.produce(""",
+    )
+    s = Path(W).read_text()
+    s += '''
+
+def old_release(rec: "Recovery", user: str, mid: str) -> bool:
+    """The pre-issue-15 release: peek -> produce as retries -> trim by count -> unpark."""
+    while True:
+        batch = rec.parking.peek(user, 500)
+        if not batch:
+            if rec.parking.try_unpark(user):
+                return True
+            continue
+        now = rec.clock()
+        for value in batch:
+            rec.topic.produce(user, mid_of(value), value, now, 0, True, "released")
+        rec.parking.drop(user, len(batch))
+'''
+    Path(W).write_text(s)
