@@ -297,7 +297,7 @@ class HostCore:
         overflow = self._place(admit, codes, denied)
         for user, (tail, held) in overflow.items():
             hold = functools.partial(self._hold, user, tail, held, _op_id())
-            await self._retry_redis("hold", hold)
+            await self._retry_durable("hold", hold)
         if denied:
             for p, _ in denied:
                 p.failed = True
@@ -443,20 +443,20 @@ class HostCore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.opt.redis_retry_max_s)
 
-    async def _retry_redis(
+    async def _retry_durable(
         self,
         what: str,
         call: Callable[[], Awaitable[Any]],
         errors: tuple[type[BaseException], ...] = INFRA_ERRORS,
     ) -> Any:
-        """Order-critical writes (parking, drain tokens): retried until they succeed,
+        """Order-critical writes (parking lot, drain tokens): retried until they succeed,
         whatever the policy; each carries its op id, so a resend is applied once."""
         delay = 0.05
         while True:
             try:
                 return await call()
             except errors as exc:
-                log.warning("host.parking_retry", what=what, delay_s=delay, error=str(exc))
+                log.warning("host.write_retry", what=what, delay_s=delay, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.opt.redis_retry_max_s)
 
@@ -646,7 +646,7 @@ class HostCore:
             if owner is not None:
                 replaces.append(owner.envelope.message_id)
             park = functools.partial(self._park, mb.user, p, drop, later, replaces, _op_id())
-            status = await self._retry_redis("park", park)
+            status = await self._retry_durable("park", park)
             assert len(mb.queue) == 1 + len(later), "the queue changed under the lane"
             if status == PARK_FOREIGN:
                 log.warning(
@@ -744,7 +744,7 @@ class HostCore:
         user, mid = mb.user, owner.envelope.message_id
         chunk = self.opt.park_drain_chunk
         advance = functools.partial(self.retry_order.advance, user, mid, drop_n, chunk, _op_id())
-        status, raw = await self._retry_redis("advance", advance)
+        status, raw = await self._retry_durable("advance", advance)
         if status != 1:
             return status, [], 0
         items: list[tuple[Delivery, Envelope]] = []
@@ -791,7 +791,7 @@ class HostCore:
         token = functools.partial(
             self.drain_tokens.drain_token, env.external_userid, env.message_id, env.open_kfid
         )
-        await self._retry_redis("drain_token", token, errors=(Exception,))
+        await self._retry_durable("drain_token", token, errors=(Exception,))
         held, owner.waiters = owner.waiters, []
         for w in held:
             self._complete(w)

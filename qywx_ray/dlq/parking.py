@@ -6,16 +6,16 @@ one round trip per batch, atomic. Never lets a non-retry message of a parked use
 (except the redelivery of the very message being waited on), and never clears the flag
 while parked messages remain.
 
-Host protocol (consume side):
-  1. before dispatching a batch: `admit_batch`; False = parked durably, count it processed.
-  2. on a recoverable failure: `park(user, message_id, reason, pending=<later messages of
-     that user still in its mailbox>)` BEFORE the dead letter is sent.
-  3. when a retried message (or the waited-on message) of a parked user succeeds:
-     `peek_parked` → process in order before anything new → `drop_parked(n)`; repeat
-     until empty; then `try_unpark` (False: more arrived meanwhile, keep draining).
-`AsyncParkingLot` is the host's asyncio form of the same protocol (consume.types.RetryOrder):
-admit codes tell the waited-on message apart, and `advance` = drop + peek + unpark in one
-atomic step, `park(drop_first=…)` re-parks a half-drained chunk without a window of loss.
+Host protocol (consume side; `AsyncParkingLot`, consume.types.RetryOrder), one host's
+calls in order (its parking lane), each resend-safe by op key:
+  1. `admit` each batch: PARKED (durably in the lot: count it processed), ADMITTED, or
+     WAITED_ON (the very message the user waits on).
+  2. a failing mailbox head: `park` BEFORE its dead letter (a drained message: after it);
+     it takes the flag over only from its drain owner or a held tail.
+  3. a full mailbox: `hold` the overflow behind the newest queued message.
+  4. a settled blocker (retry ok, failed for good, or a drain token from the recovery):
+     `advance` = drop the previous chunk + read the next, or unpark when empty.
+`Parking` is the synchronous form of admit/park for tools and tests.
 """
 
 from __future__ import annotations
@@ -141,22 +141,6 @@ for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 return 1
 """
 
-_TAKE = """
--- KEYS: list; ARGV: max_n
-local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-if #items > 0 then redis.call('LTRIM', KEYS[1], #items, -1) end
-return items
-"""
-
-_UNPARK = """
--- KEYS: flag, list, at
-if redis.call('LLEN', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[1], KEYS[3])
-  return 1
-end
-return 0
-"""
-
 # (user, message_id, envelope_bytes, is_retry[, partition, offset]); -1 = no position
 AdmitItem = tuple[str, str, bytes, bool] | tuple[str, str, bytes, bool, int, int]
 
@@ -199,8 +183,6 @@ class Parking:
         self._settings = settings
         self._admit = client.register_script(_ADMIT)
         self._park = client.register_script(_PARK)
-        self._take = client.register_script(_TAKE)
-        self._unpark = client.register_script(_UNPARK)
 
     def admit_batch(self, items: Sequence[AdmitItem]) -> list[bool]:
         """True = process now; False = parked (durably appended behind the user's retry)."""
@@ -241,20 +223,6 @@ class Parking:
     def peek_parked(self, user: str, max_n: int) -> list[bytes]:
         """The first `max_n` parked messages, left in place (crash-safe drain)."""
         return cast(list[bytes], self._r.lrange(LIST_PREFIX + user, 0, max_n - 1))
-
-    def drop_parked(self, user: str, n: int) -> None:
-        """Remove the first `n` (after they were processed or durably handed on)."""
-        if n > 0:
-            self._r.ltrim(LIST_PREFIX + user, n, -1)
-
-    def take_parked(self, user: str, max_n: int) -> list[bytes]:
-        """Pop the first `max_n` atomically. Only for callers that make them durable
-        elsewhere before acknowledging; otherwise use peek_parked + drop_parked."""
-        return cast(list[bytes], self._take(keys=[LIST_PREFIX + user], args=[max_n]))
-
-    def try_unpark(self, user: str) -> bool:
-        """Clear the flag only if nothing is parked (atomic); True if the user is free."""
-        return bool(self._unpark(keys=[FLAG_PREFIX + user, LIST_PREFIX + user, AT_PREFIX + user]))
 
     def parked_count(self, user: str) -> int:
         return int(cast(int, self._r.llen(LIST_PREFIX + user)))

@@ -58,7 +58,9 @@ def test_virtual_time_sleeps_without_waiting() -> None:
     t0 = time.monotonic()
     run_virtual(loop, main())
     assert woke == [3600.0, 3610.0]
-    assert time.monotonic() - t0 < 1.0
+    # Virtual: the hour was never slept. What the loop decided is checked above; wall
+    # time only as a generous guard (a real sleep would take 3,610 s).
+    assert time.monotonic() - t0 < 60.0
 
 
 def test_a_seed_replays_exactly() -> None:
