@@ -473,9 +473,6 @@ class HostCore:
         values = [q.delivery.value for q in later]
         mid = blocker.envelope.message_id
         return await self.retry_order.park(user, mid, drop_first, values, op_id, replaces)
-        if later:
-            self.counts["parked"] += len(later)
-            m_parked.inc(len(later))
 
     # ------------------------------------------------------------ mailboxes
 
@@ -655,6 +652,9 @@ class HostCore:
                 return None
             while len(mb.queue) > 1:
                 mb.queue.pop()
+            if later:
+                self.counts["parked"] += len(later)
+                m_parked.inc(len(later))
             for q in later:
                 self._finish(q, mb)
             mb.undropped, mb.drain_owner = 0, None
