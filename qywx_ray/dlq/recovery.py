@@ -82,10 +82,15 @@ class RecoveryService:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._last_gauges = 0.0
+        self._last_lag = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._leased: set[str] = set()  # claimed by schedule_once and not acked yet
         self._leased_lock = threading.Lock()
+        # Partitions the DLQ consumer owns, kept by its rebalance callbacks (which run in
+        # the consume thread): stats and gauges read this instead of calling into the
+        # consumer from another thread, which could stall behind a rebalance in progress.
+        self._assigned: frozenset[tuple[str, int]] = frozenset()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> RecoveryService:
@@ -93,7 +98,12 @@ class RecoveryService:
             self._consumer = Consumer(
                 consumer_config(self.settings.kafka, self.settings.dlq.recovery_group_id)
             )
-            self._consumer.subscribe([self.settings.kafka.dlq_topic.name])
+            self._consumer.subscribe(
+                [self.settings.kafka.dlq_topic.name],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_revoke,
+            )
         if self._producer is None:
             timeout_ms = int(self.settings.dlq.retry_produce_timeout_s * 1000)
             self._producer = Producer(
@@ -109,6 +119,12 @@ class RecoveryService:
                 )
             )
         return self
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned = self._assigned | {(tp.topic, tp.partition) for tp in partitions}
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned = self._assigned - {(tp.topic, tp.partition) for tp in partitions}
 
     def run_in_background(self) -> None:
         """Start both loops on their own threads (the actor's way to run)."""
@@ -135,6 +151,7 @@ class RecoveryService:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+            self._assigned = frozenset()
         if self._producer is not None:
             self._producer.flush(timeout_s)
             self._producer = None
@@ -175,7 +192,7 @@ class RecoveryService:
             if err is not None and err.code() != KafkaError._PARTITION_EOF:
                 log.warning("dlq.recovery.consume_error", error=str(err))
         if not good:
-            self._update_gauges()
+            self._update_gauges(lag=True)
             return 0
         try:
             count = self._handle(good)
@@ -194,7 +211,7 @@ class RecoveryService:
                 except Exception as exc:
                     log.error("dlq.recovery.seek_failed", error=str(exc), partition=partition)
             raise
-        self._update_gauges()
+        self._update_gauges(lag=True)
         return count
 
     def _handle(self, records: list[Message]) -> int:
@@ -384,16 +401,20 @@ class RecoveryService:
         return len(acked)
 
     # ---- gauges ------------------------------------------------------------------------------
-    def _update_gauges(self, force: bool = False) -> None:
+    def _update_gauges(self, force: bool = False, lag: bool = False) -> None:
+        """Refresh the gauges (every 5 s unless forced). Only the consume thread asks for
+        the lag: it is the thread that may call into the DLQ consumer."""
         now = time.monotonic()
-        if not force and now - self._last_gauges < 5.0:
-            return
-        self._last_gauges = now
         try:
+            if lag and now - self._last_lag >= 5.0:
+                self._last_lag = now
+                CONSUMER_LAG.set(self.consumer_lag())
+            if not force and now - self._last_gauges < 5.0:
+                return
+            self._last_gauges = now
             waiting, inflight = self.queue.counts()
             SCHEDULED.set(waiting + inflight)
             REVIEW_PENDING.set(self.index.review_count())
-            CONSUMER_LAG.set(self.consumer_lag())
         except Exception as exc:
             log.warning("dlq.recovery.gauges_failed", error=str(exc))
 
@@ -402,7 +423,8 @@ class RecoveryService:
         if consumer is None:
             return 0
         lag = 0
-        for tp in consumer.assignment():
+        for topic, partition in sorted(self._assigned):
+            tp = TopicPartition(topic, partition)
             low, high = consumer.get_watermark_offsets(tp, timeout=1.0)
             committed = consumer.committed([tp], timeout=1.0)[0].offset
             lag += max(0, high - (committed if committed >= 0 else low))
@@ -416,7 +438,7 @@ class RecoveryService:
             "manual_review_pending": self.index.review_count(),
             "recovered_total": RECOVERED.total(),
             # 0 until the recovery consumer has joined its group: letters wait meanwhile.
-            "assigned_partitions": len(self._consumer.assignment()) if self._consumer else 0,
+            "assigned_partitions": len(self._assigned),
         }
 
 

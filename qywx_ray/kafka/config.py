@@ -60,6 +60,7 @@ def consumer_config(
         "isolation.level": "read_committed",
         "fetch.min.bytes": c.fetch_min_bytes,
         "fetch.wait.max.ms": c.fetch_wait_max_ms,
+        "topic.metadata.refresh.interval.ms": c.metadata_refresh_interval_ms,
         "log_level": 3,
     }
     conf.update(extra)

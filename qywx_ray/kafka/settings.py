@@ -54,6 +54,9 @@ class ConsumerSettings(BaseModel):
     fetch_wait_max_ms: int = 100
     poll_batch_max: int = 1_000
     poll_timeout_s: float = 0.05
+    # How soon a consumer sees a subscribed topic that appeared late or grew partitions
+    # (librdkafka's default is 5 minutes); one small metadata request per interval.
+    metadata_refresh_interval_ms: int = Field(default=30_000, ge=1_000, le=300_000)
 
 
 class KafkaSettings(BaseModel):

@@ -8,14 +8,24 @@ differ from the profile (reported field by field).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+from confluent_kafka.admin import (
+    AdminClient,
+    ClusterMetadata,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from qywx_ray.errors import InfraError, TopicConfigError
 from qywx_ray.kafka.config import admin_config
 from qywx_ray.kafka.settings import KafkaSettings, TopicSettings
+from qywx_ray.obs.logging import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -95,8 +105,46 @@ def describe_topic(
     return partitions, rf, {k: v.value for k, v in entries.items()}
 
 
+def unserved(md: ClusterMetadata, partitions: dict[str, int]) -> list[str]:
+    """Topics this broker's metadata does not yet show whole, with a leader for every
+    partition (pure, unit-tested)."""
+    missing = []
+    for name, want in partitions.items():
+        topic = md.topics.get(name)
+        if (
+            topic is None
+            or topic.error is not None
+            or len(topic.partitions) < want
+            or any(p.leader < 0 for p in topic.partitions.values())
+        ):
+            missing.append(name)
+    return missing
+
+
+def wait_until_served(admin: AdminClient, partitions: dict[str, int], timeout_s: float) -> None:
+    """Wait until a broker serves the new topics. CreateTopics returns once the controller
+    committed them; a broker may still answer "unknown topic" for a moment, and a consumer
+    that subscribes then picks the topic up only at its next metadata refresh (librdkafka:
+    topic.metadata.refresh.interval.ms, 5 minutes by default) — "created" must mean usable."""
+    deadline = time.monotonic() + timeout_s
+    missing = list(partitions)
+    while True:
+        try:
+            missing = unserved(admin.list_topics(timeout=max(1.0, timeout_s / 10)), partitions)
+        except KafkaException as exc:
+            log.warning("topics.metadata_retry", error=str(exc))
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise InfraError(
+                f"topics created but not served by a broker after {timeout_s}s: {missing}"
+            )
+        time.sleep(0.1)
+
+
 def ensure_topics(kafka: KafkaSettings, timeout_s: float = 30.0) -> list[TopicReport]:
-    """Validate everything first, then create what is missing. Raises TopicConfigError."""
+    """Validate everything first, then create what is missing and wait until a broker
+    serves it. Raises TopicConfigError."""
     admin = _admin(kafka)
     brokers = live_brokers(admin, timeout_s)
     specs = [kafka.main_topic, kafka.dlq_topic]
@@ -143,6 +191,8 @@ def ensure_topics(kafka: KafkaSettings, timeout_s: float = 30.0) -> list[TopicRe
                     spec.topic_configs(),
                 )
             )
+    if to_create:
+        wait_until_served(admin, {s.name: s.partitions for s in to_create}, timeout_s)
     for spec in specs:
         if spec.name in described:
             p, rf, cfg = described[spec.name]

@@ -73,6 +73,30 @@ def dlq_letters(
     return [found[k] for k in sorted(found)][:n]
 
 
+def _why_unassigned(s: Settings, recovery: Any) -> str:
+    """What a CI log needs when the recovery consumer never got its partitions."""
+    from confluent_kafka.admin import AdminClient
+
+    from qywx_ray.kafka.config import admin_config
+
+    admin = AdminClient(admin_config(s.kafka))
+    topics = admin.list_topics(timeout=10).topics
+    group = s.dlq.recovery_group_id
+    try:
+        described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        group_state = f"{described.state} with {len(described.members)} member(s)"
+    except Exception as exc:
+        group_state = f"unknown ({exc})"
+    try:
+        stats = ray.get(recovery.stats.remote(), timeout=30)
+    except Exception as exc:
+        stats = {"error": repr(exc)}
+    return (
+        f"recovery consumer unassigned: dlq topic served={s.kafka.dlq_topic.name in topics}, "
+        f"group {group} {group_state}, actor stats {stats}"
+    )
+
+
 def _env(user: str, n: int, **raw: Any) -> Envelope:
     return Envelope(
         message_id=f"{user}-{n:06d}",
@@ -126,7 +150,7 @@ def test_failing_user_retried_with_backoff_parked_then_in_order(
         except ray.exceptions.GetTimeoutError:
             return False
 
-    assert wait_for(recovery_assigned, 120)
+    assert wait_for(recovery_assigned, 120), _why_unassigned(s, recovery)
     produce(s, first)
     pipeline = start_consumers(s)
     running.append(pipeline)

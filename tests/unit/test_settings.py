@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qywx_ray.errors import ConfigError
-from qywx_ray.kafka.topics import check_topic_settings, diff_existing
+from qywx_ray.kafka.topics import check_topic_settings, diff_existing, unserved
 from qywx_ray.settings import load_settings
 
 
@@ -91,3 +92,34 @@ def test_topic_checks_are_precise() -> None:
     assert any("has 6 partitions, profile wants 12 (fewer" in d for d in diffs)
     assert any("retention.ms=1, profile wants 604800000" in d for d in diffs)
     assert diff_existing(prod, 12, 3, prod.topic_configs()) == []
+
+
+def test_a_created_topic_counts_as_served_only_whole_and_led() -> None:
+    """ensure_topics waits for this: a consumer subscribing to a topic its broker does not
+    serve yet would pick it up only at its next metadata refresh."""
+    from types import SimpleNamespace as NS
+
+    def md(**topics: object) -> Any:
+        return NS(topics=topics)
+
+    def topic(*leaders: int, error: object = None) -> object:
+        return NS(error=error, partitions={i: NS(leader=lead) for i, lead in enumerate(leaders)})
+
+    want = {"main": 2, "dlq": 1}
+    assert unserved(md(main=topic(1, 1), dlq=topic(1)), want) == []
+    assert unserved(md(main=topic(1, 1)), want) == ["dlq"]  # not known yet
+    assert unserved(md(main=topic(1), dlq=topic(1)), want) == ["main"]  # partitions missing
+    assert unserved(md(main=topic(1, -1), dlq=topic(1)), want) == ["main"]  # no leader yet
+    assert unserved(md(main=topic(1, 1), dlq=topic(1, error="UNKNOWN")), want) == ["dlq"]
+
+
+def test_consumers_refresh_topic_metadata_often_and_bounded() -> None:
+    from qywx_ray.kafka.config import consumer_config
+
+    s = load_settings(profile="development")
+    assert consumer_config(s.kafka)["topic.metadata.refresh.interval.ms"] == 30_000
+    with pytest.raises(ConfigError):
+        load_settings(
+            profile="development",
+            overrides={"kafka": {"consumer": {"metadata_refresh_interval_ms": 0}}},
+        )
