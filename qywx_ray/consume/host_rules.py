@@ -19,6 +19,11 @@ rules they encode are stated where they are decided:
   (so no denial's retry overtakes older queued messages), later plain messages of that
   user join the hold, and retries and drain tokens still enter (one may be the key to
   the user's lot: held behind itself it would wait forever).
+- `after_handler` / `settle`: which path a head takes after its handler. Only the head
+  parks (its older messages have finished); a drained message's dead letter is durable
+  before the park drops it from the lot, a recorded one's after the park. What follows a
+  durable outcome is decided only after that await, from the flags as they are then (a
+  hold may have made the head waited on meanwhile).
 """
 
 from __future__ import annotations
@@ -234,3 +239,59 @@ def plan_placement(
         tails[user] = p
         plan.steps.append(Placing(Place.OFFER, p, waited_on))
     return plan
+
+
+# ------------------------------------------------------------------ outcome
+
+
+class Outcome(enum.Enum):
+    """The path a head message takes once its handler ran (or was denied at the head)."""
+
+    DONE = "done"  # success, nothing waits on it: done-flag in the background, then finish
+    DONE_THEN_SETTLE = "done_then_settle"  # success, waited on or a chunk's end: `settle`
+    # after its done-flag is durable (the lot drops a chunk only once it is all done)
+    PARK_DRAINED = "park_drained"  # parking failure of a drained message (no record of
+    # its own: its place is in the lot): dead letter durable first, then the park
+    PARK_RECORDED = "park_recorded"  # parking failure with its own uncommitted record:
+    # park first (later messages must not overtake its retry), then the dead letter
+    DEAD_THEN_SETTLE = "dead_then_settle"  # not parking: durable dead letter, then `settle`
+
+
+def after_handler(
+    reason: str | None,
+    parks: Callable[[str], bool],
+    *,
+    waited_on: bool,
+    chunk_end: bool,
+    drained: bool,
+) -> Outcome:
+    """Which path the head takes: `reason` None = success, else its failure reason;
+    `parks(reason)`: the failure parks the user (asked only on failure); `drained`: the
+    message came out of the lot (no Kafka record of its own).
+
+    Only the head may park its user: every older message has finished, so its later
+    messages (queued, then the lot) stay behind it and its retry.
+    """
+    if reason is None:
+        return Outcome.DONE_THEN_SETTLE if waited_on or chunk_end else Outcome.DONE
+    if parks(reason):
+        return Outcome.PARK_DRAINED if drained else Outcome.PARK_RECORDED
+    return Outcome.DEAD_THEN_SETTLE
+
+
+class Settle(enum.Enum):
+    RELEASE = "release"  # the user waits on it: drain the lot behind it (finishes it)
+    NEXT_CHUNK = "next_chunk"  # last of a drained chunk: finish it, take the next chunk
+    FINISH = "finish"
+
+
+def settle(*, waited_on: bool, chunk_end: bool) -> Settle:
+    """What follows a head's durable outcome (done-flag or a non-parking dead letter).
+
+    Decided only after that await, with the flags as they are then: while the outcome
+    was being made durable, a full mailbox may have made this head (its tail) the one
+    its overflow is held behind (`waited_on`), and then it must drain that hold.
+    """
+    if waited_on:
+        return Settle.RELEASE
+    return Settle.NEXT_CHUNK if chunk_end else Settle.FINISH

@@ -55,7 +55,16 @@ from qywx_ray.consume.handlers import (
     typed_message,
     wants_typed_message,
 )
-from qywx_ray.consume.host_rules import Place, plan_placement, sort_intake, split_denials
+from qywx_ray.consume.host_rules import (
+    Outcome,
+    Place,
+    Settle,
+    after_handler,
+    plan_placement,
+    settle,
+    sort_intake,
+    split_denials,
+)
 from qywx_ray.consume.mailbox import Pending, State, UserMailbox
 from qywx_ray.consume.types import (
     ADMITTED,
@@ -541,24 +550,27 @@ class HostCore:
             t0 = time.perf_counter()
             reason, error = await self._run_handler(env, ctx)
             self._durations_s.append(time.perf_counter() - t0)
+        step = after_handler(
+            reason,
+            self._parks,
+            waited_on=p.waited_on,
+            chunk_end=p.chunk_end,
+            drained=d.partition < 0,
+        )
         if reason is None:
             p.succeeded = True
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
-            if p.waited_on or p.chunk_end:
-                # Durable done-flag first: the lot drops a chunk only once every message
-                # of it is durably done (flags are written in order), then the parked
-                # messages run, in order.
-                durable = asyncio.get_running_loop().create_future()
-                self.dedup.mark_done(env.message_id, lambda: durable.set_result(None))
-                await durable
-                if p.waited_on:
-                    await self._release(mb, p)
-                    return
-                self._finish(p, mb)
-                await self._drain_next(mb)
+            if step is Outcome.DONE:
+                self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
                 return
-            self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
+            # Durable done-flag first: the lot drops a chunk only once every message of it
+            # is durably done (flags are written in order), then the parked messages run,
+            # in order.
+            durable = asyncio.get_running_loop().create_future()
+            self.dedup.mark_done(env.message_id, lambda: durable.set_result(None))
+            await durable
+            await self._settle(mb, p)
             return
         if p.denied is None:
             self.admission.on_failure(mb.user)
@@ -567,9 +579,9 @@ class HostCore:
             "handler.failed", user=mb.user, message_id=env.message_id, reason=reason, error=error
         )
         p.failed = True
-        if self._parks(reason):
+        if step is Outcome.PARK_DRAINED or step is Outcome.PARK_RECORDED:
             letter = self._letter(d, env, reason, error)
-            if d.partition < 0:
+            if step is Outcome.PARK_DRAINED:
                 # A drained message has no record of its own: its place is in the lot,
                 # held by the drain owner's record. Its dead letter is made durable while
                 # it is still there, and only then the park drops it from the lot (a crash
@@ -586,11 +598,20 @@ class HostCore:
             return
         # Durable before we move on: the user's next message waits for this dead letter.
         await self._durable_dead_letter([self._letter(d, env, reason, error)])
-        if p.waited_on:  # the blocker is settled for good (review): release the user
+        # Waited on: the blocker is settled for good (review), release the user. A chunk's
+        # end not retried (e.g. invalid): the rest of the lot goes on.
+        await self._settle(mb, p)
+
+    async def _settle(self, mb: UserMailbox, p: Pending) -> None:
+        """After the head's durable outcome: release the user, take the next drained
+        chunk, or just finish, as `settle` decides from the flags as they are NOW (a hold
+        may have made p waited on during the await)."""
+        then = settle(waited_on=p.waited_on, chunk_end=p.chunk_end)
+        if then is Settle.RELEASE:
             await self._release(mb, p)
             return
         self._finish(p, mb)
-        if p.chunk_end:  # not retried (e.g. invalid): the rest of the lot goes on
+        if then is Settle.NEXT_CHUNK:
             await self._drain_next(mb)
 
     async def _park_behind(self, mb: UserMailbox, p: Pending) -> Pending | None:

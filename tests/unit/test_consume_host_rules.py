@@ -4,8 +4,12 @@ no Redis, no mailboxes."""
 from __future__ import annotations
 
 from qywx_ray.consume.host_rules import (
+    Outcome,
     Place,
+    Settle,
+    after_handler,
     plan_placement,
+    settle,
     sort_intake,
     split_denials,
 )
@@ -236,3 +240,54 @@ def test_plan_leaves_its_inputs_alone() -> None:
     plan_placement([a, b], [ADMITTED, ADMITTED], {"u1": queue}, mailbox_size=1, has_lot=True)
     assert queue == [q1]
     assert not q1.waited_on and not q1.holds and not a.waited_on
+
+
+# ------------------------------------------------------------------ outcome
+
+
+def _parks(reason: str) -> bool:
+    return reason != "invalid_message"
+
+
+def test_success_outcomes() -> None:
+    def ok(waited_on: bool, chunk_end: bool) -> Outcome:
+        return after_handler(None, _parks, waited_on=waited_on, chunk_end=chunk_end, drained=True)
+
+    assert ok(False, False) is Outcome.DONE
+    assert ok(True, False) is Outcome.DONE_THEN_SETTLE
+    assert ok(False, True) is Outcome.DONE_THEN_SETTLE
+
+
+def test_parks_is_asked_only_on_failure() -> None:
+    def boom(reason: str) -> bool:
+        raise AssertionError(reason)
+
+    assert after_handler(None, boom, waited_on=True, chunk_end=False, drained=False) is (
+        Outcome.DONE_THEN_SETTLE
+    )
+
+
+def test_parking_failure_of_a_drained_vs_a_recorded_message() -> None:
+    def fail(drained: bool, waited_on: bool = False) -> Outcome:
+        return after_handler(
+            "downstream_error", _parks, waited_on=waited_on, chunk_end=True, drained=drained
+        )
+
+    assert fail(drained=True) is Outcome.PARK_DRAINED
+    assert fail(drained=False) is Outcome.PARK_RECORDED
+    assert fail(drained=False, waited_on=True) is Outcome.PARK_RECORDED  # parks again
+
+
+def test_non_parking_failure_dead_letters_then_settles() -> None:
+    for drained in (False, True):
+        got = after_handler(
+            "invalid_message", _parks, waited_on=False, chunk_end=False, drained=drained
+        )
+        assert got is Outcome.DEAD_THEN_SETTLE
+
+
+def test_settle() -> None:
+    assert settle(waited_on=True, chunk_end=True) is Settle.RELEASE
+    assert settle(waited_on=True, chunk_end=False) is Settle.RELEASE
+    assert settle(waited_on=False, chunk_end=True) is Settle.NEXT_CHUNK
+    assert settle(waited_on=False, chunk_end=False) is Settle.FINISH
