@@ -55,11 +55,20 @@ from qywx_ray.consume.handlers import (
     typed_message,
     wants_typed_message,
 )
+from qywx_ray.consume.host_rules import (
+    Outcome,
+    Place,
+    Settle,
+    after_handler,
+    plan_placement,
+    settle,
+    sort_intake,
+    split_denials,
+)
 from qywx_ray.consume.mailbox import Pending, State, UserMailbox
 from qywx_ray.consume.types import (
     ADMITTED,
     PARK_FOREIGN,
-    PARKED,
     REASON_CIRCUIT_OPEN,
     REASON_INVALID,
     REASON_QUEUE_FULL,
@@ -245,51 +254,25 @@ class HostCore:
         ask = [env.message_id for _, env in parsed if env.message_id not in self.pending]
         done = await self.dedup.already_done(ask) if ask else set()
         # Below, until the next await, pending/recent cannot change under us.
-        fresh: list[Pending] = []
-        resume: list[Pending] = []  # drain tokens and done retries: maybe a drain to run
-        for d, env in parsed:
-            mid = env.message_id
-            p = self.pending.get(mid)
-            if p is not None:  # a re-delivery (or a drain token) of a message still here
-                # A retry or token for a message whose attempt here may still fail is
-                # kept aside (see Pending.late_retries); once it succeeded (or it is a
-                # drain), any copy just waits with it (a drain hands them over per chunk).
-                settled = p.skip_handler or p.succeeded or p.draining
-                if d.is_retry and not settled:
-                    p.late_retries.append(d)
-                else:
-                    p.waiters.append(d)
-                continue
-            if d.is_drain:
-                if self.retry_order is None:
-                    self._complete(d)
-                    continue
-                p = Pending(d, env, [d], skip_handler=True)
-                self.pending[mid] = p
-                resume.append(p)
-                continue
-            if mid in done or mid in self.dedup.recent:
-                self.counts["duplicate"] += 1
-                if d.is_retry and self.retry_order is not None:
-                    p = Pending(d, env, [d], skip_handler=True)
-                    self.pending[mid] = p
-                    resume.append(p)
-                else:
-                    self._complete(d)
-                continue
-            p = Pending(d, env, [d])
-            self.pending[mid] = p
-            fresh.append(p)
+        intake = sort_intake(
+            parsed, self.pending, done, self.dedup.recent, self.retry_order is not None
+        )
+        for p in intake.register:
+            self.pending[p.envelope.message_id] = p
+        for p, d in intake.waiters:
+            p.waiters.append(d)
+        for p, d in intake.late_retries:
+            p.late_retries.append(d)
+        self.counts["duplicate"] += intake.duplicates
+        for d in intake.complete:
+            self._complete(d)
+        fresh, resume = intake.fresh, intake.resume
         if not fresh and not resume:
             return
         reasons = await self._rate_limit([p for p in fresh if not p.delivery.is_retry])
-        denied: list[tuple[Pending, str]] = []
+        denied, admitted = split_denials(fresh, reasons, self._parks)
         admit: list[Pending] = []
-        for p in fresh:
-            reason = reasons.get(p.envelope.message_id)
-            if reason is not None and not self._parks(reason):
-                denied.append((p, reason))  # exempt from order: dead-lettered at once
-                continue
+        for p, reason in admitted:
             p.denied = reason  # a parking denial acts at the head, after older messages
             admit.append(p)
         admit.extend(resume)
@@ -312,50 +295,43 @@ class HostCore:
     def _place(
         self, items: list[Pending], codes: list[int], denied: list[tuple[Pending, str]]
     ) -> dict[str, tuple[Pending, list[Pending]]]:
-        """Apply the lot's answers in arrival order, synchronously (under the lane): parked
-        ones are durably behind the user's blocker; the rest join their mailbox. A full
-        mailbox does not deny (a denial's retry would overtake older queued messages): the
-        overflow is held in the user's lot behind the mailbox's newest message, which then
-        drains it when it finishes."""
-        n_parked = 0
-        overflow: dict[str, tuple[Pending, list[Pending]]] = {}  # user -> (tail, held)
-        for p, code in zip(items, codes, strict=True):
+        """Apply the lot's answers in arrival order, synchronously (under the lane), as
+        `plan_placement` decides (see there): parked ones are durably behind the user's
+        blocker; the rest join their mailbox, or a full mailbox's hold. Returns the holds
+        to write: user -> (tail, held)."""
+        has_lot = self.retry_order is not None
+        queues: dict[str, Sequence[Pending]] = {}
+        for p in items:
             user = p.envelope.external_userid
-            if p.skip_handler and code != WAITED_ON:
-                self._finish(p, None)  # a plain duplicate, or a token for a drain now over
+            mb = self.mailboxes.get(user)
+            if mb is not None and mb.state is State.ACTIVE:
+                queues[user] = mb.queue
+        plan = plan_placement(items, codes, queues, self.opt.mailbox_size, has_lot)
+        for step in plan.steps:
+            p, kind = step.pending, step.kind
+            if kind is Place.FINISH or kind is Place.PARKED:
+                self._finish(p, None)  # a plain duplicate or an old token; durably parked
                 continue
-            if code == PARKED:
-                n_parked += 1
-                self._finish(p, None)  # durably parked: its offset counts as processed
+            if kind is Place.JOIN_HOLD:  # already in plan.holds
                 continue
-            held = overflow.get(user)
-            if held is not None and not p.delivery.is_retry:
-                held[1].append(p)
+            p.waited_on = step.waited_on
+            mb = self._mailbox_for(step.user)
+            if kind is Place.OFFER:
+                self._offer(mb, p)
                 continue
-            # A retry may be the blocker even when the lot could not say so (Redis down,
-            # policy process): it asks the lot once more when it succeeds (defect 4).
-            p.waited_on = self.retry_order is not None and (
-                code == WAITED_ON or p.delivery.is_retry
-            )
-            mb = self._mailbox_for(user)
-            # Retries and drain tokens always enter: one may be the key to the user's lot
-            # (held in the lot, it would wait behind itself); they are few.
-            if len(mb.queue) >= self.opt.mailbox_size and not p.delivery.is_retry:
-                if mb.breaker is not None:
-                    mb.breaker.on_failure()
-                self.admission.on_failure(user)
-                if self.retry_order is None:  # no lot to hold it: dead-letter it
-                    denied.append((p, REASON_QUEUE_FULL))
-                    continue
-                tail = mb.queue[-1]
-                tail.waited_on = tail.holds = True
-                overflow[user] = (tail, [p])
+            if mb.breaker is not None:  # HOLD or DENY_FULL: the mailbox is full
+                mb.breaker.on_failure()
+            self.admission.on_failure(step.user)
+            if kind is Place.DENY_FULL:  # no lot to hold it: dead-letter it
+                denied.append((p, REASON_QUEUE_FULL))
                 continue
-            self._offer(mb, p)
-        if n_parked:
-            self.counts["parked"] += n_parked
-            m_parked.inc(n_parked)
-        return overflow
+            tail = step.tail
+            assert tail is not None and mb.queue and mb.queue[-1] is tail, "plan drifted"
+            tail.waited_on = tail.holds = True
+        if plan.n_parked:
+            self.counts["parked"] += plan.n_parked
+            m_parked.inc(plan.n_parked)
+        return plan.holds
 
     async def _hold(self, user: str, tail: Pending, held: list[Pending], op_id: str) -> None:
         assert self.retry_order is not None
@@ -574,24 +550,27 @@ class HostCore:
             t0 = time.perf_counter()
             reason, error = await self._run_handler(env, ctx)
             self._durations_s.append(time.perf_counter() - t0)
+        step = after_handler(
+            reason,
+            self._parks,
+            waited_on=p.waited_on,
+            chunk_end=p.chunk_end,
+            drained=d.partition < 0,
+        )
         if reason is None:
             p.succeeded = True
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
-            if p.waited_on or p.chunk_end:
-                # Durable done-flag first: the lot drops a chunk only once every message
-                # of it is durably done (flags are written in order), then the parked
-                # messages run, in order.
-                durable = asyncio.get_running_loop().create_future()
-                self.dedup.mark_done(env.message_id, lambda: durable.set_result(None))
-                await durable
-                if p.waited_on:
-                    await self._release(mb, p)
-                    return
-                self._finish(p, mb)
-                await self._drain_next(mb)
+            if step is Outcome.DONE:
+                self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
                 return
-            self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
+            # Durable done-flag first: the lot drops a chunk only once every message of it
+            # is durably done (flags are written in order), then the parked messages run,
+            # in order.
+            durable = asyncio.get_running_loop().create_future()
+            self.dedup.mark_done(env.message_id, lambda: durable.set_result(None))
+            await durable
+            await self._settle(mb, p)
             return
         if p.denied is None:
             self.admission.on_failure(mb.user)
@@ -600,9 +579,9 @@ class HostCore:
             "handler.failed", user=mb.user, message_id=env.message_id, reason=reason, error=error
         )
         p.failed = True
-        if self._parks(reason):
+        if step is Outcome.PARK_DRAINED or step is Outcome.PARK_RECORDED:
             letter = self._letter(d, env, reason, error)
-            if d.partition < 0:
+            if step is Outcome.PARK_DRAINED:
                 # A drained message has no record of its own: its place is in the lot,
                 # held by the drain owner's record. Its dead letter is made durable while
                 # it is still there, and only then the park drops it from the lot (a crash
@@ -619,11 +598,20 @@ class HostCore:
             return
         # Durable before we move on: the user's next message waits for this dead letter.
         await self._durable_dead_letter([self._letter(d, env, reason, error)])
-        if p.waited_on:  # the blocker is settled for good (review): release the user
+        # Waited on: the blocker is settled for good (review), release the user. A chunk's
+        # end not retried (e.g. invalid): the rest of the lot goes on.
+        await self._settle(mb, p)
+
+    async def _settle(self, mb: UserMailbox, p: Pending) -> None:
+        """After the head's durable outcome: release the user, take the next drained
+        chunk, or just finish, as `settle` decides from the flags as they are NOW (a hold
+        may have made p waited on during the await)."""
+        then = settle(waited_on=p.waited_on, chunk_end=p.chunk_end)
+        if then is Settle.RELEASE:
             await self._release(mb, p)
             return
         self._finish(p, mb)
-        if p.chunk_end:  # not retried (e.g. invalid): the rest of the lot goes on
+        if then is Settle.NEXT_CHUNK:
             await self._drain_next(mb)
 
     async def _park_behind(self, mb: UserMailbox, p: Pending) -> Pending | None:

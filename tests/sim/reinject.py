@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 UA = "qywx_ray/consume/user_actor.py"
+HR = "qywx_ray/consume/host_rules.py"
 DL = "qywx_ray/consume/deadlines.py"
 W = "tests/sim/world.py"
 
@@ -23,13 +24,11 @@ def patch(path: str, old: str, new: str, count: int = 1) -> None:
 d = sys.argv[1]
 if d == "1":  # queue_full denied at ingest (its retry overtakes older queued messages)
     patch(
-        UA,
-        """                if self.retry_order is None:  # no lot to hold it: dead-letter it
-                    denied.append((p, REASON_QUEUE_FULL))
-                    continue""",
-        """                if True:
-                    denied.append((p, REASON_QUEUE_FULL))
-                    continue""",
+        HR,
+        """            if not has_lot:
+                plan.steps.append(Placing(Place.DENY_FULL, p, waited_on))""",
+        """            if True:
+                plan.steps.append(Placing(Place.DENY_FULL, p, waited_on))""",
     )
 elif d == "2":  # the park does not hold the lane: admits race it, the rest stays queued
     patch(
@@ -59,11 +58,9 @@ elif d == "3":
     sys.exit(2)
 elif d == "4":  # only WAITED_ON drains; a bypassed retry/token runs without a drain
     patch(
-        UA,
-        """            p.waited_on = self.retry_order is not None and (
-                code == WAITED_ON or p.delivery.is_retry
-            )""",
-        """            p.waited_on = self.retry_order is not None and code == WAITED_ON""",
+        HR,
+        """        waited_on = has_lot and (code == WAITED_ON or is_retry)""",
+        """        waited_on = has_lot and code == WAITED_ON""",
     )
     patch(
         UA,
