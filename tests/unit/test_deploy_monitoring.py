@@ -212,8 +212,14 @@ def test_promtool_check_config(tmp_path: Path) -> None:
     config = (PROM / "prometheus.yml").read_text()
     assert "/tmp/ray/prom_metrics_service_discovery.json" in config
     # promtool resolves rule_files relative to the config; point it at the repo's file.
+    # It also opens the service-discovery file, which only a running Ray head writes: give
+    # it one of the same shape in tmp_path, so the check does not depend on a Ray session.
+    sd = tmp_path / "prom_metrics_service_discovery.json"
+    sd.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": ["127.0.0.1:8080"]}]))
     (tmp_path / "prometheus.yml").write_text(
-        config.replace("/etc/prometheus/alerts.yml", str(PROM / "alerts.yml"))
+        config.replace("/etc/prometheus/alerts.yml", str(PROM / "alerts.yml")).replace(
+            "/tmp/ray/prom_metrics_service_discovery.json", str(sd)
+        )
     )
     res = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
