@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -30,7 +31,7 @@ from redis.exceptions import RedisError
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
-from qywx_ray.ingest.locks import LockLostError, LockManager
+from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
 from qywx_ray.ingest.producer import BatchProducer, HeldBehind
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
@@ -53,6 +54,11 @@ SPOOL_REPLAYED = metrics.counter(
 )
 SPOOL_BURIED = metrics.counter(
     "qywx_spool_set_aside_total", "Spool entries Kafka can never take, moved to the dead list"
+)
+
+SPOOL_TRIM_REFUSED = metrics.counter(
+    "qywx_spool_trim_refused_total",
+    "Spool trims refused (replay lock lost) or that kept a head that was not the one produced",
 )
 
 # Errors a retry cannot fix: the record itself is unacceptable to the broker.
@@ -91,37 +97,54 @@ local depth = redis.call('INCRBY', KEYS[2], added)
 return {appended, depth, redis.call('SCARD', KEYS[1])}
 """
 
-# KEYS[1] index set, KEYS[2] depth counter, KEYS[3] op key; ARGV[1] key prefix, then
-# pairs user, n: drop the first n entries of each user's list. -> {depth, users with
-# spool}. Applied once per op key: redis-py resends a command after a lost reply or a
-# timeout, and a second drop would lose spooled messages.
+# KEYS[1] index set, KEYS[2] depth counter, KEYS[3] op key, KEYS[4] replay lock;
+# ARGV[1] key prefix, ARGV[2] lock token, then groups: user, n, sha1_1..sha1_n. Drops the
+# longest prefix of each user's list whose entries match the given SHA-1s (at most n).
+# -> {status, depth, users with spool, entries that did not match}; status 1 trimmed (or
+# a resend of a trim already applied), 0 the lock is not held by this token (nothing
+# removed). Fenced by the lock in the same script: a replayer whose lease expired while
+# it was paused would otherwise remove entries appended after another replayer drained
+# what it had peeked - messages that were never produced. The match is a second guard:
+# only what was produced can leave. Applied once per op key: redis-py resends a command
+# after a lost reply or a timeout, and a second drop would lose spooled messages.
 _TRIM = """
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then
-  return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('SCARD', KEYS[1])}
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {1, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('SCARD', KEYS[1]), 0}
 end
+if redis.call('GET', KEYS[4]) ~= ARGV[2] then
+  return {0, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('SCARD', KEYS[1]), 0}
+end
+redis.call('SET', KEYS[3], '1', 'EX', 86400)
 local prefix = ARGV[1]
 local removed = 0
-for i = 2, #ARGV, 2 do
+local mismatched = 0
+local i = 3
+while i <= #ARGV do
   local user = ARGV[i]
   local n = tonumber(ARGV[i + 1])
   local key = prefix .. user
-  local len = redis.call('LLEN', key)
-  if n > len then n = len end
-  if n > 0 then
-    redis.call('LTRIM', key, n, -1)
-    removed = removed + n
+  local head = redis.call('LRANGE', key, 0, n - 1)
+  local matched = 0
+  while matched < #head and redis.sha1hex(head[matched + 1]) == ARGV[i + 2 + matched] do
+    matched = matched + 1
+  end
+  mismatched = mismatched + (n - matched)
+  if matched > 0 then
+    redis.call('LTRIM', key, matched, -1)
+    removed = removed + matched
   end
   if redis.call('LLEN', key) == 0 then
     redis.call('DEL', key)
     redis.call('SREM', KEYS[1], user)
   end
+  i = i + 2 + n
 end
 local depth = redis.call('DECRBY', KEYS[2], removed)
 if depth < 0 then
   redis.call('SET', KEYS[2], 0)
   depth = 0
 end
-return {depth, redis.call('SCARD', KEYS[1])}
+return {1, depth, redis.call('SCARD', KEYS[1]), mismatched}
 """
 
 
@@ -242,19 +265,32 @@ class Spool:
             raise _redis_error("reading the spool", exc) from exc
         return {user: list(row) for user, row in zip(users, rows, strict=True)}
 
-    async def trim(self, counts: dict[str, int]) -> int:
-        """Drop the first n entries of each user's spool; returns the remaining depth."""
-        args: list[str | int] = [self.list_prefix]
-        for user, n in counts.items():
-            args += [user, n]
+    async def trim(self, produced: Mapping[str, Sequence[bytes]], lease: LockLease) -> int:
+        """Drop each user's head entries that are exactly `produced[user]` (as peeked),
+        only while `lease` still holds the replay lock; returns the remaining depth.
+
+        Raises LockLostError (nothing removed) when the lease is gone: whoever holds the
+        lock now may have drained those entries and others may have been appended since.
+        """
+        args: list[str | int] = [self.list_prefix, lease.token]
+        for user, rows in produced.items():
+            args += [user, len(rows)]
+            args += [hashlib.sha1(raw, usedforsecurity=False).hexdigest() for raw in rows]
         try:
             op_key = f"{self.op_prefix}{uuid.uuid4().hex}"
-            keys = [self.index_key, self.depth_key, op_key]
-            depth, users = await self._trim(keys=keys, args=args)
+            keys = [self.index_key, self.depth_key, op_key, lease.key]
+            status, depth, users, mismatched = await self._trim(keys=keys, args=args)
         except RedisError as exc:
             raise _redis_error("trimming the spool", exc) from exc
         SPOOL_DEPTH.set(int(depth))
         DEGRADED_USERS.set(int(users))
+        if not int(status):
+            SPOOL_TRIM_REFUSED.inc()
+            log.warning("spool.trim_refused_lock_lost", lock=lease.name, fence=lease.fence)
+            raise LockLostError(f"spool trim refused: lock {lease.name} (fence {lease.fence}) lost")
+        if int(mismatched):
+            SPOOL_TRIM_REFUSED.inc()
+            log.error("spool.trim_head_changed", kept=int(mismatched), fence=lease.fence)
         return int(depth)
 
     async def bury(self, user: str, raw: bytes, *, reason: str) -> None:
@@ -346,17 +382,17 @@ class SpoolReplayer:
         if lease is None:
             return ReplayResult(skipped=True)
         try:
-            return await self.locks.run_locked(lease, lambda: self._drain(probe=probe))
+            return await self.locks.run_locked(lease, lambda: self._drain(lease, probe=probe))
         except LockLostError:
             log.warning("spool.replay_lock_lost")
             return ReplayResult(skipped=True)
 
-    async def _drain(self, probe: bool = False) -> ReplayResult:
+    async def _drain(self, lease: LockLease, probe: bool = False) -> ReplayResult:
         result = ReplayResult()
         if probe:  # one message first: is Kafka back?
             users = await self.spool.users()
             if users:
-                produced, failed = await self._round(users[:1], per_user=1)
+                produced, failed = await self._round(lease, users[:1], per_user=1)
                 result.produced += produced
                 result.failed += failed
                 if failed:
@@ -369,7 +405,7 @@ class SpoolReplayer:
             progressed = False
             for start in range(0, len(users), self.users_per_round):
                 chunk = users[start : start + self.users_per_round]
-                produced, failed = await self._round(chunk)
+                produced, failed = await self._round(lease, chunk)
                 result.produced += produced
                 result.failed += failed
                 progressed = progressed or produced > 0
@@ -381,8 +417,11 @@ class SpoolReplayer:
         result.remaining_depth = await self.spool.depth()
         return result
 
-    async def _round(self, users: Sequence[str], per_user: int | None = None) -> tuple[int, int]:
-        """One batch over the heads of `users`; returns (produced, failed)."""
+    async def _round(
+        self, lease: LockLease, users: Sequence[str], per_user: int | None = None
+    ) -> tuple[int, int]:
+        """One batch over the heads of `users`; returns (produced, failed). The trim names
+        the entries it consumed and is fenced by `lease` (LockLostError if it is gone)."""
         heads = await self.spool.peek(users, per_user or self.max_per_user)
         batch: list[Envelope] = []
         slots: dict[str, list[tuple[bytes, int | None]]] = {}  # raw, index in batch
@@ -396,10 +435,10 @@ class SpoolReplayer:
                 slots.setdefault(user, []).append((raw, len(batch)))
                 batch.append(env)
         outcome = await self.producer.produce_batch(batch) if batch else None
-        counts: dict[str, int] = {}
+        consumed_rows: dict[str, list[bytes]] = {}
         produced = failed = 0
         for user, entries in slots.items():
-            consumed = 0
+            consumed: list[bytes] = []
             for raw, idx in entries:
                 if idx is None:
                     await self.spool.bury(user, raw, reason="undecodable entry")
@@ -414,12 +453,15 @@ class SpoolReplayer:
                         if not isinstance(error, HeldBehind):  # held: Kafka did not fail
                             failed += 1
                         break
-                consumed += 1
+                consumed.append(raw)
             if consumed:
-                counts[user] = consumed
+                consumed_rows[user] = consumed
         if self.breaker is not None and batch:
             self.breaker.record(produced, failed)
-        depth = await self.spool.trim(counts) if counts else await self.spool.depth()
+        if consumed_rows:
+            depth = await self.spool.trim(consumed_rows, lease)
+        else:
+            depth = await self.spool.depth()
         SPOOL_REPLAYED.inc(produced)
         if failed:
             KAFKA_FAILURES.inc()
