@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from qywx_ray.envelope import Envelope
+from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockManager
 from qywx_ray.ingest.producer import BatchResult, Delivery, ProduceError
 from qywx_ray.ingest.spool import Spool, SpoolReplayer
@@ -110,3 +111,34 @@ async def test_trim_removes_only_entries_that_match_what_was_produced(aredis) ->
     heads = await spool.peek(["ua"], 1)
     await spool.trim(heads, lease)
     assert [e.message_id for e in await spool.entries("ua")] == ["a2"]
+
+
+async def test_a_lost_fence_counter_does_not_lock_the_cursor_out(aredis) -> None:
+    """Issue 19 item 4. An operator's `DEL qywx:lock:*` (or a restore, an eviction) drops
+    the fence counter: before the fix every later holder got a smaller fence than the one
+    stored with the cursor, every commit was refused (-1) and every pull ended in
+    LockLostError, re-sending its page forever. Fences now stay monotonic."""
+    locks = LockManager(aredis, ttl_s=5, extend_every_s=1)
+    cursors = CursorStore(aredis)
+    fences = []
+    for _ in range(3):
+        lease = await locks.acquire("sync:kfF")
+        assert lease is not None
+        fences.append(lease.fence)
+        assert await cursors.commit_cursor("kfF", f"c{lease.fence}", lease)
+        assert await locks.release(lease)
+    assert fences == sorted(set(fences))
+    await aredis.delete(locks.fence_key("sync:kfF"))  # the counter is lost
+
+    lease = await locks.acquire("sync:kfF")
+    assert lease is not None and lease.fence > fences[-1]
+    assert await cursors.commit_cursor("kfF", "after-loss", lease)
+    assert await cursors.get("kfF") == "after-loss"
+
+    # Safety still holds: a holder whose lock was taken over cannot write.
+    await aredis.delete(locks.key("sync:kfF"))  # its lease expired ...
+    newer = await locks.acquire("sync:kfF")  # ... and someone else holds it now
+    assert newer is not None and newer.fence > lease.fence
+    assert not await cursors.commit_cursor("kfF", "stale", lease)
+    assert await cursors.commit_cursor("kfF", "newer", newer)
+    assert await cursors.get("kfF") == "newer"
