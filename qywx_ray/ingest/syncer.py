@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,9 +38,25 @@ SYNC_PULLS = metrics.counter("qywx_sync_pulls_total", "sync_msg pull runs", ("ou
 SYNC_PAGES = metrics.counter("qywx_sync_pages_total", "sync_msg pages fetched")
 SYNC_MESSAGES = metrics.counter("qywx_sync_messages_total", "Messages pulled from sync_msg")
 SYNC_ERRORS = metrics.counter("qywx_sync_errors_total", "Failed pulls", ("errcode",))
+CURSOR_RESETS = metrics.counter(
+    "qywx_sync_cursor_resets_total",
+    "Cursors WeCom rejected: the pull restarted from the oldest retained message",
+)
 
 # 45009: API rate limit; -1: WeCom busy. Both: back off and retry the same cursor.
 BACKOFF_ERRCODES = frozenset({45009, -1})
+
+
+def restart_after_rejection(errcode: int, cursor: str, invalid_codes: Collection[int]) -> bool:
+    """Should a pull whose cursor WeCom answered with `errcode` start over without one?
+
+    Yes for an invalid-cursor errcode while a cursor was sent: retrying the same cursor
+    would stall the open_kfid until WeCom's 3-day retention dropped everything behind it,
+    whereas no cursor means "from the oldest retained message" - duplicates (deduplicated
+    by message_id downstream), never a gap. Without a cursor there is nothing to reset:
+    the error is raised and the pull backs off.
+    """
+    return bool(cursor) and errcode in invalid_codes
 
 
 class SyncPage(Protocol):
@@ -150,7 +166,15 @@ class KfSyncer:
         cursor = await self.cursors.get(self.open_kfid)
         result = PullResult("done", cursor=cursor)
         while True:
-            page = await self._fetch(cursor)
+            try:
+                page = await self._fetch(cursor)
+            except WeComError as exc:
+                codes = self.settings.invalid_cursor_errcodes
+                if not restart_after_rejection(exc.errcode, cursor, codes):
+                    raise
+                await self._restart_from_oldest(cursor, exc, lease)
+                cursor = result.cursor = ""
+                continue
             result.pages += 1
             SYNC_PAGES.inc()
             envelopes = self._envelopes(page.msg_list)
@@ -174,6 +198,26 @@ class KfSyncer:
             if not page.has_more:
                 break
         return result
+
+    async def _restart_from_oldest(self, cursor: str, exc: WeComError, lease: LockLease) -> None:
+        """WeCom rejected `cursor`: store "" (fenced, like any commit) so that this pull and,
+        if it fails, the next one start from the oldest retained message. Counted and
+        logged at ERROR: messages that left the 3-day retention behind a cursor we could
+        not use are gone, so an operator should look."""
+        if not await self.cursors.commit_cursor(self.open_kfid, "", lease):
+            raise LockLostError(
+                f"cursor reset for {self.open_kfid} refused: lock (fence {lease.fence}) "
+                "no longer held"
+            )
+        CURSOR_RESETS.inc()
+        SYNC_ERRORS.inc(errcode=str(exc.errcode))
+        log.error(
+            "sync.cursor_rejected_restarting",
+            open_kfid=self.open_kfid,
+            errcode=exc.errcode,
+            errmsg=exc.errmsg[:200],
+            cursor=cursor[:100],
+        )
 
     async def _fetch(self, cursor: str) -> SyncPage:
         page = await self.source.sync_msg(

@@ -8,19 +8,16 @@ the producer is a fake whose outcome each test decides, so the racing order is e
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-
 import pytest
 import redis
 
 from qywx_ray.envelope import Envelope
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockManager
-from qywx_ray.ingest.producer import BatchResult, Delivery, ProduceError
 from qywx_ray.ingest.spool import Spool, SpoolReplayer
 from qywx_ray.store.client import make_async_redis
 from qywx_ray.store.settings import RedisSettings
-from tests.integration.test_ingest_support import wecom_msg
+from tests.integration.test_ingest_support import FakeProducer, wecom_msg
 
 pytestmark = pytest.mark.integration
 
@@ -34,33 +31,6 @@ async def aredis(redis_url: str, redis_client: redis.Redis):
 
 def env(msgid: str, user: str) -> Envelope:
     return Envelope.from_wecom(wecom_msg(msgid, user))
-
-
-class FakeProducer:
-    """Acks everything except the message_ids in `failing`; records what it acked.
-
-    `hook` runs once, inside the first produce_batch, after Kafka "acked" and before the
-    caller sees the result: the window in which a paused replayer loses its lease."""
-
-    def __init__(self, failing: set[str] | None = None) -> None:
-        self.failing = failing or set()
-        self.acked: list[str] = []
-        self.batches: list[list[str]] = []
-        self.hook: Callable[[], Awaitable[None]] | None = None
-
-    async def produce_batch(self, envelopes: Sequence[Envelope]) -> BatchResult:
-        self.batches.append([e.message_id for e in envelopes])
-        deliveries = []
-        for e in envelopes:
-            if e.message_id in self.failing:
-                deliveries.append(Delivery(e, ProduceError("simulated failure")))
-            else:
-                deliveries.append(Delivery(e))
-                self.acked.append(e.message_id)
-        if self.hook is not None:
-            hook, self.hook = self.hook, None
-            await hook()
-        return BatchResult(deliveries)
 
 
 async def test_a_replayer_that_lost_its_lease_cannot_trim_what_it_did_not_produce(
