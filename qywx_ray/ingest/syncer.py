@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from qywx_ray.envelope import Envelope
-from qywx_ray.errors import EnvelopeError, InfraError, WeComError
+from qywx_ray.envelope import Envelope, ingest_envelope
+from qywx_ray.errors import InfraError, WeComError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
@@ -38,6 +38,10 @@ SYNC_PULLS = metrics.counter("qywx_sync_pulls_total", "sync_msg pull runs", ("ou
 SYNC_PAGES = metrics.counter("qywx_sync_pages_total", "sync_msg pages fetched")
 SYNC_MESSAGES = metrics.counter("qywx_sync_messages_total", "Messages pulled from sync_msg")
 SYNC_ERRORS = metrics.counter("qywx_sync_errors_total", "Failed pulls", ("errcode",))
+SYNC_INVALID = metrics.counter(
+    "qywx_sync_invalid_messages_total",
+    "Pulled messages with a msgid but malformed fields, sent on flagged `invalid`",
+)
 CURSOR_RESETS = metrics.counter(
     "qywx_sync_cursor_resets_total",
     "Cursors WeCom rejected: the pull restarted from the oldest retained message",
@@ -228,20 +232,28 @@ class KfSyncer:
         return page
 
     def _envelopes(self, msg_list: Sequence[dict[str, Any]]) -> list[Envelope]:
+        """Every message with a msgid, in page order; malformed ones flagged, not dropped
+        (the cursor moves past them only once they are in Kafka or the spool)."""
         out = []
         ingest_ts_ms = int(time.time() * 1000)
         for msg in msg_list:
-            try:
-                out.append(Envelope.from_wecom(msg, ingest_ts_ms=ingest_ts_ms))
-            except EnvelopeError as exc:
+            env = ingest_envelope(msg, ingest_ts_ms=ingest_ts_ms)
+            if env is None:
                 # Without a msgid a message cannot be deduplicated or addressed anywhere.
                 SYNC_ERRORS.inc(errcode="envelope")
                 log.error(
-                    "sync.bad_message",
-                    open_kfid=self.open_kfid,
-                    error=str(exc),
-                    msg=str(msg)[:500],
+                    "sync.message_without_msgid", open_kfid=self.open_kfid, msg=str(msg)[:500]
                 )
+                continue
+            if env.invalid:
+                SYNC_INVALID.inc()
+                log.warning(
+                    "sync.invalid_message_flagged",
+                    open_kfid=self.open_kfid,
+                    message_id=env.message_id,
+                    error=env.invalid[:300],
+                )
+            out.append(env)
         return out
 
     async def _deliver(self, envelopes: list[Envelope]) -> tuple[int, int]:

@@ -103,3 +103,27 @@ async def test_a_rejection_without_a_cursor_is_an_error_not_a_loop(aredis) -> No
     with pytest.raises(WeComError):
         await syncer.pull_once()
     assert [c for _, c, _, _ in source.calls] == [""]  # asked once, no restart from ""
+
+
+async def test_malformed_messages_with_a_msgid_reach_kafka_before_the_cursor_moves(
+    aredis,
+) -> None:
+    """Issue 19 item 5, through the syncer: before the fix `"origin": null` failed every
+    pull of the page (TypeError) and a bad send_time was dropped with the cursor moved."""
+    good = {"msgid": "g1", "external_userid": "u1", "open_kfid": KF, "msgtype": "text"}
+    page = [
+        good,
+        {**good, "msgid": "n1", "origin": None},
+        {**good, "msgid": "b1", "send_time": "1700000000.5"},
+        {**good, "msgid": "g2"},
+    ]
+    source = FakeSource([page])
+    producer = FakeProducer()
+    syncer = make_syncer(aredis, source, producer)
+    invalid_before = metrics.counter("qywx_sync_invalid_messages_total", "").value()
+
+    result = await syncer.pull_once()
+
+    assert producer.acked == ["g1", "n1", "b1", "g2"]  # in WeCom order, none dropped
+    assert result.produced == 4 and await CursorStore(aredis).get(KF) == "1"
+    assert metrics.counter("qywx_sync_invalid_messages_total", "").value() == invalid_before + 2
