@@ -18,7 +18,13 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from qywx_ray.devstack.procs import free_port
 from qywx_ray.envelope import Envelope
-from qywx_ray.ingest.producer import BatchResult, Delivery, KafkaIngestProducer, ProduceError
+from qywx_ray.ingest.producer import (
+    BatchResult,
+    Delivery,
+    HeldBehind,
+    KafkaIngestProducer,
+    ProduceError,
+)
 from qywx_ray.kafka.config import admin_config, consumer_config
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
@@ -177,7 +183,8 @@ def good_producer(settings: Settings, **extra: Any) -> KafkaIngestProducer:
 
 
 class FakeProducer:
-    """Acks everything except the message_ids in `failing`; records what it acked.
+    """Acks everything except the message_ids in `failing` (and, like the real producer,
+    the later records of a user whose record failed); records what it acked.
 
     `hook` runs once, inside the first produce_batch, after Kafka "acked" and before the
     caller sees the result: the window in which a paused replayer loses its lease."""
@@ -191,8 +198,12 @@ class FakeProducer:
     async def produce_batch(self, envelopes: Sequence[Envelope]) -> BatchResult:
         self.batches.append([e.message_id for e in envelopes])
         deliveries = []
+        failed_users: set[str] = set()
         for e in envelopes:
-            if e.message_id in self.failing:
+            if e.external_userid in failed_users:  # as KafkaIngestProducer holds them
+                deliveries.append(Delivery(e, HeldBehind("held behind a failed record")))
+            elif e.message_id in self.failing:
+                failed_users.add(e.external_userid)
                 deliveries.append(Delivery(e, ProduceError("simulated failure")))
             else:
                 deliveries.append(Delivery(e))

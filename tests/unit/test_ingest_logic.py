@@ -141,3 +141,25 @@ def test_a_wecom_message_with_a_msgid_is_enveloped_even_when_malformed() -> None
     assert ingest_envelope({**base, "msgid": ""}) is None  # no msgid: cannot be addressed
     assert ingest_envelope({"msgtype": "text"}) is None
     assert ingest_envelope(None) is None  # type: ignore[arg-type]
+
+
+def test_failing_users_go_last_and_a_success_clears_them() -> None:
+    from qywx_ray.ingest.spool import FailingUsers, RoundOutcome, keep_going_after
+
+    f = FailingUsers(max_tracked=3)
+    f.failed("a")
+    f.failed("a")
+    f.failed("c")
+    assert f.order(["a", "b", "c", "d"]) == ["b", "d", "c", "a"]  # fewest failures first
+    f.succeeded("a")
+    assert f.order(["a", "b", "c"]) == ["a", "b", "c"]
+    f.failed("x")
+    f.failed("y")
+    f.failed("z")  # beyond max_tracked: not tracked, memory stays bounded
+    assert "z" not in f and len(f) == 3
+    f.forget_except(["x"])
+    assert len(f) == 1 and "x" in f
+
+    assert keep_going_after(RoundOutcome(produced=5, failed=0))
+    assert keep_going_after(RoundOutcome(produced=5, failed=1))  # one user's problem
+    assert not keep_going_after(RoundOutcome(produced=0, failed=3))  # Kafka's problem
