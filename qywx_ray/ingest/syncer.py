@@ -40,7 +40,7 @@ SYNC_MESSAGES = metrics.counter("qywx_sync_messages_total", "Messages pulled fro
 SYNC_ERRORS = metrics.counter("qywx_sync_errors_total", "Failed pulls", ("errcode",))
 SYNC_INVALID = metrics.counter(
     "qywx_sync_invalid_messages_total",
-    "Pulled messages with a msgid but malformed fields, sent on flagged `invalid`",
+    "Pulled messages with a msgid but malformed fields, sent on flagged in `invalid`",
 )
 CURSOR_RESETS = metrics.counter(
     "qywx_sync_cursor_resets_total",
@@ -169,13 +169,15 @@ class KfSyncer:
     async def _pull_pages(self, lease: LockLease) -> PullResult:
         cursor = await self.cursors.get(self.open_kfid)
         result = PullResult("done", cursor=cursor)
+        restarted = False  # at most once per pull: a WeCom that keeps rejecting backs off
         while True:
             try:
                 page = await self._fetch(cursor)
             except WeComError as exc:
                 codes = self.settings.invalid_cursor_errcodes
-                if not restart_after_rejection(exc.errcode, cursor, codes):
+                if restarted or not restart_after_rejection(exc.errcode, cursor, codes):
                     raise
+                restarted = True
                 await self._restart_from_oldest(cursor, exc, lease)
                 cursor = result.cursor = ""
                 continue

@@ -6,6 +6,7 @@ Kafka: the producer is a fake that records what it acknowledged.
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -127,3 +128,32 @@ async def test_malformed_messages_with_a_msgid_reach_kafka_before_the_cursor_mov
     assert producer.acked == ["g1", "n1", "b1", "g2"]  # in WeCom order, none dropped
     assert result.produced == 4 and await CursorStore(aredis).get(KF) == "1"
     assert metrics.counter("qywx_sync_invalid_messages_total", "").value() == invalid_before + 2
+
+
+class RejectsEveryCursor:
+    """A WeCom that answers a pull without a cursor and rejects every cursor it issued."""
+
+    def __init__(self) -> None:
+        self.cursors: list[str] = []
+
+    async def sync_msg(self, open_kfid: str, cursor: str, token: str, limit: int) -> FakePage:
+        self.cursors.append(cursor)
+        if cursor:
+            return FakePage(errcode=INVALID_PARAM, errmsg="invalid cursor")
+        msg = {"msgid": f"r{len(self.cursors)}", "external_userid": "u", "msgtype": "text"}
+        return FakePage(next_cursor="issued", has_more=True, msg_list=[msg])
+
+
+async def test_a_wecom_that_keeps_rejecting_restarts_once_per_pull_then_backs_off(
+    aredis,
+) -> None:
+    locks = LockManager(aredis, ttl_s=5, extend_every_s=1)
+    lease = await locks.acquire(f"sync:{KF}")
+    assert lease is not None
+    assert await CursorStore(aredis).commit_cursor(KF, "stored", lease)
+    await locks.release(lease)
+    source = RejectsEveryCursor()
+    syncer = make_syncer(aredis, source, FakeProducer())
+    with pytest.raises(WeComError):
+        await asyncio.wait_for(syncer.pull_once(), 10)
+    assert source.cursors == ["stored", "", "issued"]
