@@ -49,7 +49,8 @@ LOCK_HOLD = metrics.histogram(
 # The fence is max(counter + 1, Redis TIME in microseconds): strictly increasing while the
 # counter lives, and still larger than every earlier fence after the counter is lost (an
 # operator's `DEL qywx:lock:*`, a restore, an eviction). A plain INCR restarted at 1 and
-# every later cursor commit was refused as older than the stored fence, for good.
+# every later cursor commit was refused as older than the stored fence, for good. (Lost
+# counter plus a failover to a Redis whose clock is behind: refused for the skew only.)
 # Already ours (redis-py resent the command after a lost reply or a timeout): the fence
 # we got (nobody else can have incremented it while we hold the lock); without this the
 # resend would read "busy" and the lock would sit unused until its TTL.
