@@ -3,7 +3,9 @@
 Versioned (`v`): readers accept every version up to ENVELOPE_VERSION and reject newer
 ones with a clear EnvelopeError, so a rolling upgrade never silently misreads a message.
 The key is always the external_userid; the WeCom `msgid` is the message_id, stable
-across re-pulls, which is what consumers deduplicate on.
+across re-pulls, which is what consumers deduplicate on. A WeCom message whose other
+fields are malformed still gets an envelope (`ingest_envelope`), flagged in `invalid`
+and the `invalid` header: ingest must never drop a message it can address.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class Envelope(BaseModel):
     send_time: int = 0  # WeCom send_time, seconds
     raw: dict[str, Any] = Field(default_factory=dict)  # the WeCom message exactly as pulled
     ingest_ts_ms: int = Field(default_factory=lambda: int(time.time() * 1000))
+    # Why WeCom's message did not validate ("" when it did): the fields above then hold
+    # defaults where WeCom's value was unusable, and `raw` holds the message as pulled.
+    invalid: str = ""
 
     @classmethod
     def from_wecom(cls, msg: dict[str, Any], *, ingest_ts_ms: int | None = None) -> Envelope:
@@ -51,7 +56,7 @@ class Envelope(BaseModel):
                 raw=msg,
                 ingest_ts_ms=ingest_ts_ms or int(time.time() * 1000),
             )
-        except (KeyError, ValueError, ValidationError) as exc:
+        except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise EnvelopeError(f"WeCom message cannot be enveloped: {exc}") from exc
 
     @property
@@ -63,13 +68,16 @@ class Envelope(BaseModel):
         return self.model_dump_json().encode()
 
     def headers(self) -> Headers:
-        return [
+        headers = [
             ("msg_type", self.msgtype.encode()),
             ("msg_id", self.message_id.encode()),
             ("open_kfid", self.open_kfid.encode()),
             ("timestamp", str(self.ingest_ts_ms // 1000).encode()),
             ("v", str(self.v).encode()),
         ]
+        if self.invalid:
+            headers.append(("invalid", b"1"))
+        return headers
 
     @classmethod
     def from_bytes(cls, value: bytes | None) -> Envelope:
@@ -98,6 +106,53 @@ class Envelope(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise EnvelopeError(f"record is not a valid envelope: {exc}") from exc
+
+
+def wecom_msgid(msg: object) -> str:
+    """The message's WeCom msgid as a string, or "" when it has none usable."""
+    if not isinstance(msg, dict):
+        return ""
+    msgid = msg.get("msgid")
+    if isinstance(msgid, bool) or not isinstance(msgid, str | int):
+        return ""
+    return str(msgid)
+
+
+def ingest_envelope(msg: dict[str, Any], *, ingest_ts_ms: int | None = None) -> Envelope | None:
+    """The envelope ingest sends for one kf/sync_msg item, or None when it has no msgid.
+
+    A message with a msgid is never dropped: if a field is malformed (`"origin": null`,
+    `"send_time": "1700000000.5"`, ...) it is enveloped anyway, flagged in `invalid`, with
+    the model's defaults (origin 0: unknown sender) where WeCom's value was unusable and
+    the message as pulled in `raw`, so consumers see it, in order, and decide. Without a
+    msgid it can be neither deduplicated nor addressed; the caller logs it.
+    """
+    msgid = wecom_msgid(msg)
+    if not msgid:
+        return None
+    try:
+        return Envelope.from_wecom(msg, ingest_ts_ms=ingest_ts_ms)
+    except EnvelopeError as exc:
+        reason = str(exc)[:500]
+    raw_event = msg.get("event")
+    event: dict[str, Any] = raw_event if isinstance(raw_event, dict) else {}
+    open_kfid = _text(msg.get("open_kfid")) or _text(event.get("open_kfid"))
+    external_userid = _text(msg.get("external_userid")) or _text(event.get("external_userid"))
+    return Envelope(
+        message_id=msgid,
+        open_kfid=open_kfid,
+        external_userid=external_userid or f"~{open_kfid}",
+        msgtype=_text(msg.get("msgtype")),
+        origin=0,
+        send_time=0,
+        raw=msg,
+        ingest_ts_ms=ingest_ts_ms or int(time.time() * 1000),
+        invalid=reason,
+    )
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def header_value(headers: Headers | None, name: str) -> str | None:

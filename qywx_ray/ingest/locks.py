@@ -1,8 +1,9 @@
 """Distributed lock per name (one per open_kfid) in Redis, with fencing tokens.
 
 Works the same on a single Redis and behind Sentinel: plain commands and Lua only.
-Acquire = SET NX PX with a random holder token, plus INCR of a fence counter so every
-acquisition gets a strictly larger fencing token. `hold()` extends the lock in the
+Acquire = SET NX PX with a random holder token, plus a fence counter so every
+acquisition gets a strictly larger fencing token (hybrid with Redis' clock, so it stays
+larger even when the counter key is lost). `hold()` extends the lock in the
 background while work runs (`run_locked`) and cancels that work when the lock is lost.
 A release that fails (Redis down) is remembered and retried at the next acquire of the
 same name, so a Redis restart does not leave our own lock blocking us for a whole TTL.
@@ -45,12 +46,24 @@ LOCK_HOLD = metrics.histogram(
 )
 
 # KEYS[1] lock, KEYS[2] fence counter; ARGV[1] token, ARGV[2] ttl_ms -> fence or 0.
+# The fence is max(counter + 1, Redis TIME in microseconds): strictly increasing while the
+# counter lives, and still larger than every earlier fence after the counter is lost (an
+# operator's `DEL qywx:lock:*`, a restore, an eviction). A plain INCR restarted at 1 and
+# every later cursor commit was refused as older than the stored fence, for good. (Lost
+# counter plus a failover to a Redis whose clock is behind: refused for the skew only.)
 # Already ours (redis-py resent the command after a lost reply or a timeout): the fence
 # we got (nobody else can have incremented it while we hold the lock); without this the
 # resend would read "busy" and the lock would sit unused until its TTL.
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
+  local now = redis.call('TIME')
+  local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local fence = redis.call('INCR', KEYS[2])
+  if fence < floor then
+    redis.call('SET', KEYS[2], string.format('%d', floor))
+    fence = floor
+  end
+  return fence
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return tonumber(redis.call('GET', KEYS[2]))

@@ -41,6 +41,10 @@ PRODUCE_ERRORS = metrics.counter(
 PRODUCE_LATENCY = metrics.histogram(
     "qywx_produce_latency_seconds", "From produce() to the delivery report, per envelope"
 )
+PRODUCER_REBUILT = metrics.counter(
+    "qywx_producer_rebuilt_total",
+    "Ingest producers replaced after a fatal librdkafka error (e.g. idempotence fenced)",
+)
 PRODUCE_BACKPRESSURE = metrics.counter(
     "qywx_produce_backpressure_total", "Produces that found the local queue full and waited"
 )
@@ -183,8 +187,9 @@ class KafkaIngestProducer:
         self.delivery_wait_timeout_s = delivery_wait_timeout_s
         self.produce_block_timeout_s = produce_block_timeout_s
         extra_config.setdefault("logger", logging.getLogger("qywx_ray.kafka.librdkafka"))
-        conf = producer_config(kafka, error_cb=self._on_error, **extra_config)
-        self._producer = Producer(conf)
+        self._conf = producer_config(kafka, error_cb=self._on_error, **extra_config)
+        self._producer = Producer(self._conf)
+        self._rebuild_lock = threading.Lock()
         self._stop = threading.Event()
         self._closed = False
         self._last_error_log = 0.0
@@ -206,6 +211,32 @@ class KafkaIngestProducer:
     def fatal_error(self) -> KafkaError | None:
         """Set when librdkafka reports a fatal error: this producer must be replaced."""
         return self._fatal_error
+
+    def _renew_if_fatal(self) -> None:
+        """Replace the librdkafka instance after a fatal error, before the next produce.
+
+        A fatal error (e.g. the idempotent producer fenced or out of sequence) makes every
+        later produce on that instance fail: without a new one everything would be spooled,
+        the replayer would use the same dead producer, and the spool would grow until
+        Redis is full. Whatever the old instance still held is purged, so its delivery
+        reports come back failed now (callers spool those) instead of at the wait timeout.
+        """
+        if self._fatal_error is None or self._closed:
+            return
+        with self._rebuild_lock:
+            err = self._fatal_error
+            if err is None:
+                return
+            old = self._producer
+            self._producer = Producer(self._conf)
+            self._fatal_error = None
+        PRODUCER_REBUILT.inc()
+        log.error("kafka.producer_rebuilt_after_fatal_error", error=err.str(), topic=self.topic)
+        try:
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+            old.poll(0)  # serve the purged records' failure reports
+        except Exception:  # the old instance is beyond use anyway
+            log.warning("kafka.dead_producer_purge_failed", exc_info=True, topic=self.topic)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -230,6 +261,7 @@ class KafkaIngestProducer:
         """Back-pressure for the synchronous modes: poll and retry within a bound."""
         if self._closed:
             raise ProduceError("producer is closed")
+        self._renew_if_fatal()
         value = env.to_bytes()
         if self._try_produce(env, value, cb):
             return
@@ -295,6 +327,7 @@ class KafkaIngestProducer:
         the error. A report that does not come in time counts as failed (the message may
         still arrive later: a duplicate, never a loss, once the caller spools it).
         """
+        self._renew_if_fatal()
         loop = asyncio.get_running_loop()
         n = len(envelopes)
         waiter = _BatchWaiter(loop, n, time.monotonic())
@@ -351,6 +384,8 @@ class KafkaIngestProducer:
             except KafkaException as exc:  # e.g. too large, or a fatal idempotence error
                 failed_users.add(env.external_userid)
                 err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is not None and err.fatal():
+                    self._fatal_error = err  # the next batch runs on a new instance
                 waiter.settle(idx, ProduceError(f"produce failed: {exc}", err), None, None)
 
     # ------------------------------------------------------------------ lifecycle

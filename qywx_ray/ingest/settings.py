@@ -20,6 +20,11 @@ class IngestSettings(BaseModel):
     # Retry of a failed pull (WeCom 45009/-1, Kafka and Redis both down, ...).
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    # kf/sync_msg errcodes meaning "this cursor is not accepted": the pull restarts from
+    # the oldest message WeCom still keeps (duplicates, never a gap) and alerts. 40058 is
+    # WeCom's invalid-parameter code, what the simulator answers for a rejected cursor;
+    # add others here if WeCom is seen to answer a rejected cursor differently.
+    invalid_cursor_errcodes: list[int] = [40058]
     # A pull found the lock held by another node: try again this soon.
     busy_retry_s: float = 1.0
     # Producer circuit breaker: consecutive failed deliveries before it opens.

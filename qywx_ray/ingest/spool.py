@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from confluent_kafka import KafkaError
@@ -30,7 +31,7 @@ from redis.exceptions import RedisError
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
-from qywx_ray.ingest.locks import LockLostError, LockManager
+from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
 from qywx_ray.ingest.producer import BatchProducer, HeldBehind
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
@@ -53,6 +54,11 @@ SPOOL_REPLAYED = metrics.counter(
 )
 SPOOL_BURIED = metrics.counter(
     "qywx_spool_set_aside_total", "Spool entries Kafka can never take, moved to the dead list"
+)
+
+SPOOL_TRIM_REFUSED = metrics.counter(
+    "qywx_spool_trim_refused_total",
+    "Spool trims refused (replay lock lost) or that kept a head that was not the one produced",
 )
 
 # Errors a retry cannot fix: the record itself is unacceptable to the broker.
@@ -91,37 +97,54 @@ local depth = redis.call('INCRBY', KEYS[2], added)
 return {appended, depth, redis.call('SCARD', KEYS[1])}
 """
 
-# KEYS[1] index set, KEYS[2] depth counter, KEYS[3] op key; ARGV[1] key prefix, then
-# pairs user, n: drop the first n entries of each user's list. -> {depth, users with
-# spool}. Applied once per op key: redis-py resends a command after a lost reply or a
-# timeout, and a second drop would lose spooled messages.
+# KEYS[1] index set, KEYS[2] depth counter, KEYS[3] op key, KEYS[4] replay lock;
+# ARGV[1] key prefix, ARGV[2] lock token, then groups: user, n, sha1_1..sha1_n. Drops the
+# longest prefix of each user's list whose entries match the given SHA-1s (at most n).
+# -> {status, depth, users with spool, entries that did not match}; status 1 trimmed (or
+# a resend of a trim already applied), 0 the lock is not held by this token (nothing
+# removed). Fenced by the lock in the same script: a replayer whose lease expired while
+# it was paused would otherwise remove entries appended after another replayer drained
+# what it had peeked - messages that were never produced. The match is a second guard:
+# only what was produced can leave. Applied once per op key: redis-py resends a command
+# after a lost reply or a timeout, and a second drop would lose spooled messages.
 _TRIM = """
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then
-  return {tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('SCARD', KEYS[1])}
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {1, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('SCARD', KEYS[1]), 0}
 end
+if redis.call('GET', KEYS[4]) ~= ARGV[2] then
+  return {0, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('SCARD', KEYS[1]), 0}
+end
+redis.call('SET', KEYS[3], '1', 'EX', 86400)
 local prefix = ARGV[1]
 local removed = 0
-for i = 2, #ARGV, 2 do
+local mismatched = 0
+local i = 3
+while i <= #ARGV do
   local user = ARGV[i]
   local n = tonumber(ARGV[i + 1])
   local key = prefix .. user
-  local len = redis.call('LLEN', key)
-  if n > len then n = len end
-  if n > 0 then
-    redis.call('LTRIM', key, n, -1)
-    removed = removed + n
+  local head = redis.call('LRANGE', key, 0, n - 1)
+  local matched = 0
+  while matched < #head and redis.sha1hex(head[matched + 1]) == ARGV[i + 2 + matched] do
+    matched = matched + 1
+  end
+  mismatched = mismatched + (n - matched)
+  if matched > 0 then
+    redis.call('LTRIM', key, matched, -1)
+    removed = removed + matched
   end
   if redis.call('LLEN', key) == 0 then
     redis.call('DEL', key)
     redis.call('SREM', KEYS[1], user)
   end
+  i = i + 2 + n
 end
 local depth = redis.call('DECRBY', KEYS[2], removed)
 if depth < 0 then
   redis.call('SET', KEYS[2], 0)
   depth = 0
 end
-return {depth, redis.call('SCARD', KEYS[1])}
+return {1, depth, redis.call('SCARD', KEYS[1]), mismatched}
 """
 
 
@@ -242,19 +265,32 @@ class Spool:
             raise _redis_error("reading the spool", exc) from exc
         return {user: list(row) for user, row in zip(users, rows, strict=True)}
 
-    async def trim(self, counts: dict[str, int]) -> int:
-        """Drop the first n entries of each user's spool; returns the remaining depth."""
-        args: list[str | int] = [self.list_prefix]
-        for user, n in counts.items():
-            args += [user, n]
+    async def trim(self, produced: Mapping[str, Sequence[bytes]], lease: LockLease) -> int:
+        """Drop each user's head entries that are exactly `produced[user]` (as peeked),
+        only while `lease` still holds the replay lock; returns the remaining depth.
+
+        Raises LockLostError (nothing removed) when the lease is gone: whoever holds the
+        lock now may have drained those entries and others may have been appended since.
+        """
+        args: list[str | int] = [self.list_prefix, lease.token]
+        for user, rows in produced.items():
+            args += [user, len(rows)]
+            args += [hashlib.sha1(raw, usedforsecurity=False).hexdigest() for raw in rows]
         try:
             op_key = f"{self.op_prefix}{uuid.uuid4().hex}"
-            keys = [self.index_key, self.depth_key, op_key]
-            depth, users = await self._trim(keys=keys, args=args)
+            keys = [self.index_key, self.depth_key, op_key, lease.key]
+            status, depth, users, mismatched = await self._trim(keys=keys, args=args)
         except RedisError as exc:
             raise _redis_error("trimming the spool", exc) from exc
         SPOOL_DEPTH.set(int(depth))
         DEGRADED_USERS.set(int(users))
+        if not int(status):
+            SPOOL_TRIM_REFUSED.inc()
+            log.warning("spool.trim_refused_lock_lost", lock=lease.name, fence=lease.fence)
+            raise LockLostError(f"spool trim refused: lock {lease.name} (fence {lease.fence}) lost")
+        if int(mismatched):
+            SPOOL_TRIM_REFUSED.inc()
+            log.error("spool.trim_head_changed", kept=int(mismatched), fence=lease.fence)
         return int(depth)
 
     async def bury(self, user: str, raw: bytes, *, reason: str) -> None:
@@ -303,16 +339,78 @@ class ReplayResult:
     remaining_depth: int = 0
 
 
+@dataclass
+class RoundOutcome:
+    produced: int = 0
+    failed: int = 0  # records Kafka refused (held-behind ones not counted)
+    failed_users: set[str] = field(default_factory=set)  # users whose head stayed
+
+
+class FailingUsers:
+    """Which spooled users' heads keep failing, so they are tried after everyone else.
+
+    Pure bookkeeping, no I/O. Kafka can refuse one user's record (its partition's
+    leader is gone, a record rejected for a reason a retry may fix) while it takes
+    everyone else's: a replay that stops at the first failure, or that always probes the
+    same user first, would then move ~one round of users per interval. Users whose head
+    failed go last in the replay order and are never the breaker's probe; one success
+    clears the user.
+    """
+
+    def __init__(self, max_tracked: int = 100_000) -> None:
+        self.max_tracked = max_tracked
+        self._failures: dict[str, int] = {}  # user -> consecutive failed replays
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._failures
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def order(self, users: Sequence[str]) -> list[str]:
+        """Healthy users first (in the given order), then the failing ones, fewest
+        failures first (stable)."""
+        healthy = [u for u in users if u not in self._failures]
+        failing = sorted((u for u in users if u in self._failures), key=self._failures.__getitem__)
+        return healthy + failing
+
+    def failed(self, user: str) -> None:
+        if user not in self._failures and len(self._failures) >= self.max_tracked:
+            return  # bounded memory; an untracked user is merely not deprioritised
+        self._failures[user] = self._failures.get(user, 0) + 1
+
+    def succeeded(self, user: str) -> None:
+        self._failures.pop(user, None)
+
+    def forget_except(self, users: Iterable[str]) -> None:
+        """Drop users no longer spooled (drained by another replayer, say)."""
+        keep = set(users)
+        for user in [u for u in self._failures if u not in keep]:
+            del self._failures[user]
+
+
+def keep_going_after(outcome: RoundOutcome) -> bool:
+    """After a round with failures: go on with the other users only if Kafka took
+    something in that round (it is up; the failures belong to particular users). A round
+    where nothing was acked says Kafka itself is failing: stop and leave it to the
+    breaker rather than wait out a delivery timeout per round."""
+    return not outcome.failed or outcome.produced > 0
+
+
 class SpoolReplayer:
     """Drains every user's spool in order once Kafka takes messages again.
 
     One replayer at a time cluster-wide (a lock named `spool-replay`). Per round: read
     the head of up to max_batch/max_per_user users (one round trip), produce them as one
-    confirmed batch, then trim each user's acknowledged prefix (one Lua call). A user
-    whose head failed keeps it at the head; the next round retries it first.
+    confirmed batch, then trim each user's acknowledged prefix (one Lua call, fenced by
+    the lock). A user whose head failed keeps it at the head; it is not retried in the
+    same replay, and later replays try it after every other user (FailingUsers), so one
+    user's failing record never holds the others back.
     While the breaker is not closed, a pass starts with a one-message probe: a failed
     attempt leaves its messages queued in librdkafka (delivered again once Kafka is back),
-    so a whole batch per trial would multiply duplicates over a long outage.
+    so a whole batch per trial would multiply duplicates over a long outage. The probe
+    (the breaker's one half-open trial) is taken only once the lock is held and the spool
+    has something to send, so a trial is never spent on nothing.
     """
 
     LOCK_NAME = "spool-replay"
@@ -334,46 +432,57 @@ class SpoolReplayer:
         self.max_per_user = max_per_user
         self.users_per_round = max(1, max_batch // max(1, max_per_user))
         self.max_passes = 100  # bounds one replay_once while syncers keep appending
+        self.failing = FailingUsers()
 
     async def replay_once(self) -> ReplayResult:
         """Drain until empty or until Kafka fails; bounded by what is spooled now."""
-        probe = False
-        if self.breaker is not None:
-            probe = self.breaker.state is not BreakerState.CLOSED
-            if not self.breaker.allow():
-                return ReplayResult(skipped=True)
+        if self.breaker is not None and self.breaker.state is BreakerState.OPEN:
+            return ReplayResult(skipped=True)  # cheap: reading the state takes no trial
         lease = await self.locks.acquire(self.LOCK_NAME)
         if lease is None:
             return ReplayResult(skipped=True)
         try:
-            return await self.locks.run_locked(lease, lambda: self._drain(probe=probe))
+            return await self.locks.run_locked(lease, lambda: self._drain(lease))
         except LockLostError:
             log.warning("spool.replay_lock_lost")
             return ReplayResult(skipped=True)
 
-    async def _drain(self, probe: bool = False) -> ReplayResult:
+    async def _drain(self, lease: LockLease) -> ReplayResult:
         result = ReplayResult()
-        if probe:  # one message first: is Kafka back?
-            users = await self.spool.users()
-            if users:
-                produced, failed = await self._round(users[:1], per_user=1)
-                result.produced += produced
-                result.failed += failed
-                if failed:
-                    result.remaining_depth = await self.spool.depth()
-                    return result
+        users = await self.spool.users()
+        self.failing.forget_except(users)
+        if not users:
+            return result
+        probe = False
+        if self.breaker is not None:  # the lock is ours and there is work: now ask
+            probe = self.breaker.state is not BreakerState.CLOSED
+            if not self.breaker.allow():
+                result.skipped = True
+                result.remaining_depth = await self.spool.depth()
+                return result
+        tried_failed: set[str] = set()  # heads that failed in this replay: not again
+        if probe:  # one message first, from a user not known to fail: is Kafka back?
+            outcome = await self._round(lease, self.failing.order(users)[:1], per_user=1)
+            result.produced += outcome.produced
+            result.failed += outcome.failed
+            tried_failed |= outcome.failed_users
+            if outcome.failed:
+                result.remaining_depth = await self.spool.depth()
+                return result
         for _ in range(self.max_passes):
-            users = await self.spool.users()
+            users = [u for u in await self.spool.users() if u not in tried_failed]
             if not users:
                 break
             progressed = False
-            for start in range(0, len(users), self.users_per_round):
-                chunk = users[start : start + self.users_per_round]
-                produced, failed = await self._round(chunk)
-                result.produced += produced
-                result.failed += failed
-                progressed = progressed or produced > 0
-                if failed:
+            ordered = self.failing.order(users)
+            for start in range(0, len(ordered), self.users_per_round):
+                chunk = ordered[start : start + self.users_per_round]
+                outcome = await self._round(lease, chunk)
+                result.produced += outcome.produced
+                result.failed += outcome.failed
+                tried_failed |= outcome.failed_users
+                progressed = progressed or outcome.produced > 0
+                if not keep_going_after(outcome):
                     result.remaining_depth = await self.spool.depth()
                     return result
             if not progressed:
@@ -381,8 +490,11 @@ class SpoolReplayer:
         result.remaining_depth = await self.spool.depth()
         return result
 
-    async def _round(self, users: Sequence[str], per_user: int | None = None) -> tuple[int, int]:
-        """One batch over the heads of `users`; returns (produced, failed)."""
+    async def _round(
+        self, lease: LockLease, users: Sequence[str], per_user: int | None = None
+    ) -> RoundOutcome:
+        """One batch over the heads of `users`. The trim names the entries it consumed
+        and is fenced by `lease` (LockLostError if it is gone)."""
         heads = await self.spool.peek(users, per_user or self.max_per_user)
         batch: list[Envelope] = []
         slots: dict[str, list[tuple[bytes, int | None]]] = {}  # raw, index in batch
@@ -396,10 +508,10 @@ class SpoolReplayer:
                 slots.setdefault(user, []).append((raw, len(batch)))
                 batch.append(env)
         outcome = await self.producer.produce_batch(batch) if batch else None
-        counts: dict[str, int] = {}
-        produced = failed = 0
+        consumed_rows: dict[str, list[bytes]] = {}
+        result = RoundOutcome()
         for user, entries in slots.items():
-            consumed = 0
+            consumed: list[bytes] = []
             for raw, idx in entries:
                 if idx is None:
                     await self.spool.bury(user, raw, reason="undecodable entry")
@@ -407,26 +519,42 @@ class SpoolReplayer:
                     assert outcome is not None
                     error = outcome.deliveries[idx].error
                     if error is None:
-                        produced += 1
+                        result.produced += 1
                     elif is_permanent(error):
                         await self.spool.bury(user, raw, reason=str(error))
-                    else:  # stays at the head; retried first next time
-                        if not isinstance(error, HeldBehind):  # held: Kafka did not fail
-                            failed += 1
+                    else:  # stays at the head
+                        # Held behind a record of this batch that was set aside: retried
+                        # in the next pass. A real failure: after the others, next replay.
+                        if not isinstance(error, HeldBehind):
+                            result.failed += 1
+                            result.failed_users.add(user)
                         break
-                consumed += 1
+                consumed.append(raw)
             if consumed:
-                counts[user] = consumed
+                consumed_rows[user] = consumed
+            if user in result.failed_users:
+                self.failing.failed(user)
+            else:
+                self.failing.succeeded(user)
         if self.breaker is not None and batch:
-            self.breaker.record(produced, failed)
-        depth = await self.spool.trim(counts) if counts else await self.spool.depth()
-        SPOOL_REPLAYED.inc(produced)
-        if failed:
+            self.breaker.record(result.produced, result.failed)
+        if consumed_rows:
+            depth = await self.spool.trim(consumed_rows, lease)
+        else:
+            depth = await self.spool.depth()
+        SPOOL_REPLAYED.inc(result.produced)
+        if result.failed:
             KAFKA_FAILURES.inc()
-            log.warning("spool.replay_failed", failed=failed, produced=produced, depth=depth)
-        elif produced:
-            log.info("spool.replayed", produced=produced, users=len(users), depth=depth)
-        return produced, failed
+            log.warning(
+                "spool.replay_failed",
+                failed=result.failed,
+                produced=result.produced,
+                failing_users=len(result.failed_users),
+                depth=depth,
+            )
+        elif result.produced:
+            log.info("spool.replayed", produced=result.produced, users=len(users), depth=depth)
+        return result
 
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
         """Replay every interval_s until `stop` is set; errors are logged and retried."""

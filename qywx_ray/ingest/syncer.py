@@ -17,12 +17,12 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from qywx_ray.envelope import Envelope
-from qywx_ray.errors import EnvelopeError, InfraError, WeComError
+from qywx_ray.envelope import Envelope, ingest_envelope
+from qywx_ray.errors import InfraError, WeComError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
@@ -38,9 +38,29 @@ SYNC_PULLS = metrics.counter("qywx_sync_pulls_total", "sync_msg pull runs", ("ou
 SYNC_PAGES = metrics.counter("qywx_sync_pages_total", "sync_msg pages fetched")
 SYNC_MESSAGES = metrics.counter("qywx_sync_messages_total", "Messages pulled from sync_msg")
 SYNC_ERRORS = metrics.counter("qywx_sync_errors_total", "Failed pulls", ("errcode",))
+SYNC_INVALID = metrics.counter(
+    "qywx_sync_invalid_messages_total",
+    "Pulled messages with a msgid but malformed fields, sent on flagged in `invalid`",
+)
+CURSOR_RESETS = metrics.counter(
+    "qywx_sync_cursor_resets_total",
+    "Cursors WeCom rejected: the pull restarted from the oldest retained message",
+)
 
 # 45009: API rate limit; -1: WeCom busy. Both: back off and retry the same cursor.
 BACKOFF_ERRCODES = frozenset({45009, -1})
+
+
+def restart_after_rejection(errcode: int, cursor: str, invalid_codes: Collection[int]) -> bool:
+    """Should a pull whose cursor WeCom answered with `errcode` start over without one?
+
+    Yes for an invalid-cursor errcode while a cursor was sent: retrying the same cursor
+    would stall the open_kfid until WeCom's 3-day retention dropped everything behind it,
+    whereas no cursor means "from the oldest retained message" - duplicates (deduplicated
+    by message_id downstream), never a gap. Without a cursor there is nothing to reset:
+    the error is raised and the pull backs off.
+    """
+    return bool(cursor) and errcode in invalid_codes
 
 
 class SyncPage(Protocol):
@@ -149,8 +169,18 @@ class KfSyncer:
     async def _pull_pages(self, lease: LockLease) -> PullResult:
         cursor = await self.cursors.get(self.open_kfid)
         result = PullResult("done", cursor=cursor)
+        restarted = False  # at most once per pull: a WeCom that keeps rejecting backs off
         while True:
-            page = await self._fetch(cursor)
+            try:
+                page = await self._fetch(cursor)
+            except WeComError as exc:
+                codes = self.settings.invalid_cursor_errcodes
+                if restarted or not restart_after_rejection(exc.errcode, cursor, codes):
+                    raise
+                restarted = True
+                await self._restart_from_oldest(cursor, exc, lease)
+                cursor = result.cursor = ""
+                continue
             result.pages += 1
             SYNC_PAGES.inc()
             envelopes = self._envelopes(page.msg_list)
@@ -175,6 +205,26 @@ class KfSyncer:
                 break
         return result
 
+    async def _restart_from_oldest(self, cursor: str, exc: WeComError, lease: LockLease) -> None:
+        """WeCom rejected `cursor`: store "" (fenced, like any commit) so that this pull and,
+        if it fails, the next one start from the oldest retained message. Counted and
+        logged at ERROR: messages that left the 3-day retention behind a cursor we could
+        not use are gone, so an operator should look."""
+        if not await self.cursors.commit_cursor(self.open_kfid, "", lease):
+            raise LockLostError(
+                f"cursor reset for {self.open_kfid} refused: lock (fence {lease.fence}) "
+                "no longer held"
+            )
+        CURSOR_RESETS.inc()
+        SYNC_ERRORS.inc(errcode=str(exc.errcode))
+        log.error(
+            "sync.cursor_rejected_restarting",
+            open_kfid=self.open_kfid,
+            errcode=exc.errcode,
+            errmsg=exc.errmsg[:200],
+            cursor=cursor[:100],
+        )
+
     async def _fetch(self, cursor: str) -> SyncPage:
         page = await self.source.sync_msg(
             self.open_kfid, cursor, self.current_token(), self.settings.sync_page_limit
@@ -184,20 +234,28 @@ class KfSyncer:
         return page
 
     def _envelopes(self, msg_list: Sequence[dict[str, Any]]) -> list[Envelope]:
+        """Every message with a msgid, in page order; malformed ones flagged, not dropped
+        (the cursor moves past them only once they are in Kafka or the spool)."""
         out = []
         ingest_ts_ms = int(time.time() * 1000)
         for msg in msg_list:
-            try:
-                out.append(Envelope.from_wecom(msg, ingest_ts_ms=ingest_ts_ms))
-            except EnvelopeError as exc:
+            env = ingest_envelope(msg, ingest_ts_ms=ingest_ts_ms)
+            if env is None:
                 # Without a msgid a message cannot be deduplicated or addressed anywhere.
                 SYNC_ERRORS.inc(errcode="envelope")
                 log.error(
-                    "sync.bad_message",
-                    open_kfid=self.open_kfid,
-                    error=str(exc),
-                    msg=str(msg)[:500],
+                    "sync.message_without_msgid", open_kfid=self.open_kfid, msg=str(msg)[:500]
                 )
+                continue
+            if env.invalid:
+                SYNC_INVALID.inc()
+                log.warning(
+                    "sync.invalid_message_flagged",
+                    open_kfid=self.open_kfid,
+                    message_id=env.message_id,
+                    error=env.invalid[:300],
+                )
+            out.append(env)
         return out
 
     async def _deliver(self, envelopes: list[Envelope]) -> tuple[int, int]:

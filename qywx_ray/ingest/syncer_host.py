@@ -18,11 +18,17 @@ from typing import Any
 
 from qywx_ray.ingest.factory import IngestParts, build_ingest
 from qywx_ray.ingest.syncer import KfSyncer
+from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.settings import Settings
 from qywx_ray.wecom.client import RedisTokenCache, WeComClient
 
 log = get_logger(__name__)
+
+MISROUTED = metrics.counter(
+    "qywx_pull_requests_misrouted_total",
+    "Pull requests a syncer host refused: the open_kfid hashes to another host",
+)
 
 
 def known_kfids_key(key_prefix: str) -> str:
@@ -32,6 +38,17 @@ def known_kfids_key(key_prefix: str) -> str:
 
 def syncer_host_index(open_kfid: str, num_hosts: int) -> int:
     return zlib.crc32(open_kfid.encode()) % num_hosts
+
+
+def split_by_owner(
+    items: list[tuple[str, str]], index: int, num_hosts: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(items host `index` owns, items that belong to another host), order kept."""
+    mine: list[tuple[str, str]] = []
+    others: list[tuple[str, str]] = []
+    for item in items:
+        (mine if syncer_host_index(item[0], num_hosts) == index else others).append(item)
+    return mine, others
 
 
 def syncer_host_name(index: int) -> str:
@@ -77,17 +94,31 @@ class SyncerHostService:
         return syncer
 
     async def request_pulls(self, items: list[tuple[str, str]]) -> int:
-        """(open_kfid, callback token) pairs, already coalesced by the dispatcher."""
+        """(open_kfid, callback token) pairs, already coalesced by the dispatcher; returns
+        how many this host took. An open_kfid that hashes to another host (the dispatcher
+        and this host disagree on the host count, e.g. mid-deploy) is not pulled here -
+        two hosts would race for its lock and sweep it twice - but is remembered in the
+        known set, so its owner sweeps it from its next start; counted and logged."""
         await self.start()
+        mine, misrouted = split_by_owner(items, self.index, self.num_hosts)
         new = []
-        for open_kfid, token in items:
+        for open_kfid, token in mine:
             if open_kfid not in self.syncers:
                 new.append(open_kfid)
             self._ensure(open_kfid).request_pull(token or None)
-        if new:
+        if misrouted:
+            MISROUTED.inc(len(misrouted))
+            log.warning(
+                "syncer_host.misrouted_pull_requests",
+                host=self.index,
+                num_hosts=self.num_hosts,
+                open_kfids=[k for k, _ in misrouted][:20],
+            )
+        remember = new + [k for k, _ in misrouted]
+        if remember:
             with contextlib.suppress(Exception):
-                await self.parts.redis.sadd(self.kfids_key, *new)
-        return len(items)
+                await self.parts.redis.sadd(self.kfids_key, *remember)
+        return len(mine)
 
     async def _replay_loop(self) -> None:
         replayer = self.parts.replayer()

@@ -44,7 +44,7 @@ INVALID_SECRET = 40001
 INVALID_CORPID = 40013
 INVALID_TOKEN = 40014
 TOKEN_EXPIRED = 42001
-INVALID_PARAM = 40058
+INVALID_PARAM = 40058  # also what sync_msg answers for a cursor it does not accept
 FREQ_LIMIT = 45009
 INVALID_SYNC_TOKEN = 95007
 SEND_LIMIT = 95026  # too many replies / no customer message within 48 h
@@ -197,6 +197,8 @@ class WeComSimulatorState:
         self.faults: list[FaultRule] = []
         self.stats = SimStats()
         self.listeners: list[Callable[[str], None]] = []  # called with open_kfid after adds
+        # Bumped by invalidate_cursors: cursors issued under an older epoch are rejected.
+        self.cursor_epochs: dict[str, int] = defaultdict(int)
 
     @classmethod
     def from_settings(cls, settings: WeComSettings, **kw: Any) -> WeComSimulatorState:
@@ -280,9 +282,20 @@ class WeComSimulatorState:
             "expires_in": self.access_token_ttl_s,
         }
 
+    def _cursor_tag(self, open_kfid: str) -> str:
+        epoch = self.cursor_epochs[open_kfid]
+        seed = open_kfid if not epoch else f"{open_kfid}#{epoch}"
+        return hashlib.sha1(seed.encode()).hexdigest()[:6]
+
     def _encode_cursor(self, open_kfid: str, seq: int) -> str:
-        tag = hashlib.sha1(open_kfid.encode()).hexdigest()[:6]
+        tag = self._cursor_tag(open_kfid)
         return base64.urlsafe_b64encode(f"{tag}:{seq}".encode()).decode().rstrip("=")
+
+    def invalidate_cursors(self, open_kfid: str) -> None:
+        """From now on sync_msg rejects (INVALID_PARAM, "invalid cursor") every cursor
+        issued so far for this open_kfid, as WeCom does with a cursor it no longer
+        accepts; a pull without a cursor starts again at the oldest retained message."""
+        self.cursor_epochs[open_kfid] += 1
 
     def _decode_cursor(self, open_kfid: str, cursor: str) -> int | None:
         try:
@@ -290,7 +303,7 @@ class WeComSimulatorState:
             tag, seq = raw.split(":")
         except (ValueError, UnicodeDecodeError):
             return None
-        if tag != hashlib.sha1(open_kfid.encode()).hexdigest()[:6] or not seq.isdigit():
+        if tag != self._cursor_tag(open_kfid) or not seq.isdigit():
             return None
         return int(seq)
 

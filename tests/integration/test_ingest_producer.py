@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from qywx_ray.envelope import Envelope
 from qywx_ray.ingest.producer import Delivery, HeldBehind, ProduceError
@@ -198,3 +202,56 @@ async def test_unreachable_broker_reports_every_message_failed(make_settings) ->
             await producer.produce_confirmed(envelopes(1, 1, tag="dead1")[0])
     finally:
         producer.close(1)
+
+
+class FatallyFailedProducer:
+    """Stands in for a librdkafka producer after a fatal idempotence error: every
+    produce raises the fatal error, as librdkafka does until the instance is replaced."""
+
+    def __init__(self, error_cb: Callable[[KafkaError], None]) -> None:
+        self.error_cb = error_cb
+        self.purged = False
+
+    def produce(self, *args: Any, **kwargs: Any) -> None:
+        err = KafkaError(KafkaError._FATAL, "simulated: producer fenced", fatal=True)
+        self.error_cb(err)
+        raise KafkaException(err)
+
+    def poll(self, timeout: float) -> int:
+        time.sleep(min(timeout, 0.01))  # the poll thread's loop: keep it from spinning
+        return 0
+
+    def purge(self, *args: Any, **kwargs: Any) -> None:
+        self.purged = True
+
+    def flush(self, timeout: float = 0) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return 0
+
+
+async def test_a_fatal_producer_error_rebuilds_the_producer(make_settings) -> None:
+    """Issue 19 item 6. Before the fix the fatal error was stored and never acted on:
+    every later produce failed, everything went to the spool, and the replayer used the
+    same dead producer - the spool grew until Redis was full."""
+    settings = make_settings()
+    create_topic(settings)
+    producer = good_producer(settings)
+    healthy = producer._producer
+    dead = FatallyFailedProducer(producer._on_error)
+    producer._producer = dead  # type: ignore[assignment]
+    rebuilt = metrics.counter("qywx_producer_rebuilt_total", "").value()
+    try:
+        first = await producer.produce_batch(envelopes(4, 2, tag="f"))
+        assert len(first.failed) == 4 and producer.fatal_error is not None
+        second = await producer.produce_batch(envelopes(4, 2, tag="r"))
+        assert second.ok, [str(d.error) for d in second.failed]
+        assert producer._producer is not dead and dead.purged
+        assert producer.fatal_error is None
+        assert metrics.counter("qywx_producer_rebuilt_total", "").value() == rebuilt + 1
+    finally:
+        producer.close(10)
+        healthy.flush(1)
+    ids = {env.message_id for _, _, env in read_topic(settings, 4)}
+    assert ids == {f"r{i:05d}" for i in range(4)}

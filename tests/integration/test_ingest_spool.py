@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import redis
 
@@ -56,9 +58,11 @@ async def test_new_messages_of_a_spooled_user_go_behind_the_spool(aredis) -> Non
     # No spooled user on the page: nothing appended.
     assert await spool.append_if_spooled([env("c1", "uc")]) == set()
     # Trim removes exactly the head; an emptied user leaves the index.
-    assert await spool.trim({"ua": 3}) == 1
+    lease = await LockManager(aredis).acquire(SpoolReplayer.LOCK_NAME)
+    assert lease is not None
+    assert await spool.trim(await spool.peek(["ua"], 3), lease) == 1
     assert ids(await spool.entries("ua")) == ["a4"]
-    assert await spool.trim({"ua": 1}) == 0
+    assert await spool.trim(await spool.peek(["ua"], 1), lease) == 0
     assert await spool.users() == []
     assert await aredis.exists(spool.key("ua")) == 0
 
@@ -68,10 +72,14 @@ async def test_a_resent_trim_drops_once(aredis) -> None:
     sent twice with the same op key, must drop the head once (twice = spool lost)."""
     spool = Spool(aredis)
     await spool.append([env(f"a{i}", "ua") for i in range(4)], reason="kafka down")
-    keys = [spool.index_key, spool.depth_key, f"{spool.op_prefix}resent"]
-    args = [spool.list_prefix, "ua", 2]
-    assert await spool._trim(keys=keys, args=args) == [2, 1]
-    assert await spool._trim(keys=keys, args=args) == [2, 1]  # the resend: a no-op
+    lease = await LockManager(aredis).acquire(SpoolReplayer.LOCK_NAME)
+    assert lease is not None
+    head = (await spool.peek(["ua"], 2))["ua"]
+    keys = [spool.index_key, spool.depth_key, f"{spool.op_prefix}resent", lease.key]
+    digests = [hashlib.sha1(raw, usedforsecurity=False).hexdigest() for raw in head]
+    args = [spool.list_prefix, lease.token, "ua", 2, *digests]
+    assert await spool._trim(keys=keys, args=args) == [1, 2, 1, 0]
+    assert await spool._trim(keys=keys, args=args) == [1, 2, 1, 0]  # the resend: a no-op
     assert ids(await spool.entries("ua")) == ["a2", "a3"]
 
 
@@ -107,7 +115,7 @@ async def test_crash_mid_drain_duplicates_but_never_loses(make_settings, aredis)
         # Replayer 1 produces its first round, then "crashes" before trimming.
         crashing = Spool(aredis)
 
-        async def crash(counts: dict[str, int]) -> int:
+        async def crash(*args: object) -> int:
             raise InfraError("simulated crash between produce and trim")
 
         crashing.trim = crash  # type: ignore[method-assign]

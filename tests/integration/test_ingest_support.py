@@ -8,6 +8,7 @@ the shared services.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,13 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from qywx_ray.devstack.procs import free_port
 from qywx_ray.envelope import Envelope
-from qywx_ray.ingest.producer import KafkaIngestProducer
+from qywx_ray.ingest.producer import (
+    BatchResult,
+    Delivery,
+    HeldBehind,
+    KafkaIngestProducer,
+    ProduceError,
+)
 from qywx_ray.kafka.config import admin_config, consumer_config
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
@@ -173,3 +180,35 @@ def good_producer(settings: Settings, **extra: Any) -> KafkaIngestProducer:
         produce_block_timeout_s=settings.ingest.produce_block_timeout_s,
         **extra,
     )
+
+
+class FakeProducer:
+    """Acks everything except the message_ids in `failing` (and, like the real producer,
+    the later records of a user whose record failed); records what it acked.
+
+    `hook` runs once, inside the first produce_batch, after Kafka "acked" and before the
+    caller sees the result: the window in which a paused replayer loses its lease."""
+
+    def __init__(self, failing: set[str] | None = None) -> None:
+        self.failing = failing or set()
+        self.acked: list[str] = []
+        self.batches: list[list[str]] = []
+        self.hook: Callable[[], Awaitable[None]] | None = None
+
+    async def produce_batch(self, envelopes: Sequence[Envelope]) -> BatchResult:
+        self.batches.append([e.message_id for e in envelopes])
+        deliveries = []
+        failed_users: set[str] = set()
+        for e in envelopes:
+            if e.external_userid in failed_users:  # as KafkaIngestProducer holds them
+                deliveries.append(Delivery(e, HeldBehind("held behind a failed record")))
+            elif e.message_id in self.failing:
+                failed_users.add(e.external_userid)
+                deliveries.append(Delivery(e, ProduceError("simulated failure")))
+            else:
+                deliveries.append(Delivery(e))
+                self.acked.append(e.message_id)
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            await hook()
+        return BatchResult(deliveries)

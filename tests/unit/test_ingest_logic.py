@@ -116,3 +116,50 @@ async def test_callback_token_is_used_only_while_valid_and_requests_coalesce() -
 def test_message_id_is_the_wecom_msgid_on_every_pull() -> None:
     msg = {"msgid": "MSG-1", "external_userid": "u", "open_kfid": "kf", "msgtype": "text"}
     assert Envelope.from_wecom(msg).message_id == Envelope.from_wecom(dict(msg)).message_id
+
+
+def test_a_wecom_message_with_a_msgid_is_enveloped_even_when_malformed() -> None:
+    """Issue 19 item 5: `"origin": null` raised TypeError (not EnvelopeError), failing
+    every pull of the page; a bad number raised EnvelopeError and the message was dropped
+    while the cursor moved past it. A message with a msgid is never dropped: it is
+    enveloped as pulled, flagged with what is wrong."""
+    from qywx_ray.envelope import ingest_envelope
+
+    base = {"msgid": "m1", "external_userid": "u", "open_kfid": "kf", "msgtype": "text"}
+    ok = ingest_envelope({**base, "origin": 3, "send_time": 1_700_000_000})
+    assert ok is not None and ok.invalid == "" and ok.origin == 3
+    assert ("invalid", b"1") not in ok.headers()
+
+    for bad in ({"origin": None}, {"send_time": "1700000000.5"}, {"origin": [3]}):
+        msg = {**base, **bad}
+        env = ingest_envelope(msg)
+        assert env is not None and env.message_id == "m1" and env.raw == msg
+        assert env.invalid, bad  # says what is wrong
+        assert ("invalid", b"1") in env.headers()
+        assert Envelope.from_bytes(env.to_bytes()) == env  # survives Kafka and the spool
+
+    assert ingest_envelope({**base, "msgid": ""}) is None  # no msgid: cannot be addressed
+    assert ingest_envelope({"msgtype": "text"}) is None
+    assert ingest_envelope(None) is None  # type: ignore[arg-type]
+
+
+def test_failing_users_go_last_and_a_success_clears_them() -> None:
+    from qywx_ray.ingest.spool import FailingUsers, RoundOutcome, keep_going_after
+
+    f = FailingUsers(max_tracked=3)
+    f.failed("a")
+    f.failed("a")
+    f.failed("c")
+    assert f.order(["a", "b", "c", "d"]) == ["b", "d", "c", "a"]  # fewest failures first
+    f.succeeded("a")
+    assert f.order(["a", "b", "c"]) == ["a", "b", "c"]
+    f.failed("x")
+    f.failed("y")
+    f.failed("z")  # beyond max_tracked: not tracked, memory stays bounded
+    assert "z" not in f and len(f) == 3
+    f.forget_except(["x"])
+    assert len(f) == 1 and "x" in f
+
+    assert keep_going_after(RoundOutcome(produced=5, failed=0))
+    assert keep_going_after(RoundOutcome(produced=5, failed=1))  # one user's problem
+    assert not keep_going_after(RoundOutcome(produced=0, failed=3))  # Kafka's problem

@@ -92,6 +92,22 @@ def test_sync_validates_parameters() -> None:
     assert state.sync_msg(token, {"open_kfid": KF, "cursor": other_cursor})["errcode"] != 0
 
 
+def test_invalidated_cursors_are_rejected_and_a_pull_without_one_starts_over() -> None:
+    state = _state()
+    token = _token(state)
+    first = state.add_messages(KF, "u", 3)
+    page = state.sync_msg(token, {"open_kfid": KF})
+    cursor = page["next_cursor"]
+    second = state.add_messages(KF, "u", 2)
+    state.invalidate_cursors(KF)
+    rejected = state.sync_msg(token, {"open_kfid": KF, "cursor": cursor})
+    assert rejected["errcode"] == INVALID_PARAM and "cursor" in rejected["errmsg"]
+    again = state.sync_msg(token, {"open_kfid": KF})
+    assert [m["msgid"] for m in again["msg_list"]] == first + second
+    fresh = state.sync_msg(token, {"open_kfid": KF, "cursor": again["next_cursor"]})
+    assert fresh["errcode"] == 0 and fresh["msg_list"] == []
+
+
 def test_three_day_retention_prunes_sync_but_not_truth() -> None:
     clock = Clock()
     state = _state(clock)
