@@ -67,6 +67,7 @@ class Req:
     expect_kfid: str | None = None  # signed + fresh + kf event: delivered once if new
     key: tuple[str, str, str] | None = None  # (ts, nonce, signature lowercased) if signed
     echo: str | None = None  # GET: the plaintext a signed echostr carries
+    may_succeed: bool = False  # False: any 200 is a failure (unsigned, stale, not an echostr)
 
 
 _FRESH = re.compile(r"[0-9]{1,12}")
@@ -76,8 +77,11 @@ def _fresh(ts: str) -> bool:
     return bool(_FRESH.fullmatch(ts)) and abs(NOW - int(ts)) <= MAX_SKEW_S
 
 
+_fresh_ts = st.integers(NOW - MAX_SKEW_S, NOW + MAX_SKEW_S).map(str)
 timestamps = st.one_of(
-    st.integers(NOW - MAX_SKEW_S, NOW + MAX_SKEW_S).map(str),
+    _fresh_ts,
+    _fresh_ts,
+    _fresh_ts,
     st.integers(0, 10**12).map(str),
     st.sampled_from(["9" * 400, "-1", "1_760_000_000", " 1760000000", "١٧٦٠٠٠٠٠٠٠", "", "+1"]),
     st.text(max_size=12),
@@ -111,11 +115,11 @@ def _inner(kind: str, kfid: str) -> str:
 @st.composite
 def signed_post(draw: st.DrawFn, serial: int) -> Req:
     ts, nonce = draw(timestamps), draw(nonces)
-    kind = draw(st.sampled_from(["kf", "kf", "kf", "other_event", "missing_fields", "text"]))
+    kind = draw(st.sampled_from(["kf"] * 5 + ["other_event", "missing_fields", "text"]))
     kfid = f"wk{serial}x{draw(ids)}"
     encrypt = sim_encrypt(AES_KEY, CORP, _inner(kind, kfid), random.Random(serial).randbytes(16))
     signature = sim_sign(TOKEN, ts, nonce, encrypt)
-    tamper = draw(st.sampled_from(["none", "none", "upper", "flip", "drop_sig", "extra_xml"]))
+    tamper = draw(st.sampled_from(["none"] * 4 + ["upper", "flip", "drop_sig", "extra_xml"]))
     body = f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>"
     if tamper == "upper":
         signature = signature.upper()  # still valid: WeCom's hex is case-insensitive here
@@ -139,6 +143,25 @@ def signed_post(draw: st.DrawFn, serial: int) -> Req:
         draw(headers),
         expect_kfid=kfid if good else None,
         key=(ts, nonce, signature.lower()) if signed else None,
+        may_succeed=signed and _fresh(ts),
+    )
+
+
+def resend_with_case(draw: st.DrawFn, req: Req) -> Req:
+    """The same callback with its signature in another case: the same callback."""
+    (name, sig), *rest = req.params
+    assert name == "msg_signature"
+    flip = draw(st.lists(st.booleans(), min_size=len(sig), max_size=len(sig)))
+    variant = "".join(c.upper() if f else c.lower() for c, f in zip(sig, flip, strict=True))
+    return Req(
+        req.method,
+        [(name, variant), *rest],
+        req.body,
+        req.headers,
+        req.expect_kfid,
+        req.key,
+        req.echo,
+        req.may_succeed,
     )
 
 
@@ -156,7 +179,8 @@ def signed_get(draw: st.DrawFn, serial: int) -> Req:
     )
     encrypt = sim_encrypt(AES_KEY, CORP, plain, random.Random(serial).randbytes(16))
     signature = sim_sign(TOKEN, ts, nonce, encrypt)
-    if draw(st.booleans()):
+    forged = draw(st.booleans())
+    if forged:
         signature = signature[::-1]
     params = [
         ("msg_signature", signature),
@@ -164,7 +188,11 @@ def signed_get(draw: st.DrawFn, serial: int) -> Req:
         ("nonce", nonce),
         ("echostr", encrypt),
     ]
-    return Req("GET", params, headers=draw(headers), echo=plain)
+    # What WeCom's echostr decrypts to: short, printable, no markup (a captured POST's
+    # Encrypt decrypts to XML and must never be echoed).
+    echo_like = 0 < len(plain) <= 1024 and plain.isprintable() and "<" not in plain
+    ok = not forged and nonce != "" and _fresh(ts) and echo_like
+    return Req("GET", params, headers=draw(headers), echo=plain, may_succeed=ok)
 
 
 @st.composite
@@ -188,7 +216,9 @@ def scenarios(draw: st.DrawFn) -> tuple[bool, list[Req]]:
     for serial in range(draw(st.integers(1, 6))):
         choice = draw(st.sampled_from(["signed_post", "signed_get", "random", "replay"]))
         if choice == "replay" and reqs:
-            reqs.append(draw(st.sampled_from(reqs)))
+            again = draw(st.sampled_from(reqs))
+            signed = bool(again.params) and again.params[0][0] == "msg_signature"
+            reqs.append(resend_with_case(draw, again) if signed and draw(st.booleans()) else again)
         elif choice == "signed_get":
             reqs.append(draw(signed_get(serial)))
         elif choice == "random":
@@ -232,6 +262,10 @@ async def _run(overloaded: bool, reqs: list[Req]) -> None:
                 assert resp.status_code in allowed, (req, resp.status_code, resp.text)
                 if req.method == "GET" and resp.status_code == 200:
                     assert "<" not in resp.text and resp.text == req.echo
+                if req.method == "GET" and req.may_succeed:
+                    assert resp.status_code == 200, (req, resp.text)
+                if not req.may_succeed:
+                    assert resp.status_code != 200, (req, resp.text)
                 if req.expect_kfid is not None:
                     assert resp.status_code == 200, (req, resp.text)
                     assert req.key is not None
@@ -269,5 +303,12 @@ def test_the_fuzz_oracle_sees_a_delivery() -> None:
             ("nonce", "n"),
         ]
         body = f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
-        good = Req("POST", params, body, expect_kfid="wkFixed", key=(str(NOW), "n", params[0][1]))
+        good = Req(
+            "POST",
+            params,
+            body,
+            expect_kfid="wkFixed",
+            key=(str(NOW), "n", params[0][1]),
+            may_succeed=True,
+        )
         asyncio.run(_run(overloaded, [good, good]))
