@@ -1,7 +1,8 @@
 """The WeCom callback endpoint: verify, decrypt, dedupe, hand off, answer — nothing more.
 
-GET answers WeCom's URL check (must be well under 1 s); POST takes a kf_msg_or_event
-callback and passes a KfCallbackEvent to a CallbackSink that returns immediately.
+GET answers WeCom's URL check (must be well under 1 s; signed, fresh, and it echoes only
+a plain echostr, never a decrypted callback); POST takes a kf_msg_or_event callback and
+passes a KfCallbackEvent to a CallbackSink that returns immediately.
 This module must never call Kafka or WeCom inside a request, never echo a secret or a
 decryption detail to the caller, and never fail a request because Redis (the replay
 cache) is down — a duplicate pull is harmless, a missed callback is not.
