@@ -91,8 +91,9 @@ def create_app(
 ) -> FastAPI:
     """The ingress app; `sink` defaults to a PullDispatcher feeding the syncer hosts.
 
-    POST /wecom/callback passes ShedMiddleware first: while this process is overloaded
-    it answers 200 without decrypting (ingest/shedding.py says why nothing is lost);
+    POST /wecom/callback passes ShedMiddleware first: it reads the body (bounded, with a
+    deadline), and while this process is overloaded answers a signed callback 200
+    without decrypting (ingest/shedding.py says why nothing is lost);
     otherwise the callback router verifies, decrypts, replay-checks and submits.
     """
     s, w = settings.ingest, settings.wecom
@@ -127,11 +128,12 @@ def create_app(
     app.add_middleware(
         ShedMiddleware,  # type: ignore[arg-type]
         shedder=shedder,
-        backlog=ShedBacklog(s.callback_shed_backlog),
+        backlog=ShedBacklog(s.callback_shed_backlog, s.callback_shed_backlog_max_bytes),
         crypto=crypto,
         sink=cast(ShedSink, sink) if hasattr(sink, "sweep_soon") else _NoSweep(sink),
         max_skew_s=w.callback_max_skew_s,
         max_body_bytes=w.callback_max_body_bytes,
+        body_timeout_s=w.callback_body_timeout_s,
     )
     app.include_router(
         make_callback_router(

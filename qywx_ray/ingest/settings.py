@@ -47,6 +47,9 @@ class IngestSettings(BaseModel):
     callback_shed_max_inflight: int = Field(default=128, ge=0)
     callback_shed_max_loop_lag_s: float = Field(default=0.5, ge=0)
     callback_shed_backlog: int = Field(default=10_000, ge=0)
+    # ... and of at most this many bytes (query + body). Only signed, fresh callbacks
+    # enter it, once per signature; 16 MiB holds ~30,000 real (~500-byte) callbacks.
+    callback_shed_backlog_max_bytes: int = Field(default=16 << 20, ge=0, le=1 << 30)
     # After a shed, every known open_kfid is pulled within this delay (one request per host).
     callback_shed_sweep_delay_s: float = Field(default=1.0, gt=0)
     # Under a callback burst, at most one pull request per syncer host this often.

@@ -1,7 +1,8 @@
 """The WeCom callback endpoint: verify, decrypt, dedupe, hand off, answer — nothing more.
 
-GET answers WeCom's URL check (must be well under 1 s); POST takes a kf_msg_or_event
-callback and passes a KfCallbackEvent to a CallbackSink that returns immediately.
+GET answers WeCom's URL check (must be well under 1 s; signed, fresh, and it echoes only
+a plain echostr, never a decrypted callback); POST takes a kf_msg_or_event callback and
+passes a KfCallbackEvent to a CallbackSink that returns immediately.
 This module must never call Kafka or WeCom inside a request, never echo a secret or a
 decryption detail to the caller, and never fail a request because Redis (the replay
 cache) is down — a duplicate pull is harmless, a missed callback is not.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -153,6 +155,36 @@ async def _read_body(request: Request, max_body_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_MAX_ECHO_CHARS = 1024
+
+
+def parse_timestamp(timestamp: str) -> int:
+    """WeCom's timestamp as int; ValueError unless 1-12 ASCII digits.
+
+    `int()` alone accepts `1_760_000_000`, ` +1`, other scripts' digits and 400-digit
+    numbers (whose comparison with a float clock raises OverflowError, a 500).
+    """
+    if not _TIMESTAMP.fullmatch(timestamp):
+        raise ValueError("timestamp must be 1-12 ASCII digits")
+    return int(timestamp)
+
+
+def replay_key(timestamp: str, nonce: str, signature: str) -> str:
+    """The replay-cache key of a callback; the signature lowercased as `verify` compares it,
+    or the same callback resent with an UPPERCASE signature would count as new."""
+    return hashlib.sha1(f"{timestamp}|{nonce}|{signature.lower()}".encode()).hexdigest()
+
+
+def is_echostr(plain: str) -> bool:
+    """What a URL-check echostr decrypts to: a short printable string, never markup.
+
+    A captured POST's Encrypt decrypts to XML carrying the sync Token and OpenKfId; the
+    GET must not turn into a decryption oracle for it.
+    """
+    return 0 < len(plain) <= _MAX_ECHO_CHARS and plain.isprintable() and "<" not in plain
+
+
 def _query(request: Request, *names: str) -> list[str]:
     values = [request.query_params.get(n) for n in names]
     if any(not v for v in values):
@@ -188,6 +220,14 @@ def make_callback_router(
             log.warning("callback.replay_cache_unavailable", error=type(exc).__name__)
             return True
 
+    def _check_fresh(timestamp: str) -> None:
+        try:
+            ts = parse_timestamp(timestamp)
+        except ValueError as exc:
+            raise _reject(400, "bad_request") from exc
+        if abs(clock() - ts) > max_skew_s:
+            raise _reject(403, "stale")
+
     @router.get(path, response_class=PlainTextResponse)
     async def verify_url(request: Request) -> Response:
         started = time.perf_counter()
@@ -199,10 +239,13 @@ def make_callback_router(
                 crypto.verify(signature, timestamp, nonce, echostr)
             except BadSignatureError as exc:
                 raise _reject(401, "bad_signature") from exc
+            _check_fresh(timestamp)
             try:
                 plain = crypto.decrypt(echostr)
             except CryptoError as exc:
                 raise _reject(400, "bad_crypto") from exc
+            if not is_echostr(plain):
+                raise _reject(400, "not_echostr")
         except _Reject as rej:
             log.warning("callback.rejected", method="GET", result=rej.result)
             return _done("GET", started, rej.result, PlainTextResponse(rej.body, rej.status))
@@ -222,12 +265,7 @@ def make_callback_router(
                 crypto.verify(signature, timestamp, nonce, encrypt)
             except BadSignatureError as exc:
                 raise _reject(401, "bad_signature") from exc
-            try:
-                ts = int(timestamp)
-            except ValueError as exc:
-                raise _reject(400, "bad_request") from exc
-            if abs(clock() - ts) > max_skew_s:
-                raise _reject(403, "stale")
+            _check_fresh(timestamp)
             try:
                 inner_xml = crypto.decrypt(encrypt)
             except CryptoError as exc:
@@ -243,7 +281,7 @@ def make_callback_router(
         except _Reject as rej:
             log.warning("callback.rejected", method="POST", result=rej.result)
             return _done("POST", started, rej.result, PlainTextResponse(rej.body, rej.status))
-        key = hashlib.sha1(f"{timestamp}|{nonce}|{signature}".encode()).hexdigest()
+        key = replay_key(timestamp, nonce, signature)
         if not await _first_seen(key):
             return _done("POST", started, "duplicate", PlainTextResponse("success"))
         try:

@@ -42,21 +42,43 @@ class RedactSecretsFilter(logging.Filter):
     """httpx logs every request URL at INFO; WeCom puts access_token/corpsecret in it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            # Redact argument by argument: formatters such as uvicorn's access log unpack
+            # record.args, so they must keep their shape.
+            # Only arguments whose text changes are replaced (by their redacted text).
+            record.args = tuple(_redact_arg(a) for a in record.args)
+            record.msg = redact_secrets(str(record.msg))
+            return True
         message = record.getMessage()
-        redacted = _SECRET_PARAM.sub(r"\1=***", message)
+        redacted = redact_secrets(message)
         if redacted != message:
             record.msg, record.args = redacted, ()
         return True
 
 
-def _install_redaction() -> None:
-    for name in ("httpx", "httpcore"):
+def redact_secrets(text: str) -> str:
+    """`access_token=…` / `corpsecret=…` → `=***`."""
+    return _SECRET_PARAM.sub(r"\1=***", text)
+
+
+def _redact_arg(arg: object) -> object:
+    if isinstance(arg, int | float):
+        return arg
+    text = str(arg)
+    redacted = redact_secrets(text)
+    return arg if redacted == text else redacted
+
+
+def install_redaction(*logger_names: str) -> None:
+    """Add RedactSecretsFilter to these loggers once (filters do not apply to records
+    propagated from child loggers, so name the logger that emits)."""
+    for name in logger_names:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecretsFilter) for f in logger.filters):
             logger.addFilter(RedactSecretsFilter())
 
 
-_install_redaction()
+install_redaction("httpx", "httpcore")
 
 TOKEN_INVALID_ERRCODES = frozenset({40014, 42001})
 RETRYABLE_ERRCODES = frozenset({-1, 45009, 45033})

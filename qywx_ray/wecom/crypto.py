@@ -116,7 +116,11 @@ class WeComCrypto:
         if len(plain) < 20:
             raise BadLengthError(f"plaintext of {len(plain)} bytes is shorter than its header")
         (length,) = struct.unpack(">I", plain[16:20])
-        if length > len(plain) - 20 or length > MAX_MESSAGE_BYTES:
+        if length > MAX_MESSAGE_BYTES:
+            raise BadLengthError(
+                f"message length {length} exceeds the {MAX_MESSAGE_BYTES}-byte limit"
+            )
+        if length > len(plain) - 20:
             raise BadLengthError(
                 f"message length {length} exceeds the {len(plain) - 20} bytes decrypted"
             )
@@ -136,6 +140,10 @@ class WeComCrypto:
         if len(prefix) != 16:
             raise ValueError("random16 must be exactly 16 bytes")
         body = text.encode("utf-8")
+        if len(body) > MAX_MESSAGE_BYTES:  # decrypt refuses these: never produce one
+            raise BadLengthError(
+                f"message length {len(body)} exceeds the {MAX_MESSAGE_BYTES}-byte limit"
+            )
         plain = prefix + struct.pack(">I", len(body)) + body + self._receive_id_bytes
         encryptor = Cipher(algorithms.AES(self._key), modes.CBC(self._iv)).encryptor()
         return base64.b64encode(encryptor.update(pkcs7_pad(plain)) + encryptor.finalize()).decode()

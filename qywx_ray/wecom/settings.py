@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 
 
 class WeComSettings(BaseModel):
@@ -14,6 +14,10 @@ class WeComSettings(BaseModel):
     api_base: str = "https://qyapi.weixin.qq.com/cgi-bin"
     callback_max_skew_s: int = 300
     callback_max_body_bytes: int = 65_536
+    # A callback body not complete this long after the request arrived is refused (408)
+    # before it is counted in flight: slow or stalled bodies must not take the slots of
+    # real callbacks. WeCom sends ~500 bytes at once and gives up after 5 s itself.
+    callback_body_timeout_s: float = Field(default=5.0, gt=0, le=60)
     http_timeout_s: float = 10.0
     max_retries: int = 4
     retry_base_s: float = 0.2

@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from qywx_ray.wecom.client import install_redaction
 from qywx_ray.wecom.settings import WeComSettings
 
 # errcodes the simulator answers with (real WeCom codes where documented)
@@ -43,6 +44,7 @@ SYSTEM_BUSY = -1
 INVALID_SECRET = 40001
 INVALID_CORPID = 40013
 INVALID_TOKEN = 40014
+MISSING_TOKEN = 41001  # no access_token parameter at all
 TOKEN_EXPIRED = 42001
 INVALID_PARAM = 40058  # also what sync_msg answers for a cursor it does not accept
 FREQ_LIMIT = 45009
@@ -244,7 +246,9 @@ class WeComSimulatorState:
 
     def check_access_token(self, token: str | None) -> dict[str, Any] | None:
         """None if valid, else the error response."""
-        if not token or token not in self.access_tokens:
+        if not token:
+            return self._err(MISSING_TOKEN, "access_token missing")
+        if token not in self.access_tokens:
             return self._err(INVALID_TOKEN, "invalid access_token")
         if self.access_tokens[token] <= self.clock():
             return self._err(TOKEN_EXPIRED, "access_token expired")
@@ -817,7 +821,12 @@ class PopulationRates(BaseModel):
 
 
 def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:
-    """WeCom's paths under /cgi-bin plus /sim/* for tests; a thin layer over the state."""
+    """WeCom's paths under /cgi-bin plus /sim/* for tests; a thin layer over the state.
+
+    The simulator may run with real secrets (it reads QYWX_WECOM__*), and uvicorn's access
+    log prints every query string: redact corpsecret/access_token there as the client does.
+    """
+    install_redaction("uvicorn.access", "uvicorn.error")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
