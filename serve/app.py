@@ -20,6 +20,7 @@ from typing import Any, cast
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from qywx_ray.admin.errors import install_error_handlers
 from qywx_ray.ingest.dispatch import PullDispatcher
 from qywx_ray.ingest.shedding import LoadShedder, ShedBacklog, ShedMiddleware, ShedSink
 from qywx_ray.obs.logging import configure_logging, get_logger
@@ -122,6 +123,7 @@ def create_app(
             await redis.aclose()
 
     app = FastAPI(title="qywx-ray", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
     app.state.sink = sink
     app.state.shedder = shedder
     app.add_middleware(

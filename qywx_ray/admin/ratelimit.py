@@ -22,6 +22,13 @@ from qywx_ray.protect.settings import WHITELIST, RateLimitRule
 
 UserPath = Annotated[str, Field(min_length=1, max_length=128)]
 
+# Bounds on every number an operator sends: each one ends up in Redis and in the Lua
+# limiter as integer milliseconds or counts, so NaN, Infinity, 0-ms windows and values
+# beyond what the limiter can format as an integer are refused with 422, never stored.
+MAX_COUNT = 1_000_000  # messages per window / violations before a block ("never" = this)
+MAX_BLOCK_SECONDS = 366 * 86400  # a longer temporary block is a permanent one
+MAX_UNIX_S = 10_000_000_000.0  # year 2286: an expires_at beyond it is a typo
+
 
 class ReasonBody(BaseModel):
     reason: str = Field(min_length=1, max_length=500, description="Why (kept in the audit log)")
@@ -35,7 +42,11 @@ class BlockBody(BaseModel):
     reason: str = Field(min_length=1, max_length=500)
     permanent: bool = True
     duration_seconds: float | None = Field(
-        default=None, gt=0, description="Required when permanent is false"
+        default=None,
+        gt=0,
+        le=MAX_BLOCK_SECONDS,
+        allow_inf_nan=False,
+        description="Required when permanent is false (at most a year: longer is permanent)",
     )
 
     @model_validator(mode="after")
@@ -50,12 +61,16 @@ class BlockBody(BaseModel):
 class LimitBody(BaseModel):
     """A temporary rule for one user; give exactly one of duration_seconds / expires_at."""
 
-    window_seconds: float = Field(gt=0, le=86400)
-    max_messages: int = Field(ge=1)
-    penalty_threshold: int = Field(ge=1)
-    block_hours: float = Field(ge=0, le=8760)
-    duration_seconds: float | None = Field(default=None, gt=0, description="From now")
-    expires_at: float | None = Field(default=None, description="Unix seconds")
+    window_seconds: float = Field(ge=0.001, le=86400, allow_inf_nan=False)
+    max_messages: int = Field(ge=1, le=MAX_COUNT)
+    penalty_threshold: int = Field(ge=1, le=MAX_COUNT, description="Large: never block")
+    block_hours: float = Field(ge=0, le=8760, allow_inf_nan=False)
+    duration_seconds: float | None = Field(
+        default=None, gt=0, le=MAX_BLOCK_SECONDS, allow_inf_nan=False, description="From now"
+    )
+    expires_at: float | None = Field(
+        default=None, gt=0, le=MAX_UNIX_S, allow_inf_nan=False, description="Unix seconds"
+    )
     reason: str = Field(default="", max_length=500)
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,11 +12,12 @@ import redis
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from qywx_ray.admin.errors import install_error_handlers
 from qywx_ray.admin.ratelimit import make_ratelimit_router
 from qywx_ray.protect.decision import Verdict
 from qywx_ray.protect.groups import UserGroups
 from qywx_ray.protect.ratelimit import RateLimiter
-from qywx_ray.protect.settings import ProtectSettings
+from qywx_ray.protect.settings import ProtectSettings, RateLimitRule
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 
@@ -51,6 +53,7 @@ async def env(
     groups = UserGroups(settings, aredis)
     limiter = RateLimiter(aredis, settings, groups, clock=clock)
     app = FastAPI()
+    install_error_handlers(app)
     app.include_router(make_ratelimit_router(limiter, groups, SecretStr(TOKEN)))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://admin", timeout=10) as c:
@@ -210,7 +213,8 @@ async def test_temporary_limit_override(env: Env) -> None:
         ({**body, "duration_seconds": "two hours"}, 422, "valid number"),
         ({**body, "expires_at": T0 + 10}, 422, "exactly one"),
         ({k: v for k, v in body.items() if k != "duration_seconds"}, 422, "exactly one"),
-        ({**body, "duration_seconds": 10**9}, 400, "maximum"),
+        ({**body, "duration_seconds": 10**9}, 422, "less than or equal"),
+        ({**body, "duration_seconds": 40 * 86400}, 400, "maximum"),  # protect setting
         ({**body, "duration_seconds": None, "expires_at": T0 - 1}, 400, "not in the future"),
         ({**body, "max_messages": 0}, 422, "max_messages"),
     ]
@@ -242,3 +246,74 @@ async def test_openapi_schema_names_the_models(env: Env) -> None:
     schema = (await env.http.get("/openapi.json")).json()
     names = set(schema["components"]["schemas"])
     assert {"UserStatus", "BlockedUser", "LimitBody", "AuditEntry", "ReasonBody"} <= names
+
+
+async def test_override_with_huge_threshold_never_breaks_the_batch(
+    env: Env, redis_client: redis.Redis
+) -> None:
+    """Issue 16.1: Lua formatted 10**14 as '1e+14' and the client's int() failed after the
+    script had already counted every user of the batch; on redelivery an innocent user was
+    blocked. Numbers crossing Lua are integers, so the batch decodes and only userT is
+    limited."""
+    rule = RateLimitRule(
+        window_seconds=10, max_messages=1, penalty_threshold=10**14, block_hours=1.0
+    )
+    await env.limiter.set_override("userT", rule, T0 + 600)
+    for _ in range(3):  # the same batch redelivered
+        out = await env.limiter.check_batch([("userT", 2), ("innocent", 1)])
+        assert out["userT"][1].verdict is Verdict.RATE_LIMITED
+        assert out["innocent"][0].verdict is Verdict.ALLOW
+    st = await env.limiter.status("innocent")
+    assert not st.blocked and st.violations == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("penalty_threshold", 10**14),
+        ("max_messages", 10**18),
+        ("window_seconds", 0.0001),  # rounds to a 0-ms window
+        ("block_hours", 1e18),
+        ("window_seconds", "NaN"),
+        ("block_hours", "Infinity"),
+        ("duration_seconds", "Infinity"),
+        ("duration_seconds", 1e18),
+    ],
+)
+async def test_limit_numbers_out_of_bounds_are_422_and_not_stored(
+    env: Env, redis_client: redis.Redis, field: str, value: Any
+) -> None:
+    body: dict[str, Any] = {
+        "window_seconds": 10,
+        "max_messages": 5,
+        "penalty_threshold": 3,
+        "block_hours": 1,
+        "duration_seconds": 600,
+    }
+    body[field] = value
+    raw = json.dumps(body).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")
+    r = await env.http.put(
+        "/admin/ratelimit/limit/userT",
+        content=raw,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert field in r.text
+    assert redis_client.hget("qywx:rl:overrides", "userT") is None
+    assert await audit(env) == []
+
+
+@pytest.mark.parametrize("value", [1e18, "Infinity", "NaN", 0])
+async def test_block_duration_out_of_bounds_is_422_and_not_stored(
+    env: Env, redis_client: redis.Redis, value: Any
+) -> None:
+    raw = json.dumps({"reason": "x", "permanent": False, "duration_seconds": value})
+    raw = raw.replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")
+    r = await env.http.post(
+        "/admin/ratelimit/block/userB",
+        content=raw,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert redis_client.zscore("qywx:rl:blocked", "userB") is None
+    assert await audit(env) == []
