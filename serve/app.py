@@ -174,9 +174,9 @@ def _mount_admin(app: FastAPI, settings: Settings, redis: Any) -> None:
 
     groups = UserGroups(settings.protect, redis)
     limiter = RateLimiter(redis, settings.protect, groups)
-    app.include_router(make_ratelimit_router(limiter, groups, settings.admin.token))
+    app.include_router(make_ratelimit_router(limiter, groups, settings.admin))
     app.include_router(make_dlq_router(settings))
-    app.include_router(make_users_router(ray_user_source(settings), settings.admin.token))
+    app.include_router(make_users_router(ray_user_source(settings), settings.admin))
 
 
 async def readiness(settings: Settings, redis: Any) -> dict[str, dict[str, Any]]:

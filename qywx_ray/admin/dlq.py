@@ -30,7 +30,7 @@ def make_dlq_router(
 ) -> APIRouter:
     client = redis_client or make_redis(settings.redis)
     manager = DLQManager(settings, client, clock=clock)
-    admin = require_admin(settings.admin.token)
+    admin = require_admin(settings.admin)
     router = APIRouter(prefix="/admin/dlq", tags=["dlq"])
 
     def get_manager() -> DLQManager:

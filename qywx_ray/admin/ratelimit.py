@@ -12,15 +12,18 @@ import math
 from typing import Annotated, Self
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, model_validator
 
 from qywx_ray.admin.auth import require_admin
-from qywx_ray.protect.audit import AuditEntry
+from qywx_ray.admin.settings import AdminSettings
+from qywx_ray.protect.audit import AuditEntry, clean_text
 from qywx_ray.protect.groups import UserGroups
 from qywx_ray.protect.ratelimit import BlockedUser, RateLimiter, UserStatus
 from qywx_ray.protect.settings import WHITELIST, RateLimitRule
 
 UserPath = Annotated[str, Field(min_length=1, max_length=128)]
+# Reasons are stored (block reason, audit log) and shown to operators: no control characters.
+Reason = Annotated[str, AfterValidator(clean_text)]
 
 # Bounds on every number an operator sends: each one ends up in Redis and in the Lua
 # limiter as integer milliseconds or counts, so NaN, Infinity, 0-ms windows and values
@@ -31,15 +34,15 @@ MAX_UNIX_S = 10_000_000_000.0  # year 2286: an expires_at beyond it is a typo
 
 
 class ReasonBody(BaseModel):
-    reason: str = Field(min_length=1, max_length=500, description="Why (kept in the audit log)")
+    reason: Reason = Field(min_length=1, max_length=500, description="Why (kept in the audit log)")
 
 
 class OptionalReasonBody(BaseModel):
-    reason: str = Field(default="", max_length=500)
+    reason: Reason = Field(default="", max_length=500)
 
 
 class BlockBody(BaseModel):
-    reason: str = Field(min_length=1, max_length=500)
+    reason: Reason = Field(min_length=1, max_length=500)
     permanent: bool = True
     duration_seconds: float | None = Field(
         default=None,
@@ -71,7 +74,7 @@ class LimitBody(BaseModel):
     expires_at: float | None = Field(
         default=None, gt=0, le=MAX_UNIX_S, allow_inf_nan=False, description="Unix seconds"
     )
-    reason: str = Field(default="", max_length=500)
+    reason: Reason = Field(default="", max_length=500)
 
     @model_validator(mode="after")
     def _one_expiry(self) -> Self:
@@ -90,7 +93,7 @@ class LimitBody(BaseModel):
 
 class GroupBody(BaseModel):
     group: str = Field(min_length=1)
-    reason: str = Field(default="", max_length=500)
+    reason: Reason = Field(default="", max_length=500)
 
 
 class UnblockResult(BaseModel):
@@ -110,7 +113,9 @@ class LimitResult(BaseModel):
     expires_at: float
 
 
-def make_ratelimit_router(limiter: RateLimiter, groups: UserGroups, token: SecretStr) -> APIRouter:
+def make_ratelimit_router(
+    limiter: RateLimiter, groups: UserGroups, token: AdminSettings | SecretStr
+) -> APIRouter:
     Actor = Annotated[str, Depends(require_admin(token))]
     router = APIRouter(tags=["ratelimit"])
 

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from qywx_ray.admin.errors import install_error_handlers
 from qywx_ray.admin.ratelimit import make_ratelimit_router
+from qywx_ray.admin.settings import AdminSettings
 from qywx_ray.protect.decision import Verdict
 from qywx_ray.protect.groups import UserGroups
 from qywx_ray.protect.ratelimit import RateLimiter
@@ -23,8 +24,9 @@ from qywx_ray.store.client import make_async_redis
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "s3cret-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Admin-User": "alice"}
+TOKEN = "s3cret-admin-token-of-alice"  # operator alice's own token
+MAIN_TOKEN = "s3cret-main-admin-token"  # the single shared token: operator "admin"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 T0 = 1_700_000_000.0
 
 
@@ -54,7 +56,8 @@ async def env(
     limiter = RateLimiter(aredis, settings, groups, clock=clock)
     app = FastAPI()
     install_error_handlers(app)
-    app.include_router(make_ratelimit_router(limiter, groups, SecretStr(TOKEN)))
+    admin = AdminSettings(token=SecretStr(MAIN_TOKEN), operators={"alice": SecretStr(TOKEN)})
+    app.include_router(make_ratelimit_router(limiter, groups, admin))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://admin", timeout=10) as c:
         yield Env(limiter, c, clock)
@@ -317,3 +320,32 @@ async def test_block_duration_out_of_bounds_is_422_and_not_stored(
     assert r.status_code == 422, r.text
     assert redis_client.zscore("qywx:rl:blocked", "userB") is None
     assert await audit(env) == []
+
+
+async def test_actor_comes_from_the_token_not_from_a_header(env: Env) -> None:
+    """Issue 16.10: X-Admin-User was trusted, so anyone with the token could act as anyone.
+    The actor is the operator whose token matched; the header changes nothing."""
+    for token, who in ((TOKEN, "alice"), (MAIN_TOKEN, "admin")):
+        r = await env.http.post(
+            f"/admin/ratelimit/block/by-{who}",
+            headers={"Authorization": f"Bearer {token}", "X-Admin-User": "mallory"},
+            json={"reason": "spam"},
+        )
+        assert r.status_code == 200 and r.json()["blocked_by"] == who
+    assert [e["actor"] for e in await audit(env)] == ["admin", "alice"]
+
+
+async def test_audit_log_strips_control_characters(env: Env) -> None:
+    """Issue 16.10: reasons and user ids reached the audit log with ESC/CR/LF/NUL and bidi
+    overrides, which forge lines and colours in a terminal reading it."""
+    r = await env.http.post(
+        "/admin/ratelimit/block/u%1B%5B2Jx",  # u ESC [2J x: clears a terminal
+        headers=AUTH,
+        json={"reason": "fine\r\n2026-01-01 admin unblock\x00\u202eevil\x07"},
+    )
+    assert r.status_code == 200
+    [entry] = await audit(env)
+    assert entry["reason"] == "fine2026-01-01 admin unblockevil"
+    assert entry["user"] == "u[2Jx"
+    st = (await env.http.get("/admin/ratelimit/blocked", headers=AUTH)).json()
+    assert st[0]["reason"] == "fine2026-01-01 admin unblockevil"
