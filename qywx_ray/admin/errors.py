@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fastapi import FastAPI, Request, status
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -30,9 +30,7 @@ def _finite(value: Any) -> Any:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = _finite(jsonable_encoder(exc.errors()))
-    return JSONResponse(
-        status_code=status.HTTP_422_UNPROCESSABLE_ENTITY, content={"detail": errors}
-    )
+    return JSONResponse(status_code=422, content={"detail": errors})
 
 
 def install_error_handlers(app: FastAPI) -> None:
