@@ -12,7 +12,7 @@ import math
 from typing import Annotated, Self
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
-from pydantic import AfterValidator, BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validator
 
 from qywx_ray.admin.auth import require_admin
 from qywx_ray.admin.settings import AdminSettings
@@ -23,7 +23,8 @@ from qywx_ray.protect.settings import WHITELIST, RateLimitRule
 
 UserPath = Annotated[str, Field(min_length=1, max_length=128)]
 # Reasons are stored (block reason, audit log) and shown to operators: no control characters.
-Reason = Annotated[str, AfterValidator(clean_text)]
+# Cleaned before the length checks, so a reason of only control characters is empty (422).
+Reason = Annotated[str, BeforeValidator(lambda v: clean_text(v) if isinstance(v, str) else v)]
 
 # Bounds on every number an operator sends: each one ends up in Redis and in the Lua
 # limiter as integer milliseconds or counts, so NaN, Infinity, 0-ms windows and values
@@ -92,7 +93,7 @@ class LimitBody(BaseModel):
 
 
 class GroupBody(BaseModel):
-    group: str = Field(min_length=1)
+    group: str = Field(min_length=1, max_length=128)
     reason: Reason = Field(default="", max_length=500)
 
 

@@ -349,3 +349,13 @@ async def test_audit_log_strips_control_characters(env: Env) -> None:
     assert entry["user"] == "u[2Jx"
     st = (await env.http.get("/admin/ratelimit/blocked", headers=AUTH)).json()
     assert st[0]["reason"] == "fine2026-01-01 admin unblockevil"
+
+
+async def test_reason_of_only_control_characters_is_refused(
+    env: Env, redis_client: redis.Redis
+) -> None:
+    r = await env.http.post(
+        "/admin/ratelimit/block/u1", headers=AUTH, json={"reason": "\x00\r\n\u202e"}
+    )
+    assert r.status_code == 422 and "reason" in r.text
+    assert redis_client.zscore("qywx:rl:blocked", "u1") is None and await audit(env) == []
