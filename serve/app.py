@@ -20,6 +20,7 @@ from typing import Any, cast
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from qywx_ray.admin.errors import install_error_handlers
 from qywx_ray.ingest.dispatch import PullDispatcher
 from qywx_ray.ingest.shedding import LoadShedder, ShedBacklog, ShedMiddleware, ShedSink
 from qywx_ray.obs.logging import configure_logging, get_logger
@@ -122,7 +123,14 @@ def create_app(
         with contextlib.suppress(Exception):
             await redis.aclose()
 
-    app = FastAPI(title="qywx-ray", version="0.1.0", lifespan=lifespan)
+    # The admin API shares the public listener: in production its map (the OpenAPI schema)
+    # needs the admin token and the HTML docs (which fetch it without one) are off.
+    production = settings.profile == "production"
+    docs: dict[str, Any] = (
+        {"docs_url": None, "redoc_url": None, "openapi_url": None} if production else {}
+    )
+    app = FastAPI(title="qywx-ray", version="0.1.0", lifespan=lifespan, **docs)
+    install_error_handlers(app)
     app.state.sink = sink
     app.state.shedder = shedder
     app.add_middleware(
@@ -147,6 +155,8 @@ def create_app(
     )
     if admin:
         _mount_admin(app, settings, redis)
+    if production:
+        _mount_private_openapi(app, settings)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:
@@ -154,9 +164,14 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> Response:
+        """Development: each check with its error text. Production: only a status word
+        (the errors name brokers and hosts; they are logged instead)."""
         checks = await readiness(settings, redis)
         ok = all(c["ok"] for c in checks.values())
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        code = 200 if ok else 503
+        if production:
+            return JSONResponse({"status": "ready" if ok else "unavailable"}, status_code=code)
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=code)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
@@ -174,9 +189,22 @@ def _mount_admin(app: FastAPI, settings: Settings, redis: Any) -> None:
 
     groups = UserGroups(settings.protect, redis)
     limiter = RateLimiter(redis, settings.protect, groups)
-    app.include_router(make_ratelimit_router(limiter, groups, settings.admin.token))
+    app.include_router(make_ratelimit_router(limiter, groups, settings.admin))
     app.include_router(make_dlq_router(settings))
-    app.include_router(make_users_router(ray_user_source(settings), settings.admin.token))
+    app.include_router(make_users_router(ray_user_source(settings), settings.admin))
+
+
+def _mount_private_openapi(app: FastAPI, settings: Settings) -> None:
+    """GET /openapi.json for operators only (admin token), e.g. for API clients or fuzzing."""
+    from fastapi import Depends
+
+    from qywx_ray.admin.auth import require_admin
+
+    admin = require_admin(settings.admin)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(_who: str = Depends(admin)) -> JSONResponse:
+        return JSONResponse(app.openapi())
 
 
 async def readiness(settings: Settings, redis: Any) -> dict[str, dict[str, Any]]:
@@ -187,6 +215,7 @@ async def readiness(settings: Settings, redis: Any) -> dict[str, dict[str, Any]]
         out["redis"] = {"ok": True}
     except Exception as exc:
         out["redis"] = {"ok": False, "error": str(exc)[:200]}
+        log.warning("ingress.not_ready", check="redis", error=str(exc)[:200])
 
     def kafka_brokers() -> int:
         from confluent_kafka.admin import AdminClient
@@ -201,6 +230,7 @@ async def readiness(settings: Settings, redis: Any) -> dict[str, dict[str, Any]]
         out["kafka"] = {"ok": brokers > 0, "brokers": brokers}
     except Exception as exc:
         out["kafka"] = {"ok": False, "error": str(exc)[:200]}
+        log.warning("ingress.not_ready", check="kafka", error=str(exc)[:200])
     return out
 
 

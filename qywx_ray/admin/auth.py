@@ -1,7 +1,9 @@
-"""Bearer-token auth shared by every admin router.
+"""Bearer-token auth shared by every admin router; the token names the operator.
 
-Constant-time comparison; the token comes from settings (env `QYWX_ADMIN__TOKEN`).
-The caller's identity for audit logs is the `X-Admin-User` header (default "admin").
+The acting operator (for the audit log) is derived from the credential: the operator whose
+token matched (admin.operators), or "admin" for the single admin.token. No header can
+change it. Every configured token is compared in constant time, all of them on every
+request, so timing tells nothing about which token came close.
 """
 
 from __future__ import annotations
@@ -10,28 +12,37 @@ import hmac
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, status
+from fastapi import Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
+
+from qywx_ray.admin.settings import AdminSettings
 
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_admin(token: SecretStr) -> Callable[..., str]:
-    """A FastAPI dependency that returns the acting admin's name or raises 401."""
+def require_admin(admin: AdminSettings | SecretStr) -> Callable[..., str]:
+    """A FastAPI dependency that returns the acting operator's name or raises 401.
+
+    A bare SecretStr is the single token (operator "admin"), for callers that have no
+    operator table."""
+    settings = admin if isinstance(admin, AdminSettings) else AdminSettings(token=admin)
+    table = [(name, token.get_secret_value().encode()) for name, token in settings.credentials()]
 
     def dependency(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        x_admin_user: Annotated[str | None, Header()] = None,
     ) -> str:
-        expected = token.get_secret_value().encode()
         given = (credentials.credentials if credentials else "").encode()
-        if not credentials or not hmac.compare_digest(given, expected):
+        actor = ""
+        for name, expected in table:
+            if hmac.compare_digest(given, expected) and not actor:
+                actor = name
+        if not credentials or not actor:
             raise HTTPException(
                 status_code=status.HTTP_401_UNAUTHORIZED,
                 detail="missing or invalid admin bearer token",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        return (x_admin_user or "admin")[:64]
+        return actor
 
     return dependency

@@ -30,7 +30,7 @@ def make_dlq_router(
 ) -> APIRouter:
     client = redis_client or make_redis(settings.redis)
     manager = DLQManager(settings, client, clock=clock)
-    admin = require_admin(settings.admin.token)
+    admin = require_admin(settings.admin)
     router = APIRouter(prefix="/admin/dlq", tags=["dlq"])
 
     def get_manager() -> DLQManager:
@@ -52,8 +52,7 @@ def make_dlq_router(
         status: Literal["scheduled", "retried", "manual_review"] | None = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> dict[str, Any]:
-        items = m.list(DLQFilter(user=user, reason=reason, status=status, limit=limit))
-        return {"count": len(items), "messages": items}
+        return m.listing(DLQFilter(user=user, reason=reason, status=status, limit=limit))
 
     @router.post("/retry/{message_id}")
     def retry(
@@ -64,6 +63,11 @@ def make_dlq_router(
         result = m.retry(message_id, actor=who)
         if result.result == "not_found":
             raise HTTPException(status_code=404, detail=f"no dead letter with id {message_id!r}")
+        if result.result == "undecodable":
+            raise HTTPException(
+                status_code=409,
+                detail=f"{message_id!r} is undecodable (see /admin/dlq/messages); not retried",
+            )
         if result.result == "busy":
             raise HTTPException(
                 status_code=409, detail=f"{message_id!r} is being re-produced right now; try later"

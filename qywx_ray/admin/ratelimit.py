@@ -12,30 +12,45 @@ import math
 from typing import Annotated, Self
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validator
 
 from qywx_ray.admin.auth import require_admin
-from qywx_ray.protect.audit import AuditEntry
+from qywx_ray.admin.settings import AdminSettings
+from qywx_ray.protect.audit import AuditEntry, clean_text
 from qywx_ray.protect.groups import UserGroups
 from qywx_ray.protect.ratelimit import BlockedUser, RateLimiter, UserStatus
 from qywx_ray.protect.settings import WHITELIST, RateLimitRule
 
 UserPath = Annotated[str, Field(min_length=1, max_length=128)]
+# Reasons are stored (block reason, audit log) and shown to operators: no control characters.
+# Cleaned before the length checks, so a reason of only control characters is empty (422).
+Reason = Annotated[str, BeforeValidator(lambda v: clean_text(v) if isinstance(v, str) else v)]
+
+# Bounds on every number an operator sends: each one ends up in Redis and in the Lua
+# limiter as integer milliseconds or counts, so NaN, Infinity, 0-ms windows and values
+# beyond what the limiter can format as an integer are refused with 422, never stored.
+MAX_COUNT = 1_000_000  # messages per window / violations before a block ("never" = this)
+MAX_BLOCK_SECONDS = 366 * 86400  # a longer temporary block is a permanent one
+MAX_UNIX_S = 10_000_000_000.0  # year 2286: an expires_at beyond it is a typo
 
 
 class ReasonBody(BaseModel):
-    reason: str = Field(min_length=1, max_length=500, description="Why (kept in the audit log)")
+    reason: Reason = Field(min_length=1, max_length=500, description="Why (kept in the audit log)")
 
 
 class OptionalReasonBody(BaseModel):
-    reason: str = Field(default="", max_length=500)
+    reason: Reason = Field(default="", max_length=500)
 
 
 class BlockBody(BaseModel):
-    reason: str = Field(min_length=1, max_length=500)
+    reason: Reason = Field(min_length=1, max_length=500)
     permanent: bool = True
     duration_seconds: float | None = Field(
-        default=None, gt=0, description="Required when permanent is false"
+        default=None,
+        gt=0,
+        le=MAX_BLOCK_SECONDS,
+        allow_inf_nan=False,
+        description="Required when permanent is false (at most a year: longer is permanent)",
     )
 
     @model_validator(mode="after")
@@ -50,13 +65,17 @@ class BlockBody(BaseModel):
 class LimitBody(BaseModel):
     """A temporary rule for one user; give exactly one of duration_seconds / expires_at."""
 
-    window_seconds: float = Field(gt=0, le=86400)
-    max_messages: int = Field(ge=1)
-    penalty_threshold: int = Field(ge=1)
-    block_hours: float = Field(ge=0, le=8760)
-    duration_seconds: float | None = Field(default=None, gt=0, description="From now")
-    expires_at: float | None = Field(default=None, description="Unix seconds")
-    reason: str = Field(default="", max_length=500)
+    window_seconds: float = Field(ge=0.001, le=86400, allow_inf_nan=False)
+    max_messages: int = Field(ge=1, le=MAX_COUNT)
+    penalty_threshold: int = Field(ge=1, le=MAX_COUNT, description="Large: never block")
+    block_hours: float = Field(ge=0, le=8760, allow_inf_nan=False)
+    duration_seconds: float | None = Field(
+        default=None, gt=0, le=MAX_BLOCK_SECONDS, allow_inf_nan=False, description="From now"
+    )
+    expires_at: float | None = Field(
+        default=None, gt=0, le=MAX_UNIX_S, allow_inf_nan=False, description="Unix seconds"
+    )
+    reason: Reason = Field(default="", max_length=500)
 
     @model_validator(mode="after")
     def _one_expiry(self) -> Self:
@@ -74,8 +93,8 @@ class LimitBody(BaseModel):
 
 
 class GroupBody(BaseModel):
-    group: str = Field(min_length=1)
-    reason: str = Field(default="", max_length=500)
+    group: str = Field(min_length=1, max_length=128)
+    reason: Reason = Field(default="", max_length=500)
 
 
 class UnblockResult(BaseModel):
@@ -95,7 +114,9 @@ class LimitResult(BaseModel):
     expires_at: float
 
 
-def make_ratelimit_router(limiter: RateLimiter, groups: UserGroups, token: SecretStr) -> APIRouter:
+def make_ratelimit_router(
+    limiter: RateLimiter, groups: UserGroups, token: AdminSettings | SecretStr
+) -> APIRouter:
     Actor = Annotated[str, Depends(require_admin(token))]
     router = APIRouter(tags=["ratelimit"])
 

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import SecretStr
 
 from qywx_ray.admin.auth import require_admin
+from qywx_ray.admin.settings import AdminSettings
 
 UserSource = Callable[[int, str | None], dict[str, Any]]
 
@@ -27,7 +28,7 @@ def ray_user_source(settings: Any) -> UserSource:
     return source
 
 
-def make_users_router(source: UserSource, token: SecretStr) -> APIRouter:
+def make_users_router(source: UserSource, token: AdminSettings | SecretStr) -> APIRouter:
     Actor = Annotated[str, Depends(require_admin(token))]
     router = APIRouter(tags=["users"])
 

@@ -10,16 +10,27 @@ whether a retry happens (the delay queue does).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import redis
 
 from qywx_ray.dlq.message import DeadLetterMessage
+from qywx_ray.errors import EnvelopeError
 
 SCHEDULED = "scheduled"
 RETRIED = "retried"
 MANUAL_REVIEW = "manual_review"
 STATUSES = (SCHEDULED, RETRIED, MANUAL_REVIEW)
+
+
+@dataclass(frozen=True, slots=True)
+class UndecodableLetter:
+    """An indexed record that is not a valid dead letter (corrupt, or written by another
+    version). Readers show it as such instead of failing the whole listing or export."""
+
+    message_id: str
+    error: str
 
 
 class DLQIndex:
@@ -144,21 +155,26 @@ class DLQIndex:
         reason: str | None = None,
         status: str | None = None,
         chunk: int = 500,
-    ) -> Iterator[tuple[DeadLetterMessage, str]]:
+    ) -> Iterator[tuple[DeadLetterMessage | UndecodableLetter, str]]:
+        """Matching records with their status; a record that does not decode is yielded
+        as an UndecodableLetter, so one bad record never hides the others."""
         buf: list[str] = []
 
-        def fetch(ids: list[str]) -> Iterator[tuple[DeadLetterMessage, str]]:
+        def fetch(ids: list[str]) -> Iterator[tuple[DeadLetterMessage | UndecodableLetter, str]]:
             pipe = self._r.pipeline(transaction=False)
             pipe.hmget(self.letters, ids)
             pipe.hmget(self.status, ids)
             bodies, statuses = pipe.execute()
-            for body, st in zip(bodies, statuses, strict=True):
+            for mid, body, st in zip(ids, bodies, statuses, strict=True):
                 if body is None:
                     continue
-                st_text = (st or b"").decode()
+                st_text = (st or b"").decode(errors="replace")
                 if status is not None and st_text != status:
                     continue
-                yield DeadLetterMessage.from_bytes(body), st_text
+                try:
+                    yield DeadLetterMessage.from_bytes(body), st_text
+                except EnvelopeError as exc:
+                    yield UndecodableLetter(mid, str(exc)[:500]), st_text
 
         for mid in self.iter_ids(user=user, reason=reason, chunk=chunk):
             buf.append(mid)

@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qywx_ray.dlq import emergency
 from qywx_ray.dlq.delay_queue import DelayQueue
-from qywx_ray.dlq.index import MANUAL_REVIEW, SCHEDULED, DLQIndex
+from qywx_ray.dlq.index import MANUAL_REVIEW, SCHEDULED, DLQIndex, UndecodableLetter
 from qywx_ray.dlq.message import DeadLetterMessage, FailureReason
+from qywx_ray.errors import EnvelopeError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.settings import Settings
 
@@ -47,6 +48,18 @@ CSV_COLUMNS = (
     "source_partition",
     "source_offset",
 )
+UNDECODABLE = "undecodable"  # the export's status for a record that is not a dead letter
+
+# OWASP CSV injection: a cell starting with one of these is a formula in a spreadsheet.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A CSV cell that a spreadsheet shows as text: prefix ' to a string that starts like a
+    formula (customer text reaches failure_details and user ids). Numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 class DLQFilter(BaseModel):
@@ -62,7 +75,7 @@ class DLQFilter(BaseModel):
 
 class RetryResult(BaseModel):
     message_id: str
-    result: Literal["scheduled", "not_found", "busy"]
+    result: Literal["scheduled", "not_found", "busy", "undecodable"]
 
 
 class DLQManager:
@@ -84,7 +97,10 @@ class DLQManager:
             "emergency_pending": emergency.pending_count(self.settings.dlq_emergency_dir),
         }
 
-    def iter_letters(self, flt: DLQFilter) -> Iterator[tuple[DeadLetterMessage, str]]:
+    def iter_entries(
+        self, flt: DLQFilter
+    ) -> Iterator[tuple[DeadLetterMessage | UndecodableLetter, str]]:
+        """Matching records, undecodable ones included (they count toward the limit)."""
         reason = flt.reason.value if flt.reason else None
         for n, item in enumerate(
             self.index.iter_letters(user=flt.user, reason=reason, status=flt.status)
@@ -93,14 +109,46 @@ class DLQManager:
                 return
             yield item
 
+    def iter_letters(self, flt: DLQFilter) -> Iterator[tuple[DeadLetterMessage, str]]:
+        """Only the letters that decode; each skipped record is logged."""
+        for letter, status in self.iter_entries(flt):
+            if isinstance(letter, UndecodableLetter):
+                log.warning(
+                    "dlq.undecodable", message_id=letter.message_id, error=letter.error[:200]
+                )
+                continue
+            yield letter, status
+
     def list(self, flt: DLQFilter) -> list[dict[str, Any]]:
-        return [
-            {**letter.model_dump(mode="json"), "status": status}
-            for letter, status in self.iter_letters(flt)
-        ]
+        messages: list[dict[str, Any]] = self.listing(flt)["messages"]
+        return messages
+
+    def listing(self, flt: DLQFilter) -> dict[str, Any]:
+        """Letters that decode, plus the records that do not (id, status, why), counted."""
+        messages: list[dict[str, Any]] = []
+        undecodable: list[dict[str, Any]] = []
+        for letter, status in self.iter_entries(flt):
+            if isinstance(letter, UndecodableLetter):
+                undecodable.append(
+                    {"message_id": letter.message_id, "status": status, "error": letter.error}
+                )
+            else:
+                messages.append({**letter.model_dump(mode="json"), "status": status})
+        if undecodable:
+            log.warning("dlq.undecodable_listed", count=len(undecodable))
+        return {
+            "count": len(messages),
+            "messages": messages,
+            "undecodable_count": len(undecodable),
+            "undecodable": undecodable,
+        }
 
     def retry(self, message_id: str, *, actor: str = "admin") -> RetryResult:
-        found = self.index.get(message_id)
+        try:
+            found = self.index.get(message_id)
+        except EnvelopeError as exc:
+            log.warning("dlq.retry_undecodable", message_id=message_id, error=str(exc)[:200])
+            return RetryResult(message_id=message_id, result="undecodable")
         if found is None:
             return RetryResult(message_id=message_id, result="not_found")
         letter, _status = found
@@ -126,7 +174,10 @@ class DLQManager:
         for start in range(0, len(candidates), chunk):
             expired: list[DeadLetterMessage] = []
             for mid in candidates[start : start + chunk]:
-                found = self.index.get(mid)
+                try:
+                    found = self.index.get(mid)
+                except EnvelopeError:
+                    continue  # shown as undecodable by list/export; an operator decides
                 if found is not None and found[0].expires_at() <= now:
                     expired.append(found[0])
             self.queue.remove([lt.entry_id() for lt in expired])
@@ -136,23 +187,48 @@ class DLQManager:
         return purged
 
     def export(self, flt: DLQFilter, fmt: ExportFormat) -> Iterator[bytes]:
-        """Rows as they are read from Redis (chunks of 500), never the whole set in memory."""
+        """Rows as they are read from Redis (chunks of 500), never the whole set in memory.
+        A record that does not decode is a row with status "undecodable" and the reason in
+        failure_details; CSV cells are escaped against formula injection (csv_cell)."""
         if fmt == "jsonl":
-            for letter, status in self.iter_letters(flt):
-                row = {**letter.model_dump(mode="json"), "status": status}
-                yield json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+            for letter, status in self.iter_entries(flt):
+                yield (
+                    json.dumps(
+                        self._row(letter, status), ensure_ascii=False, separators=(",", ":")
+                    ).encode()
+                    + b"\n"
+                )
             return
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(CSV_COLUMNS)
-        for n, (letter, status) in enumerate(self.iter_letters(flt)):
-            data = {**letter.model_dump(mode="json"), "status": status}
-            writer.writerow(["" if data[c] is None else data[c] for c in CSV_COLUMNS])
+        for n, (letter, status) in enumerate(self.iter_entries(flt)):
+            data = self._row(letter, status)
+            writer.writerow([csv_cell("" if data.get(c) is None else data[c]) for c in CSV_COLUMNS])
             if n % 200 == 199:
                 yield buf.getvalue().encode()
                 buf.seek(0)
                 buf.truncate()
         yield buf.getvalue().encode()
 
+    @staticmethod
+    def _row(letter: DeadLetterMessage | UndecodableLetter, status: str) -> dict[str, Any]:
+        if isinstance(letter, UndecodableLetter):
+            return {
+                "message_id": letter.message_id,
+                "status": UNDECODABLE,
+                "stored_status": status,
+                "failure_details": letter.error,
+            }
+        return {**letter.model_dump(mode="json"), "status": status}
 
-__all__ = ["MANUAL_REVIEW", "SCHEDULED", "DLQFilter", "DLQManager", "RetryResult"]
+
+__all__ = [
+    "MANUAL_REVIEW",
+    "SCHEDULED",
+    "UNDECODABLE",
+    "DLQFilter",
+    "DLQManager",
+    "RetryResult",
+    "csv_cell",
+]

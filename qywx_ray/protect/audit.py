@@ -2,13 +2,15 @@
 
 A capped Redis list (`qywx:audit`, newest first) of JSON entries. Written by every admin
 action on protection state; read by `GET /admin/audit`. Never stores secrets or message
-contents.
+contents, nor control characters: every text is passed through clean_text, so a reason or
+user id cannot forge lines, colours or right-to-left text in whatever displays the log.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,27 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 AUDIT_KEY = "qywx:audit"
+
+# Bidirectional overrides/isolates: invisible, and they reorder what a reader sees.
+_BIDI = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def clean_text(text: str) -> str:
+    """`text` without control characters (C0/C1, incl. CR, LF, TAB, ESC, NUL), line or
+    paragraph separators and bidi controls; everything else is kept as written."""
+    return "".join(
+        c for c in text if c not in _BIDI and unicodedata.category(c) not in ("Cc", "Zl", "Zp")
+    )
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
 
 
 class AuditEntry(BaseModel):
@@ -50,11 +73,11 @@ class AuditLog:
     ) -> AuditEntry:
         entry = AuditEntry(
             ts=self._clock(),
-            actor=actor,
-            action=action,
-            user=user,
-            reason=reason,
-            details=details or {},
+            actor=clean_text(actor),
+            action=clean_text(action),
+            user=clean_text(user),
+            reason=clean_text(reason),
+            details=_clean(details or {}),
         )
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.lpush(AUDIT_KEY, entry.model_dump_json())

@@ -199,9 +199,11 @@ for u = 1, nusers do
       end
     end
     if denied then
-      out[u] = table.concat(codes, ',') .. '|' .. num(bu) .. '|' .. v .. '|'
-        .. (perm and '1' or '0') .. '|' .. group .. '|' .. blocks .. '|' .. num(last_block)
-        .. '|' .. num(window) .. '|' .. maxm .. '|' .. thr
+      -- Every number through num(): Lua's tostring writes 1e+14 for large values, which
+      -- the client cannot parse (after this script already counted the whole batch).
+      out[u] = table.concat(codes, ',') .. '|' .. num(bu) .. '|' .. num(v) .. '|'
+        .. (perm and '1' or '0') .. '|' .. group .. '|' .. num(blocks) .. '|'
+        .. num(last_block) .. '|' .. num(window) .. '|' .. num(maxm) .. '|' .. num(thr)
     else
       out[u] = ''
     end

@@ -200,3 +200,71 @@ def test_export_10000_streamed(
         client.get("/admin/dlq/export", params={"format": "xml"}, headers=AUTH).status_code == 422
     )
     print(f"export 10,000 letters as CSV: {csv_s:.2f}s")
+
+
+def test_csv_export_neutralises_formula_cells(
+    app: tuple[TestClient, Settings, Clock], redis_client: redis.Redis
+) -> None:
+    """Issue 16.6: failure_details (and user ids) carry customer text; a cell starting with
+    = + - @ tab or CR is a formula in a spreadsheet. OWASP's rule: prefix it with '."""
+    client, settings, _clock = app
+    index = DLQIndex(redis_client, settings.dlq.redis_prefix)
+    hostile = ['=HYPERLINK("http://x")', "+1+2", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    letters = [
+        letter(i, FailureReason.DOWNSTREAM_ERROR, user).model_copy(update={"failure_details": text})
+        for i, (user, text) in enumerate(
+            zip(["=cmd|' /C calc'!A0", *hostile[1:]], hostile, strict=True)
+        )
+    ]
+    index.record(letters, [])
+    r = client.get("/admin/dlq/export", params={"format": "csv"}, headers=AUTH)
+    assert r.status_code == 200
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert sorted(row["failure_details"] for row in rows) == sorted("'" + t for t in hostile)
+    assert "'=cmd|' /C calc'!A0" in {row["user_id"] for row in rows}
+    for row in rows:  # numbers (e.g. source_partition -1) stay numbers
+        for value in row.values():
+            numeric = value.lstrip("-").replace(".", "", 1).isdigit()
+            assert numeric or not value or value[0] not in "=+-@\t\r", row
+    # JSON lines are data, not a spreadsheet: unchanged.
+    r = client.get("/admin/dlq/export", params={"format": "jsonl"}, headers=AUTH)
+    assert sorted(json.loads(line)["failure_details"] for line in r.text.splitlines()) == sorted(
+        hostile
+    )
+
+
+def test_undecodable_letter_is_skipped_counted_and_shown(
+    app: tuple[TestClient, Settings, Clock], redis_client: redis.Redis
+) -> None:
+    """Issue 16.7: one record that is not a dead letter made /messages answer 500 and
+    /export 200 with an empty body. Now the others are listed and exported, and the bad
+    one is shown as undecodable (its id and why), never hidden."""
+    client, settings, _clock = app
+    index, _queue = seed(redis_client, settings)
+    redis_client.hset(index.letters, "m3", b"\xff not json")
+    redis_client.hset(index.letters, "m4", b'{"message_id": "m4"}')
+    r = client.get("/admin/dlq/messages", headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == 6 and len(body["messages"]) == 6
+    assert "m3" not in {m["message_id"] for m in body["messages"]}
+    assert body["undecodable_count"] == 2
+    assert {u["message_id"] for u in body["undecodable"]} == {"m3", "m4"}
+    assert all(u["status"] == "scheduled" and u["error"] for u in body["undecodable"])
+
+    r = client.get("/admin/dlq/export", params={"format": "csv"}, headers=AUTH)
+    assert r.status_code == 200
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert len(rows) == 8
+    bad = {row["message_id"]: row for row in rows if row["status"] == "undecodable"}
+    assert set(bad) == {"m3", "m4"} and all(row["failure_details"] for row in bad.values())
+
+    r = client.get("/admin/dlq/export", params={"format": "jsonl"}, headers=AUTH)
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert len(lines) == 8
+    assert {x["message_id"] for x in lines if x["status"] == "undecodable"} == {"m3", "m4"}
+
+    # Acting on it is refused with a reason, not a 500.
+    r = client.post("/admin/dlq/retry/m3", headers=AUTH)
+    assert r.status_code == 409 and "undecodable" in r.text
+    assert client.post("/admin/dlq/batch-retry", headers=AUTH, json={}).status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,18 +12,21 @@ import redis
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from qywx_ray.admin.errors import install_error_handlers
 from qywx_ray.admin.ratelimit import make_ratelimit_router
+from qywx_ray.admin.settings import AdminSettings
 from qywx_ray.protect.decision import Verdict
 from qywx_ray.protect.groups import UserGroups
 from qywx_ray.protect.ratelimit import RateLimiter
-from qywx_ray.protect.settings import ProtectSettings
+from qywx_ray.protect.settings import ProtectSettings, RateLimitRule
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "s3cret-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Admin-User": "alice"}
+TOKEN = "s3cret-admin-token-of-alice"  # operator alice's own token
+MAIN_TOKEN = "s3cret-main-admin-token"  # the single shared token: operator "admin"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 T0 = 1_700_000_000.0
 
 
@@ -51,7 +55,9 @@ async def env(
     groups = UserGroups(settings, aredis)
     limiter = RateLimiter(aredis, settings, groups, clock=clock)
     app = FastAPI()
-    app.include_router(make_ratelimit_router(limiter, groups, SecretStr(TOKEN)))
+    install_error_handlers(app)
+    admin = AdminSettings(token=SecretStr(MAIN_TOKEN), operators={"alice": SecretStr(TOKEN)})
+    app.include_router(make_ratelimit_router(limiter, groups, admin))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://admin", timeout=10) as c:
         yield Env(limiter, c, clock)
@@ -210,7 +216,8 @@ async def test_temporary_limit_override(env: Env) -> None:
         ({**body, "duration_seconds": "two hours"}, 422, "valid number"),
         ({**body, "expires_at": T0 + 10}, 422, "exactly one"),
         ({k: v for k, v in body.items() if k != "duration_seconds"}, 422, "exactly one"),
-        ({**body, "duration_seconds": 10**9}, 400, "maximum"),
+        ({**body, "duration_seconds": 10**9}, 422, "less than or equal"),
+        ({**body, "duration_seconds": 40 * 86400}, 400, "maximum"),  # protect setting
         ({**body, "duration_seconds": None, "expires_at": T0 - 1}, 400, "not in the future"),
         ({**body, "max_messages": 0}, 422, "max_messages"),
     ]
@@ -242,3 +249,113 @@ async def test_openapi_schema_names_the_models(env: Env) -> None:
     schema = (await env.http.get("/openapi.json")).json()
     names = set(schema["components"]["schemas"])
     assert {"UserStatus", "BlockedUser", "LimitBody", "AuditEntry", "ReasonBody"} <= names
+
+
+async def test_override_with_huge_threshold_never_breaks_the_batch(
+    env: Env, redis_client: redis.Redis
+) -> None:
+    """Issue 16.1: Lua formatted 10**14 as '1e+14' and the client's int() failed after the
+    script had already counted every user of the batch; on redelivery an innocent user was
+    blocked. Numbers crossing Lua are integers, so the batch decodes and only userT is
+    limited."""
+    rule = RateLimitRule(
+        window_seconds=10, max_messages=1, penalty_threshold=10**14, block_hours=1.0
+    )
+    await env.limiter.set_override("userT", rule, T0 + 600)
+    for _ in range(3):  # the same batch redelivered
+        out = await env.limiter.check_batch([("userT", 2), ("innocent", 1)])
+        assert out["userT"][1].verdict is Verdict.RATE_LIMITED
+        assert out["innocent"][0].verdict is Verdict.ALLOW
+    st = await env.limiter.status("innocent")
+    assert not st.blocked and st.violations == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("penalty_threshold", 10**14),
+        ("max_messages", 10**18),
+        ("window_seconds", 0.0001),  # rounds to a 0-ms window
+        ("block_hours", 1e18),
+        ("window_seconds", "NaN"),
+        ("block_hours", "Infinity"),
+        ("duration_seconds", "Infinity"),
+        ("duration_seconds", 1e18),
+    ],
+)
+async def test_limit_numbers_out_of_bounds_are_422_and_not_stored(
+    env: Env, redis_client: redis.Redis, field: str, value: Any
+) -> None:
+    body: dict[str, Any] = {
+        "window_seconds": 10,
+        "max_messages": 5,
+        "penalty_threshold": 3,
+        "block_hours": 1,
+        "duration_seconds": 600,
+    }
+    body[field] = value
+    raw = json.dumps(body).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")
+    r = await env.http.put(
+        "/admin/ratelimit/limit/userT",
+        content=raw,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert field in r.text
+    assert redis_client.hget("qywx:rl:overrides", "userT") is None
+    assert await audit(env) == []
+
+
+@pytest.mark.parametrize("value", [1e18, "Infinity", "NaN", 0])
+async def test_block_duration_out_of_bounds_is_422_and_not_stored(
+    env: Env, redis_client: redis.Redis, value: Any
+) -> None:
+    raw = json.dumps({"reason": "x", "permanent": False, "duration_seconds": value})
+    raw = raw.replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")
+    r = await env.http.post(
+        "/admin/ratelimit/block/userB",
+        content=raw,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert redis_client.zscore("qywx:rl:blocked", "userB") is None
+    assert await audit(env) == []
+
+
+async def test_actor_comes_from_the_token_not_from_a_header(env: Env) -> None:
+    """Issue 16.10: X-Admin-User was trusted, so anyone with the token could act as anyone.
+    The actor is the operator whose token matched; the header changes nothing."""
+    for token, who in ((TOKEN, "alice"), (MAIN_TOKEN, "admin")):
+        r = await env.http.post(
+            f"/admin/ratelimit/block/by-{who}",
+            headers={"Authorization": f"Bearer {token}", "X-Admin-User": "mallory"},
+            json={"reason": "spam"},
+        )
+        assert r.status_code == 200 and r.json()["blocked_by"] == who
+    assert [e["actor"] for e in await audit(env)] == ["admin", "alice"]
+
+
+async def test_audit_log_strips_control_characters(env: Env) -> None:
+    """Issue 16.10: reasons and user ids reached the audit log with ESC/CR/LF/NUL and bidi
+    overrides, which forge lines and colours in a terminal reading it."""
+    r = await env.http.post(
+        "/admin/ratelimit/block/u%1B%5B2Jx",  # u ESC [2J x: clears a terminal
+        headers=AUTH,
+        json={"reason": "fine\r\n2026-01-01 admin unblock\x00\u202eevil\x07"},
+    )
+    assert r.status_code == 200
+    [entry] = await audit(env)
+    assert entry["reason"] == "fine2026-01-01 admin unblockevil"
+    assert entry["user"] == "u[2Jx"
+    st = (await env.http.get("/admin/ratelimit/blocked", headers=AUTH)).json()
+    assert st[0]["reason"] == "fine2026-01-01 admin unblockevil"
+
+
+async def test_reason_of_only_control_characters_is_refused(
+    env: Env, redis_client: redis.Redis
+) -> None:
+    r = await env.http.post(
+        "/admin/ratelimit/block/u1", headers=AUTH, json={"reason": "\x00\r\n\u202e"}
+    )
+    assert r.status_code == 422 and "reason" in r.text
+    assert redis_client.zscore("qywx:rl:blocked", "u1") is None and await audit(env) == []

@@ -123,3 +123,26 @@ def test_consumers_refresh_topic_metadata_often_and_bounded() -> None:
             profile="development",
             overrides={"kafka": {"consumer": {"metadata_refresh_interval_ms": 0}}},
         )
+
+
+def test_admin_operators_one_token_each() -> None:
+    """Issue 16.10: operators are named by their token; a shared or short token would make
+    the audit identity ambiguous or guessable, so configuration refuses it."""
+    from pydantic import SecretStr, ValidationError
+
+    from qywx_ray.admin.settings import AdminSettings
+
+    ok = AdminSettings(
+        token=SecretStr("main-token-main-token"),
+        operators={"bob": SecretStr("b" * 24), "carol": SecretStr("c" * 24)},
+    )
+    assert [name for name, _ in ok.credentials()] == ["admin", "bob", "carol"]
+    for bad in (
+        {"bob": SecretStr("x" * 24), "carol": SecretStr("x" * 24)},  # shared token
+        {"bob": SecretStr("short")},
+        {"bad name\n": SecretStr("d" * 24)},
+        {"admin": SecretStr("e" * 24)},  # the single token's name
+        {"bob": SecretStr("main-token-main-token")},  # same as the single token
+    ):
+        with pytest.raises(ValidationError):
+            AdminSettings(token=SecretStr("main-token-main-token"), operators=bad)
