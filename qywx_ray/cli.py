@@ -20,6 +20,7 @@ from qywx_ray.settings import Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """Every command loads here; the production profile refuses default secrets (exit 2)."""
     return load_settings(args.config, profile=args.profile)
 
 
@@ -84,7 +85,9 @@ def cmd_users(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from qywx_ray.doctor import main_doctor
 
-    return main_doctor(_settings(args), ray_address=args.ray_address)
+    # The one command that loads default secrets in production: to report them (exit 1).
+    settings = load_settings(args.config, profile=args.profile, allow_default_secrets=True)
+    return main_doctor(settings, ray_address=args.ray_address)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from confluent_kafka.admin import AdminClient
 from qywx_ray.kafka.config import admin_config
 from qywx_ray.kafka.settings import TopicSettings
 from qywx_ray.kafka.topics import check_topic_settings, describe_topic, diff_existing
+from qywx_ray.secret_policy import is_enforced, secret_findings
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_redis, redis_address
 from qywx_ray.store.settings import RedisSettings
@@ -372,6 +373,19 @@ def _wecom_check(settings: Settings) -> Check:
     return Check("wecom.credentials", True, detail)
 
 
+def _secrets_check(settings: Settings) -> Check:
+    """The findings `load_settings` refuses in production (secret_policy.py), never values:
+    FAIL in production (every other command would exit 2), WARN elsewhere."""
+    findings = secret_findings(settings)
+    fix = "set real values through the environment (QYWX_...), see SECURITY.md"
+    if not findings:
+        return Check("secrets", True, "no default, demo or placeholder secret")
+    detail = "; ".join(str(f) for f in findings)
+    if is_enforced(settings):
+        return Check("secrets", False, f"production profile refuses: {detail}", fix)
+    return Check("secrets", True, f"{detail} (fine for development only)", fix, warn=True)
+
+
 def _plain(value: Any) -> str:
     return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
 
@@ -391,6 +405,7 @@ def run_doctor(
 ) -> list[Check]:
     """Every check, in data-flow order; nothing is created, changed or sent."""
     return [
+        *_guard("secrets", lambda: [_secrets_check(settings)]),
         *_guard("wecom.credentials", lambda: [_wecom_check(settings)]),
         *_guard("kafka", lambda: _kafka_checks(settings, timeout_s)),
         *_guard("redis", lambda: _redis_checks(settings.redis, timeout_s)),

@@ -12,8 +12,19 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
+# Non-default credentials, so a production-profile test reaches the check it is about.
+REAL_SECRETS = {
+    "QYWX_ADMIN__TOKEN": "k7Vq2mXr9TbL4wPz8NcY",
+    "QYWX_WECOM__CORP_ID": "ww0123456789abcdef",
+    "QYWX_WECOM__TOKEN": "T0ken123abc",
+    "QYWX_WECOM__ENCODING_AES_KEY": "Q" * 43,
+    "QYWX_WECOM__KF_SECRET": "s3cr3tValue99",
+}
+
+
 def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **env_extra}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QYWX_")}
+    env = {**clean, **env_extra}
     return subprocess.run(
         [sys.executable, "-m", "qywx_ray.cli", *args],
         capture_output=True,
@@ -26,11 +37,30 @@ def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProc
 def test_production_profile_on_one_broker_exits_2(kafka_bootstrap: str) -> None:
     result = _run(
         ["--profile", "production", "topics", "ensure"],
-        {"QYWX_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "QYWX_KAFKA__MAIN_TOPIC__NAME": "cli-x"},
+        {
+            **REAL_SECRETS,
+            "QYWX_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "QYWX_KAFKA__MAIN_TOPIC__NAME": "cli-x",
+        },
     )
     assert result.returncode == 2, result.stderr
     assert "replication_factor=3 but only 1 broker(s) are live" in result.stderr
     assert "nothing was changed" in result.stderr
+
+
+def test_production_profile_with_the_default_admin_token_exits_2(tmp_path: Path) -> None:
+    """Refused while loading the settings: before any broker is contacted (this one would
+    give exit 3), and with the field named but not its value."""
+    from qywx_ray.devstack.procs import free_port
+
+    secrets = {k: v for k, v in REAL_SECRETS.items() if k != "QYWX_ADMIN__TOKEN"}
+    result = _run(
+        ["--profile", "production", "topics", "ensure", "--timeout-s", "3"],
+        {**secrets, "QYWX_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "admin.token (QYWX_ADMIN__TOKEN): the built-in default" in result.stderr
+    assert "wecom." not in result.stderr and "change-me-admin-token" not in result.stderr
 
 
 def test_bad_yaml_exits_2(tmp_path: Path) -> None:
