@@ -80,3 +80,56 @@ def test_unreachable_kafka_exits_3(tmp_path: Path) -> None:
     )
     assert result.returncode == 3, result.stderr
     assert "cannot reach Kafka" in result.stderr
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local IPv4/IPv6 addresses (kernel hex) in LISTEN state on `port`, from /proc/net."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            addr, hex_port = fields[1].rsplit(":", 1)
+            if int(hex_port, 16) == port and fields[3] == "0A":
+                found.add(addr)
+    return found
+
+
+def test_admin_serve_listens_on_loopback_with_admin_routes_only(tmp_path: Path) -> None:
+    """`qywx-ray admin serve` (README, SECURITY.md): 127.0.0.1 by default, bearer token
+    required, no callback route; stopped by its PID at the end."""
+    import time
+
+    import httpx
+
+    from qywx_ray.devstack.procs import free_port
+
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QYWX_")}
+    cmd = ["admin", "serve", "--port", str(port), "--address", ""]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qywx_ray.cli", *cmd],
+        env={**clean, "QYWX_DATA_DIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # readiness: the first answer, not a fixed sleep
+            assert proc.poll() is None, proc.communicate()
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "admin serve did not come up"
+                time.sleep(0.1)
+        assert r.status_code == 200
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/admin/dlq/stats").status_code == 401
+        bad = {"Authorization": "Bearer wrong-token"}
+        assert httpx.get(f"{base}/admin/dlq/stats", headers=bad).status_code == 401
+        assert httpx.post(f"{base}/wecom/callback", content=b"x").status_code == 404
+        assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1, not 0.0.0.0
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
