@@ -214,3 +214,20 @@ def test_no_secret_has_a_fallback_value() -> None:
     grafana = _env(_compose()["services"]["grafana"])
     assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
     assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+
+def test_dot_env_with_the_secrets_is_never_committed_or_copied() -> None:
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_every_published_port_is_described_in_readme_and_security() -> None:
+    readme = (ROOT / "README.md").read_text()
+    security = (ROOT / "SECURITY.md").read_text()
+    assert "](SECURITY.md)" in readme and "### What each port exposes" in readme
+    table = readme.split("### What each port exposes", 1)[1].split("\n#", 1)[0]
+    for svc in _compose()["services"].values():
+        for mapping in svc.get("ports", []):
+            host_port = str(mapping).split(":")[-2]  # "127.0.0.1:9090:9090" -> "9090"
+            assert f"| {host_port} |" in table, host_port
+            assert host_port in security, host_port
