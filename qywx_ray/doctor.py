@@ -31,7 +31,6 @@ from qywx_ray.secret_policy import is_enforced, secret_findings
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_redis, redis_address
 from qywx_ray.store.settings import RedisSettings
-from qywx_ray.wecom.settings import WeComSettings
 
 
 @dataclass(frozen=True)
@@ -322,7 +321,6 @@ _TOKEN = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 def _wecom_check(settings: Settings) -> Check:
     w = settings.wecom
-    demo = WeComSettings()
     problems: list[str] = []
     key = w.encoding_aes_key.get_secret_value()
     if not _B64.match(key):
@@ -340,10 +338,10 @@ def _wecom_check(settings: Settings) -> Check:
         problems.append("token must be 1-32 letters or digits (as WeCom generates it)")
     if not w.kf_secret.get_secret_value():
         problems.append("kf_secret is empty")
-    demo_fields = [
-        f
-        for f in ("corp_id", "token", "encoding_aes_key", "kf_secret")
-        if _plain(getattr(w, f)) == _plain(getattr(demo, f))
+    demo_fields = [  # judged by the same policy that load_settings enforces
+        f.field.removeprefix("wecom.")
+        for f in secret_findings(settings)
+        if f.field.startswith("wecom.") and f.reason == "the built-in demo value"
     ]
     fix = (
         "set QYWX_WECOM__CORP_ID, QYWX_WECOM__TOKEN, QYWX_WECOM__ENCODING_AES_KEY, "
@@ -384,10 +382,6 @@ def _secrets_check(settings: Settings) -> Check:
     if is_enforced(settings):
         return Check("secrets", False, f"production profile refuses: {detail}", fix)
     return Check("secrets", True, f"{detail} (fine for development only)", fix, warn=True)
-
-
-def _plain(value: Any) -> str:
-    return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
 
 
 # ---- entry points ------------------------------------------------------------------------
