@@ -20,6 +20,7 @@ from qywx_ray.settings import Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """Every command loads here; the production profile refuses default secrets (exit 2)."""
     return load_settings(args.config, profile=args.profile)
 
 
@@ -84,7 +85,9 @@ def cmd_users(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from qywx_ray.doctor import main_doctor
 
-    return main_doctor(_settings(args), ray_address=args.ray_address)
+    # The one command that loads default secrets in production: to report them (exit 1).
+    settings = load_settings(args.config, profile=args.profile, allow_default_secrets=True)
+    return main_doctor(settings, ray_address=args.ray_address)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -202,6 +205,34 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin_serve(args: argparse.Namespace) -> int:
+    """The admin API on its own listener, loopback by default (reach it by SSH tunnel):
+    the production ingress does not mount it (admin.enabled is off). Runs until SIGTERM or
+    Ctrl-C."""
+    import uvicorn
+
+    from serve.app import create_admin_app
+
+    settings = _settings(args)
+    users = bool(args.address)
+    if users:
+        import ray
+
+        ray.init(address=args.address, namespace=settings.ray_namespace, log_to_driver=False)
+    print(
+        f"admin: http://{args.host}:{args.port}/admin/ "
+        f"(bearer token from admin.token){'' if users else '; /admin/users off (no Ray)'}",
+        flush=True,
+    )
+    uvicorn.run(
+        create_admin_app(settings, users=users),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qywx_ray.demo import run_demo
 
@@ -258,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--address", default="auto")
     stop.add_argument("--timeout-s", type=float, default=60.0)
     stop.set_defaults(func=cmd_stop)
+
+    admin = sub.add_parser("admin", help="the admin API").add_subparsers(dest="sub", required=True)
+    admin_serve = admin.add_parser("serve", help="admin API alone on a loopback port")
+    admin_serve.add_argument("--host", default="127.0.0.1", help="keep it loopback or private")
+    admin_serve.add_argument("--port", type=int, default=8001)
+    admin_serve.add_argument(
+        "--address", default="auto", help="Ray cluster for /admin/users; '' leaves it out"
+    )
+    admin_serve.set_defaults(func=cmd_admin_serve)
 
     demo = sub.add_parser("demo", help="run the whole pipeline locally with a live view")
     demo.add_argument("--users", type=int, default=200)

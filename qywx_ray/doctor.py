@@ -27,10 +27,10 @@ from confluent_kafka.admin import AdminClient
 from qywx_ray.kafka.config import admin_config
 from qywx_ray.kafka.settings import TopicSettings
 from qywx_ray.kafka.topics import check_topic_settings, describe_topic, diff_existing
+from qywx_ray.secret_policy import is_enforced, secret_findings
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_redis, redis_address
 from qywx_ray.store.settings import RedisSettings
-from qywx_ray.wecom.settings import WeComSettings
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,6 @@ _TOKEN = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 def _wecom_check(settings: Settings) -> Check:
     w = settings.wecom
-    demo = WeComSettings()
     problems: list[str] = []
     key = w.encoding_aes_key.get_secret_value()
     if not _B64.match(key):
@@ -339,10 +338,10 @@ def _wecom_check(settings: Settings) -> Check:
         problems.append("token must be 1-32 letters or digits (as WeCom generates it)")
     if not w.kf_secret.get_secret_value():
         problems.append("kf_secret is empty")
-    demo_fields = [
-        f
-        for f in ("corp_id", "token", "encoding_aes_key", "kf_secret")
-        if _plain(getattr(w, f)) == _plain(getattr(demo, f))
+    demo_fields = [  # judged by the same policy that load_settings enforces
+        f.field.removeprefix("wecom.")
+        for f in secret_findings(settings)
+        if f.field.startswith("wecom.") and f.reason == "the built-in demo value"
     ]
     fix = (
         "set QYWX_WECOM__CORP_ID, QYWX_WECOM__TOKEN, QYWX_WECOM__ENCODING_AES_KEY, "
@@ -372,8 +371,17 @@ def _wecom_check(settings: Settings) -> Check:
     return Check("wecom.credentials", True, detail)
 
 
-def _plain(value: Any) -> str:
-    return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+def _secrets_check(settings: Settings) -> Check:
+    """The findings `load_settings` refuses in production (secret_policy.py), never values:
+    FAIL in production (every other command would exit 2), WARN elsewhere."""
+    findings = secret_findings(settings)
+    fix = "set real values through the environment (QYWX_...), see SECURITY.md"
+    if not findings:
+        return Check("secrets", True, "no default, demo or placeholder secret")
+    detail = "; ".join(str(f) for f in findings)
+    if is_enforced(settings):
+        return Check("secrets", False, f"production profile refuses: {detail}", fix)
+    return Check("secrets", True, f"{detail} (fine for development only)", fix, warn=True)
 
 
 # ---- entry points ------------------------------------------------------------------------
@@ -391,6 +399,7 @@ def run_doctor(
 ) -> list[Check]:
     """Every check, in data-flow order; nothing is created, changed or sent."""
     return [
+        *_guard("secrets", lambda: [_secrets_check(settings)]),
         *_guard("wecom.credentials", lambda: [_wecom_check(settings)]),
         *_guard("kafka", lambda: _kafka_checks(settings, timeout_s)),
         *_guard("redis", lambda: _redis_checks(settings.redis, timeout_s)),

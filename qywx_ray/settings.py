@@ -24,6 +24,7 @@ from qywx_ray.ingest.settings import IngestSettings
 from qywx_ray.kafka.settings import KafkaSettings
 from qywx_ray.obs.settings import ObsSettings
 from qywx_ray.protect.settings import ProtectSettings
+from qywx_ray.secret_policy import is_enforced, refusal_message, secret_findings
 from qywx_ray.store.settings import RedisSettings
 from qywx_ray.wecom.settings import WeComSettings
 
@@ -101,8 +102,16 @@ def load_settings(
     *,
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
+    allow_default_secrets: bool = False,
 ) -> Settings:
-    """Load and validate; any problem becomes a ConfigError naming the file and field."""
+    """Load and validate; any problem becomes a ConfigError naming the file and field.
+
+    The production profile refuses built-in, demo and placeholder secrets here
+    (secret_policy.py), so every entry point that loads settings — the CLI, the Serve
+    application builder, the demo — refuses them before it starts anything. Only
+    `qywx-ray doctor` (which reports them instead) and test harnesses that run the
+    production topic layout on demo credentials pass `allow_default_secrets=True`.
+    """
     file = Path(path) if path else config_path(profile)
     data: dict[str, Any] = {}
     if file.exists():
@@ -120,10 +129,15 @@ def load_settings(
     if overrides:
         data = _deep_merge(data, overrides)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
             for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration ({file}): {problems}") from exc
+    if not allow_default_secrets and is_enforced(settings):
+        findings = secret_findings(settings)
+        if findings:
+            raise ConfigError(f"invalid configuration ({file}): {refusal_message(findings)}")
+    return settings

@@ -88,7 +88,7 @@ class _NoSweep:
 
 
 def create_app(
-    settings: Settings, *, sink: CallbackSink | None = None, admin: bool = True
+    settings: Settings, *, sink: CallbackSink | None = None, admin: bool | None = None
 ) -> FastAPI:
     """The ingress app; `sink` defaults to a PullDispatcher feeding the syncer hosts.
 
@@ -96,7 +96,11 @@ def create_app(
     deadline), and while this process is overloaded answers a signed callback 200
     without decrypting (ingest/shedding.py says why nothing is lost);
     otherwise the callback router verifies, decrypts, replay-checks and submits.
+    Admin routes are mounted only when `admin` (default: `settings.admin.enabled`, off
+    unless configured) says so: this app listens where WeCom can reach it.
     """
+    if admin is None:
+        admin = settings.admin.enabled
     s, w = settings.ingest, settings.wecom
     redis = make_async_redis(settings.redis)
     if sink is None:
@@ -180,7 +184,30 @@ def create_app(
     return app
 
 
-def _mount_admin(app: FastAPI, settings: Settings, redis: Any) -> None:
+def create_admin_app(settings: Settings, *, users: bool = True) -> FastAPI:
+    """The admin API alone, for `qywx-ray admin serve` on a loopback port: the same routers
+    and bearer token as on the ingress, without the public callback path. `users=False`
+    leaves out GET /admin/users (it needs a connected Ray driver)."""
+    redis = make_async_redis(settings.redis)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+
+    app = FastAPI(title="qywx-ray admin", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    _mount_admin(app, settings, redis, users=users)
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        return "ok"
+
+    return app
+
+
+def _mount_admin(app: FastAPI, settings: Settings, redis: Any, *, users: bool = True) -> None:
     from qywx_ray.admin.dlq import make_dlq_router
     from qywx_ray.admin.ratelimit import make_ratelimit_router
     from qywx_ray.admin.users import make_users_router, ray_user_source
@@ -191,7 +218,8 @@ def _mount_admin(app: FastAPI, settings: Settings, redis: Any) -> None:
     limiter = RateLimiter(redis, settings.protect, groups)
     app.include_router(make_ratelimit_router(limiter, groups, settings.admin))
     app.include_router(make_dlq_router(settings))
-    app.include_router(make_users_router(ray_user_source(settings), settings.admin))
+    if users:
+        app.include_router(make_users_router(ray_user_source(settings), settings.admin))
 
 
 def _mount_private_openapi(app: FastAPI, settings: Settings) -> None:

@@ -1,8 +1,14 @@
-"""Admin API settings: who may call the admin API, and under which name.
+"""Admin API settings: whether the admin API is served, who may call it, under which name.
 
 Each operator has their own bearer token (`operators`, name -> token), so the audit log
 records who acted from the credential itself, never from a header the client chooses.
 The single `token` stays valid and acts as operator "admin". Tokens are never logged.
+
+The admin API is off on the public ingress unless `enabled` is set: the ingress listens on
+0.0.0.0:8000 for WeCom, and admin routes there are one leaked token away from anyone who
+can reach the callback URL. config/development.yaml turns it on (the demo, on 127.0.0.1);
+in production prefer `qywx-ray admin serve` (loopback-bound, its own port) over enabling it
+on the ingress. SECURITY.md has the whole picture.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ _OPERATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 class AdminSettings(BaseModel):
     token: SecretStr = SecretStr("change-me-admin-token")
+    # Mount the admin routers on the public ingress app (serve/app.py create_app).
+    enabled: bool = False
     operators: dict[str, SecretStr] = Field(
         default_factory=dict,
         description="operator name -> that operator's own bearer token "

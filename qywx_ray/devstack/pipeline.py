@@ -199,7 +199,12 @@ class LocalPipeline:
             "ingest": {"sweep_interval_s": 2.0, "backoff_initial_s": 0.2, "backoff_max_s": 2.0},
         }
         profile = "production" if self.brokers == 3 else "development"
-        self.settings = load_settings(profile=profile, overrides=_deep_merge(base, self.overrides))
+        # The 3-broker drills run the production topic layout on the demo credentials.
+        self.settings = load_settings(
+            profile=profile,
+            overrides=_deep_merge(base, self.overrides),
+            allow_default_secrets=True,
+        )
         ensure_topics(self.settings.kafka)
         self.consume = start_consumers(self.settings)
         start_recovery_actor(self.settings)

@@ -30,6 +30,7 @@ def test_production_topics_and_acks_all_on_three_brokers(cluster3: KafkaCluster)
     s = load_settings(
         profile="production",
         overrides={"kafka": {"bootstrap_servers": cluster3.bootstrap_servers}},
+        allow_default_secrets=True,  # the topic layout is under test, not the credentials
     )
     reports = {r.name: r for r in ensure_topics(s.kafka)}
     main = reports["qywx-chat-messages"]

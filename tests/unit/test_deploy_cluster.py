@@ -68,3 +68,14 @@ def test_file_mounts_exist_and_placeholders_are_marked() -> None:
         if any(k in line for k in ("ImageId", "SubnetIds", "SecurityGroupIds", "KeyName")):
             assert "PLACEHOLDER" in line, line
     assert "secret" not in json.dumps(cfg["provider"]).lower()
+
+
+def test_ray_dashboard_listens_on_the_head_loopback_only() -> None:
+    """Issue 16: `--dashboard-host=0.0.0.0` let anyone in the VPC submit jobs (no auth).
+    Operators reach it through `ray dashboard cluster.yaml` (an SSH port-forward)."""
+    head = " ".join(_config()["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "0.0.0.0" not in head
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "ray dashboard cluster.yaml" in text
+    assert "8265" not in next(line for line in text.splitlines() if "sg-PLACEHOLDER" in line)

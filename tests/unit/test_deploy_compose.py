@@ -166,6 +166,7 @@ def test_docker_compose_config_when_available() -> None:
         "QYWX_WECOM__KF_SECRET",
         "QYWX_ADMIN__TOKEN",
         "RAY_AUTH_TOKEN",
+        "GRAFANA_ADMIN_PASSWORD",
     ):
         env.setdefault(key, "x")
     res = subprocess.run(
@@ -177,3 +178,56 @@ def test_docker_compose_config_when_available() -> None:
         check=False,
     )
     assert res.returncode == 0, res.stderr
+
+
+# Published ports that WeCom must reach: the Serve proxy and the ingress replicas' own ports.
+PUBLIC_PORTS = {"8000:8000", "30000-30010:30000-30010"}
+
+
+def test_only_the_ingress_is_published_on_every_interface() -> None:
+    """Issue 16: the dashboard (job submission), Prometheus and Grafana were published on
+    0.0.0.0; everything but the WeCom ingress is on the host's loopback now."""
+    services = _compose()["services"]
+    published: dict[str, list[str]] = {
+        name: [str(p) for p in svc.get("ports", [])] for name, svc in services.items()
+    }
+    public = {p for ports in published.values() for p in ports if not p.startswith("127.0.0.1:")}
+    assert public == PUBLIC_PORTS, published
+    loopback = {p.split(":")[1] for ports in published.values() for p in ports} - {"8000"}
+    assert {"8265", "9090", "3000"} <= loopback
+    for name in ("kafka1", "kafka2", "kafka3", "redis-master", "sentinel1"):
+        assert not published[name], f"{name} must not be published"
+
+
+def test_no_secret_has_a_fallback_value() -> None:
+    """Every secret comes from .env and compose refuses to start without it: no
+    `${VAR:-admin}` (Grafana's password was `admin` when unset)."""
+    import re
+
+    text = (ROOT / "docker-compose.yml").read_text()
+    uses = re.findall(r"\$\{([A-Z0-9_]+)([^}]*)\}", text)
+    secrets = {n for n, _ in uses if re.search("PASSWORD|TOKEN|SECRET|KEY", n)}
+    assert {"GRAFANA_ADMIN_PASSWORD", "QYWX_ADMIN__TOKEN", "RAY_AUTH_TOKEN"} <= secrets
+    for name, rest in uses:
+        if name in secrets:
+            assert rest.startswith(":?"), f"${{{name}{rest}}} must be required (:?)"
+    grafana = _env(_compose()["services"]["grafana"])
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+
+def test_dot_env_with_the_secrets_is_never_committed_or_copied() -> None:
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_every_published_port_is_described_in_readme_and_security() -> None:
+    readme = (ROOT / "README.md").read_text()
+    security = (ROOT / "SECURITY.md").read_text()
+    assert "](SECURITY.md)" in readme and "### What each port exposes" in readme
+    table = readme.split("### What each port exposes", 1)[1].split("\n#", 1)[0]
+    for svc in _compose()["services"].values():
+        for mapping in svc.get("ports", []):
+            host_port = str(mapping).split(":")[-2]  # "127.0.0.1:9090:9090" -> "9090"
+            assert f"| {host_port} |" in table, host_port
+            assert host_port in security, host_port

@@ -33,7 +33,7 @@ def test_development_profile_matches_seed_table() -> None:
 
 
 def test_production_profile_matches_seed_table() -> None:
-    s = load_settings(profile="production")
+    s = load_settings(profile="production", allow_default_secrets=True)
     main, dlq = s.kafka.main_topic, s.kafka.dlq_topic
     assert (main.partitions, main.replication_factor, main.min_insync_replicas) == (12, 3, 2)
     assert (dlq.partitions, dlq.replication_factor, dlq.min_insync_replicas) == (6, 3, 2)
@@ -84,7 +84,7 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_topic_checks_are_precise() -> None:
-    prod = load_settings(profile="production").kafka.main_topic
+    prod = load_settings(profile="production", allow_default_secrets=True).kafka.main_topic
     assert check_topic_settings(prod, brokers=3) == []
     (problem,) = check_topic_settings(prod, brokers=1)
     assert "replication_factor=3 but only 1 broker(s)" in problem
