@@ -581,14 +581,22 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
     try:
         # Kill Redis in the middle of a pull: WeCom answers slowly while the lock is held.
         fired = int(stack.sim.stats()["faults_fired"])
-        stack.sim.fault(api="kf/sync_msg", kind="latency", latency_s=1.5, count=1)
+        # The slow answer is the window in which Redis dies under a held lock: 4 s, so a
+        # loaded machine still reads the lock inside it (at 1.5 s a busy run missed it).
+        stack.sim.fault(api="kf/sync_msg", kind="latency", latency_s=4.0, count=1)
         total += stack.inject_round([kfid], users, 2, "r")
-        poll(
-            lambda: int(stack.sim.stats()["faults_fired"]) > fired,
-            timeout_s=10,
-            what="a pull to hold the lock",
-        )
-        stuck_token = stack.redis.get(lock_key)  # the lease of the pull Redis dies under
+        held: list[bytes] = []
+
+        def pull_holds_lock() -> bool:
+            if int(stack.sim.stats()["faults_fired"]) <= fired:
+                return False
+            token = stack.redis.get(lock_key)
+            if token is not None:
+                held.append(token)
+            return bool(held)
+
+        poll(pull_holds_lock, timeout_s=10, what="a slowed pull to hold the lock")
+        stuck_token = held[0]  # the lease of the pull Redis dies under
         stack.redis_server.kill9()
         down_at = time.monotonic()
         while time.monotonic() - down_at < REDIS_DOWN_S:
