@@ -96,7 +96,10 @@ def sort_intake(
             continue
         if mid in done or mid in recent:
             out.duplicates += 1
-            if d.is_retry and has_lot:  # its user may be parked behind it: release
+            # With a lot, any done copy may be its user's blocker: a retry, or a hold's
+            # tail whose host died after the done-flag and before the advance. It asks
+            # the lot as a token (WAITED_ON: drain; else it just completes).
+            if has_lot:
                 p = Pending(d, env, [d], skip_handler=True)
                 added[mid] = p
                 out.register.append(p)

@@ -79,12 +79,10 @@ def test_duplicate_retry_with_a_lot_resumes_without_the_handler() -> None:
     assert plan.register == [p]
 
 
-def test_duplicate_retry_without_a_lot_and_plain_duplicate_complete() -> None:
-    r, d = delivery("a", retry=True), delivery("b")
+def test_duplicate_retry_without_a_lot_completes() -> None:
+    r = delivery("a", retry=True)
     no_lot = sort_intake([parsed(r)], {}, {"a"}, set(), has_lot=False)
     assert no_lot.complete == [r] and not no_lot.resume and no_lot.duplicates == 1
-    recent = sort_intake([parsed(d)], {}, set(), {"b"}, has_lot=True)
-    assert recent.complete == [d] and not recent.resume and recent.duplicates == 1
 
 
 def test_drain_token_without_a_lot_completes_and_with_one_resumes() -> None:
@@ -126,15 +124,31 @@ def test_plain_copy_of_an_unsettled_pending_waits() -> None:
 def test_copies_in_one_round_attach_to_the_first() -> None:
     first, copy, retry = delivery("a"), delivery("a"), delivery("a", retry=True)
     plan = sort_intake([parsed(first), parsed(copy), parsed(retry)], {}, {"a"}, set(), True)
-    # "a" is done: the plain first copy completes; the retry then resumes; nothing
-    # attaches to a completed copy.
-    assert plan.complete == [first, copy]
+    # "a" is done: the first copy asks the lot as a token (its user may be parked behind
+    # it); the later copies wait with it.
     [p] = plan.resume
-    assert p.delivery == retry and plan.duplicates == 3
+    assert p.delivery == first and p.skip_handler and plan.duplicates == 1
+    assert plan.waiters == [(p, copy), (p, retry)] and not plan.complete
 
     plan = sort_intake([parsed(first), parsed(copy), parsed(retry)], {}, set(), set(), True)
     [p] = plan.fresh
     assert plan.waiters == [(p, copy)] and plan.late_retries == [(p, retry)]
+
+
+def test_a_done_plain_copy_asks_the_lot_it_may_be_a_holds_blocker() -> None:
+    """A hold parks a full mailbox's overflow behind the newest queued message (a plain
+    record). If the host dies after that message's done-flag and before its advance,
+    the redelivered copy is the only thing that can release the user: it must reach
+    the lot as a token, not complete as a duplicate (simulator seed 101759 after the
+    admit became two steps: the user stayed parked, nine messages never ran)."""
+    d = delivery("a")
+    plan = sort_intake([parsed(d)], {}, {"a"}, set(), has_lot=True)
+    [p] = plan.resume
+    assert p.skip_handler and plan.register == [p] and not plan.complete
+    plan = sort_intake([parsed(d)], {}, set(), {"a"}, has_lot=True)  # recent-done cache
+    assert [q.delivery for q in plan.resume] == [d]
+    plan = sort_intake([parsed(d)], {}, {"a"}, set(), has_lot=False)  # no lot: complete
+    assert plan.complete == [d] and not plan.resume
 
 
 def test_a_token_pending_takes_a_second_token_as_waiter() -> None:
