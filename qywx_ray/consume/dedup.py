@@ -190,13 +190,24 @@ class Deduplicator:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
+    async def flushed(self) -> None:
+        """Return once every done-flag queued so far is written (or bypassed by policy
+        process). For a step that removes messages from the parking lot on the strength
+        of their done-flags: flags are written in queue order, so an empty marker queued
+        now fires after all of them."""
+        if not self._to_mark and (self._flusher is None or self._flusher.done()):
+            return
+        written = asyncio.get_running_loop().create_future()
+        self.mark_done("", lambda: written.done() or written.set_result(None))
+        await written
+
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let the current tick add more marks to this batch
         while self._to_mark:
             batch, self._to_mark = self._to_mark, []
-            ids = [m for m, _ in batch]
+            ids = [m for m, _ in batch if m]  # "": a `flushed` marker
             delay = 0.05
-            while True:
+            while ids:
                 try:
                     await self.store.mark_done(ids)
                     self.redis_ok = True
@@ -211,7 +222,8 @@ class Deduplicator:
                     await self._sleep(delay)
                     delay = min(delay * 2, self._retry_max_s)
             for m, callback in batch:
-                self.recent.add(m)
+                if m:
+                    self.recent.add(m)
                 callback()
 
     @property

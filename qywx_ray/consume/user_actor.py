@@ -618,7 +618,11 @@ class HostCore:
         """Park the user behind its head `p` BEFORE p's dead letter is written: the queued
         later messages go, in order, to the front of the lot (minus a drained chunk still
         at the list head). Under the lane: no admit runs meanwhile, so the snapshot is
-        the whole queue and everything admitted after it sees the flag."""
+        the whole queue and everything admitted after it sees the flag. A drained chunk's
+        earlier messages that succeeded leave the lot with the drop: their done-flags
+        must be durable first."""
+        if mb.undropped:
+            await self.dedup.flushed()
         async with self._lane:
             later = list(mb.queue)[1:]
             drop, owner = mb.undropped, mb.drain_owner

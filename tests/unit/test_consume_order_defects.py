@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext
 from qywx_ray.consume.types import Delivery
 from qywx_ray.errors import InfraError
@@ -272,3 +273,43 @@ async def test_park_rate_limited_parks_at_the_head_and_keeps_order() -> None:
     await until(lambda: order.flag == {})
     await until(lambda: len(handled(opts)) == 4)
     assert handled(opts) == [f"A-m{i}" for i in range(4)]
+
+
+async def test_park_of_a_drained_failure_waits_for_the_chunks_done_flags() -> None:
+    """Found by the simulator (seed 5510 after the admit became two steps): a drained
+    chunk [m1, m2]; m1 succeeds (its done-flag still being written), m2 fails and parks
+    the user with drop=2, which removes m1 from the lot. The drop used to happen before
+    m1's flag was durable: a crash then lost m1 (its own offset was committed when it
+    was parked). The park must see m1 durably done."""
+
+    class SlowFlags(MemoryDoneStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def mark_done(self, message_ids: Sequence[str]) -> None:
+            if "A-m1" in message_ids:
+                await self.gate.wait()
+            await super().mark_done(message_ids)
+
+    store = SlowFlags()
+    seen_at_park: list[bool] = []
+
+    class Watching(MemoryRetryOrder):
+        async def park(self, user: str, mid: str, drop_first: int, *a: Any, **k: Any) -> int:
+            if drop_first:
+                seen_at_park.append("A-m1" in store.done)
+            return await super().park(user, mid, drop_first, *a, **k)
+
+    order = Watching()
+    core, _done, letters, opts = make(order, park_drain_chunk=2)
+    core.dedup = Deduplicator(store, retry_max_s=0.05)
+    order.flag["A"] = "A-m0"
+    order.lots["A"] = [delivery("A", 1, 1).value, delivery("A", 2, 2, fail="retryable").value]
+    core.accept([retry_of("A", 0)])
+    await until(lambda: any(x.message_id == "A-m2" for x in letters.letters))
+    # Margin only: the park path has no timers, so a park that does not wait runs now.
+    asyncio.get_running_loop().call_later(0.2, store.gate.set)
+    await until(lambda: bool(seen_at_park))
+    assert seen_at_park == [True]
+    assert handled(opts) == ["A-m0", "A-m1"] and order.flag == {"A": "A-m2"}
