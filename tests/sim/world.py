@@ -276,8 +276,17 @@ class FakeRetryOrder:
 
     async def admit(self, items: Sequence[tuple[str, str, bytes, bool, int, int]]) -> list[int]:
         try:
-            await self._fault_before("admit")
-            codes = self.model.admit(items)
+            # dlq/parking.py's two steps: the flags of the batch's users (MGET), then the
+            # script for the items of the parked users only; other events may run between.
+            await self._fault_before("admit flags")
+            parked = {user for user, *_ in items if user in self.model.flags}
+            self._fault_after("admit flags")
+            codes = [ADMITTED] * len(items)
+            if parked:
+                at = [i for i, item in enumerate(items) if item[0] in parked]
+                await self._fault_before("admit")
+                for i, code in zip(at, self.model.admit([items[i] for i in at]), strict=True):
+                    codes[i] = code
             self.trace.add(
                 "admit "
                 + " ".join(
