@@ -197,8 +197,13 @@ class Deduplicator:
         now fires after all of them."""
         if not self._to_mark and (self._flusher is None or self._flusher.done()):
             return
-        written = asyncio.get_running_loop().create_future()
-        self.mark_done("", lambda: written.done() or written.set_result(None))
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def wake() -> None:
+            if not written.done():
+                written.set_result(None)
+
+        self.mark_done("", wake)
         await written
 
     async def _flush(self) -> None:
