@@ -24,6 +24,7 @@ from qywx_ray.ingest.shedding import (
 from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
 from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
+from tests.helpers.wait import wait_until_async
 
 TOKEN = "cbtoken"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
@@ -101,13 +102,6 @@ class App:
         await send({"type": "http.response.body", "body": b"app"})
 
 
-async def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-
 def body_receive(body: bytes) -> Callable[[], Awaitable[Message]]:
     sent = [False]
     forever = asyncio.Event()
@@ -173,7 +167,7 @@ async def test_stalled_bodies_do_not_count_in_flight() -> None:
         return {"type": "http.disconnect"}
 
     stuck = [asyncio.create_task(call(mw, b"", stalled)) for _ in range(5)]
-    await wait_for(lambda: entered[0] == 5)
+    await wait_until_async(lambda: entered[0] == 5, timeout_s=10, what="5 bodies entered")
     status, headers, text = await post(mw, callback("wkReal", int(time.time())))
     assert (status, text) == (200, b"app") and b"x-qywx-shed" not in headers
     assert len(app.bodies) == 1 and shedder.inflight == 0
@@ -255,7 +249,9 @@ async def test_a_shed_callback_is_drained_to_the_sink_and_sweeps() -> None:
     mw = middleware(app, shedder, sink, drain_interval_s=0.01)
     assert (await post(mw, callback("wkDrain", int(time.time()))))[0] == 200
     assert sink.sweeps == 1
-    await wait_for(lambda: [e.open_kfid for e in sink.events] == ["wkDrain"])
+    await wait_until_async(
+        lambda: [e.open_kfid for e in sink.events] == ["wkDrain"], timeout_s=10, what="drain"
+    )
     await mw.aclose()
 
 
@@ -291,9 +287,13 @@ async def test_an_unexpected_error_never_ends_the_drain_loop() -> None:
     )
     before = SHED_DRAINED.value(result="error")
     assert (await post(mw, callback("wkFirst", int(time.time()))))[0] == 200
-    await wait_for(lambda: SHED_DRAINED.value(result="error") == before + 1)
+    await wait_until_async(
+        lambda: SHED_DRAINED.value(result="error") == before + 1, timeout_s=10, what="drain error"
+    )
     assert (await post(mw, callback("wkSecond", int(time.time()))))[0] == 200
-    await wait_for(lambda: [e.open_kfid for e in sink.events] == ["wkSecond"])
+    await wait_until_async(
+        lambda: [e.open_kfid for e in sink.events] == ["wkSecond"], timeout_s=10, what="next drain"
+    )
     await mw.aclose()
 
 
