@@ -39,6 +39,11 @@ def test_answer_for_matches_keywords() -> None:
 def faq_pipeline(
     ray_session: None, kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> Iterator[LocalPipeline]:
+    from ray import serve
+
+    # A proxy left by an earlier test would keep its old port while the simulator calls
+    # the new one: start from no Serve at all.
+    serve.shutdown()
     tag = uuid.uuid4().hex[:8]
     p = LocalPipeline(
         tmp_path / "p",
@@ -58,7 +63,6 @@ def faq_pipeline(
     finally:
         p.stop()
         import ray
-        from ray import serve
 
         if p.settings is not None:
             with contextlib.suppress(ValueError):
