@@ -21,12 +21,9 @@ import pytest
 import uvicorn
 
 from qywx_ray.ingest.shedding import LoadShedder, RawCallback, ShedBacklog, ShedMiddleware
-from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
+from tests.helpers.callbacks import CRYPTO, App, Overload, callback
 from tests.helpers.wait import wait_until_async
-from tests.unit.test_shedding_hostile import AES_KEY, CORP, TOKEN, App, Overload, callback
-
-CRYPTO = WeComCrypto(TOKEN, AES_KEY, CORP)
 
 
 class EventSink:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-import random
 import time
 from collections.abc import Callable
-from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -23,15 +21,10 @@ from qywx_ray.ingest.shedding import (
     parse_callback,
 )
 from qywx_ray.ingest.syncer_host import syncer_host_index
-from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
-from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
+from tests.helpers.callbacks import CORP, CRYPTO, RecordingSink
+from tests.helpers.callbacks import callback as signed_callback
 from tests.helpers.wait import wait_until_async
-
-TOKEN = "cbtoken"
-AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
-CORP = "wwshedtest0001"
-CRYPTO = WeComCrypto(TOKEN, AES_KEY, CORP)
 
 
 class Clock:
@@ -43,20 +36,8 @@ class Clock:
 
 
 def callback(open_kfid: str, ts: int, *, event: str = "kf_msg_or_event") -> RawCallback:
-    """A real encrypted callback, built with the simulator's independent crypto."""
-    inner = (
-        f"<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><CreateTime>{ts}</CreateTime>"
-        f"<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[{event}]]></Event>"
-        f"<Token><![CDATA[tok-{open_kfid}]]></Token>"
-        f"<OpenKfId><![CDATA[{open_kfid}]]></OpenKfId></xml>"
-    )
-    encrypt = sim_encrypt(AES_KEY, CORP, inner, random.randbytes(16))
-    nonce = str(random.getrandbits(40))
-    query = urlencode(
-        {"msg_signature": sim_sign(TOKEN, str(ts), nonce, encrypt), "timestamp": ts, "nonce": nonce}
-    )
-    body = f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
-    return RawCallback(query.encode(), body, float(ts))
+    """A real encrypted callback received at its own timestamp."""
+    return signed_callback(open_kfid, ts, event=event, received_at=float(ts))
 
 
 # ------------------------------------------------------------------ LoadShedder
@@ -120,18 +101,6 @@ def test_parse_callback_accepts_a_real_callback_and_rejects_forged_stale_or_fore
 
 
 # ------------------------------------------------------------------ middleware
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[KfCallbackEvent] = []
-        self.sweeps = 0
-
-    def submit(self, event: KfCallbackEvent) -> None:
-        self.events.append(event)
-
-    def sweep_soon(self) -> None:
-        self.sweeps += 1
-
-
 async def test_middleware_sheds_without_touching_the_app_and_drains_after_overload() -> None:
     calls: list[str] = []
     release = asyncio.Event()

@@ -4,12 +4,9 @@ bodies, unsigned junk and signed replays must never displace or delay a real cal
 from __future__ import annotations
 
 import asyncio
-import base64
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
@@ -22,84 +19,19 @@ from qywx_ray.ingest.shedding import (
     parse_callback,
 )
 from qywx_ray.wecom.crypto import WeComCrypto
-from qywx_ray.wecom.models import KfCallbackEvent
-from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
+from tests.helpers.callbacks import (
+    AES_KEY,
+    CORP,
+    CRYPTO,
+    TOKEN,
+    App,
+    Message,
+    Overload,
+    RecordingSink,
+    callback,
+    junk,
+)
 from tests.helpers.wait import wait_until_async
-
-TOKEN = "cbtoken"
-AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
-CORP = "wwshedhostile01"
-CRYPTO = WeComCrypto(TOKEN, AES_KEY, CORP)
-Message = dict[str, Any]
-
-
-def callback(open_kfid: str, ts: int | str, *, nonce: str | None = None) -> RawCallback:
-    inner = (
-        f"<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><CreateTime>1</CreateTime>"
-        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[kf_msg_or_event]]></Event>"
-        f"<Token><![CDATA[tok-{open_kfid}]]></Token>"
-        f"<OpenKfId><![CDATA[{open_kfid}]]></OpenKfId></xml>"
-    )
-    encrypt = sim_encrypt(AES_KEY, CORP, inner, random.randbytes(16))
-    nonce = nonce or str(random.getrandbits(40))
-    sig = sim_sign(TOKEN, str(ts), nonce, encrypt)
-    query = urlencode({"msg_signature": sig, "timestamp": ts, "nonce": nonce})
-    body = f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
-    return RawCallback(query.encode(), body, float(time.time()))
-
-
-def junk(size: int) -> RawCallback:
-    """Looks like a callback, signature is a guess: what an attacker can send."""
-    encrypt = base64.b64encode(random.randbytes(max(16, size * 3 // 4 - 60))).decode()
-    query = urlencode(
-        {
-            "msg_signature": f"{random.getrandbits(160):040x}",
-            "timestamp": int(time.time()),
-            "nonce": "1",
-        }
-    )
-    return RawCallback(query.encode(), f"<xml><Encrypt>{encrypt}</Encrypt></xml>".encode(), 0.0)
-
-
-class Overload(LoadShedder):
-    """Overloaded while `on` (the test decides), whatever the in-flight count."""
-
-    def __init__(self) -> None:
-        super().__init__(max_inflight=0, max_loop_lag_s=0)
-        self.on = True
-
-    def overload_reason(self) -> str | None:
-        return "inflight" if self.on else None
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[KfCallbackEvent] = []
-        self.sweeps = 0
-
-    def submit(self, event: KfCallbackEvent) -> None:
-        self.events.append(event)
-
-    def sweep_soon(self) -> None:
-        self.sweeps += 1
-
-
-class App:
-    """The router's stand-in: reads the whole body like it, then answers 200 'app'."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-
-    async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        self.bodies.append(body)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"app"})
 
 
 def body_receive(body: bytes) -> Callable[[], Awaitable[Message]]:
