@@ -2,7 +2,9 @@
 PY ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint drills bench dev-up dev-down clean
+LINT_PATHS = qywx_ray serve tests bench examples
+
+.PHONY: setup demo test unit lint fmt docs drills bench dev-up dev-down clean
 
 setup:
 	@bash scripts/setup.sh
@@ -11,14 +13,28 @@ demo: setup
 	$(PY) -m qywx_ray.cli demo
 
 test: setup
-	$(PY) -m ruff check qywx_ray serve tests bench
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 	$(PY) -m mypy
 	$(PY) -m pytest -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
+# Unit tests only: no Kafka, Redis or Ray started, under a minute.
+unit: setup
+	$(PY) -m pytest tests/unit -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+
 lint:
-	$(PY) -m ruff check qywx_ray serve tests bench
-	$(PY) -m ruff format --check qywx_ray serve tests bench
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 	$(PY) -m mypy
+
+# Rewrites files: ruff's import sorting and safe fixes, then the formatter.
+fmt:
+	$(PY) -m ruff check --fix-only -q $(LINT_PATHS)
+	$(PY) -m ruff format $(LINT_PATHS)
+
+# The documentation site into site/ (the same strict build runs in make test).
+docs:
+	$(PY) -m mkdocs build --strict
 
 drills: setup
 	$(PY) -m pytest -m slow -p no:cacheprovider $(PYTEST_ARGS)

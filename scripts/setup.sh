@@ -28,7 +28,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 stamp="$CACHE/pip-$(sha256sum pyproject.toml | cut -c1-16)"
-if [ ! -f "$stamp" ] || ! $PY -c "import qywx_ray" 2>/dev/null; then
+# The stamp follows pyproject.toml; the imports catch a dev tool removed by hand.
+if [ ! -f "$stamp" ] || ! $PY -c "import qywx_ray, mkdocs" 2>/dev/null; then
   echo "setup: pip install -e .[dev]"
   $PY -m pip install -q --disable-pip-version-check -e '.[dev]'
   touch "$stamp"

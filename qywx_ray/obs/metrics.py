@@ -13,7 +13,7 @@ Histograms inside Ray are not `ray.util.metrics.Histogram`s: Ray 2.60's metrics 
 rebuilds those by calling OpenTelemetry's `record()` once per observation it was sent, so
 each timed message cost the agent ~25 us of CPU in one burst per export cycle. At 2,000
 msg/s that was ~0.25 s of agent CPU every 5 s, which on a 2-core node stalled the whole
-pipeline and set its p99 (bench_consume's steady phase, README Benchmarks). We keep the
+pipeline and set its p99 (bench_consume's steady phase, docs/benchmarks.md). We keep the
 buckets here and publish them as gauges (`<name>_bucket{le}`, `_sum`, `_count`,
 cumulative, like a Prometheus histogram): the agent's cost is one value per bucket
 whatever the rate, and every query stays the same.

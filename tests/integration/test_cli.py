@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -97,11 +98,10 @@ def _listening_addresses(port: int) -> set[str]:
 def test_admin_serve_listens_on_loopback_with_admin_routes_only(tmp_path: Path) -> None:
     """`qywx-ray admin serve` (README, SECURITY.md): 127.0.0.1 by default, bearer token
     required, no callback route; stopped by its PID at the end."""
-    import time
-
     import httpx
 
     from qywx_ray.devstack.procs import free_port
+    from tests.helpers.wait import wait_until
 
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("QYWX_")}
@@ -114,16 +114,16 @@ def test_admin_serve_listens_on_loopback_with_admin_routes_only(tmp_path: Path) 
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:  # readiness: the first answer, not a fixed sleep
+        answers: list[httpx.Response] = []
+
+        def answered() -> bool:  # readiness: the first answer, not a fixed sleep
             assert proc.poll() is None, proc.communicate()
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "admin serve did not come up"
-                time.sleep(0.1)
-        assert r.status_code == 200
+            with contextlib.suppress(httpx.TransportError):
+                answers.append(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0))
+            return bool(answers)
+
+        wait_until(answered, timeout_s=60, what="admin serve to answer /healthz")
+        assert answers[0].status_code == 200
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/admin/dlq/stats").status_code == 401
         bad = {"Authorization": "Bearer wrong-token"}

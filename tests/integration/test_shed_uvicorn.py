@@ -21,11 +21,9 @@ import pytest
 import uvicorn
 
 from qywx_ray.ingest.shedding import LoadShedder, RawCallback, ShedBacklog, ShedMiddleware
-from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
-from tests.unit.test_shedding_hostile import AES_KEY, CORP, TOKEN, App, Overload, callback
-
-CRYPTO = WeComCrypto(TOKEN, AES_KEY, CORP)
+from tests.helpers.callbacks import CRYPTO, App, Overload, callback
+from tests.helpers.wait import wait_until_async
 
 
 class EventSink:
@@ -67,10 +65,10 @@ async def serve(request: pytest.FixtureRequest) -> AsyncIterator[Serve]:
             await app.aclose()
 
         stops.append(stop)
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert not task.done() and time.monotonic() < deadline, "uvicorn did not start"
-            await asyncio.sleep(0.01)
+        await wait_until_async(
+            lambda: server.started or task.done(), timeout_s=10, what="uvicorn to start"
+        )
+        assert not task.done(), "uvicorn exited while starting"
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     yield start

@@ -221,11 +221,11 @@ def test_dot_env_with_the_secrets_is_never_committed_or_copied() -> None:
     assert ".env" in (ROOT / ".dockerignore").read_text().split()
 
 
-def test_every_published_port_is_described_in_readme_and_security() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_every_published_port_is_described_in_the_docs_and_security() -> None:
+    operations = (ROOT / "docs" / "operations.md").read_text()
     security = (ROOT / "SECURITY.md").read_text()
-    assert "](SECURITY.md)" in readme and "### What each port exposes" in readme
-    table = readme.split("### What each port exposes", 1)[1].split("\n#", 1)[0]
+    assert "SECURITY.md" in operations and "## What each port exposes" in operations
+    table = operations.split("## What each port exposes", 1)[1].split("\n#", 1)[0]
     for svc in _compose()["services"].values():
         for mapping in svc.get("ports", []):
             host_port = str(mapping).split(":")[-2]  # "127.0.0.1:9090:9090" -> "9090"

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-import random
 import time
 from collections.abc import Callable
-from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -23,14 +21,10 @@ from qywx_ray.ingest.shedding import (
     parse_callback,
 )
 from qywx_ray.ingest.syncer_host import syncer_host_index
-from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
-from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
-
-TOKEN = "cbtoken"
-AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
-CORP = "wwshedtest0001"
-CRYPTO = WeComCrypto(TOKEN, AES_KEY, CORP)
+from tests.helpers.callbacks import CORP, CRYPTO, RecordingSink
+from tests.helpers.callbacks import callback as signed_callback
+from tests.helpers.wait import wait_until_async
 
 
 class Clock:
@@ -42,20 +36,8 @@ class Clock:
 
 
 def callback(open_kfid: str, ts: int, *, event: str = "kf_msg_or_event") -> RawCallback:
-    """A real encrypted callback, built with the simulator's independent crypto."""
-    inner = (
-        f"<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><CreateTime>{ts}</CreateTime>"
-        f"<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[{event}]]></Event>"
-        f"<Token><![CDATA[tok-{open_kfid}]]></Token>"
-        f"<OpenKfId><![CDATA[{open_kfid}]]></OpenKfId></xml>"
-    )
-    encrypt = sim_encrypt(AES_KEY, CORP, inner, random.randbytes(16))
-    nonce = str(random.getrandbits(40))
-    query = urlencode(
-        {"msg_signature": sim_sign(TOKEN, str(ts), nonce, encrypt), "timestamp": ts, "nonce": nonce}
-    )
-    body = f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
-    return RawCallback(query.encode(), body, float(ts))
+    """A real encrypted callback received at its own timestamp."""
+    return signed_callback(open_kfid, ts, event=event, received_at=float(ts))
 
 
 # ------------------------------------------------------------------ LoadShedder
@@ -119,25 +101,6 @@ def test_parse_callback_accepts_a_real_callback_and_rejects_forged_stale_or_fore
 
 
 # ------------------------------------------------------------------ middleware
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[KfCallbackEvent] = []
-        self.sweeps = 0
-
-    def submit(self, event: KfCallbackEvent) -> None:
-        self.events.append(event)
-
-    def sweep_soon(self) -> None:
-        self.sweeps += 1
-
-
-async def wait_for(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_middleware_sheds_without_touching_the_app_and_drains_after_overload() -> None:
     calls: list[str] = []
     release = asyncio.Event()
@@ -168,7 +131,9 @@ async def test_middleware_sheds_without_touching_the_app_and_drains_after_overlo
 
         now = int(time.time())
         slow = [asyncio.create_task(post(callback(f"wkSlow{i}", now))) for i in range(2)]
-        await wait_for(lambda: shedder.inflight == 2)
+        await wait_until_async(
+            lambda: shedder.inflight == 2, timeout_s=5, what="2 requests in flight"
+        )
         shed = [await post(callback(f"wkShed{i}", now)) for i in range(5)]
         assert [(r.status_code, r.text) for r in shed] == [(200, "success")] * 5
         assert all(r.headers["x-qywx-shed"] == "inflight" for r in shed)
@@ -180,7 +145,9 @@ async def test_middleware_sheds_without_touching_the_app_and_drains_after_overlo
         assert calls[-1] == "/healthz" and other.text == "app"
         release.set()
         assert [r.text for r in await asyncio.gather(*slow)] == ["app", "app"]
-        await wait_for(lambda: len(sink.events) == 5)
+        await wait_until_async(
+            lambda: len(sink.events) == 5, timeout_s=5, what="5 shed callbacks drained"
+        )
         assert sorted(e.open_kfid for e in sink.events) == [f"wkShed{i}" for i in range(5)]
         assert len(mw.backlog) == 0
     await mw.aclose()
@@ -232,7 +199,11 @@ async def test_a_burst_for_one_open_kfid_becomes_a_few_spaced_sends_with_the_new
         if i % 100 == 99:
             await asyncio.sleep(0.025)
     elapsed_s = time.monotonic() - started
-    await wait_for(lambda: d.pending == 0 and bool(hosts.calls))
+    await wait_until_async(
+        lambda: d.pending == 0 and bool(hosts.calls),
+        timeout_s=5,
+        what="every pending pull sent",
+    )
     await asyncio.sleep(0.15)
     assert d.submitted == 4000
     assert 1 <= len(hosts.calls) <= elapsed_s / 0.1 + 2
@@ -247,7 +218,7 @@ async def test_failed_sends_are_kept_and_retried() -> None:
     hosts = Hosts(fail=2)
     d = PullDispatcher(hosts.send, num_hosts=1, flush_interval_s=0.001, retry_initial_s=0.01)
     d.submit(_event("wkA", "ta"))
-    await wait_for(lambda: bool(hosts.calls))
+    await wait_until_async(lambda: bool(hosts.calls), timeout_s=5, what="a send to a host")
     assert hosts.calls == [(0, [("wkA", "ta")])]
     await d.aclose()
 
@@ -264,7 +235,7 @@ async def test_a_hanging_send_times_out_and_is_retried() -> None:
 
     d = PullDispatcher(send, num_hosts=1, flush_interval_s=0.001, send_timeout_s=0.05)
     d.submit(_event("wkH", "th"))
-    await wait_for(lambda: bool(hosts.calls))
+    await wait_until_async(lambda: bool(hosts.calls), timeout_s=5, what="a send to a host")
     assert hosts.calls == [(0, [("wkH", "th")])]
     await d.aclose()
 
@@ -275,11 +246,11 @@ async def test_sweep_soon_pulls_every_known_open_kfid_once_per_delay() -> None:
         hosts.send, num_hosts=1, flush_interval_s=0.001, known_kfids=["wkCfg"], sweep_delay_s=0.1
     )
     d.submit(_event("wkSeen", "ts"))
-    await wait_for(lambda: len(hosts.calls) == 1)
+    await wait_until_async(lambda: len(hosts.calls) == 1, timeout_s=5, what="the first send")
     started = time.monotonic()
     for _ in range(500):  # a storm of shed callbacks: one sweep
         d.sweep_soon()
-    await wait_for(lambda: len(hosts.calls) == 2)
+    await wait_until_async(lambda: len(hosts.calls) == 2, timeout_s=5, what="the sweep send")
     assert time.monotonic() - started >= 0.09
     assert sorted(hosts.calls[1][1]) == [("wkCfg", ""), ("wkSeen", "")]
     assert d.sweeps == 1

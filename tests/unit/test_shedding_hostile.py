@@ -4,12 +4,9 @@ bodies, unsigned junk and signed replays must never displace or delay a real cal
 from __future__ import annotations
 
 import asyncio
-import base64
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
@@ -22,90 +19,19 @@ from qywx_ray.ingest.shedding import (
     parse_callback,
 )
 from qywx_ray.wecom.crypto import WeComCrypto
-from qywx_ray.wecom.models import KfCallbackEvent
-from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
-
-TOKEN = "cbtoken"
-AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
-CORP = "wwshedhostile01"
-CRYPTO = WeComCrypto(TOKEN, AES_KEY, CORP)
-Message = dict[str, Any]
-
-
-def callback(open_kfid: str, ts: int | str, *, nonce: str | None = None) -> RawCallback:
-    inner = (
-        f"<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><CreateTime>1</CreateTime>"
-        "<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[kf_msg_or_event]]></Event>"
-        f"<Token><![CDATA[tok-{open_kfid}]]></Token>"
-        f"<OpenKfId><![CDATA[{open_kfid}]]></OpenKfId></xml>"
-    )
-    encrypt = sim_encrypt(AES_KEY, CORP, inner, random.randbytes(16))
-    nonce = nonce or str(random.getrandbits(40))
-    sig = sim_sign(TOKEN, str(ts), nonce, encrypt)
-    query = urlencode({"msg_signature": sig, "timestamp": ts, "nonce": nonce})
-    body = f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
-    return RawCallback(query.encode(), body, float(time.time()))
-
-
-def junk(size: int) -> RawCallback:
-    """Looks like a callback, signature is a guess: what an attacker can send."""
-    encrypt = base64.b64encode(random.randbytes(max(16, size * 3 // 4 - 60))).decode()
-    query = urlencode(
-        {
-            "msg_signature": f"{random.getrandbits(160):040x}",
-            "timestamp": int(time.time()),
-            "nonce": "1",
-        }
-    )
-    return RawCallback(query.encode(), f"<xml><Encrypt>{encrypt}</Encrypt></xml>".encode(), 0.0)
-
-
-class Overload(LoadShedder):
-    """Overloaded while `on` (the test decides), whatever the in-flight count."""
-
-    def __init__(self) -> None:
-        super().__init__(max_inflight=0, max_loop_lag_s=0)
-        self.on = True
-
-    def overload_reason(self) -> str | None:
-        return "inflight" if self.on else None
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[KfCallbackEvent] = []
-        self.sweeps = 0
-
-    def submit(self, event: KfCallbackEvent) -> None:
-        self.events.append(event)
-
-    def sweep_soon(self) -> None:
-        self.sweeps += 1
-
-
-class App:
-    """The router's stand-in: reads the whole body like it, then answers 200 'app'."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-
-    async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        self.bodies.append(body)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"app"})
-
-
-async def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
+from tests.helpers.callbacks import (
+    AES_KEY,
+    CORP,
+    CRYPTO,
+    TOKEN,
+    App,
+    Message,
+    Overload,
+    RecordingSink,
+    callback,
+    junk,
+)
+from tests.helpers.wait import wait_until_async
 
 
 def body_receive(body: bytes) -> Callable[[], Awaitable[Message]]:
@@ -173,7 +99,7 @@ async def test_stalled_bodies_do_not_count_in_flight() -> None:
         return {"type": "http.disconnect"}
 
     stuck = [asyncio.create_task(call(mw, b"", stalled)) for _ in range(5)]
-    await wait_for(lambda: entered[0] == 5)
+    await wait_until_async(lambda: entered[0] == 5, timeout_s=10, what="5 bodies entered")
     status, headers, text = await post(mw, callback("wkReal", int(time.time())))
     assert (status, text) == (200, b"app") and b"x-qywx-shed" not in headers
     assert len(app.bodies) == 1 and shedder.inflight == 0
@@ -255,7 +181,9 @@ async def test_a_shed_callback_is_drained_to_the_sink_and_sweeps() -> None:
     mw = middleware(app, shedder, sink, drain_interval_s=0.01)
     assert (await post(mw, callback("wkDrain", int(time.time()))))[0] == 200
     assert sink.sweeps == 1
-    await wait_for(lambda: [e.open_kfid for e in sink.events] == ["wkDrain"])
+    await wait_until_async(
+        lambda: [e.open_kfid for e in sink.events] == ["wkDrain"], timeout_s=10, what="drain"
+    )
     await mw.aclose()
 
 
@@ -291,9 +219,13 @@ async def test_an_unexpected_error_never_ends_the_drain_loop() -> None:
     )
     before = SHED_DRAINED.value(result="error")
     assert (await post(mw, callback("wkFirst", int(time.time()))))[0] == 200
-    await wait_for(lambda: SHED_DRAINED.value(result="error") == before + 1)
+    await wait_until_async(
+        lambda: SHED_DRAINED.value(result="error") == before + 1, timeout_s=10, what="drain error"
+    )
     assert (await post(mw, callback("wkSecond", int(time.time()))))[0] == 200
-    await wait_for(lambda: [e.open_kfid for e in sink.events] == ["wkSecond"])
+    await wait_until_async(
+        lambda: [e.open_kfid for e in sink.events] == ["wkSecond"], timeout_s=10, what="next drain"
+    )
     await mw.aclose()
 
 

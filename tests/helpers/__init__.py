@@ -1,0 +1,4 @@
+"""Helpers shared by tests: polling (`wait`), documentation blocks (`docs`).
+
+Tests import from here, never from another test module or from conftest.
+"""
