@@ -22,7 +22,8 @@ earliest offset), after one unrecorded warm-up drain: a long-running consumer is
 Throughput = records / (first handler start → last handler end). Every line carries
 `load1`; the machine is shared: quote medians.
 
-    QYWX_BENCH_QUICK=1 QYWX_BENCH_BOOTSTRAP=127.0.0.1:19092 python bench/bench_peer_parallel_consumer.py
+    QYWX_BENCH_QUICK=1 QYWX_BENCH_BOOTSTRAP=127.0.0.1:19092 \\
+      python bench/bench_peer_parallel_consumer.py
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from bench.common import (
     settings_for,
 )
 from bench.peer_tools import (
+    PUBLISHED,
     PeerError,
     PeerRun,
     ensure_peer,
@@ -58,8 +60,6 @@ from bench.peer_tools import (
 BENCH = "peer_parallel_consumer"
 PIPELINE = "parallel_consumer"
 COMMIT_MODE = "PERIODIC_CONSUMER_ASYNCHRONOUS"
-# Its README's illustrative example (Default options, maxConcurrency 100, 1 partition).
-PUBLISHED = {"keys": 10_000, "messages": 10_000, "concurrency": 100, "duration_s": 2.128}
 
 
 def make_backlog(svc: Any, tag: str, partitions: int, users: int, per_user: int) -> tuple[Any, int]:
@@ -197,10 +197,14 @@ def main() -> int:
                     {
                         "name": "published",
                         "partitions": 1,
-                        "users": PUBLISHED["keys"],
+                        "users": int(PUBLISHED["keys"]),
                         "per_user": 1,
                         "cases": [
-                            ("random_0_5ms", PUBLISHED["concurrency"], work_spec("random_0_5ms"))
+                            (
+                                "random_0_5ms",
+                                int(PUBLISHED["concurrency"]),
+                                work_spec("random_0_5ms"),
+                            )
                         ],
                         "repeat": args.runs,
                     }
@@ -208,9 +212,7 @@ def main() -> int:
             for sc in scenarios:
                 tag = f"peer{uuid.uuid4().hex[:6]}"
                 log(f"peer bench: {sc['name']}: producing {sc['users']}x{sc['per_user']}")
-                settings, n = make_backlog(
-                    svc, tag, sc["partitions"], sc["users"], sc["per_user"]
-                )
+                settings, n = make_backlog(svc, tag, sc["partitions"], sc["users"], sc["per_user"])
                 topics += [settings.kafka.main_topic.name, settings.kafka.dlq_topic.name]
                 from bench.bench_consume import make_envelopes
 
@@ -232,8 +234,10 @@ def main() -> int:
                     timeout_s=args.timeout_s,
                 )
                 drains = sc["repeat"] * len(java_cases) + 1
-                log(f"peer bench: {sc['name']}: {drains} drains of {n} records (load "
-                    f"{os.getloadavg()[0]:.1f})")
+                log(
+                    f"peer bench: {sc['name']}: {drains} drains of {n} records (load "
+                    f"{os.getloadavg()[0]:.1f})"
+                )
                 runs, err_tail, code = run_peer(argv, timeout_s=drains * args.timeout_s + 120)
                 dims = {
                     "partitions": sc["partitions"],

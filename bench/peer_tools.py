@@ -24,6 +24,10 @@ PEER_DIR = Path(__file__).resolve().parent / "peer"
 POM = PEER_DIR / "pom.xml"
 SOURCE = PEER_DIR / "PeerBench.java"
 MAIN_CLASS = "PeerBench"
+# Its README's illustrative example: 10,000 messages, 10,000 keys, 1 partition, 0-5 ms
+# random work, maxConcurrency 100, KEY order: 2.128 s.
+PUBLISHED = {"keys": 10_000, "messages": 10_000, "concurrency": 100, "duration_s": 2.128}
+PUBLISHED_MSG_S = PUBLISHED["messages"] / PUBLISHED["duration_s"]
 
 
 class PeerError(RuntimeError):
@@ -93,7 +97,9 @@ def ensure_peer_classes(libs: Path) -> Path:
         return classes
     javac = shutil.which("javac")
     if javac is None:
-        raise PeerError("javac is needed for the peer bench: apt-get install openjdk-17-jdk-headless")
+        raise PeerError(
+            "javac is needed for the peer bench: apt-get install openjdk-17-jdk-headless"
+        )
     tmp = classes.with_name(classes.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -106,6 +112,9 @@ def ensure_peer_classes(libs: Path) -> Path:
         raise PeerError(f"javac failed:\n{result.stderr[-3000:]}")
     shutil.rmtree(classes, ignore_errors=True)
     tmp.rename(classes)
+    for old in classes.parent.glob("classes-*"):  # builds of earlier versions of the source
+        if old != classes:
+            shutil.rmtree(old, ignore_errors=True)
     return classes
 
 
@@ -294,3 +303,16 @@ def run_peer(argv: list[str], timeout_s: float) -> tuple[list[PeerRun], str, int
         out = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
         return parse_peer_output(out), f"timed out after {timeout_s:.0f} s", -1
     return parse_peer_output(proc.stdout), proc.stderr[-3000:], proc.returncode
+
+
+if __name__ == "__main__":
+    # `make bench`'s setup step: fetch and compile once, print where (idempotent).
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    try:
+        found_libs, found_classes = ensure_peer()
+    except PeerError as exc:
+        print(f"bench: peer setup failed: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(f"bench: Parallel Consumer jars in {found_libs}, PeerBench in {found_classes}")

@@ -101,6 +101,7 @@ public final class PeerBench {
     CommitMode mode;
     long expected;
     long processed;
+    long started;
     long orderViolations;
     double elapsedS;
     double closeS;
@@ -115,10 +116,10 @@ public final class PeerBench {
           java.util.Locale.ROOT,
           "{\"event\":\"result\",\"case\":\"%s\",\"run\":%d,\"status\":\"%s\","
               + "\"concurrency\":%d,\"work\":\"%s\",\"commit_mode\":\"%s\",\"expected\":%d,"
-              + "\"processed\":%d,\"elapsed_s\":%.4f,\"throughput\":%.1f,"
+              + "\"started\":%d,\"processed\":%d,\"elapsed_s\":%.4f,\"throughput\":%.1f,"
               + "\"order_violations\":%d,\"committed\":%d,\"close_s\":%.3f,"
               + "\"paused_partitions\":%d,\"load1\":%.2f,\"detail\":\"%s\"}",
-          c.name, run, status, c.concurrency, c.work, mode, expected, processed, elapsedS, rate,
+          c.name, run, status, c.concurrency, c.work, mode, expected, started, processed, elapsedS, rate,
           orderViolations, committed, closeS, pausedPartitions, load1, detail.replace("\"", "'"));
     }
   }
@@ -153,6 +154,7 @@ public final class PeerBench {
             .build();
     ParallelStreamProcessor<byte[], byte[]> pc =
         ParallelStreamProcessor.createEosStreamProcessor(options);
+    AtomicLong started = new AtomicLong(); // handler calls begun (in flight = started - processed)
     AtomicLong processed = new AtomicLong();
     AtomicLong violations = new AtomicLong();
     AtomicLong firstNs = new AtomicLong(0);
@@ -165,6 +167,7 @@ public final class PeerBench {
         ctx -> {
           long now = System.nanoTime();
           firstNs.compareAndSet(0, now);
+          started.incrementAndGet();
           var rec = ctx.getSingleConsumerRecord();
           String k = rec.partition() + "/" + new String(rec.key(), java.nio.charset.StandardCharsets.UTF_8);
           long off = rec.offset();
@@ -208,6 +211,7 @@ public final class PeerBench {
       Thread.sleep(20); // a progress poll, not synchronisation: we read a counter
     }
     r.processed = processed.get();
+    r.started = started.get();
     r.load1 =
         java.lang.management.ManagementFactory.getOperatingSystemMXBean().getSystemLoadAverage();
     r.orderViolations = violations.get();
