@@ -667,6 +667,8 @@ def render_peer(all_rows: dict[str, list[Row]], contexts: list[dict[str, Any]]) 
             else f"- (ours runs {ours_total or '?'})"
         )
         ratio_text = f"**{c.ratio:.2f}×**" if c.ratio is not None else "-"
+        if c.ours is not None and c.ours.run_ids != c.peer.run_ids:
+            ratio_text += " [other run]"  # not the same harness run: machine state differs
         out.append(
             f"| {c.handler} | {c.concurrency} "
             f"| {fmt(c.peer.median)} ({fmt(c.peer.min)}–{fmt(c.peer.max)}) | {ours_text} "

@@ -260,6 +260,15 @@ def test_report_renders_the_peer_section(tmp_path: Path) -> None:
     assert "**4,100 msg/s** here" in text
 
 
+def test_a_ratio_across_harness_runs_is_marked(tmp_path: Path) -> None:
+    results = write_results(tmp_path)
+    consume = results / "consume.jsonl"
+    lines = [json.loads(x) for x in consume.read_text().splitlines()]
+    consume.write_text("\n".join(json.dumps({**x, "run_id": "older"}) for x in lines) + "\n")
+    machine, benches = report.load_results(results)
+    assert "**2.10×** [other run]" in report.render_report(machine, benches)
+
+
 def test_no_peer_results_no_peer_section(tmp_path: Path) -> None:
     results = write_results(tmp_path)
     (results / "peer_parallel_consumer.jsonl").unlink()
