@@ -205,10 +205,15 @@ def parse_peer_line(line: str) -> PeerRun | None:
         if not _is_number(raw):
             raise PeerError(f"peer result field {name!r} is not a number: {raw!r}")
         values[name] = kind(raw)
-    load1 = record.get("load1")
+    raw_load = record.get("load1")
+    load1 = (
+        float(raw_load)
+        if isinstance(raw_load, int | float) and not isinstance(raw_load, bool)
+        else None
+    )
     return PeerRun(
         **values,
-        load1=float(load1) if _is_number(load1) and load1 >= 0 else None,
+        load1=load1 if load1 is not None and load1 >= 0 else None,
         detail=str(record.get("detail", "")),
     )
 
