@@ -665,6 +665,8 @@ def render_peer(all_rows: dict[str, list[Row]], contexts: list[dict[str, Any]]) 
             f"{fmt(c.ours.median)} ({fmt(c.ours.min)}–{fmt(c.ours.max)})"
             if c.ours
             else f"- (ours runs {ours_total or '?'})"
+            if c.concurrency != ours_total
+            else "- (no `consume` hosted drain in these results)"
         )
         ratio_text = f"**{c.ratio:.2f}×**" if c.ratio is not None else "-"
         if c.ours is not None and c.ours.run_ids != c.peer.run_ids:

@@ -276,6 +276,14 @@ def test_no_peer_results_no_peer_section(tmp_path: Path) -> None:
     assert "Confluent Parallel Consumer" not in report.render_report(machine, benches)
 
 
+def test_a_peer_without_ours_says_why(tmp_path: Path) -> None:
+    results = write_results(tmp_path)
+    (results / "consume.jsonl").unlink()
+    machine, benches = report.load_results(results)
+    text = report.render_report(machine, benches)
+    assert "| trivial | 128 |" in text and "no `consume` hosted drain" in text
+
+
 @pytest.mark.slow
 def test_peer_program_fetches_and_compiles() -> None:
     """Maven fetches Parallel Consumer (cached after the first time) and javac compiles
