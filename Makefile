@@ -41,6 +41,7 @@ drills: setup
 
 bench: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/peer_tools.py
 	$(PY) bench/run_all.py
 
 dev-up: setup

@@ -23,6 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, ROOT, VOLATILE_KEYS, median
+from bench.peer_tools import PUBLISHED_MSG_S, ratio
 
 CEILING_BENCH = "kafka_ceiling"
 # Which ceiling cases a stage's throughput is read against, best client first.
@@ -31,7 +32,10 @@ CEILINGS_BY_STAGE: dict[str, tuple[str, ...]] = {
     "consume": ("raw_consume", "kafka_perf_consume"),
 }
 # Line kinds that carry a whole result for a dedicated report section.
-SECTION_KINDS = frozenset({"profile", "stress_step", "stress_summary"})
+SECTION_KINDS = frozenset({"profile", "stress_step", "stress_summary", "peer_context"})
+# The peer (Confluent Parallel Consumer) and the bench whose hosted drains it is read against.
+PEER_BENCH = "peer_parallel_consumer"
+OURS_BENCH = "consume"
 # Keys that describe the record itself rather than a grouping dimension.
 RECORD_KEYS = frozenset({"bench", "case", "metric", "unit", "ceiling", "error", "status"})
 # Legacy lines (no metric/value): numeric fields with these suffixes are metrics.
@@ -572,6 +576,118 @@ def render_stress(steps: list[dict[str, Any]], summaries: list[dict[str, Any]]) 
     return out
 
 
+@dataclass
+class PeerComparison:
+    """One peer case beside ours: same handler, same backlog, same total concurrency."""
+
+    handler: str
+    concurrency: int
+    peer: Row
+    ours: Row | None
+    ratio: float | None  # ours / peer, medians of runs
+
+
+def ours_concurrency(contexts: list[dict[str, Any]]) -> int | None:
+    """Our hosted pipeline's total handler concurrency (hosts × per host) in that run."""
+    for ctx in reversed(contexts):
+        value = ctx.get("ours_concurrency")
+        if _is_number(value):
+            return int(value)
+    return None
+
+
+def peer_comparisons(
+    all_rows: dict[str, list[Row]], contexts: list[dict[str, Any]]
+) -> list[PeerComparison]:
+    """Each peer throughput case of the consume scenario, with ours where ours exists.
+
+    Ours exists where bench_consume ran the same handler (`hosted_<handler>`) and our total
+    concurrency equals the peer's; any other peer case stands alone (ratio None).
+    """
+    ours_total = ours_concurrency(contexts)
+    ours_by_handler = {
+        r.case.removeprefix("hosted_"): r
+        for r in all_rows.get(OURS_BENCH, [])
+        if r.case.startswith("hosted_") and r.metric == "throughput" and is_throughput(r)
+    }
+    out = []
+    for row in all_rows.get(PEER_BENCH, []):
+        if row.metric != "throughput" or row.dim("scenario") != "consume":
+            continue
+        handler = row.dim("handler") or "?"
+        try:
+            concurrency = int(row.dim("concurrency") or "0")
+        except ValueError:
+            concurrency = 0
+        ours = ours_by_handler.get(handler) if concurrency == ours_total else None
+        out.append(
+            PeerComparison(
+                handler=handler,
+                concurrency=concurrency,
+                peer=row,
+                ours=ours,
+                ratio=ratio(ours.median if ours else None, row.median),
+            )
+        )
+    return sorted(out, key=lambda c: (c.handler, c.concurrency))
+
+
+def render_peer(all_rows: dict[str, list[Row]], contexts: list[dict[str, Any]]) -> list[str]:
+    """Ours vs Confluent Parallel Consumer, per case, and its published scenario."""
+    comparisons = peer_comparisons(all_rows, contexts)
+    published = [
+        r
+        for r in all_rows.get(PEER_BENCH, [])
+        if r.metric == "throughput" and r.dim("scenario") == "published"
+    ]
+    if not comparisons and not published:
+        return []
+    ctx = contexts[-1] if contexts else {}
+    ours_total = ours_concurrency(contexts)
+    out = [
+        "### Ours vs Confluent Parallel Consumer (the peer), same broker, same backlog",
+        "",
+        f"Parallel Consumer {ctx.get('parallel_consumer_version', '?')} (kafka-clients "
+        f"{ctx.get('kafka_clients_version', '?')}), ProcessingOrder.{ctx.get('ordering', 'KEY')}, "
+        f"commit mode {ctx.get('commit_mode', '?')}, one warm JVM; ours: the `consume` "
+        f"bench's hosted drains, {ctx.get('ours_num_hosts', '?')} hosts × "
+        f"{ctx.get('ours_handler_concurrency', '?')} handlers per host = {ours_total or '?'} "
+        "at once (`consume.num_hosts` × `consume.handler_concurrency`). A ratio is shown "
+        "where the total concurrency is the same; ours also writes a durable done-flag per "
+        "message and consults the rate limiter per batch, the peer does neither.",
+        "",
+        "| handler | concurrency | peer msg/s median (min–max) | ours msg/s median (min–max) "
+        "| ours / peer | runs (peer/ours) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        ours_text = (
+            f"{fmt(c.ours.median)} ({fmt(c.ours.min)}–{fmt(c.ours.max)})"
+            if c.ours
+            else f"- (ours runs {ours_total or '?'})"
+            if c.concurrency != ours_total
+            else "- (no `consume` hosted drain in these results)"
+        )
+        ratio_text = f"**{c.ratio:.2f}×**" if c.ratio is not None else "-"
+        if c.ours is not None and c.ours.run_ids != c.peer.run_ids:
+            ratio_text += " [other run]"  # not the same harness run: machine state differs
+        out.append(
+            f"| {c.handler} | {c.concurrency} "
+            f"| {fmt(c.peer.median)} ({fmt(c.peer.min)}–{fmt(c.peer.max)}) | {ours_text} "
+            f"| {ratio_text} | {c.peer.runs}/{c.ours.runs if c.ours else 0} |"
+        )
+    for row in published:
+        share = 100.0 * row.median / PUBLISHED_MSG_S
+        out += [
+            "",
+            f"Its published scenario (README: 10,000 messages on 10,000 keys, 1 partition, "
+            f"0–5 ms random work, max concurrency 100, 2.128 s ≈ {fmt(PUBLISHED_MSG_S)} msg/s): "
+            f"**{fmt(row.median)} msg/s** here ({fmt(row.min)}–{fmt(row.max)}, {row.runs} "
+            f"runs), {share:.0f}% of the published figure.",
+        ]
+    return [*out, ""]
+
+
 def render_report(
     machine: dict[str, Any],
     benches: list[BenchResults],
@@ -607,6 +723,8 @@ def render_report(
         out += render_stress(
             bench.sections.get("stress_step", []), bench.sections.get("stress_summary", [])
         )
+        if bench.name == PEER_BENCH:
+            out += render_peer(all_rows, bench.sections.get("peer_context", []))
     if charts:
         out += ["## Charts", ""]
         for chart in charts:
@@ -685,6 +803,50 @@ def write_charts(benches: list[BenchResults], results_dir: Path) -> list[Path]:
     return written
 
 
+def write_peer_chart(benches: list[BenchResults], results_dir: Path) -> list[Path]:
+    """Ours vs the peer per case (median bars, min–max whiskers); [] without data/matplotlib."""
+    all_rows = {b.name: summarize(b.measurements) for b in benches}
+    peer = next((b for b in benches if b.name == PEER_BENCH), None)
+    comparisons = peer_comparisons(all_rows, peer.sections.get("peer_context", []) if peer else [])
+    if not comparisons:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    labels = [f"{c.handler}, concurrency {c.concurrency}" for c in comparisons]
+    fig, ax = plt.subplots(figsize=(8, 0.8 * len(comparisons) + 1.5))
+    height = 0.38
+    for offset, name, rows in (
+        (-height / 2, "Parallel Consumer", [c.peer for c in comparisons]),
+        (height / 2, "ours (hosted)", [c.ours for c in comparisons]),
+    ):
+        ys = [i + offset for i, r in enumerate(rows) if r is not None]
+        present = [r for r in rows if r is not None]
+        if not present:
+            continue
+        ax.barh(
+            ys,
+            [r.median for r in present],
+            height=height,
+            xerr=[[r.median - r.min for r in present], [r.max - r.median for r in present]],
+            capsize=3,
+            label=name,
+        )
+    ax.set_yticks(range(len(comparisons)), labels, fontsize=8)
+    ax.set_xlabel("msg/s, median of runs (whiskers min–max)")
+    ax.set_title("consume drain: ours vs Confluent Parallel Consumer (KEY order)")
+    ax.legend()
+    fig.tight_layout()
+    path = results_dir / "peer_vs_ours_throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def stress_curve(steps: list[dict[str, Any]]) -> list[tuple[float, float, float, float, float]]:
     """(target, offered, processed, p50, p99) per stress step, for the curve chart."""
     out = []
@@ -701,7 +863,7 @@ def stress_curve(steps: list[dict[str, Any]]) -> list[tuple[float, float, float,
 def write_report(results_dir: Path = RESULTS_DIR, out_path: Path | None = None) -> Path:
     out_path = out_path or results_dir.parent / "REPORT.md"
     machine, benches = load_results(results_dir)
-    charts = write_charts(benches, results_dir)
+    charts = write_charts(benches, results_dir) + write_peer_chart(benches, results_dir)
     text = render_report(machine, benches, charts, base_dir=out_path.parent)
     out_path.write_text(text, encoding="utf-8")
     return out_path

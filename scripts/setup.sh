@@ -13,6 +13,8 @@ need_apt=()
 command -v redis-server   >/dev/null || need_apt+=(redis-server)
 command -v redis-sentinel >/dev/null || need_apt+=(redis-sentinel)
 command -v java           >/dev/null || need_apt+=(openjdk-17-jre-headless)
+# javac: the peer benchmark compiles bench/peer/PeerBench.java (make bench only).
+command -v javac          >/dev/null || need_apt+=(openjdk-17-jdk-headless)
 command -v mvn            >/dev/null || need_apt+=(maven)
 command -v promtool       >/dev/null || need_apt+=(prometheus)
 command -v wrk            >/dev/null || need_apt+=(wrk)
