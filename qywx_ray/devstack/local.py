@@ -73,7 +73,9 @@ class LocalStack:
             return str(running["address"])
         if nodes < 1:
             raise ConfigError("--ray-nodes must be at least 1 (the head)")
-        cluster = LocalRayCluster(nodes=nodes, include_dashboard=True, persist=True).start()
+        cluster = LocalRayCluster(
+            nodes=nodes, include_dashboard=True, persist=True, node_ip="127.0.0.1"
+        ).start()
         cluster.record(self.root)
         return cluster.address
 

@@ -40,6 +40,11 @@ class LocalRayCluster:
     gcs_redis_address: str | None = None  # "127.0.0.1:port": GCS fault tolerance
     include_dashboard: bool = False
     persist: bool = False
+    system_config: dict[str, Any] = field(default_factory=dict)  # Ray's _system_config
+    # "127.0.0.1" keeps every node on loopback (dev up). Left to Ray (the machine's own
+    # address) in tests: a driver in the process that started a loopback cluster hung in
+    # ray.init's GCS connect here, while a driver in another process connected fine.
+    node_ip: str | None = None
     cluster: Any = None
     workers: dict[str, Any] = field(default_factory=dict)  # name -> ray Node
     _next: int = 1
@@ -52,10 +57,12 @@ class LocalRayCluster:
             "resources": {HEAD_RESOURCE: 100.0},
             "object_store_memory": self.object_store_mb * 1024 * 1024,
             "include_dashboard": self.include_dashboard,
-            "node_ip_address": "127.0.0.1",
+            **self._ip(),
         }
         if self.gcs_redis_address:
             head_args["external_addresses"] = [self.gcs_redis_address]
+        if self.system_config:
+            head_args["_system_config"] = dict(self.system_config)
         self.cluster = Cluster(
             initialize_head=True,
             connect=False,
@@ -66,6 +73,9 @@ class LocalRayCluster:
             self.add_worker()
         self.cluster.wait_for_nodes()
         return self
+
+    def _ip(self) -> dict[str, Any]:
+        return {"node_ip_address": self.node_ip} if self.node_ip else {}
 
     @property
     def address(self) -> str:
@@ -83,7 +93,7 @@ class LocalRayCluster:
             num_cpus=self.cpus_per_node,
             resources={WORKER_RESOURCE: 100.0, f"qywx_{name}": 100.0},
             object_store_memory=self.object_store_mb * 1024 * 1024,
-            node_ip_address="127.0.0.1",
+            **self._ip(),
         )
         return name
 
@@ -92,7 +102,11 @@ class LocalRayCluster:
         returns its node id."""
         node = self.workers.pop(name)
         node_id = str(node.node_id)
+        tree = _with_descendants(
+            [int(i.process.pid) for v in node.all_processes.values() for i in v]
+        )
         self.cluster.remove_node(node, allow_graceful=False)
+        _kill_survivors(tree)  # agents the dead raylet leaves behind: gone with the VM
         return node_id
 
     def node_names(self) -> dict[str, str]:
@@ -135,8 +149,10 @@ class LocalRayCluster:
 
     def shutdown(self) -> None:
         if self.cluster is not None:
+            tree = _with_descendants(self.pids())
             with contextlib.suppress(Exception):
                 self.cluster.shutdown()
+            _kill_survivors(tree)
             self.cluster = None
             self.workers.clear()
 
@@ -193,3 +209,11 @@ def _with_descendants(pids: list[int]) -> list[int]:
     for pid in pids:
         walk(pid)
     return out
+
+
+def _kill_survivors(pids: list[int]) -> None:
+    """SIGKILL, by PID, whatever of `pids` outlived its node's shutdown."""
+    for pid in pids:
+        if pid != os.getpid() and pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
