@@ -262,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also start a local Ray cluster: a head plus N-1 worker nodes (1 CPU each)",
     )
     dev_sub = dev.add_subparsers(dest="sub", required=True)
-    dev_sub.add_parser("up").set_defaults(func=cmd_dev_up)
+    dev_up = dev_sub.add_parser("up")
+    # Also after `up` (`qywx-ray dev up --ray-nodes 3`); SUPPRESS keeps the value given
+    # before it.
+    dev_up.add_argument("--ray-nodes", type=int, default=argparse.SUPPRESS)
+    dev_up.set_defaults(func=cmd_dev_up)
     dev_sub.add_parser("down").set_defaults(func=cmd_dev_down)
     dev_sub.add_parser("status").set_defaults(func=cmd_dev_status)
 

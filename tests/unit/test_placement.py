@@ -66,3 +66,12 @@ def test_dashboard_login_lines(tmp_path: Path) -> None:
     assert "ray get-auth-token" in text and "RAY_AUTH_MODE=token ray list actors" in text
     assert "off" in dashboard_login({"RAY_AUTH_MODE": "disabled"}, home=tmp_path)
     assert "get-auth-token" in dashboard_login({"RAY_AUTH_MODE": "token"}, home=tmp_path / "x")
+
+
+def test_dev_up_takes_ray_nodes_before_or_after_up() -> None:
+    from qywx_ray.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["dev", "up", "--ray-nodes", "3"]).ray_nodes == 3
+    assert parser.parse_args(["dev", "--ray-nodes", "3", "up"]).ray_nodes == 3
+    assert parser.parse_args(["dev", "up"]).ray_nodes == 0
