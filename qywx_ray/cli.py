@@ -51,6 +51,9 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
         print(f"dev: {line}")
     print(f"dev: QYWX_KAFKA__BOOTSTRAP_SERVERS={stack.bootstrap()}")
     print(f"dev: QYWX_REDIS__URL={stack.redis_url()}")
+    if args.ray_nodes:
+        address = stack.ray_up(args.ray_nodes)
+        print(f"dev: RAY_ADDRESS={address}  (placement: QYWX_PLACEMENT__STRATEGY=SPREAD)")
     return 0
 
 
@@ -252,8 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="local Kafka + Redis for development")
     dev.add_argument("--brokers", type=int, choices=(1, 3), default=1)
+    dev.add_argument(
+        "--ray-nodes",
+        type=int,
+        default=0,
+        help="also start a local Ray cluster: a head plus N-1 worker nodes (1 CPU each)",
+    )
     dev_sub = dev.add_subparsers(dest="sub", required=True)
-    dev_sub.add_parser("up").set_defaults(func=cmd_dev_up)
+    dev_up = dev_sub.add_parser("up")
+    # Also after `up` (`qywx-ray dev up --ray-nodes 3`); SUPPRESS keeps the value given
+    # before it.
+    dev_up.add_argument("--ray-nodes", type=int, default=argparse.SUPPRESS)
+    dev_up.set_defaults(func=cmd_dev_up)
     dev_sub.add_parser("down").set_defaults(func=cmd_dev_down)
     dev_sub.add_parser("status").set_defaults(func=cmd_dev_status)
 

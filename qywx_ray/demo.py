@@ -34,6 +34,27 @@ DASHBOARD_PORT = 8265
 RAY_METRICS_PORT = 8080
 
 
+def dashboard_login(env: dict[str, str] | None = None, home: Path | None = None) -> str:
+    """How to log in to the dashboard and use Ray's CLI, for the banner.
+
+    Ray 2.60 turns token auth on for `ray start --head` when a token exists in
+    ~/.ray/auth_token (any earlier local `ray.init()` creates one) or RAY_AUTH_MODE=token;
+    the dashboard then asks for that token and Ray's CLI fails with an authentication
+    error until RAY_AUTH_MODE=token is set in its shell."""
+    import os
+
+    env = dict(os.environ) if env is None else env
+    mode = env.get("RAY_AUTH_MODE", "").lower()
+    token_file = (home or Path.home()) / ".ray" / "auth_token"
+    if mode == "disabled" or (mode != "token" and not token_file.exists()):
+        return "  Ray auth          off (RAY_AUTH_MODE=disabled or no ~/.ray/auth_token)\n"
+    return (
+        "  Ray login         token auth is on: paste the output of `ray get-auth-token`\n"
+        f"                    (the file {token_file}) into the dashboard's login box\n"
+        "  Ray CLI           RAY_AUTH_MODE=token ray list actors   (in any other shell)\n"
+    )
+
+
 @dataclass
 class Started:
     stack: LocalStack | None = None
@@ -296,6 +317,7 @@ def run_demo(base: Settings, args: argparse.Namespace) -> int:
         print(
             "\ndemo: running. Where to look:\n"
             f"  Ray dashboard     http://127.0.0.1:{DASHBOARD_PORT}\n"
+            f"{dashboard_login()}"
             f"  Admin API (docs)  http://127.0.0.1:{HTTP_PORT}/docs   "
             f"(Authorization: Bearer {token})\n"
             f"  e.g.              curl -H 'Authorization: Bearer {token}' "

@@ -257,10 +257,31 @@ import json, sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False,
          configure_logging=False)
 alive = [n for n in ray.nodes() if n["Alive"]]
+from qywx_ray.placement import actor_nodes
+actors = actor_nodes(sys.argv[2], timeout_s=float(sys.argv[3]))
 print(json.dumps({"nodes": len(alive), "cpus": ray.cluster_resources().get("CPU", 0),
-                  "version": ray.__version__}))
+                  "version": ray.__version__, "actors": actors}))
 ray.shutdown()
 """
+
+
+def _actors_check(namespace: str, rows: list[dict[str, Any]]) -> Check:
+    """Which node each of our named actors runs on (reported by the actor itself)."""
+    from qywx_ray.placement import format_actor_nodes
+
+    if not rows:
+        return Check("ray.actors", True, f"none in namespace {namespace} (not started)")
+    silent = [r["name"] for r in rows if r["node_id"] is None]
+    nodes = {r["node_id"] for r in rows if r["node_id"]}
+    detail = f"{len(rows)} on {len(nodes)} node(s): {format_actor_nodes(rows)}"
+    if silent:
+        return Check(
+            "ray.actors",
+            False,
+            detail,
+            "actors that did not answer may be restarting: check `ray list actors`",
+        )
+    return Check("ray.actors", True, detail)
 
 
 def _tcp_open(host: str, port: int, timeout_s: float) -> bool:
@@ -271,14 +292,23 @@ def _tcp_open(host: str, port: int, timeout_s: float) -> bool:
         return False
 
 
-def _ray_check(address: str | None, timeout_s: float) -> Check:
+def _ray_check(address: str | None, timeout_s: float, namespace: str) -> list[Check]:
     """An explicit address is always probed; otherwise an existing connection is reused."""
     import ray
 
     if address is None and ray.is_initialized():
+        from qywx_ray.placement import actor_nodes
+
         alive = [n for n in ray.nodes() if n["Alive"]]
         cpus = ray.cluster_resources().get("CPU", 0)
-        return Check("ray", True, f"connected: {len(alive)} node(s), {cpus:g} CPU")
+        return [
+            Check("ray", True, f"connected: {len(alive)} node(s), {cpus:g} CPU"),
+            _actors_check(namespace, actor_nodes(namespace, timeout_s=timeout_s)),
+        ]
+    return [_ray_probe(address, timeout_s, namespace)]
+
+
+def _ray_probe(address: str | None, timeout_s: float, namespace: str) -> Check:
     from ray._private.services import canonicalize_bootstrap_address
 
     fix = "start Ray: `ray start --head` (one machine) or `ray up cluster.yaml`; or set RAY_ADDRESS"
@@ -294,7 +324,7 @@ def _ray_check(address: str | None, timeout_s: float) -> Check:
         return Check("ray", False, f"not running: nothing listens at {resolved}", fix)
     try:
         res = subprocess.run(
-            [sys.executable, "-c", _RAY_PROBE, resolved],
+            [sys.executable, "-c", _RAY_PROBE, resolved, namespace, str(timeout_s)],
             capture_output=True,
             text=True,
             timeout=timeout_s + 15.0,  # a fresh Python importing Ray needs seconds
@@ -306,10 +336,13 @@ def _ray_check(address: str | None, timeout_s: float) -> Check:
         last = (res.stderr.strip().splitlines() or ["?"])[-1]
         return Check("ray", False, f"{resolved}: cannot connect: {last}", fix)
     info = json.loads(res.stdout.strip().splitlines()[-1])
+    actors = _actors_check(namespace, info.get("actors", []))
     return Check(
         "ray",
-        True,
-        f"{resolved}: Ray {info['version']}, {info['nodes']} node(s), {info['cpus']:g} CPU",
+        actors.ok,
+        f"{resolved}: Ray {info['version']}, {info['nodes']} node(s), {info['cpus']:g} CPU; "
+        f"actors: {actors.detail}",
+        actors.fix,
     )
 
 
@@ -403,7 +436,7 @@ def run_doctor(
         *_guard("wecom.credentials", lambda: [_wecom_check(settings)]),
         *_guard("kafka", lambda: _kafka_checks(settings, timeout_s)),
         *_guard("redis", lambda: _redis_checks(settings.redis, timeout_s)),
-        *_guard("ray", lambda: [_ray_check(ray_address, timeout_s)]),
+        *_guard("ray", lambda: _ray_check(ray_address, timeout_s, settings.ray_namespace)),
     ]
 
 

@@ -23,6 +23,7 @@ from qywx_ray.errors import ConfigError
 from qywx_ray.ingest.settings import IngestSettings
 from qywx_ray.kafka.settings import KafkaSettings
 from qywx_ray.obs.settings import ObsSettings
+from qywx_ray.placement import PlacementSettings
 from qywx_ray.protect.settings import ProtectSettings
 from qywx_ray.secret_policy import is_enforced, refusal_message, secret_findings
 from qywx_ray.store.settings import RedisSettings
@@ -48,6 +49,7 @@ class Settings(BaseSettings):
     dlq: DLQSettings = DLQSettings()
     admin: AdminSettings = AdminSettings()
     obs: ObsSettings = ObsSettings()
+    placement: PlacementSettings = PlacementSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -66,9 +66,8 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray for the whole session (starting Ray costs seconds on 2 cores)."""
+def init_local_ray() -> None:
+    """The session's local Ray (also what the multi-node drills restore afterwards)."""
     import ray
 
     if not ray.is_initialized():
@@ -80,6 +79,14 @@ def ray_session() -> Iterator[None]:
             namespace="qywx-test",
             configure_logging=False,
         )
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the whole session (starting Ray costs seconds on 2 cores)."""
+    import ray
+
+    init_local_ray()
     yield
     ray.shutdown()
 

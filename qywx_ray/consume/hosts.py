@@ -34,6 +34,7 @@ from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.dlq.tokens import make_drain_tokens
 from qywx_ray.errors import QywxError
 from qywx_ray.obs.logging import configure_logging, get_logger
+from qywx_ray.placement import actor_options, where
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 
@@ -244,6 +245,10 @@ class HostShell:
             raise UserActorDying(self.name)
         return self.incarnation
 
+    def user_count(self) -> int:
+        """Mailboxes held now (a read of a dict's size: safe from the actor thread)."""
+        return len(self.core.mailboxes)
+
     def snapshot(self) -> dict[str, Any]:
         async def snap() -> dict[str, Any]:
             return self.core.snapshot()
@@ -255,6 +260,7 @@ class HostShell:
             pid=os.getpid(),
             dying=self.dying,
             handler_threads_hung=self.handler_threads.hung,
+            node_id=ray.get_runtime_context().get_node_id(),
         )
         return out
 
@@ -305,6 +311,13 @@ class UserHost:
     def pid(self) -> int:
         return self.shell.pid()
 
+    def where(self) -> dict[str, Any]:
+        return where()
+
+    def __repr__(self) -> str:
+        # Ray shows this in the dashboard and log prefixes (taken once, after __init__).
+        return f"UserHost({self.shell.name} users={self.shell.user_count()})"
+
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class DedicatedUserActor:
@@ -331,6 +344,12 @@ class DedicatedUserActor:
     def pid(self) -> int:
         return self.shell.pid()
 
+    def where(self) -> dict[str, Any]:
+        return where()
+
+    def __repr__(self) -> str:
+        return f"DedicatedUserActor({self.shell.name})"
+
 
 def start_hosts(settings: Settings) -> list[Any]:
     """Create (or find) the named detached host actors and wait until they answer."""
@@ -342,6 +361,7 @@ def start_hosts(settings: Settings) -> list[Any]:
             lifetime="detached",
             get_if_exists=True,
             max_concurrency=1,  # sync + 1: Ray keeps our call order
+            **actor_options(settings.placement, "user_host"),
         ).remote(settings, host_name(settings, i))
         for i in range(c.num_hosts)
     ]
@@ -356,4 +376,5 @@ def get_or_create_user_actor(settings: Settings, name: str) -> Any:
         lifetime="detached",
         get_if_exists=True,
         max_concurrency=1,
+        **actor_options(settings.placement, "dedicated_user"),
     ).remote(settings, name)

@@ -13,10 +13,11 @@ import ray
 
 from qywx_ray.consume.hosts import host_name
 from qywx_ray.consume.pipeline import user_actor_names
+from qywx_ray.placement import node_labels
 from qywx_ray.settings import Settings
 
 
-def _rows(snap: dict[str, Any], now_s: float) -> list[dict[str, Any]]:
+def _rows(snap: dict[str, Any], now_s: float, node: str) -> list[dict[str, Any]]:
     rows = []
     for mb in snap.get("mailboxes", []):
         rows.append(
@@ -24,6 +25,7 @@ def _rows(snap: dict[str, Any], now_s: float) -> list[dict[str, Any]]:
                 "user": mb["user"],
                 "mode": snap.get("mode", "hosted"),
                 "host": snap["host"],
+                "node": node,
                 "state": mb["state"],
                 "queue_depth": mb["queue_depth"],
                 "busy": mb["busy"],
@@ -53,32 +55,35 @@ def list_users(
     now = time.time()
     users: list[dict[str, Any]] = []
     hosts: list[dict[str, Any]] = []
+    labels = node_labels()
     for ref in ready:
         try:
             snap = ray.get(ref, timeout=0)
         except Exception:  # an actor ending itself right now
             continue
-        hosts.append(
-            {
-                k: snap.get(k)
-                for k in ("host", "mode", "users", "pending", "counts", "pid", "redis_ok")
-            }
+        keys = ("host", "mode", "users", "pending", "counts", "pid", "redis_ok", "node_id")
+        summary = {k: snap.get(k) for k in keys}
+        summary["node"] = labels.get(str(snap.get("node_id")), "?")
+        hosts.append(summary)
+        users.extend(
+            r for r in _rows(snap, now, summary["node"]) if user is None or r["user"] == user
         )
-        users.extend(r for r in _rows(snap, now) if user is None or r["user"] == user)
     users.sort(key=lambda r: r["last_active"], reverse=True)
     return {"users": users[:limit], "total": len(users), "hosts": hosts, "missing": missing}
 
 
 def format_users(view: dict[str, Any]) -> str:
     """Plain-text table for the CLI."""
-    lines = [f"{'USER':<32} {'MODE':<9} {'STATE':<6} {'QUEUE':>5} {'IDLE_S':>8}  HOST"]
+    lines = [f"{'USER':<32} {'MODE':<9} {'STATE':<6} {'QUEUE':>5} {'IDLE_S':>8}  HOST  NODE"]
     now = time.time()
     for r in view["users"]:
         lines.append(
             f"{r['user'][:32]:<32} {r['mode']:<9} {r['state']:<6} {r['queue_depth']:>5} "
-            f"{now - r['last_active']:>8.1f}  {r['host']}"
+            f"{now - r['last_active']:>8.1f}  {r['host']}  {str(r.get('node', '?'))[:8]}"
         )
     lines.append(f"{view['total']} live user(s) on {len(view['hosts'])} host(s)")
+    for h in view["hosts"]:
+        lines.append(f"  host {h['host']}: {h.get('users')} user(s) on node {h.get('node', '?')}")
     return "\n".join(lines)
 
 

@@ -623,3 +623,13 @@ class PartitionConsumer:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def where(self) -> dict[str, Any]:
+        from qywx_ray.placement import where
+
+        return where()
+
+    def __repr__(self) -> str:
+        # Ray shows this in the dashboard and log prefixes (taken once, after __init__).
+        assigned = sorted(p for _, p in self.core.tracker.assigned_partitions())
+        return f"PartitionConsumer({self.core.name} partitions={assigned})"

@@ -17,6 +17,7 @@ import ray
 from qywx_ray.consume.hosts import consumer_name, host_name, start_hosts
 from qywx_ray.consume.partition_consumer import PartitionConsumer
 from qywx_ray.obs.logging import get_logger
+from qywx_ray.placement import actor_options
 from qywx_ray.settings import Settings
 
 log = get_logger(__name__)
@@ -50,6 +51,7 @@ def start_consumer(settings: Settings, index: int) -> Any:
         lifetime="detached",
         get_if_exists=True,
         max_concurrency=8,  # threaded: `complete` runs while the poll thread works
+        **actor_options(settings.placement, "consumer"),
     ).remote(settings, index)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from qywx_ray.devstack.kafka import KafkaCluster
 from qywx_ray.devstack.procs import pid_alive, port_open, stop_pidfile
 from qywx_ray.devstack.redis import RedisServer
+from qywx_ray.errors import ConfigError
 
 DEV_KAFKA_PORTS = {1: [9092], 3: [9092, 9094, 9096]}
 DEV_REDIS_PORT = 6379
@@ -62,8 +63,28 @@ class LocalStack:
         self.state_file.write_text(json.dumps({"brokers": self.brokers}))
         return started
 
+    def ray_up(self, nodes: int) -> str:
+        """A head plus `nodes - 1` worker raylets on loopback, left running (stopped by
+        PID in `down`); returns the cluster's address. Reuses a recorded running one."""
+        from qywx_ray.devstack.raycluster import LocalRayCluster, recorded_cluster
+
+        running = recorded_cluster(self.root)
+        if running is not None:
+            return str(running["address"])
+        if nodes < 1:
+            raise ConfigError("--ray-nodes must be at least 1 (the head)")
+        cluster = LocalRayCluster(
+            nodes=nodes, include_dashboard=True, persist=True, node_ip="127.0.0.1"
+        ).start()
+        cluster.record(self.root)
+        return cluster.address
+
     def down(self) -> list[str]:
+        from qywx_ray.devstack.raycluster import stop_recorded
+
         stopped = []
+        if n := stop_recorded(self.root):
+            stopped.append(f"ray cluster ({n} processes)")
         for pidfile in sorted(self.root.glob("**/*.pid")):
             if stop_pidfile(pidfile):
                 stopped.append(pidfile.stem)

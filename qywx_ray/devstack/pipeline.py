@@ -208,7 +208,11 @@ class LocalPipeline:
         ensure_topics(self.settings.kafka)
         self.consume = start_consumers(self.settings)
         start_recovery_actor(self.settings)
-        serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
+        # One proxy, on the head: with a proxy per node (Serve's default) every node of a
+        # local multi-node cluster would bind the same loopback port.
+        serve.start(
+            proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": self.http_port}
+        )
         self.serve_app = f"qywx-{tag}"
         serve.run(deployment(self.settings), name=self.serve_app, route_prefix="/")
         self.sim.start()
@@ -245,6 +249,15 @@ class LocalPipeline:
         return self._kill_actor_process(self.consume.hosts[index])
 
     # ------------------------------------------------------------------ state
+    def actor_nodes(self, timeout_s: float = 10.0) -> dict[str, str | None]:
+        """Each named actor of this pipeline (consumers, user hosts, syncer hosts, DLQ
+        recovery) -> the node id it answers from (None: it did not answer in time)."""
+        from qywx_ray.placement import actor_nodes
+
+        assert self.settings is not None
+        rows = actor_nodes(self.settings.ray_namespace, timeout_s=timeout_s)
+        return {r["name"]: r["node_id"] for r in rows}
+
     def redis_client(self) -> Any:
         from qywx_ray.store.client import make_redis
 

@@ -15,6 +15,7 @@ import ray
 
 from qywx_ray.dlq.recovery import RecoveryService
 from qywx_ray.obs.logging import configure_logging
+from qywx_ray.placement import actor_options, where
 from qywx_ray.settings import Settings
 
 
@@ -31,6 +32,14 @@ class DLQRecoveryActor:
             settings, node_id=socket.gethostname(), blocked_until=blocked_until
         )
         self._service.run_in_background()
+        self._topic = settings.kafka.dlq_topic.name
+
+    def __repr__(self) -> str:
+        # Ray shows this in the dashboard and log prefixes (taken once, after __init__).
+        return f"DLQRecoveryActor(topic={self._topic})"
+
+    def where(self) -> dict[str, Any]:
+        return where()
 
     def ping(self) -> str:
         return "ok"
@@ -54,4 +63,5 @@ def start_recovery_actor(settings: Settings, *, name: str | None = None) -> Any:
         namespace=settings.ray_namespace,
         lifetime="detached",
         get_if_exists=True,
+        **actor_options(settings.placement, "dlq_recovery"),
     ).remote(settings)

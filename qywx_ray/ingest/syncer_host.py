@@ -20,6 +20,7 @@ from qywx_ray.ingest.factory import IngestParts, build_ingest
 from qywx_ray.ingest.syncer import KfSyncer
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
+from qywx_ray.placement import actor_options
 from qywx_ray.settings import Settings
 from qywx_ray.wecom.client import RedisTokenCache, WeComClient
 
@@ -168,13 +169,22 @@ def syncer_host_actor_class() -> Any:
     """The Ray shell, built lazily so importing this module does not need Ray."""
     import ray
 
-    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
     class SyncerHostActor:
         def __init__(self, settings: Settings, index: int, num_hosts: int) -> None:
             from qywx_ray.obs.logging import configure_logging
 
             configure_logging(settings.obs.log_level, settings.obs.log_format)
             self.service = SyncerHostService(settings, index, num_hosts)
+            self._num_hosts = num_hosts
+
+        def __repr__(self) -> str:
+            # Ray shows this in the dashboard and log prefixes (taken once, after __init__).
+            return f"SyncerHostActor({self.service.index + 1} of {self._num_hosts})"
+
+        async def where(self) -> dict[str, Any]:
+            from qywx_ray.placement import where
+
+            return where()
 
         async def request_pulls(self, items: list[tuple[str, str]]) -> int:
             return await self.service.request_pulls(items)
@@ -193,7 +203,10 @@ def syncer_host_actor_class() -> Any:
             """Graceful stop (see SyncerHostService.close); call before ray.kill."""
             return await self.service.close(timeout_s)
 
-    return SyncerHostActor
+    # Ray names the actor class by its qualified name: without this the dashboard shows
+    # `syncer_host_actor_class.<locals>.SyncerHostActor`.
+    SyncerHostActor.__qualname__ = "SyncerHostActor"
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(SyncerHostActor)
 
 
 def get_syncer_host(settings: Settings, index: int) -> Any:
@@ -204,4 +217,5 @@ def get_syncer_host(settings: Settings, index: int) -> Any:
         namespace=settings.ray_namespace,
         lifetime="detached",
         get_if_exists=True,
+        **actor_options(settings.placement, "syncer_host"),
     ).remote(settings, index, settings.ingest.num_syncer_hosts)

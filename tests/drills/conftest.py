@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from qywx_ray.devstack.pipeline import RECORD_KEY, AuditResult, LocalPipeline
+from qywx_ray.devstack.raycluster import LocalRayCluster
 from qywx_ray.settings import _deep_merge
 
 # The drills chat at machine speed (10 messages per customer in a few seconds), far above
@@ -26,6 +27,38 @@ DRILL_PROTECT = {
         }
     }
 }
+
+
+@pytest.fixture
+def ray_cluster_factory(ray_session: None) -> Iterator[Callable[..., LocalRayCluster]]:
+    """A head plus worker nodes (each its own raylet, 1 CPU) instead of the session's
+    one-node Ray, for the multi-node drills; the session's Ray is back afterwards.
+    Request it before `pipeline_factory`, so the pipeline stops while its cluster runs."""
+    import ray
+
+    from tests.conftest import init_local_ray
+
+    started: list[LocalRayCluster] = []
+
+    def start(**kw: Any) -> LocalRayCluster:
+        assert not started, "one cluster per test"
+        ray.shutdown()
+        cluster = LocalRayCluster(**kw)
+        started.append(cluster)
+        cluster.start()
+        ray.init(
+            address=cluster.address,
+            namespace="qywx-test",
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        return cluster
+
+    yield start
+    if started:
+        ray.shutdown()
+        started[0].shutdown()
+        init_local_ray()
 
 
 @pytest.fixture
