@@ -1,4 +1,4 @@
-"""Admin API for rate limiting and blocks (seed 10.5 "运维管理接口"), plus the audit log.
+"""Admin API for rate limiting and blocks ("运维管理接口"), plus the audit log.
 
 Every route needs the admin bearer token (require_admin); every change is written to the
 audit log (who, when, what, why) before the response is sent. Routes only call the

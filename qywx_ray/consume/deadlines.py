@@ -5,7 +5,8 @@ a few times per timeout and cancels the expired handlers costs nothing per messa
 Only the watchdog's own cancellation becomes a TimeoutError. A CancelledError the handler
 raised on its own (a cancelled inner future, a library's shutdown path) becomes
 `HandlerCancelled`, an ordinary failure of that message: it must never end the worker
-that ran it (issue 15, defect 5). A cancellation of the host itself propagates.
+that ran it (tests/unit/test_consume_order_defects.py). A cancellation of the host
+itself propagates.
 """
 
 from __future__ import annotations

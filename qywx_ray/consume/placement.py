@@ -3,7 +3,8 @@
 A user's messages must run in exactly one place at a time, or two actors process the
 same user concurrently and its order is lost. The choice used to live in one consumer's
 memory (with a per-consumer share of the cap), so after a consumer restart or a partition
-move another consumer could decide differently for the same user (issue 15, item 8).
+move another consumer could decide differently for the same user
+(tests/unit/test_consume_placement.py).
 Now the decision is a durable record per user, written once (first writer wins) and
 read by every consumer, and the cap on dedicated actors is counted cluster-wide.
 

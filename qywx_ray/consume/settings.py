@@ -61,7 +61,7 @@ class ConsumeSettings(BaseModel):
     # Hooks into protect/ and dlq/: "module:factory", factory(settings) -> hook.
     # Rate limiting (allow-all when protect.enabled is false); empty = allow all.
     admission: str = "qywx_ray.protect.admission:make_admission"
-    # -> consume.types.DeadLetterSink (seed DLQ format, read by the recovery actor).
+    # -> consume.types.DeadLetterSink (the DLQ record format, read by the recovery actor).
     dead_letter_sink: str = "qywx_ray.dlq.sink:make_sink"
     # -> consume.types.RetryOrder: per-user order across retries; empty = no parking.
     retry_order: str = "qywx_ray.dlq.parking:make_async_parking"

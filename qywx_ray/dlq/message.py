@@ -142,7 +142,8 @@ _NOT_RECOVERABLE = frozenset({FailureReason.INVALID_MESSAGE})
 
 
 def is_recoverable(reason: FailureReason) -> bool:
-    """Transient problems are recoverable; a malformed message is not (seed isRecoverable)."""
+    """Transient problems are recoverable; a malformed message is not (as the original
+    design's isRecoverable)."""
     return reason not in _NOT_RECOVERABLE
 
 

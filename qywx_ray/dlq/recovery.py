@@ -274,7 +274,8 @@ class RecoveryService:
         forever: put a drain token for it on the main topic, confirmed, before the DLQ
         offset is committed. The user's host then drains the lot in order, exactly as
         after a successful retry; this actor never touches the lot itself (it used to
-        peek/produce/trim, which raced with a host re-parking the user: issue 15, 7)."""
+        peek/produce/trim, which raced with a host re-parking the user: lost and
+        reordered messages; tests/integration/test_dlq_recovery.py)."""
         if not review:
             return
         pipe = self.redis.pipeline(transaction=False)

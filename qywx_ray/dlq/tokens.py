@@ -1,4 +1,4 @@
-"""Drain tokens: the one way a parked user is released (issue 15).
+"""Drain tokens: the one way a parked user is released (see docs/guarantees.md).
 
 A token is a tiny record on the MAIN topic, keyed by the user (so it lands on the
 user's partition and host like any of its messages), with headers `msg_id` = the

@@ -1,4 +1,4 @@
-"""Asynchronous Kafka producer for message envelopes (seed 3.1-3.2, done right).
+"""Asynchronous Kafka producer for message envelopes (three send modes, done right).
 
 Config comes only from qywx_ray.kafka.config.producer_config (idempotent, acks=all,
 lz4, murmur2_random). Delivery reports are served on one dedicated poll thread; no
@@ -6,7 +6,7 @@ caller ever waits on librdkafka. A full local queue (BufferError) is back-pressu
 we poll and retry within a bound, and never drop a message - a message that cannot be
 queued is reported as a failed delivery so the caller can spool it.
 
-Send modes (seed 3.2): `produce_nowait` (fire-and-forget), `produce` (callback),
+Send modes: `produce_nowait` (fire-and-forget), `produce` (callback),
 `await produce_confirmed` (one message), and what the pipeline uses,
 `await produce_batch` (produce a whole page, then await every delivery report).
 """

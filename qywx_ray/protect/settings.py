@@ -67,7 +67,7 @@ class ProtectSettings(BaseModel):
     user_groups: dict[str, str] = {}
     progressive_penalty: ProgressivePenaltySettings = ProgressivePenaltySettings()
     breaker: BreakerSettings = BreakerSettings()
-    # EMERGENCY alert (seed 10.5): this many users blocked at the same time.
+    # EMERGENCY alert: this many users blocked at the same time.
     emergency_blocked_users: int = Field(default=10, ge=1)
     # Admin: the longest temporary rule override, and how many audit entries are kept.
     max_override_seconds: float = Field(default=30 * 86400, gt=0)
