@@ -4,9 +4,11 @@
   worker process on it die at once, as in a VM loss). Its actors (named, detached,
   `max_restarts=-1`, spread by `placement.strategy: SPREAD`) come back on the surviving
   nodes and the audit ends clean. A node added afterwards receives new placements.
-  The short form runs in `make test` (144 s + 33 s teardown on 2 loaded cores: the
-  cluster and pipeline start, then ~18 s for Ray to restart the lost actors), the long
-  one in `make drills`.
+  Both forms run in `make drills`. The short one took 144 s (+33 s teardown) on 2 loaded
+  cores, and in a `make test` at load ~20 its teardown failed to start the session's
+  one-node Ray again ("node timed out during startup"), failing the run: it goes back
+  into `make test` once the session's Ray survives it (e.g. the drill in its own
+  process).
 - GCS restart (`make drills`): the head's GCS, backed by its own Redis (Ray's GCS fault
   tolerance; never the data Redis), is killed mid-stream and started again. Our actors
   keep running in the same processes, their names still resolve, and the audit is clean.
@@ -167,6 +169,7 @@ def _node_loss(
     return report
 
 
+@pytest.mark.slow
 def test_node_loss_short(
     ray_cluster_factory: Callable[..., LocalRayCluster],
     pipeline_factory: Callable[..., LocalPipeline],

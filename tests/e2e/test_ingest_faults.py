@@ -316,7 +316,7 @@ def test_rejected_callback_token_still_delivers(stack: FaultStack) -> None:
     total = 0
     for _ in range(3):
         total += stack.inject_round([kfid], users, 4, "t")
-    poll(lambda: stack.cursor(kfid) == total, timeout_s=30, what="the cursor to catch up")
+    poll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
     truth = stack.truth([kfid])
     got = read_topic_until(stack.settings, {m for ids in truth.values() for m in ids})
     messages, duplicates = assert_matches_truth(got, truth)
@@ -473,7 +473,7 @@ async def test_two_syncers_one_puller_at_a_time_and_paused_holder_cannot_commit(
         for _ in range(10):  # phase 1: both pull the same open_kfid, contending
             total += await inject_and_call_both(3)
             await asyncio.sleep(0.2)
-        await apoll(lambda: stack.cursor(kfid) == total, timeout_s=20, what="phase 1 cursor")
+        await apoll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="phase 1 cursor")
         phase1_holds = len(journal.holds)
 
         freeze.armed = True  # phase 2: A freezes holding a page, past its lock's TTL
@@ -498,7 +498,7 @@ async def test_two_syncers_one_puller_at_a_time_and_paused_holder_cannot_commit(
             timeout_s=20,
             what="A's frozen pull to end",
         )
-        await apoll(lambda: stack.cursor(kfid) == total, timeout_s=20, what="final cursor")
+        await apoll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="final cursor")
     finally:
         for s in syncers.values():
             s.stop()
@@ -547,7 +547,7 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
     stack.ensure_up()
     kfid, users = "wkR2", 4
     total = stack.inject_round([kfid], users, 5, "r")
-    poll(lambda: stack.cursor(kfid) == total, timeout_s=30, what="the healthy first round")
+    poll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the healthy first round")
 
     seen: list[int] = []
     lock_key = f"{stack.settings.ingest.key_prefix}:lock:sync:{kfid}"
@@ -607,7 +607,7 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
         lock_reads_before_restart = len(lock_seen)
         reads_before_restart = len(seen)
         total += stack.inject_round([kfid], users, 2, "r")
-        poll(lambda: stack.cursor(kfid) == total, timeout_s=60, what="the cursor to catch up")
+        poll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
         recover_s = time.monotonic() - up_at
         # The watcher must read the caught-up cursor too (reads taken before it caught up
         # end below total and would say nothing about the final state).
@@ -647,7 +647,7 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
     stack.ensure_up()
     kfids, users = ["wkK1a", "wkK1b"], 4
     total = stack.inject_round(kfids, users, 5, "k")
-    poll(lambda: stack.cursor("wkK1b") == 20, timeout_s=30, what="the healthy first round")
+    poll(lambda: stack.cursor("wkK1b") == 20, timeout_s=90, what="the healthy first round")
     before = stack.metrics()
 
     stack.kafka.kill9(1)
@@ -661,7 +661,7 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
     cursors_while_down = {k: stack.cursor(k) for k in kfids}
     stack.kafka.start_node(1)
     up_at = time.monotonic()
-    poll(stack.spool_empty, timeout_s=60, what="the spool to drain")
+    poll(stack.spool_empty, timeout_s=90, what="the spool to drain")
     drain_s = time.monotonic() - up_at
 
     truth = stack.truth(kfids)
@@ -675,7 +675,7 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
         def at_end(k: str = kfid) -> bool:
             return stack.cursor(k) == per_kfid[k]
 
-        poll(at_end, timeout_s=20, what=f"cursor {kfid}")
+        poll(at_end, timeout_s=90, what=f"cursor {kfid}")
     after = stack.metrics()
     degraded = after.get("qywx_degraded_messages_total", 0) - before.get(
         "qywx_degraded_messages_total", 0
