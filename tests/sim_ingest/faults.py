@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 WINDOW_KINDS = (
     "redis_down",  # every Redis round trip fails (all nodes)
     "redis_partition",  # one node cannot reach Redis
+    "redis_slow",  # some round trips take up to 2 lock TTLs (retries, failover): a holder's
+    # extend can arrive after its lease expired while its other calls still go through
     "redis_flaky",  # blips (not applied), lost replies (applied, caller sees an error), resends
     "pause",  # one node's process stops (GC, VM pause): its leases can expire meanwhile
+    "stalls",  # one node's IO calls may each start such a pause (lands between IO steps)
     "kafka_down",  # every produce fails; some records delivered but reported failed
     "kafka_flaky",  # per-record failures (the rest of that partition in the batch too), timeouts
     "kafka_fatal",  # one node's producer fails everything (a fatal error until rebuilt)
@@ -30,6 +33,7 @@ EVENT_KINDS = (
     "malformed",  # some messages have bad fields (origin null, send_time "1700000000.5")
 )
 KINDS = WINDOW_KINDS + EVENT_KINDS
+NODE_KINDS = ("redis_partition", "redis_slow", "pause", "stalls", "kafka_fatal")
 NODES = (0, 1)
 
 
@@ -88,16 +92,19 @@ class Scenario:
 
 def draw(seed: int, without: frozenset[str] = frozenset()) -> Scenario:
     r = random.Random(seed)
+    # A third of the seeds are dense: few users, many messages, many long fault windows
+    # (what it takes for races such as a paused replayer's late trim to meet new spooling).
+    dense = r.random() < 0.35
     nk = r.choice((1, 1, 2))
     kfids = [f"wk{i}" for i in range(nk)]
-    users = {k: [f"{k}u{j}" for j in range(r.randint(1, 5))] for k in kfids}
+    users = {k: [f"{k}u{j}" for j in range(r.randint(1, 2 if dense else 5))] for k in kfids}
     active_s = r.uniform(60, 300)
     ttl_s, extend_s = r.choice(((3.0, 1.0), (10.0, 3.0), (30.0, 10.0)))
     sc = Scenario(
         seed=seed,
         kfids=kfids,
         users=users,
-        messages=r.randint(10, 80),
+        messages=r.randint(60, 200) if dense else r.randint(10, 80),
         active_s=active_s,
         page_limit=r.choice((2, 5, 10, 100)),
         ttl_s=ttl_s,
@@ -111,19 +118,22 @@ def draw(seed: int, without: frozenset[str] = frozenset()) -> Scenario:
         callback_loss_p=r.choice((0.0, 0.1, 0.5)),
     )
     kinds = [k for k in WINDOW_KINDS if k not in without]
-    for _ in range(r.randint(0, 5) if kinds else 0):
-        kind = r.choice(kinds)
+    # Dense seeds favour what makes replays race: partial Kafka failures and stalls.
+    weights = [3 if dense and k in ("kafka_flaky", "stalls", "redis_slow") else 1 for k in kinds]
+    for _ in range((r.randint(3, 8) if dense else r.randint(0, 5)) if kinds else 0):
+        kind = r.choices(kinds, weights)[0]
         start = r.uniform(0, active_s)
         if kind == "pause":
             length = r.uniform(0.5, 2.5) * ttl_s
         else:
-            length = r.uniform(2, 60)
-        node = r.choice(NODES) if kind in ("redis_partition", "pause", "kafka_fatal") else None
+            length = r.uniform(10, 120) if dense else r.uniform(2, 60)
+        node = r.choice(NODES) if kind in NODE_KINDS else None
         if kind == "redis_flaky" and r.random() < 0.5:
             node = r.choice(NODES)
-        sc.windows.append(Window(kind, start, start + length, node, r.uniform(0.05, 0.4)))
+        p = r.uniform(0.01, 0.1) if kind == "stalls" else r.uniform(0.05, 0.4)
+        sc.windows.append(Window(kind, start, start + length, node, p))
     events = [k for k in EVENT_KINDS if k not in without and k != "malformed"]
-    for _ in range(r.randint(0, 3) if events else 0):
+    for _ in range((r.randint(1, 5) if dense else r.randint(0, 3)) if events else 0):
         kind = r.choice(events)
         sc.events.append(Event(r.uniform(0, active_s), kind, r.choice(kfids)))
     sc.windows.sort(key=lambda w: w.start)

@@ -60,6 +60,9 @@ class FakeRedisServer:
         # Called with (key, removed entries) whenever list entries leave a list.
         self.on_list_removed: Callable[[bytes, list[bytes]], None] = lambda _k, _r: None
         self.on_list_pushed: Callable[[bytes, list[bytes]], None] = lambda _k, _r: None
+        # Set when a hash whose key starts with `watch_prefix` is written or deleted.
+        self.watch_prefix = b"\xff"
+        self.watched_dirty = False
 
     # ------------------------------------------------------------------ keyspace
     def _alive(self, key: bytes) -> Value | None:
@@ -70,6 +73,8 @@ class FakeRedisServer:
         return self.data.get(key)
 
     def _delete(self, key: bytes) -> bool:
+        if key.startswith(self.watch_prefix):
+            self.watched_dirty = True
         self.expire_at.pop(key, None)
         value = self.data.pop(key, None)
         if isinstance(value, list) and value:
@@ -168,6 +173,8 @@ class FakeRedisServer:
         if not pairs or len(pairs) % 2:
             raise ResponseError("ERR wrong number of arguments for 'hset' command")
         h = self._typed(key, dict)
+        if key.startswith(self.watch_prefix):
+            self.watched_dirty = True
         if h is None:
             h = self.data[key] = {}
         added = 0

@@ -149,6 +149,11 @@ class Node:
         f, r, trace = self.sim.faults, self.rng, self.sim.trace
         await f.gate(self.node)
         await asyncio.sleep(r.uniform(0.0005, 0.005))
+        w = f.active("redis_slow", self.node)
+        if w is not None and r.random() < w.p:
+            delay_s = r.uniform(0.2, 2.0) * self.sim.sc.ttl_s
+            trace.add(f"redis n{self.node}: slow round trip {delay_s:.2f}s")
+            await asyncio.sleep(delay_s)
         if f.active("redis_down") or f.active("redis_partition", self.node):
             raise RedisConnectionError("simulated: redis unreachable")
         w = f.active("redis_flaky", self.node)
@@ -171,11 +176,14 @@ class Simulation:
         self.sc: Scenario = draw(seed, without)
         self.loop = VirtualTimeLoop()
         self.trace = Trace(self.loop.time)
-        self.faults = Faults(self.sc, self.loop.time)
+        self.faults = Faults(self.sc, self.loop.time, random.Random(seed * 1000 + 7))
+        self.faults.on_pause = lambda w: self.trace.add(f"PAUSE {w}")
         self.ledger = Ledger(self.sc, self.faults, self.trace, stall_bound_s)
         self.server = FakeRedisServer(lambda: self.loop.time() * 1000.0, epoch_s=EPOCH_S)
         self.server.on_list_pushed = self.ledger.spool_pushed
         self.server.on_list_removed = self.ledger.spool_removed
+        self.server.watch_prefix = CURSOR_PREFIX
+        self.checked_at = -1.0
         self.wecom = FakeWeCom(
             self.sc, self.ledger, self.faults, self.loop.time, random.Random(seed * 1000 + 3)
         )
@@ -188,6 +196,17 @@ class Simulation:
     def on_step(self) -> None:
         if self.stopped:
             return
+        now = self.loop.time()
+        if self.server.watched_dirty:
+            self.server.watched_dirty = False
+            self._check_cursors()
+        if now != self.checked_at:
+            self.checked_at = now
+            self.ledger.check_stalls(now)
+        if self.ledger.violations:
+            raise _Stop
+
+    def _check_cursors(self) -> None:
         for kfid in self.sc.kfids:
             h = self.server.data.get(CURSOR_PREFIX + kfid.encode())
             raw = h.get(b"cursor", b"") if isinstance(h, dict) else b""
@@ -196,9 +215,6 @@ class Simulation:
                 self.cursors_seen[kfid] = cursor
                 self.trace.add(f"cursor {kfid} = {cursor or '-'}")
                 self.ledger.check_cursor(kfid, cursor)
-        self.ledger.check_stalls(self.loop.time())
-        if self.ledger.violations:
-            raise _Stop
 
     # ------------------------------------------------------------------ the run
     def _messages(self) -> Iterator[Msg]:
@@ -263,6 +279,8 @@ class Simulation:
             else:
                 await self._event(item.kind, item.arg)  # type: ignore[attr-defined]
         quiet_from = max([sc.active_s, *(w.end for w in sc.windows)])
+        await asyncio.sleep(max(0.0, quiet_from - self.loop.time()))
+        quiet_from = max([quiet_from, *(w.end for w in self.faults.windows)])  # stalls
         await asyncio.sleep(max(0.0, quiet_from - self.loop.time()))
         deadline = quiet_from + TAIL_S
         while self.loop.time() < deadline and not self.ledger.drained():

@@ -65,10 +65,24 @@ class Page:
 class Faults:
     """Which windows are open now; the pause gate."""
 
-    def __init__(self, sc: Scenario, clock: Callable[[], float]) -> None:
-        self.windows = sc.windows
+    def __init__(self, sc: Scenario, clock: Callable[[], float], rng: random.Random) -> None:
+        self.windows = list(sc.windows)
         self.clock = clock
+        self.rng = rng
+        self.ttl_s = sc.ttl_s
         self.unhealthy = _merge([(w.start, w.end) for w in sc.windows])
+        self.on_pause: Callable[[Window], None] = lambda _w: None
+
+    def maybe_stall(self, node: int) -> None:
+        """Inside a `stalls` window, an IO call may start a pause of the node right here."""
+        w = self.active("stalls", node)
+        if w is None or self.rng.random() >= w.p:
+            return
+        now = self.clock()
+        pause = Window("pause", now, now + self.rng.uniform(0.5, 2.5) * self.ttl_s, node, 1.0)
+        self.windows.append(pause)
+        self.unhealthy = _merge([*self.unhealthy, (pause.start, pause.end)])
+        self.on_pause(pause)
 
     def active(self, kind: str, node: int | None = None) -> Window | None:
         now = self.clock()
@@ -79,6 +93,7 @@ class Faults:
 
     async def gate(self, node: int) -> None:
         """A paused node's IO waits until the pause ends (its timers still fire)."""
+        self.maybe_stall(node)
         while (w := self.active("pause", node)) is not None:
             await asyncio.sleep(w.end - self.clock())
 
