@@ -16,6 +16,8 @@ WINDOW_KINDS = (
     "redis_partition",  # one node cannot reach Redis
     "redis_slow",  # some round trips take up to 2 lock TTLs (retries, failover): a holder's
     # extend can arrive after its lease expired while its other calls still go through
+    "lock_loss",  # a round trip may find every lock key gone (DEL qywx:lock:*, or a failover
+    # to a replica that had not got them yet): another node can take a lock still in use
     "redis_flaky",  # blips (not applied), lost replies (applied, caller sees an error), resends
     "pause",  # one node's process stops (GC, VM pause): its leases can expire meanwhile
     "stalls",  # one node's IO calls may each start such a pause (lands between IO steps)
@@ -111,7 +113,7 @@ def draw(seed: int, without: frozenset[str] = frozenset()) -> Scenario:
         extend_s=extend_s,
         retention_s=r.uniform(1500, 3000),  # WeCom's 3 days, scaled to the run
         breaker_threshold=r.choice((1, 3, 50)),
-        replay_per_user=r.choice((1, 2, 5, 200)),
+        replay_per_user=r.choice((1, 2)) if dense else r.choice((1, 2, 5, 200)),
         replay_batch=r.choice((2, 10, 2000)),
         malformed_p=0.0 if "malformed" in without else r.choice((0.0, 0.05, 0.2)),
         no_msgid_p=r.choice((0.0, 0.02)),
@@ -119,7 +121,8 @@ def draw(seed: int, without: frozenset[str] = frozenset()) -> Scenario:
     )
     kinds = [k for k in WINDOW_KINDS if k not in without]
     # Dense seeds favour what makes replays race: partial Kafka failures and stalls.
-    weights = [3 if dense and k in ("kafka_flaky", "stalls", "redis_slow") else 1 for k in kinds]
+    favoured = ("kafka_flaky", "stalls", "redis_slow", "lock_loss")
+    weights = [(5 if k == "kafka_flaky" else 3) if dense and k in favoured else 1 for k in kinds]
     for _ in range((r.randint(3, 8) if dense else r.randint(0, 5)) if kinds else 0):
         kind = r.choices(kinds, weights)[0]
         start = r.uniform(0, active_s)
@@ -130,7 +133,9 @@ def draw(seed: int, without: frozenset[str] = frozenset()) -> Scenario:
         node = r.choice(NODES) if kind in NODE_KINDS else None
         if kind == "redis_flaky" and r.random() < 0.5:
             node = r.choice(NODES)
-        p = r.uniform(0.01, 0.1) if kind == "stalls" else r.uniform(0.05, 0.4)
+        p = r.uniform(0.01, 0.1) if kind in ("stalls", "lock_loss") else r.uniform(0.05, 0.4)
+        if dense and kind == "kafka_flaky":
+            p = r.uniform(0.2, 0.6)
         sc.windows.append(Window(kind, start, start + length, node, p))
     events = [k for k in EVENT_KINDS if k not in without and k != "malformed"]
     for _ in range((r.randint(1, 5) if dense else r.randint(0, 3)) if events else 0):

@@ -96,7 +96,9 @@ class Node:
         )
         self.cursors = CursorStore(self.redis, prefix="qywx:cursor:")  # type: ignore[arg-type]
         self.spool = Spool(self.redis, prefix="qywx", wall_clock=lambda: EPOCH_S + clock())  # type: ignore[arg-type]
-        self.producer = FakeProducer(node, sim.ledger, sim.faults, random.Random(sc.seed * 1000 + 29 + node))
+        self.producer = FakeProducer(
+            node, sim.ledger, sim.faults, random.Random(sc.seed * 1000 + 29 + node), sc.ttl_s
+        )
         self.breaker = ProducerBreaker(
             failure_threshold=sc.breaker_threshold, cooldown_s=10.0, clock=clock
         )
@@ -154,6 +156,9 @@ class Node:
             delay_s = r.uniform(0.2, 2.0) * self.sim.sc.ttl_s
             trace.add(f"redis n{self.node}: slow round trip {delay_s:.2f}s")
             await asyncio.sleep(delay_s)
+        w = f.active("lock_loss")
+        if w is not None and r.random() < w.p:
+            trace.add(f"redis: lock keys lost ({self.sim.server.delete_matching(b'qywx:lock:')})")
         if f.active("redis_down") or f.active("redis_partition", self.node):
             raise RedisConnectionError("simulated: redis unreachable")
         w = f.active("redis_flaky", self.node)

@@ -73,10 +73,10 @@ class Faults:
         self.unhealthy = _merge([(w.start, w.end) for w in sc.windows])
         self.on_pause: Callable[[Window], None] = lambda _w: None
 
-    def maybe_stall(self, node: int) -> None:
+    def maybe_stall(self, node: int, weight: float = 1.0) -> None:
         """Inside a `stalls` window, an IO call may start a pause of the node right here."""
         w = self.active("stalls", node)
-        if w is None or self.rng.random() >= w.p:
+        if w is None or self.rng.random() >= w.p * weight:
             return
         now = self.clock()
         pause = Window("pause", now, now + self.rng.uniform(0.5, 2.5) * self.ttl_s, node, 1.0)
@@ -91,9 +91,9 @@ class Faults:
                 return w
         return None
 
-    async def gate(self, node: int) -> None:
+    async def gate(self, node: int, stall_weight: float = 1.0) -> None:
         """A paused node's IO waits until the pause ends (its timers still fire)."""
-        self.maybe_stall(node)
+        self.maybe_stall(node, stall_weight)
         while (w := self.active("pause", node)) is not None:
             await asyncio.sleep(w.end - self.clock())
 
@@ -321,7 +321,10 @@ class FakeWeCom:
 class FakeProducer:
     """One node's producer: outcomes per record from the open Kafka windows."""
 
-    def __init__(self, node: int, ledger: Ledger, faults: Faults, rng: random.Random) -> None:
+    def __init__(
+        self, node: int, ledger: Ledger, faults: Faults, rng: random.Random, wait_s: float
+    ) -> None:
+        self.wait_s = wait_s  # the delivery wait timeout (the real default equals the lock TTL)
         self.node = node
         self.ledger = ledger
         self.faults = faults
@@ -329,8 +332,12 @@ class FakeProducer:
 
     async def produce_batch(self, envelopes: Sequence[Envelope]) -> BatchResult:
         await self.faults.gate(self.node)
-        await asyncio.sleep(self.rng.uniform(0.002, 0.03))
         r, f = self.rng, self.faults
+        troubled = f.active("kafka_down") or f.active("kafka_flaky")
+        if troubled and r.random() < 0.5:  # brokers struggling: reports come late
+            await asyncio.sleep(r.uniform(0.3, 1.0) * self.wait_s)
+        else:
+            await asyncio.sleep(r.uniform(0.002, 0.03))
         n = len(envelopes)
         delivered = [False] * n
         reported = [False] * n
@@ -357,7 +364,9 @@ class FakeProducer:
         for i, e in enumerate(envelopes):
             if delivered[i]:
                 self.ledger.kafka_append(e, self.node, "acked" if reported[i] else "unreported")
-        await self.faults.gate(self.node)  # a pause between delivery and the reports
+        # A pause between delivery and the reports: the longest wait of a replay round or a
+        # pull, so where a stall most often lands in production too.
+        await self.faults.gate(self.node, stall_weight=5.0)
         deliveries = []
         for i, e in enumerate(envelopes):
             if reported[i]:
