@@ -95,15 +95,15 @@ class FakeRedisServer:
         return len(keys)
 
     # ------------------------------------------------------------------ commands
-    def command(self, name: str, *args: bytes) -> Reply:
+    def command(self, name: str, *args: object) -> Reply:
         handler = getattr(self, f"c_{name.lower()}", None)
         if handler is None:
             raise ResponseError(f"ERR unknown command '{name}' (not in the fake)")
-        return handler(*args)
+        return handler(*(_b(a) for a in args))
 
     def c_time(self) -> Reply:
         ms = self.now_ms()
-        us = int(round(ms * 1000))
+        us = round(ms * 1000)
         return [str(self.epoch_s + us // 1_000_000).encode(), str(us % 1_000_000).encode()]
 
     def c_get(self, key: bytes) -> Reply:
@@ -324,7 +324,9 @@ class _Lua:
             i += 1
         return out
 
-    def run(self, server: FakeRedisServer, script: str, keys: list[bytes], argv: list[bytes]) -> Reply:
+    def run(
+        self, server: FakeRedisServer, script: str, keys: list[bytes], argv: list[bytes]
+    ) -> Reply:
         fn = self.compiled.get(script)
         if fn is None:
             fn = self.compiled[script] = self.rt.eval(f"function(KEYS, ARGV)\n{script}\nend")

@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown fault kinds: {sorted(unknown)}")
     if args.seed is not None:
-        result = run_seed(args.seed, without=without, stall_bound_s=args.stall_bound, echo=args.trace)
+        result = run_seed(
+            args.seed, without=without, stall_bound_s=args.stall_bound, echo=args.trace
+        )
         print(f"scenario: {result.summary}")
         print(
             f"virtual {result.virtual_s:.1f}s, {result.steps} steps, {result.messages} messages, "

@@ -33,9 +33,9 @@ from tests.sim_ingest.luaredis import FakeRedisClient, FakeRedisServer, Reply
 from tests.sim_ingest.world import (
     CURSOR_PREFIX,
     EPOCH_S,
-    Faults,
     FakeProducer,
     FakeWeCom,
+    Faults,
     Ledger,
     Msg,
 )
@@ -130,7 +130,9 @@ class Node:
 
     def start(self) -> None:
         for syncer in self.syncers.values():
-            self.tasks.append(asyncio.create_task(self._guard(f"syncer {syncer.open_kfid}", syncer.run())))
+            self.tasks.append(
+                asyncio.create_task(self._guard(f"syncer {syncer.open_kfid}", syncer.run()))
+            )
         run = self.replayer.run(REPLAY_INTERVAL_S, self.stop)
         self.tasks.append(asyncio.create_task(self._guard("replayer", run)))
 
@@ -280,7 +282,9 @@ class Simulation:
                 if self.rng.random() >= sc.callback_loss_p:
                     node = self.rng.choice(self.nodes)
                     node.syncers[item.kfid].request_pull(f"tok{item.idx}")
-                    self.trace.add(f"callback {item.kfid} -> n{node.node} ({item.mid or 'no msgid'})")
+                    self.trace.add(
+                        f"callback {item.kfid} -> n{node.node} ({item.mid or 'no msgid'})"
+                    )
             else:
                 await self._event(item.kind, item.arg)  # type: ignore[attr-defined]
         quiet_from = max([sc.active_s, *(w.end for w in sc.windows)])

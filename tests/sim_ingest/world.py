@@ -242,7 +242,9 @@ class Ledger:
         for log in self.log.values():
             missing = [m.mid for m in log if m.mid and m.mid not in self.in_kafka]
             if missing:
-                self.violate(f"not_drained: {len(missing)} messages never reached Kafka, e.g. {missing[:5]}")
+                self.violate(
+                    f"not_drained: {len(missing)} messages never reached Kafka, e.g. {missing[:5]}"
+                )
                 break
         left = sorted(mid for mid, n in self.in_spool.items() if n > 0)
         if left:
@@ -259,7 +261,12 @@ class FakeWeCom:
     """kf/sync_msg over the ledger's logs (the `SyncSource` the syncers take)."""
 
     def __init__(
-        self, sc: Scenario, ledger: Ledger, faults: Faults, clock: Callable[[], float], rng: random.Random
+        self,
+        sc: Scenario,
+        ledger: Ledger,
+        faults: Faults,
+        clock: Callable[[], float],
+        rng: random.Random,
     ) -> None:
         self.sc = sc
         self.ledger = ledger
@@ -350,7 +357,9 @@ class FakeProducer:
             # delivered a prefix of some partitions.
             why = "timeout" if timeout else ("fatal" if fatal else "down")
             cut = self._prefix_cut(envelopes, 0.3 if down else (1.0 if timeout else 0.0))
-            delivered = [i < cut.get(partition_of(e.external_userid), 0) for i, e in _idx(envelopes)]
+            delivered = [
+                i < cut.get(partition_of(e.external_userid), 0) for i, e in _idx(envelopes)
+            ]
         else:
             failed_parts: set[int] = set()
             for i, e in enumerate(envelopes):
