@@ -56,7 +56,7 @@ def run_many(
     """Results in seed order; stops starting new seeds after `deadline_s` (wall)."""
     start = time.monotonic()
     work = [(s, without, stall_bound_s) for s in seeds]
-    block = 1 if jobs <= 1 else 16 * jobs  # the deadline is checked between blocks
+    block = 1 if jobs <= 1 else 4 * jobs  # the deadline is checked between blocks
     pool = None
     if jobs > 1:
         pool = multiprocessing.get_context("spawn").Pool(jobs)  # safe where threads run

@@ -16,7 +16,7 @@ from tests.sim_ingest.run import report, run_many
 from tests.sim_ingest.sim import run_seed
 
 QUICK_SEEDS = range(0, 2000)
-QUICK_DEADLINE_S = 40.0  # wall; with the consume batch, `make test` stays within its budget
+QUICK_DEADLINE_S = 35.0  # wall; the batch stays under a minute on this loaded 2-core box
 SLOW_SEEDS = range(100_000, 110_000)
 JOBS = max(1, min(2, os.cpu_count() or 1))
 
@@ -53,7 +53,8 @@ def test_a_defect_is_reported_with_its_seed_and_replay_command() -> None:
 
 
 def test_simulated_ingest_seeds_keep_the_invariants() -> None:
-    check_batch(QUICK_SEEDS, QUICK_DEADLINE_S)
+    n = check_batch(QUICK_SEEDS, QUICK_DEADLINE_S)
+    print(f"ingest simulator: {n} seeds from {QUICK_SEEDS.start}, 0 violations")
 
 
 @pytest.mark.slow
