@@ -7,6 +7,10 @@ a HandlerContext, and may be sync (run in the host's bounded handler thread pool
 `consume.handler_threads`; see handler_threads.py) or async. Raise
 `PermanentError` (or let a ValueError escape) for a message that can never succeed
 (dead letter `invalid_message`); any other exception is retryable (`downstream_error`).
+A message ingest flagged `invalid` (a WeCom message with a msgid but malformed fields,
+kept rather than dropped) never reaches the handler: it is dead-lettered the same way,
+permanently, and counted (`qywx_invalid_messages_refused_total`), so an operator reviews
+it instead of every handler having to guard against defaulted fields.
 Handlers must be idempotent for side effects outside Redis done-flags: a crash between
 the side effect and the done-flag write replays the message once more.
 """
@@ -27,11 +31,17 @@ from pydantic import ValidationError
 from qywx_ray.consume.dedup import DONE_KEY
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError, QywxError
+from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import StructLogger, get_logger
 from qywx_ray.store.client import is_transient_redis_error
 from qywx_ray.wecom.models import parse_kf_message  # once, not per message
 
 Handler = Callable[[Any, "HandlerContext"], Awaitable[None] | None]
+
+INVALID_REFUSED = metrics.counter(
+    "qywx_invalid_messages_refused_total",
+    "Messages ingest flagged invalid, dead-lettered as invalid_message without a handler call",
+)
 
 
 class PermanentError(QywxError):
@@ -107,7 +117,16 @@ async def run_handler(handler: Handler, message: Any, ctx: HandlerContext) -> No
     """Call a sync or async handler. Host shells wrap sync handlers in their own
     `HandlerThreads` (bounded, hung threads end the host); an unwrapped sync handler runs
     in a shared bounded fallback pool, never in the loop's default executor, which the
-    dead-letter path must always find free."""
+    dead-letter path must always find free.
+
+    A message ingest flagged `invalid` raises PermanentError instead (dead letter
+    `invalid_message`, not retried): its fields hold defaults where WeCom's values were
+    unusable, and a handler acting on them would act on something the customer never sent.
+    """
+    envelope = getattr(ctx, "envelope", None)
+    if envelope is not None and envelope.invalid:
+        INVALID_REFUSED.inc()
+        raise PermanentError(f"ingest flagged the message invalid: {envelope.invalid[:300]}")
     is_async = _is_async.get(handler)
     if is_async is None:
         is_async = _is_async[handler] = inspect.iscoroutinefunction(handler)
