@@ -200,7 +200,9 @@ def one_run(svc: Any, users: int, window_s: float, run: int) -> list[tuple[str, 
 
     out: list[tuple[str, float, str]] = []
     try:
-        warm_s = deliver(0, WARM_USERS, "warm")
+        # ids unique per run: a done-flag left in Redis by an earlier run would make the
+        # host skip the message as a duplicate and host nobody
+        warm_s = deliver(0, WARM_USERS, f"{tag}warm")
         wait_done(WARM_USERS, 300)
         emit(
             bench="idle_users",
@@ -216,10 +218,12 @@ def one_run(svc: Any, users: int, window_s: float, run: int) -> list[tuple[str, 
         mem0 = [proc_memory(p) for p in pids]
         cpu_base = idle_cpu_s()
         t0 = time.monotonic()
-        deliver(0, users, "idle")
+        deliver(0, users, f"{tag}idle")
         wait_done(WARM_USERS + users, 900)
         create_s = time.monotonic() - t0
         n_hosted = hosted()
+        if n_hosted < WARM_USERS + users:
+            raise RuntimeError(f"hosts hold {n_hosted} users, expected {WARM_USERS + users}")
         time.sleep(2 * SWEEP_INTERVAL_S)
         mem1 = [proc_memory(p) for p in pids]
         cpu_full = idle_cpu_s()
