@@ -152,6 +152,13 @@ async def host_run(where_json: str, open_kfid: str, messages: int, tag: str) -> 
     syncer = parts.syncer(open_kfid, client)
     await client.sync_msg(open_kfid, "0")  # token
     await parts.cursors.get(open_kfid)  # Redis connected
+    # What the syncer host actor does once built (GC tuning), where this checkout has it;
+    # QYWX_BENCH_SYNCER_GC=default measures without it.
+    from qywx_ray.ingest import syncer_host
+
+    tune_gc = getattr(syncer_host, "tune_gc", None)
+    if tune_gc is not None and os.environ.get("QYWX_BENCH_SYNCER_GC") != "default":
+        tune_gc()
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     cpu0, t0 = cpu_s(), time.perf_counter()
