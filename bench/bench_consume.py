@@ -34,6 +34,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +143,12 @@ class ModeBench:
         self.topics = [self.settings.kafka.main_topic.name, self.settings.kafka.dlq_topic.name]
         self.pipeline: ConsumePipeline | None = None
         self.done_before = 0
+        self._redis: Any = None
+        port = int(svc.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+        self.broker_pid = common.pid_listening_on(port)
 
     def dims(self, **more: Any) -> dict[str, Any]:
-        return {
+        out = {
             "bench": BENCH,
             "run": self.run,
             "stage": "consume",
@@ -153,6 +157,9 @@ class ModeBench:
             "pipeline": self.mode,
             **more,
         }
+        if self.run < 0:  # the warm-up run: recorded, and marked so it is never a result
+            out["warmup"] = True
+        return out
 
     # ------------------------------------------------------------------ plumbing
 
@@ -330,11 +337,21 @@ class ModeBench:
             emit(kind="error", case=f"{self.mode}_{name}", run=self.run, error="not all completed")
         return got
 
-    def emit_latency(self, name: str, rate: float, samples: list[int], **more: Any) -> None:
+    def emit_latency(
+        self,
+        name: str,
+        rate: float,
+        samples: list[int],
+        background: dict[str, Any] | None = None,
+        **more: Any,
+    ) -> None:
         if not samples:
             emit(kind="error", case=f"{self.mode}_{name}", run=self.run, error="no samples")
             return
         pct = percentiles(samples, [50, 99, 100])
+        extra = {"samples": len(samples), "max_ms": pct[100], "loadavg": os.getloadavg()}
+        if background:
+            extra["background"] = background
         for q, metric in ((50, "latency_p50"), (99, "latency_p99")):
             emit(
                 case=f"{self.mode}_{name}",
@@ -343,8 +360,46 @@ class ModeBench:
                 unit="ms",
                 rate_msg_per_s=rate,
                 **self.dims(handler="trivial", **more),
-                extra={"samples": len(samples), "max_ms": pct[100], "loadavg": os.getloadavg()},
+                extra=extra,
             )
+
+    @contextlib.contextmanager
+    def background(self) -> Iterator[dict[str, Any]]:
+        """What ran beside a latency window: the broker's CPU (its JIT shows up here),
+        Redis background saves/rewrites at the start and end, CPU steal. Filled on exit;
+        evidence for an outlier, not a result."""
+        facts: dict[str, Any] = {}
+        broker = self.broker_pid
+        cpu0 = cpu_s(broker) if broker else None
+        jiffies0 = common.cpu_jiffies()
+        t0 = time.monotonic()
+        facts["redis_start"] = self.redis_busy()
+        try:
+            yield facts
+        finally:
+            elapsed = time.monotonic() - t0
+            if broker and cpu0 is not None:
+                with contextlib.suppress(OSError):
+                    facts["broker_cpu_pct"] = round((cpu_s(broker) - cpu0) / elapsed * 100, 1)
+            facts["redis_end"] = self.redis_busy()
+            facts["steal_pct"] = common.steal_pct(jiffies0, common.cpu_jiffies())
+            facts["window_s"] = round(elapsed, 2)
+
+    def redis_busy(self) -> dict[str, int]:
+        """Redis persistence work in progress (1/0), from INFO persistence."""
+        try:
+            info = self.redis().info("persistence")
+        except Exception:
+            return {}
+        keys = ("aof_rewrite_in_progress", "rdb_bgsave_in_progress")
+        return {k: int(info.get(k, 0)) for k in keys}
+
+    def redis(self) -> Any:
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.settings.redis.url)
+        return self._redis
 
     def raw_ceiling(self, n: int) -> None:
         from confluent_kafka import Consumer
@@ -384,9 +439,22 @@ def run_hosted(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
         # steady before the drains: a 100,000-message drain leaves background work behind
         # (Redis rewrites its AOF after the done-flags doubled it, the broker flushes)
         # that would land on whatever phase runs next
+        if args.steady_warmup_s > 0:
+            # A production broker at 2,000 msg/s has run at that rate for hours: its JIT
+            # has compiled the produce/fetch paths and the background work a burst left
+            # (log flush, Redis AOF rewrite after the previous run's drains) is done.
+            # The same paced load first, its latencies recorded as warm-up, never as
+            # the result.
+            n = max(1, round(args.rate * args.steady_warmup_s / b.users))
+            warm = make_envelopes(b.tag, f"{b.tag}pw", b.users, n)
+            with b.background() as bg:
+                samples = b.paced("steady_warmup", args.rate, warm)
+            b.emit_latency("steady_warmup", args.rate, samples, warmup=True, background=bg)
         per_user = max(1, round(args.rate * args.paced_s / b.users))
         steady = make_envelopes(b.tag, f"{b.tag}p", b.users, per_user)
-        b.emit_latency("steady", args.rate, b.paced("steady", args.rate, steady))
+        with b.background() as bg:
+            samples = b.paced("steady", args.rate, steady)
+        b.emit_latency("steady", args.rate, samples, background=bg)
         b.stop_consumers_only()
         b.drain("trivial", args.per_user, 0, ceiling=True)
         b.drain("sleep_5ms", args.per_user, 5, ceiling=False)
@@ -448,6 +516,12 @@ def main() -> None:
         default=not quick,
         help="one unrecorded hosted run first (warms the broker JVM, Redis, Ray workers)",
     )
+    ap.add_argument(
+        "--steady-warmup-s",
+        type=float,
+        default=5.0 if quick else 20.0,
+        help="paced warm-up at --rate before each steady window, recorded as warmup (0: none)",
+    )
     ap.add_argument("--timeout-s", type=float, default=120.0)
     ap.add_argument("--only", choices=["hosted", "dedicated"], default=None)
     args = ap.parse_args()
@@ -468,12 +542,12 @@ def main() -> None:
                 # Discarded: a freshly started broker JVM is still JIT-compiling for its
                 # first minutes (30-60 % of a core here), which lands on the first run's
                 # latency phases; `make bench` runs other benches first, `--only` may not.
-                log("consume bench: warm-up run (not recorded)")
-                with common._EMITTER.muted():
-                    try:
-                        topics += run_hosted(args, svc, -1)
-                    except Exception as exc:
-                        log(f"consume bench: warm-up failed: {exc!r}")
+                # Recorded with run=-1 and warmup=true (its lines are evidence, not results).
+                log("consume bench: warm-up run (recorded as warmup)")
+                try:
+                    topics += run_hosted(args, svc, -1)
+                except Exception as exc:
+                    log(f"consume bench: warm-up failed: {exc!r}")
             # Every hosted run first: a dedicated phase leaves dozens of Ray worker
             # processes exiting and the pool refilling (load 30+ here), which would
             # land on the next hosted run's latency phases.

@@ -406,5 +406,17 @@ class SyncMsgPage(_Open):
     has_more: bool = False
     msg_list: list[dict[str, Any]] = Field(default_factory=list)
 
+    @classmethod
+    def from_response(cls, data: dict[str, Any]) -> SyncMsgPage:
+        """model_validate(data) without rebuilding up to 1,000 message dicts: a page whose
+        msg_list is a list of dicts keeps that very list (the syncer envelopes each message
+        as pulled); anything else is validated whole, with pydantic's error."""
+        msg_list = data.get("msg_list")
+        if type(msg_list) is not list or not all(type(m) is dict for m in msg_list):
+            return cls.model_validate(data)
+        page = cls.model_validate({k: v for k, v in data.items() if k != "msg_list"})
+        page.msg_list = msg_list
+        return page
+
     def messages(self) -> list[KfMessage]:
         return [parse_kf_message(m) for m in self.msg_list]
