@@ -66,9 +66,9 @@ from qywx_ray.consume.host_rules import (
     split_denials,
 )
 from qywx_ray.consume.mailbox import Pending, State, UserMailbox
+from qywx_ray.consume.mailbox_machine import DRAIN_MORE, Chunk, MailboxMachine, Park
 from qywx_ray.consume.types import (
     ADMITTED,
-    PARK_FOREIGN,
     REASON_CIRCUIT_OPEN,
     REASON_INVALID,
     REASON_QUEUE_FULL,
@@ -176,7 +176,9 @@ class HostCore:
         self.on_dying = on_dying
         self.on_fatal = on_fatal  # a bug left state inconsistent: the shell crashes and restarts
         self.mailboxes: dict[str, UserMailbox] = {}
-        self.pending: dict[str, Pending] = {}
+        # The park/drain/finish bookkeeping (pure): this shell does its awaits.
+        self.machine = MailboxMachine()
+        self.pending: dict[str, Pending] = self.machine.pending
         self._inbox: deque[list[Delivery]] = deque()
         self._inbox_event = asyncio.Event()
         self._ingest_task: asyncio.Task[None] | None = None
@@ -436,19 +438,13 @@ class HostCore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.opt.redis_retry_max_s)
 
-    async def _park(
-        self,
-        user: str,
-        blocker: Pending,
-        drop_first: int,
-        later: list[Pending],
-        replaces: list[str],
-        op_id: str,
-    ) -> int:
+    async def _park(self, park: Park, op_id: str) -> int:
         assert self.retry_order is not None
-        values = [q.delivery.value for q in later]
-        mid = blocker.envelope.message_id
-        return await self.retry_order.park(user, mid, drop_first, values, op_id, replaces)
+        values = [q.delivery.value for q in park.later]
+        mid = park.blocker.envelope.message_id
+        return await self.retry_order.park(
+            park.user, mid, park.drop_first, values, op_id, park.replaces
+        )
 
     # ------------------------------------------------------------ mailboxes
 
@@ -509,14 +505,9 @@ class HostCore:
                 if self.on_fatal is not None:
                     self.on_fatal("process failed")
             finally:
-                mb.queue.popleft()
-                mb.busy = False
-                mb.last_active_s = self.clock()
-                mb.processed += 1
-            if mb.queue:  # round robin: the user goes to the back of the line
+                self.machine.head_done(mb, self.clock())
+            if self.machine.next_turn(mb):  # round robin: the user goes to the back
                 self._ready.put_nowait(mb)
-            else:
-                mb.scheduled = False
 
     async def _process(self, mb: UserMailbox, p: Pending) -> None:
         """Run the head of `mb` to a durable outcome. Only the head may park the user: every
@@ -624,38 +615,26 @@ class HostCore:
         if mb.undropped:
             await self.dedup.flushed()
         async with self._lane:
-            later = list(mb.queue)[1:]
-            drop, owner = mb.undropped, mb.drain_owner
-            # The flags this park may take over: its drain owner's, or a newer queued
-            # plain message's (a full mailbox held behind its tail). Any other blocker is
-            # older than p (p is then an exempt message, e.g. a rate-limited retry): the
-            # park leaves the flag, the lot and this queue as they are (its retry may be
-            # queued right behind p).
-            replaces = [q.envelope.message_id for q in later if q.holds or not q.delivery.is_retry]
-            if owner is not None:
-                replaces.append(owner.envelope.message_id)
-            park = functools.partial(self._park, mb.user, p, drop, later, replaces, _op_id())
-            status = await self._retry_durable("park", park)
-            assert len(mb.queue) == 1 + len(later), "the queue changed under the lane"
-            if status == PARK_FOREIGN:
+            park = self.machine.plan_park(mb, p)
+            call = functools.partial(self._park, park, _op_id())
+            status = await self._retry_durable("park", call)
+            out = self.machine.parked(mb, park, status)
+            if out.foreign:
                 log.warning(
                     "host.park_behind_older_blocker", user=mb.user, message_id=p.envelope.message_id
                 )
                 return None
-            while len(mb.queue) > 1:
-                mb.queue.pop()
-            if later:
-                self.counts["parked"] += len(later)
-                m_parked.inc(len(later))
-            for q in later:
+            if out.parked:
+                self.counts["parked"] += len(out.parked)
+                m_parked.inc(len(out.parked))
+            for q in out.parked:
                 self._finish(q, mb)
-            mb.undropped, mb.drain_owner = 0, None
-        return owner
+        return out.owner
 
     async def _release(self, mb: UserMailbox, p: Pending) -> None:
         """`p` (maybe the user's blocker) is settled: drain the lot behind it if the user
         waits on it; finish p either way. A drained chunk whose last item was p goes on."""
-        continues = p.chunk_end and mb.drain_owner is not None and mb.drain_owner is not p
+        continues = self.machine.continues_drain(mb, p)
         await self._drain(mb, p, 0)
         if continues:
             await self._drain_next(mb)
@@ -704,103 +683,62 @@ class HostCore:
             # pending: an ingest cannot slip a redelivered copy of a chunk message in
             # between (it would be skipped here and parked behind newer ones).
             async with self._lane:
-                status, take, n_raw = await self._next_chunk(mb, owner, drop_n)
-            if status != 1:  # 2: drained and unparked; 0: no longer waiting on it
-                if mb.drain_owner is owner:
-                    mb.drain_owner, mb.undropped = None, 0
+                status, chunk = await self._next_chunk(mb, owner, drop_n)
+            if status != DRAIN_MORE:  # 2: drained and unparked; 0: no longer waiting on it
+                self.machine.drain_over(mb, owner)
                 self._finish(owner, mb)
                 if status == 2:
                     log.info("host.unparked", user=mb.user, after=owner.envelope.message_id)
                 return
-            if not take:
-                drop_n = n_raw
+            if not chunk.take:
+                drop_n = chunk.n_raw
                 continue
-            self.counts["unparked"] += len(take)
-            m_unparked.inc(len(take))
-            take[-1].chunk_end = True
-            mb.drain_owner, mb.undropped = owner, n_raw
-            owner.draining = True
+            self.counts["unparked"] += len(chunk.take)
+            m_unparked.inc(len(chunk.take))
+            self.machine.chunk_begins(mb, owner, chunk)
             await self._hand_over_hold(owner)
-            for i, q in enumerate(take):
-                mb.queue.insert(1 + i, q)
-                mb.unfinished += 1
+            self.machine.chunk_runs(mb, chunk)
             return
 
-    async def _next_chunk(
-        self, mb: UserMailbox, owner: Pending, drop_n: int
-    ) -> tuple[int, list[Pending], int]:
-        """(status, messages to run, items read) of one `advance`: drop what the previous
-        chunk consumed, read the next, skip what is done or already here (registered as
-        pending before returning). The caller holds the lane."""
+    async def _next_chunk(self, mb: UserMailbox, owner: Pending, drop_n: int) -> tuple[int, Chunk]:
+        """(status, chunk) of one `advance`: drop what the previous chunk consumed, read
+        the next, skip what is done or already here (registered as pending before
+        returning). The caller holds the lane."""
         assert self.retry_order is not None
         user, mid = mb.user, owner.envelope.message_id
         chunk = self.opt.park_drain_chunk
         advance = functools.partial(self.retry_order.advance, user, mid, drop_n, chunk, _op_id())
         status, raw = await self._retry_durable("advance", advance)
-        if status != 1:
-            return status, [], 0
-        items: list[tuple[Delivery, Envelope]] = []
-        for value in raw:
-            try:
-                env = Envelope.from_bytes(value)
-            except EnvelopeError:  # never parked unparsed; skip rather than block
-                log.error("host.parked_unreadable", user=user)
-                continue
-            d = owner.delivery._replace(
-                partition=-1,
-                offset=-1,
-                value=value,
-                msg_id=env.message_id,
-                retry_count=0,
-                is_retry=False,
-                is_drain=False,
-            )
-            items.append((d, env))
-        ids = [e.message_id for _, e in items if e.message_id not in self.pending]
+        if status != DRAIN_MORE:
+            return status, Chunk([], 0)
+        items, unreadable = self.machine.parse_chunk(owner, raw)
+        for _ in range(unreadable):
+            log.error("host.parked_unreadable", user=user)
+        ids = self.machine.ids_to_ask(items)
         done = await self.dedup.already_done(ids) if ids else set()
-        # A lot can hold one message twice (a re-pulled or re-delivered copy parked
-        # behind the original): run the first copy only.
-        take: list[Pending] = []
-        for d, e in items:
-            item_id = e.message_id  # not `mid`: that names the owner (advance needs it)
-            if item_id in done or item_id in self.pending or item_id in self.dedup.recent:
-                continue
-            q = Pending(d, e, [])
-            self.pending[item_id] = q
-            take.append(q)
-        return status, take, len(raw)
+        return status, self.machine.chunk_read(items, done, self.dedup.recent, len(raw))
 
     async def _hand_over_hold(self, owner: Pending) -> None:
         """Put a new drain token on the main topic, then complete the records the drain
         held so far (the retry, earlier tokens that came back). Nothing to do while the
         previous token is still on its way: it holds the place."""
-        if owner.late_retries:  # copies that came during its attempt: it is settled now
-            owner.waiters.extend(owner.late_retries)
-            owner.late_retries = []
-        if self.drain_tokens is None or not owner.waiters:
+        if not self.machine.hand_over(owner, self.drain_tokens is not None):
             return
+        assert self.drain_tokens is not None
         env = owner.envelope
         token = functools.partial(
             self.drain_tokens.drain_token, env.external_userid, env.message_id, env.open_kfid
         )
         await self._retry_durable("drain_token", token, errors=(Exception,))
-        held, owner.waiters = owner.waiters, []
-        for w in held:
+        for w in self.machine.handed_over(owner):
             self._complete(w)
 
     def _finish(self, p: Pending, mb: UserMailbox | None) -> None:
-        self.pending.pop(p.envelope.message_id, None)
-        for w in p.waiters:
+        done = self.machine.finish(p, mb, self.clock())
+        for w in done.complete:
             self._complete(w)
-        if p.late_retries:
-            if p.failed:  # the retry is the next attempt: ingest it now (after p)
-                self.accept(p.late_retries)
-            else:
-                for w in p.late_retries:
-                    self._complete(w)
-        if mb is not None:
-            mb.unfinished -= 1
-            mb.last_active_s = self.clock()
+        if done.reingest:  # a failed attempt's retry is the next attempt: ingest it now
+            self.accept(done.reingest)
 
     # ------------------------------------------------------------ dead letters
 
