@@ -9,9 +9,19 @@ or creates a task, so every step of the protocol is a unit test
 through the real HostCore.
 
 State: `pending` (one `Pending` per message id in this host, from ingest until its
-outcome is durable) and each `UserMailbox`'s queue, its drain (`drain_owner`: the
-settled blocker whose lot is being fed in; `undropped`: items of the last chunk still at
-the head of the lot) and its scheduling flags.
+outcome is durable), `mailboxes` (the live mailbox of each user, ACTIVE or DYING) and
+each `UserMailbox`'s queue, its drain (`drain_owner`: the settled blocker whose lot is
+being fed in; `undropped`: items of the last chunk still at the head of the lot), its
+scheduling flags and lifecycle.
+
+Events: `delivered` (an ingest round sorted against the done-store), `admitted` (the
+lot's codes for the admitted messages), `head_done`/`next_turn` (a head's run is over),
+`plan_park`/`parked` (a head parks its user; the lot answered), `chunk_read` /
+`chunk_begins` / `hand_over` / `handed_over` / `chunk_runs` / `drain_over` (one drain
+step each), `finish` (an outcome is durable), `expire`/`died` (idle lifecycle).
+Commands: `Finish` (finish this message), `Start` (schedule this mailbox: it got its
+first work), `Overflow` (a full mailbox: count a failure; maybe dead-letter queue_full),
+`Park`, holds to write, deliveries to complete or ingest again.
 
 The rules it keeps (issue 15):
 - finishing a message completes every delivery of its id, except a DLQ retry that came
@@ -29,16 +39,49 @@ change the queue of a mailbox whose head is not the caller's.
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from qywx_ray.consume.mailbox import Pending, UserMailbox
+from qywx_ray.consume.host_rules import Intake, Place, plan_placement, sort_intake
+from qywx_ray.consume.mailbox import Pending, State, UserMailbox
 from qywx_ray.consume.types import PARK_FOREIGN, Delivery
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError
+from qywx_ray.protect.breaker import CircuitBreaker
 
 DRAIN_MORE = 1  # `advance` status: here is the next chunk (others: 0 not waiting, 2 unparked)
+
+
+class Finish(NamedTuple):
+    """Command: finish `pending` now (a duplicate or token with nothing to drain, or a
+    message durably parked behind its user's blocker)."""
+
+    pending: Pending
+
+
+class Start(NamedTuple):
+    """Command: `mailbox` got its first work: put it on the ready line, once its
+    predecessor (a dying mailbox of the same user) is dead."""
+
+    mailbox: UserMailbox
+
+
+class Overflow(NamedTuple):
+    """Command: `mailbox` is full: count a failure against the user (breaker, admission).
+    `deny`: no lot to hold it in, dead-letter it as queue_full."""
+
+    mailbox: UserMailbox
+    deny: Pending | None
+
+
+class Placed(NamedTuple):
+    """Outcome of `admitted`: `commands` in arrival order, then the `holds` to write
+    (user -> (tail, held), in the order the holds began); `n_parked` counted."""
+
+    commands: list[Finish | Start | Overflow]
+    holds: dict[str, tuple[Pending, list[Pending]]]
+    n_parked: int
 
 
 class Finished(NamedTuple):
@@ -81,8 +124,91 @@ class Chunk(NamedTuple):
 class MailboxMachine:
     """Pending ids and the park/drain bookkeeping of a host's mailboxes (no IO)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, new_breaker: Callable[[str], CircuitBreaker | None] = lambda user: None
+    ) -> None:
         self.pending: dict[str, Pending] = {}
+        self.mailboxes: dict[str, UserMailbox] = {}
+        self._new_breaker = new_breaker  # a user's circuit breaker (it reads its own clock)
+
+    # ------------------------------------------------------------ intake
+
+    def delivered(
+        self,
+        parsed: Sequence[tuple[Delivery, Envelope]],
+        done: Container[str],
+        recent: Container[str],
+        has_lot: bool,
+    ) -> Intake:
+        """An ingest round's parsed deliveries, with the done-store's answer for the ids
+        not here (`ids_to_ask`): new ids are registered as pending, copies of ids here
+        wait with them (or aside: late retries), as `sort_intake` decides. The caller
+        completes `complete`, counts `duplicates`, and rate-limits and admits `fresh` and
+        `resume`."""
+        intake = sort_intake(parsed, self.pending, done, recent, has_lot)
+        for p in intake.register:
+            self.pending[p.envelope.message_id] = p
+        for p, d in intake.waiters:
+            p.waiters.append(d)
+        for p, d in intake.late_retries:
+            p.late_retries.append(d)
+        return intake
+
+    def mailbox_for(self, user: str, now_s: float) -> UserMailbox:
+        """The user's ACTIVE mailbox; a new one if there is none (a dying one becomes its
+        predecessor: the new one starts only after it is dead)."""
+        mb = self.mailboxes.get(user)
+        if mb is not None and mb.state is State.ACTIVE:
+            return mb
+        predecessor = mb if mb is not None and mb.state is State.DYING else None
+        new = UserMailbox(user, predecessor, now_s, self._new_breaker(user))
+        self.mailboxes[user] = new
+        return new
+
+    def admitted(
+        self,
+        items: Sequence[Pending],
+        codes: Sequence[int],
+        mailbox_size: int,
+        has_lot: bool,
+        now_s: float,
+    ) -> Placed:
+        """The lot's answers for `items`, applied in arrival order as `plan_placement`
+        decides (call under the lane): parked ones are durably behind the user's blocker;
+        the rest join their mailbox, or a full mailbox's hold (its tail is then waited on
+        and holding)."""
+        queues: dict[str, Sequence[Pending]] = {}
+        for p in items:
+            user = p.envelope.external_userid
+            mb = self.mailboxes.get(user)
+            if mb is not None and mb.state is State.ACTIVE:
+                queues[user] = mb.queue
+        plan = plan_placement(items, codes, queues, mailbox_size, has_lot)
+        commands: list[Finish | Start | Overflow] = []
+        for step in plan.steps:
+            p, kind = step.pending, step.kind
+            if kind is Place.FINISH or kind is Place.PARKED:
+                commands.append(Finish(p))
+                continue
+            if kind is Place.JOIN_HOLD:  # already in plan.holds
+                continue
+            p.waited_on = step.waited_on
+            mb = self.mailbox_for(step.user, now_s)
+            if kind is Place.OFFER:
+                mb.queue.append(p)
+                mb.unfinished += 1
+                if not mb.scheduled:
+                    mb.scheduled = True
+                    commands.append(Start(mb))
+                continue
+            if kind is Place.DENY_FULL:  # no lot to hold it: dead-letter it
+                commands.append(Overflow(mb, p))
+                continue
+            commands.append(Overflow(mb, None))
+            tail = step.tail
+            assert tail is not None and mb.queue and mb.queue[-1] is tail, "plan drifted"
+            tail.waited_on = tail.holds = True
+        return Placed(commands, plan.holds, plan.n_parked)
 
     # ------------------------------------------------------------ finishing
 
@@ -102,6 +228,30 @@ class MailboxMachine:
             mb.unfinished -= 1
             mb.last_active_s = now_s
         return Finished(complete, reingest)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def expire(self, now_s: float, idle_lifetime_s: float) -> list[UserMailbox]:
+        """Mailboxes idle (nothing queued, unfinished or scheduled) for `idle_lifetime_s`
+        start dying; the caller ends each (on_dying) and then reports `died`."""
+        expired = []
+        for mb in list(self.mailboxes.values()):
+            if (
+                mb.state is State.ACTIVE
+                and not mb.queue
+                and mb.unfinished == 0
+                and not mb.scheduled
+                and now_s - mb.last_active_s >= idle_lifetime_s
+            ):
+                mb.state = State.DYING
+                expired.append(mb)
+        return expired
+
+    def died(self, mb: UserMailbox) -> None:
+        """`mb` is dead: forget it (unless a successor already took its place)."""
+        mb.state = State.DEAD
+        if self.mailboxes.get(mb.user) is mb:
+            del self.mailboxes[mb.user]
 
     # ------------------------------------------------------------ running the head
 

@@ -57,16 +57,20 @@ from qywx_ray.consume.handlers import (
 )
 from qywx_ray.consume.host_rules import (
     Outcome,
-    Place,
     Settle,
     after_handler,
-    plan_placement,
     settle,
-    sort_intake,
     split_denials,
 )
-from qywx_ray.consume.mailbox import Pending, State, UserMailbox
-from qywx_ray.consume.mailbox_machine import DRAIN_MORE, Chunk, MailboxMachine, Park
+from qywx_ray.consume.mailbox import Pending, UserMailbox
+from qywx_ray.consume.mailbox_machine import (
+    DRAIN_MORE,
+    Chunk,
+    Finish,
+    MailboxMachine,
+    Park,
+    Start,
+)
 from qywx_ray.consume.types import (
     ADMITTED,
     REASON_CIRCUIT_OPEN,
@@ -175,9 +179,10 @@ class HostCore:
         self.wall_ms = wall_ms
         self.on_dying = on_dying
         self.on_fatal = on_fatal  # a bug left state inconsistent: the shell crashes and restarts
-        self.mailboxes: dict[str, UserMailbox] = {}
-        # The park/drain/finish bookkeeping (pure): this shell does its awaits.
-        self.machine = MailboxMachine()
+        # The mailboxes' bookkeeping (pure: intake, placement, park, drain, finish,
+        # lifecycle); this shell does the awaits and reports their outcomes to it.
+        self.machine = MailboxMachine(self._new_breaker)
+        self.mailboxes: dict[str, UserMailbox] = self.machine.mailboxes
         self.pending: dict[str, Pending] = self.machine.pending
         self._inbox: deque[list[Delivery]] = deque()
         self._inbox_event = asyncio.Event()
@@ -253,18 +258,11 @@ class HostCore:
             parsed.append((d, env))
         if poison:
             self._spawn(self._dead_letter_then_complete(poison, poison_waiters))
-        ask = [env.message_id for _, env in parsed if env.message_id not in self.pending]
+        ask = self.machine.ids_to_ask(parsed)
         done = await self.dedup.already_done(ask) if ask else set()
         # Below, until the next await, pending/recent cannot change under us.
-        intake = sort_intake(
-            parsed, self.pending, done, self.dedup.recent, self.retry_order is not None
-        )
-        for p in intake.register:
-            self.pending[p.envelope.message_id] = p
-        for p, d in intake.waiters:
-            p.waiters.append(d)
-        for p, d in intake.late_retries:
-            p.late_retries.append(d)
+        has_lot = self.retry_order is not None
+        intake = self.machine.delivered(parsed, done, self.dedup.recent, has_lot)
         self.counts["duplicate"] += intake.duplicates
         for d in intake.complete:
             self._complete(d)
@@ -297,43 +295,27 @@ class HostCore:
     def _place(
         self, items: list[Pending], codes: list[int], denied: list[tuple[Pending, str]]
     ) -> dict[str, tuple[Pending, list[Pending]]]:
-        """Apply the lot's answers in arrival order, synchronously (under the lane), as
-        `plan_placement` decides (see there): parked ones are durably behind the user's
-        blocker; the rest join their mailbox, or a full mailbox's hold. Returns the holds
-        to write: user -> (tail, held)."""
+        """Apply the lot's answers in arrival order, synchronously (under the lane): the
+        machine places them (`MailboxMachine.admitted`), this carries out its commands in
+        order. Returns the holds to write: user -> (tail, held)."""
         has_lot = self.retry_order is not None
-        queues: dict[str, Sequence[Pending]] = {}
-        for p in items:
-            user = p.envelope.external_userid
-            mb = self.mailboxes.get(user)
-            if mb is not None and mb.state is State.ACTIVE:
-                queues[user] = mb.queue
-        plan = plan_placement(items, codes, queues, self.opt.mailbox_size, has_lot)
-        for step in plan.steps:
-            p, kind = step.pending, step.kind
-            if kind is Place.FINISH or kind is Place.PARKED:
-                self._finish(p, None)  # a plain duplicate or an old token; durably parked
-                continue
-            if kind is Place.JOIN_HOLD:  # already in plan.holds
-                continue
-            p.waited_on = step.waited_on
-            mb = self._mailbox_for(step.user)
-            if kind is Place.OFFER:
-                self._offer(mb, p)
-                continue
-            if mb.breaker is not None:  # HOLD or DENY_FULL: the mailbox is full
-                mb.breaker.on_failure()
-            self.admission.on_failure(step.user)
-            if kind is Place.DENY_FULL:  # no lot to hold it: dead-letter it
-                denied.append((p, REASON_QUEUE_FULL))
-                continue
-            tail = step.tail
-            assert tail is not None and mb.queue and mb.queue[-1] is tail, "plan drifted"
-            tail.waited_on = tail.holds = True
-        if plan.n_parked:
-            self.counts["parked"] += plan.n_parked
-            m_parked.inc(plan.n_parked)
-        return plan.holds
+        placed = self.machine.admitted(items, codes, self.opt.mailbox_size, has_lot, self.clock())
+        for c in placed.commands:
+            if isinstance(c, Finish):
+                self._finish(c.pending, None)  # a plain duplicate or an old token; parked
+            elif isinstance(c, Start):
+                self._start(c.mailbox)
+            else:  # Overflow: the mailbox is full
+                mb = c.mailbox
+                if mb.breaker is not None:
+                    mb.breaker.on_failure()
+                self.admission.on_failure(mb.user)
+                if c.deny is not None:  # no lot to hold it: dead-letter it
+                    denied.append((c.deny, REASON_QUEUE_FULL))
+        if placed.n_parked:
+            self.counts["parked"] += placed.n_parked
+            m_parked.inc(placed.n_parked)
+        return placed.holds
 
     async def _hold(self, user: str, tail: Pending, held: list[Pending], op_id: str) -> None:
         assert self.retry_order is not None
@@ -448,24 +430,13 @@ class HostCore:
 
     # ------------------------------------------------------------ mailboxes
 
-    def _mailbox_for(self, user: str) -> UserMailbox:
-        mb = self.mailboxes.get(user)
-        if mb is not None and mb.state is State.ACTIVE:
-            return mb
-        predecessor = mb if mb is not None and mb.state is State.DYING else None
-        breaker = None
-        if self.opt.breaker is not None:
-            breaker = CircuitBreaker(self.opt.breaker, user=user, clock=self.clock)
-        new = UserMailbox(user, predecessor, self.clock(), breaker)
-        self.mailboxes[user] = new
-        return new
+    def _new_breaker(self, user: str) -> CircuitBreaker | None:
+        if self.opt.breaker is None:
+            return None
+        return CircuitBreaker(self.opt.breaker, user=user, clock=self.clock)
 
-    def _offer(self, mb: UserMailbox, p: Pending) -> None:
-        mb.queue.append(p)
-        mb.unfinished += 1
-        if mb.scheduled:
-            return
-        mb.scheduled = True
+    def _start(self, mb: UserMailbox) -> None:
+        """`mb` got its first work: schedule it once its predecessor is dead."""
         if mb.predecessor is not None and not mb.predecessor.dead.is_set():
             self._spawn(self._after_predecessor(mb))
         else:
@@ -825,20 +796,10 @@ class HostCore:
 
     def sweep(self) -> list[str]:
         """Start dying for every mailbox idle longer than idle_lifetime_s; returns users."""
-        now = self.clock()
-        expired = []
-        for user, mb in list(self.mailboxes.items()):
-            if (
-                mb.state is State.ACTIVE
-                and not mb.queue
-                and mb.unfinished == 0
-                and not mb.scheduled
-                and now - mb.last_active_s >= self.opt.idle_lifetime_s
-            ):
-                mb.state = State.DYING
-                expired.append(user)
-                self._spawn(self._die(mb))
-        return expired
+        expired = self.machine.expire(self.clock(), self.opt.idle_lifetime_s)
+        for mb in expired:
+            self._spawn(self._die(mb))
+        return [mb.user for mb in expired]
 
     async def _die(self, mb: UserMailbox) -> None:
         try:
@@ -847,10 +808,8 @@ class HostCore:
             else:
                 await asyncio.sleep(0)
         finally:
-            mb.state = State.DEAD
+            self.machine.died(mb)
             mb.dead.set()
-            if self.mailboxes.get(mb.user) is mb:
-                del self.mailboxes[mb.user]
 
     def idle(self) -> bool:
         """Nothing queued, running, pending durability or unreported (dedicated actors)."""

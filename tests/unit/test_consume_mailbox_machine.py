@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from qywx_ray.consume.mailbox import Pending, UserMailbox
-from qywx_ray.consume.mailbox_machine import MailboxMachine
-from qywx_ray.consume.types import PARK_FOREIGN, Delivery
+from qywx_ray.consume.mailbox import Pending, State, UserMailbox
+from qywx_ray.consume.mailbox_machine import Finish, MailboxMachine, Overflow, Start
+from qywx_ray.consume.types import ADMITTED, PARK_FOREIGN, PARKED, Delivery
 from qywx_ray.envelope import Envelope
 
 _offset = [0]
@@ -191,3 +191,61 @@ def test_drain_over_and_continues() -> None:
     m.drain_over(mb, owner)
     assert mb.drain_owner is None and mb.undropped == 0
     assert not m.continues_drain(mb, item)
+
+
+# ------------------------------------------------------------------ intake and placement
+
+
+def test_delivered_registers_new_ids_and_sets_copies_aside() -> None:
+    m = MailboxMachine()
+    running = pending(m, "m0")
+    copy, late = delivery("m0"), delivery("m0", retry=True)
+    fresh = delivery("m1")
+    parsed = [(d, envelope(d.msg_id)) for d in (copy, late, fresh)]
+    assert m.ids_to_ask(parsed) == ["m1"]
+    intake = m.delivered(parsed, done=set(), recent=set(), has_lot=True)
+    assert running.waiters == [running.delivery, copy]
+    assert running.late_retries == [late]  # the attempt may still fail
+    assert [p.envelope.message_id for p in intake.fresh] == ["m1"] and "m1" in m.pending
+
+
+def test_admitted_offers_starts_once_parks_and_holds_a_full_mailbox() -> None:
+    m = MailboxMachine()
+    a0, a1, a2, a3 = (pending(m, f"m{i}") for i in range(4))
+    placed = m.admitted([a0, a1, a2, a3], [ADMITTED, ADMITTED, ADMITTED, PARKED], 2, True, 7.0)
+    mb = m.mailboxes["u1"]
+    assert list(mb.queue) == [a0, a1] and mb.scheduled and mb.unfinished == 2
+    kinds = [type(c) for c in placed.commands]
+    assert kinds == [Start, Overflow, Finish]  # one start; a2 held; a3 durably parked
+    over = placed.commands[1]
+    assert isinstance(over, Overflow) and over.deny is None and over.mailbox is mb
+    assert placed.holds == {"u1": (a1, [a2])} and a1.waited_on and a1.holds
+    assert placed.n_parked == 1
+
+
+def test_admitted_without_a_lot_denies_the_overflow() -> None:
+    m = MailboxMachine()
+    a0, a1 = pending(m, "m0"), pending(m, "m1")
+    placed = m.admitted([a0, a1], [ADMITTED, ADMITTED], 1, False, 0.0)
+    over = placed.commands[1]
+    assert isinstance(over, Overflow) and over.deny is a1 and placed.holds == {}
+
+
+def test_expire_and_died_keep_a_successor() -> None:
+    m = MailboxMachine()
+    p = pending(m, "m0")
+    m.admitted([p], [ADMITTED], 10, False, now_s=0.0)
+    old = m.mailboxes["u1"]
+    assert m.expire(now_s=100.0, idle_lifetime_s=10.0) == []  # still has work
+    m.head_done(old, 1.0)
+    assert not m.next_turn(old)
+    old.unfinished = 0
+    assert m.expire(now_s=5.0, idle_lifetime_s=10.0) == []  # not idle long enough
+    assert m.expire(now_s=11.0, idle_lifetime_s=10.0) == [old] and old.state is State.DYING
+    q = pending(m, "m1")
+    placed = m.admitted([q], [ADMITTED], 10, False, now_s=12.0)
+    new = m.mailboxes["u1"]
+    assert new is not old and new.predecessor is old  # starts only after old is dead
+    assert placed.commands == [Start(new)]
+    m.died(old)
+    assert old.state is State.DEAD and m.mailboxes["u1"] is new
