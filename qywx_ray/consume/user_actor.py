@@ -33,27 +33,29 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import random
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from redis.exceptions import RedisError
 
 from qywx_ray.consume.deadlines import HandlerDeadlines
 from qywx_ray.consume.dedup import Deduplicator
 from qywx_ray.consume.handlers import (
     Handler,
     HandlerContext,
-    classify,
-    is_infra_error,
     make_context_logger,
-    run_handler,
-    typed_message,
     wants_typed_message,
+)
+from qywx_ray.consume.host_io import (
+    admit_parking,
+    dead_letter,
+    durable_dead_letter,
+    op_id,
+    rate_limit,
+    retry_durable,
+    run_head,
+    with_policy,
 )
 from qywx_ray.consume.host_rules import (
     Outcome,
@@ -72,13 +74,9 @@ from qywx_ray.consume.mailbox_machine import (
     Start,
 )
 from qywx_ray.consume.types import (
-    ADMITTED,
     REASON_CIRCUIT_OPEN,
     REASON_INVALID,
     REASON_QUEUE_FULL,
-    REASON_TIMEOUT,
-    RETRYABLE_REASONS,
-    WAITED_ON,
     Admission,
     AllowAll,
     CompletionSink,
@@ -89,7 +87,7 @@ from qywx_ray.consume.types import (
     RetryOrder,
 )
 from qywx_ray.envelope import Envelope
-from qywx_ray.errors import EnvelopeError, InfraError
+from qywx_ray.errors import EnvelopeError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter, gauge, histogram
 from qywx_ray.protect.breaker import CircuitBreaker
@@ -103,23 +101,8 @@ m_processed = counter(
 m_failures = counter("qywx_handler_failures_total", "Messages dead-lettered, by reason", ["reason"])
 m_seconds = histogram("qywx_processing_seconds", "Handler wall time per message")
 m_active = gauge("qywx_active_user_actors", "Live user mailboxes/actors in this host", ["host"])
-# Store unreachable (the limiter wraps RedisError in InfraError; parking raises RedisError).
-INFRA_ERRORS = (InfraError, RedisError, OSError, TimeoutError)
-
-m_bypassed = counter(
-    "qywx_admission_bypassed_total", "Messages admitted unchecked: Redis down, policy process"
-)
 m_parked = counter("qywx_messages_parked_total", "Messages parked behind a user's retry")
 m_unparked = counter("qywx_messages_unparked_total", "Parked messages taken back to process")
-m_handler_infra_retries = counter(
-    "qywx_handler_infra_retries_total", "Handler runs retried in place: our Redis unreachable"
-)
-
-
-def _op_id() -> str:
-    """Idempotency key of one parking write, reused by its retries: a retry after a lost
-    reply or a timeout (the write may have happened) must not drop or push twice."""
-    return uuid.uuid4().hex
 
 
 @dataclass
@@ -252,7 +235,7 @@ class HostCore:
             try:
                 env = Envelope.from_bytes(d.value)
             except EnvelopeError as exc:
-                poison.append(self._letter(d, None, REASON_INVALID, str(exc)))
+                poison.append(dead_letter(d, None, REASON_INVALID, str(exc)))
                 poison_waiters.append([d])
                 continue
             parsed.append((d, env))
@@ -269,25 +252,39 @@ class HostCore:
         fresh, resume = intake.fresh, intake.resume
         if not fresh and not resume:
             return
-        reasons = await self._rate_limit([p for p in fresh if not p.delivery.is_retry])
+        firsts = [p for p in fresh if not p.delivery.is_retry]  # retries: counted once
+        reasons = await rate_limit(self.admission, firsts, self._policy)
         denied, admitted = split_denials(fresh, reasons, self._parks)
         admit: list[Pending] = []
         for p, reason in admitted:
             p.denied = reason  # a parking denial acts at the head, after older messages
             admit.append(p)
         admit.extend(resume)
-        codes = await self._admit_parking(admit)  # the caller holds the lane
+        codes = await admit_parking(self.retry_order, admit, self._policy)  # under the lane
         overflow = self._place(admit, codes, denied)
         for user, (tail, held) in overflow.items():
-            hold = functools.partial(self._hold, user, tail, held, _op_id())
-            await self._retry_durable("hold", hold)
+            hold = functools.partial(self._hold, user, tail, held, op_id())
+            await retry_durable("hold", hold, self.opt.redis_retry_max_s)
         if denied:
             for p, _ in denied:
                 p.failed = True
-            letters = [self._letter(p.delivery, p.envelope, r, f"denied: {r}") for p, r in denied]
+            letters = [dead_letter(p.delivery, p.envelope, r, f"denied: {r}") for p, r in denied]
             for _, r in denied:  # dead letters by reason (denials: protect's own counters)
                 m_failures.inc(reason=r)
             self._spawn(self._dead_letter_then_finish(letters, [p for p, _ in denied]))
+
+    def _policy(self, what: str, call: Callable[[], Awaitable[Any]], n: int) -> Awaitable[Any]:
+        return with_policy(
+            what,
+            call,
+            n,
+            policy=self.opt.redis_down_policy,
+            retry_max_s=self.opt.redis_retry_max_s,
+            bypassed=self._bypassed,
+        )
+
+    def _bypassed(self, n: int) -> None:
+        self.counts["admission_bypassed"] += n
 
     def _parks(self, reason: str) -> bool:
         return self.retry_order is not None and self.retry_order.parks(reason)
@@ -326,99 +323,6 @@ class HostCore:
         m_parked.inc(len(held))
         for q in held:
             self._finish(q, None)
-
-    async def _rate_limit(self, items: list[Pending]) -> dict[str, str]:
-        """Denial reason by message id (one round trip); policy applies if Redis is down."""
-        if not items:
-            return {}
-        times: dict[str, list[float]] = {}
-        for p in items:
-            t = p.envelope.send_time or p.delivery.timestamp_ms / 1000.0
-            times.setdefault(p.envelope.external_userid, []).append(float(t))
-        timed = getattr(self.admission, "admit_at", None)
-
-        async def ask() -> dict[str, list[str | None]]:
-            if timed is not None:
-                return await timed(list(times.items()))  # type: ignore[no-any-return]
-            return await self.admission.admit([(u, len(ts)) for u, ts in times.items()])
-
-        decisions = await self._with_policy("admission", ask, len(items))
-        if decisions is None:
-            return {}
-        cursor: dict[str, int] = {}
-        out: dict[str, str] = {}
-        for p in items:
-            user = p.envelope.external_userid
-            i = cursor.get(user, 0)
-            cursor[user] = i + 1
-            got = decisions.get(user) or []
-            reason = got[i] if i < len(got) else None
-            if reason is not None:
-                out[p.envelope.message_id] = reason
-        return out
-
-    async def _admit_parking(self, items: list[Pending]) -> list[int]:
-        if not items:
-            return []
-        order = self.retry_order
-        if order is None:
-            return [ADMITTED] * len(items)
-        request = [
-            (
-                p.envelope.external_userid,
-                p.envelope.message_id,
-                p.delivery.value,
-                p.delivery.is_retry or p.skip_handler,
-                p.delivery.partition,
-                p.delivery.offset,
-            )
-            for p in items
-        ]
-
-        async def ask() -> list[int]:
-            return await order.admit(request)
-
-        codes = await self._with_policy("parking", ask, len(items))
-        if codes is None:  # bypassed (policy process): a token still asks the lot itself
-            return [WAITED_ON if p.skip_handler else ADMITTED for p in items]
-        return codes
-
-    async def _with_policy(self, what: str, call: Callable[[], Awaitable[Any]], n: int) -> Any:
-        """Redis-backed protection: policy stop retries with backoff (the batch waits, so
-        nothing completes and commits do not advance); policy process admits and counts.
-        Returns None when bypassed. Only infrastructure errors are retried: any other
-        error is a bug, and retrying a call that may have recorded state would count
-        the batch twice, so it propagates (crash-only: the host restarts)."""
-        delay = 0.05
-        while True:
-            try:
-                return await call()
-            except INFRA_ERRORS as exc:
-                if self.opt.redis_down_policy == "process":
-                    self.counts["admission_bypassed"] += n
-                    m_bypassed.inc(n)
-                    log.warning("host.admission_bypassed", what=what, n=n, error=str(exc))
-                    return None
-                log.warning("host.admission_retry", what=what, delay_s=delay, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.opt.redis_retry_max_s)
-
-    async def _retry_durable(
-        self,
-        what: str,
-        call: Callable[[], Awaitable[Any]],
-        errors: tuple[type[BaseException], ...] = INFRA_ERRORS,
-    ) -> Any:
-        """Order-critical writes (parking lot, drain tokens): retried until they succeed,
-        whatever the policy; each carries its op id, so a resend is applied once."""
-        delay = 0.05
-        while True:
-            try:
-                return await call()
-            except errors as exc:
-                log.warning("host.write_retry", what=what, delay_s=delay, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.opt.redis_retry_max_s)
 
     async def _park(self, park: Park, op_id: str) -> int:
         assert self.retry_order is not None
@@ -510,7 +414,16 @@ class HostCore:
                 options=self.opt.handler_options,
             )
             t0 = time.perf_counter()
-            reason, error = await self._run_handler(env, ctx)
+            reason, error = await run_head(
+                self.handler,
+                self._typed,
+                self._deadlines,
+                env,
+                ctx,
+                clock=self.clock,
+                infra_retry_s=self.opt.handler_infra_retry_s,
+                retry_max_s=self.opt.redis_retry_max_s,
+            )
             self._durations_s.append(time.perf_counter() - t0)
         step = after_handler(
             reason,
@@ -542,24 +455,24 @@ class HostCore:
         )
         p.failed = True
         if step is Outcome.PARK_DRAINED or step is Outcome.PARK_RECORDED:
-            letter = self._letter(d, env, reason, error)
+            letter = dead_letter(d, env, reason, error)
             if step is Outcome.PARK_DRAINED:
                 # A drained message has no record of its own: its place is in the lot,
                 # held by the drain owner's record. Its dead letter is made durable while
                 # it is still there, and only then the park drops it from the lot (a crash
                 # in between runs it once more from the lot; none loses it). Its retry
                 # cannot slip past meanwhile: see Pending.late_retries.
-                await self._durable_dead_letter([letter])
+                await self._dead_letter([letter])
                 owner = await self._park_behind(mb, p)
             else:  # its own record stays uncommitted until the dead letter is durable
                 owner = await self._park_behind(mb, p)
-                await self._durable_dead_letter([letter])
+                await self._dead_letter([letter])
             self._finish(p, mb)
             if owner is not None and owner is not p:  # it held the drained p's place
                 self._finish(owner, mb)
             return
         # Durable before we move on: the user's next message waits for this dead letter.
-        await self._durable_dead_letter([self._letter(d, env, reason, error)])
+        await self._dead_letter([dead_letter(d, env, reason, error)])
         # Waited on: the blocker is settled for good (review), release the user. A chunk's
         # end not retried (e.g. invalid): the rest of the lot goes on.
         await self._settle(mb, p)
@@ -587,8 +500,8 @@ class HostCore:
             await self.dedup.flushed()
         async with self._lane:
             park = self.machine.plan_park(mb, p)
-            call = functools.partial(self._park, park, _op_id())
-            status = await self._retry_durable("park", call)
+            call = functools.partial(self._park, park, op_id())
+            status = await retry_durable("park", call, self.opt.redis_retry_max_s)
             out = self.machine.parked(mb, park, status)
             if out.foreign:
                 log.warning(
@@ -609,32 +522,6 @@ class HostCore:
         await self._drain(mb, p, 0)
         if continues:
             await self._drain_next(mb)
-
-    async def _run_handler(self, env: Envelope, ctx: HandlerContext) -> tuple[str | None, str]:
-        """(None, "") on success, else (reason, error). A handler that fails because our
-        Redis is unreachable or failing over is retried in place (short backoff, up to
-        `handler_infra_retry_s`): the user's next message waits and nothing commits past
-        it, as with policy stop elsewhere; only a longer outage makes it a dead letter."""
-        deadline_s = self.clock() + self.opt.handler_infra_retry_s
-        delay_s = 0.05
-        while True:
-            try:
-                message = typed_message(env) if self._typed else env
-                await self._deadlines.run(run_handler(self.handler, message, ctx))
-                return None, ""
-            except TimeoutError:
-                return REASON_TIMEOUT, f"handler exceeded {self.opt.handler_timeout_s}s"
-            except Exception as exc:
-                reason, _ = classify(exc)
-                error = f"{type(exc).__name__}: {exc}"
-                if not is_infra_error(exc) or self.clock() >= deadline_s:
-                    return reason, error
-            m_handler_infra_retries.inc()
-            log.warning(
-                "handler.infra_retry", message_id=env.message_id, delay_s=delay_s, error=error
-            )
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, self.opt.redis_retry_max_s)
 
     async def _drain_next(self, mb: UserMailbox) -> None:
         owner = mb.drain_owner
@@ -678,8 +565,8 @@ class HostCore:
         assert self.retry_order is not None
         user, mid = mb.user, owner.envelope.message_id
         chunk = self.opt.park_drain_chunk
-        advance = functools.partial(self.retry_order.advance, user, mid, drop_n, chunk, _op_id())
-        status, raw = await self._retry_durable("advance", advance)
+        advance = functools.partial(self.retry_order.advance, user, mid, drop_n, chunk, op_id())
+        status, raw = await retry_durable("advance", advance, self.opt.redis_retry_max_s)
         if status != DRAIN_MORE:
             return status, Chunk([], 0)
         items, unreadable = self.machine.parse_chunk(owner, raw)
@@ -700,7 +587,7 @@ class HostCore:
         token = functools.partial(
             self.drain_tokens.drain_token, env.external_userid, env.message_id, env.open_kfid
         )
-        await self._retry_durable("drain_token", token, errors=(Exception,))
+        await retry_durable("drain_token", token, self.opt.redis_retry_max_s, (Exception,))
         for w in self.machine.handed_over(owner):
             self._complete(w)
 
@@ -713,45 +600,21 @@ class HostCore:
 
     # ------------------------------------------------------------ dead letters
 
-    def _letter(self, d: Delivery, env: Envelope | None, reason: str, error: str) -> DeadLetter:
-        return DeadLetter(
-            reason=reason,
-            error=error[:2000],
-            message_id=env.message_id if env else (d.msg_id or "{}:{}:{}".format(*d.tpo)),
-            user=env.external_userid if env else d.key,
-            open_kfid=env.open_kfid if env else "",
-            topic=d.topic,
-            partition=d.partition,
-            offset=d.offset,
-            timestamp_ms=d.timestamp_ms,
-            value=d.value,
-            retryable=reason in RETRYABLE_REASONS,
-            attempt=d.retry_count + 1,  # so dlq.max_retries bounds a message's retries
-        )
-
-    async def _durable_dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await self.sink.dead_letter(letters)
-                self.counts["dead_letter"] += len(letters)
-                return
-            except Exception as exc:  # never complete a message whose letter is not durable
-                log.error("dlq.write_retry", host=self.name, error=str(exc), delay_s=delay)
-                await asyncio.sleep(delay + random.random() * delay)
-                delay = min(delay * 2, 5.0)
+    async def _dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        await durable_dead_letter(self.sink, letters, self.name)
+        self.counts["dead_letter"] += len(letters)
 
     async def _dead_letter_then_finish(
         self, letters: Sequence[DeadLetter], items: Sequence[Pending]
     ) -> None:
-        await self._durable_dead_letter(letters)
+        await self._dead_letter(letters)
         for p in items:
             self._finish(p, None)
 
     async def _dead_letter_then_complete(
         self, letters: Sequence[DeadLetter], waiters: Sequence[list[Delivery]]
     ) -> None:
-        await self._durable_dead_letter(letters)
+        await self._dead_letter(letters)
         for ws in waiters:
             for w in ws:
                 self._complete(w)
