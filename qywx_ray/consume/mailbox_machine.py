@@ -43,7 +43,14 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from qywx_ray.consume.host_rules import Intake, Place, plan_placement, sort_intake
+from qywx_ray.consume.host_rules import (
+    Intake,
+    Outcome,
+    Place,
+    after_handler,
+    plan_placement,
+    sort_intake,
+)
 from qywx_ray.consume.mailbox import Pending, State, UserMailbox
 from qywx_ray.consume.types import PARK_FOREIGN, Delivery
 from qywx_ray.envelope import Envelope
@@ -263,6 +270,23 @@ class MailboxMachine:
         mb.busy = False
         mb.last_active_s = now_s
         mb.processed += 1
+
+    @staticmethod
+    def head_finished(p: Pending, reason: str | None, parks: Callable[[str], bool]) -> Outcome:
+        """The head's handler finished (`reason` None: success; else its failure reason,
+        or the denial it was held for): record it on `p` (a late retry completes with a
+        success only) and say which path its outcome takes (`after_handler`)."""
+        if reason is None:
+            p.succeeded = True
+        else:
+            p.failed = True
+        return after_handler(
+            reason,
+            parks,
+            waited_on=p.waited_on,
+            chunk_end=p.chunk_end,
+            drained=p.delivery.partition < 0,
+        )
 
     @staticmethod
     def next_turn(mb: UserMailbox) -> bool:

@@ -27,6 +27,14 @@ is dead. Never: report a completion before the done-flag or dead letter is durab
 two messages of one user at once, or admit past protection while Redis is down under
 policy `stop`. Pure asyncio: no Ray, no Kafka; Redis only behind the seams (DoneStore,
 Admission, RetryOrder, DrainTokenSink).
+
+Split by concern: the decisions are pure (host_rules.py: intake, denials, placement, a
+head's outcome; mailbox_machine.py: pending ids, mailboxes, park / drain / finish
+bookkeeping and lifecycle, events in and commands out); the outside calls and their
+retry policies are in host_io.py; this class is the asyncio shell that sequences the
+awaits (the lane, workers, durability before completion) and carries out the commands.
+Still here, not yet a machine event: the head's run sequence in `_process` / `_settle` /
+`_park_behind` / `_drain` (which await follows which outcome).
 """
 
 from __future__ import annotations
@@ -60,7 +68,6 @@ from qywx_ray.consume.host_io import (
 from qywx_ray.consume.host_rules import (
     Outcome,
     Settle,
-    after_handler,
     settle,
     split_denials,
 )
@@ -425,15 +432,8 @@ class HostCore:
                 retry_max_s=self.opt.redis_retry_max_s,
             )
             self._durations_s.append(time.perf_counter() - t0)
-        step = after_handler(
-            reason,
-            self._parks,
-            waited_on=p.waited_on,
-            chunk_end=p.chunk_end,
-            drained=d.partition < 0,
-        )
+        step = self.machine.head_finished(p, reason, self._parks)
         if reason is None:
-            p.succeeded = True
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
             if step is Outcome.DONE:
@@ -453,7 +453,6 @@ class HostCore:
         log.warning(
             "handler.failed", user=mb.user, message_id=env.message_id, reason=reason, error=error
         )
-        p.failed = True
         if step is Outcome.PARK_DRAINED or step is Outcome.PARK_RECORDED:
             letter = dead_letter(d, env, reason, error)
             if step is Outcome.PARK_DRAINED:

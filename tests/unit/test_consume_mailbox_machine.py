@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from qywx_ray.consume.host_rules import Outcome
 from qywx_ray.consume.mailbox import Pending, State, UserMailbox
 from qywx_ray.consume.mailbox_machine import Finish, MailboxMachine, Overflow, Start
 from qywx_ray.consume.types import ADMITTED, PARK_FOREIGN, PARKED, Delivery
@@ -249,3 +250,18 @@ def test_expire_and_died_keep_a_successor() -> None:
     assert placed.commands == [Start(new)]
     m.died(old)
     assert old.state is State.DEAD and m.mailboxes["u1"] is new
+
+
+def test_head_finished_records_the_outcome_and_picks_the_path() -> None:
+    m = MailboxMachine()
+    parks = {"retryable"}.__contains__
+    ok = pending(m, "m0")
+    assert m.head_finished(ok, None, parks) is Outcome.DONE and ok.succeeded and not ok.failed
+    waited = pending(m, "m1")
+    waited.waited_on = True
+    assert m.head_finished(waited, None, parks) is Outcome.DONE_THEN_SETTLE
+    failed = pending(m, "m2")
+    assert m.head_finished(failed, "retryable", parks) is Outcome.PARK_RECORDED and failed.failed
+    drained = Pending(failed.delivery._replace(partition=-1, offset=-1), envelope("m3"), [])
+    assert m.head_finished(drained, "retryable", parks) is Outcome.PARK_DRAINED
+    assert m.head_finished(pending(m, "m4"), "invalid", parks) is Outcome.DEAD_THEN_SETTLE
