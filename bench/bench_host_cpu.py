@@ -4,7 +4,8 @@ Why: the host's mailbox logic is on every message's path; a refactor of it (issu
 pure mailbox machine) must not make it dearer. 5,000 users x 4 messages, delivered in
 batches of 500, a trivial handler, in-memory done-store; CPU time (time.process_time)
 from the first batch to the last completion, per message. Prints one JSON line per case
-with the best and the median of 3 runs. No parking lot (RetryOrder): that one is a
+per run (3; 1 with QYWX_BENCH_QUICK=1), via bench.common.emit; the best and the median
+go to stderr. No parking lot (RetryOrder): that one is a
 Redis round trip per batch, measured with the real Redis in bench_consume.py.
 
     python -m bench.bench_host_cpu [--users 5000] [--per-user 4] [--batch 500]
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import default_runs, emit
 from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext
 from qywx_ray.consume.types import DeadLetter, Delivery
@@ -89,21 +93,27 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=5000)
     ap.add_argument("--per-user", type=int, default=4)
     ap.add_argument("--batch", type=int, default=500)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=default_runs(3))
     a = ap.parse_args()
-    runs = [asyncio.run(_one(a.users, a.per_user, a.batch)) for _ in range(a.runs)]
-    print(
-        json.dumps(
-            {
-                "bench": "host_cpu",
-                "users": a.users,
-                "per_user": a.per_user,
-                "batch": a.batch,
-                "cpu_us_per_msg_best": round(min(runs), 2),
-                "cpu_us_per_msg_median": round(statistics.median(runs), 2),
-                "runs": [round(r, 2) for r in runs],
-            }
+    runs = []
+    for run in range(a.runs):
+        us = asyncio.run(_one(a.users, a.per_user, a.batch))
+        runs.append(us)
+        emit(
+            bench="host_cpu",
+            case="in_memory",
+            stage="host",
+            metric="cpu_per_msg",
+            value=round(us, 2),
+            unit="us/msg",
+            run=run,
+            users=a.users,
+            per_user=a.per_user,
+            batch=a.batch,
         )
+    print(
+        f"host_cpu: best {min(runs):.2f} us/msg, median {statistics.median(runs):.2f}",
+        file=sys.stderr,
     )
 
 
