@@ -27,54 +27,63 @@ is dead. Never: report a completion before the done-flag or dead letter is durab
 two messages of one user at once, or admit past protection while Redis is down under
 policy `stop`. Pure asyncio: no Ray, no Kafka; Redis only behind the seams (DoneStore,
 Admission, RetryOrder, DrainTokenSink).
+
+Split by concern: the decisions are pure (host_rules.py: intake, denials, placement, a
+head's outcome; mailbox_machine.py: pending ids, mailboxes, park / drain / finish
+bookkeeping and lifecycle, events in and commands out); the outside calls and their
+retry policies are in host_io.py; this class is the asyncio shell that sequences the
+awaits (the lane, workers, durability before completion) and carries out the commands.
+Still here, not yet a machine event: the head's run sequence in `_process` / `_settle` /
+`_park_behind` / `_drain` (which await follows which outcome).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import random
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from redis.exceptions import RedisError
 
 from qywx_ray.consume.deadlines import HandlerDeadlines
 from qywx_ray.consume.dedup import Deduplicator
 from qywx_ray.consume.handlers import (
     Handler,
     HandlerContext,
-    classify,
-    is_infra_error,
     make_context_logger,
-    run_handler,
-    typed_message,
     wants_typed_message,
+)
+from qywx_ray.consume.host_io import (
+    admit_parking,
+    dead_letter,
+    durable_dead_letter,
+    op_id,
+    rate_limit,
+    retry_durable,
+    run_head,
+    with_policy,
 )
 from qywx_ray.consume.host_rules import (
     Outcome,
-    Place,
     Settle,
-    after_handler,
-    plan_placement,
     settle,
-    sort_intake,
     split_denials,
 )
-from qywx_ray.consume.mailbox import Pending, State, UserMailbox
+from qywx_ray.consume.mailbox import Pending, UserMailbox
+from qywx_ray.consume.mailbox_machine import (
+    DRAIN_MORE,
+    Chunk,
+    Finish,
+    MailboxMachine,
+    Park,
+    Start,
+)
 from qywx_ray.consume.types import (
-    ADMITTED,
-    PARK_FOREIGN,
     REASON_CIRCUIT_OPEN,
     REASON_INVALID,
     REASON_QUEUE_FULL,
-    REASON_TIMEOUT,
-    RETRYABLE_REASONS,
-    WAITED_ON,
     Admission,
     AllowAll,
     CompletionSink,
@@ -85,7 +94,7 @@ from qywx_ray.consume.types import (
     RetryOrder,
 )
 from qywx_ray.envelope import Envelope
-from qywx_ray.errors import EnvelopeError, InfraError
+from qywx_ray.errors import EnvelopeError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter, gauge, histogram
 from qywx_ray.protect.breaker import CircuitBreaker
@@ -99,23 +108,8 @@ m_processed = counter(
 m_failures = counter("qywx_handler_failures_total", "Messages dead-lettered, by reason", ["reason"])
 m_seconds = histogram("qywx_processing_seconds", "Handler wall time per message")
 m_active = gauge("qywx_active_user_actors", "Live user mailboxes/actors in this host", ["host"])
-# Store unreachable (the limiter wraps RedisError in InfraError; parking raises RedisError).
-INFRA_ERRORS = (InfraError, RedisError, OSError, TimeoutError)
-
-m_bypassed = counter(
-    "qywx_admission_bypassed_total", "Messages admitted unchecked: Redis down, policy process"
-)
 m_parked = counter("qywx_messages_parked_total", "Messages parked behind a user's retry")
 m_unparked = counter("qywx_messages_unparked_total", "Parked messages taken back to process")
-m_handler_infra_retries = counter(
-    "qywx_handler_infra_retries_total", "Handler runs retried in place: our Redis unreachable"
-)
-
-
-def _op_id() -> str:
-    """Idempotency key of one parking write, reused by its retries: a retry after a lost
-    reply or a timeout (the write may have happened) must not drop or push twice."""
-    return uuid.uuid4().hex
 
 
 @dataclass
@@ -175,8 +169,11 @@ class HostCore:
         self.wall_ms = wall_ms
         self.on_dying = on_dying
         self.on_fatal = on_fatal  # a bug left state inconsistent: the shell crashes and restarts
-        self.mailboxes: dict[str, UserMailbox] = {}
-        self.pending: dict[str, Pending] = {}
+        # The mailboxes' bookkeeping (pure: intake, placement, park, drain, finish,
+        # lifecycle); this shell does the awaits and reports their outcomes to it.
+        self.machine = MailboxMachine(self._new_breaker)
+        self.mailboxes: dict[str, UserMailbox] = self.machine.mailboxes
+        self.pending: dict[str, Pending] = self.machine.pending
         self._inbox: deque[list[Delivery]] = deque()
         self._inbox_event = asyncio.Event()
         self._ingest_task: asyncio.Task[None] | None = None
@@ -245,49 +242,56 @@ class HostCore:
             try:
                 env = Envelope.from_bytes(d.value)
             except EnvelopeError as exc:
-                poison.append(self._letter(d, None, REASON_INVALID, str(exc)))
+                poison.append(dead_letter(d, None, REASON_INVALID, str(exc)))
                 poison_waiters.append([d])
                 continue
             parsed.append((d, env))
         if poison:
             self._spawn(self._dead_letter_then_complete(poison, poison_waiters))
-        ask = [env.message_id for _, env in parsed if env.message_id not in self.pending]
+        ask = self.machine.ids_to_ask(parsed)
         done = await self.dedup.already_done(ask) if ask else set()
         # Below, until the next await, pending/recent cannot change under us.
-        intake = sort_intake(
-            parsed, self.pending, done, self.dedup.recent, self.retry_order is not None
-        )
-        for p in intake.register:
-            self.pending[p.envelope.message_id] = p
-        for p, d in intake.waiters:
-            p.waiters.append(d)
-        for p, d in intake.late_retries:
-            p.late_retries.append(d)
+        has_lot = self.retry_order is not None
+        intake = self.machine.delivered(parsed, done, self.dedup.recent, has_lot)
         self.counts["duplicate"] += intake.duplicates
         for d in intake.complete:
             self._complete(d)
         fresh, resume = intake.fresh, intake.resume
         if not fresh and not resume:
             return
-        reasons = await self._rate_limit([p for p in fresh if not p.delivery.is_retry])
+        firsts = [p for p in fresh if not p.delivery.is_retry]  # retries: counted once
+        reasons = await rate_limit(self.admission, firsts, self._policy)
         denied, admitted = split_denials(fresh, reasons, self._parks)
         admit: list[Pending] = []
         for p, reason in admitted:
             p.denied = reason  # a parking denial acts at the head, after older messages
             admit.append(p)
         admit.extend(resume)
-        codes = await self._admit_parking(admit)  # the caller holds the lane
+        codes = await admit_parking(self.retry_order, admit, self._policy)  # under the lane
         overflow = self._place(admit, codes, denied)
         for user, (tail, held) in overflow.items():
-            hold = functools.partial(self._hold, user, tail, held, _op_id())
-            await self._retry_durable("hold", hold)
+            hold = functools.partial(self._hold, user, tail, held, op_id())
+            await retry_durable("hold", hold, self.opt.redis_retry_max_s)
         if denied:
             for p, _ in denied:
                 p.failed = True
-            letters = [self._letter(p.delivery, p.envelope, r, f"denied: {r}") for p, r in denied]
+            letters = [dead_letter(p.delivery, p.envelope, r, f"denied: {r}") for p, r in denied]
             for _, r in denied:  # dead letters by reason (denials: protect's own counters)
                 m_failures.inc(reason=r)
             self._spawn(self._dead_letter_then_finish(letters, [p for p, _ in denied]))
+
+    def _policy(self, what: str, call: Callable[[], Awaitable[Any]], n: int) -> Awaitable[Any]:
+        return with_policy(
+            what,
+            call,
+            n,
+            policy=self.opt.redis_down_policy,
+            retry_max_s=self.opt.redis_retry_max_s,
+            bypassed=self._bypassed,
+        )
+
+    def _bypassed(self, n: int) -> None:
+        self.counts["admission_bypassed"] += n
 
     def _parks(self, reason: str) -> bool:
         return self.retry_order is not None and self.retry_order.parks(reason)
@@ -295,43 +299,27 @@ class HostCore:
     def _place(
         self, items: list[Pending], codes: list[int], denied: list[tuple[Pending, str]]
     ) -> dict[str, tuple[Pending, list[Pending]]]:
-        """Apply the lot's answers in arrival order, synchronously (under the lane), as
-        `plan_placement` decides (see there): parked ones are durably behind the user's
-        blocker; the rest join their mailbox, or a full mailbox's hold. Returns the holds
-        to write: user -> (tail, held)."""
+        """Apply the lot's answers in arrival order, synchronously (under the lane): the
+        machine places them (`MailboxMachine.admitted`), this carries out its commands in
+        order. Returns the holds to write: user -> (tail, held)."""
         has_lot = self.retry_order is not None
-        queues: dict[str, Sequence[Pending]] = {}
-        for p in items:
-            user = p.envelope.external_userid
-            mb = self.mailboxes.get(user)
-            if mb is not None and mb.state is State.ACTIVE:
-                queues[user] = mb.queue
-        plan = plan_placement(items, codes, queues, self.opt.mailbox_size, has_lot)
-        for step in plan.steps:
-            p, kind = step.pending, step.kind
-            if kind is Place.FINISH or kind is Place.PARKED:
-                self._finish(p, None)  # a plain duplicate or an old token; durably parked
-                continue
-            if kind is Place.JOIN_HOLD:  # already in plan.holds
-                continue
-            p.waited_on = step.waited_on
-            mb = self._mailbox_for(step.user)
-            if kind is Place.OFFER:
-                self._offer(mb, p)
-                continue
-            if mb.breaker is not None:  # HOLD or DENY_FULL: the mailbox is full
-                mb.breaker.on_failure()
-            self.admission.on_failure(step.user)
-            if kind is Place.DENY_FULL:  # no lot to hold it: dead-letter it
-                denied.append((p, REASON_QUEUE_FULL))
-                continue
-            tail = step.tail
-            assert tail is not None and mb.queue and mb.queue[-1] is tail, "plan drifted"
-            tail.waited_on = tail.holds = True
-        if plan.n_parked:
-            self.counts["parked"] += plan.n_parked
-            m_parked.inc(plan.n_parked)
-        return plan.holds
+        placed = self.machine.admitted(items, codes, self.opt.mailbox_size, has_lot, self.clock())
+        for c in placed.commands:
+            if isinstance(c, Finish):
+                self._finish(c.pending, None)  # a plain duplicate or an old token; parked
+            elif isinstance(c, Start):
+                self._start(c.mailbox)
+            else:  # Overflow: the mailbox is full
+                mb = c.mailbox
+                if mb.breaker is not None:
+                    mb.breaker.on_failure()
+                self.admission.on_failure(mb.user)
+                if c.deny is not None:  # no lot to hold it: dead-letter it
+                    denied.append((c.deny, REASON_QUEUE_FULL))
+        if placed.n_parked:
+            self.counts["parked"] += placed.n_parked
+            m_parked.inc(placed.n_parked)
+        return placed.holds
 
     async def _hold(self, user: str, tail: Pending, held: list[Pending], op_id: str) -> None:
         assert self.retry_order is not None
@@ -343,133 +331,23 @@ class HostCore:
         for q in held:
             self._finish(q, None)
 
-    async def _rate_limit(self, items: list[Pending]) -> dict[str, str]:
-        """Denial reason by message id (one round trip); policy applies if Redis is down."""
-        if not items:
-            return {}
-        times: dict[str, list[float]] = {}
-        for p in items:
-            t = p.envelope.send_time or p.delivery.timestamp_ms / 1000.0
-            times.setdefault(p.envelope.external_userid, []).append(float(t))
-        timed = getattr(self.admission, "admit_at", None)
-
-        async def ask() -> dict[str, list[str | None]]:
-            if timed is not None:
-                return await timed(list(times.items()))  # type: ignore[no-any-return]
-            return await self.admission.admit([(u, len(ts)) for u, ts in times.items()])
-
-        decisions = await self._with_policy("admission", ask, len(items))
-        if decisions is None:
-            return {}
-        cursor: dict[str, int] = {}
-        out: dict[str, str] = {}
-        for p in items:
-            user = p.envelope.external_userid
-            i = cursor.get(user, 0)
-            cursor[user] = i + 1
-            got = decisions.get(user) or []
-            reason = got[i] if i < len(got) else None
-            if reason is not None:
-                out[p.envelope.message_id] = reason
-        return out
-
-    async def _admit_parking(self, items: list[Pending]) -> list[int]:
-        if not items:
-            return []
-        order = self.retry_order
-        if order is None:
-            return [ADMITTED] * len(items)
-        request = [
-            (
-                p.envelope.external_userid,
-                p.envelope.message_id,
-                p.delivery.value,
-                p.delivery.is_retry or p.skip_handler,
-                p.delivery.partition,
-                p.delivery.offset,
-            )
-            for p in items
-        ]
-
-        async def ask() -> list[int]:
-            return await order.admit(request)
-
-        codes = await self._with_policy("parking", ask, len(items))
-        if codes is None:  # bypassed (policy process): a token still asks the lot itself
-            return [WAITED_ON if p.skip_handler else ADMITTED for p in items]
-        return codes
-
-    async def _with_policy(self, what: str, call: Callable[[], Awaitable[Any]], n: int) -> Any:
-        """Redis-backed protection: policy stop retries with backoff (the batch waits, so
-        nothing completes and commits do not advance); policy process admits and counts.
-        Returns None when bypassed. Only infrastructure errors are retried: any other
-        error is a bug, and retrying a call that may have recorded state would count
-        the batch twice, so it propagates (crash-only: the host restarts)."""
-        delay = 0.05
-        while True:
-            try:
-                return await call()
-            except INFRA_ERRORS as exc:
-                if self.opt.redis_down_policy == "process":
-                    self.counts["admission_bypassed"] += n
-                    m_bypassed.inc(n)
-                    log.warning("host.admission_bypassed", what=what, n=n, error=str(exc))
-                    return None
-                log.warning("host.admission_retry", what=what, delay_s=delay, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.opt.redis_retry_max_s)
-
-    async def _retry_durable(
-        self,
-        what: str,
-        call: Callable[[], Awaitable[Any]],
-        errors: tuple[type[BaseException], ...] = INFRA_ERRORS,
-    ) -> Any:
-        """Order-critical writes (parking lot, drain tokens): retried until they succeed,
-        whatever the policy; each carries its op id, so a resend is applied once."""
-        delay = 0.05
-        while True:
-            try:
-                return await call()
-            except errors as exc:
-                log.warning("host.write_retry", what=what, delay_s=delay, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.opt.redis_retry_max_s)
-
-    async def _park(
-        self,
-        user: str,
-        blocker: Pending,
-        drop_first: int,
-        later: list[Pending],
-        replaces: list[str],
-        op_id: str,
-    ) -> int:
+    async def _park(self, park: Park, op_id: str) -> int:
         assert self.retry_order is not None
-        values = [q.delivery.value for q in later]
-        mid = blocker.envelope.message_id
-        return await self.retry_order.park(user, mid, drop_first, values, op_id, replaces)
+        values = [q.delivery.value for q in park.later]
+        mid = park.blocker.envelope.message_id
+        return await self.retry_order.park(
+            park.user, mid, park.drop_first, values, op_id, park.replaces
+        )
 
     # ------------------------------------------------------------ mailboxes
 
-    def _mailbox_for(self, user: str) -> UserMailbox:
-        mb = self.mailboxes.get(user)
-        if mb is not None and mb.state is State.ACTIVE:
-            return mb
-        predecessor = mb if mb is not None and mb.state is State.DYING else None
-        breaker = None
-        if self.opt.breaker is not None:
-            breaker = CircuitBreaker(self.opt.breaker, user=user, clock=self.clock)
-        new = UserMailbox(user, predecessor, self.clock(), breaker)
-        self.mailboxes[user] = new
-        return new
+    def _new_breaker(self, user: str) -> CircuitBreaker | None:
+        if self.opt.breaker is None:
+            return None
+        return CircuitBreaker(self.opt.breaker, user=user, clock=self.clock)
 
-    def _offer(self, mb: UserMailbox, p: Pending) -> None:
-        mb.queue.append(p)
-        mb.unfinished += 1
-        if mb.scheduled:
-            return
-        mb.scheduled = True
+    def _start(self, mb: UserMailbox) -> None:
+        """`mb` got its first work: schedule it once its predecessor is dead."""
         if mb.predecessor is not None and not mb.predecessor.dead.is_set():
             self._spawn(self._after_predecessor(mb))
         else:
@@ -509,14 +387,9 @@ class HostCore:
                 if self.on_fatal is not None:
                     self.on_fatal("process failed")
             finally:
-                mb.queue.popleft()
-                mb.busy = False
-                mb.last_active_s = self.clock()
-                mb.processed += 1
-            if mb.queue:  # round robin: the user goes to the back of the line
+                self.machine.head_done(mb, self.clock())
+            if self.machine.next_turn(mb):  # round robin: the user goes to the back
                 self._ready.put_nowait(mb)
-            else:
-                mb.scheduled = False
 
     async def _process(self, mb: UserMailbox, p: Pending) -> None:
         """Run the head of `mb` to a durable outcome. Only the head may park the user: every
@@ -548,17 +421,19 @@ class HostCore:
                 options=self.opt.handler_options,
             )
             t0 = time.perf_counter()
-            reason, error = await self._run_handler(env, ctx)
+            reason, error = await run_head(
+                self.handler,
+                self._typed,
+                self._deadlines,
+                env,
+                ctx,
+                clock=self.clock,
+                infra_retry_s=self.opt.handler_infra_retry_s,
+                retry_max_s=self.opt.redis_retry_max_s,
+            )
             self._durations_s.append(time.perf_counter() - t0)
-        step = after_handler(
-            reason,
-            self._parks,
-            waited_on=p.waited_on,
-            chunk_end=p.chunk_end,
-            drained=d.partition < 0,
-        )
+        step = self.machine.head_finished(p, reason, self._parks)
         if reason is None:
-            p.succeeded = True
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
             if step is Outcome.DONE:
@@ -578,26 +453,25 @@ class HostCore:
         log.warning(
             "handler.failed", user=mb.user, message_id=env.message_id, reason=reason, error=error
         )
-        p.failed = True
         if step is Outcome.PARK_DRAINED or step is Outcome.PARK_RECORDED:
-            letter = self._letter(d, env, reason, error)
+            letter = dead_letter(d, env, reason, error)
             if step is Outcome.PARK_DRAINED:
                 # A drained message has no record of its own: its place is in the lot,
                 # held by the drain owner's record. Its dead letter is made durable while
                 # it is still there, and only then the park drops it from the lot (a crash
                 # in between runs it once more from the lot; none loses it). Its retry
                 # cannot slip past meanwhile: see Pending.late_retries.
-                await self._durable_dead_letter([letter])
+                await self._dead_letter([letter])
                 owner = await self._park_behind(mb, p)
             else:  # its own record stays uncommitted until the dead letter is durable
                 owner = await self._park_behind(mb, p)
-                await self._durable_dead_letter([letter])
+                await self._dead_letter([letter])
             self._finish(p, mb)
             if owner is not None and owner is not p:  # it held the drained p's place
                 self._finish(owner, mb)
             return
         # Durable before we move on: the user's next message waits for this dead letter.
-        await self._durable_dead_letter([self._letter(d, env, reason, error)])
+        await self._dead_letter([dead_letter(d, env, reason, error)])
         # Waited on: the blocker is settled for good (review), release the user. A chunk's
         # end not retried (e.g. invalid): the rest of the lot goes on.
         await self._settle(mb, p)
@@ -624,67 +498,29 @@ class HostCore:
         if mb.undropped:
             await self.dedup.flushed()
         async with self._lane:
-            later = list(mb.queue)[1:]
-            drop, owner = mb.undropped, mb.drain_owner
-            # The flags this park may take over: its drain owner's, or a newer queued
-            # plain message's (a full mailbox held behind its tail). Any other blocker is
-            # older than p (p is then an exempt message, e.g. a rate-limited retry): the
-            # park leaves the flag, the lot and this queue as they are (its retry may be
-            # queued right behind p).
-            replaces = [q.envelope.message_id for q in later if q.holds or not q.delivery.is_retry]
-            if owner is not None:
-                replaces.append(owner.envelope.message_id)
-            park = functools.partial(self._park, mb.user, p, drop, later, replaces, _op_id())
-            status = await self._retry_durable("park", park)
-            assert len(mb.queue) == 1 + len(later), "the queue changed under the lane"
-            if status == PARK_FOREIGN:
+            park = self.machine.plan_park(mb, p)
+            call = functools.partial(self._park, park, op_id())
+            status = await retry_durable("park", call, self.opt.redis_retry_max_s)
+            out = self.machine.parked(mb, park, status)
+            if out.foreign:
                 log.warning(
                     "host.park_behind_older_blocker", user=mb.user, message_id=p.envelope.message_id
                 )
                 return None
-            while len(mb.queue) > 1:
-                mb.queue.pop()
-            if later:
-                self.counts["parked"] += len(later)
-                m_parked.inc(len(later))
-            for q in later:
+            if out.parked:
+                self.counts["parked"] += len(out.parked)
+                m_parked.inc(len(out.parked))
+            for q in out.parked:
                 self._finish(q, mb)
-            mb.undropped, mb.drain_owner = 0, None
-        return owner
+        return out.owner
 
     async def _release(self, mb: UserMailbox, p: Pending) -> None:
         """`p` (maybe the user's blocker) is settled: drain the lot behind it if the user
         waits on it; finish p either way. A drained chunk whose last item was p goes on."""
-        continues = p.chunk_end and mb.drain_owner is not None and mb.drain_owner is not p
+        continues = self.machine.continues_drain(mb, p)
         await self._drain(mb, p, 0)
         if continues:
             await self._drain_next(mb)
-
-    async def _run_handler(self, env: Envelope, ctx: HandlerContext) -> tuple[str | None, str]:
-        """(None, "") on success, else (reason, error). A handler that fails because our
-        Redis is unreachable or failing over is retried in place (short backoff, up to
-        `handler_infra_retry_s`): the user's next message waits and nothing commits past
-        it, as with policy stop elsewhere; only a longer outage makes it a dead letter."""
-        deadline_s = self.clock() + self.opt.handler_infra_retry_s
-        delay_s = 0.05
-        while True:
-            try:
-                message = typed_message(env) if self._typed else env
-                await self._deadlines.run(run_handler(self.handler, message, ctx))
-                return None, ""
-            except TimeoutError:
-                return REASON_TIMEOUT, f"handler exceeded {self.opt.handler_timeout_s}s"
-            except Exception as exc:
-                reason, _ = classify(exc)
-                error = f"{type(exc).__name__}: {exc}"
-                if not is_infra_error(exc) or self.clock() >= deadline_s:
-                    return reason, error
-            m_handler_infra_retries.inc()
-            log.warning(
-                "handler.infra_retry", message_id=env.message_id, delay_s=delay_s, error=error
-            )
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, self.opt.redis_retry_max_s)
 
     async def _drain_next(self, mb: UserMailbox) -> None:
         owner = mb.drain_owner
@@ -704,145 +540,80 @@ class HostCore:
             # pending: an ingest cannot slip a redelivered copy of a chunk message in
             # between (it would be skipped here and parked behind newer ones).
             async with self._lane:
-                status, take, n_raw = await self._next_chunk(mb, owner, drop_n)
-            if status != 1:  # 2: drained and unparked; 0: no longer waiting on it
-                if mb.drain_owner is owner:
-                    mb.drain_owner, mb.undropped = None, 0
+                status, chunk = await self._next_chunk(mb, owner, drop_n)
+            if status != DRAIN_MORE:  # 2: drained and unparked; 0: no longer waiting on it
+                self.machine.drain_over(mb, owner)
                 self._finish(owner, mb)
                 if status == 2:
                     log.info("host.unparked", user=mb.user, after=owner.envelope.message_id)
                 return
-            if not take:
-                drop_n = n_raw
+            if not chunk.take:
+                drop_n = chunk.n_raw
                 continue
-            self.counts["unparked"] += len(take)
-            m_unparked.inc(len(take))
-            take[-1].chunk_end = True
-            mb.drain_owner, mb.undropped = owner, n_raw
-            owner.draining = True
+            self.counts["unparked"] += len(chunk.take)
+            m_unparked.inc(len(chunk.take))
+            self.machine.chunk_begins(mb, owner, chunk)
             await self._hand_over_hold(owner)
-            for i, q in enumerate(take):
-                mb.queue.insert(1 + i, q)
-                mb.unfinished += 1
+            self.machine.chunk_runs(mb, chunk)
             return
 
-    async def _next_chunk(
-        self, mb: UserMailbox, owner: Pending, drop_n: int
-    ) -> tuple[int, list[Pending], int]:
-        """(status, messages to run, items read) of one `advance`: drop what the previous
-        chunk consumed, read the next, skip what is done or already here (registered as
-        pending before returning). The caller holds the lane."""
+    async def _next_chunk(self, mb: UserMailbox, owner: Pending, drop_n: int) -> tuple[int, Chunk]:
+        """(status, chunk) of one `advance`: drop what the previous chunk consumed, read
+        the next, skip what is done or already here (registered as pending before
+        returning). The caller holds the lane."""
         assert self.retry_order is not None
         user, mid = mb.user, owner.envelope.message_id
         chunk = self.opt.park_drain_chunk
-        advance = functools.partial(self.retry_order.advance, user, mid, drop_n, chunk, _op_id())
-        status, raw = await self._retry_durable("advance", advance)
-        if status != 1:
-            return status, [], 0
-        items: list[tuple[Delivery, Envelope]] = []
-        for value in raw:
-            try:
-                env = Envelope.from_bytes(value)
-            except EnvelopeError:  # never parked unparsed; skip rather than block
-                log.error("host.parked_unreadable", user=user)
-                continue
-            d = owner.delivery._replace(
-                partition=-1,
-                offset=-1,
-                value=value,
-                msg_id=env.message_id,
-                retry_count=0,
-                is_retry=False,
-                is_drain=False,
-            )
-            items.append((d, env))
-        ids = [e.message_id for _, e in items if e.message_id not in self.pending]
+        advance = functools.partial(self.retry_order.advance, user, mid, drop_n, chunk, op_id())
+        status, raw = await retry_durable("advance", advance, self.opt.redis_retry_max_s)
+        if status != DRAIN_MORE:
+            return status, Chunk([], 0)
+        items, unreadable = self.machine.parse_chunk(owner, raw)
+        for _ in range(unreadable):
+            log.error("host.parked_unreadable", user=user)
+        ids = self.machine.ids_to_ask(items)
         done = await self.dedup.already_done(ids) if ids else set()
-        # A lot can hold one message twice (a re-pulled or re-delivered copy parked
-        # behind the original): run the first copy only.
-        take: list[Pending] = []
-        for d, e in items:
-            item_id = e.message_id  # not `mid`: that names the owner (advance needs it)
-            if item_id in done or item_id in self.pending or item_id in self.dedup.recent:
-                continue
-            q = Pending(d, e, [])
-            self.pending[item_id] = q
-            take.append(q)
-        return status, take, len(raw)
+        return status, self.machine.chunk_read(items, done, self.dedup.recent, len(raw))
 
     async def _hand_over_hold(self, owner: Pending) -> None:
         """Put a new drain token on the main topic, then complete the records the drain
         held so far (the retry, earlier tokens that came back). Nothing to do while the
         previous token is still on its way: it holds the place."""
-        if owner.late_retries:  # copies that came during its attempt: it is settled now
-            owner.waiters.extend(owner.late_retries)
-            owner.late_retries = []
-        if self.drain_tokens is None or not owner.waiters:
+        if not self.machine.hand_over(owner, self.drain_tokens is not None):
             return
+        assert self.drain_tokens is not None
         env = owner.envelope
         token = functools.partial(
             self.drain_tokens.drain_token, env.external_userid, env.message_id, env.open_kfid
         )
-        await self._retry_durable("drain_token", token, errors=(Exception,))
-        held, owner.waiters = owner.waiters, []
-        for w in held:
+        await retry_durable("drain_token", token, self.opt.redis_retry_max_s, (Exception,))
+        for w in self.machine.handed_over(owner):
             self._complete(w)
 
     def _finish(self, p: Pending, mb: UserMailbox | None) -> None:
-        self.pending.pop(p.envelope.message_id, None)
-        for w in p.waiters:
+        done = self.machine.finish(p, mb, self.clock())
+        for w in done.complete:
             self._complete(w)
-        if p.late_retries:
-            if p.failed:  # the retry is the next attempt: ingest it now (after p)
-                self.accept(p.late_retries)
-            else:
-                for w in p.late_retries:
-                    self._complete(w)
-        if mb is not None:
-            mb.unfinished -= 1
-            mb.last_active_s = self.clock()
+        if done.reingest:  # a failed attempt's retry is the next attempt: ingest it now
+            self.accept(done.reingest)
 
     # ------------------------------------------------------------ dead letters
 
-    def _letter(self, d: Delivery, env: Envelope | None, reason: str, error: str) -> DeadLetter:
-        return DeadLetter(
-            reason=reason,
-            error=error[:2000],
-            message_id=env.message_id if env else (d.msg_id or "{}:{}:{}".format(*d.tpo)),
-            user=env.external_userid if env else d.key,
-            open_kfid=env.open_kfid if env else "",
-            topic=d.topic,
-            partition=d.partition,
-            offset=d.offset,
-            timestamp_ms=d.timestamp_ms,
-            value=d.value,
-            retryable=reason in RETRYABLE_REASONS,
-            attempt=d.retry_count + 1,  # so dlq.max_retries bounds a message's retries
-        )
-
-    async def _durable_dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await self.sink.dead_letter(letters)
-                self.counts["dead_letter"] += len(letters)
-                return
-            except Exception as exc:  # never complete a message whose letter is not durable
-                log.error("dlq.write_retry", host=self.name, error=str(exc), delay_s=delay)
-                await asyncio.sleep(delay + random.random() * delay)
-                delay = min(delay * 2, 5.0)
+    async def _dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        await durable_dead_letter(self.sink, letters, self.name)
+        self.counts["dead_letter"] += len(letters)
 
     async def _dead_letter_then_finish(
         self, letters: Sequence[DeadLetter], items: Sequence[Pending]
     ) -> None:
-        await self._durable_dead_letter(letters)
+        await self._dead_letter(letters)
         for p in items:
             self._finish(p, None)
 
     async def _dead_letter_then_complete(
         self, letters: Sequence[DeadLetter], waiters: Sequence[list[Delivery]]
     ) -> None:
-        await self._durable_dead_letter(letters)
+        await self._dead_letter(letters)
         for ws in waiters:
             for w in ws:
                 self._complete(w)
@@ -887,20 +658,10 @@ class HostCore:
 
     def sweep(self) -> list[str]:
         """Start dying for every mailbox idle longer than idle_lifetime_s; returns users."""
-        now = self.clock()
-        expired = []
-        for user, mb in list(self.mailboxes.items()):
-            if (
-                mb.state is State.ACTIVE
-                and not mb.queue
-                and mb.unfinished == 0
-                and not mb.scheduled
-                and now - mb.last_active_s >= self.opt.idle_lifetime_s
-            ):
-                mb.state = State.DYING
-                expired.append(user)
-                self._spawn(self._die(mb))
-        return expired
+        expired = self.machine.expire(self.clock(), self.opt.idle_lifetime_s)
+        for mb in expired:
+            self._spawn(self._die(mb))
+        return [mb.user for mb in expired]
 
     async def _die(self, mb: UserMailbox) -> None:
         try:
@@ -909,10 +670,8 @@ class HostCore:
             else:
                 await asyncio.sleep(0)
         finally:
-            mb.state = State.DEAD
+            self.machine.died(mb)
             mb.dead.set()
-            if self.mailboxes.get(mb.user) is mb:
-                del self.mailboxes[mb.user]
 
     def idle(self) -> bool:
         """Nothing queued, running, pending durability or unreported (dedicated actors)."""

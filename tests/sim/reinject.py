@@ -11,6 +11,8 @@ from pathlib import Path
 
 UA = "qywx_ray/consume/user_actor.py"
 HR = "qywx_ray/consume/host_rules.py"
+MM = "qywx_ray/consume/mailbox_machine.py"
+IO = "qywx_ray/consume/host_io.py"
 DL = "qywx_ray/consume/deadlines.py"
 W = "tests/sim/world.py"
 
@@ -34,23 +36,23 @@ elif d == "2":  # the park does not hold the lane: admits race it, the rest stay
     patch(
         UA,
         """        async with self._lane:
-            later = list(mb.queue)[1:]""",
+            park = self.machine.plan_park(mb, p)""",
         """        async with contextlib.AsyncExitStack():
-            later = list(mb.queue)[1:]""",
+            park = self.machine.plan_park(mb, p)""",
     )
     patch(
-        UA,
-        """            assert len(mb.queue) == 1 + len(later), "the queue changed under the lane\"""",
-        """            rest = list(mb.queue)[1 + len(later):]""",
+        MM,
+        """        assert len(mb.queue) == 1 + len(park.later), "the queue changed under the lane\"""",
+        """        rest = list(mb.queue)[1 + len(park.later):]""",
     )
     patch(
-        UA,
-        """            while len(mb.queue) > 1:
-                mb.queue.pop()""",
-        """            head = mb.queue[0]
-            mb.queue.clear()
-            mb.queue.append(head)
-            mb.queue.extend(rest)""",
+        MM,
+        """        while len(mb.queue) > 1:
+            mb.queue.pop()""",
+        """        head = mb.queue[0]
+        mb.queue.clear()
+        mb.queue.append(head)
+        mb.queue.extend(rest)""",
     )
     patch(UA, "import asyncio\n", "import asyncio\nimport contextlib\n")
 elif d == "3":
@@ -63,9 +65,9 @@ elif d == "4":  # only WAITED_ON drains; a bypassed retry/token runs without a d
         """        waited_on = has_lot and code == WAITED_ON""",
     )
     patch(
-        UA,
-        """            return [WAITED_ON if p.skip_handler else ADMITTED for p in items]""",
-        """            return [ADMITTED for p in items]""",
+        IO,
+        """        return [WAITED_ON if p.skip_handler else ADMITTED for p in items]""",
+        """        return [ADMITTED for p in items]""",
     )
 elif d == "5":  # a handler's own CancelledError propagates and kills the worker
     patch(
@@ -84,11 +86,9 @@ elif d == "5":  # a handler's own CancelledError propagates and kills the worker
     )
 elif d == "6":  # the drain holds the retry's record until the lot is empty
     patch(
-        UA,
-        """        if self.drain_tokens is None or not owner.waiters:
-            return""",
-        """        if True:
-            return""",
+        MM,
+        """        return has_tokens and bool(owner.waiters)""",
+        """        return False""",
     )
 elif d == "7":  # the recovery releases by peek/produce/trim (old dlq/recovery.py)
     patch(

@@ -1,0 +1,254 @@
+"""HostCore's calls to the outside world, each with its failure policy (no mailbox state).
+
+The mailbox machine (mailbox_machine.py) decides; HostCore (user_actor.py) awaits these.
+What each must never do:
+- protection (rate limit, the lot's admit) under policy `stop` never admits past a
+  Redis outage: it retries with backoff, so the batch waits and nothing commits; under
+  `process` it admits unchecked and says so (`bypassed`);
+- an order-critical write (park, hold, advance, drain token) is retried until it
+  succeeds whatever the policy, with the same op id, so a resend is applied once;
+- a dead letter is retried until it is durable: nothing completes before;
+- only infrastructure errors are retried by protection: any other error is a bug, and
+  retrying a call that may have recorded state would count the batch twice;
+- a handler that fails because our Redis is down is retried in place for a while (the
+  user's next message waits, nothing commits past it) before it becomes a dead letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from qywx_ray.consume.deadlines import HandlerDeadlines
+from qywx_ray.consume.handlers import (
+    Handler,
+    HandlerContext,
+    classify,
+    is_infra_error,
+    run_handler,
+    typed_message,
+)
+from qywx_ray.consume.mailbox import Pending
+from qywx_ray.consume.types import (
+    ADMITTED,
+    REASON_TIMEOUT,
+    RETRYABLE_REASONS,
+    WAITED_ON,
+    Admission,
+    DeadLetter,
+    DeadLetterSink,
+    Delivery,
+    RetryOrder,
+)
+from qywx_ray.envelope import Envelope
+from qywx_ray.errors import InfraError
+from qywx_ray.obs.logging import get_logger
+from qywx_ray.obs.metrics import counter
+
+log = get_logger(__name__)
+
+# Store unreachable (the limiter wraps RedisError in InfraError; parking raises RedisError).
+INFRA_ERRORS = (InfraError, RedisError, OSError, TimeoutError)
+
+m_bypassed = counter(
+    "qywx_admission_bypassed_total", "Messages admitted unchecked: Redis down, policy process"
+)
+m_handler_infra_retries = counter(
+    "qywx_handler_infra_retries_total", "Handler runs retried in place: our Redis unreachable"
+)
+
+# (what, call, n) -> the call's answer, or None when bypassed (policy process)
+PolicyCall = Callable[[str, Callable[[], Awaitable[Any]], int], Awaitable[Any]]
+
+
+def op_id() -> str:
+    """Idempotency key of one parking write, reused by its retries: a retry after a lost
+    reply or a timeout (the write may have happened) must not drop or push twice."""
+    return uuid.uuid4().hex
+
+
+async def with_policy(
+    what: str,
+    call: Callable[[], Awaitable[Any]],
+    n: int,
+    *,
+    policy: str,
+    retry_max_s: float,
+    bypassed: Callable[[int], None],
+) -> Any:
+    """Redis-backed protection: policy stop retries with backoff (the batch waits, so
+    nothing completes and commits do not advance); policy process admits, reports
+    `bypassed(n)` and returns None. Only infrastructure errors are retried: any other
+    error propagates (crash-only: the host restarts)."""
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except INFRA_ERRORS as exc:
+            if policy == "process":
+                bypassed(n)
+                m_bypassed.inc(n)
+                log.warning("host.admission_bypassed", what=what, n=n, error=str(exc))
+                return None
+            log.warning("host.admission_retry", what=what, delay_s=delay, error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, retry_max_s)
+
+
+async def retry_durable(
+    what: str,
+    call: Callable[[], Awaitable[Any]],
+    retry_max_s: float,
+    errors: tuple[type[BaseException], ...] = INFRA_ERRORS,
+) -> Any:
+    """Order-critical writes (parking lot, drain tokens): retried until they succeed,
+    whatever the policy; each carries its op id, so a resend is applied once."""
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except errors as exc:
+            log.warning("host.write_retry", what=what, delay_s=delay, error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, retry_max_s)
+
+
+async def rate_limit(
+    admission: Admission, items: list[Pending], policy: PolicyCall
+) -> dict[str, str]:
+    """Denial reason by message id (one round trip, each message at its send time);
+    policy applies if Redis is down."""
+    if not items:
+        return {}
+    times: dict[str, list[float]] = {}
+    for p in items:
+        t = p.envelope.send_time or p.delivery.timestamp_ms / 1000.0
+        times.setdefault(p.envelope.external_userid, []).append(float(t))
+    timed = getattr(admission, "admit_at", None)
+
+    async def ask() -> dict[str, list[str | None]]:
+        if timed is not None:
+            return await timed(list(times.items()))  # type: ignore[no-any-return]
+        return await admission.admit([(u, len(ts)) for u, ts in times.items()])
+
+    decisions = await policy("admission", ask, len(items))
+    if decisions is None:
+        return {}
+    cursor: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for p in items:
+        user = p.envelope.external_userid
+        i = cursor.get(user, 0)
+        cursor[user] = i + 1
+        got = decisions.get(user) or []
+        reason = got[i] if i < len(got) else None
+        if reason is not None:
+            out[p.envelope.message_id] = reason
+    return out
+
+
+async def admit_parking(
+    order: RetryOrder | None, items: list[Pending], policy: PolicyCall
+) -> list[int]:
+    """The lot's admit code per item (PARKED / ADMITTED / WAITED_ON). Bypassed (policy
+    process): everything is admitted, but a token still asks the lot itself when it
+    runs (WAITED_ON), and a retry drains after it (plan_placement): no user stays
+    parked behind a blocker that ran without a drain (issue 15, defect 4)."""
+    if not items:
+        return []
+    if order is None:
+        return [ADMITTED] * len(items)
+    request = [
+        (
+            p.envelope.external_userid,
+            p.envelope.message_id,
+            p.delivery.value,
+            p.delivery.is_retry or p.skip_handler,
+            p.delivery.partition,
+            p.delivery.offset,
+        )
+        for p in items
+    ]
+
+    async def ask() -> list[int]:
+        return await order.admit(request)
+
+    codes = await policy("parking", ask, len(items))
+    if codes is None:  # bypassed (policy process): a token still asks the lot itself
+        return [WAITED_ON if p.skip_handler else ADMITTED for p in items]
+    return codes  # type: ignore[no-any-return]
+
+
+def dead_letter(d: Delivery, env: Envelope | None, reason: str, error: str) -> DeadLetter:
+    """The dead letter of delivery `d` (`env` None: it did not parse)."""
+    return DeadLetter(
+        reason=reason,
+        error=error[:2000],
+        message_id=env.message_id if env else (d.msg_id or "{}:{}:{}".format(*d.tpo)),
+        user=env.external_userid if env else d.key,
+        open_kfid=env.open_kfid if env else "",
+        topic=d.topic,
+        partition=d.partition,
+        offset=d.offset,
+        timestamp_ms=d.timestamp_ms,
+        value=d.value,
+        retryable=reason in RETRYABLE_REASONS,
+        attempt=d.retry_count + 1,  # so dlq.max_retries bounds a message's retries
+    )
+
+
+async def durable_dead_letter(
+    sink: DeadLetterSink, letters: Sequence[DeadLetter], host: str
+) -> None:
+    """Retried (jittered backoff) until the sink says durable: never complete a message
+    whose letter is not."""
+    delay = 0.05
+    while True:
+        try:
+            await sink.dead_letter(letters)
+            return
+        except Exception as exc:
+            log.error("dlq.write_retry", host=host, error=str(exc), delay_s=delay)
+            await asyncio.sleep(delay + random.random() * delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def run_head(
+    handler: Handler,
+    typed: bool,
+    deadlines: HandlerDeadlines,
+    env: Envelope,
+    ctx: HandlerContext,
+    *,
+    clock: Callable[[], float],
+    infra_retry_s: float,
+    retry_max_s: float,
+) -> tuple[str | None, str]:
+    """Run the handler on one head: (None, "") on success, else (reason, error). A
+    handler that fails because our Redis is unreachable or failing over is retried in
+    place (short backoff, up to `infra_retry_s`): the user's next message waits and
+    nothing commits past it, as with policy stop elsewhere; only a longer outage makes
+    it a dead letter. `typed`: the handler takes a typed message, else the Envelope."""
+    deadline_s = clock() + infra_retry_s
+    delay_s = 0.05
+    while True:
+        try:
+            message = typed_message(env) if typed else env
+            await deadlines.run(run_handler(handler, message, ctx))
+            return None, ""
+        except TimeoutError:
+            return REASON_TIMEOUT, f"handler exceeded {deadlines.timeout_s}s"
+        except Exception as exc:
+            reason, _ = classify(exc)
+            error = f"{type(exc).__name__}: {exc}"
+            if not is_infra_error(exc) or clock() >= deadline_s:
+                return reason, error
+        m_handler_infra_retries.inc()
+        log.warning("handler.infra_retry", message_id=env.message_id, delay_s=delay_s, error=error)
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, retry_max_s)
