@@ -158,7 +158,7 @@ async def admit_parking(
     """The lot's admit code per item (PARKED / ADMITTED / WAITED_ON). Bypassed (policy
     process): everything is admitted, but a token still asks the lot itself when it
     runs (WAITED_ON), and a retry drains after it (plan_placement): no user stays
-    parked behind a blocker that ran without a drain (issue 15, defect 4)."""
+    parked behind a blocker that ran without a drain (tests/unit/test_consume_order_defects.py)."""
     if not items:
         return []
     if order is None:

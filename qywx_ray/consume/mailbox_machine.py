@@ -23,7 +23,7 @@ Commands: `Finish` (finish this message), `Start` (schedule this mailbox: it got
 first work), `Overflow` (a full mailbox: count a failure; maybe dead-letter queue_full),
 `Park`, holds to write, deliveries to complete or ingest again.
 
-The rules it keeps (issue 15):
+The rules it keeps (the simulator in tests/sim checks them):
 - finishing a message completes every delivery of its id, except a DLQ retry that came
   during a failed attempt: that one is the next attempt and is ingested afresh;
 - only the head parks its user; the park's snapshot is the whole queue behind the head

@@ -6,7 +6,7 @@ message's send time, then the per-user parking lot for retry order), runs each u
 head message (circuit breaker decided there), writes done-flags in batches,
 dead-letters failures, and reports completions in batches.
 
-Per-user order across DLQ retries (issue 15; proven by tests/sim):
+Per-user order across DLQ retries (proven by the simulator in tests/sim):
 - Only a mailbox HEAD may park its user (every older message has finished): a failure
   parks the user behind it with the queued later messages in front of the lot, BEFORE
   its dead letter (a drained message, which has no record of its own: after it).
@@ -160,7 +160,8 @@ class HostCore:
         self.drain_tokens = drain_tokens
         # One lane for every parking-lot call of this host (admit, park, hold, advance):
         # Redis applies them in the order the host decided them, and the mailbox snapshot
-        # a park pushes is taken while no admit can be in flight (issue 15, defect 2).
+        # a park pushes is taken while no admit can be in flight
+        # (tests/unit/test_consume_order_defects.py).
         self._lane = asyncio.Lock()
         self.opt = options or CoreOptions()
         self.redis = redis
@@ -223,7 +224,7 @@ class HostCore:
                     items.extend(self._inbox.popleft())
                 # The whole ingest holds the lane: while a drain or park talks to the lot,
                 # no batch is half-way (registered as pending but not yet placed), so a
-                # drained message never meets a copy of itself in flight (issue 15).
+                # drained message never meets a copy of itself in flight.
                 async with self._lane:
                     await self._ingest(items)
             except Exception:
@@ -393,7 +394,7 @@ class HostCore:
 
     async def _process(self, mb: UserMailbox, p: Pending) -> None:
         """Run the head of `mb` to a durable outcome. Only the head may park the user: every
-        older message of the user has finished, so nothing can overtake it (issue 15)."""
+        older message of the user has finished, so nothing can overtake it."""
         env = p.envelope
         d = p.delivery
         if p.skip_handler:  # a drain token (or a done retry): drain the lot, run nothing
