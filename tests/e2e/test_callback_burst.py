@@ -155,8 +155,11 @@ def test_burst_of_2000_callbacks_is_answered_fast_coalesced_and_lossless(
     print(f"sync_msg calls during the burst: {sync_calls} for {BURST} callbacks")
     # ≤ ~10 pull requests a second reach the syncer host (min_send_interval_s = 0.1 s),
     # each pull = one sync_msg call here (one page); 2,000 un-coalesced would be 2,000.
+    # The rate bound above is the coalescing rule; the absolute one only says "far fewer
+    # than one per callback" (BURST / 10 failed a loaded run whose burst took 24 s: 213
+    # pulls, ~9 a second, exactly the rule).
     assert 1 <= sync_calls <= 15 * (burst_s + 5)
-    assert sync_calls < BURST / 10
+    assert sync_calls < BURST / 2
     routed, shed = (
         metric(ingress, "qywx_callbacks_total"),
         metric(ingress, "qywx_callbacks_shed_total"),
