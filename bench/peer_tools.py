@@ -58,35 +58,19 @@ def peer_cache_dir() -> Path:
 
 def ensure_peer_jars() -> Path:
     """Parallel Consumer + kafka-clients + runtime deps in one folder (Maven, once)."""
-    libs = peer_cache_dir() / "libs"
-    if (libs / ".complete").exists():
-        return libs
-    if shutil.which("mvn") is None:
-        raise PeerError("Maven (mvn) is needed to fetch Parallel Consumer: apt-get install maven")
-    tmp = libs.with_name("libs.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    argv = [
-        "mvn",
-        "-B",
-        "-q",
-        "-f",
-        str(POM),
-        "dependency:copy-dependencies",
-        f"-DoutputDirectory={tmp}",
-        "-DincludeScope=runtime",
-    ]
+    from qywx_ray.devstack.kafka import maven_copy_dependencies
+    from qywx_ray.errors import InfraError
+
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired as exc:
-        raise PeerError("Maven did not finish fetching Parallel Consumer in 900 s") from exc
-    if result.returncode != 0:
-        raise PeerError(f"Maven could not fetch Parallel Consumer:\n{result.stdout[-3000:]}")
-    if not any(tmp.glob("parallel-consumer-core-*.jar")):
-        raise PeerError(f"Maven finished but no parallel-consumer-core jar is in {tmp}")
-    shutil.rmtree(libs, ignore_errors=True)
-    tmp.rename(libs)
-    (libs / ".complete").write_text(json.dumps(peer_versions()))
-    return libs
+        return maven_copy_dependencies(
+            POM,
+            peer_cache_dir() / "libs",
+            "Parallel Consumer",
+            "parallel-consumer-core-*.jar",
+            json.dumps(peer_versions()),
+        )
+    except InfraError as exc:
+        raise PeerError(str(exc)) from exc
 
 
 def ensure_peer_classes(libs: Path) -> Path:

@@ -43,39 +43,38 @@ def kafka_libs_dir() -> Path:
     return cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
 
 
-def ensure_kafka_jars() -> Path:
-    """Fetch the broker jars with Maven once; later calls find them in the cache."""
-    libs = kafka_libs_dir()
+def maven_copy_dependencies(pom: Path, libs: Path, what: str, expect_glob: str, stamp: str) -> Path:
+    """Fetch a POM's runtime jars into `libs` with Maven, once: `libs/.complete` marks a
+    finished fetch; a partial one is redone. `expect_glob` must match a jar afterwards.
+    Used for Kafka's broker jars and for the benchmark peers'."""
     marker = libs / ".complete"
     if marker.exists():
         return libs
     if shutil.which("mvn") is None:
-        raise InfraError("Maven (mvn) is needed to fetch Kafka's jars: apt-get install maven")
+        raise InfraError(f"Maven (mvn) is needed to fetch {what}: apt-get install maven")
     tmp = libs.with_name("libs.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    result = subprocess.run(
-        [
-            "mvn",
-            "-B",
-            "-q",
-            "-f",
-            str(POM),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={tmp}",
-            "-DincludeScope=runtime",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    argv = ["mvn", "-B", "-q", "-f", str(pom), "dependency:copy-dependencies"]
+    argv += [f"-DoutputDirectory={tmp}", "-DincludeScope=runtime"]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired as exc:
+        raise InfraError(f"Maven did not finish fetching {what} in 900 s") from exc
     if result.returncode != 0:
-        raise InfraError(f"Maven could not fetch Kafka {KAFKA_VERSION}:\n{result.stdout[-3000:]}")
-    if not any(tmp.glob("kafka_2.13-*.jar")):
-        raise InfraError(f"Maven finished but no kafka_2.13 jar is in {tmp}")
+        raise InfraError(f"Maven could not fetch {what}:\n{result.stdout[-3000:]}")
+    if not any(tmp.glob(expect_glob)):
+        raise InfraError(f"Maven finished but no {expect_glob} is in {tmp}")
     shutil.rmtree(libs, ignore_errors=True)
     tmp.rename(libs)
-    marker.write_text(KAFKA_VERSION)
+    marker.write_text(stamp)
     return libs
+
+
+def ensure_kafka_jars() -> Path:
+    """Fetch the broker jars with Maven once; later calls find them in the cache."""
+    return maven_copy_dependencies(
+        POM, kafka_libs_dir(), f"Kafka {KAFKA_VERSION}", "kafka_2.13-*.jar", KAFKA_VERSION
+    )
 
 
 def java_bin() -> str:
