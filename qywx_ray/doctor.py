@@ -141,7 +141,7 @@ def _redis_checks(rs: RedisSettings, timeout_s: float) -> list[Check]:
 def _min_replicas_to_write(client: redis.Redis) -> int | None:
     """None when the server hides CONFIG (managed Redis services often do)."""
     try:
-        got: dict[Any, Any] = client.config_get("min-replicas-to-write")  # type: ignore[assignment]
+        got: dict[Any, Any] = client.config_get("min-replicas-to-write")
     except redis.ResponseError:
         return None
     value = got.get("min-replicas-to-write", got.get(b"min-replicas-to-write", 0))

@@ -138,7 +138,7 @@ def create_app(
     app.state.sink = sink
     app.state.shedder = shedder
     app.add_middleware(
-        ShedMiddleware,  # type: ignore[arg-type]
+        ShedMiddleware,
         shedder=shedder,
         backlog=ShedBacklog(s.callback_shed_backlog, s.callback_shed_backlog_max_bytes),
         crypto=crypto,

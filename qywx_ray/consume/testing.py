@@ -59,7 +59,7 @@ def produce(settings: Settings, items: Iterable[Envelope], flush_timeout_s: floa
                     topic,
                     key=env.key,
                     value=env.to_bytes(),
-                    headers=list(env.headers()),  # type: ignore[arg-type]
+                    headers=list(env.headers()),
                 )
                 break
             except BufferError:
@@ -74,7 +74,7 @@ def produce(settings: Settings, items: Iterable[Envelope], flush_timeout_s: floa
 
 
 def records(redis: Any, key: str) -> list[tuple[str, str]]:
-    return [tuple(x.decode().split("|", 1)) for x in redis.lrange(key, 0, -1)]  # type: ignore[misc]
+    return [tuple(x.decode().split("|", 1)) for x in redis.lrange(key, 0, -1)]
 
 
 @dataclass
@@ -141,7 +141,7 @@ def produce_one(settings: Settings, env: Envelope, timeout_s: float = 30.0) -> t
         settings.kafka.main_topic.name,
         key=env.key,
         value=env.to_bytes(),
-        headers=list(env.headers()),  # type: ignore[arg-type]
+        headers=list(env.headers()),
         on_delivery=on_delivery,
     )
     producer.flush(timeout_s)

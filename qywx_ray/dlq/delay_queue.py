@@ -158,7 +158,7 @@ class DelayQueue:
 
     def due_of(self, entry_id: str) -> float | None:
         score = self._r.zscore(self.keys[0], entry_id)
-        return None if score is None else float(cast(float, score))
+        return None if score is None else float(score)
 
     def counts(self) -> tuple[int, int]:
         """(waiting, in flight)."""

@@ -106,10 +106,10 @@ class DLQIndex:
         pipe.execute()
 
     def review_count(self) -> int:
-        return int(cast(int, self._r.hlen(self.review)))
+        return int(self._r.hlen(self.review))
 
     def total(self) -> int:
-        return int(cast(int, self._r.hlen(self.letters)))
+        return int(self._r.hlen(self.letters))
 
     def reason_counts(self, reasons: Sequence[str]) -> dict[str, int]:
         pipe = self._r.pipeline(transaction=False)

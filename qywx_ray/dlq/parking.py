@@ -152,7 +152,7 @@ def _admit_call(items: Sequence[AdmitItem]) -> tuple[list[str], list[str | bytes
     args: list[str | bytes] = []
     for item in items:
         user, message_id, envelope, is_retry = item[:4]
-        partition, offset = (item[4], item[5]) if len(item) == 6 else (-1, -1)  # type: ignore[misc]
+        partition, offset = (item[4], item[5]) if len(item) == 6 else (-1, -1)
         keys += [FLAG_PREFIX + user, LIST_PREFIX + user, AT_PREFIX + user]
         args += [message_id, envelope, "1" if is_retry else "0", str(partition), str(offset)]
     return keys, args
@@ -226,7 +226,7 @@ class Parking:
         return cast(list[bytes], self._r.lrange(LIST_PREFIX + user, 0, max_n - 1))
 
     def parked_count(self, user: str) -> int:
-        return int(cast(int, self._r.llen(LIST_PREFIX + user)))
+        return int(self._r.llen(LIST_PREFIX + user))
 
 
 def _reason(reason: str) -> FailureReason:

@@ -43,7 +43,7 @@ class CursorStore:
     async def get(self, open_kfid: str) -> str:
         """The stored cursor, or "" (start of WeCom's retained history)."""
         try:
-            value = await self.redis.hget(self.key(open_kfid), "cursor")  # type: ignore[misc]
+            value = await self.redis.hget(self.key(open_kfid), "cursor")
         except RedisError as exc:
             raise InfraError(f"redis unavailable while reading cursor {open_kfid}: {exc}") from exc
         if value is None:

@@ -210,7 +210,7 @@ class Spool:
         if not users:
             return set()
         try:
-            flags = await self.redis.smismember(self.index_key, list(users))  # type: ignore[misc]
+            flags = await self.redis.smismember(self.index_key, list(users))
         except RedisError as exc:
             raise _redis_error("checking the spool index", exc) from exc
         return {u for u, f in zip(users, flags, strict=True) if f}
@@ -247,7 +247,7 @@ class Spool:
 
     async def users(self) -> list[str]:
         try:
-            members = await self.redis.smembers(self.index_key)  # type: ignore[misc]
+            members = await self.redis.smembers(self.index_key)
         except RedisError as exc:
             raise _redis_error("listing spooled users", exc) from exc
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
@@ -297,7 +297,7 @@ class Spool:
         """Set an entry Kafka can never take aside for an operator (kept, not dropped),
         instead of blocking the user forever. Call before trimming it from the spool."""
         try:
-            await self.redis.rpush(self.dead_key, raw)  # type: ignore[misc]
+            await self.redis.rpush(self.dead_key, raw)
         except RedisError as exc:
             raise _redis_error("setting a spool entry aside", exc) from exc
         SPOOL_BURIED.inc()
@@ -325,7 +325,7 @@ class Spool:
     async def entries(self, user: str) -> list[Envelope]:
         """Everything spooled for one user, in order (for admin views and tests)."""
         try:
-            rows = await self.redis.lrange(self.key(user), 0, -1)  # type: ignore[misc]
+            rows = await self.redis.lrange(self.key(user), 0, -1)
         except RedisError as exc:
             raise _redis_error("reading the spool", exc) from exc
         return [Envelope.from_bytes(r if isinstance(r, bytes) else r.encode()) for r in rows]

@@ -229,7 +229,7 @@ def syncer_host_actor_class() -> Any:
 def get_syncer_host(settings: Settings, index: int) -> Any:
     """The named host actor, created on first use (detached: it outlives the caller)."""
     actor_cls = syncer_host_actor_class()
-    return actor_cls.options(  # type: ignore[attr-defined]
+    return actor_cls.options(
         name=syncer_host_name(index),
         namespace=settings.ray_namespace,
         lifetime="detached",

@@ -101,7 +101,7 @@ class AsyncFailoverRetry(AsyncRetry):
     """The asyncio twin of FailoverRetry."""
 
     def __init__(self, budget_s: float, base_s: float, cap_s: float) -> None:
-        super().__init__(ExponentialBackoff(cap=cap_s, base=base_s), -1, _CAUGHT)  # type: ignore[arg-type]
+        super().__init__(ExponentialBackoff(cap=cap_s, base=base_s), -1, _CAUGHT)
         self.budget_s = budget_s
 
     async def call_with_retry(
@@ -143,7 +143,7 @@ class _FollowMasterConnection(SentinelManagedConnection):
         self, check_health: bool = True, retry_socket_connect: bool = True
     ) -> None:
         if retry_socket_connect and not self._sock:  # not from connect_to(): look up
-            self._connect_retry()
+            self._connect_retry()  # type: ignore[no-untyped-call]  # redis-py, untyped
             return
         super().connect_check_health(check_health, retry_socket_connect)
 
@@ -155,7 +155,7 @@ class _AsyncFollowMasterConnection(AsyncSentinelConnection):
         self, check_health: bool = True, retry_socket_connect: bool = True
     ) -> None:
         if retry_socket_connect and not self.is_connected:
-            await self._connect_retry()
+            await self._connect_retry()  # type: ignore[no-untyped-call]  # redis-py, untyped
             return
         await super().connect_check_health(check_health, retry_socket_connect)
 

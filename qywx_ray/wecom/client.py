@@ -152,7 +152,7 @@ class RedisTokenCache:
         await self._client.set(self.key(corp_id), token, ex=max(1, ttl_s))
 
     async def invalidate(self, corp_id: str, token: str) -> None:
-        await self._client.eval(_DEL_IF_EQUAL, 1, self.key(corp_id), token)  # type: ignore[misc]
+        await self._client.eval(_DEL_IF_EQUAL, 1, self.key(corp_id), token)
 
 
 def _json_body(resp: httpx.Response) -> Any:
@@ -211,7 +211,7 @@ class WeComClient:
         """Delay before retry `attempt` (0-based): jittered exponential, ≤ retry_max_s."""
         s = self._settings
         cap = min(s.retry_max_s, s.retry_base_s * (2**attempt))
-        return cap * (0.5 + 0.5 * self._rng.random())
+        return float(cap * (0.5 + 0.5 * self._rng.random()))
 
     async def _request_once(
         self, api: str, method: str, path: str, params: dict[str, str], body: Any

@@ -24,12 +24,12 @@ class _Open(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    def model_dump(self, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
         kwargs.setdefault("exclude_unset", True)
         kwargs.setdefault("by_alias", True)
         return super().model_dump(**kwargs)
 
-    def model_dump_json(self, **kwargs: Any) -> str:  # type: ignore[override]
+    def model_dump_json(self, **kwargs: Any) -> str:
         kwargs.setdefault("exclude_unset", True)
         kwargs.setdefault("by_alias", True)
         return super().model_dump_json(**kwargs)
