@@ -183,7 +183,7 @@ async def host_run(where_json: str, open_kfid: str, messages: int, tag: str) -> 
 
 def run_hosts(svc: Any, kfids: list[str], messages: int, tag: str) -> list[dict[str, Any]]:
     """Start one host process per open_kfid, release them together, collect their reports."""
-    procs = []
+    procs: list[subprocess.Popen[str]] = []
     try:
         for kfid in kfids:
             cmd = [sys.executable, __file__, "--host", kfid, "--messages", str(messages)]

@@ -21,7 +21,7 @@ class BlockedUntil(Protocol):
     The protection engineer's RateLimiter.status can be adapted to this.
     """
 
-    def __call__(self, user_id: str) -> float | None: ...
+    def __call__(self, user_id: str, /) -> float | None: ...
 
 
 @dataclass(frozen=True)

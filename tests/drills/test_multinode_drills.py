@@ -211,7 +211,7 @@ def test_gcs_restart_with_redis_backed_gcs(
     with Chatter(p, ["wkG1", "wkG2"], users=6) as chatter:
         time.sleep(5.0)
         before = p.actor_nodes()
-        pids_before = {
+        pids_before: dict[str, Any] = {
             n: ray.get(ray.get_actor(n, namespace=p.settings.ray_namespace).where.remote())
             for n in before
         }
@@ -223,7 +223,7 @@ def test_gcs_restart_with_redis_backed_gcs(
         back_s = time.monotonic() - t0
         time.sleep(5.0)
     audit = finish(p, chatter.total, timeout_s=240)
-    pids_after = {
+    pids_after: dict[str, Any] = {
         n: ray.get(ray.get_actor(n, namespace=p.settings.ray_namespace).where.remote())
         for n in after
     }

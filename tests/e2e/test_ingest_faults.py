@@ -592,7 +592,7 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
                 return False
             token = stack.redis.get(lock_key)
             if token is not None:
-                held.append(token)
+                held.append(token)  # type: ignore[arg-type]  # third-party stubs
             return bool(held)
 
         poll(pull_holds_lock, timeout_s=10, what="a slowed pull to hold the lock")

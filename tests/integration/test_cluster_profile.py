@@ -48,7 +48,7 @@ def test_production_topics_and_acks_all_on_three_brokers(cluster3: KafkaCluster)
             s.kafka.main_topic.name,
             env.to_bytes(),
             env.key,
-            headers=env.headers(),
+            headers=env.headers(),  # type: ignore[arg-type]  # third-party stubs
             on_delivery=lambda err, _msg: errors.append(err) if err else None,
         )
     assert producer.flush(30) == 0

@@ -9,6 +9,7 @@ import redis as redis_lib
 from qywx_ray.consume.placement import Placement, RedisPlacementStore, Want, placement_prefix
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_redis
+from qywx_ray.store.settings import RedisSettings
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def _script_calls(client: redis_lib.Redis) -> int:
 def test_redis_placement_is_shared_capped_batched_and_released(
     redis_url: str, redis_client: redis_lib.Redis, unique: str
 ) -> None:
-    settings = Settings(redis={"url": redis_url})
+    settings = Settings(redis=RedisSettings(url=redis_url))
     prefix = placement_prefix(f"t{unique}")
     a = Placement(RedisPlacementStore(make_redis(settings.redis), prefix), cap=2)
     b = Placement(RedisPlacementStore(make_redis(settings.redis), prefix), cap=2)

@@ -125,7 +125,12 @@ def test_unreachable_topic_goes_to_emergency_file_and_replays_once(
     down.kafka.bootstrap_servers = "127.0.0.1:1"  # nothing listens there
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
     before = EMERGENCY_WRITES.total()
     letters = letters_for(50, "e")
     producer = DLQProducer(down, replay_in_background=False)
@@ -138,7 +143,7 @@ def test_unreachable_topic_goes_to_emergency_file_and_replays_once(
         published.append(len(batch))
         return publish(batch)
 
-    producer.publish = counted  # type: ignore[method-assign]
+    producer.publish = counted  # type: ignore[method-assign,assignment]
     try:
         producer.send_many_sync(letters[:30])
         assert producer.breaker.state == "open"

@@ -164,7 +164,7 @@ def test_end_to_end_with_injected_clock(
         assert h["retry_count"] == str(letter.retry_count + 1).encode()
         assert h["original_failure"] == b"downstream_error"
     assert "exhausted" not in by_id and not any(k.startswith("raw:") for k in by_id)
-    review = {k.decode() for k in redis_client.hkeys(index.review)}
+    review = {k.decode() for k in redis_client.hkeys(index.review)}  # type: ignore[union-attr]  # third-party stubs
     assert "exhausted" in review and len(review) == 3
 
 

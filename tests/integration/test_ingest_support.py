@@ -70,7 +70,7 @@ def read_topic(
             for msg in consumer.consume(1000, timeout=0.2):
                 if msg.error():
                     continue
-                out.append((msg.partition(), msg.offset(), Envelope.from_bytes(msg.value())))
+                out.append((msg.partition(), msg.offset(), Envelope.from_bytes(msg.value())))  # type: ignore[arg-type]  # third-party stubs
         return out
     finally:
         consumer.close()

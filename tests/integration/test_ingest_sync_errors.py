@@ -118,7 +118,7 @@ async def test_malformed_messages_with_a_msgid_reach_kafka_before_the_cursor_mov
         {**good, "msgid": "b1", "send_time": "1700000000.5"},
         {**good, "msgid": "g2"},
     ]
-    source = FakeSource([page])
+    source = FakeSource([page])  # type: ignore[list-item]  # malformed on purpose
     producer = FakeProducer()
     syncer = make_syncer(aredis, source, producer)
     invalid_before = metrics.counter("qywx_sync_invalid_messages_total", "").value()

@@ -145,7 +145,7 @@ async def test_kafka_down_spools_advances_cursor_then_replays_exactly_once(
             tried.append(len(envs))
             return await produce_batch(envs)
 
-        bad.produce_batch = counted  # type: ignore[method-assign]
+        bad.produce_batch = counted  # type: ignore[method-assign,assignment]
         down = make_syncer(settings, source, bad, aredis, breaker=breaker)
         result = await down.pull_once()
         # Page 1 failed in Kafka (1.5 s delivery timeout) and opened the breaker;

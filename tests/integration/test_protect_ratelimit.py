@@ -83,7 +83,7 @@ async def test_scenario1_normal_user_is_never_limited(
     status = await limiter.status("calm")
     assert status.violations == 0 and not status.blocked
     # Idle users cost nothing: the only key expires one window (+60 s slack) later.
-    keys = sorted(k.decode() for k in redis_client.keys("qywx:rl:*"))
+    keys = sorted(k.decode() for k in redis_client.keys("qywx:rl:*"))  # type: ignore[union-attr]  # third-party stubs
     assert keys == ["qywx:rl:{calm}:st"]
     assert 0 < redis_client.pttl(keys[0]) <= 70_000
 
@@ -286,6 +286,7 @@ async def test_progressive_penalty_off_keeps_base_duration(
     for _ in range(3):
         out = (await limiter.check_batch([("u", 8)]))["u"]
         assert out[7].blocked_until == pytest.approx(clock.t + 3600)
+        assert out[7].blocked_until is not None
         clock.t = out[7].blocked_until + 1
 
 

@@ -197,7 +197,7 @@ async def test_master_crash_keeps_acknowledged_writes_async_client(
         assert cluster.role(old[1]) == "slave"
         # the client followed the new master (the crash itself is mostly absorbed by the
         # client's own retry, so the writer may see no error at all)
-        assert client.connection_pool.master_address == new
+        assert client.connection_pool.master_address == new  # type: ignore[attr-defined]  # third-party stubs
     finally:
         await client.aclose()
 

@@ -161,11 +161,11 @@ async def test_simulator_pushes_over_tcp_and_redis_replay_drops_duplicates(
         assert len(sink.events) == 1  # the Redis replay cache absorbed the duplicate
         event = sink.events[0]
         assert event.open_kfid == KF
-        client = WeComClient(
+        client = WeComClient(  # type: ignore[assignment]  # the name is reused for the WeCom client
             SETTINGS.model_copy(update={"api_base": f"{sim_url}/cgi-bin"}),
             RedisTokenCache(make_async_redis(redis_settings)),
         )
-        page = await client.sync_msg(KF, token=event.token)
+        page = await client.sync_msg(KF, token=event.token)  # type: ignore[attr-defined]  # the name is reused for the WeCom client
         await client.aclose()
         assert [m["msgid"] for m in page.msg_list] == ids
     finally:
@@ -239,7 +239,7 @@ async def test_token_cache_shared_by_replicas_in_redis(
         state.add_messages(KF, "u", 1)
         assert len((await a.sync_msg(KF)).msg_list) == 1
         new_token = redis_client.get(key)
-        assert new_token is not None and new_token.decode() != token
+        assert new_token is not None and new_token.decode() != token  # type: ignore[union-attr]  # redis-py: bytes | str
         await b.invalidate_token(token)  # a stale replica must not delete the new token
         assert redis_client.get(key) == new_token
         assert len((await b.sync_msg(KF)).msg_list) == 1

@@ -12,11 +12,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from qywx_ray.settings import Settings, load_settings
+from qywx_ray.wecom.models import KfCallbackEvent
 from serve.app import create_admin_app, create_app
 
 
 class _Sink:
-    async def submit(self, open_kfid: str, token: str) -> None:
+    def submit(self, event: KfCallbackEvent) -> None:
         return None
 
 

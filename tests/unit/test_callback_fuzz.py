@@ -270,7 +270,7 @@ async def _run(overloaded: bool, reqs: list[Req]) -> None:
                 resp = await client.request(
                     req.method,
                     URL,
-                    params=req.params,
+                    params=req.params,  # type: ignore[arg-type]  # third-party stubs
                     content=req.body or None,
                     headers=req.headers,
                 )

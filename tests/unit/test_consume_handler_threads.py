@@ -128,7 +128,7 @@ async def test_wrap_keeps_async_handlers_and_the_envelope_marker() -> None:
     async def coro_handler(message: Any, ctx: HandlerContext) -> None:
         return None
 
-    @envelope_handler
+    @envelope_handler  # type: ignore[arg-type]  # returns a value: wrap must pass it on
     def sync_handler(message: Any, ctx: HandlerContext) -> str:
         return f"got {message}"
 
@@ -149,9 +149,11 @@ async def test_host_core_timeouts_exhaust_the_pool_and_dead_letters_still_flow()
     started = threading.Semaphore(0)
     exhausted = asyncio.Event()
     loop = asyncio.get_running_loop()
-    threads = HandlerThreads(
-        2, name="h-core", on_exhausted=lambda n: loop.call_soon_threadsafe(exhausted.set)
-    )
+
+    def on_exhausted(hung: int) -> None:
+        loop.call_soon_threadsafe(exhausted.set)
+
+    threads = HandlerThreads(2, name="h-core", on_exhausted=on_exhausted)
     letters = Letters()
     completions = Completions()
     core = HostCore(

@@ -77,7 +77,7 @@ async def test_park_on_failure_does_not_race_with_admit() -> None:
     lot only after messages admitted behind the flag: [m0, m1, m3, m2]."""
 
     class SlowPark(MemoryRetryOrder):
-        def __init__(self) -> int:
+        def __init__(self) -> None:
             super().__init__()
             self.before = asyncio.Event()
             self.after = asyncio.Event()
@@ -91,11 +91,12 @@ async def test_park_on_failure_does_not_race_with_admit() -> None:
             pending: Sequence[bytes],
             op_id: str = "",
             replaces: Sequence[str] = (),
-        ) -> None:
+        ) -> int:
             self.parking = True
             await self.before.wait()
-            await super().park(user, mid, drop_first, pending, op_id)
+            status = await super().park(user, mid, drop_first, pending, op_id)
             await self.after.wait()
+            return status
 
     order = SlowPark()
     core, done, _letters, opts = make(order)

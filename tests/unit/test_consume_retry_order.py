@@ -36,7 +36,7 @@ class MemoryRetryOrder:
             waiting = self.flag.get(user)
             at = self.at.get(user)
             older = bool(position) and at is not None and position[0] == at[0]
-            older = older and 0 <= position[1] < at[1]
+            older = older and at is not None and 0 <= position[1] < at[1]
             if waiting == mid:
                 out.append(WAITED_ON)
             elif waiting is not None and not is_retry and not older:

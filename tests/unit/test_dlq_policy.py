@@ -221,7 +221,12 @@ def test_emergency_file_is_daily_fsynced_and_replays_once(
 ) -> None:
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
     letters = [letter() for _ in range(5)]
     path = emergency.write_letters(tmp_path, letters, T0)
     assert path.name == "dlq_emergency_20270115.jsonl"

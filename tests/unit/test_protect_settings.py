@@ -49,9 +49,9 @@ def test_unknown_group_in_user_groups_is_a_clear_error() -> None:
         ProtectSettings(user_groups={"u": "gold"})
     rule = {"window_seconds": 1, "max_messages": 1, "penalty_threshold": 1, "block_hours": 0}
     with pytest.raises(ValidationError, match="names must match"):
-        ProtectSettings(groups={"a|b": rule})
+        ProtectSettings(groups={"a|b": rule})  # type: ignore[dict-item]  # pydantic validates the dict
     with pytest.raises(ValidationError, match=r"protect\.default"):
-        ProtectSettings(groups={"default": rule})
+        ProtectSettings(groups={"default": rule})  # type: ignore[dict-item]  # pydantic validates the dict
 
 
 async def test_config_resolver_and_protocol() -> None:
