@@ -41,8 +41,8 @@ drills: setup
 
 bench: setup
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/peer_tools.py
-	$(PY) bench/run_all.py
+	$(PY) -m bench.peer_tools
+	$(PY) -m bench.run_all
 
 dev-up: setup
 	$(PY) -m qywx_ray.cli dev up

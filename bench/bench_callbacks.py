@@ -23,7 +23,7 @@ whose env the proxy and replicas inherit; Serve access log off unless said):
   serve_throughput_accesslog   the same with Serve's per-request access log on
   uvicorn           the same create_app on plain uvicorn (uvloop + httptools), 1 process
 
-    python bench/bench_callbacks.py [--cases serve_mor256 uvicorn] [--duration-s 10]
+    python -m bench.bench_callbacks [--cases serve_mor256 uvicorn] [--duration-s 10]
 Prints JSON lines only (bench.common.emit); diagnostics on stderr. Stops what it starts.
 """
 
@@ -44,8 +44,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Emitter, bench_services, default_runs, log, quick_mode
 

@@ -24,12 +24,13 @@ and user actors stay up, so a drain is measured on a backlog, from the first rec
 consumed to the last completion reported back (done-flag durable).
 
     QYWX_BENCH_QUICK=1 QYWX_BENCH_BOOTSTRAP=127.0.0.1:19092 \\
-      QYWX_BENCH_REDIS_URL=redis://127.0.0.1:16390/6 python bench/bench_consume.py
+      QYWX_BENCH_REDIS_URL=redis://127.0.0.1:16390/6 python -m bench.bench_consume
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -37,10 +38,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import contextlib
 
 import ray
 

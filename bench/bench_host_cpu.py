@@ -19,10 +19,8 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import default_runs, emit
 from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext

@@ -16,7 +16,7 @@ Measured per run, on fresh hosts:
 
 Every line carries load1; medians of 3 runs at the end.
 
-  python bench/bench_idle_users.py [--quick] [--users 100000] [--idle-window-s 20]
+  python -m bench.bench_idle_users [--quick] [--users 100000] [--idle-window-s 20]
 """
 
 # bench-timeout-s: full=1500 quick=600
@@ -30,8 +30,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_services, default_runs, emit, log, median, quick_mode
 

@@ -6,7 +6,7 @@ KfSyncer does), with --concurrency pages in flight at once (several open_kfids).
 Prints one JSON line per run and a summary line with the medians (the vCPUs here are
 noisy: quote medians). Never touches anything but its own throwaway topic.
 
-  python bench/bench_ingest_producer.py --bootstrap 127.0.0.1:19092 --messages 50000
+  python -m bench.bench_ingest_producer --bootstrap 127.0.0.1:19092 --messages 50000
 """
 
 from __future__ import annotations

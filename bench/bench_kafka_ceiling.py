@@ -7,7 +7,7 @@ idempotence, murmur2, same linger/batch), on the development topic layout:
 Prints JSON lines (bench.common.emit) and nothing else on stdout. Creates its own
 topics (bench.common.bench_services) and deletes them on a shared broker.
 
-  QYWX_BENCH_QUICK=1 QYWX_BENCH_BOOTSTRAP=127.0.0.1:19092 python bench/bench_kafka_ceiling.py
+  QYWX_BENCH_QUICK=1 QYWX_BENCH_BOOTSTRAP=127.0.0.1:19092 python -m bench.bench_kafka_ceiling
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     bench_services,

@@ -23,7 +23,7 @@ Throughput = records / (first handler start → last handler end). Every line ca
 `load1`; the machine is shared: quote medians.
 
     QYWX_BENCH_QUICK=1 QYWX_BENCH_BOOTSTRAP=127.0.0.1:19092 \\
-      python bench/bench_peer_parallel_consumer.py
+      python -m bench.bench_peer_parallel_consumer
 """
 
 from __future__ import annotations
@@ -32,10 +32,7 @@ import argparse
 import os
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     _delete_topics,

@@ -11,7 +11,7 @@ Also home of the helpers bench_stress.py shares (pipeline start/stop, windows, s
 Never touches the shared development services: its Redis is its own, its Kafka its own
 unless QYWX_BENCH_BOOTSTRAP is given (then only its own topics, deleted at the end).
 
-  python bench/bench_profiles.py [--quick] [--duration-s 120] [--profiles normal attack]
+  python -m bench.bench_profiles [--quick] [--duration-s 120] [--profiles normal attack]
 """
 
 # bench-timeout-s: full=1500 quick=600
@@ -31,8 +31,6 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     BOOTSTRAP_ENV,

@@ -11,7 +11,7 @@ to offer the load) ends the climb: py-spy records the busiest Python process the
 top functions go into the result. A final audit checks every message was handled once,
 in per-user order. Never touches the shared development services (see bench_profiles).
 
-  python bench/bench_stress.py [--quick] [--start-msg-s 500] [--factor 2] [--max-steps 6]
+  python -m bench.bench_stress [--quick] [--start-msg-s 500] [--factor 2] [--max-steps 6]
 """
 
 # bench-timeout-s: full=1200 quick=600
@@ -28,8 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_profiles import (
     NOOP_STAMPED_HANDLER,

@@ -18,7 +18,7 @@ commit, on one core. Cases:
 
 Every line carries load1 (the machine is shared: compare runs made back to back).
 
-  python bench/bench_syncer.py [--quick] [--messages 50000] [--only one_account]
+  python -m bench.bench_syncer [--quick] [--messages 50000] [--only one_account]
 """
 
 # bench-timeout-s: full=900 quick=300
@@ -36,9 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import bench_services, default_runs, emit, log, median, quick_mode
+from bench.common import ROOT, bench_services, default_runs, emit, log, median, quick_mode
 
 PAGE = 1000
 USERS = 10_000
@@ -186,10 +184,23 @@ def run_hosts(svc: Any, kfids: list[str], messages: int, tag: str) -> list[dict[
     procs: list[subprocess.Popen[str]] = []
     try:
         for kfid in kfids:
-            cmd = [sys.executable, __file__, "--host", kfid, "--messages", str(messages)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.bench_syncer",
+                "--host",
+                kfid,
+                "--messages",
+                str(messages),
+            ]
             cmd += ["--tag", f"{tag}h{len(procs)}"]
             p = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ
+                cmd,
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=os.environ,
             )
             assert p.stdin is not None
             where = {

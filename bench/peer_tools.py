@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,9 +297,6 @@ def run_peer(argv: list[str], timeout_s: float) -> tuple[list[PeerRun], str, int
 
 if __name__ == "__main__":
     # `make bench`'s setup step: fetch and compile once, print where (idempotent).
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     try:
         found_libs, found_classes = ensure_peer()
     except PeerError as exc:

@@ -6,7 +6,7 @@ bench (a failed or timed-out bench is reported, not hidden). Reads results only;
 runs a benchmark and never needs a service. Charts are optional: without matplotlib
 (the `bench` extra) the report is still written in full.
 
-  python bench/report.py [--results bench/results] [--out bench/REPORT.md]
+  python -m bench.report [--results bench/results] [--out bench/REPORT.md]
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, ROOT, VOLATILE_KEYS, median
 from bench.peer_tools import PUBLISHED_MSG_S, ratio

@@ -7,7 +7,7 @@ bench/results/machine.json. One throwaway Kafka + Redis is started for the whole
 (unless QYWX_BENCH_BOOTSTRAP / QYWX_BENCH_REDIS_URL are set) and handed to every bench
 through those variables; it is stopped by PID at the end. Never edits a bench script.
 
-  python bench/run_all.py [--quick] [--only ceiling consume] [--timeout-s 900]
+  python -m bench.run_all [--quick] [--only ceiling consume] [--timeout-s 900]
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     BOOTSTRAP_ENV,
@@ -102,6 +100,15 @@ def bench_name(script: Path) -> str:
     return script.stem.removeprefix("bench_")
 
 
+def bench_argv(script: Path) -> list[str]:
+    """A bench of this package runs as a module (`python -m bench.bench_x`, cwd = repo
+    root, so `bench` and `qywx_ray` import without path tricks); another script (a test's
+    stand-in) by its path."""
+    if script.parent.resolve() == Path(__file__).resolve().parent:
+        return [sys.executable, "-m", f"bench.{script.stem}"]
+    return [sys.executable, str(script)]
+
+
 def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 45.0) -> None:
     """SIGTERM the bench's process group, then SIGKILL after a grace period.
 
@@ -132,7 +139,7 @@ def run_one(script: Path, results_dir: Path, env: dict[str, str], timeout_s: flo
     with open(err_path, "wb") as err_file:
         try:
             proc = subprocess.Popen(
-                [sys.executable, str(script)],
+                bench_argv(script),
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
