@@ -24,7 +24,7 @@ whose env the proxy and replicas inherit; Serve access log off unless said):
   uvicorn           the same create_app on plain uvicorn (uvloop + httptools), 1 process
 
     python -m bench.bench_callbacks [--cases serve_mor256 uvicorn] [--duration-s 10]
-Prints JSON lines only (bench.common.emit); diagnostics on stderr. Stops what it starts.
+Prints JSON lines only (bench.output.emit); diagnostics on stderr. Stops what it starts.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from bench.common import Emitter, bench_services, default_runs, log, quick_mode
+from bench.output import Emitter, log
+from bench.runs import default_runs, quick_mode
+from bench.services import bench_services
 
 BENCH = "callbacks"
 # Ray prints raylet notices on the driver's stdout: keep the JSON stream apart (see main).

@@ -2,7 +2,7 @@
 
 Real Kafka, Redis and Ray; 4 partitions; protections on (rate limiter consulted for every
 message with a limit high enough that no bench message is denied, per-user breaker, dedup
-done-flags). Per run it prints JSON lines (bench.common.emit) for:
+done-flags). Per run it prints JSON lines (bench.output.emit) for:
 
   ceiling    raw confluent-kafka consume rate of the hosted trivial backlog (same topic)
   hosted     10,000 users in the default host actors (consume.num_hosts, one consumer by
@@ -41,17 +41,11 @@ from typing import Any
 
 import ray
 
-from bench import common
-from bench.common import (
-    _delete_topics,
-    bench_services,
-    default_runs,
-    emit,
-    log,
-    percentiles,
-    quick_mode,
-    settings_for,
-)
+from bench import machine, output, procs
+from bench.output import emit, log
+from bench.runs import default_runs, quick_mode
+from bench.services import _delete_topics, bench_services, settings_for
+from bench.stats import percentiles
 from qywx_ray.consume.pipeline import (
     ConsumePipeline,
     start_consumers,
@@ -142,7 +136,7 @@ class ModeBench:
         self.done_before = 0
         self._redis: Any = None
         port = int(svc.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
-        self.broker_pid = common.pid_listening_on(port)
+        self.broker_pid = procs.pid_listening_on(port)
 
     def dims(self, **more: Any) -> dict[str, Any]:
         out = {
@@ -368,7 +362,7 @@ class ModeBench:
         facts: dict[str, Any] = {}
         broker = self.broker_pid
         cpu0 = cpu_s(broker) if broker else None
-        jiffies0 = common.cpu_jiffies()
+        jiffies0 = machine.cpu_jiffies()
         t0 = time.monotonic()
         facts["redis_start"] = self.redis_busy()
         try:
@@ -379,7 +373,7 @@ class ModeBench:
                 with contextlib.suppress(OSError):
                     facts["broker_cpu_pct"] = round((cpu_s(broker) - cpu0) / elapsed * 100, 1)
             facts["redis_end"] = self.redis_busy()
-            facts["steal_pct"] = common.steal_pct(jiffies0, common.cpu_jiffies())
+            facts["steal_pct"] = machine.steal_pct(jiffies0, machine.cpu_jiffies())
             facts["window_s"] = round(elapsed, 2)
 
     def redis_busy(self) -> dict[str, int]:
@@ -523,7 +517,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["hosted", "dedicated"], default=None)
     args = ap.parse_args()
     # Ray's driver prints raylet warnings to sys.stdout: keep stdout for JSON lines only.
-    common._EMITTER.stream = sys.stdout
+    output._EMITTER.stream = sys.stdout
     sys.stdout = sys.stderr
     with bench_services() as svc:
         ray.init(

@@ -4,7 +4,7 @@ Why: the host's mailbox logic is on every message's path; a refactor of it (issu
 pure mailbox machine) must not make it dearer. 5,000 users x 4 messages, delivered in
 batches of 500, a trivial handler, in-memory done-store; CPU time (time.process_time)
 from the first batch to the last completion, per message. Prints one JSON line per case
-per run (3; 1 with QYWX_BENCH_QUICK=1), via bench.common.emit; the best and the median
+per run (3; 1 with QYWX_BENCH_QUICK=1), via bench.output.emit; the best and the median
 go to stderr. No parking lot (RetryOrder): that one is a
 Redis round trip per batch, measured with the real Redis in bench_consume.py.
 
@@ -21,7 +21,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import default_runs, emit
+from bench.output import emit
+from bench.runs import default_runs
 from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext
 from qywx_ray.consume.types import DeadLetter, Delivery

@@ -31,7 +31,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import bench_services, default_runs, emit, log, median, quick_mode
+from bench.output import emit, log
+from bench.runs import default_runs, quick_mode
+from bench.services import bench_services
+from bench.stats import median
 
 WARM_USERS = 1000
 BATCH = 1000
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 def one_run(svc: Any, users: int, window_s: float, run: int) -> list[tuple[str, float, str]]:
     import ray
 
-    from bench.common import settings_for
+    from bench.services import settings_for
     from qywx_ray.consume.hosts import host_index, start_hosts
     from qywx_ray.consume.types import Delivery, pack_deliveries
     from qywx_ray.envelope import Envelope

@@ -4,8 +4,8 @@ Four cases per run, 1 KiB records, the pipeline's producer semantics (acks=all, 
 idempotence, murmur2, same linger/batch), on the development topic layout:
   kafka_perf_produce / kafka_perf_consume  Kafka's own Java perf tools
   raw_produce / raw_consume                a bare confluent-kafka loop (our client library)
-Prints JSON lines (bench.common.emit) and nothing else on stdout. Creates its own
-topics (bench.common.bench_services) and deletes them on a shared broker.
+Prints JSON lines (bench.output.emit) and nothing else on stdout. Creates its own
+topics (bench.services.bench_services) and deletes them on a shared broker.
 
   QYWX_BENCH_QUICK=1 QYWX_BENCH_BOOTSTRAP=127.0.0.1:19092 python -m bench.bench_kafka_ceiling
 """
@@ -17,13 +17,6 @@ import sys
 import uuid
 from typing import Any
 
-from bench.common import (
-    bench_services,
-    default_runs,
-    emit,
-    log,
-    quick_mode,
-)
 from bench.kafka_tools import (
     PerfResult,
     PerfToolError,
@@ -33,6 +26,9 @@ from bench.kafka_tools import (
     run_consumer_perf,
     run_producer_perf,
 )
+from bench.output import emit, log
+from bench.runs import default_runs, quick_mode
+from bench.services import bench_services
 
 BENCH = "kafka_ceiling"
 CASES = ("kafka_perf_produce", "kafka_perf_consume", "raw_produce", "raw_consume")

@@ -34,15 +34,7 @@ import sys
 import uuid
 from typing import Any
 
-from bench.common import (
-    _delete_topics,
-    bench_services,
-    default_runs,
-    emit,
-    log,
-    quick_mode,
-    settings_for,
-)
+from bench.output import emit, log
 from bench.peer_tools import (
     PUBLISHED,
     PeerError,
@@ -53,6 +45,8 @@ from bench.peer_tools import (
     run_peer,
     work_spec,
 )
+from bench.runs import default_runs, quick_mode
+from bench.services import _delete_topics, bench_services, settings_for
 
 BENCH = "peer_parallel_consumer"
 PIPELINE = "parallel_consumer"

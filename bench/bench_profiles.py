@@ -32,22 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import (
-    BOOTSTRAP_ENV,
-    QUICK_ENV,
+from bench.output import emit, log
+from bench.procs import (
     ProcSample,
     cpu_by_group,
-    default_runs,
-    emit,
-    exit_on_sigterm,
     group_samples,
-    log,
-    percentiles,
     pid_listening_on,
-    quick_mode,
     rss_by_group,
     scan_processes,
 )
+from bench.runs import BOOTSTRAP_ENV, QUICK_ENV, default_runs, quick_mode
+from bench.services import exit_on_sigterm
+from bench.stats import percentiles
 
 if TYPE_CHECKING:  # the pipeline imports Ray lazily; the pure helpers never need it
     from qywx_ray.devstack.pipeline import LocalPipeline, Stamp
@@ -298,7 +294,7 @@ def bench_stack(num_cpus: int = 4) -> Iterator[Stack]:
             ray.shutdown()
         if stack is not None:
             if stack.external and stack.topics:
-                from bench.common import _delete_topics
+                from bench.services import _delete_topics
                 from qywx_ray.settings import load_settings
 
                 k = load_settings(

@@ -44,15 +44,10 @@ from bench.bench_profiles import (
     wait_first_stamps,
     window_stats,
 )
-from bench.common import (
-    QUICK_ENV,
-    RESULTS_DIR,
-    emit,
-    hottest_pid,
-    log,
-    py_spy_record,
-    quick_mode,
-)
+from bench.output import emit, log
+from bench.procs import hottest_pid
+from bench.pyspy import py_spy_record
+from bench.runs import QUICK_ENV, RESULTS_DIR, quick_mode
 
 if TYPE_CHECKING:
     from qywx_ray.devstack.pipeline import LocalPipeline, Stamp

@@ -36,7 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, bench_services, default_runs, emit, log, median, quick_mode
+from bench.output import emit, log
+from bench.runs import ROOT, default_runs, quick_mode
+from bench.services import bench_services
+from bench.stats import median
 
 PAGE = 1000
 USERS = 10_000
@@ -134,7 +137,7 @@ async def host_run(where_json: str, open_kfid: str, messages: int, tag: str) -> 
     """One syncer host: prepare, say ready, wait for go (stdin), pull everything, report."""
     import tempfile
 
-    from bench.common import settings_for
+    from bench.services import settings_for
     from qywx_ray.ingest.factory import build_ingest
 
     where = json.loads(where_json)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentiles
+from bench.stats import percentiles
 
 MIB = 1024 * 1024
 

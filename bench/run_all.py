@@ -25,21 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
+from bench.machine import cpu_jiffies, machine_facts, steal_pct
+from bench.output import log
+from bench.report import write_report
+from bench.runs import (
     BOOTSTRAP_ENV,
     QUICK_ENV,
     REDIS_ENV,
     RESULTS_DIR,
     ROOT,
     RUN_ID_ENV,
-    bench_services,
-    cpu_jiffies,
-    log,
-    machine_facts,
     quick_mode,
-    steal_pct,
 )
-from bench.report import write_report
+from bench.services import bench_services
 
 BENCH_DIR = ROOT / "bench"
 CEILING_SCRIPT = "bench_kafka_ceiling"
@@ -113,7 +111,7 @@ def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 45.0) -> None:
     """SIGTERM the bench's process group, then SIGKILL after a grace period.
 
     The grace is long enough for a bench to stop the Kafka/Redis it started (see
-    bench.common.exit_on_sigterm); SIGKILL would orphan them.
+    bench.services.exit_on_sigterm); SIGKILL would orphan them.
     """
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         with contextlib.suppress(ProcessLookupError):

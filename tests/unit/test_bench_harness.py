@@ -167,7 +167,7 @@ def test_timed_out_bench_still_runs_its_cleanup(tmp_path: Path) -> None:
         f"""
         import sys, time
         sys.path.insert(0, {str(run_all.ROOT)!r})
-        from bench.common import exit_on_sigterm
+        from bench.services import exit_on_sigterm
         exit_on_sigterm()
         try:
             print("{{}}", flush=True)

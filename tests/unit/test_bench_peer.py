@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench import peer_tools, report
+from bench import peer_tools, render, results
 from bench.peer_tools import PeerError, parse_peer_line, parse_peer_output, ratio, work_spec
 
 
@@ -174,8 +174,8 @@ def measurement(bench: str, case: str, value: float, run: int, **dims: Any) -> s
 
 
 def write_results(tmp_path: Path) -> Path:
-    results = tmp_path / "results"
-    results.mkdir()
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
     peer = [
         json.dumps(
             {
@@ -222,7 +222,7 @@ def write_results(tmp_path: Path) -> Path:
                 scenario="published",
             )
         )
-    (results / "peer_parallel_consumer.jsonl").write_text("\n".join(peer) + "\n")
+    (results_dir / "peer_parallel_consumer.jsonl").write_text("\n".join(peer) + "\n")
     ours = [
         measurement("consume", "hosted_trivial", v, run, pipeline="hosted", handler="trivial")
         for run, v in enumerate([20000, 21000, 22000])
@@ -230,15 +230,15 @@ def write_results(tmp_path: Path) -> Path:
         measurement("consume", "hosted_sleep_5ms", v, run, pipeline="hosted", handler="sleep_5ms")
         for run, v in enumerate([16000, 18000, 17000])
     ]
-    (results / "consume.jsonl").write_text("\n".join(ours) + "\n")
-    return results
+    (results_dir / "consume.jsonl").write_text("\n".join(ours) + "\n")
+    return results_dir
 
 
 def test_comparisons_pair_same_handler_and_total_concurrency(tmp_path: Path) -> None:
-    _, benches = report.load_results(write_results(tmp_path))
-    all_rows = {b.name: report.summarize(b.measurements) for b in benches}
+    _, benches = results.load_results(write_results(tmp_path))
+    all_rows = {b.name: results.summarize(b.measurements) for b in benches}
     peer = next(b for b in benches if b.name == "peer_parallel_consumer")
-    got = report.peer_comparisons(all_rows, peer.sections["peer_context"])
+    got = render.peer_comparisons(all_rows, peer.sections["peer_context"])
     by_case = {(c.handler, c.concurrency): c for c in got}
     assert set(by_case) == {("trivial", 64), ("trivial", 128), ("sleep_5ms", 128)}
     # ours 21,000 (median) / peer 10,000 (median); 64 has no counterpart (ours runs 128)
@@ -248,8 +248,8 @@ def test_comparisons_pair_same_handler_and_total_concurrency(tmp_path: Path) -> 
 
 
 def test_report_renders_the_peer_section(tmp_path: Path) -> None:
-    machine, benches = report.load_results(write_results(tmp_path))
-    text = report.render_report(machine, benches)
+    machine, benches = results.load_results(write_results(tmp_path))
+    text = render.render_report(machine, benches)
     assert "Ours vs Confluent Parallel Consumer" in text
     assert "2 hosts × 64 handlers per host = 128" in text
     assert (
@@ -261,26 +261,26 @@ def test_report_renders_the_peer_section(tmp_path: Path) -> None:
 
 
 def test_a_ratio_across_harness_runs_is_marked(tmp_path: Path) -> None:
-    results = write_results(tmp_path)
-    consume = results / "consume.jsonl"
+    results_dir = write_results(tmp_path)
+    consume = results_dir / "consume.jsonl"
     lines = [json.loads(x) for x in consume.read_text().splitlines()]
     consume.write_text("\n".join(json.dumps({**x, "run_id": "older"}) for x in lines) + "\n")
-    machine, benches = report.load_results(results)
-    assert "**2.10×** [other run]" in report.render_report(machine, benches)
+    machine, benches = results.load_results(results_dir)
+    assert "**2.10×** [other run]" in render.render_report(machine, benches)
 
 
 def test_no_peer_results_no_peer_section(tmp_path: Path) -> None:
-    results = write_results(tmp_path)
-    (results / "peer_parallel_consumer.jsonl").unlink()
-    machine, benches = report.load_results(results)
-    assert "Confluent Parallel Consumer" not in report.render_report(machine, benches)
+    results_dir = write_results(tmp_path)
+    (results_dir / "peer_parallel_consumer.jsonl").unlink()
+    machine, benches = results.load_results(results_dir)
+    assert "Confluent Parallel Consumer" not in render.render_report(machine, benches)
 
 
 def test_a_peer_without_ours_says_why(tmp_path: Path) -> None:
-    results = write_results(tmp_path)
-    (results / "consume.jsonl").unlink()
-    machine, benches = report.load_results(results)
-    text = report.render_report(machine, benches)
+    results_dir = write_results(tmp_path)
+    (results_dir / "consume.jsonl").unlink()
+    machine, benches = results.load_results(results_dir)
+    text = render.render_report(machine, benches)
     assert "| trivial | 128 |" in text and "no `consume` hosted drain" in text
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench import report
+from bench import charts, render, results
 from bench.bench_profiles import (
     PROFILES,
     audit_stamps,
@@ -29,7 +29,7 @@ from bench.bench_stress import (
     step_rates,
     step_verdict,
 )
-from bench.common import (
+from bench.procs import (
     ProcSample,
     classify_process,
     cpu_by_group,
@@ -37,8 +37,8 @@ from bench.common import (
     hottest_pid,
     parse_proc_stat,
     rss_by_group,
-    speedscope_top,
 )
+from bench.pyspy import speedscope_top
 from bench.run_all import declared_timeout, timeout_for
 from qywx_ray.devstack import pipeline as devpipe
 from qywx_ray.devstack.pipeline import Stamp, parse_stamps
@@ -387,11 +387,11 @@ def test_report_renders_profiles_and_stress_sections(tmp_path: Path) -> None:
     ]
     (tmp_path / "profiles.jsonl").write_text("\n".join(json.dumps(x) for x in lines[:2]) + "\n")
     (tmp_path / "stress.jsonl").write_text("\n".join(json.dumps(x) for x in lines[2:]) + "\n")
-    machine, benches = report.load_results(tmp_path)
+    machine, benches = results.load_results(tmp_path)
     by_name = {b.name: b for b in benches}
     assert len(by_name["profiles"].sections["profile"]) == 2
     assert by_name["profiles"].measurements == []  # section lines are not measurements
-    text = report.render_report(machine, benches)
+    text = render.render_report(machine, benches)
     assert "### Load profiles" in text
     assert (
         "| attack | 200 | 199 | 198 | 120 | 450 | 900 | 400 (without attackers: 250) | 2, 60,000 |"
@@ -405,12 +405,12 @@ def test_report_renders_profiles_and_stress_sections(tmp_path: Path) -> None:
     assert "| `deliver` | hosts.py | 12.5 |" in text
     assert "Busiest single process: pid 7 (`syncer`)" in text
     assert "py-spy of `syncer` failed: py-spy exit 1: denied" in text
-    curve = report.stress_curve(by_name["stress"].sections["stress_step"])
+    curve = charts.stress_curve(by_name["stress"].sections["stress_step"])
     assert [c[0] for c in curve] == [500.0, 1000.0]
     spike = _step_line(500, 1997.0, False)
     spike["result"].update(broke=True, retried=True, reasons=["p99 1997 ms > 1000 ms"])
-    assert report.stress_curve([spike, _step_line(500, 250.0, False)])[0][4] == 250.0
-    assert "→ measured again" in "\n".join(report.render_stress([spike], []))
+    assert charts.stress_curve([spike, _step_line(500, 250.0, False)])[0][4] == 250.0
+    assert "→ measured again" in "\n".join(render.render_stress([spike], []))
 
 
 # ------------------------------------------------------------------ simulator + handler hooks

@@ -11,8 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench import report
-from bench.common import Emitter, median, percentiles, steal_pct
+from bench import render, report, results
+from bench.machine import steal_pct
+from bench.output import Emitter
+from bench.stats import median, percentiles
 
 
 def test_percentiles_nearest_rank() -> None:
@@ -96,7 +98,7 @@ def _m(case: str, metric: str, value: float, run: int, **extra: Any) -> dict[str
 
 
 def test_normalize_conforming_line_keeps_context_but_not_volatile_fields() -> None:
-    [m] = report.normalize(_m("raw_produce", "throughput", 100.0, 0, record_size=1024), "x")
+    [m] = results.normalize(_m("raw_produce", "throughput", 100.0, 0, record_size=1024), "x")
     assert (m.bench, m.case, m.metric, m.unit, m.value, m.run) == (
         "kafka_ceiling",
         "raw_produce",
@@ -123,7 +125,7 @@ def test_normalize_legacy_line_reads_metrics_by_suffix_and_skips_summaries() -> 
         "envelope_bytes": 1010,
         "topic": "bench-ingest-1234",
     }
-    got = {m.metric: m for m in report.normalize(legacy, "ingest_producer")}
+    got = {m.metric: m for m in results.normalize(legacy, "ingest_producer")}
     assert set(got) == {"msg_per_s", "delivery_p50_ms", "delivery_p99_ms"}
     assert got["msg_per_s"].unit == "msg/s" and got["msg_per_s"].value == 5500
     assert got["delivery_p99_ms"].unit == "ms"
@@ -140,20 +142,20 @@ def test_normalize_legacy_line_reads_metrics_by_suffix_and_skips_summaries() -> 
         "p99_ms": 41.0,
         "note": "worst host",
     }
-    [m] = report.normalize(latency, "consume")
+    [m] = results.normalize(latency, "consume")
     assert (m.case, m.metric, m.unit, m.value) == ("consume_latency", "p99_ms", "ms", 41.0)
     assert dict(m.dims) == {"handler": "trivial", "note": "worst host", "rate_msg_per_s": "2000.0"}
-    assert report.normalize({"bench": "ingest_producer_summary", "median_msg_per_s": 1}, "x") == []
-    assert report.normalize({"kind": "machine", "nproc": 2}, "x") == []
+    assert results.normalize({"bench": "ingest_producer_summary", "median_msg_per_s": 1}, "x") == []
+    assert results.normalize({"kind": "machine", "nproc": 2}, "x") == []
 
 
 def test_summarize_medians_min_max_across_runs() -> None:
     ms = [
         m
         for i, v in enumerate([30.0, 10.0, 20.0])
-        for m in report.normalize(_m("raw_consume", "throughput", v, i), "x")
+        for m in results.normalize(_m("raw_consume", "throughput", v, i), "x")
     ]
-    [row] = report.summarize(ms)
+    [row] = results.summarize(ms)
     assert (row.median, row.min, row.max, row.runs) == (20.0, 10.0, 30.0, 3)
 
 
@@ -251,8 +253,8 @@ def test_ceiling_from_another_run_is_flagged(sample_results: Path) -> None:
         if line.get("kind") == "measurement":
             line["run_id"] = "R0"
     _write_jsonl(path, lines)
-    machine, benches = report.load_results(sample_results)
-    text = report.render_report(machine, benches)
+    machine, benches = results.load_results(sample_results)
+    text = render.render_report(machine, benches)
     assert "[other run]" in text
 
 

@@ -1,0 +1,194 @@
+"""CPU and memory of the pipeline's parts, read from /proc (no psutil): which process is
+the consumer, a host, the broker, and what each spent."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+# (substring of the command line, group), first match wins. Ray workers rename
+# themselves "ray::<ActorClass>" (proctitle), so actor classes are recognisable.
+PROCESS_GROUPS: tuple[tuple[str, str], ...] = (
+    ("kafka.Kafka", "kafka"),
+    ("kafka.server", "kafka"),
+    ("redis-server", "redis"),
+    ("qywx_ray.wecom.simulator", "simulator"),
+    ("gcs_server", "ray_gcs"),
+    ("raylet", "ray_raylet"),
+    ("ray::PartitionConsumer", "consumer"),
+    ("ray::UserHost", "hosts"),
+    ("ray::DedicatedUserActor", "hosts"),
+    ("ray::SyncerHostActor", "syncer"),
+    ("ray::ServeReplica", "serve"),
+    ("ray::ProxyActor", "serve"),
+    ("ray::HTTPProxyActor", "serve"),
+    ("ray::ServeController", "serve"),
+    ("ray::DLQRecoveryActor", "dlq"),
+    ("ray::IDLE", "ray_idle_workers"),
+    ("ray::DashboardAgent", "ray_other"),
+    ("ray::RuntimeEnvAgent", "ray_other"),
+    ("ray::", "ray_other_actors"),
+    ("ray/dashboard", "ray_other"),
+    ("ray/_private", "ray_other"),
+    ("runtime_env", "ray_other"),
+)
+
+
+def classify_process(cmdline: str, *, driver: bool = False) -> str:
+    """The group a process's CPU and memory are counted under (see PROCESS_GROUPS)."""
+    if driver:
+        return "bench_driver"
+    for needle, group in PROCESS_GROUPS:
+        if needle in cmdline:
+            return group
+    if "java" in cmdline and "kafka" in cmdline.lower():
+        return "kafka"
+    return "other"
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    pid: int
+    ppid: int
+    cmdline: str
+    cpu_ticks: int  # utime + stime, in clock ticks
+    rss_bytes: int
+
+
+def parse_proc_stat(text: str) -> tuple[int, int]:
+    """(ppid, utime+stime ticks) from /proc/<pid>/stat (the comm field may hold spaces)."""
+    rest = text[text.rindex(")") + 2 :].split()
+    # rest[0] is the state (field 3): ppid is field 4, utime 14, stime 15.
+    return int(rest[1]), int(rest[11]) + int(rest[12])
+
+
+def read_proc(pid: int) -> ProcSample | None:
+    base = Path("/proc") / str(pid)
+    try:
+        ppid, ticks = parse_proc_stat((base / "stat").read_text())
+        cmd = (base / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        rss_pages = int((base / "statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return ProcSample(pid, ppid, cmd.strip(), ticks, rss_pages * PAGE_SIZE)
+
+
+def descendants(roots: Iterable[int], parents: dict[int, int]) -> set[int]:
+    """Every pid whose ancestry reaches one of `roots` (the roots included)."""
+    roots = set(roots)
+    out: set[int] = set()
+    for pid in parents:
+        seen: list[int] = []
+        cur: int | None = pid
+        while cur is not None and cur > 1 and cur not in out and cur not in seen:
+            if cur in roots:
+                out.add(cur)
+                break
+            seen.append(cur)
+            cur = parents.get(cur)
+        if cur is not None and (cur in out or cur in roots):
+            out.update(seen)
+    return out
+
+
+def scan_processes(roots: Iterable[int], extra_pids: Iterable[int] = ()) -> list[ProcSample]:
+    """/proc samples of the process trees under `roots`, plus `extra_pids` (e.g. a Kafka
+    broker started elsewhere) and their descendants."""
+    samples: dict[int, ProcSample] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            sample = read_proc(int(entry.name))
+            if sample is not None:
+                samples[sample.pid] = sample
+    wanted = descendants([*roots, *extra_pids], {p: s.ppid for p, s in samples.items()})
+    return [samples[p] for p in sorted(wanted)]
+
+
+def group_samples(samples: Iterable[ProcSample], driver_pid: int) -> dict[int, str]:
+    return {s.pid: classify_process(s.cmdline, driver=s.pid == driver_pid) for s in samples}
+
+
+def cpu_by_group(
+    before: Sequence[ProcSample],
+    after: Sequence[ProcSample],
+    elapsed_s: float,
+    groups: dict[int, str],
+    clk_tck: int = CLK_TCK,
+) -> dict[str, float]:
+    """CPU per group between two scans, in % of one core (200 = both cores here).
+
+    Only processes alive in both scans count (a process that started or ended in between
+    is missing its share: scans bracket a steady-state window)."""
+    if elapsed_s <= 0:
+        raise ValueError("elapsed_s must be positive")
+    start = {s.pid: s.cpu_ticks for s in before}
+    out: dict[str, float] = {}
+    for s in after:
+        if s.pid not in start:
+            continue
+        group = groups.get(s.pid, "other")
+        delta = max(0, s.cpu_ticks - start[s.pid]) / clk_tck
+        out[group] = out.get(group, 0.0) + 100.0 * delta / elapsed_s
+    return {g: round(v, 1) for g, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def rss_by_group(samples: Iterable[ProcSample], groups: dict[int, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in samples:
+        group = groups.get(s.pid, "other")
+        out[group] = out.get(group, 0) + s.rss_bytes
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def hottest_pid(
+    before: Sequence[ProcSample],
+    after: Sequence[ProcSample],
+    groups: dict[int, str],
+    python_only: bool = True,
+) -> tuple[int, str, int] | None:
+    """(pid, group, ticks) of the single busiest process between two scans; with
+    python_only, Kafka (Java) and Redis are skipped (py-spy profiles Python only)."""
+    start = {s.pid: s.cpu_ticks for s in before}
+    best: tuple[int, str, int] | None = None
+    for s in after:
+        group = groups.get(s.pid, "other")
+        if python_only and group in {"kafka", "redis", "ray_gcs", "ray_raylet"}:
+            continue
+        if s.pid not in start:
+            continue
+        delta = s.cpu_ticks - start[s.pid]
+        if best is None or delta > best[2]:
+            best = (s.pid, group, delta)
+    return best
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The pid of the process listening on a TCP port (best effort, via /proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    if not inodes:
+        return None
+    wanted = {f"socket:[{i}]" for i in inodes}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in wanted:
+                        return int(entry.name)
+    return None
