@@ -89,7 +89,21 @@ def retry_count_of(headers: Headers | None) -> int:
         return 0
 
 
-class BackoffRecovery:
+class _RetryHooks:
+    """What every strategy does alike: re-produce the original envelope, no bookkeeping on
+    the retry's outcome (the host's next dead letter, if any, carries it)."""
+
+    def prepare(self, letter: DeadLetterMessage) -> RetryRecord:
+        return prepare_retry(letter)
+
+    def on_success(self, letter: DeadLetterMessage) -> None:
+        return None
+
+    def on_failure(self, letter: DeadLetterMessage, error: str) -> None:
+        return None
+
+
+class BackoffRecovery(_RetryHooks):
     """Exponential backoff from the failure time; gives up after max_retries."""
 
     def __init__(self, settings: DLQSettings) -> None:
@@ -102,15 +116,6 @@ class BackoffRecovery:
     def retry_delay(self, letter: DeadLetterMessage, now: float) -> float:
         due = letter.failure_time + backoff_s(letter.retry_count, self.base_s, self.max_s)
         return max(0.0, due - now)
-
-    def prepare(self, letter: DeadLetterMessage) -> RetryRecord:
-        return prepare_retry(letter)
-
-    def on_success(self, letter: DeadLetterMessage) -> None:
-        return None
-
-    def on_failure(self, letter: DeadLetterMessage, error: str) -> None:
-        return None
 
 
 class BlockedUserRecovery(BackoffRecovery):
@@ -147,7 +152,7 @@ class BlockedUserRecovery(BackoffRecovery):
         return max(0.0, delay)
 
 
-class NotRecoverable:
+class NotRecoverable(_RetryHooks):
     """Invalid messages: never retried automatically, always manual review.
 
     `prepare` is reached only when an operator explicitly retries such a letter.
@@ -158,15 +163,6 @@ class NotRecoverable:
 
     def retry_delay(self, letter: DeadLetterMessage, now: float) -> float:
         return 0.0
-
-    def prepare(self, letter: DeadLetterMessage) -> RetryRecord:
-        return prepare_retry(letter)
-
-    def on_success(self, letter: DeadLetterMessage) -> None:
-        return None
-
-    def on_failure(self, letter: DeadLetterMessage, error: str) -> None:
-        return None
 
 
 def default_strategies(
