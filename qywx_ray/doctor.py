@@ -315,7 +315,7 @@ def _ray_probe(address: str | None, timeout_s: float, namespace: str) -> Check:
     wanted = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
         resolved = canonicalize_bootstrap_address(wanted)
-    except Exception as exc:  # Ray raises ConnectionError/ValueError for bad addresses
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError/ValueError for bad addresses
         return Check("ray", False, f"not running: {exc}", fix)
     if resolved is None:
         return Check("ray", False, f"not running: no Ray cluster found ({wanted})", fix)
@@ -352,18 +352,24 @@ _B64 = re.compile(r"^[A-Za-z0-9+/]{43}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9]{1,32}$")
 
 
+def _aes_key_problem(key: str) -> str | None:
+    """What is wrong with an EncodingAESKey (43 base64 characters, 32 bytes), or None."""
+    if not _B64.match(key):
+        return f"encoding_aes_key must be 43 base64 characters (has {len(key)})"
+    try:
+        if len(base64.b64decode(key + "=")) != 32:
+            return "encoding_aes_key does not decode to a 32-byte AES key"
+    except binascii.Error:
+        return "encoding_aes_key is not valid base64"
+    return None
+
+
 def _wecom_check(settings: Settings) -> Check:
     w = settings.wecom
     problems: list[str] = []
-    key = w.encoding_aes_key.get_secret_value()
-    if not _B64.match(key):
-        problems.append(f"encoding_aes_key must be 43 base64 characters (has {len(key)})")
-    else:
-        try:
-            if len(base64.b64decode(key + "=")) != 32:
-                problems.append("encoding_aes_key does not decode to a 32-byte AES key")
-        except binascii.Error:
-            problems.append("encoding_aes_key is not valid base64")
+    key_problem = _aes_key_problem(w.encoding_aes_key.get_secret_value())
+    if key_problem:
+        problems.append(key_problem)
     if not w.corp_id.strip():
         problems.append("corp_id is empty")
     token = w.token.get_secret_value()
@@ -423,7 +429,7 @@ def _secrets_check(settings: Settings) -> Check:
 def _guard(name: str, fn: Callable[[], list[Check]]) -> list[Check]:
     try:
         return fn()
-    except Exception as exc:  # a doctor reports every failure, it never crashes on one
+    except Exception as exc:  # noqa: BLE001 - a doctor reports every failure, it never crashes on one
         return [Check(name, False, f"check crashed: {type(exc).__name__}: {exc}")]
 
 

@@ -66,6 +66,18 @@ def _placeholder(value: str) -> bool:
     return low in _WELL_KNOWN or any(mark in low for mark in _PLACEHOLDER_MARKS)
 
 
+def _admin_token_problem(token: str, default: str) -> str | None:
+    if not token.strip():
+        return "empty"
+    if token == default:
+        return "the built-in default"
+    if _placeholder(token):
+        return "a placeholder value"
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        return f"shorter than {MIN_ADMIN_TOKEN_CHARS} characters"
+    return None
+
+
 def secret_findings(settings: Settings) -> list[SecretFinding]:
     """Every secret (and the demo corp_id) that must not be used in production.
 
@@ -74,21 +86,9 @@ def secret_findings(settings: Settings) -> list[SecretFinding]:
     found: list[SecretFinding] = []
     demo_wecom, demo_admin = WeComSettings(), AdminSettings()
 
-    admin = _plain(settings.admin.token)
-    if not admin.strip():
-        found.append(SecretFinding("admin.token", "QYWX_ADMIN__TOKEN", "empty"))
-    elif admin == _plain(demo_admin.token):
-        found.append(SecretFinding("admin.token", "QYWX_ADMIN__TOKEN", "the built-in default"))
-    elif _placeholder(admin):
-        found.append(SecretFinding("admin.token", "QYWX_ADMIN__TOKEN", "a placeholder value"))
-    elif len(admin) < MIN_ADMIN_TOKEN_CHARS:
-        found.append(
-            SecretFinding(
-                "admin.token",
-                "QYWX_ADMIN__TOKEN",
-                f"shorter than {MIN_ADMIN_TOKEN_CHARS} characters",
-            )
-        )
+    admin_problem = _admin_token_problem(_plain(settings.admin.token), _plain(demo_admin.token))
+    if admin_problem:
+        found.append(SecretFinding("admin.token", "QYWX_ADMIN__TOKEN", admin_problem))
 
     # Operator tokens: length and uniqueness are checked by AdminSettings itself.
     for operator, token in settings.admin.operators.items():

@@ -158,7 +158,7 @@ class DLQProducer:
         while not self._stop.is_set():
             try:
                 self._producer.poll(0.1)
-            except Exception as exc:  # never let the delivery thread die silently
+            except Exception as exc:  # noqa: BLE001 - never let the delivery thread die silently
                 log.error("dlq.producer.poll_failed", error=str(exc))
                 time.sleep(0.1)
 
@@ -180,25 +180,9 @@ class DLQProducer:
         deadline = time.monotonic() + self.timeout_s
         submitted = 0
         for index, letter in enumerate(letters):
-            while True:
-                try:
-                    self._producer.produce(
-                        self.topic,
-                        key=letter.user_id.encode(),
-                        value=letter.to_bytes(),
-                        headers=list(letter.kafka_headers()),
-                        on_delivery=batch.callback(index),
-                    )
-                    submitted += 1
-                    break
-                except BufferError:
-                    if time.monotonic() >= deadline:
-                        break
-                    time.sleep(0.01)  # the poll thread drains the local queue
-                except KafkaException as exc:
-                    batch.errors[index] = str(exc)
-                    break
-            if time.monotonic() >= deadline and submitted <= index:
+            if self._submit(letter, batch, index, deadline):
+                submitted += 1
+            elif time.monotonic() >= deadline:
                 break
         with batch.lock:
             batch.pending -= len(letters) - submitted
@@ -211,6 +195,29 @@ class DLQProducer:
             if ok:
                 PRODUCED.inc(reason=letter.failure_reason.value)
         return acked
+
+    def _submit(
+        self, letter: DeadLetterMessage, batch: _Batch, index: int, deadline: float
+    ) -> bool:
+        """Hand one letter to librdkafka: True once queued; False on a refusal (recorded in
+        the batch) or when the local queue stayed full until `deadline`."""
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic,
+                    key=letter.user_id.encode(),
+                    value=letter.to_bytes(),
+                    headers=list(letter.kafka_headers()),
+                    on_delivery=batch.callback(index),
+                )
+                return True
+            except BufferError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.01)  # the poll thread drains the local queue
+            except KafkaException as exc:
+                batch.errors[index] = str(exc)
+                return False
 
     def breaker_allows(self) -> bool:
         with self._send_lock:

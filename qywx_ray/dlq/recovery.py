@@ -166,7 +166,7 @@ class RecoveryService:
         while not self._stop.is_set():
             try:
                 self.consume_once(0.5)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a background loop survives anything; logged, retried in 1 s
                 log.error("dlq.recovery.consume_failed", error=str(exc))
                 self._stop.wait(1.0)
 
@@ -174,7 +174,7 @@ class RecoveryService:
         while not self._stop.is_set():
             try:
                 fired = self.schedule_once()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a background loop survives anything; logged, retried
                 log.error("dlq.recovery.schedule_failed", error=str(exc))
                 fired = 0
             if fired < self.settings.dlq.schedule_batch_max:
@@ -208,7 +208,7 @@ class RecoveryService:
             for (topic, partition), offset in _first_offsets(good).items():
                 try:
                     consumer.seek(TopicPartition(topic, partition, offset))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - best effort before re-raising the original error
                     log.error("dlq.recovery.seek_failed", error=str(exc), partition=partition)
             raise
         self._update_gauges(lag=True)
@@ -322,6 +322,42 @@ class RecoveryService:
             )
 
     # ---- schedule: delay queue → main topic ------------------------------------------------
+    def _produce_retry(
+        self,
+        producer: Producer,
+        entry_id: str,
+        letter: DeadLetterMessage,
+        results: dict[str, str | None],
+    ) -> DeadLetterMessage | None:
+        """Queue one retry on the main topic; its delivery report lands in `results`. A
+        record the producer refuses outright (e.g. too large: retrying cannot help) is
+        returned as the letter to send to manual review instead."""
+        strategy = self.strategies[letter.failure_reason]
+
+        def on_delivery(err: KafkaError | None, _m: Message) -> None:
+            results[entry_id] = None if err is None else str(err)
+
+        try:
+            record = strategy.prepare(letter)
+            results[entry_id] = "not delivered"
+            producer.produce(
+                self.settings.kafka.main_topic.name,
+                key=record.key,
+                value=record.value,
+                headers=list(record.headers),
+                on_delivery=on_delivery,
+            )
+        except (KafkaException, ValueError) as exc:
+            results.pop(entry_id, None)
+            return letter.model_copy(
+                update={
+                    "manual_review": True,
+                    "suggested_action": ActionType.MANUAL_REVIEW,
+                    "failure_details": f"{letter.failure_details} [unsendable: {exc}]",
+                }
+            )
+        return None
+
     def schedule_once(self) -> int:
         """Re-produce every due entry (one batch). Returns the number acknowledged."""
         producer = self.start()._producer
@@ -347,32 +383,9 @@ class RecoveryService:
                 self.queue.ack_many([entry.entry_id])
                 continue
             letters[entry.entry_id] = letter
-            strategy = self.strategies[letter.failure_reason]
-
-            def on_delivery(err: KafkaError | None, _m: Message, eid: str = entry.entry_id) -> None:
-                results[eid] = None if err is None else str(err)
-
-            try:
-                record = strategy.prepare(letter)
-                results[entry.entry_id] = "not delivered"
-                producer.produce(
-                    self.settings.kafka.main_topic.name,
-                    key=record.key,
-                    value=record.value,
-                    headers=list(record.headers),
-                    on_delivery=on_delivery,
-                )
-            except (KafkaException, ValueError) as exc:  # e.g. too large: retrying cannot help
-                results.pop(entry.entry_id, None)
-                unsendable.append(
-                    letter.model_copy(
-                        update={
-                            "manual_review": True,
-                            "suggested_action": ActionType.MANUAL_REVIEW,
-                            "failure_details": f"{letter.failure_details} [unsendable: {exc}]",
-                        }
-                    )
-                )
+            refused = self._produce_retry(producer, entry.entry_id, letter, results)
+            if refused is not None:
+                unsendable.append(refused)
         if unsendable:
             self.index.record([], unsendable)
             self._release_parked(unsendable)  # before the ack: a crash re-claims them
@@ -416,7 +429,7 @@ class RecoveryService:
             waiting, inflight = self.queue.counts()
             SCHEDULED.set(waiting + inflight)
             REVIEW_PENDING.set(self.index.review_count())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gauges only; never fail the loop that updates them
             log.warning("dlq.recovery.gauges_failed", error=str(exc))
 
     def consumer_lag(self) -> int:

@@ -142,6 +142,41 @@ def wait_until_served(admin: AdminClient, partitions: dict[str, int], timeout_s:
         time.sleep(0.1)
 
 
+def _create_topics(
+    admin: AdminClient, to_create: list[TopicSettings], timeout_s: float
+) -> list[TopicReport]:
+    """Create the missing topics (one already created by a racing process counts as
+    created); TopicConfigError on any other refusal."""
+    reports: list[TopicReport] = []
+    if not to_create:
+        return reports
+    futures = admin.create_topics(
+        [
+            NewTopic(
+                s.name,
+                num_partitions=s.partitions,
+                replication_factor=s.replication_factor,
+                config=s.topic_configs(),
+            )
+            for s in to_create
+        ],
+        request_timeout=timeout_s,
+    )
+    for spec in to_create:
+        try:
+            futures[spec.name].result(timeout=timeout_s)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if getattr(err, "name", lambda: "")() != "TOPIC_ALREADY_EXISTS":
+                raise TopicConfigError(f"creating topic {spec.name} failed: {exc}") from exc
+        reports.append(
+            TopicReport(
+                spec.name, "created", spec.partitions, spec.replication_factor, spec.topic_configs()
+            )
+        )
+    return reports
+
+
 def ensure_topics(kafka: KafkaSettings, timeout_s: float = 30.0) -> list[TopicReport]:
     """Validate everything first, then create what is missing and wait until a broker
     serves it. Raises TopicConfigError."""
@@ -160,37 +195,8 @@ def ensure_topics(kafka: KafkaSettings, timeout_s: float = 30.0) -> list[TopicRe
             "topic configuration does not match the profile; nothing was changed:\n  - "
             + "\n  - ".join(problems)
         )
-    reports = []
     to_create = [s for s in specs if s.name not in existing]
-    if to_create:
-        futures = admin.create_topics(
-            [
-                NewTopic(
-                    s.name,
-                    num_partitions=s.partitions,
-                    replication_factor=s.replication_factor,
-                    config=s.topic_configs(),
-                )
-                for s in to_create
-            ],
-            request_timeout=timeout_s,
-        )
-        for spec in to_create:
-            try:
-                futures[spec.name].result(timeout=timeout_s)
-            except KafkaException as exc:
-                err = exc.args[0]
-                if getattr(err, "name", lambda: "")() != "TOPIC_ALREADY_EXISTS":
-                    raise TopicConfigError(f"creating topic {spec.name} failed: {exc}") from exc
-            reports.append(
-                TopicReport(
-                    spec.name,
-                    "created",
-                    spec.partitions,
-                    spec.replication_factor,
-                    spec.topic_configs(),
-                )
-            )
+    reports = _create_topics(admin, to_create, timeout_s)
     if to_create:
         wait_until_served(admin, {s.name: s.partitions for s in to_create}, timeout_s)
     for spec in specs:

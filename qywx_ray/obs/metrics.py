@@ -134,7 +134,7 @@ def _in_ray_worker() -> bool:
         import ray
 
         return bool(ray.is_initialized()) and ray.get_runtime_context().worker.mode == 1
-    except Exception:
+    except Exception:  # noqa: BLE001 - a probe: anything but a live Ray worker means no
         return False
 
 

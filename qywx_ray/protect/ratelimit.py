@@ -237,7 +237,7 @@ class RateLimiter:
         """Like check_batch, but each message is rated at its own time (Unix seconds)."""
         return await self._check([(user, len(ts), ts) for user, ts in items])
 
-    async def _check(
+    async def _check(  # noqa: C901 - the hot path's one Redis call per batch: packing and decoding stay together
         self, items: Sequence[tuple[str, int, Sequence[float] | None]]
     ) -> dict[str, list[Decision]]:
         out: dict[str, list[Decision]] = {}

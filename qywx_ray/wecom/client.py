@@ -287,7 +287,7 @@ class WeComClient:
         """The shared token; if the cache (Redis) fails, this process's own copy."""
         try:
             token = await self._cache.get(self._settings.corp_id)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: any failure falls back
             TOKEN_CACHE_ERRORS.inc()
             log.warning("wecom.token_cache_unavailable", op="get", error=type(exc).__name__)
             token = None
@@ -320,7 +320,7 @@ class WeComClient:
             self._local = (token, self._clock() + ttl_s)
             try:
                 await self._cache.set(corp_id, token, ttl_s)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: any failure falls back
                 TOKEN_CACHE_ERRORS.inc()
                 log.warning("wecom.token_cache_unavailable", op="set", error=type(exc).__name__)
             return token
@@ -330,7 +330,7 @@ class WeComClient:
             self._local = None
         try:
             await self._cache.invalidate(self._settings.corp_id, token)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: any failure falls back
             TOKEN_CACHE_ERRORS.inc()
             log.warning("wecom.token_cache_unavailable", op="invalidate", error=type(exc).__name__)
 

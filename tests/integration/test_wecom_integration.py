@@ -294,7 +294,7 @@ async def simulator_process() -> AsyncIterator[str]:
     sock = _free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 - returns once forked; never waited on here
         [
             *(sys.executable, "-m", "qywx_ray.wecom.simulator", "--port", str(port)),
             *("--users", "5", "--rate", "300/min", "--seed", "1"),
