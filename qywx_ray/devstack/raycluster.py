@@ -41,6 +41,10 @@ class LocalRayCluster:
     include_dashboard: bool = False
     persist: bool = False
     system_config: dict[str, Any] = field(default_factory=dict)  # Ray's _system_config
+    # Ray's temp dir (sessions, logs, sockets) for every node: keep it short (Unix socket
+    # paths end up under it, 107 bytes at most). Our own directory lets `stop_ray_under`
+    # find exactly this cluster's processes; None: Ray's default (/tmp/ray, shared).
+    temp_dir: str | None = None
     # "127.0.0.1" keeps every node on loopback (dev up). Left to Ray (the machine's own
     # address) in tests: a driver in the process that started a loopback cluster hung in
     # ray.init's GCS connect here, while a driver in another process connected fine.
@@ -63,6 +67,8 @@ class LocalRayCluster:
             head_args["external_addresses"] = [self.gcs_redis_address]
         if self.system_config:
             head_args["_system_config"] = dict(self.system_config)
+        if self.temp_dir:
+            head_args["temp_dir"] = self.temp_dir  # worker nodes take the head's
         self.cluster = Cluster(
             initialize_head=True,
             connect=False,
@@ -177,6 +183,36 @@ def stop_recorded(root: Path, timeout_s: float = 15.0) -> int:
     # The raylets' own children (dashboard and runtime-env agents, actor workers) are
     # not in the record: they are found now, before their parents go.
     running = [p for p in _with_descendants(pids) if pid_alive(p)]
+    _stop_pids(running, timeout_s)
+    path.unlink(missing_ok=True)
+    return len(running)
+
+
+def ray_pids_under(temp_dir: str) -> list[int]:
+    """PIDs of the Ray processes started with `temp_dir` (each names it, or a session
+    directory inside it, on its command line), and their descendants (actor workers).
+
+    What lets us stop one Ray of several on this machine: `ray stop` matches process
+    names, so it ends every Ray here, other people's included."""
+    marker = os.path.abspath(temp_dir).rstrip("/") + "/"
+    roots = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, ValueError):
+            args = cmdline.read_bytes().split(b"\0")
+            pid = int(cmdline.parent.name)
+            if pid != os.getpid() and any(marker.encode() in a + b"/" for a in args):
+                roots.append(pid)
+    return _with_descendants(roots)
+
+
+def stop_ray_under(temp_dir: str, timeout_s: float = 15.0) -> int:
+    """Stop, by PID, the Ray that runs with `temp_dir` (SIGTERM, then SIGKILL after
+    `timeout_s`); how many processes were running. Never touches another Ray."""
+    running = [p for p in ray_pids_under(temp_dir) if pid_alive(p)]
+    return _stop_pids(running, timeout_s)
+
+
+def _stop_pids(running: list[int], timeout_s: float) -> int:
     for pid in running:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -187,7 +223,6 @@ def stop_recorded(root: Path, timeout_s: float = 15.0) -> int:
         if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    path.unlink(missing_ok=True)
     return len(running)
 
 
