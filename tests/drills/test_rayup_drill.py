@@ -14,6 +14,7 @@ node's own `ray stop` (it can only signal the node user's processes) and then by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis as redis_lib
 import yaml
@@ -176,6 +178,18 @@ def test_ray_up_local_provider_end_to_end(
         start_cmd = f"qywx-ray start --http-host 127.0.0.1 --http-port {http_port}"
         start = _ray(["exec", str(cfg), start_cmd], steps, env, 600)
         assert start.returncode == 0, "qywx-ray start failed"
+        # The ingress `qywx-ray start` served on the node answers (production: a status word).
+        ready: dict[str, Any] = {}
+
+        def ingress_ready() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=5)
+                ready.update(code=r.status_code, body=r.text[:200])
+                return r.status_code == 200
+            return False
+
+        wait_until(ingress_ready, timeout_s=120, what="the node's ingress /readyz", interval_s=1)
+        report["ingress_readyz"] = ready
         doctor2 = _ray(["exec", str(cfg), "qywx-ray doctor"], steps, env, 300)
         report["doctor_after_start"] = doctor2.stdout.strip().splitlines()[-12:]
 
