@@ -227,7 +227,9 @@ def test_node_loss_short_in_its_own_process(tmp_path: Path, kafka_bootstrap: str
     lines = [x for x in out.splitlines() if x.startswith(("multinode drill:", "drill audit:"))]
     print("\n".join(lines))
     assert child.returncode == 0, out[-6000:]
-    report = json.loads(lines[-1].partition(":")[2])
+    reports = [x for x in lines if x.startswith("multinode drill:")]
+    assert reports, "the child printed no report"
+    report = json.loads(reports[-1].partition(":")[2])
     assert report["actors_on_removed_node"], report
     assert (report["lost"], report["reordered"], report["duplicated_side_effects"]) == (0, 0, 0)
     assert report["messages"] > 0
