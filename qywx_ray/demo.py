@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,18 +60,30 @@ def dashboard_login(env: dict[str, str] | None = None, home: Path | None = None)
 class Started:
     stack: LocalStack | None = None
     ray_head: bool = False
+    ray_temp_dir: str = ""
     sim: SimulatorProcess | None = None
     serve: bool = False
     pipeline: Any = None
     actors: list[tuple[str, str]] = field(default_factory=list)
 
 
-def start_ray_head() -> bool:
-    """`ray start --head` unless a cluster already runs here; True if we started it."""
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    probe = subprocess.run([ray_bin, "status"], capture_output=True, text=True, timeout=60)
-    if probe.returncode == 0:
+RAY_GCS_PORT = 6380
+
+
+def start_ray_head(
+    temp_dir: str,
+    port: int = RAY_GCS_PORT,
+    dashboard_port: int = DASHBOARD_PORT,
+    metrics_port: int = RAY_METRICS_PORT,
+) -> bool:
+    """`ray start --head` (Ray's files under `temp_dir`) unless a Ray already answers on
+    `port`; True if we started it. The temp dir is what lets `stop_ray_head` stop
+    this Ray and no other one on the machine."""
+    from qywx_ray.devstack.procs import port_open
+
+    if port_open(port):
         return False
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     subprocess.run(
         [
             ray_bin,
@@ -78,9 +91,10 @@ def start_ray_head() -> bool:
             "--head",
             "--num-cpus=4",
             "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={DASHBOARD_PORT}",
-            f"--metrics-export-port={RAY_METRICS_PORT}",
-            "--port=6380",
+            f"--dashboard-port={dashboard_port}",
+            f"--metrics-export-port={metrics_port}",
+            f"--port={port}",
+            f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
         check=True,
@@ -91,9 +105,15 @@ def start_ray_head() -> bool:
     return True
 
 
-def stop_ray_head() -> None:
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+def stop_ray_head(temp_dir: str) -> int:
+    """Stop the Ray `start_ray_head` started, by PID (the processes that run with its
+    temp dir), never `ray stop`: that ends every Ray on the machine, other people's too.
+    Returns how many processes were running."""
+    from qywx_ray.devstack.raycluster import stop_ray_under
+
+    stopped = stop_ray_under(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return stopped
 
 
 class Progress:
@@ -293,9 +313,11 @@ def run_demo(base: Settings, args: argparse.Namespace) -> int:
         for report in ensure_topics(settings.kafka):
             print(f"demo:   topic {report.name}: {report.action}")
         print("demo: starting Ray (ray start --head) ...", flush=True)
-        done.ray_head = start_ray_head()
+        # Short (Unix socket paths live under it) and ours alone.
+        done.ray_temp_dir = tempfile.mkdtemp(prefix="qywx-demo-ray-", dir="/tmp")
+        done.ray_head = start_ray_head(done.ray_temp_dir)
         ray.init(
-            address="auto",
+            address=f"127.0.0.1:{RAY_GCS_PORT}",
             namespace=settings.ray_namespace,
             log_to_driver=False,
             configure_logging=False,
@@ -369,7 +391,9 @@ def run_demo(base: Settings, args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             ray.shutdown()
         if done.ray_head:
-            stop_ray_head()
+            stop_ray_head(done.ray_temp_dir)
+        elif done.ray_temp_dir:
+            shutil.rmtree(done.ray_temp_dir, ignore_errors=True)
         if done.stack is not None:
             stopped = done.stack.down()
             print("demo: stopped " + ", ".join(stopped) if stopped else "demo: stopped")

@@ -41,6 +41,10 @@ class LocalRayCluster:
     include_dashboard: bool = False
     persist: bool = False
     system_config: dict[str, Any] = field(default_factory=dict)  # Ray's _system_config
+    # Ray's temp dir (sessions, logs, sockets) for every node: keep it short (Unix socket
+    # paths end up under it, 107 bytes at most). Our own directory lets `stop_ray_under`
+    # find exactly this cluster's processes; None: Ray's default (/tmp/ray, shared).
+    temp_dir: str | None = None
     # "127.0.0.1" keeps every node on loopback (dev up). Left to Ray (the machine's own
     # address) in tests: a driver in the process that started a loopback cluster hung in
     # ray.init's GCS connect here, while a driver in another process connected fine.
@@ -63,6 +67,8 @@ class LocalRayCluster:
             head_args["external_addresses"] = [self.gcs_redis_address]
         if self.system_config:
             head_args["_system_config"] = dict(self.system_config)
+        if self.temp_dir:
+            head_args["temp_dir"] = self.temp_dir  # worker nodes take the head's
         self.cluster = Cluster(
             initialize_head=True,
             connect=False,
@@ -177,6 +183,36 @@ def stop_recorded(root: Path, timeout_s: float = 15.0) -> int:
     # The raylets' own children (dashboard and runtime-env agents, actor workers) are
     # not in the record: they are found now, before their parents go.
     running = [p for p in _with_descendants(pids) if pid_alive(p)]
+    _stop_pids(running, timeout_s)
+    path.unlink(missing_ok=True)
+    return len(running)
+
+
+def ray_pids_under(temp_dir: str) -> list[int]:
+    """PIDs of the Ray processes started with `temp_dir` (each names it, or a session
+    directory inside it, on its command line), and their descendants (actor workers).
+
+    What lets us stop one Ray of several on this machine: `ray stop` matches process
+    names, so it ends every Ray here, other people's included."""
+    marker = os.path.abspath(temp_dir).rstrip("/") + "/"
+    roots = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, ValueError):
+            args = cmdline.read_bytes().split(b"\0")
+            pid = int(cmdline.parent.name)
+            if pid != os.getpid() and any(marker.encode() in a + b"/" for a in args):
+                roots.append(pid)
+    return _with_descendants(roots)
+
+
+def stop_ray_under(temp_dir: str, timeout_s: float = 15.0) -> int:
+    """Stop, by PID, the Ray that runs with `temp_dir` (SIGTERM, then SIGKILL after
+    `timeout_s`); how many processes were running. Never touches another Ray."""
+    running = [p for p in ray_pids_under(temp_dir) if pid_alive(p)]
+    return _stop_pids(running, timeout_s)
+
+
+def _stop_pids(running: list[int], timeout_s: float) -> int:
     for pid in running:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -187,7 +223,6 @@ def stop_recorded(root: Path, timeout_s: float = 15.0) -> int:
         if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    path.unlink(missing_ok=True)
     return len(running)
 
 
@@ -217,3 +252,113 @@ def _kill_survivors(pids: list[int]) -> None:
         if pid != os.getpid() and pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class LocalAutoscalingCluster:
+    """A head whose autoscaler adds and removes worker nodes on this machine (Ray's fake
+    multi-node provider, what `ray.cluster_utils.AutoscalingCluster` starts).
+
+    Not `AutoscalingCluster` itself: its `start()` runs `ray stop --force` first and last,
+    ending every Ray on the machine, puts the GCS on 6379, and its constructor reads
+    `fake_multi_node/example.yaml`, which the Ray 2.60 wheel installed here does not ship
+    (FileNotFoundError). Here the same config is built in code (`fake_multinode_config`),
+    the head runs with its own temp dir and a free port, the provider is pointed at that
+    port, and `shutdown` stops by PID (`stop_ray_under`). Worker nodes are started by the
+    head's autoscaler (they inherit the temp dir), so they are found the same way.
+    """
+
+    temp_dir: str
+    worker_types: dict[
+        str, Any
+    ]  # autoscaler node types, e.g. {"w": {"resources": ..., "max_workers": 2}}
+    head_cpus: float = 1.0
+    head_resources: dict[str, float] = field(default_factory=dict)
+    idle_timeout_minutes: float = 0.25
+    port: int = 0
+    address: str = ""
+
+    def start(self, timeout_s: float = 120.0) -> LocalAutoscalingCluster:
+        import subprocess
+        import sys
+
+        from ray._private.services import get_node_ip_address
+
+        from qywx_ray.devstack.procs import free_port
+
+        self.port = self.port or free_port()
+        self.address = f"{get_node_ip_address()}:{self.port}"
+        config = fake_multinode_config(
+            {"CPU": self.head_cpus, **self.head_resources},
+            self.worker_types,
+            idle_timeout_minutes=self.idle_timeout_minutes,
+            gcs_address=self.address,  # not the provider's default, 6379
+        )
+        Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
+        config_path = Path(self.temp_dir) / "autoscaling.json"
+        config_path.write_text(json.dumps(config))
+        ray_bin = str(Path(sys.executable).with_name("ray"))
+        argv = [ray_bin, "start", "--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}"]
+        argv += [f"--autoscaling-config={config_path}", f"--num-cpus={self.head_cpus:g}"]
+        argv += ["--include-dashboard=false", "--disable-usage-stats"]
+        if self.head_resources:
+            argv.append(f"--resources={json.dumps(self.head_resources)}")
+        env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
+        # `ray start --head` turns Ray 2.60's token auth on when ~/.ray/auth_token exists;
+        # a driver in a process that imported Ray without RAY_AUTH_MODE=token then fails
+        # every GCS call ("InvalidAuthToken", seen here) even if the variable is set later.
+        # Off, as for the in-process test clusters (`ray.init`, `Cluster` start without it).
+        env["RAY_AUTH_MODE"] = "disabled"
+        subprocess.run(argv, check=True, capture_output=True, text=True, env=env, timeout=timeout_s)
+        return self
+
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        """The nodes the GCS has alive (needs `ray.init(address=self.address)`)."""
+        import ray
+
+        return [n for n in ray.nodes() if n["Alive"]]
+
+    def shutdown(self) -> int:
+        return stop_ray_under(self.temp_dir)
+
+
+def fake_multinode_config(
+    head_resources: dict[str, float],
+    worker_types: dict[str, Any],
+    *,
+    idle_timeout_minutes: float,
+    gcs_address: str,
+) -> dict[str, Any]:
+    """The autoscaler config `AutoscalingCluster` builds (Ray's
+    `fake_multi_node/example.yaml` with the given node types), for the fake provider."""
+    return {
+        "cluster_name": "qywx-fake-multinode",
+        "max_workers": sum(int(t.get("max_workers", 0)) for t in worker_types.values()),
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": gcs_address,
+        },
+        "available_node_types": {
+            **worker_types,
+            "ray.head.default": {"resources": head_resources, "node_config": {}, "max_workers": 0},
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "docker": {},
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+    }

@@ -4,11 +4,11 @@
   worker process on it die at once, as in a VM loss). Its actors (named, detached,
   `max_restarts=-1`, spread by `placement.strategy: SPREAD`) come back on the surviving
   nodes and the audit ends clean. A node added afterwards receives new placements.
-  Both forms run in `make drills`. The short one took 144 s (+33 s teardown) on 2 loaded
-  cores, and in a `make test` at load ~20 its teardown failed to start the session's
-  one-node Ray again ("node timed out during startup"), failing the run: it goes back
-  into `make test` once the session's Ray survives it (e.g. the drill in its own
-  process).
+  The short form runs in `make test` in a process of its own
+  (`tests/drills/multinode_child.py`): in-process, its teardown had to start the
+  session's one-node Ray again, which failed at load ~20 ("node timed out during
+  startup"); in its own process the session's Ray is never touched. The long form
+  (and the short one in-process) run in `make drills`.
 - GCS restart (`make drills`): the head's GCS, backed by its own Redis (Ray's GCS fault
   tolerance; never the data Redis), is killed mid-stream and started again. Our actors
   keep running in the same processes, their names still resolve, and the audit is clean.
@@ -19,6 +19,12 @@ Each prints one JSON line (`multinode drill: {...}`) with what was measured.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,8 +34,8 @@ from typing import Any
 import pytest
 
 from qywx_ray.devstack.pipeline import LocalPipeline
-from qywx_ray.devstack.procs import wait_until
-from qywx_ray.devstack.raycluster import LocalRayCluster
+from qywx_ray.devstack.procs import stop_pidfile, wait_until
+from qywx_ray.devstack.raycluster import LocalRayCluster, stop_ray_under, stop_recorded
 from qywx_ray.devstack.redis import RedisServer
 from qywx_ray.placement import actor_options, where
 from tests.drills.conftest import RECORD_KEY, finish
@@ -177,6 +183,56 @@ def test_node_loss_short(
     cluster = ray_cluster_factory(nodes=3, system_config=FAST_NODE_DEATH)
     p = pipeline_factory(overrides=MULTINODE)
     _node_loss(p, cluster, users=3, before_s=2.0, after_s=1.0, add_back=False)
+
+
+# At idle the short drill took 72 s (+9 s teardown); at load ~20, 144 s (+33 s). The
+# bound is for a hang, not a speed check.
+CHILD_TIMEOUT_S = 420
+
+
+@pytest.mark.timeout(CHILD_TIMEOUT_S + 120)
+def test_node_loss_short_in_its_own_process(tmp_path: Path, kafka_bootstrap: str) -> None:
+    """`make test`'s node loss: the short drill in a child process with its own Ray
+    cluster (own temp dir), Redis and topics; the session's Ray is not disturbed."""
+    root = Path(__file__).resolve().parents[2]
+    temp_dir = tempfile.mkdtemp(prefix="qywx-nl-", dir="/tmp")  # short: socket paths
+    argv = [sys.executable, "-m", "tests.drills.multinode_child", "--workdir", str(tmp_path)]
+    argv += ["--ray-temp-dir", temp_dir, "--bootstrap", kafka_bootstrap]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    child = subprocess.Popen(
+        argv,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, _ = child.communicate(timeout=30)
+        pytest.fail(f"node-loss child still running after {CHILD_TIMEOUT_S} s:\n{out[-4000:]}")
+    finally:
+        # Whatever the child left (it stops all of it itself when it ends normally).
+        stop_recorded(tmp_path)
+        stop_ray_under(temp_dir)
+        for pidfile in tmp_path.rglob("*.pid"):
+            stop_pidfile(pidfile)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    lines = [x for x in out.splitlines() if x.startswith(("multinode drill:", "drill audit:"))]
+    print("\n".join(lines))
+    assert child.returncode == 0, out[-6000:]
+    reports = [x for x in lines if x.startswith("multinode drill:")]
+    assert reports, "the child printed no report"
+    report = json.loads(reports[-1].partition(":")[2])
+    assert report["actors_on_removed_node"], report
+    assert (report["lost"], report["reordered"], report["duplicated_side_effects"]) == (0, 0, 0)
+    assert report["messages"] > 0
 
 
 @pytest.mark.slow

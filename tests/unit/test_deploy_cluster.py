@@ -79,3 +79,55 @@ def test_ray_dashboard_listens_on_the_head_loopback_only() -> None:
     text = (ROOT / "cluster.yaml").read_text()
     assert "ray dashboard cluster.yaml" in text
     assert "8265" not in next(line for line in text.splitlines() if "sg-PLACEHOLDER" in line)
+
+
+# deploy/cluster.local.yaml (`ray up` on this machine, tests/drills/test_rayup_drill.py)
+# must run what cluster.yaml runs. Its only differences in the common sections are these
+# ports, so that it never takes another Ray's or a dev Redis's ports on a shared machine.
+LOCAL_PORTS = {"6390": "6379", "8077": "8076", "8090": "8080"}
+COMMON_SECTIONS = (
+    "file_mounts",
+    "cluster_synced_files",
+    "file_mounts_sync_continuously",
+    "rsync_exclude",
+    "rsync_filter",
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
+
+
+def _local_config_as_aws() -> dict[str, Any]:
+    text = (ROOT / "deploy" / "cluster.local.yaml").read_text()
+    for local, aws in LOCAL_PORTS.items():
+        text = text.replace(local, aws)
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict)
+    return data
+
+
+def test_cluster_local_yaml_runs_what_cluster_yaml_runs() -> None:
+    """Setup, file mounts, env handling and start commands cannot drift apart."""
+    aws, local = _config(), _local_config_as_aws()
+    for section in COMMON_SECTIONS:
+        assert local.get(section) == aws.get(section), section
+
+
+def test_cluster_local_yaml_is_a_valid_local_provider_config() -> None:
+    raw = yaml.safe_load((ROOT / "deploy" / "cluster.local.yaml").read_text())
+    jsonschema.validate(raw, json.loads(SCHEMA.read_text()))
+    assert raw["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+    assert raw["auth"]["ssh_user"] != "root"  # `ray stop` on the node: see the file
+    start = " ".join(raw["head_start_ray_commands"])
+    for local in LOCAL_PORTS:
+        assert local in start  # distinct from cluster.yaml's (and Ray's default) ports
+
+
+def test_drift_check_is_not_vacuous() -> None:
+    aws = _config()
+    drifted = copy.deepcopy(aws)
+    drifted["setup_commands"] = [*aws["setup_commands"], "echo drift"]
+    assert drifted["setup_commands"] != _local_config_as_aws()["setup_commands"]

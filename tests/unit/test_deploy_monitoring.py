@@ -224,3 +224,48 @@ def test_promtool_check_config(tmp_path: Path) -> None:
     res = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 rule files found" in res.stdout + res.stderr
+
+
+RUNBOOK_RE = re.compile(r"^(docs/[a-z_]+\.md)#([a-z0-9-]+)(?::\s.+)?$")
+
+
+def _anchors(doc: Path) -> set[str]:
+    """The anchors MkDocs gives the headings of `doc` (its toc extension's slugify)."""
+    from markdown.extensions.toc import slugify
+
+    return {
+        slugify(line.lstrip("#").strip(), "-")
+        for line in doc.read_text().splitlines()
+        if re.match(r"#{1,6} ", line)
+    }
+
+
+def _runbooks(path: Path) -> dict[str, str]:
+    rules = yaml.safe_load(path.read_text())
+    return {
+        str(r["alert"]): str(r.get("annotations", {}).get("runbook", ""))
+        for g in rules["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
+
+
+def test_every_alert_runbook_names_a_section_that_exists() -> None:
+    """An alert's `runbook` is `docs/<file>.md#<anchor>[: hint]`, and the anchor is a
+    heading of that file: a page at 3 a.m. must not lead to a section that is not there
+    (the alerts pointed at a 'Kafka down' runbook that did not exist)."""
+    root = DEPLOY.parent
+    runbooks = _runbooks(PROM / "alerts.yml")
+    assert runbooks
+    for alert, runbook in runbooks.items():
+        m = RUNBOOK_RE.match(runbook)
+        assert m, f"{alert}: runbook {runbook!r} is not docs/<file>.md#<anchor>"
+        doc, anchor = root / m.group(1), m.group(2)
+        assert doc.exists(), f"{alert}: {doc} does not exist"
+        assert anchor in _anchors(doc), f"{alert}: no heading #{anchor} in {m.group(1)}"
+
+
+def test_runbook_check_is_not_vacuous() -> None:
+    anchors = _anchors(DEPLOY.parent / "docs" / "operations.md")
+    assert "kafka-down" in anchors and "node-failure" in anchors
+    assert "kafka-is-down-somewhere" not in anchors
