@@ -22,8 +22,10 @@ from typing import Any
 
 import ray
 
-from bench import bench_consume, common
-from bench.common import bench_services, default_runs, emit, log
+from bench import bench_consume, output
+from bench.output import emit, log
+from bench.runs import default_runs
+from bench.services import bench_services
 from qywx_ray.devstack.raycluster import LocalRayCluster
 
 PLACEMENT = {"strategy": "SPREAD", "resources": {"user_host": {"qywx_worker": 1.0}}}
@@ -56,7 +58,7 @@ def main() -> None:
         poll_linger_ms=None,
         timeout_s=args.timeout_s,
     )
-    common._EMITTER.stream = sys.stdout
+    output._EMITTER.stream = sys.stdout
     sys.stdout = sys.stderr
     bench_consume.settings_for = _with_placement(bench_consume.settings_for)
     temp_dir = tempfile.mkdtemp(prefix="qywx-bm-", dir="/tmp")  # short: socket paths

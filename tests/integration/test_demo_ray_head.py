@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 def test_demo_stops_only_the_ray_it_started(ray_session: None) -> None:
     from ray._private.worker import global_worker
 
-    other = [int(i.process.pid) for v in global_worker.node.all_processes.values() for i in v]
+    node = global_worker.node
+    assert node is not None
+    other = [int(i.process.pid) for v in node.all_processes.values() for i in v]
     assert other and all(pid_alive(p) for p in other)
     temp_dir = tempfile.mkdtemp(prefix="qywx-demo-t-", dir="/tmp")
     port = free_port()
