@@ -138,7 +138,7 @@ def _bounded(ref: Any, timeout_s: float, what: str) -> Any:
 
     try:
         return ray.get(ref, timeout=timeout_s)
-    except Exception as exc:  # dead already, or over its bound: the kill below ends it
+    except Exception as exc:  # noqa: BLE001 - dead already, or over its bound: the kill below ends it
         print(f"{what}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         return None
 
@@ -167,7 +167,7 @@ def ordered_stop(settings: Settings, timeout_s: float, serve_app: str | None = S
 
             serve.delete(serve_app)
             print("ingress: stopped", flush=True)
-        except Exception as exc:  # not running is fine
+        except Exception as exc:  # noqa: BLE001 - not running is fine
             print(f"ingress: {exc}", flush=True)
     refs: list[Any] = []
     for i in range(settings.ingest.num_syncer_hosts):

@@ -255,7 +255,7 @@ class KafkaCluster:
         def all_registered() -> bool:
             try:
                 md = admin.list_topics(timeout=2)
-            except Exception:
+            except Exception:  # noqa: BLE001 - not registered yet, whatever the reason: asked again
                 return False
             return all(n.node_id in md.brokers for n in targets)
 

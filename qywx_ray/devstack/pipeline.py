@@ -58,7 +58,7 @@ class _StampBuffer:
             chunk, self.entries = self.entries[:STAMP_FLUSH_MAX], self.entries[STAMP_FLUSH_MAX:]
             try:
                 await self.redis.rpush(STAMP_KEY, *chunk)
-            except Exception:  # Redis down: keep them (in order) for the next round
+            except Exception:  # noqa: BLE001 - Redis down: keep them (in order) for the next round
                 self.entries[:0] = chunk
                 return
 
@@ -298,7 +298,7 @@ class LocalPipeline:
                 if processed is not None and len(effects) < processed:
                     return False
                 return len(effects | self.dead_letter_ids(client)) >= expected and self.lag() == 0
-            except Exception:
+            except Exception:  # noqa: BLE001 - a poll: any failure means not yet (bounded by wait_until)
                 return False
 
         wait_until(done, timeout_s=timeout_s, what=f"{expected} messages handled", interval_s=0.5)
