@@ -188,18 +188,29 @@ class KafkaIngestProducer:
         self.produce_block_timeout_s = produce_block_timeout_s
         extra_config.setdefault("logger", logging.getLogger("qywx_ray.kafka.librdkafka"))
         self._conf = producer_config(kafka, error_cb=self._on_error, **extra_config)
-        self._producer = Producer(self._conf)
+        self._producer = self._new_client()
         self._rebuild_lock = threading.Lock()
         self._stop = threading.Event()
         self._closed = False
         self._last_error_log = 0.0
         self._fatal_error: KafkaError | None = None
-        self._thread = threading.Thread(
-            target=self._poll_loop, name=f"kafka-poll-{self.topic}", daemon=True
-        )
-        self._thread.start()
+        self._thread = self._start_poll_thread()
 
     # ------------------------------------------------------------------ plumbing
+    def _new_client(self) -> Producer:
+        """A librdkafka instance from the one config (at start and after a fatal error).
+        A seam: the ingest simulator returns its fake Kafka client here."""
+        return Producer(self._conf)
+
+    def _start_poll_thread(self) -> threading.Thread | None:
+        """The thread that serves delivery reports. A seam: the ingest simulator, whose
+        fake client reports on its virtual clock, starts none."""
+        thread = threading.Thread(
+            target=self._poll_loop, name=f"kafka-poll-{self.topic}", daemon=True
+        )
+        thread.start()
+        return thread
+
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
             try:
@@ -228,7 +239,7 @@ class KafkaIngestProducer:
             if err is None:
                 return
             old = self._producer
-            self._producer = Producer(self._conf)
+            self._producer = self._new_client()
             self._fatal_error = None
         PRODUCER_REBUILT.inc()
         log.error("kafka.producer_rebuilt_after_fatal_error", error=err.str(), topic=self.topic)
@@ -400,7 +411,8 @@ class KafkaIngestProducer:
         self._closed = True
         remaining = int(self._producer.flush(timeout_s))
         self._stop.set()
-        self._thread.join(timeout=5.0)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
         if remaining:
             log.warning("kafka.producer_closed_with_pending", pending=remaining, topic=self.topic)
         return remaining

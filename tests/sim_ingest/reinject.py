@@ -10,6 +10,7 @@ EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout
 4  a lost fence counter restarts fences at 1: every later cursor commit is refused
 5  malformed WeCom messages: "origin": null raises TypeError (the pull fails for good),
    a bad number drops the message while the cursor moves past it
+6  a fatal producer error is stored and never acted on (the producer is never rebuilt)
 """
 
 import sys
@@ -19,6 +20,7 @@ SPOOL = "qywx_ray/ingest/spool.py"
 SYNCER = "qywx_ray/ingest/syncer.py"
 LOCKS = "qywx_ray/ingest/locks.py"
 ENVELOPE = "qywx_ray/envelope.py"
+PRODUCER = "qywx_ray/ingest/producer.py"
 
 
 def patch(path: str, old: str, new: str, count: int = 1) -> None:
@@ -67,5 +69,7 @@ def _old_envelope(msg: dict[str, Any], ingest_ts_ms: int) -> Envelope | None:
         return None
 '''
     Path(SYNCER).write_text(s)
+elif d == "6":
+    patch(PRODUCER, "if self._fatal_error is None or self._closed:", "if True:")
 else:
-    sys.exit(f"unknown defect {d}: 1, 3, 4 or 5")
+    sys.exit(f"unknown defect {d}: 1, 3, 4, 5 or 6")
