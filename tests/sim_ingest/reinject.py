@@ -16,17 +16,14 @@ EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, from anywhere
+from tests.simkit.runner import patch
+
 SPOOL = "qywx_ray/ingest/spool.py"
 SYNCER = "qywx_ray/ingest/syncer.py"
 LOCKS = "qywx_ray/ingest/locks.py"
 ENVELOPE = "qywx_ray/envelope.py"
 PRODUCER = "qywx_ray/ingest/producer.py"
-
-
-def patch(path: str, old: str, new: str, count: int = 1) -> None:
-    s = Path(path).read_text()
-    assert s.count(old) == count, (path, old[:60], s.count(old))
-    Path(path).write_text(s.replace(old, new))
 
 
 d = sys.argv[1]
