@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import InfraError
+from qywx_ray.ingest.loops import LoopBackoff, loop_failed
 from qywx_ray.kafka.config import producer_config
 from qywx_ray.kafka.settings import KafkaSettings
 from qywx_ray.obs import metrics
@@ -212,11 +213,17 @@ class KafkaIngestProducer:
         return thread
 
     def _poll_loop(self) -> None:
+        """Serve delivery reports until close(). Nothing else ends it: an exception (a
+        callback raised) is logged and counted, and polling goes on after a short pause
+        that doubles while poll keeps raising - delivery reports must never stop."""
+        backoff = LoopBackoff(0.01, 1.0)
         while not self._stop.is_set():
             try:
                 self._producer.poll(0.1)
-            except Exception:  # a callback raised: never let delivery reports stop
-                log.error("kafka.delivery_callback_failed", exc_info=True, topic=self.topic)
+                backoff.succeeded()
+            except Exception as exc:
+                loop_failed("kafka_poll", exc, topic=self.topic)
+                self._stop.wait(backoff.failed())
 
     @property
     def fatal_error(self) -> KafkaError | None:

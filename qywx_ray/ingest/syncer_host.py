@@ -70,6 +70,7 @@ class SyncerHostService:
         self.syncers: dict[str, KfSyncer] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._replayer_task: asyncio.Task[None] | None = None
+        self._stop_replay = asyncio.Event()
         self._started = False
 
     async def start(self) -> None:
@@ -123,14 +124,9 @@ class SyncerHostService:
         return len(mine)
 
     async def _replay_loop(self) -> None:
+        """The replayer's own loop (SpoolReplayer.run: nothing but close() ends it)."""
         replayer = self.parts.replayer()
-        interval_s = self.settings.ingest.spool_replay_interval_s
-        while True:
-            try:
-                await replayer.replay_once()
-            except Exception as exc:
-                log.warning("spool.replay_failed", host=self.index, error=str(exc))
-            await asyncio.sleep(interval_s)
+        await replayer.run(self.settings.ingest.spool_replay_interval_s, self._stop_replay)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -150,8 +146,8 @@ class SyncerHostService:
         for syncer in self.syncers.values():
             syncer.stop()
         tasks = [*self.tasks.values()]
+        self._stop_replay.set()  # a replay in progress finishes (bounded below)
         if self._replayer_task:
-            self._replayer_task.cancel()
             tasks.append(self._replayer_task)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout_s)
