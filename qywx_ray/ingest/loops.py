@@ -27,9 +27,10 @@ LOOP_ERRORS = metrics.counter(
 
 
 def loop_failed(loop: str, exc: BaseException, **fields: Any) -> None:
-    """Count and log (ERROR, with the traceback) an unexpected exception in `loop`."""
+    """Count and log (ERROR, with the traceback) an unexpected exception in `loop`.
+    Call it inside the `except` block that caught `exc` (the traceback is taken there)."""
     LOOP_ERRORS.inc(loop=loop)
-    log.error("ingest.loop_error", loop=loop, error=repr(exc)[:300], exc_info=exc, **fields)
+    log.error("ingest.loop_error", loop=loop, error=repr(exc)[:300], exc_info=True, **fields)
 
 
 @dataclass
