@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 
+from qywx_ray.ingest.loops import loop_failed
 from qywx_ray.ingest.syncer_host import syncer_host_index
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter
@@ -103,7 +104,12 @@ class PullDispatcher:
                 for kfid in self.known:
                     self._pending.setdefault(kfid, "")
             self._last_send_at = loop.time()
-            if await self.flush():
+            try:
+                sent = await self.flush()
+            except Exception as exc:  # flush keeps what it could not send; never end here
+                loop_failed("pull_dispatch", exc)
+                sent = False
+            if sent:
                 retry_s = self._retry_initial_s
             else:
                 await asyncio.sleep(retry_s)
@@ -113,10 +119,10 @@ class PullDispatcher:
         """Send what is pending, one call per host; False if any send failed (kept)."""
         if not self._pending:
             return True
-        pending, self._pending = self._pending, {}
         by_host: dict[int, list[tuple[str, str]]] = {}
-        for kfid, token in pending.items():
+        for kfid, token in self._pending.items():
             by_host.setdefault(syncer_host_index(kfid, self._num_hosts), []).append((kfid, token))
+        self._pending = {}  # only now: a failure above leaves everything pending
         ok = True
         for host, items in by_host.items():
             try:

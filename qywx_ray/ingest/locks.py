@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from qywx_ray.errors import InfraError, QywxError
+from qywx_ray.ingest.loops import loop_failed
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
 
@@ -236,11 +237,18 @@ class LockManager:
                     last_ok = self.clock()
                     continue
                 reason = "taken_or_expired"
-            except InfraError as exc:
-                if self.clock() - last_ok < self.ttl_s:
+            except Exception as exc:
+                # Redis trouble (InfraError) or anything else: the lease is ours until its
+                # TTL runs out since the last good extend, then it counts as lost. An
+                # extender that died instead would let the work run on an expired lease.
+                if isinstance(exc, InfraError):
                     log.warning("lock.extend_failed", lock=lease.name, error=str(exc))
+                else:
+                    loop_failed("lock_extend", exc, lock=lease.name)
+                if self.clock() - last_ok < self.ttl_s:
                     continue
-                reason = "redis_unreachable_for_ttl"
+                infra = isinstance(exc, InfraError)
+                reason = "redis_unreachable_for_ttl" if infra else "extend_failing_for_ttl"
             lost.set()
             LOCK_EXPIRED.inc(lock=_label(lease.name))
             log.warning("lock.lost", lock=lease.name, fence=lease.fence, reason=reason)

@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import InfraError
+from qywx_ray.ingest.loops import LoopBackoff, loop_failed
 from qywx_ray.kafka.config import producer_config
 from qywx_ray.kafka.settings import KafkaSettings
 from qywx_ray.obs import metrics
@@ -188,24 +189,41 @@ class KafkaIngestProducer:
         self.produce_block_timeout_s = produce_block_timeout_s
         extra_config.setdefault("logger", logging.getLogger("qywx_ray.kafka.librdkafka"))
         self._conf = producer_config(kafka, error_cb=self._on_error, **extra_config)
-        self._producer = Producer(self._conf)
+        self._producer = self._new_client()
         self._rebuild_lock = threading.Lock()
         self._stop = threading.Event()
         self._closed = False
         self._last_error_log = 0.0
         self._fatal_error: KafkaError | None = None
-        self._thread = threading.Thread(
-            target=self._poll_loop, name=f"kafka-poll-{self.topic}", daemon=True
-        )
-        self._thread.start()
+        self._thread = self._start_poll_thread()
 
     # ------------------------------------------------------------------ plumbing
+    def _new_client(self) -> Producer:
+        """A librdkafka instance from the one config (at start and after a fatal error).
+        A seam: the ingest simulator returns its fake Kafka client here."""
+        return Producer(self._conf)
+
+    def _start_poll_thread(self) -> threading.Thread | None:
+        """The thread that serves delivery reports. A seam: the ingest simulator, whose
+        fake client reports on its virtual clock, starts none."""
+        thread = threading.Thread(
+            target=self._poll_loop, name=f"kafka-poll-{self.topic}", daemon=True
+        )
+        thread.start()
+        return thread
+
     def _poll_loop(self) -> None:
+        """Serve delivery reports until close(). Nothing else ends it: an exception (a
+        callback raised) is logged and counted, and polling goes on after a short pause
+        that doubles while poll keeps raising - delivery reports must never stop."""
+        backoff = LoopBackoff(0.01, 1.0)
         while not self._stop.is_set():
             try:
                 self._producer.poll(0.1)
-            except Exception:  # a callback raised: never let delivery reports stop
-                log.error("kafka.delivery_callback_failed", exc_info=True, topic=self.topic)
+                backoff.succeeded()
+            except Exception as exc:
+                loop_failed("kafka_poll", exc, topic=self.topic)
+                self._stop.wait(backoff.failed())
 
     @property
     def fatal_error(self) -> KafkaError | None:
@@ -228,7 +246,7 @@ class KafkaIngestProducer:
             if err is None:
                 return
             old = self._producer
-            self._producer = Producer(self._conf)
+            self._producer = self._new_client()
             self._fatal_error = None
         PRODUCER_REBUILT.inc()
         log.error("kafka.producer_rebuilt_after_fatal_error", error=err.str(), topic=self.topic)
@@ -400,7 +418,8 @@ class KafkaIngestProducer:
         self._closed = True
         remaining = int(self._producer.flush(timeout_s))
         self._stop.set()
-        self._thread.join(timeout=5.0)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
         if remaining:
             log.warning("kafka.producer_closed_with_pending", pending=remaining, topic=self.topic)
         return remaining

@@ -32,6 +32,7 @@ from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
+from qywx_ray.ingest.loops import LoopBackoff, loop_failed
 from qywx_ray.ingest.producer import BatchProducer, HeldBehind
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
@@ -556,12 +557,23 @@ class SpoolReplayer:
             log.info("spool.replayed", produced=result.produced, users=len(users), depth=depth)
         return result
 
-    async def run(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Replay every interval_s until `stop` is set; errors are logged and retried."""
+    async def run(
+        self, interval_s: float, stop: asyncio.Event, max_backoff_s: float = 60.0
+    ) -> None:
+        """Replay every interval_s until `stop` is set. Nothing else ends it: Redis or Kafka
+        trouble (InfraError) is logged and retried at the interval; any other exception
+        (a bug, a corrupt reply) is logged, counted in qywx_ingest_loop_errors_total and
+        retried after a backoff that doubles up to max_backoff_s while it keeps failing."""
+        backoff = LoopBackoff(interval_s, max(interval_s, max_backoff_s))
         while not stop.is_set():
+            delay_s = interval_s
             try:
                 await self.replay_once()
+                backoff.succeeded()
             except InfraError as exc:
                 log.warning("spool.replay_error", error=str(exc))
+            except Exception as exc:
+                loop_failed("spool_replay", exc)
+                delay_s = backoff.failed()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+                await asyncio.wait_for(stop.wait(), delay_s)

@@ -26,6 +26,7 @@ from qywx_ray.errors import InfraError, WeComError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
+from qywx_ray.ingest.loops import loop_failed
 from qywx_ray.ingest.producer import BatchProducer, HeldBehind
 from qywx_ray.ingest.settings import IngestSettings
 from qywx_ray.ingest.spool import KAFKA_FAILURES, Spool
@@ -341,9 +342,9 @@ class KfSyncer:
             except InfraError as exc:
                 SYNC_ERRORS.inc(errcode="infra")
                 log.warning("sync.infra_error", open_kfid=self.open_kfid, error=str(exc))
-            except Exception:  # a bug must not kill the loop of this open_kfid
+            except Exception as exc:  # a bug must not kill the loop of this open_kfid
                 SYNC_ERRORS.inc(errcode="unexpected")
-                log.error("sync.unexpected_error", exc_info=True, open_kfid=self.open_kfid)
+                loop_failed("sync", exc, open_kfid=self.open_kfid)
             delay_s = backoff_s * (0.5 + self.rng())
             backoff_s = min(backoff_s * 2, s.backoff_max_s)
             await self._pause(delay_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import zlib
@@ -70,6 +71,7 @@ class SyncerHostService:
         self.syncers: dict[str, KfSyncer] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._replayer_task: asyncio.Task[None] | None = None
+        self._stop_replay = asyncio.Event()
         self._started = False
 
     async def start(self) -> None:
@@ -123,14 +125,9 @@ class SyncerHostService:
         return len(mine)
 
     async def _replay_loop(self) -> None:
+        """The replayer's own loop (SpoolReplayer.run: nothing but close() ends it)."""
         replayer = self.parts.replayer()
-        interval_s = self.settings.ingest.spool_replay_interval_s
-        while True:
-            try:
-                await replayer.replay_once()
-            except Exception as exc:
-                log.warning("spool.replay_failed", host=self.index, error=str(exc))
-            await asyncio.sleep(interval_s)
+        await replayer.run(self.settings.ingest.spool_replay_interval_s, self._stop_replay)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -150,8 +147,8 @@ class SyncerHostService:
         for syncer in self.syncers.values():
             syncer.stop()
         tasks = [*self.tasks.values()]
+        self._stop_replay.set()  # a replay in progress finishes (bounded below)
         if self._replayer_task:
-            self._replayer_task.cancel()
             tasks.append(self._replayer_task)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout_s)
@@ -181,49 +178,57 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
 
 
+class SyncerHost:
+    """The Ray shell around SyncerHostService: one named detached actor per host index.
+
+    One class for the process (Ray shows `SyncerHost` in the dashboard and `ray::SyncerHost`
+    as the worker's title); `syncer_host_actor_class` makes it a Ray actor class once,
+    and each host's name, namespace and placement are `.options()` of that one class.
+    Plain here, so importing this module does not need Ray.
+    """
+
+    def __init__(self, settings: Settings, index: int, num_hosts: int) -> None:
+        from qywx_ray.obs.logging import configure_logging
+
+        configure_logging(settings.obs.log_level, settings.obs.log_format)
+        self.service = SyncerHostService(settings, index, num_hosts)
+        self._num_hosts = num_hosts
+        tune_gc()
+
+    def __repr__(self) -> str:
+        # Ray shows this in the dashboard and log prefixes (taken once, after __init__).
+        return f"SyncerHost({self.service.index + 1} of {self._num_hosts})"
+
+    async def where(self) -> dict[str, Any]:
+        from qywx_ray.placement import where
+
+        return where()
+
+    async def request_pulls(self, items: list[tuple[str, str]]) -> int:
+        return await self.service.request_pulls(items)
+
+    async def stats(self) -> dict[str, Any]:
+        await self.service.start()
+        return self.service.stats()
+
+    async def metrics_snapshot(self) -> dict[str, float]:
+        """This host's metric totals (e.g. qywx_degraded_messages_total), no scrape needed."""
+        from qywx_ray.obs.metrics import snapshot
+
+        return snapshot()
+
+    async def shutdown(self, timeout_s: float = 10.0) -> int:
+        """Graceful stop (see SyncerHostService.close); call before ray.kill."""
+        return await self.service.close(timeout_s)
+
+
+@functools.cache
 def syncer_host_actor_class() -> Any:
-    """The Ray shell, built lazily so importing this module does not need Ray."""
+    """SyncerHost as a Ray actor class, made once per process (a class per call would be
+    a new actor class definition exported to the cluster each time)."""
     import ray
 
-    class SyncerHostActor:
-        def __init__(self, settings: Settings, index: int, num_hosts: int) -> None:
-            from qywx_ray.obs.logging import configure_logging
-
-            configure_logging(settings.obs.log_level, settings.obs.log_format)
-            self.service = SyncerHostService(settings, index, num_hosts)
-            self._num_hosts = num_hosts
-            tune_gc()
-
-        def __repr__(self) -> str:
-            # Ray shows this in the dashboard and log prefixes (taken once, after __init__).
-            return f"SyncerHostActor({self.service.index + 1} of {self._num_hosts})"
-
-        async def where(self) -> dict[str, Any]:
-            from qywx_ray.placement import where
-
-            return where()
-
-        async def request_pulls(self, items: list[tuple[str, str]]) -> int:
-            return await self.service.request_pulls(items)
-
-        async def stats(self) -> dict[str, Any]:
-            await self.service.start()
-            return self.service.stats()
-
-        async def metrics_snapshot(self) -> dict[str, float]:
-            """This host's metric totals (e.g. qywx_degraded_messages_total), no scrape needed."""
-            from qywx_ray.obs.metrics import snapshot
-
-            return snapshot()
-
-        async def shutdown(self, timeout_s: float = 10.0) -> int:
-            """Graceful stop (see SyncerHostService.close); call before ray.kill."""
-            return await self.service.close(timeout_s)
-
-    # Ray names the actor class by its qualified name: without this the dashboard shows
-    # `syncer_host_actor_class.<locals>.SyncerHostActor`.
-    SyncerHostActor.__qualname__ = "SyncerHostActor"
-    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(SyncerHostActor)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(SyncerHost)
 
 
 def get_syncer_host(settings: Settings, index: int) -> Any:

@@ -195,7 +195,7 @@ def test_worker_like_process_group_killed_at_once(
         time.sleep(6)
         victims = _worker_like_pids()
         kinds = sorted(set(victims.values()))
-        for needed in ("PartitionConsumer", "UserHost", "SyncerHostActor"):
+        for needed in ("PartitionConsumer", "UserHost", "SyncerHost"):
             assert any(needed in k for k in kinds), f"no {needed} among {kinds}"
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):

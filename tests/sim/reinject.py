@@ -9,18 +9,15 @@ EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, from anywhere
+from tests.simkit.runner import patch
+
 UA = "qywx_ray/consume/user_actor.py"
 HR = "qywx_ray/consume/host_rules.py"
 MM = "qywx_ray/consume/mailbox_machine.py"
 IO = "qywx_ray/consume/host_io.py"
 DL = "qywx_ray/consume/deadlines.py"
 W = "tests/sim/world.py"
-
-
-def patch(path: str, old: str, new: str, count: int = 1) -> None:
-    s = Path(path).read_text()
-    assert s.count(old) == count, (path, old[:60], s.count(old))
-    Path(path).write_text(s.replace(old, new))
 
 
 d = sys.argv[1]

@@ -5,127 +5,50 @@
     python -m tests.sim.run --seeds 0:500 --without cancel,process   # fault kinds off
 
 A failing seed prints the invariant, the scenario, the last events and the command that
-replays it; the same seed always replays the same run.
+replays it; the same seed always replays the same run. The seed loop, jobs and reports
+are tests/simkit/runner.py's, shared with the ingest simulator.
 """
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing
 import sys
-import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from typing import Any
 
 from tests.sim.faults import KINDS
 from tests.sim.sim import Result, run_seed
+from tests.simkit import runner
 
-TAIL = 40
-
-
-def replay_command(seed: int, without: frozenset[str]) -> str:
-    extra = f" --without {','.join(sorted(without))}" if without else ""
-    return f"python -m tests.sim.run --seed {seed} --trace{extra}"
+PIN_BOUND_S = 30.0
 
 
-def report(result: Result, without: frozenset[str], tail: int = TAIL) -> str:
-    lines = [
-        f"seed {result.seed} FAILED: {result.violations[0]}",
-        *(f"  also: {v}" for v in result.violations[1:4]),
-        f"  scenario: {result.summary}",
-        *(f"  note: {n}" for n in result.notes[:3]),
-        f"  last {tail} events:",
-        *(f"    {e}" for e in result.trace[-tail:]),
-        f"  replay: {replay_command(result.seed, without)}",
-    ]
-    return "\n".join(lines)
+def run_one(seed: int, without: frozenset[str], pin_bound_s: float, echo: bool) -> Result:
+    return run_seed(seed, without=without, pin_bound_s=pin_bound_s, echo=echo)
 
 
-def _one(args: tuple[int, frozenset[str], float]) -> Result:
-    seed, without, pin_bound_s = args
-    return run_seed(seed, without=without, pin_bound_s=pin_bound_s)
+def describe(result: Any) -> str:
+    return (
+        f"virtual {result.virtual_s:.1f}s, {result.steps} steps, {result.messages} messages, "
+        f"{result.handler_runs} handler runs, max drain pin {result.max_pinned_s:.2f}s"
+    )
 
 
-def run_many(
-    seeds: Iterable[int],
-    without: frozenset[str] = frozenset(),
-    pin_bound_s: float = 30.0,
-    jobs: int = 1,
-    deadline_s: float | None = None,
-) -> Iterator[Result]:
-    """Results in seed order; stops starting new seeds after `deadline_s` (wall)."""
-    start = time.monotonic()
-    work = [(s, without, pin_bound_s) for s in seeds]
-    block = 1 if jobs <= 1 else 16 * jobs  # the deadline is checked between blocks
-    pool = None
-    if jobs > 1:
-        pool = multiprocessing.get_context("spawn").Pool(jobs)  # safe where threads run
-    try:
-        for i in range(0, len(work), block):
-            if deadline_s is not None and time.monotonic() - start >= deadline_s:
-                return
-            chunk = work[i : i + block]
-            yield from (pool.imap(_one, chunk) if pool is not None else map(_one, chunk))
-    finally:
-        if pool is not None:
-            pool.terminate()
-
-
-def parse_range(text: str) -> range:
-    lo, _, hi = text.partition(":")
-    return range(int(lo), int(hi) if hi else int(lo) + 1)
+CLI = runner.SimCli(
+    prog="python -m tests.sim.run",
+    doc=__doc__ or "",
+    kinds=KINDS,
+    run_one=run_one,
+    bound_flag="--pin-bound",
+    bound_default=PIN_BOUND_S,
+    bound_help="commit_pinned bound (s)",
+    describe=describe,
+    block_per_job=16,
+    max_failures=5,
+    max_stat=("drain pin", lambda r: float(r.max_pinned_s)),  # type: ignore[attr-defined]
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.sim.run", description=__doc__)
-    ap.add_argument("--seeds", default="0:200", help="LO:HI, HI excluded")
-    ap.add_argument("--seed", type=int, help="one seed")
-    ap.add_argument("--trace", action="store_true", help="print every event of the run")
-    ap.add_argument("--without", default="", help=f"fault kinds off: {','.join(KINDS)}")
-    ap.add_argument("--pin-bound", type=float, default=30.0, help="commit_pinned bound (s)")
-    ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--max-failures", type=int, default=5, help="reports printed in full")
-    ap.add_argument("--list", action="store_true", help="one line per failing seed")
-    args = ap.parse_args(argv)
-    without = frozenset(k for k in args.without.split(",") if k)
-    unknown = without - set(KINDS)
-    if unknown:
-        ap.error(f"unknown fault kinds: {sorted(unknown)}")
-    if args.seed is not None:
-        result = run_seed(args.seed, without=without, pin_bound_s=args.pin_bound, echo=args.trace)
-        print(f"scenario: {result.summary}")
-        print(
-            f"virtual {result.virtual_s:.1f}s, {result.steps} steps, {result.messages} messages, "
-            f"{result.handler_runs} handler runs, max drain pin {result.max_pinned_s:.2f}s"
-        )
-        print(report(result, without) if not result.ok else f"seed {args.seed} ok")
-        return 0 if result.ok else 1
-    seeds = parse_range(args.seeds)
-    t0 = time.monotonic()
-    failed: Counter[str] = Counter()
-    examples: dict[str, list[int]] = {}
-    n = shown = 0
-    max_pin = 0.0
-    for result in run_many(seeds, without, args.pin_bound, args.jobs):
-        n += 1
-        max_pin = max(max_pin, result.max_pinned_s)
-        if result.ok:
-            continue
-        failed[result.invariant] += 1
-        examples.setdefault(result.invariant, []).append(result.seed)
-        if args.list:
-            print(f"seed {result.seed}: {result.violations[0]}")
-        elif shown < args.max_failures:
-            shown += 1
-            print(report(result, without), end="\n\n")
-    wall = time.monotonic() - t0
-    print(
-        f"{n} seeds in {wall:.1f}s ({n / wall:.1f} seeds/s), {sum(failed.values())} failed; "
-        f"max drain pin {max_pin:.2f}s (bound {args.pin_bound}s)"
-    )
-    for inv, count in failed.most_common():
-        print(f"  {inv}: {count} seeds, e.g. {examples[inv][:8]}")
-    return 1 if failed else 0
+    return runner.main(CLI, argv)
 
 
 if __name__ == "__main__":

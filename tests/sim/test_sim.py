@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.sim import adapter
-from tests.sim.run import report, run_many
+from tests.sim.run import CLI
 from tests.sim.sim import run_seed
 from tests.sim.vtime import VirtualTimeLoop, run_virtual
 
@@ -32,17 +32,7 @@ known_broken = pytest.mark.xfail(
 
 
 def check_batch(seeds: range, deadline_s: float | None) -> None:
-    failed = []
-    n = 0
-    for result in run_many(seeds, jobs=JOBS, deadline_s=deadline_s):
-        n += 1
-        if not result.ok:
-            failed.append(result)
-    assert n > 0
-    if failed:
-        shown = "\n\n".join(report(r, frozenset()) for r in failed[:3])
-        seeds_line = ", ".join(f"{r.seed} ({r.invariant})" for r in failed[:20])
-        pytest.fail(f"{len(failed)} of {n} seeds failed: {seeds_line}\n\n{shown}", pytrace=False)
+    CLI.check_batch(seeds, JOBS, deadline_s)
 
 
 def test_virtual_time_sleeps_without_waiting() -> None:

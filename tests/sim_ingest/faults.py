@@ -23,7 +23,8 @@ WINDOW_KINDS = (
     "stalls",  # one node's IO calls may each start such a pause (lands between IO steps)
     "kafka_down",  # every produce fails; some records delivered but reported failed
     "kafka_flaky",  # per-record failures (the rest of that partition in the batch too), timeouts
-    "kafka_fatal",  # one node's producer fails everything (a fatal error until rebuilt)
+    "kafka_fatal",  # a producer's sends and produces may hit a fatal error: that instance
+    # refuses everything from then on, until the producer is rebuilt (one node or all)
     "wecom_errors",  # sync_msg answers 45009 / -1 / other errcodes
     "wecom_pages",  # short and empty pages with has_more
 )
@@ -133,6 +134,8 @@ def draw(seed: int, without: frozenset[str] = frozenset()) -> Scenario:
         node = r.choice(NODES) if kind in NODE_KINDS else None
         if kind == "redis_flaky" and r.random() < 0.5:
             node = r.choice(NODES)
+        if kind == "kafka_fatal" and r.random() < 0.3:
+            node = None  # e.g. an unclean leader election: every producer out of sequence
         p = r.uniform(0.01, 0.1) if kind in ("stalls", "lock_loss") else r.uniform(0.05, 0.4)
         if dense and kind == "kafka_flaky":
             p = r.uniform(0.2, 0.6)

@@ -10,21 +10,20 @@ EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout
 4  a lost fence counter restarts fences at 1: every later cursor commit is refused
 5  malformed WeCom messages: "origin": null raises TypeError (the pull fails for good),
    a bad number drops the message while the cursor moves past it
+6  a fatal producer error is stored and never acted on (the producer is never rebuilt)
 """
 
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, from anywhere
+from tests.simkit.runner import patch
+
 SPOOL = "qywx_ray/ingest/spool.py"
 SYNCER = "qywx_ray/ingest/syncer.py"
 LOCKS = "qywx_ray/ingest/locks.py"
 ENVELOPE = "qywx_ray/envelope.py"
-
-
-def patch(path: str, old: str, new: str, count: int = 1) -> None:
-    s = Path(path).read_text()
-    assert s.count(old) == count, (path, old[:60], s.count(old))
-    Path(path).write_text(s.replace(old, new))
+PRODUCER = "qywx_ray/ingest/producer.py"
 
 
 d = sys.argv[1]
@@ -67,5 +66,7 @@ def _old_envelope(msg: dict[str, Any], ingest_ts_ms: int) -> Envelope | None:
         return None
 '''
     Path(SYNCER).write_text(s)
+elif d == "6":
+    patch(PRODUCER, "if self._fatal_error is None or self._closed:", "if True:")
 else:
-    sys.exit(f"unknown defect {d}: 1, 3, 4 or 5")
+    sys.exit(f"unknown defect {d}: 1, 3, 4, 5 or 6")

@@ -29,11 +29,11 @@ from qywx_ray.ingest.syncer import KfSyncer
 from tests.sim.trace import Trace
 from tests.sim.vtime import VirtualTimeLoop, run_virtual
 from tests.sim_ingest.faults import NODES, Scenario, draw
+from tests.sim_ingest.kafka import FakeKafka, NodeProducer
 from tests.sim_ingest.luaredis import FakeRedisClient, FakeRedisServer, Reply
 from tests.sim_ingest.world import (
     CURSOR_PREFIX,
     EPOCH_S,
-    FakeProducer,
     FakeWeCom,
     Faults,
     Ledger,
@@ -55,6 +55,7 @@ class Result:
     steps: int
     messages: int
     kafka_records: int
+    producers_rebuilt: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -96,9 +97,8 @@ class Node:
         )
         self.cursors = CursorStore(self.redis, prefix="qywx:cursor:")  # type: ignore[arg-type]
         self.spool = Spool(self.redis, prefix="qywx", wall_clock=lambda: EPOCH_S + clock())  # type: ignore[arg-type]
-        self.producer = FakeProducer(
-            node, sim.ledger, sim.faults, random.Random(sc.seed * 1000 + 29 + node), sc.ttl_s
-        )
+        # The delivery wait equals the lock TTL, as the real defaults do.
+        self.producer = NodeProducer(sim.kafka, node, sc.ttl_s)
         self.breaker = ProducerBreaker(
             failure_threshold=sc.breaker_threshold, cooldown_s=10.0, clock=clock
         )
@@ -193,6 +193,9 @@ class Simulation:
         self.checked_at = -1.0
         self.wecom = FakeWeCom(
             self.sc, self.ledger, self.faults, self.loop.time, random.Random(seed * 1000 + 3)
+        )
+        self.kafka = FakeKafka(
+            self.ledger, self.faults, random.Random(seed * 1000 + 29), wait_s=self.sc.ttl_s
         )
         self.rng = random.Random(seed * 1000 + 5)
         self.nodes: list[Node] = []
@@ -317,6 +320,7 @@ class Simulation:
             steps=self.loop.steps,
             messages=len(self.ledger.by_mid),
             kafka_records=self.ledger.kafka_records,
+            producers_rebuilt=sum(n - 1 for n in self.kafka.instances.values()),
         )
 
     def _halt_all(self) -> None:

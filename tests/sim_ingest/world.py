@@ -3,10 +3,7 @@
 - `FakeWeCom`: per open_kfid an append-only log; `sync_msg` serves pages from a cursor
   (`g{generation}.{position}`), with has_more, short and empty pages, errcodes, cursors
   it stops accepting (40058) and a retention (WeCom's 3 days, scaled to the run).
-- `FakeProducer` (one per node, the `BatchProducer` the syncer and replayer take): a
-  record either reaches the topic and is acked, fails (and with it the rest of its
-  partition in that batch, as an idempotent producer would), or reaches the topic and
-  is still reported failed (the delivery wait timed out).
+- Kafka is in `kafka.py` (a fake librdkafka under the real producer).
 - `Ledger`: what WeCom holds, what reached Kafka, what sits in the spool; it checks
     cursor_passed   the stored cursor moved past a message (with a msgid) that is in
                     neither Kafka nor the spool;
@@ -16,7 +13,9 @@
                     (no window open) without reaching Kafka or the spool;
     not_drained     at the end (after a fault-free tail) a message is not in Kafka or
                     the spool is not empty;
-    expired         a message left WeCom's retention before it was secured.
+    expired         a message left WeCom's retention before it was secured;
+    dead_producer   (kafka.py) a producer instance that hit a fatal error refused a
+                    record in fault-free time: it was never replaced.
 """
 
 from __future__ import annotations
@@ -26,12 +25,11 @@ import json
 import random
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qywx_ray.envelope import Envelope
-from qywx_ray.ingest.producer import BatchResult, Delivery, ProduceError
 from tests.sim.trace import Trace
 from tests.sim_ingest.faults import Scenario, Window
 
@@ -96,6 +94,11 @@ class Faults:
         self.maybe_stall(node, stall_weight)
         while (w := self.active("pause", node)) is not None:
             await asyncio.sleep(w.end - self.clock())
+
+    def unhealthy_now(self) -> bool:
+        """Is any fault window (or pause) open now?"""
+        now = self.clock()
+        return any(s <= now < e for s, e in self.unhealthy)
 
     def healthy_time(self, t: float) -> float:
         """Fault-free time in [0, t]."""
@@ -323,80 +326,3 @@ class FakeWeCom:
             has_more=end < len(log),
             msg_list=[m.body for m in log[pos:end]],
         )
-
-
-class FakeProducer:
-    """One node's producer: outcomes per record from the open Kafka windows."""
-
-    def __init__(
-        self, node: int, ledger: Ledger, faults: Faults, rng: random.Random, wait_s: float
-    ) -> None:
-        self.wait_s = wait_s  # the delivery wait timeout (the real default equals the lock TTL)
-        self.node = node
-        self.ledger = ledger
-        self.faults = faults
-        self.rng = rng
-
-    async def produce_batch(self, envelopes: Sequence[Envelope]) -> BatchResult:
-        await self.faults.gate(self.node)
-        r, f = self.rng, self.faults
-        troubled = f.active("kafka_down") or f.active("kafka_flaky")
-        if troubled and r.random() < 0.5:  # brokers struggling: reports come late
-            await asyncio.sleep(r.uniform(0.3, 1.0) * self.wait_s)
-        else:
-            await asyncio.sleep(r.uniform(0.002, 0.03))
-        n = len(envelopes)
-        delivered = [False] * n
-        reported = [False] * n
-        why = "ok"
-        down, fatal = f.active("kafka_down"), f.active("kafka_fatal", self.node)
-        flaky = f.active("kafka_flaky")
-        timeout = flaky is not None and r.random() < flaky.p
-        if down or fatal or timeout:
-            # Nothing reported ok; a timeout (or a broker that wrote before it died) still
-            # delivered a prefix of some partitions.
-            why = "timeout" if timeout else ("fatal" if fatal else "down")
-            cut = self._prefix_cut(envelopes, 0.3 if down else (1.0 if timeout else 0.0))
-            delivered = [
-                i < cut.get(partition_of(e.external_userid), 0) for i, e in _idx(envelopes)
-            ]
-        else:
-            failed_parts: set[int] = set()
-            for i, e in enumerate(envelopes):
-                part = partition_of(e.external_userid)
-                if part in failed_parts or (flaky is not None and r.random() < flaky.p):
-                    failed_parts.add(part)
-                    continue
-                delivered[i] = reported[i] = True
-            if failed_parts:
-                why = "record_failures"
-        for i, e in enumerate(envelopes):
-            if delivered[i]:
-                self.ledger.kafka_append(e, self.node, "acked" if reported[i] else "unreported")
-        # A pause between delivery and the reports: the longest wait of a replay round or a
-        # pull, so where a stall most often lands in production too.
-        await self.faults.gate(self.node, stall_weight=5.0)
-        deliveries = []
-        for i, e in enumerate(envelopes):
-            if reported[i]:
-                self.ledger.acked_now(e.message_id)
-                deliveries.append(Delivery(e, None, partition_of(e.external_userid), 0))
-            else:
-                deliveries.append(Delivery(e, ProduceError(f"simulated delivery failure ({why})")))
-        ok = sum(reported)
-        self.ledger.trace.add(f"produce n{self.node}: {n} records, {ok} acked ({why})")
-        return BatchResult(deliveries)
-
-    def _prefix_cut(self, envelopes: Sequence[Envelope], p: float) -> dict[int, int]:
-        """Per partition, the batch index up to which records were delivered."""
-        cut: dict[int, int] = {}
-        for part in sorted({partition_of(e.external_userid) for e in envelopes}):
-            if self.rng.random() < p:
-                idxs = [i for i, e in _idx(envelopes) if partition_of(e.external_userid) == part]
-                k = self.rng.randint(0, len(idxs))
-                cut[part] = idxs[k - 1] + 1 if k else 0
-        return cut
-
-
-def _idx(envelopes: Sequence[Envelope]) -> list[tuple[int, Envelope]]:
-    return list(enumerate(envelopes))

@@ -64,7 +64,7 @@ from qywx_ray.wecom.simulator import (
         ("/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=x", "ray_raylet"),
         ("ray::PartitionConsumer", "consumer"),
         ("ray::UserHost.deliver", "hosts"),
-        ("ray::SyncerHostActor", "syncer"),
+        ("ray::SyncerHost", "syncer"),
         ("ray::ServeReplica:qywx-p1:Ingress", "serve"),
         ("ray::ProxyActor", "serve"),
         ("ray::DLQRecoveryActor", "dlq"),
