@@ -237,7 +237,7 @@ class LockManager:
                     last_ok = self.clock()
                     continue
                 reason = "taken_or_expired"
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - see below: any failure counts as a failed extend
                 # Redis trouble (InfraError) or anything else: the lease is ours until its
                 # TTL runs out since the last good extend, then it counts as lost. An
                 # extender that died instead would let the work run on an expired lease.

@@ -221,7 +221,7 @@ class KafkaIngestProducer:
             try:
                 self._producer.poll(0.1)
                 backoff.succeeded()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the poll thread must survive anything (counted, backed off)
                 loop_failed("kafka_poll", exc, topic=self.topic)
                 self._stop.wait(backoff.failed())
 

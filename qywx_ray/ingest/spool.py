@@ -33,7 +33,7 @@ from qywx_ray.errors import EnvelopeError, InfraError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
 from qywx_ray.ingest.loops import LoopBackoff, loop_failed
-from qywx_ray.ingest.producer import BatchProducer, HeldBehind
+from qywx_ray.ingest.producer import BatchProducer, BatchResult, HeldBehind
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
 
@@ -448,7 +448,7 @@ class SpoolReplayer:
             log.warning("spool.replay_lock_lost")
             return ReplayResult(skipped=True)
 
-    async def _drain(self, lease: LockLease) -> ReplayResult:
+    async def _drain(self, lease: LockLease) -> ReplayResult:  # noqa: C901 - the half-open probe, then the passes: one sequence with early exits
         result = ReplayResult()
         users = await self.spool.users()
         self.failing.forget_except(users)
@@ -491,46 +491,49 @@ class SpoolReplayer:
         result.remaining_depth = await self.spool.depth()
         return result
 
+    async def _settle_user(
+        self,
+        user: str,
+        entries: list[tuple[bytes, int | None]],
+        outcome: BatchResult | None,
+        result: RoundOutcome,
+    ) -> list[bytes]:
+        """The user's head entries this round consumed, in order, up to the first that
+        must stay (a retryable failure, or held behind one); undecodable and permanently
+        refused entries are set aside (buried) and count as consumed."""
+        consumed: list[bytes] = []
+        for raw, idx in entries:
+            if idx is None:
+                await self.spool.bury(user, raw, reason="undecodable entry")
+            else:
+                assert outcome is not None
+                error = outcome.deliveries[idx].error
+                if error is None:
+                    result.produced += 1
+                elif is_permanent(error):
+                    await self.spool.bury(user, raw, reason=str(error))
+                else:  # stays at the head
+                    # Held behind a record of this batch that was set aside: retried
+                    # in the next pass. A real failure: after the others, next replay.
+                    if not isinstance(error, HeldBehind):
+                        result.failed += 1
+                        result.failed_users.add(user)
+                    break
+            consumed.append(raw)
+        return consumed
+
     async def _round(
         self, lease: LockLease, users: Sequence[str], per_user: int | None = None
     ) -> RoundOutcome:
         """One batch over the heads of `users`. The trim names the entries it consumed
         and is fenced by `lease` (LockLostError if it is gone)."""
         heads = await self.spool.peek(users, per_user or self.max_per_user)
-        batch: list[Envelope] = []
-        slots: dict[str, list[tuple[bytes, int | None]]] = {}  # raw, index in batch
-        for user, rows in heads.items():
-            for raw in rows:
-                try:
-                    env = Envelope.from_bytes(raw)
-                except EnvelopeError:
-                    slots.setdefault(user, []).append((raw, None))  # corrupt: set aside
-                    continue
-                slots.setdefault(user, []).append((raw, len(batch)))
-                batch.append(env)
+        batch, slots = _decode_heads(heads)
         outcome = await self.producer.produce_batch(batch) if batch else None
         consumed_rows: dict[str, list[bytes]] = {}
         result = RoundOutcome()
         for user, entries in slots.items():
-            consumed: list[bytes] = []
-            for raw, idx in entries:
-                if idx is None:
-                    await self.spool.bury(user, raw, reason="undecodable entry")
-                else:
-                    assert outcome is not None
-                    error = outcome.deliveries[idx].error
-                    if error is None:
-                        result.produced += 1
-                    elif is_permanent(error):
-                        await self.spool.bury(user, raw, reason=str(error))
-                    else:  # stays at the head
-                        # Held behind a record of this batch that was set aside: retried
-                        # in the next pass. A real failure: after the others, next replay.
-                        if not isinstance(error, HeldBehind):
-                            result.failed += 1
-                            result.failed_users.add(user)
-                        break
-                consumed.append(raw)
+            consumed = await self._settle_user(user, entries, outcome, result)
             if consumed:
                 consumed_rows[user] = consumed
             if user in result.failed_users:
@@ -572,8 +575,27 @@ class SpoolReplayer:
                 backoff.succeeded()
             except InfraError as exc:
                 log.warning("spool.replay_error", error=str(exc))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the replay loop survives anything (counted, backed off)
                 loop_failed("spool_replay", exc)
                 delay_s = backoff.failed()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay_s)
+
+
+def _decode_heads(
+    heads: dict[str, list[bytes]],
+) -> tuple[list[Envelope], dict[str, list[tuple[bytes, int | None]]]]:
+    """The batch to produce and, per user, its head entries in order with their index in
+    the batch (None: undecodable, to be set aside)."""
+    batch: list[Envelope] = []
+    slots: dict[str, list[tuple[bytes, int | None]]] = {}
+    for user, rows in heads.items():
+        for raw in rows:
+            try:
+                env = Envelope.from_bytes(raw)
+            except EnvelopeError:
+                slots.setdefault(user, []).append((raw, None))
+                continue
+            slots.setdefault(user, []).append((raw, len(batch)))
+            batch.append(env)
+    return batch, slots

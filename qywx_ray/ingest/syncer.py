@@ -342,7 +342,7 @@ class KfSyncer:
             except InfraError as exc:
                 SYNC_ERRORS.inc(errcode="infra")
                 log.warning("sync.infra_error", open_kfid=self.open_kfid, error=str(exc))
-            except Exception as exc:  # a bug must not kill the loop of this open_kfid
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the loop of this open_kfid
                 SYNC_ERRORS.inc(errcode="unexpected")
                 loop_failed("sync", exc, open_kfid=self.open_kfid)
             delay_s = backoff_s * (0.5 + self.rng())

@@ -749,7 +749,7 @@ class WeComSimulator:
             self._pending.discard(open_kfid)
             try:
                 await self.push_callback(open_kfid)
-            except Exception as exc:  # never let one bad push kill the worker
+            except Exception as exc:  # noqa: BLE001 - never let one bad push kill the worker
                 self.callback_log.append({"open_kfid": open_kfid, "error": type(exc).__name__})
             finally:
                 self._queue.task_done()
@@ -820,7 +820,7 @@ class PopulationRates(BaseModel):
     attacker_rate_per_min: float | None = Field(default=None, ge=0)
 
 
-def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:
+def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:  # noqa: C901 - the simulator's routes, nested: their branches count here
     """WeCom's paths under /cgi-bin plus /sim/* for tests; a thin layer over the state.
 
     The simulator may run with real secrets (it reads QYWX_WECOM__*), and uvicorn's access
