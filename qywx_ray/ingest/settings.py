@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from qywx_ray.wecom.errcodes import ErrCode
+
 
 class IngestSettings(BaseModel):
     sync_page_limit: int = Field(default=1000, ge=1, le=1000)
@@ -24,7 +26,7 @@ class IngestSettings(BaseModel):
     # the oldest message WeCom still keeps (duplicates, never a gap) and alerts. 40058 is
     # WeCom's invalid-parameter code, what the simulator answers for a rejected cursor;
     # add others here if WeCom is seen to answer a rejected cursor differently.
-    invalid_cursor_errcodes: list[int] = [40058]
+    invalid_cursor_errcodes: list[int] = [int(ErrCode.INVALID_PARAM)]
     # A pull found the lock held by another node: try again this soon.
     busy_retry_s: float = 1.0
     # Producer circuit breaker: consecutive failed deliveries before it opens.

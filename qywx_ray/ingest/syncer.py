@@ -32,6 +32,7 @@ from qywx_ray.ingest.settings import IngestSettings
 from qywx_ray.ingest.spool import KAFKA_FAILURES, Spool
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
+from qywx_ray.wecom.errcodes import SYNC_BACKOFF
 
 log = get_logger(__name__)
 
@@ -47,9 +48,6 @@ CURSOR_RESETS = metrics.counter(
     "qywx_sync_cursor_resets_total",
     "Cursors WeCom rejected: the pull restarted from the oldest retained message",
 )
-
-# 45009: API rate limit; -1: WeCom busy. Both: back off and retry the same cursor.
-BACKOFF_ERRCODES = frozenset({45009, -1})
 
 
 def restart_after_rejection(errcode: int, cursor: str, invalid_codes: Collection[int]) -> bool:
@@ -333,7 +331,7 @@ class KfSyncer:
                 continue
             except WeComError as exc:
                 SYNC_ERRORS.inc(errcode=str(exc.errcode))
-                if exc.errcode not in BACKOFF_ERRCODES:
+                if exc.errcode not in SYNC_BACKOFF:
                     self._token = ""  # e.g. a rejected token: next try goes without it
                 log.warning("sync.wecom_error", open_kfid=self.open_kfid, errcode=exc.errcode)
             except LockLostError as exc:

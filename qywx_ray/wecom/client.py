@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from qywx_ray.errors import WeComError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter, histogram
+from qywx_ray.wecom.errcodes import RETRYABLE, SYNC_TOKEN_INVALID, TOKEN_INVALID, ErrCode
 from qywx_ray.wecom.models import SyncMsgPage
 from qywx_ray.wecom.settings import WeComSettings
 
@@ -81,11 +82,8 @@ def install_redaction(*logger_names: str) -> None:
 
 install_redaction("httpx", "httpcore")
 
-TOKEN_INVALID_ERRCODES = frozenset({40014, 42001})
-RETRYABLE_ERRCODES = frozenset({-1, 45009, 45033})
-TRANSPORT_ERRCODE = -1  # errcode reported for timeouts, connection errors, HTTP 5xx
+TRANSPORT_ERRCODE = ErrCode.SYSTEM_BUSY  # reported for timeouts, connection errors, HTTP 5xx
 MAX_SYNC_LIMIT = 1000
-SYNC_TOKEN_ERRCODES = frozenset({95007})  # the callback's sync token is invalid or expired
 
 
 class WeComTransientError(WeComError):
@@ -234,7 +232,7 @@ class WeComClient:
         if not isinstance(data, dict):
             raise _Retryable(TRANSPORT_ERRCODE, "response is not a JSON object")
         errcode = int(data.get("errcode", 0) or 0)
-        if errcode in RETRYABLE_ERRCODES:
+        if errcode in RETRYABLE:
             raise _Retryable(errcode, str(data.get("errmsg", "")))
         return data
 
@@ -268,7 +266,7 @@ class WeComClient:
             token = await self.get_access_token()
             data = await self._with_retries(api, "POST", path, {"access_token": token}, body)
             errcode = int(data.get("errcode", 0) or 0)
-            if errcode in TOKEN_INVALID_ERRCODES:
+            if errcode in TOKEN_INVALID:
                 await self.invalidate_token(token)
                 if refreshed:
                     API_CALLS.inc(api=api, result="token_error")
@@ -356,7 +354,7 @@ class WeComClient:
         try:
             data = await self._call("kf/sync_msg", "/kf/sync_msg", body)
         except WeComError as exc:
-            if not token or exc.errcode not in SYNC_TOKEN_ERRCODES:
+            if not token or exc.errcode not in SYNC_TOKEN_INVALID:
                 raise
             # The callback token lives 10 minutes; a late pull still works without it.
             log.info("wecom.sync_token_rejected", open_kfid=open_kfid, errcode=exc.errcode)

@@ -36,20 +36,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from qywx_ray.wecom.client import install_redaction
+from qywx_ray.wecom.errcodes import ErrCode
 from qywx_ray.wecom.settings import WeComSettings
-
-# errcodes the simulator answers with (real WeCom codes where documented)
-OK = 0
-SYSTEM_BUSY = -1
-INVALID_SECRET = 40001
-INVALID_CORPID = 40013
-INVALID_TOKEN = 40014
-MISSING_TOKEN = 41001  # no access_token parameter at all
-TOKEN_EXPIRED = 42001
-INVALID_PARAM = 40058  # also what sync_msg answers for a cursor it does not accept
-FREQ_LIMIT = 45009
-INVALID_SYNC_TOKEN = 95007
-SEND_LIMIT = 95026  # too many replies / no customer message within 48 h
 
 RETENTION_S = 3 * 24 * 3600
 ACCESS_TOKEN_TTL_S = 7200
@@ -122,7 +110,7 @@ class FaultRule(BaseModel):
 
     api: str = "*"
     kind: str = "errcode"
-    errcode: int = SYSTEM_BUSY
+    errcode: int = ErrCode.SYSTEM_BUSY
     count: int | None = 1
     probability: float = Field(default=1.0, ge=0.0, le=1.0)
     latency_s: float = 0.0
@@ -247,11 +235,11 @@ class WeComSimulatorState:
     def check_access_token(self, token: str | None) -> dict[str, Any] | None:
         """None if valid, else the error response."""
         if not token:
-            return self._err(MISSING_TOKEN, "access_token missing")
+            return self._err(ErrCode.MISSING_TOKEN, "access_token missing")
         if token not in self.access_tokens:
-            return self._err(INVALID_TOKEN, "invalid access_token")
+            return self._err(ErrCode.INVALID_TOKEN, "invalid access_token")
         if self.access_tokens[token] <= self.clock():
-            return self._err(TOKEN_EXPIRED, "access_token expired")
+            return self._err(ErrCode.TOKEN_EXPIRED, "access_token expired")
         return None
 
     def expire_access_tokens(self) -> int:
@@ -271,9 +259,9 @@ class WeComSimulatorState:
     def gettoken(self, corpid: str, corpsecret: str) -> dict[str, Any]:
         self.stats.gettoken_calls += 1
         if corpid != self.corp_id:
-            return self._err(INVALID_CORPID, "invalid corpid")
+            return self._err(ErrCode.INVALID_CORPID, "invalid corpid")
         if corpsecret != self.kf_secret:
-            return self._err(INVALID_SECRET, "invalid credential")
+            return self._err(ErrCode.INVALID_SECRET, "invalid credential")
         token = self._rand_id("AT", 64) + self._rand_id("", 40)
         self.access_tokens[token] = self.clock() + self.access_token_ttl_s
         if len(self.access_tokens) > 1000:  # drop expired ones
@@ -296,7 +284,7 @@ class WeComSimulatorState:
         return base64.urlsafe_b64encode(f"{tag}:{seq}".encode()).decode().rstrip("=")
 
     def invalidate_cursors(self, open_kfid: str) -> None:
-        """From now on sync_msg rejects (INVALID_PARAM, "invalid cursor") every cursor
+        """From now on sync_msg rejects (ErrCode.INVALID_PARAM, "invalid cursor") every cursor
         issued so far for this open_kfid, as WeCom does with a cursor it no longer
         accepts; a pull without a cursor starts again at the oldest retained message."""
         self.cursor_epochs[open_kfid] += 1
@@ -332,15 +320,16 @@ class WeComSimulatorState:
         self.stats.sync_calls += 1
         open_kfid = body.get("open_kfid")
         if not open_kfid or not isinstance(open_kfid, str):
-            return json.dumps(self._err(INVALID_PARAM, "open_kfid required")).encode()
+            return json.dumps(self._err(ErrCode.INVALID_PARAM, "open_kfid required")).encode()
         limit = body.get("limit", MAX_LIMIT)
         if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-            return json.dumps(self._err(INVALID_PARAM, "limit must be 1..1000")).encode()
+            return json.dumps(self._err(ErrCode.INVALID_PARAM, "limit must be 1..1000")).encode()
         sync_token = body.get("token")
         if sync_token:
             entry = self.sync_tokens.get(sync_token)
             if entry is None or entry[0] != open_kfid or entry[1] <= self.clock():
-                return json.dumps(self._err(INVALID_SYNC_TOKEN, "invalid msg token")).encode()
+                refused = self._err(ErrCode.INVALID_SYNC_TOKEN, "invalid msg token")
+                return json.dumps(refused).encode()
         log = self.logs[open_kfid]
         self._prune(log)
         first_seq = log.messages[0].seq if log.messages else log.next_seq
@@ -348,7 +337,7 @@ class WeComSimulatorState:
         if cursor:
             pos = self._decode_cursor(open_kfid, cursor)
             if pos is None:
-                return json.dumps(self._err(INVALID_PARAM, "invalid cursor")).encode()
+                return json.dumps(self._err(ErrCode.INVALID_PARAM, "invalid cursor")).encode()
         else:
             pos = first_seq
         pos = max(pos, first_seq)
@@ -384,7 +373,8 @@ class WeComSimulatorState:
         if msgid is None:
             return self._rand_id("", 32), None
         if not isinstance(msgid, str) or not MSGID_RE.fullmatch(msgid):
-            return None, self._err(INVALID_PARAM, "msgid must be <= 32 chars of [0-9a-zA-Z_-]")
+            bad = "msgid must be <= 32 chars of [0-9a-zA-Z_-]"
+            return None, self._err(ErrCode.INVALID_PARAM, bad)
         return msgid, None
 
     def send_msg(self, access_token: str | None, body: dict[str, Any]) -> dict[str, Any]:
@@ -393,7 +383,8 @@ class WeComSimulatorState:
             return err
         touser, open_kfid, msgtype = body.get("touser"), body.get("open_kfid"), body.get("msgtype")
         if not touser or not open_kfid or not msgtype or msgtype not in body:
-            return self._err(INVALID_PARAM, "touser, open_kfid, msgtype and its content required")
+            missing = "touser, open_kfid, msgtype and its content required"
+            return self._err(ErrCode.INVALID_PARAM, missing)
         msgid, err = self._check_msgid(body)
         if err is not None:
             return err
@@ -401,10 +392,10 @@ class WeComSimulatorState:
         now = self.clock()
         if window.last_customer_ts < 0 or now - window.last_customer_ts > REPLY_WINDOW_S:
             self.stats.send_rejected += 1
-            return self._err(SEND_LIMIT, "no customer message within 48 hours")
+            return self._err(ErrCode.SEND_LIMIT, "no customer message within 48 hours")
         if window.sent_since >= MAX_REPLIES_IN_WINDOW:
             self.stats.send_rejected += 1
-            return self._err(SEND_LIMIT, "at most 5 messages after a customer message")
+            return self._err(ErrCode.SEND_LIMIT, "at most 5 messages after a customer message")
         window.sent_since += 1
         self.stats.sends += 1
         self.replies.append(
@@ -426,10 +417,10 @@ class WeComSimulatorState:
             return err
         code, msgtype = body.get("code"), body.get("msgtype")
         if not code or not msgtype or msgtype not in body:
-            return self._err(INVALID_PARAM, "code, msgtype and its content required")
+            return self._err(ErrCode.INVALID_PARAM, "code, msgtype and its content required")
         expiry = self.event_codes.get(code)
         if expiry is None or expiry <= self.clock():
-            return self._err(INVALID_PARAM, "invalid or expired code")
+            return self._err(ErrCode.INVALID_PARAM, "invalid or expired code")
         msgid, err = self._check_msgid(body)
         if err is not None:
             return err

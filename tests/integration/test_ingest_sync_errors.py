@@ -21,8 +21,9 @@ from qywx_ray.ingest.syncer import KfSyncer
 from qywx_ray.obs import metrics
 from qywx_ray.store.client import make_async_redis
 from qywx_ray.store.settings import RedisSettings
+from qywx_ray.wecom.errcodes import ErrCode
 from qywx_ray.wecom.settings import WeComSettings
-from qywx_ray.wecom.simulator import INVALID_PARAM, WeComSimulatorState
+from qywx_ray.wecom.simulator import WeComSimulatorState
 from tests.integration.test_ingest_support import FakePage, FakeProducer, FakeSource
 
 pytestmark = pytest.mark.integration
@@ -99,7 +100,7 @@ async def test_a_rejected_cursor_restarts_from_the_oldest_retained_message(aredi
 
 async def test_a_rejection_without_a_cursor_is_an_error_not_a_loop(aredis) -> None:
     source = FakeSource([])
-    source.errors = [INVALID_PARAM, INVALID_PARAM]
+    source.errors = [ErrCode.INVALID_PARAM, ErrCode.INVALID_PARAM]
     syncer = make_syncer(aredis, source, FakeProducer())
     with pytest.raises(WeComError):
         await syncer.pull_once()
@@ -139,7 +140,7 @@ class RejectsEveryCursor:
     async def sync_msg(self, open_kfid: str, cursor: str, token: str, limit: int) -> FakePage:
         self.cursors.append(cursor)
         if cursor:
-            return FakePage(errcode=INVALID_PARAM, errmsg="invalid cursor")
+            return FakePage(errcode=ErrCode.INVALID_PARAM, errmsg="invalid cursor")
         msg = {"msgid": f"r{len(self.cursors)}", "external_userid": "u", "msgtype": "text"}
         return FakePage(next_cursor="issued", has_more=True, msg_list=[msg])
 

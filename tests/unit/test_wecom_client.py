@@ -11,13 +11,13 @@ import httpx
 import pytest
 
 from qywx_ray.errors import WeComError
-from qywx_ray.wecom import simulator as simmod
 from qywx_ray.wecom.client import (
     InMemoryTokenCache,
     WeComClient,
     WeComTokenError,
     WeComTransientError,
 )
+from qywx_ray.wecom.errcodes import ErrCode
 from qywx_ray.wecom.settings import WeComSettings
 from qywx_ray.wecom.simulator import (
     FaultRule,
@@ -132,7 +132,7 @@ async def test_bad_credentials_raise_without_retry() -> None:
     e.state.kf_secret = "something-else"
     with pytest.raises(WeComError) as info:
         await e.client.sync_msg(KF)
-    assert info.value.errcode == simmod.INVALID_SECRET and e.sleeps == []
+    assert info.value.errcode == ErrCode.INVALID_SECRET and e.sleeps == []
     await e.client.aclose()
 
 
@@ -267,14 +267,14 @@ async def test_sync_with_callback_token(env: Env) -> None:
     assert env.state.stats.sync_calls == 5  # each rejected token cost exactly one extra call
     body = {"open_kfid": KF, "token": token}
     assert env.state.sync_msg(await env.client.get_access_token(), body)["errcode"] == (
-        simmod.INVALID_SYNC_TOKEN
+        ErrCode.INVALID_SYNC_TOKEN
     )
 
 
 async def test_send_msg_allows_five_replies_per_customer_message(env: Env) -> None:
     with pytest.raises(WeComError) as info:  # no customer message yet
         await env.client.send_msg("u1", KF, "text", {"content": "hi"})
-    assert info.value.errcode == simmod.SEND_LIMIT
+    assert info.value.errcode == ErrCode.SEND_LIMIT
     env.state.add_messages(KF, "u1", 1)
     sent = [await env.client.send_msg("u1", KF, "text", {"content": f"r{i}"}) for i in range(5)]
     assert len(set(sent)) == 5
@@ -295,7 +295,7 @@ async def test_send_msg_rejects_bad_msgid(env: Env, msgid: str) -> None:
     env.state.add_messages(KF, "u1", 1)
     with pytest.raises(WeComError) as info:
         await env.client.send_msg("u1", KF, "text", {"content": "hi"}, msgid=msgid)
-    assert info.value.errcode == simmod.INVALID_PARAM
+    assert info.value.errcode == ErrCode.INVALID_PARAM
 
 
 async def test_send_msg_on_event_with_welcome_code(env: Env) -> None:

@@ -13,13 +13,11 @@ from fastapi.responses import PlainTextResponse
 
 from qywx_ray.wecom.callback import InMemoryReplayCache, make_callback_router
 from qywx_ray.wecom.crypto import WeComCrypto
+from qywx_ray.wecom.errcodes import ErrCode
 from qywx_ray.wecom.models import KfCallbackEvent, parse_kf_message
 from qywx_ray.wecom.settings import WeComSettings
 from qywx_ray.wecom.simulator import (
-    INVALID_PARAM,
-    INVALID_TOKEN,
     MESSAGE_TYPES,
-    TOKEN_EXPIRED,
     FaultRule,
     Population,
     PopulationConfig,
@@ -60,9 +58,9 @@ def test_gettoken_checks_credentials_and_expiry() -> None:
     assert ok["expires_in"] == 7200 and ok["errcode"] == 0
     token = ok["access_token"]
     assert state.sync_msg(token, {"open_kfid": KF})["errcode"] == 0
-    assert state.sync_msg("nope", {"open_kfid": KF})["errcode"] == INVALID_TOKEN
+    assert state.sync_msg("nope", {"open_kfid": KF})["errcode"] == ErrCode.INVALID_TOKEN
     clock.now += 7201
-    assert state.sync_msg(token, {"open_kfid": KF})["errcode"] == TOKEN_EXPIRED
+    assert state.sync_msg(token, {"open_kfid": KF})["errcode"] == ErrCode.TOKEN_EXPIRED
 
 
 def test_messages_have_real_ids_and_every_type_parses() -> None:
@@ -84,9 +82,11 @@ def test_messages_have_real_ids_and_every_type_parses() -> None:
 def test_sync_validates_parameters() -> None:
     state = _state()
     token = _token(state)
-    assert state.sync_msg(token, {})["errcode"] == INVALID_PARAM  # open_kfid required
-    assert state.sync_msg(token, {"open_kfid": KF, "limit": 1001})["errcode"] == INVALID_PARAM
-    assert state.sync_msg(token, {"open_kfid": KF, "cursor": "garbage"})["errcode"] == INVALID_PARAM
+    assert state.sync_msg(token, {})["errcode"] == ErrCode.INVALID_PARAM  # open_kfid required
+    too_many = state.sync_msg(token, {"open_kfid": KF, "limit": 1001})
+    assert too_many["errcode"] == ErrCode.INVALID_PARAM
+    garbage = state.sync_msg(token, {"open_kfid": KF, "cursor": "garbage"})
+    assert garbage["errcode"] == ErrCode.INVALID_PARAM
     state.add_messages("wkOTHER", "u", 1)
     other_cursor = state.sync_msg(token, {"open_kfid": "wkOTHER"})["next_cursor"]
     assert state.sync_msg(token, {"open_kfid": KF, "cursor": other_cursor})["errcode"] != 0
@@ -101,7 +101,7 @@ def test_invalidated_cursors_are_rejected_and_a_pull_without_one_starts_over() -
     second = state.add_messages(KF, "u", 2)
     state.invalidate_cursors(KF)
     rejected = state.sync_msg(token, {"open_kfid": KF, "cursor": cursor})
-    assert rejected["errcode"] == INVALID_PARAM and "cursor" in rejected["errmsg"]
+    assert rejected["errcode"] == ErrCode.INVALID_PARAM and "cursor" in rejected["errmsg"]
     again = state.sync_msg(token, {"open_kfid": KF})
     assert [m["msgid"] for m in again["msg_list"]] == first + second
     fresh = state.sync_msg(token, {"open_kfid": KF, "cursor": again["next_cursor"]})
@@ -300,6 +300,6 @@ async def test_http_admin_endpoints(http: tuple[httpx.AsyncClient, WeComSimulato
     resp = await client.post(
         "/cgi-bin/kf/sync_msg", params={"access_token": token}, json={"open_kfid": KF}
     )
-    assert resp.json()["errcode"] == TOKEN_EXPIRED
+    assert resp.json()["errcode"] == ErrCode.TOKEN_EXPIRED
     assert (await client.get("/sim/replies")).json() == []
     assert (await client.get("/sim/stats")).json()["messages"] == 4
