@@ -12,7 +12,9 @@ kept rather than dropped) never reaches the handler: it is dead-lettered the sam
 permanently, and counted (`qywx_invalid_messages_refused_total`), so an operator reviews
 it instead of every handler having to guard against defaulted fields.
 Handlers must be idempotent for side effects outside Redis done-flags: a crash between
-the side effect and the done-flag write replays the message once more.
+the side effect and the done-flag write replays the message once more. Changes to
+`ctx.state` (a handler declared `@stateful`, consume/state.py) are the exception: they
+are committed with the done-flag, exactly once.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class HandlerContext:
     redis: Any  # redis.asyncio.Redis or None
     wecom: Any  # a WeCom API client or None
     options: dict[str, Any]  # consume settings as a dict (record_key, transcript_max_len, ...)
+    # The user's state, for a handler declared `@stateful(...)` (consume/state.py): a
+    # fresh copy per attempt, kept only if the handler succeeds. None otherwise.
+    state: Any = None
 
 
 def load_handler(spec: str) -> Handler:

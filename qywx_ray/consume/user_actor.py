@@ -80,6 +80,19 @@ from qywx_ray.consume.mailbox_machine import (
     Park,
     Start,
 )
+from qywx_ray.consume.state import (
+    DEFAULT_STATE_MAX_BYTES,
+    REASON_STATE_TOO_LARGE,
+    StateLoader,
+    StateSlot,
+    StateStore,
+    StateTooLarge,
+    StateWrite,
+    m_state_conflicts,
+    m_state_too_large,
+    next_write,
+    state_spec,
+)
 from qywx_ray.consume.types import (
     REASON_CIRCUIT_OPEN,
     REASON_INVALID,
@@ -126,6 +139,7 @@ class CoreOptions:
     redis_retry_max_s: float = 5.0
     park_drain_chunk: int = 200
     handler_infra_retry_s: float = 60.0  # a handler's Redis outage: retried in place this long
+    state_max_bytes: int = DEFAULT_STATE_MAX_BYTES  # a stateful handler's encoded state
 
 
 class HostCore:
@@ -149,6 +163,7 @@ class HostCore:
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         on_dying: Callable[[UserMailbox], Awaitable[None]] | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        state_store: StateStore | None = None,
     ) -> None:
         self.name = name
         self.handler = handler
@@ -186,6 +201,15 @@ class HostCore:
         self._bg: set[asyncio.Task[Any]] = set()
         self._ctx_log = make_context_logger()
         self._typed = wants_typed_message(handler)  # else the handler gets the Envelope
+        # Per-user state only for a handler that declares it: otherwise no load and no
+        # state work in the commit (consume/state.py).
+        self._state_spec = state_spec(handler)
+        self._states: StateLoader | None = None
+        if self._state_spec is not None:
+            store = state_store or getattr(dedup, "store", None)
+            if store is None or not hasattr(store, "load"):
+                raise ValueError("a stateful handler needs a state store")
+            self._states = StateLoader(store, self.opt.redis_retry_max_s)  # type: ignore[arg-type]
         self._deadlines = HandlerDeadlines(self.opt.handler_timeout_s)
         self.latencies_ms: list[int] = []  # Kafka timestamp -> handler start
         self.arrival_ms: list[int] = []  # Kafka timestamp -> batch reaches this host
@@ -400,6 +424,7 @@ class HostCore:
         if p.skip_handler:  # a drain token (or a done retry): drain the lot, run nothing
             await self._drain(mb, p, 0)
             return
+        write: StateWrite | None = None
         reason, error = p.denied, f"denied: {p.denied}"
         if reason is None and mb.breaker is not None:
             if mb.breaker.allow():
@@ -421,6 +446,7 @@ class HostCore:
                 wecom=self.wecom,
                 options=self.opt.handler_options,
             )
+            slot = await self._state_of(mb) if self._states is not None else None
             t0 = time.perf_counter()
             reason, error = await run_head(
                 self.handler,
@@ -431,20 +457,24 @@ class HostCore:
                 clock=self.clock,
                 infra_retry_s=self.opt.handler_infra_retry_s,
                 retry_max_s=self.opt.redis_retry_max_s,
+                fresh_state=self._fresh_state(slot),
             )
             self._durations_s.append(time.perf_counter() - t0)
+            if reason is None and slot is not None:
+                write, reason, error = self._state_write(mb, slot, ctx.state)
         step = self.machine.head_finished(p, reason, self._parks)
         if reason is None:
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
+            refused = functools.partial(self._state_refused, mb, env.message_id)
             if step is Outcome.DONE:
-                self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
+                self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb), write, refused)
                 return
             # Durable done-flag first: the lot drops a chunk only once every message of it
             # is durably done (flags are written in order), then the parked messages run,
             # in order.
             durable = asyncio.get_running_loop().create_future()
-            self.dedup.mark_done(env.message_id, lambda: durable.set_result(None))
+            self.dedup.mark_done(env.message_id, lambda: durable.set_result(None), write, refused)
             await durable
             await self._settle(mb, p)
             return
@@ -476,6 +506,49 @@ class HostCore:
         # Waited on: the blocker is settled for good (review), release the user. A chunk's
         # end not retried (e.g. invalid): the rest of the lot goes on.
         await self._settle(mb, p)
+
+    # ------------------------------------------------------------ per-user state
+
+    async def _state_of(self, mb: UserMailbox) -> StateSlot:
+        """The mailbox's state, loaded on its first stateful run (coalesced with every
+        other mailbox activated in the same tick: one round trip)."""
+        if mb.user_state is None:
+            assert self._states is not None
+            mb.user_state = await self._states.get(mb.user)
+        return mb.user_state
+
+    def _fresh_state(self, slot: StateSlot | None) -> Callable[[], Any] | None:
+        spec = self._state_spec
+        if slot is None or spec is None:
+            return None
+        return lambda: spec.decode(slot.raw)
+
+    def _state_write(
+        self, mb: UserMailbox, slot: StateSlot, value: Any
+    ) -> tuple[StateWrite | None, str | None, str]:
+        """The successful attempt's commit (the slot moves to the new state), or a failure:
+        too large (dead letter `state_too_large`, old state kept), or not the declared
+        type (`invalid_message`)."""
+        assert self._state_spec is not None
+        try:
+            write = next_write(self._state_spec, slot, mb.user, value, self.opt.state_max_bytes)
+        except StateTooLarge as exc:
+            m_state_too_large.inc()
+            return None, REASON_STATE_TOO_LARGE, str(exc)
+        except (TypeError, ValueError) as exc:
+            return None, REASON_INVALID, f"ctx.state: {exc}"
+        return write, None, ""
+
+    def _state_refused(self, mb: UserMailbox, message_id: str) -> None:
+        """The store refused a state commit: another writer moved the user's state, or the
+        message was already applied. Nothing of it was written and it is never completed;
+        crash-only: the host restarts, the message is re-delivered and re-run against the
+        stored state (never a lost update, never a second application)."""
+        m_state_conflicts.inc()
+        mb.user_state = None
+        log.error("state.commit_refused", user=mb.user, message_id=message_id, host=self.name)
+        if self.on_fatal is not None:
+            self.on_fatal("state commit refused")
 
     async def _settle(self, mb: UserMailbox, p: Pending) -> None:
         """After the head's durable outcome: release the user, take the next drained
