@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from qywx_ray.consume.dedup import DONE_KEY
+from qywx_ray.consume.state import stateful
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError, QywxError
 from qywx_ray.obs import metrics
@@ -240,6 +241,26 @@ async def recording_handler(message: Any, ctx: HandlerContext) -> None:
         f"{record_key}:after_done",
         value,
     )
+
+
+@stateful()
+@envelope_handler
+async def state_recording_handler(message: Any, ctx: HandlerContext) -> None:
+    """Test handler with per-user state: appends the message id to `ctx.state["seen"]`
+    (a fold whose result shows every application, in order) and each invocation to
+    `{record_key}:calls`. Raw `fail` = "retryable" fails after the mutation (which must
+    not survive); raw `pause_writes_ms` = the FIRST invocation of this message pauses
+    Redis writes (CLIENT PAUSE WRITE) as its last step, so its state commit cannot happen
+    until a test kills the host: the crash window between handler end and commit."""
+    env = ctx.envelope
+    record_key = str(ctx.options.get("record_key", "qywx:test:record"))
+    ctx.state.setdefault("seen", []).append(ctx.message_id)
+    await ctx.redis.rpush(f"{record_key}:calls", f"{ctx.user_id}|{ctx.message_id}")
+    if env.raw.get("fail") == "retryable" and ctx.attempt == 1:
+        raise RuntimeError("asked to fail (retryable) after mutating the state")
+    pause_ms = env.raw.get("pause_writes_ms")
+    if pause_ms and await ctx.redis.set(f"{record_key}:paused:{ctx.message_id}", "1", nx=True):
+        await ctx.redis.execute_command("CLIENT", "PAUSE", int(pause_ms), "WRITE")
 
 
 @envelope_handler
