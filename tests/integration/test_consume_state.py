@@ -72,7 +72,8 @@ def _state(redis_client: redis_lib.Redis, user: str) -> list[str]:
 
 
 def _calls(redis_client: redis_lib.Redis) -> list[str]:
-    return [x.decode() for x in redis_client.lrange(f"{RECORD}:calls", 0, -1)]
+    got: list[bytes] = redis_client.lrange(f"{RECORD}:calls", 0, -1)  # type: ignore[assignment]
+    return [x.decode() for x in got]
 
 
 def _by_user(msgs: list[Envelope]) -> dict[str, list[str]]:
