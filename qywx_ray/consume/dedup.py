@@ -12,6 +12,7 @@ state's version, and is never bypassed: it is retried whatever the policy.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -60,11 +61,12 @@ class StateCommitStore(DoneStore, Protocol):
     """A DoneStore that also writes state changes with their done-flags, atomically."""
 
     async def commit(
-        self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]]
+        self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]], op_id: str
     ) -> set[str]:
         """Done-flags for `message_ids`, and for each (message id, write) the write and
         its done-flag, all in one atomic step; returns the message ids whose write was
-        refused (stale version, or already done): neither written for those."""
+        refused (stale version, or already done): neither written for those. A resend
+        with the same `op_id` returns the first answer and applies nothing."""
         ...
 
 
@@ -128,14 +130,15 @@ class RedisDoneStore:
             raise DedupUnavailable(str(exc)) from exc
 
     async def commit(
-        self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]]
+        self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]], op_id: str
     ) -> set[str]:
         """One COMMIT_LUA call for a flush: plain done-flags, then each state write with
-        its done-flag (a retry after a lost reply finds its own flags: refused as done,
-        and the host restarts and reloads; nothing is applied twice)."""
+        its done-flag; a retry after a lost reply reuses `op_id` and gets the answer the
+        first call recorded."""
         from qywx_ray.consume.state import COMMIT_LUA, commit_args
 
         keys, argv = commit_args(
+            op_id,
             [DONE_KEY.format(m) for m in message_ids],
             writes,
             DONE_KEY.format,
@@ -280,10 +283,11 @@ class Deduplicator:
         """One store call for the batch, retried with backoff; policy process may skip
         plain flags, never a state commit (a state cannot be bypassed)."""
         delay = 0.05
+        op_id = uuid.uuid4().hex if writes else ""  # reused by every resend of this batch
         while True:
             try:
                 if writes:
-                    refused = await self.store.commit(ids, writes)  # type: ignore[attr-defined]
+                    refused = await self.store.commit(ids, writes, op_id)  # type: ignore[attr-defined]
                 else:
                     await self.store.mark_done(ids)
                     refused = set()

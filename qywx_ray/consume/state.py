@@ -204,32 +204,33 @@ end
 return out
 """
 
-# KEYS: the plain done keys (ARGV[1] of them), then per state write: state key, done key.
-# ARGV: n_plain, done_ttl_s, state_ttl_s, then per write: expected version, changed (0/1),
-# data, message id. Returns the 1-based indexes (among the writes) that were refused.
-# A resend of a write already applied (its reply was lost) is recognised by the done-flag
-# together with the version it produced and the hash's `last` message id: answered as
-# applied, not applied again.
+# KEYS: the call's op key, the plain done keys (ARGV[1] of them), then per state write:
+# state key, done key. ARGV: n_plain, done_ttl_s, state_ttl_s, then per write: expected
+# version, changed (0/1), data. Returns the 1-based indexes (among the writes) that were
+# refused. The answer is kept under the op key (for done_ttl_s): a resend of the same call
+# after a lost reply gets the first answer and applies nothing again.
 COMMIT_LUA = """
+local op = redis.call('GET', KEYS[1])
+if op then
+  local out = {}
+  for i in string.gmatch(op, '%d+') do out[#out + 1] = tonumber(i) end
+  return out
+end
 local n_plain = tonumber(ARGV[1])
-for i = 1, n_plain do redis.call('SET', KEYS[i], '1', 'EX', ARGV[2]) end
+for i = 2, n_plain + 1 do redis.call('SET', KEYS[i], '1', 'EX', ARGV[2]) end
 local broken, out = {}, {}
 local w = 0
-for k = n_plain + 1, #KEYS, 2 do
+for k = n_plain + 2, #KEYS, 2 do
   w = w + 1
   local skey, dkey = KEYS[k], KEYS[k + 1]
-  local a = 4 + (w - 1) * 4
-  local expected, changed, mid = tonumber(ARGV[a]), ARGV[a + 1] == '1', ARGV[a + 3]
+  local a = 4 + (w - 1) * 3
+  local expected = tonumber(ARGV[a])
   local ok = false
-  if not broken[skey] then
-    local got = redis.call('HMGET', skey, 'v', 'last')
-    local v = tonumber(got[1] or '0')
-    if redis.call('EXISTS', dkey) == 1 then
-      if changed then ok = (v == expected + 1 and got[2] == mid)
-      else ok = (v == expected) end
-    elseif v == expected then
-      if changed then
-        redis.call('HSET', skey, 'v', tostring(expected + 1), 'data', ARGV[a + 2], 'last', mid)
+  if not broken[skey] and redis.call('EXISTS', dkey) == 0 then
+    local v = tonumber(redis.call('HGET', skey, 'v') or '0')
+    if v == expected then
+      if ARGV[a + 1] == '1' then
+        redis.call('HSET', skey, 'v', tostring(expected + 1), 'data', ARGV[a + 2])
         redis.call('EXPIRE', skey, ARGV[3])
       end
       redis.call('SET', dkey, '1', 'EX', ARGV[2])
@@ -241,8 +242,10 @@ for k = n_plain + 1, #KEYS, 2 do
     out[#out + 1] = w
   end
 end
+redis.call('SET', KEYS[1], 'r' .. table.concat(out, ','), 'EX', ARGV[2])
 return out
 """
+COMMIT_OP_KEY = "qywx:state-commit:{}"
 
 
 class RedisStateStore:
@@ -279,7 +282,7 @@ class MemoryStateStore:
         self.loads: list[list[str]] = []
         self.commits = 0
         self.refused: list[str] = []
-        self.last: dict[str, str] = {}
+        self.ops: dict[str, set[str]] = {}
         self.fail_commits = False  # only commits fail (a crash window after the handler)
 
     def _check(self) -> None:
@@ -306,41 +309,35 @@ class MemoryStateStore:
         self.done.update(message_ids)
 
     async def commit(
-        self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]]
+        self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]], op_id: str
     ) -> set[str]:
         self._check()
         if self.fail_commits:
             from qywx_ray.consume.dedup import DedupUnavailable
 
             raise DedupUnavailable("memory store: commit refused by the test")
+        if op_id in self.ops:  # a resend after a lost reply: the first answer
+            return self.ops[op_id]
         self.commits += 1
         self.done.update(message_ids)
         refused: set[str] = set()
         broken: set[str] = set()
         for mid, w in writes:
             cur = self.states.get(w.user, StateSlot(0, b""))
-            last = self.last.get(w.user)
-            ok = False
-            if w.user not in broken:
-                if mid in self.done:  # a resend of an applied write is answered as applied
-                    if w.data is not None:
-                        ok = cur.version == w.expected_version + 1 and last == mid
-                    else:
-                        ok = cur.version == w.expected_version
-                elif cur.version == w.expected_version:
-                    if w.data is not None:
-                        self.states[w.user] = StateSlot(w.expected_version + 1, w.data)
-                        self.last[w.user] = mid
-                    self.done.add(mid)
-                    ok = True
-            if not ok:
+            if w.user in broken or mid in self.done or cur.version != w.expected_version:
                 broken.add(w.user)
                 refused.add(mid)
+                continue
+            if w.data is not None:
+                self.states[w.user] = StateSlot(w.expected_version + 1, w.data)
+            self.done.add(mid)
         self.refused.extend(sorted(refused))
+        self.ops[op_id] = refused
         return refused
 
 
 def commit_args(
+    op_id: str,
     done_keys: Sequence[str],
     writes: Sequence[tuple[str, StateWrite]],
     done_key: Callable[[str], str],
@@ -348,11 +345,11 @@ def commit_args(
     state_ttl_s: int,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of COMMIT_LUA."""
-    keys = list(done_keys)
+    keys = [COMMIT_OP_KEY.format(op_id), *done_keys]
     argv: list[Any] = [len(done_keys), done_ttl_s, state_ttl_s]
     for mid, w in writes:
         keys += [STATE_KEY.format(w.user), done_key(mid)]
-        argv += [w.expected_version, 0 if w.data is None else 1, w.data or b"", mid]
+        argv += [w.expected_version, 0 if w.data is None else 1, w.data or b""]
     return keys, argv
 
 

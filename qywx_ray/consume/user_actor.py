@@ -647,7 +647,7 @@ class HostCore:
             log.error("host.parked_unreadable", user=user)
         ids = self.machine.ids_to_ask(items)
         done = await self.dedup.already_done(ids) if ids else set()
-        return status, self.machine.chunk_read(items, done, self.dedup.recent, len(raw))
+        return status, self.machine.chunk_read(items, done, self.dedup.recent, len(raw), mb)
 
     async def _hand_over_hold(self, owner: Pending) -> None:
         """Put a new drain token on the main topic, then complete the records the drain

@@ -41,26 +41,28 @@ def test_commit_script_chains_refuses_stale_and_answers_a_resend(
         assert await states.load(["A", "B"]) == {"A": StateSlot(0, b""), "B": StateSlot(0, b"")}
         a1, a2 = StateWrite("A", 0, b'{"n":1}'), StateWrite("A", 1, b'{"n":2}')
         b1 = StateWrite("B", 0, b'{"n":1}')
-        assert await done.commit(["p0"], [("a1", a1), ("b1", b1), ("a2", a2)]) == set()
+        assert await done.commit(["p0"], [("a1", a1), ("b1", b1), ("a2", a2)], "op1") == set()
         got = await states.load(["A", "B"])
         assert got == {"A": StateSlot(2, b'{"n":2}'), "B": StateSlot(1, b'{"n":1}')}
         assert redis_client.exists(*[DONE_KEY.format(m) for m in ("p0", "a1", "b1", "a2")]) == 4
         assert 900 < redis_client.ttl(STATE_KEY.format("A")) <= 1000
         assert 400 < redis_client.ttl(DONE_KEY.format("a2")) <= 500
-        # A lost reply, resent: answered as applied, applied once.
-        assert await done.commit([], [("a2", a2)]) == set()
+        # A lost reply, resent with the same op id: the first answer, applied once.
+        assert await done.commit(["p0"], [("a1", a1), ("b1", b1), ("a2", a2)], "op1") == set()
         assert (await states.load(["A"]))["A"].version == 2
         # A stale writer (derived from version 1) is refused, and so is everything of A
         # after it in the same call, even at the right version; B is not affected.
         stale, after = StateWrite("A", 1, b'{"n":9}'), StateWrite("A", 2, b'{"n":3}')
         unchanged_b = StateWrite("B", 1, None)
-        refused = await done.commit([], [("x1", stale), ("x2", after), ("b2", unchanged_b)])
+        refused = await done.commit([], [("x1", stale), ("x2", after), ("b2", unchanged_b)], "op2")
         assert refused == {"x1", "x2"}
+        resent = [("x1", stale), ("x2", after), ("b2", unchanged_b)]
+        assert await done.commit([], resent, "op2") == {"x1", "x2"}  # the first answer
         assert redis_client.exists(DONE_KEY.format("x1"), DONE_KEY.format("x2")) == 0
         assert redis_client.exists(DONE_KEY.format("b2")) == 1  # unchanged: flag, no bump
         assert await states.load(["A", "B"]) == got
         # Already done (a run without a dedup check) is refused, not applied twice.
-        assert await done.commit([], [("a1", StateWrite("A", 2, b'{"n":4}'))]) == {"a1"}
+        assert await done.commit([], [("a1", StateWrite("A", 2, b'{"n":4}'))], "op3") == {"a1"}
         await r.aclose()
 
     asyncio.run(run())

@@ -271,7 +271,7 @@ def test_next_write_unchanged_keeps_the_version_and_a_resend_is_answered_as_appl
 
     store = MemoryStateStore()
     store.states["A"] = StateSlot(3, b'{"a":1}')
-    assert asyncio.run(store.commit([], [("m", changed)])) == set()
-    assert asyncio.run(store.commit([], [("m", changed)])) == set()  # lost reply, resent
-    assert store.states["A"] == StateSlot(4, b'{"a":2}')
-    assert asyncio.run(store.commit([], [("m2", changed)])) == {"m2"}  # stale: refused
+    assert asyncio.run(store.commit([], [("m", changed)], "op1")) == set()
+    assert asyncio.run(store.commit([], [("m", changed)], "op1")) == set()  # lost reply, resent
+    assert store.states["A"] == StateSlot(4, b'{"a":2}') and store.commits == 1
+    assert asyncio.run(store.commit([], [("m2", changed)], "op2")) == {"m2"}  # stale: refused
