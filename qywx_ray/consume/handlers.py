@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from qywx_ray.consume.dedup import DONE_KEY
-from qywx_ray.consume.state import stateful
+from qywx_ray.consume.state import counts_messages, stateful
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError, QywxError
 from qywx_ray.obs import metrics
@@ -151,13 +151,20 @@ async def run_handler(handler: Handler, message: Any, ctx: HandlerContext) -> No
 TRANSCRIPT_KEY = "qywx:transcript:{}:{}"
 
 
+@counts_messages
+@stateful()
 @envelope_handler
 async def default_handler(message: Any, ctx: HandlerContext) -> None:
-    """Append the message to the user's transcript in Redis (capped list).
+    """Append the message to the user's transcript in Redis (capped list) and count it in
+    the user's state (`messages`, `last_msgid`: applied exactly once, which the demo's
+    audit checks against WeCom's record).
 
-    With `consume.reply_enabled` and a WeCom client, replies with a short text.
+    With `consume.reply_enabled` and a WeCom client, replies with a short text (msgid
+    derived from the message's; a re-run after a crash may reply twice).
     """
     env = ctx.envelope
+    ctx.state["messages"] = int(ctx.state.get("messages", 0)) + 1
+    ctx.state["last_msgid"] = env.message_id
     entry = json.dumps(
         {
             "msgid": env.message_id,

@@ -140,6 +140,14 @@ def stateful(model: type[BaseModel] | None = None) -> Callable[[Any], Any]:
     return mark
 
 
+def counts_messages(fn: Any) -> Any:
+    """Declare that the handler's state keeps `messages` (how many messages it applied)
+    and `last_msgid` (the last one): `qywx-ray demo`'s audit then checks every customer's
+    final state against WeCom's record (each processed message applied exactly once)."""
+    fn.__qywx_audit_state__ = True
+    return fn
+
+
 def state_spec(handler: Any) -> StateSpec | None:
     spec = getattr(handler, "__qywx_state__", None)
     return spec if isinstance(spec, StateSpec) else None
