@@ -285,6 +285,18 @@ async def bench_handler(message: Any, ctx: HandlerContext) -> None:
         await asyncio.sleep(float(sleep_ms) / 1000.0)
 
 
+@stateful()
+@envelope_handler
+async def bench_state_handler(message: Any, ctx: HandlerContext) -> None:
+    """Benchmark handler: bench_handler's trivial case with per-user state that changes on
+    every message (a counter beside `raw.state_bytes` of padding): each message pays a
+    version-checked write of the whole state with its done-flag (the worst case)."""
+    pad = int(ctx.envelope.raw.get("state_bytes", 0))
+    if len(ctx.state.get("pad", "")) != pad:
+        ctx.state["pad"] = "x" * pad
+    ctx.state["n"] = int(ctx.state.get("n", 0)) + 1
+
+
 @envelope_handler
 async def sleep_5ms_handler(message: Any, ctx: HandlerContext) -> None:
     """Benchmark handler: 5 ms of awaited I/O."""
