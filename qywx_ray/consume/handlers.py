@@ -254,15 +254,19 @@ async def recording_handler(message: Any, ctx: HandlerContext) -> None:
 @envelope_handler
 async def state_recording_handler(message: Any, ctx: HandlerContext) -> None:
     """Test handler with per-user state: appends the message id to `ctx.state["seen"]`
-    (a fold whose result shows every application, in order) and each invocation to
-    `{record_key}:calls`. Raw `fail` = "retryable" fails after the mutation (which must
+    (a fold whose result shows every application, in order), each invocation to
+    `{record_key}:calls` and the state it was given to `{record_key}:saw`
+    ("message_id|attempt|seen,..."). Raw `fail` = "retryable" fails after the mutation (which must
     not survive); raw `pause_writes_ms` = the FIRST invocation of this message pauses
     Redis writes (CLIENT PAUSE WRITE) as its last step, so its state commit cannot happen
     until a test kills the host: the crash window between handler end and commit."""
     env = ctx.envelope
     record_key = str(ctx.options.get("record_key", "qywx:test:record"))
-    ctx.state.setdefault("seen", []).append(ctx.message_id)
+    seen = ctx.state.setdefault("seen", [])
+    saw = f"{ctx.message_id}|{ctx.attempt}|{','.join(seen)}"  # the state this attempt got
+    seen.append(ctx.message_id)
     await ctx.redis.rpush(f"{record_key}:calls", f"{ctx.user_id}|{ctx.message_id}")
+    await ctx.redis.rpush(f"{record_key}:saw", saw)
     if env.raw.get("fail") == "retryable" and ctx.attempt == 1:
         raise RuntimeError("asked to fail (retryable) after mutating the state")
     pause_ms = env.raw.get("pause_writes_ms")

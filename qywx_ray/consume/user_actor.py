@@ -21,6 +21,10 @@ Per-user order across DLQ retries (proven by the simulator in tests/sim):
   drains the lot chunk by chunk; before each chunk a new drain token goes to the main
   topic and the records held so far complete, so a drain holds its partition's commit
   for one chunk, and a crash mid-drain resumes from the newest token.
+Per-user state (consume/state.py), for a handler declared `@stateful`: loaded when a
+mailbox first runs (one round trip for every mailbox activated in the same tick), kept on
+the mailbox, dropped with it; each attempt gets a fresh copy; a success's change rides
+with its done-flag in one version-checked write, and the message completes only after it.
 Lifecycle: active -> dying -> dead after `idle_lifetime_s` without work; a message
 arriving while a mailbox is dying goes to a successor that starts only after the old one
 is dead. Never: report a completion before the done-flag or dead letter is durable, run

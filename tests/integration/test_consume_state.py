@@ -73,9 +73,13 @@ def _state(redis_client: redis_lib.Redis, user: str) -> list[str]:
     return list(json.loads(raw)["seen"]) if raw else []
 
 
-def _calls(redis_client: redis_lib.Redis) -> list[str]:
-    got: list[bytes] = redis_client.lrange(f"{RECORD}:calls", 0, -1)  # type: ignore[assignment]
+def _list(redis_client: redis_lib.Redis, key: str) -> list[str]:
+    got: list[bytes] = redis_client.lrange(key, 0, -1)  # type: ignore[assignment]
     return [x.decode() for x in got]
+
+
+def _calls(redis_client: redis_lib.Redis) -> list[str]:
+    return _list(redis_client, f"{RECORD}:calls")
 
 
 def _by_user(msgs: list[Envelope]) -> dict[str, list[str]]:
@@ -178,3 +182,57 @@ def _pid(actor: Any) -> int | None:
         return int(ray.get(actor.pid.remote(), timeout=10))
     except (ray.exceptions.RayError, TimeoutError):
         return None
+
+
+@pytest.mark.timeout(240)
+def test_a_dlq_retry_sees_the_state_as_it_was_when_it_failed_and_applies_once(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    from qywx_ray.dlq.actor import start_recovery_actor
+
+    s = consume_test_settings(make_settings, unique, handler=HANDLER)
+    s = s.model_copy(
+        update={
+            "dlq": s.dlq.model_copy(
+                update={
+                    "backoff_base_s": 1.0,
+                    "backoff_max_s": 4.0,
+                    "scheduler_interval_s": 0.1,
+                    "recovery_group_id": f"rec-{unique}",
+                    "recovery_actor_name": f"rec-{unique}",
+                }
+            )
+        }
+    )
+    ensure_topics(s)
+    user = "retried"
+    msgs = [
+        Envelope(
+            message_id=f"{user}-{n}",
+            open_kfid="kf-test",
+            external_userid=user,
+            msgtype="text",
+            raw={"fail": "retryable"} if n == 1 else {},  # fails on attempt 1, after mutating
+        )
+        for n in range(4)
+    ]
+    recovery = start_recovery_actor(s)
+    try:
+        produce(s, msgs)
+        p = start_consumers(s)
+        started.append(p)
+        assert wait_for(lambda: _state(redis_client, user) == [m.message_id for m in msgs], 120)
+        saw = _list(redis_client, f"{RECORD}:saw")
+        assert saw == [
+            f"{user}-0|1|",
+            f"{user}-1|1|{user}-0",  # failed after appending itself ...
+            f"{user}-1|2|{user}-0",  # ... the retry sees the state as it was then
+            f"{user}-2|1|{user}-0,{user}-1",  # later messages waited (parked), in order
+            f"{user}-3|1|{user}-0,{user}-1,{user}-2",
+        ]
+    finally:
+        ray.get(recovery.stop.remote(), timeout=30)
+        ray.kill(recovery, no_restart=True)
