@@ -1,12 +1,14 @@
 """Per-user state (`ctx.state`): loaded on activation, committed exactly once with the done-flag.
 
 What a handler sees. A handler that declares state (`@stateful()` for a JSON mapping,
-`@stateful(MyModel)` for a pydantic model) gets `ctx.state`: a FRESH copy of the user's
-committed state for every attempt (decoded from the bytes the runtime keeps), which it
-may mutate or replace (`ctx.state = ...`). Only if the handler succeeds does the runtime
-keep the new value (in memory at once, in Redis with the message's done-flag). A failed,
-timed-out or infra-retried attempt leaves no trace: its copy is thrown away, so the next
-message (or the retry) sees the state as it was before the failed attempt.
+`@stateful(MyModel)` for a pydantic model) gets `ctx.state`: its own copy of the user's
+committed state for every attempt (the object the previous successful attempt left, or
+decoded afresh from the committed bytes after a failure), which it may mutate or replace
+(`ctx.state = ...`); it must not keep a reference to it after returning. Only if the
+handler succeeds does the runtime keep the new value (in memory at once, in Redis with
+the message's done-flag). A failed, timed-out or infra-retried attempt leaves no trace:
+its copy is thrown away, so the next message (or the retry) sees the state as it was
+before the failed attempt.
 
 Lifecycle. The state is loaded when the user's mailbox activates (hosted or dedicated
 mode: the same HostCore), for all users activated in the same loop tick in ONE Redis round
@@ -64,7 +66,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -159,10 +161,20 @@ def state_spec(handler: Any) -> StateSpec | None:
 @dataclass
 class StateSlot:
     """A user's committed state as this host knows it: the version it derives from and
-    its bytes (b"" = none yet). Lives on the mailbox; dropped with it."""
+    its bytes (b"" = none yet). Lives on the mailbox; dropped with it.
+
+    `value` caches the decoded object a successful attempt left (equal to `raw`), so the
+    next attempt takes it instead of decoding again; taking it empties the cache, so an
+    attempt that fails (and may have mutated it) leaves the next one to decode `raw`."""
 
     version: int
     raw: bytes
+    value: Any = field(default=None, compare=False, repr=False)
+
+    def take(self, spec: StateSpec) -> Any:
+        """The object for one attempt: the cached one, or a fresh decode of `raw`."""
+        value, self.value = self.value, None
+        return value if value is not None else spec.decode(self.raw)
 
 
 @dataclass(frozen=True)
@@ -186,10 +198,12 @@ def next_write(
     if len(raw) > max_bytes:
         raise StateTooLarge(f"state of {len(raw)} bytes exceeds the limit of {max_bytes}")
     if raw == slot.raw:
+        slot.value = new_value
         return StateWrite(user, slot.version, None)
     write = StateWrite(user, slot.version, raw)
     slot.version += 1
     slot.raw = raw
+    slot.value = new_value
     return write
 
 

@@ -525,7 +525,7 @@ class HostCore:
         spec = self._state_spec
         if slot is None or spec is None:
             return None
-        return lambda: spec.decode(slot.raw)
+        return lambda: slot.take(spec)
 
     def _state_write(
         self, mb: UserMailbox, slot: StateSlot, value: Any
