@@ -72,6 +72,7 @@ class UserMailbox:
         # The user's committed state (consume/state.py), loaded when the mailbox first
         # runs a stateful handler; dropped with the mailbox on idle expiry.
         self.user_state: StateSlot | None = None
+        self.state_loading: asyncio.Future[StateSlot] | None = None  # started on activation
 
     def snapshot(self, now_s: float) -> dict[str, Any]:
         return {

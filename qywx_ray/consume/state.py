@@ -386,6 +386,7 @@ class StateLoader:
         self._retry_max_s = retry_max_s
         self._wanted: dict[str, asyncio.Future[StateSlot]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
         self.round_trips = 0
 
     async def get(self, user: str) -> StateSlot:
@@ -396,6 +397,16 @@ class StateLoader:
             self._task = asyncio.get_running_loop().create_task(self._load())
         return await asyncio.shield(fut)
 
+    def load_now(self, users: Sequence[str]) -> dict[str, asyncio.Future[StateSlot]]:
+        """Start one load for `users` at once (a delivery batch's newly activated
+        mailboxes); each future resolves with its user's slot."""
+        loop = asyncio.get_running_loop()
+        futures = {u: loop.create_future() for u in users}
+        task = loop.create_task(self._load_batch(futures))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+        return futures
+
     async def _load(self) -> None:
         # Let every worker woken by the same ingest ask first (two ticks: a worker's
         # step may be scheduled one iteration after the put that woke it).
@@ -403,19 +414,20 @@ class StateLoader:
         await asyncio.sleep(0)
         while self._wanted:
             wanted, self._wanted = self._wanted, {}
-            delay = 0.05
-            while True:
-                try:
-                    self.round_trips += 1
-                    slots = await self.store.load(list(wanted))
-                    break
-                except StateUnavailable as exc:
-                    log.warning(
-                        "state.load_retry", users=len(wanted), delay_s=delay, error=str(exc)
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._retry_max_s)
-            m_state_loads.inc(len(wanted))
-            for user, fut in wanted.items():
-                if not fut.done():
-                    fut.set_result(slots[user])
+            await self._load_batch(wanted)
+
+    async def _load_batch(self, wanted: dict[str, asyncio.Future[StateSlot]]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                self.round_trips += 1
+                slots = await self.store.load(list(wanted))
+                break
+            except StateUnavailable as exc:
+                log.warning("state.load_retry", users=len(wanted), delay_s=delay, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+        m_state_loads.inc(len(wanted))
+        for user, fut in wanted.items():
+            if not fut.done():
+                fut.set_result(slots[user])

@@ -333,10 +333,12 @@ class HostCore:
         order. Returns the holds to write: user -> (tail, held)."""
         has_lot = self.retry_order is not None
         placed = self.machine.admitted(items, codes, self.opt.mailbox_size, has_lot, self.clock())
+        activated: list[UserMailbox] = []
         for c in placed.commands:
             if isinstance(c, Finish):
                 self._finish(c.pending, None)  # a plain duplicate or an old token; parked
             elif isinstance(c, Start):
+                activated.append(c.mailbox)
                 self._start(c.mailbox)
             else:  # Overflow: the mailbox is full
                 mb = c.mailbox
@@ -345,6 +347,14 @@ class HostCore:
                 self.admission.on_failure(mb.user)
                 if c.deny is not None:  # no lot to hold it: dead-letter it
                     denied.append((c.deny, REASON_QUEUE_FULL))
+        if self._states is not None:
+            # Every mailbox this batch activated: its state in one round trip, started
+            # now so no handler slot waits for it (a mailbox's future dies with it).
+            cold = [mb for mb in activated if mb.user_state is None and mb.state_loading is None]
+            if cold:
+                loading = self._states.load_now([mb.user for mb in cold])
+                for mb in cold:
+                    mb.state_loading = loading[mb.user]
         if placed.n_parked:
             self.counts["parked"] += placed.n_parked
             m_parked.inc(placed.n_parked)
@@ -514,11 +524,15 @@ class HostCore:
     # ------------------------------------------------------------ per-user state
 
     async def _state_of(self, mb: UserMailbox) -> StateSlot:
-        """The mailbox's state, loaded on its first stateful run (coalesced with every
-        other mailbox activated in the same tick: one round trip)."""
+        """The mailbox's state: the load its activation started (`_place`: one round trip
+        per delivery batch), else loaded now (coalesced with the same tick's asks)."""
         if mb.user_state is None:
             assert self._states is not None
-            mb.user_state = await self._states.get(mb.user)
+            loading, mb.state_loading = mb.state_loading, None
+            if loading is not None:
+                mb.user_state = await asyncio.shield(loading)
+            else:
+                mb.user_state = await self._states.get(mb.user)
         return mb.user_state
 
     def _fresh_state(self, slot: StateSlot | None) -> Callable[[], Any] | None:
