@@ -248,15 +248,12 @@ for k = n_plain + 2, #KEYS, 2 do
   local a = 4 + (w - 1) * 3
   local expected = tonumber(ARGV[a])
   local ok = false
-  if not broken[skey] and redis.call('EXISTS', dkey) == 0 then
-    local v = tonumber(redis.call('HGET', skey, 'v') or '0')
-    if v == expected then
-      if ARGV[a + 1] == '1' then
-        redis.call('HSET', skey, 'v', tostring(expected + 1), 'data', ARGV[a + 2])
-        redis.call('EXPIRE', skey, ARGV[3])
-      end
-      redis.call('SET', dkey, '1', 'EX', ARGV[2])
-      ok = true
+  if not broken[skey] and tonumber(redis.call('HGET', skey, 'v') or '0') == expected then
+    -- the done-flag, only if the message is not done yet: the check and the write in one
+    ok = redis.call('SET', dkey, '1', 'NX', 'EX', ARGV[2]) ~= false
+    if ok and ARGV[a + 1] == '1' then
+      redis.call('HSET', skey, 'v', tostring(expected + 1), 'data', ARGV[a + 2])
+      redis.call('EXPIRE', skey, ARGV[3])
     end
   end
   if not ok then
