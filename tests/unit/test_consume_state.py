@@ -136,8 +136,10 @@ async def test_crash_between_handler_end_and_commit_reruns_but_applies_once() ->
     await until(lambda: opts1["runs"].get("A-m2") == 1)
     assert len(done1.done) == 1  # m1, m2 ran but were not completed
     # "kill -9": the first host is gone (its tasks cancelled); the consumer re-delivers.
-    for t in list(first._bg) + first._workers:
-        t.cancel()
+    tasks = [*first._bg, *first._workers, first.dedup._flusher, first._ingest_task]
+    for t in tasks:
+        if t is not None:
+            t.cancel()  # its pending commit (retrying) dies with it
     store.fail_commits = False
     second, done2, opts2 = make_core(store, fatal=fatal)
     second.accept(batch)  # m0 again (its commit was durable) and m1, m2
