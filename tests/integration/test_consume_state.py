@@ -236,3 +236,22 @@ def test_a_dlq_retry_sees_the_state_as_it_was_when_it_failed_and_applies_once(
     finally:
         ray.get(recovery.stop.remote(), timeout=30)
         ray.kill(recovery, no_restart=True)
+
+
+@pytest.mark.timeout(180)
+def test_dedicated_mode_keeps_the_same_state(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    """The same `ctx.state` when each user is its own Ray actor (dedicated mode)."""
+    s = consume_test_settings(make_settings, unique, handler=HANDLER, mode="dedicated")
+    ensure_topics(s)
+    msgs = envelopes(3, 4)
+    produce(s, msgs)
+    p = start_consumers(s)
+    started.append(p)
+    assert wait_for(lambda: _all_committed(s, len(msgs)), 120)
+    for user, ids in _by_user(msgs).items():
+        assert _state(redis_client, user) == ids, user
