@@ -12,6 +12,11 @@ done-flags). Per run it prints JSON lines (bench.output.emit) for:
              actors during the drains (latency phases first: a drain leaves background
              work behind, e.g. Redis rewriting its AOF)
   dedicated  50 users (quick: 20), each a real Ray actor: the same, at a lower paced rate
+  state      (`--state-bytes N`, N > 0) per-user state off vs on in the same run: two fresh
+             hosted pipelines drain the same trivial backlog, one with the trivial handler,
+             one with a `@stateful` handler whose N-byte state changes on every message
+             (load on activation + a version-checked write with each done-flag); the order
+             of the two alternates per run. Cases hosted_state_off / hosted_state_on.
 
 Latency = handler start (wall clock, in the host) minus the Kafka record timestamp (set
 by the producer at produce(), so it includes the producer's linger). Every line carries
@@ -96,7 +101,9 @@ def make_envelopes(
 class ModeBench:
     """One pipeline (hosted or dedicated) and its phases; host/user actors stay up."""
 
-    def __init__(self, args: argparse.Namespace, svc: Any, mode: str, run: int) -> None:
+    def __init__(
+        self, args: argparse.Namespace, svc: Any, mode: str, run: int, handler: str = HANDLER
+    ) -> None:
         self.args = args
         self.mode = mode
         self.run = run
@@ -115,7 +122,7 @@ class ModeBench:
                     "mode": mode,
                     "namespace": f"bench-{self.tag}",
                     "name_prefix": f"b{self.tag}",
-                    "handler": HANDLER,
+                    "handler": handler,
                     **({"num_hosts": args.hosts} if args.hosts else {}),
                     **({"num_consumers": args.consumers} if args.consumers else {}),
                     "max_dedicated_actors": max(100, 2 * args.dedicated_users),
@@ -230,9 +237,18 @@ class ModeBench:
 
     # ------------------------------------------------------------------ phases
 
-    def drain(self, name: str, per_user: int, sleep_ms: float, ceiling: bool) -> None:
+    def drain(
+        self,
+        name: str,
+        per_user: int,
+        sleep_ms: float,
+        ceiling: bool,
+        raw: dict[str, Any] | None = None,
+        case: str = "",
+    ) -> None:
         """Produce a backlog with the consumers stopped, then time the drain."""
         extra: dict[str, Any] = {"sleep_ms": sleep_ms} if sleep_ms else {}
+        extra.update(raw or {})
         msgs = make_envelopes(self.tag, f"{self.tag}{name}", self.users, per_user, **extra)
         n = produce(self.settings, msgs)
         if ceiling:
@@ -254,8 +270,8 @@ class ModeBench:
         pids_after = self.pids()  # a pid that appeared meanwhile counts from 0 CPU s
         used = {k: sum(cpu_s(x) - cpu0.get(x, 0.0) for x in v) for k, v in pids_after.items()}
         elapsed = t_end - t_first
-        case = f"{self.mode}_{name}"
-        common = self.dims(handler=name)
+        case = case or f"{self.mode}_{name}"
+        common = self.dims(handler=name, **({"state_bytes": raw["state_bytes"]} if raw else {}))
         emit(
             case=case,
             metric="throughput",
@@ -454,6 +470,26 @@ def run_hosted(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
     return b.topics
 
 
+STATE_HANDLER = "qywx_ray.consume.handlers:bench_state_handler"
+
+
+def run_state(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
+    """State off vs on, same run, same backlog shape; the order alternates per run so
+    neither always meets the warmer machine."""
+    topics: list[str] = []
+    variants = [("off", HANDLER, None), ("on", STATE_HANDLER, {"state_bytes": args.state_bytes})]
+    if run % 2:
+        variants.reverse()
+    for name, handler, raw in variants:
+        b = ModeBench(args, svc, "hosted", run, handler=handler)
+        try:
+            b.drain("trivial", args.per_user, 0, False, raw=raw, case=f"hosted_state_{name}")
+        finally:
+            b.stop_all()
+        topics += b.topics
+    return topics
+
+
 def run_dedicated(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
     b = ModeBench(args, svc, "dedicated", run)
     try:
@@ -514,7 +550,13 @@ def main() -> None:
         help="paced warm-up at --rate before each steady window, recorded as warmup (0: none)",
     )
     ap.add_argument("--timeout-s", type=float, default=120.0)
-    ap.add_argument("--only", choices=["hosted", "dedicated"], default=None)
+    ap.add_argument("--only", choices=["hosted", "dedicated", "state"], default=None)
+    ap.add_argument(
+        "--state-bytes",
+        type=int,
+        default=0,
+        help="> 0: also drain with per-user state of this size, off vs on (cases hosted_state_*)",
+    )
     args = ap.parse_args()
     # Ray's driver prints raylet warnings to sys.stdout: keep stdout for JSON lines only.
     output._EMITTER.stream = sys.stdout
@@ -542,7 +584,10 @@ def main() -> None:
             # Every hosted run first: a dedicated phase leaves dozens of Ray worker
             # processes exiting and the pool refilling (load 30+ here), which would
             # land on the next hosted run's latency phases.
-            for mode, fn in (("hosted", run_hosted), ("dedicated", run_dedicated)):
+            modes = [("hosted", run_hosted), ("dedicated", run_dedicated)]
+            if args.state_bytes > 0:
+                modes.insert(1, ("state", run_state))
+            for mode, fn in modes:
                 if args.only not in (None, mode):
                     continue
                 for run in range(args.runs):

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
         PermanentError,
         envelope_handler,
     )
+    from qywx_ray.consume.state import counts_messages, stateful
     from qywx_ray.envelope import Envelope
     from qywx_ray.errors import (
         ConfigError,
@@ -60,6 +61,9 @@ _EXPORTS: dict[str, str] = {
     "HandlerContext": "qywx_ray.consume.handlers",
     "PermanentError": "qywx_ray.consume.handlers",
     "envelope_handler": "qywx_ray.consume.handlers",
+    # per-user state: `ctx.state`, committed exactly once with the done-flag
+    "stateful": "qywx_ray.consume.state",
+    "counts_messages": "qywx_ray.consume.state",
     # the exception tree (any other exception a handler raises is retried)
     "QywxError": "qywx_ray.errors",
     "ConfigError": "qywx_ray.errors",
@@ -106,9 +110,11 @@ __all__ = [
     "VoiceMessage",
     "WeComError",
     "__version__",
+    "counts_messages",
     "envelope_handler",
     "load_settings",
     "parse_kf_message",
+    "stateful",
 ]
 
 

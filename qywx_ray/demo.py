@@ -172,7 +172,11 @@ class DemoAudit:
     whatever the handler is), `dead_lettered` on the DLQ index; `lost` is what has
     neither. Order and duplicated side effects can only be read from a record the handler
     keeps: the default handler's transcript. With another handler they are `None` (not
-    checked), never a guess.
+    checked), never a guess. `state_mismatch` compares each customer's per-user state
+    (`ctx.state`, kept by the default handler and the FAQ bot: `messages`, `last_msgid`)
+    with WeCom's record: the count must equal the customer's processed messages (each
+    applied exactly once) and the last applied id must be one of them; None when the
+    handler keeps no such state.
     """
 
     messages: int = 0
@@ -181,11 +185,13 @@ class DemoAudit:
     lost: int = 0
     reordered_users: int | None = None
     duplicated: int | None = None
+    state_mismatch: int | None = None
     lost_ids: list[str] = field(default_factory=list)
+    state_mismatch_users: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and not self.reordered_users
+        return self.lost == 0 and not self.reordered_users and not self.state_mismatch
 
     def line(self) -> str:
         def shown(value: int | None) -> str:
@@ -197,6 +203,7 @@ class DemoAudit:
             f"lost={self.lost} reordered={shown(self.reordered_users)} "
             f"duplicated_side_effects={shown(self.duplicated)}"
             + ("" if self.duplicated is not None else " (order: the default handler only)")
+            + f" state_mismatch={shown(self.state_mismatch)}"
         )
 
 
@@ -205,9 +212,11 @@ def audit_records(
     done: set[str],
     dead: set[str],
     transcripts: dict[tuple[str, str], list[str]] | None = None,
+    states: dict[str, dict[str, Any]] | None = None,
 ) -> DemoAudit:
     """Pure: WeCom's record (`truth`: kfid -> user -> msgids in order) against the
-    framework's done-flags and dead letters, and, when given, each user's transcript."""
+    framework's done-flags and dead letters, and, when given, each user's transcript and
+    each user's state (external_userid -> decoded `ctx.state`, {} when it has none)."""
     result = DemoAudit()
     reordered = duplicated = 0
     for kfid, users in truth.items():
@@ -234,6 +243,19 @@ def audit_records(
                 reordered += 1
     if transcripts is not None:
         result.reordered_users, result.duplicated = reordered, duplicated
+    if states is not None:
+        result.state_mismatch = 0
+        processed: dict[str, list[str]] = {}
+        for users in truth.values():
+            for user, ids in users.items():
+                processed.setdefault(user, []).extend(m for m in ids if m in done)
+        for user, ids in sorted(processed.items()):
+            state = states.get(user, {})
+            count_ok = int(state.get("messages", 0)) == len(ids)
+            last_ok = state.get("last_msgid") in ids if ids else "last_msgid" not in state
+            if not (count_ok and last_ok):
+                result.state_mismatch += 1
+                result.state_mismatch_users.append(user)
     return result
 
 
@@ -242,7 +264,8 @@ def audit(settings: Settings, sim: SimulatorProcess) -> DemoAudit:
     import redis as redis_lib
 
     from qywx_ray.consume.dedup import DONE_KEY
-    from qywx_ray.consume.handlers import TRANSCRIPT_KEY
+    from qywx_ray.consume.handlers import TRANSCRIPT_KEY, load_handler
+    from qywx_ray.consume.state import STATE_KEY, state_spec
     from qywx_ray.store.client import make_redis
 
     client: redis_lib.Redis = make_redis(settings.redis)
@@ -256,6 +279,18 @@ def audit(settings: Settings, sim: SimulatorProcess) -> DemoAudit:
     dead = {
         k.decode() if isinstance(k, bytes) else str(k) for k in client.hkeys("qywx:dlq:letters")
     }
+    states = None
+    handler = load_handler(settings.consume.handler)
+    if state_spec(handler) is not None and getattr(handler, "__qywx_audit_state__", False):
+        # (set by consume.state.counts_messages)
+        users = sorted({u for by_user in truth.values() for u in by_user})
+        pipe = client.pipeline(transaction=False)
+        for user in users:
+            pipe.hget(STATE_KEY.format(user), "data")
+        states = {
+            user: (json.loads(raw) if raw else {})
+            for user, raw in zip(users, pipe.execute(), strict=True)
+        }
     transcripts = None
     if settings.consume.handler == DEFAULT_HANDLER:
         transcripts = {
@@ -266,7 +301,7 @@ def audit(settings: Settings, sim: SimulatorProcess) -> DemoAudit:
             for kfid, users in truth.items()
             for user in users
         }
-    return audit_records(truth, done, dead, transcripts)
+    return audit_records(truth, done, dead, transcripts, states)
 
 
 def run_demo(base: Settings, args: argparse.Namespace) -> int:  # noqa: C901 - the demo as one script: start, run, audit, stop; every start has its stop in `finally`

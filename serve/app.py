@@ -210,7 +210,9 @@ def create_admin_app(settings: Settings, *, users: bool = True) -> FastAPI:
 def _mount_admin(app: FastAPI, settings: Settings, redis: Any, *, users: bool = True) -> None:
     from qywx_ray.admin.dlq import make_dlq_router
     from qywx_ray.admin.ratelimit import make_ratelimit_router
+    from qywx_ray.admin.state import make_state_router
     from qywx_ray.admin.users import make_users_router, ray_user_source
+    from qywx_ray.protect.audit import AuditLog
     from qywx_ray.protect.groups import UserGroups
     from qywx_ray.protect.ratelimit import RateLimiter
 
@@ -218,6 +220,9 @@ def _mount_admin(app: FastAPI, settings: Settings, redis: Any, *, users: bool = 
     limiter = RateLimiter(redis, settings.protect, groups)
     app.include_router(make_ratelimit_router(limiter, groups, settings.admin))
     app.include_router(make_dlq_router(settings))
+    app.include_router(
+        make_state_router(redis, AuditLog(redis), settings.admin, settings.consume.state_ttl_s)
+    )
     if users:
         app.include_router(make_users_router(ray_user_source(settings), settings.admin))
 

@@ -4,18 +4,24 @@ Flags are written only AFTER the handler succeeded (never before: a failed handl
 be retried), one pipeline per batch; checked once per delivery batch. A recent-done LRU in
 memory answers most re-deliveries without Redis. This module never reports a message done
 before its flag is durable (policy `stop`); with policy `process` Redis trouble is counted
-and processing continues without dedup.
+and processing continues without dedup. A done-flag that carries a state change
+(consume/state.py) is written by the same Lua call as the change, conditional on the
+state's version, and is never bypassed: it is retried whatever the policy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter
+
+if TYPE_CHECKING:
+    from qywx_ray.consume.state import StateWrite
 
 log = get_logger(__name__)
 
@@ -51,6 +57,19 @@ class DoneStore(Protocol):
     async def mark_done(self, message_ids: Sequence[str]) -> None: ...
 
 
+class StateCommitStore(DoneStore, Protocol):
+    """A DoneStore that also writes state changes with their done-flags, atomically."""
+
+    async def commit(
+        self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]], op_id: str
+    ) -> set[str]:
+        """Done-flags for `message_ids`, and for each (message id, write) the write and
+        its done-flag, all in one atomic step; returns the message ids whose write was
+        refused (stale version, or already done): neither written for those. A resend
+        with the same `op_id` returns the first answer and applies nothing."""
+        ...
+
+
 class MemoryDoneStore:
     """In-memory DoneStore for unit tests; `down=True` simulates an outage."""
 
@@ -76,9 +95,10 @@ class MemoryDoneStore:
 class RedisDoneStore:
     """`qywx:done:{message_id}` with TTL; one pipeline round trip per call."""
 
-    def __init__(self, redis: Any, ttl_s: int) -> None:
+    def __init__(self, redis: Any, ttl_s: int, state_ttl_s: int = 30 * 86_400) -> None:
         self._redis = redis  # redis.asyncio.Redis
         self._ttl_s = ttl_s
+        self._state_ttl_s = state_ttl_s
 
     async def done_among(self, message_ids: Sequence[str]) -> set[str]:
         # One command per batch answering only the (few) 1-based indexes that exist.
@@ -109,6 +129,28 @@ class RedisDoneStore:
         except Exception as exc:
             raise DedupUnavailable(str(exc)) from exc
 
+    async def commit(
+        self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]], op_id: str
+    ) -> set[str]:
+        """One COMMIT_LUA call for a flush: plain done-flags, then each state write with
+        its done-flag; a retry after a lost reply reuses `op_id` and gets the answer the
+        first call recorded."""
+        from qywx_ray.consume.state import COMMIT_LUA, commit_args
+
+        keys, argv = commit_args(
+            op_id,
+            [DONE_KEY.format(m) for m in message_ids],
+            writes,
+            DONE_KEY.format,
+            self._ttl_s,
+            self._state_ttl_s,
+        )
+        try:
+            refused = await self._redis.eval(COMMIT_LUA, len(keys), *keys, *argv)
+        except Exception as exc:
+            raise DedupUnavailable(str(exc)) from exc
+        return {writes[int(i) - 1][0] for i in refused}
+
 
 class RecentDone:
     """Bounded LRU of message ids whose done-flag is durable."""
@@ -130,6 +172,13 @@ class RecentDone:
         return len(self._ids)
 
 
+class _Mark(NamedTuple):
+    message_id: str  # "": a `flushed` marker
+    on_durable: Callable[[], None]
+    state: StateWrite | None
+    on_refused: Callable[[], None] | None
+
+
 class Deduplicator:
     """Batch check and batched, durable mark-done over a DoneStore, with retry policy."""
 
@@ -147,7 +196,7 @@ class Deduplicator:
         self.recent = RecentDone(recent_size)
         self._retry_max_s = retry_max_s
         self._sleep = sleep
-        self._to_mark: list[tuple[str, Callable[[], None]]] = []
+        self._to_mark: list[_Mark] = []
         self._flusher: asyncio.Task[None] | None = None
         self.redis_ok = True
 
@@ -184,9 +233,17 @@ class Deduplicator:
             dedup_hits.inc(len(out))
         return out
 
-    def mark_done(self, message_id: str, on_durable: Callable[[], None]) -> None:
-        """Queue a done-flag write; `on_durable` runs (in the loop) once it is written."""
-        self._to_mark.append((message_id, on_durable))
+    def mark_done(
+        self,
+        message_id: str,
+        on_durable: Callable[[], None],
+        state: StateWrite | None = None,
+        on_refused: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue a done-flag write; `on_durable` runs (in the loop) once it is written.
+        With `state`: the flag and the state change are written atomically, or neither
+        (then `on_refused` runs instead: the version was stale or the message done)."""
+        self._to_mark.append(_Mark(message_id, on_durable, state, on_refused))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -210,26 +267,41 @@ class Deduplicator:
         await asyncio.sleep(0)  # let the current tick add more marks to this batch
         while self._to_mark:
             batch, self._to_mark = self._to_mark, []
-            ids = [m for m, _ in batch if m]  # "": a `flushed` marker
-            delay = 0.05
-            while ids:
-                try:
+            ids = [m.message_id for m in batch if m.message_id and m.state is None]
+            writes = [(m.message_id, m.state) for m in batch if m.state is not None]
+            refused = await self._write(ids, writes) if ids or writes else set()
+            for m in batch:
+                if m.message_id in refused and m.state is not None:
+                    if m.on_refused is not None:
+                        m.on_refused()
+                    continue
+                if m.message_id:
+                    self.recent.add(m.message_id)
+                m.on_durable()
+
+    async def _write(self, ids: list[str], writes: list[tuple[str, StateWrite]]) -> set[str]:
+        """One store call for the batch, retried with backoff; policy process may skip
+        plain flags, never a state commit (a state cannot be bypassed)."""
+        delay = 0.05
+        op_id = uuid.uuid4().hex if writes else ""  # reused by every resend of this batch
+        while True:
+            try:
+                if writes:
+                    refused = await self.store.commit(ids, writes, op_id)  # type: ignore[attr-defined]
+                else:
                     await self.store.mark_done(ids)
-                    self.redis_ok = True
-                    break
-                except DedupUnavailable as exc:
-                    self.redis_ok = False
-                    if self.policy == "process":
-                        dedup_bypassed.inc(len(ids))
-                        log.warning("dedup.mark_bypassed", count=len(ids), error=str(exc))
-                        break
-                    log.warning("dedup.mark_retry", delay_s=delay, error=str(exc))
-                    await self._sleep(delay)
-                    delay = min(delay * 2, self._retry_max_s)
-            for m, callback in batch:
-                if m:
-                    self.recent.add(m)
-                callback()
+                    refused = set()
+                self.redis_ok = True
+                return refused  # type: ignore[no-any-return]
+            except DedupUnavailable as exc:
+                self.redis_ok = False
+                if self.policy == "process" and not writes:
+                    dedup_bypassed.inc(len(ids))
+                    log.warning("dedup.mark_bypassed", count=len(ids), error=str(exc))
+                    return set()
+                log.warning("dedup.mark_retry", delay_s=delay, error=str(exc))
+                await self._sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
 
     @property
     def pending_marks(self) -> int:

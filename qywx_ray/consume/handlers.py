@@ -12,7 +12,9 @@ kept rather than dropped) never reaches the handler: it is dead-lettered the sam
 permanently, and counted (`qywx_invalid_messages_refused_total`), so an operator reviews
 it instead of every handler having to guard against defaulted fields.
 Handlers must be idempotent for side effects outside Redis done-flags: a crash between
-the side effect and the done-flag write replays the message once more.
+the side effect and the done-flag write replays the message once more. Changes to
+`ctx.state` (a handler declared `@stateful`, consume/state.py) are the exception: they
+are committed with the done-flag, exactly once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from qywx_ray.consume.dedup import DONE_KEY
+from qywx_ray.consume.state import counts_messages, stateful
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError, QywxError
 from qywx_ray.obs import metrics
@@ -59,6 +62,9 @@ class HandlerContext:
     redis: Any  # redis.asyncio.Redis or None
     wecom: Any  # a WeCom API client or None
     options: dict[str, Any]  # consume settings as a dict (record_key, transcript_max_len, ...)
+    # The user's state, for a handler declared `@stateful(...)` (consume/state.py): a
+    # fresh copy per attempt, kept only if the handler succeeds. None otherwise.
+    state: Any = None
 
 
 def load_handler(spec: str) -> Handler:
@@ -145,13 +151,20 @@ async def run_handler(handler: Handler, message: Any, ctx: HandlerContext) -> No
 TRANSCRIPT_KEY = "qywx:transcript:{}:{}"
 
 
+@counts_messages
+@stateful()
 @envelope_handler
 async def default_handler(message: Any, ctx: HandlerContext) -> None:
-    """Append the message to the user's transcript in Redis (capped list).
+    """Append the message to the user's transcript in Redis (capped list) and count it in
+    the user's state (`messages`, `last_msgid`: applied exactly once, which the demo's
+    audit checks against WeCom's record).
 
-    With `consume.reply_enabled` and a WeCom client, replies with a short text.
+    With `consume.reply_enabled` and a WeCom client, replies with a short text (msgid
+    derived from the message's; a re-run after a crash may reply twice).
     """
     env = ctx.envelope
+    ctx.state["messages"] = int(ctx.state.get("messages", 0)) + 1
+    ctx.state["last_msgid"] = env.message_id
     entry = json.dumps(
         {
             "msgid": env.message_id,
@@ -237,6 +250,30 @@ async def recording_handler(message: Any, ctx: HandlerContext) -> None:
     )
 
 
+@stateful()
+@envelope_handler
+async def state_recording_handler(message: Any, ctx: HandlerContext) -> None:
+    """Test handler with per-user state: appends the message id to `ctx.state["seen"]`
+    (a fold whose result shows every application, in order), each invocation to
+    `{record_key}:calls` and the state it was given to `{record_key}:saw`
+    ("message_id|attempt|seen,..."). Raw `fail` = "retryable" fails after the mutation (which must
+    not survive); raw `pause_writes_ms` = the FIRST invocation of this message pauses
+    Redis writes (CLIENT PAUSE WRITE) as its last step, so its state commit cannot happen
+    until a test kills the host: the crash window between handler end and commit."""
+    env = ctx.envelope
+    record_key = str(ctx.options.get("record_key", "qywx:test:record"))
+    seen = ctx.state.setdefault("seen", [])
+    saw = f"{ctx.message_id}|{ctx.attempt}|{','.join(seen)}"  # the state this attempt got
+    seen.append(ctx.message_id)
+    await ctx.redis.rpush(f"{record_key}:calls", f"{ctx.user_id}|{ctx.message_id}")
+    await ctx.redis.rpush(f"{record_key}:saw", saw)
+    if env.raw.get("fail") == "retryable" and ctx.attempt == 1:
+        raise RuntimeError("asked to fail (retryable) after mutating the state")
+    pause_ms = env.raw.get("pause_writes_ms")
+    if pause_ms and await ctx.redis.set(f"{record_key}:paused:{ctx.message_id}", "1", nx=True):
+        await ctx.redis.execute_command("CLIENT", "PAUSE", int(pause_ms), "WRITE")
+
+
 @envelope_handler
 async def noop_handler(message: Any, ctx: HandlerContext) -> None:
     """Benchmark handler: does nothing."""
@@ -250,6 +287,18 @@ async def bench_handler(message: Any, ctx: HandlerContext) -> None:
     sleep_ms = ctx.envelope.raw.get("sleep_ms")
     if sleep_ms:
         await asyncio.sleep(float(sleep_ms) / 1000.0)
+
+
+@stateful()
+@envelope_handler
+async def bench_state_handler(message: Any, ctx: HandlerContext) -> None:
+    """Benchmark handler: bench_handler's trivial case with per-user state that changes on
+    every message (a counter beside `raw.state_bytes` of padding): each message pays a
+    version-checked write of the whole state with its done-flag (the worst case)."""
+    pad = int(ctx.envelope.raw.get("state_bytes", 0))
+    if len(ctx.state.get("pad", "")) != pad:
+        ctx.state["pad"] = "x" * pad
+    ctx.state["n"] = int(ctx.state.get("n", 0)) + 1
 
 
 @envelope_handler

@@ -228,17 +228,22 @@ async def run_head(
     clock: Callable[[], float],
     infra_retry_s: float,
     retry_max_s: float,
+    fresh_state: Callable[[], Any] | None = None,
 ) -> tuple[str | None, str]:
     """Run the handler on one head: (None, "") on success, else (reason, error). A
     handler that fails because our Redis is unreachable or failing over is retried in
     place (short backoff, up to `infra_retry_s`): the user's next message waits and
     nothing commits past it, as with policy stop elsewhere; only a longer outage makes
-    it a dead letter. `typed`: the handler takes a typed message, else the Envelope."""
+    it a dead letter. `typed`: the handler takes a typed message, else the Envelope.
+    `fresh_state`: each attempt gets its own copy of the user's state in `ctx.state`, so
+    an attempt that failed half-way leaves nothing behind for the next one."""
     deadline_s = clock() + infra_retry_s
     delay_s = 0.05
     while True:
         try:
             message = typed_message(env) if typed else env
+            if fresh_state is not None:
+                ctx.state = fresh_state()
             await deadlines.run(run_handler(handler, message, ctx))
             return None, ""
         except TimeoutError:

@@ -28,6 +28,7 @@ from qywx_ray.consume.dedup import Deduplicator, RedisDoneStore
 from qywx_ray.consume.handler_threads import HandlerThreads
 from qywx_ray.consume.handlers import load_handler
 from qywx_ray.consume.sinks import make_admission, make_dead_letter_sink, make_retry_order
+from qywx_ray.consume.state import RedisStateStore
 from qywx_ray.consume.tracker import DEDICATED_PREFIX
 from qywx_ray.consume.types import PackedDeliveries, pack_done, unpack_deliveries
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
@@ -141,7 +142,7 @@ class HostShell:
         c = s.consume
         redis = make_async_redis(s.redis)
         dedup = Deduplicator(
-            RedisDoneStore(redis, c.dedup_ttl_s),
+            RedisDoneStore(redis, c.dedup_ttl_s, c.state_ttl_s),
             policy=c.redis_down_policy,
             recent_size=c.dedup_recent_size,
             retry_max_s=c.redis_retry_max_s,
@@ -173,7 +174,9 @@ class HostShell:
                 redis_retry_max_s=c.redis_retry_max_s,
                 park_drain_chunk=c.park_drain_chunk,
                 handler_infra_retry_s=c.handler_infra_retry_s,
+                state_max_bytes=c.state_max_bytes,
             ),
+            state_store=RedisStateStore(redis),  # loaded only for a `@stateful` handler
             redis=handler_redis,
             wecom=wecom,
             on_fatal=self._crash,

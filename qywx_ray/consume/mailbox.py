@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from qywx_ray.consume.state import StateSlot
 from qywx_ray.consume.types import Delivery
 from qywx_ray.envelope import Envelope
 from qywx_ray.protect.breaker import CircuitBreaker
@@ -68,6 +69,10 @@ class UserMailbox:
         self.unfinished = 0  # queued + running + awaiting durability
         self.last_active_s = now_s
         self.processed = 0
+        # The user's committed state (consume/state.py), loaded when the mailbox first
+        # runs a stateful handler; dropped with the mailbox on idle expiry.
+        self.user_state: StateSlot | None = None
+        self.state_loading: asyncio.Future[StateSlot] | None = None  # started on activation
 
     def snapshot(self, now_s: float) -> dict[str, Any]:
         return {

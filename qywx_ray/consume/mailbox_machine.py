@@ -374,15 +374,27 @@ class MailboxMachine:
         done: Container[str],
         recent: Container[str],
         n_raw: int,
+        mb: UserMailbox | None = None,
     ) -> Chunk:
         """The chunk's messages to run: not done (durably or recently here), not already
         here, and only the first copy of an id the lot holds twice (a re-pulled copy parked
         behind the original). They are registered as pending at once (call under the lane:
-        no ingest may slip a redelivered copy in between)."""
+        no ingest may slip a redelivered copy in between).
+
+        A copy of a chunk message that already waits in `mb`'s queue (not the head: e.g.
+        the message's own DLQ retry, admitted while the lot was waiting on another one,
+        after a crash left the failed message at the front of the lot) joins the chunk at
+        the message's place: the chunk's later messages must not run before it."""
         take: list[Pending] = []
         for d, e in items:
             item_id = e.message_id
-            if item_id in done or item_id in self.pending or item_id in recent:
+            if item_id in done or item_id in recent:
+                continue
+            here = self.pending.get(item_id)
+            if here is not None:
+                joins = mb is not None and not here.skip_handler and _queued_behind_head(mb, here)
+                if joins and not any(t is here for t in take):
+                    take.append(here)
                 continue
             q = Pending(d, e, [])
             self.pending[item_id] = q
@@ -425,5 +437,14 @@ class MailboxMachine:
     def chunk_runs(mb: UserMailbox, chunk: Chunk) -> None:
         """The chunk goes right after the current head, before anything newer."""
         for i, q in enumerate(chunk.take):
+            at = next((j for j, x in enumerate(mb.queue) if x is q), None)
+            if at is not None:  # a copy already queued here: moved to its place
+                del mb.queue[at]
+            else:
+                mb.unfinished += 1
             mb.queue.insert(1 + i, q)
-            mb.unfinished += 1
+
+
+def _queued_behind_head(mb: UserMailbox, p: Pending) -> bool:
+    """`p` waits in `mb`'s queue and is not its head (identity: Pendings compare by value)."""
+    return any(x is p for i, x in enumerate(mb.queue) if i > 0)

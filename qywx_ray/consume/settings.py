@@ -50,6 +50,11 @@ class ConsumeSettings(BaseModel):
     handler_threads: int = Field(default=32, ge=1)
     dedup_ttl_s: int = 86_400
     dedup_recent_size: int = 100_000  # in-memory recent-done LRU per host
+    # Per-user state of a handler declared `@stateful` (consume/state.py): the key
+    # expires this long after its last change (default 30 days); a success whose encoded
+    # state is larger than `state_max_bytes` is a dead letter `state_too_large`.
+    state_ttl_s: int = Field(default=30 * 86_400, ge=60)
+    state_max_bytes: int = Field(default=64 * 1024, ge=16, le=16 * 1024 * 1024)
     redis_down_policy: Literal["stop", "process"] = "stop"
     redis_retry_max_s: float = 5.0  # backoff cap while Redis is down (policy stop)
     # A handler failing because our Redis is unreachable (or failing over) is retried in

@@ -21,6 +21,10 @@ Per-user order across DLQ retries (proven by the simulator in tests/sim):
   drains the lot chunk by chunk; before each chunk a new drain token goes to the main
   topic and the records held so far complete, so a drain holds its partition's commit
   for one chunk, and a crash mid-drain resumes from the newest token.
+Per-user state (consume/state.py), for a handler declared `@stateful`: loaded when a
+mailbox first runs (one round trip for every mailbox activated in the same tick), kept on
+the mailbox, dropped with it; each attempt gets a fresh copy; a success's change rides
+with its done-flag in one version-checked write, and the message completes only after it.
 Lifecycle: active -> dying -> dead after `idle_lifetime_s` without work; a message
 arriving while a mailbox is dying goes to a successor that starts only after the old one
 is dead. Never: report a completion before the done-flag or dead letter is durable, run
@@ -80,6 +84,19 @@ from qywx_ray.consume.mailbox_machine import (
     Park,
     Start,
 )
+from qywx_ray.consume.state import (
+    DEFAULT_STATE_MAX_BYTES,
+    REASON_STATE_TOO_LARGE,
+    StateLoader,
+    StateSlot,
+    StateStore,
+    StateTooLarge,
+    StateWrite,
+    m_state_conflicts,
+    m_state_too_large,
+    next_write,
+    state_spec,
+)
 from qywx_ray.consume.types import (
     REASON_CIRCUIT_OPEN,
     REASON_INVALID,
@@ -126,6 +143,7 @@ class CoreOptions:
     redis_retry_max_s: float = 5.0
     park_drain_chunk: int = 200
     handler_infra_retry_s: float = 60.0  # a handler's Redis outage: retried in place this long
+    state_max_bytes: int = DEFAULT_STATE_MAX_BYTES  # a stateful handler's encoded state
 
 
 class HostCore:
@@ -149,6 +167,7 @@ class HostCore:
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         on_dying: Callable[[UserMailbox], Awaitable[None]] | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        state_store: StateStore | None = None,
     ) -> None:
         self.name = name
         self.handler = handler
@@ -186,6 +205,15 @@ class HostCore:
         self._bg: set[asyncio.Task[Any]] = set()
         self._ctx_log = make_context_logger()
         self._typed = wants_typed_message(handler)  # else the handler gets the Envelope
+        # Per-user state only for a handler that declares it: otherwise no load and no
+        # state work in the commit (consume/state.py).
+        self._state_spec = state_spec(handler)
+        self._states: StateLoader | None = None
+        if self._state_spec is not None:
+            store = state_store or getattr(dedup, "store", None)
+            if store is None or not hasattr(store, "load"):
+                raise ValueError("a stateful handler needs a state store")
+            self._states = StateLoader(store, self.opt.redis_retry_max_s)  # type: ignore[arg-type]
         self._deadlines = HandlerDeadlines(self.opt.handler_timeout_s)
         self.latencies_ms: list[int] = []  # Kafka timestamp -> handler start
         self.arrival_ms: list[int] = []  # Kafka timestamp -> batch reaches this host
@@ -305,10 +333,12 @@ class HostCore:
         order. Returns the holds to write: user -> (tail, held)."""
         has_lot = self.retry_order is not None
         placed = self.machine.admitted(items, codes, self.opt.mailbox_size, has_lot, self.clock())
+        activated: list[UserMailbox] = []
         for c in placed.commands:
             if isinstance(c, Finish):
                 self._finish(c.pending, None)  # a plain duplicate or an old token; parked
             elif isinstance(c, Start):
+                activated.append(c.mailbox)
                 self._start(c.mailbox)
             else:  # Overflow: the mailbox is full
                 mb = c.mailbox
@@ -317,6 +347,14 @@ class HostCore:
                 self.admission.on_failure(mb.user)
                 if c.deny is not None:  # no lot to hold it: dead-letter it
                     denied.append((c.deny, REASON_QUEUE_FULL))
+        if self._states is not None:
+            # Every mailbox this batch activated: its state in one round trip, started
+            # now so no handler slot waits for it (a mailbox's future dies with it).
+            cold = [mb for mb in activated if mb.user_state is None and mb.state_loading is None]
+            if cold:
+                loading = self._states.load_now([mb.user for mb in cold])
+                for mb in cold:
+                    mb.state_loading = loading[mb.user]
         if placed.n_parked:
             self.counts["parked"] += placed.n_parked
             m_parked.inc(placed.n_parked)
@@ -400,6 +438,7 @@ class HostCore:
         if p.skip_handler:  # a drain token (or a done retry): drain the lot, run nothing
             await self._drain(mb, p, 0)
             return
+        write: StateWrite | None = None
         reason, error = p.denied, f"denied: {p.denied}"
         if reason is None and mb.breaker is not None:
             if mb.breaker.allow():
@@ -421,6 +460,7 @@ class HostCore:
                 wecom=self.wecom,
                 options=self.opt.handler_options,
             )
+            slot = await self._state_of(mb) if self._states is not None else None
             t0 = time.perf_counter()
             reason, error = await run_head(
                 self.handler,
@@ -431,20 +471,24 @@ class HostCore:
                 clock=self.clock,
                 infra_retry_s=self.opt.handler_infra_retry_s,
                 retry_max_s=self.opt.redis_retry_max_s,
+                fresh_state=self._fresh_state(slot),
             )
             self._durations_s.append(time.perf_counter() - t0)
+            if reason is None and slot is not None:
+                write, reason, error = self._state_write(mb, slot, ctx.state)
         step = self.machine.head_finished(p, reason, self._parks)
         if reason is None:
             self.admission.on_success(mb.user)
             self.counts["processed"] += 1
+            refused = functools.partial(self._state_refused, mb, env.message_id)
             if step is Outcome.DONE:
-                self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb))
+                self.dedup.mark_done(env.message_id, lambda: self._finish(p, mb), write, refused)
                 return
             # Durable done-flag first: the lot drops a chunk only once every message of it
             # is durably done (flags are written in order), then the parked messages run,
             # in order.
             durable = asyncio.get_running_loop().create_future()
-            self.dedup.mark_done(env.message_id, lambda: durable.set_result(None))
+            self.dedup.mark_done(env.message_id, lambda: durable.set_result(None), write, refused)
             await durable
             await self._settle(mb, p)
             return
@@ -476,6 +520,53 @@ class HostCore:
         # Waited on: the blocker is settled for good (review), release the user. A chunk's
         # end not retried (e.g. invalid): the rest of the lot goes on.
         await self._settle(mb, p)
+
+    # ------------------------------------------------------------ per-user state
+
+    async def _state_of(self, mb: UserMailbox) -> StateSlot:
+        """The mailbox's state: the load its activation started (`_place`: one round trip
+        per delivery batch), else loaded now (coalesced with the same tick's asks)."""
+        if mb.user_state is None:
+            assert self._states is not None
+            loading, mb.state_loading = mb.state_loading, None
+            if loading is not None:
+                mb.user_state = await asyncio.shield(loading)
+            else:
+                mb.user_state = await self._states.get(mb.user)
+        return mb.user_state
+
+    def _fresh_state(self, slot: StateSlot | None) -> Callable[[], Any] | None:
+        spec = self._state_spec
+        if slot is None or spec is None:
+            return None
+        return lambda: slot.take(spec)
+
+    def _state_write(
+        self, mb: UserMailbox, slot: StateSlot, value: Any
+    ) -> tuple[StateWrite | None, str | None, str]:
+        """The successful attempt's commit (the slot moves to the new state), or a failure:
+        too large (dead letter `state_too_large`, old state kept), or not the declared
+        type (`invalid_message`)."""
+        assert self._state_spec is not None
+        try:
+            write = next_write(self._state_spec, slot, mb.user, value, self.opt.state_max_bytes)
+        except StateTooLarge as exc:
+            m_state_too_large.inc()
+            return None, REASON_STATE_TOO_LARGE, str(exc)
+        except (TypeError, ValueError) as exc:
+            return None, REASON_INVALID, f"ctx.state: {exc}"
+        return write, None, ""
+
+    def _state_refused(self, mb: UserMailbox, message_id: str) -> None:
+        """The store refused a state commit: another writer moved the user's state, or the
+        message was already applied. Nothing of it was written and it is never completed;
+        crash-only: the host restarts, the message is re-delivered and re-run against the
+        stored state (never a lost update, never a second application)."""
+        m_state_conflicts.inc()
+        mb.user_state = None
+        log.error("state.commit_refused", user=mb.user, message_id=message_id, host=self.name)
+        if self.on_fatal is not None:
+            self.on_fatal("state commit refused")
 
     async def _settle(self, mb: UserMailbox, p: Pending) -> None:
         """After the head's durable outcome: release the user, take the next drained
@@ -574,7 +665,7 @@ class HostCore:
             log.error("host.parked_unreadable", user=user)
         ids = self.machine.ids_to_ask(items)
         done = await self.dedup.already_done(ids) if ids else set()
-        return status, self.machine.chunk_read(items, done, self.dedup.recent, len(raw))
+        return status, self.machine.chunk_read(items, done, self.dedup.recent, len(raw), mb)
 
     async def _hand_over_hold(self, owner: Pending) -> None:
         """Put a new drain token on the main topic, then complete the records the drain

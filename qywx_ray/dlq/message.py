@@ -32,6 +32,9 @@ class FailureReason(StrEnum):
     INVALID_MESSAGE = "invalid_message"
     DOWNSTREAM_ERROR = "downstream_error"
     SYSTEM_OVERLOAD = "system_overload"
+    # The handler succeeded but its new per-user state is over consume.state_max_bytes:
+    # a retry would compute the same state again, so it goes to manual review.
+    STATE_TOO_LARGE = "state_too_large"
 
 
 class ActionType(StrEnum):
@@ -138,7 +141,7 @@ class DeadLetterMessage(BaseModel):
 
 # ---- the seed's policy (pure) ------------------------------------------------------------
 
-_NOT_RECOVERABLE = frozenset({FailureReason.INVALID_MESSAGE})
+_NOT_RECOVERABLE = frozenset({FailureReason.INVALID_MESSAGE, FailureReason.STATE_TOO_LARGE})
 
 
 def is_recoverable(reason: FailureReason) -> bool:

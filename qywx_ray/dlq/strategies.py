@@ -172,6 +172,7 @@ def default_strategies(
     strategies: dict[FailureReason, RecoveryStrategy] = {r: backoff for r in FailureReason}
     strategies[FailureReason.USER_BLOCKED] = BlockedUserRecovery(settings, blocked_until)
     strategies[FailureReason.INVALID_MESSAGE] = NotRecoverable()
+    strategies[FailureReason.STATE_TOO_LARGE] = NotRecoverable()
     return strategies
 
 

@@ -3,7 +3,7 @@ and the demo's audit with a handler that is not the default one.
 
 One LocalPipeline on the session's Kafka and Redis (simulator → Serve callback → sync →
 Kafka → hosts → the FAQ bot → kf/send_msg back to the simulator). It checks what the guide
-promises: per-user state in Redis, one update per message, replies through WeCom; and
+promises: per-user state in `ctx.state`, one update per message, replies through WeCom; and
 that `qywx_ray.demo.audit` — the audit `qywx-ray demo` prints — counts every message of a
 custom handler as processed (it used to report them all lost: it read the default
 handler's transcript).
@@ -19,14 +19,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from examples.faq_bot import FALLBACK, STATE_KEY, answer_for
+from examples.faq_bot import FALLBACK, HANDED_OVER, FaqState, answer_for
+from qywx_ray.consume.state import STATE_KEY
 from qywx_ray.demo import audit
 from qywx_ray.devstack.pipeline import LocalPipeline
 from qywx_ray.devstack.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
-QUESTIONS = ["What are your opening hours?", "价格是多少", "Can I pay with shells?"]
+QUESTIONS = [
+    "What are your opening hours?",
+    "价格是多少",
+    "Can I pay with shells?",
+    "转人工 please",  # a colleague takes over: the bot answers nothing after this
+    "价格?",
+]
 
 
 def test_answer_for_matches_keywords() -> None:
@@ -91,19 +98,23 @@ def test_faq_bot_through_the_pipeline_and_the_demo_audit(faq_pipeline: LocalPipe
     assert result.reordered_users is None  # a custom handler keeps no transcript
     assert result.ok
 
+    assert result.state_mismatch == 0  # every customer's state counts each message once
+
     client = p.redis_client()
     for user in users:
-        raw = client.hgetall(STATE_KEY.format(kfid, user))
-        state = {k.decode(): v.decode() for k, v in raw.items()}
-        assert state == {
-            "messages": "3",
-            "answered": "2",
-            "unanswered": "1",
+        state = FaqState.model_validate_json(client.hget(STATE_KEY.format(user), "data"))
+        assert state.model_dump(exclude={"last_msgid"}) == {
+            "step": "human",
+            "messages": 5,
+            "answered": 2,
+            "unanswered": 1,
             "last_topic": "price",
         }, user
+        assert state.last_msgid == p.sim.truth()[kfid][user][-1]
 
     # Replies go out before the done-flag is written, so they are all there by now.
     replies = httpx.get(f"{p.sim.base_url}/sim/replies", timeout=30).json()
     contents = [r["content"]["content"] for r in replies if r["open_kfid"] == kfid]
-    assert len(contents) == expected
+    assert len(contents) == 4 * len(users)  # 2 answers, 1 fallback, 1 hand-over each
     assert contents.count(FALLBACK) == len(users)
+    assert contents.count(HANDED_OVER) == len(users)

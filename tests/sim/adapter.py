@@ -7,6 +7,10 @@ tests/sim only uses what is defined here:
   decide(letter, now, ...)   the DLQ recovery's decision for a host's dead letter
   HostOptions, Host          build a host over the world's fakes; accept / sweep / quiet /
                              pending_ids / crash
+  StateSlot, StateWrite, StateUnavailable   the per-user state seams (consume/state.py)
+The handler is stateful: it appends the message id to `ctx.state["seen"]` BEFORE the
+world decides its outcome, so a failed attempt's mutation would leak if the runtime kept
+it, and the durable state is the fold of the applied messages (invariants: `state`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from qywx_ray.consume.dedup import Deduplicator, DedupUnavailable
 from qywx_ray.consume.handlers import HandlerContext, PermanentError, envelope_handler
+from qywx_ray.consume.state import StateSlot, StateUnavailable, StateWrite, stateful
 from qywx_ray.consume.types import REASON_RATE_LIMITED, DeadLetter, Delivery
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.dlq.message import FailureReason
@@ -41,6 +46,9 @@ __all__ = [
     "HostOptions",
     "InfraError",
     "PermanentError",
+    "StateSlot",
+    "StateUnavailable",
+    "StateWrite",
     "decide",
     "install_task_registry",
     "parks",
@@ -117,7 +125,7 @@ class Host:
         self,
         name: str,
         *,
-        handle: Callable[[str, str, int], Awaitable[None]],
+        handle: Callable[[str, str, int, list[str]], Awaitable[None]],
         done_store: Any,
         admission: Any,
         retry_order: Any,
@@ -143,9 +151,13 @@ class Host:
                 if not outer.dead:  # a dead host reports nothing
                     complete(consumer, done)
 
+        @stateful()
         @envelope_handler
         async def handler(message: Any, ctx: HandlerContext) -> None:
-            await handle(ctx.message_id, ctx.user_id, ctx.attempt)
+            seen = ctx.state.setdefault("seen", [])
+            before = list(seen)
+            seen.append(ctx.message_id)
+            await handle(ctx.message_id, ctx.user_id, ctx.attempt, before)
 
         o = options
         breaker = (
@@ -181,6 +193,7 @@ class Host:
             clock=clock,
             wall_ms=wall_ms,
             on_fatal=lambda why: None if self.dead else on_fatal(why),
+            state_store=done_store,
         )
 
     def _adopt(self, task: asyncio.Task[Any]) -> None:

@@ -5,6 +5,9 @@ Checked as things happen (the step hook raises at the first step with a violatio
                     earlier message (Kafka order; retries count at the original's position)
                     succeeded or was resolved otherwise (permanent failure, manual review)
   rerun_after_done  no handler starts for a message whose done-flag is durable
+  state_seen        a handler starts with a state (`ctx.state["seen"]`: the ids applied)
+                    that holds each id once, only ids whose handler succeeded (a failed
+                    attempt's mutation never leaks), and not its own id
   commit_unfinished a commit never passes a record that is not durably finished: done-flag,
                     a dead letter of it written since, parked in the lot, or another
                     record of the message still to come
@@ -17,6 +20,11 @@ Checked at the end (faults stopped, clock run long enough):
   stuck             every partition committed to its end
   vanished          every message done (flag durable) or in manual review with a letter
   parked_at_end     no user parked, no parked list left
+  state             each user's durable state is the fold of that user's successfully
+                    handled messages, each applied once: exactly the messages whose
+                    done-flag is durable, no id twice, and in Kafka order (except the
+                    order-exempt, and a message given up on first: a permanent failure
+                    whose re-pulled copy later succeeded applies when it does)
 
 Exemptions are explicit, by kind: `rate_limited` (denied by the limiter, which does not
 park: order), `parking_bypassed` (admitted unchecked while Redis was down, policy process:
@@ -79,6 +87,7 @@ class Ledger:
         self.chunks[user] = self.chunks.get(user, 0) + 1
 
     handler_runs: int = 0
+    states: dict[str, bytes] = field(default_factory=dict)  # user -> durable state
 
     # ------------------------------------------------------------ recording
 
@@ -104,6 +113,9 @@ class Ledger:
     def on_done_durable(self, mid: str) -> None:
         self.done.add(mid)
 
+    def on_state_durable(self, user: str, data: bytes) -> None:
+        self.states[user] = data
+
     def on_letter(self, letter: adapter.DeadLetter, durable_ms: int) -> None:
         self.letters.setdefault(letter.message_id, []).append(letter)
         self.letter_ms.setdefault(letter.message_id, []).append(durable_ms)
@@ -124,6 +136,15 @@ class Ledger:
         self.trace.add(f"handler start {mid} attempt={attempt}")
         if mid in self.done and not self.is_exempt(mid, ("dedup_bypassed",)):
             self.fail(f"rerun_after_done: handler started for {mid}, its done-flag is durable")
+
+    def on_handler_state(self, mid: str, user: str, seen: list[str]) -> None:
+        if len(set(seen)) != len(seen):
+            self.fail(f"state_seen: {mid} of {user} starts with an id applied twice: {seen}")
+        leaked = [m for m in seen if m not in self.succeeded]
+        if leaked:
+            self.fail(f"state_seen: {mid} of {user} sees {leaked}, never succeeded (leaked)")
+        if mid in seen and not self.is_exempt(mid, ("dedup_bypassed",)):
+            self.fail(f"state_seen: {mid} of {user} starts with itself already applied")
 
     def on_handler_success(self, mid: str) -> None:
         self.trace.add(f"handler ok {mid}")
@@ -263,3 +284,41 @@ class Ledger:
             if not ok and not (mid in self.review and self.letters.get(mid)):
                 state = "succeeded, flag not durable" if mid in self.succeeded else "never done"
                 self.fail(f"vanished: {mid} of {m.user}: {state}, not in manual review")
+
+    def check_states(self) -> None:
+        import json
+
+        for user, mids in sorted(self.by_user.items()):
+            raw = self.states.get(user, b"")
+            seen: list[str] = list(json.loads(raw)["seen"]) if raw else []
+            if len(set(seen)) != len(seen):
+                twice = sorted({m for m in seen if seen.count(m) > 1})
+                self.fail(f"state: {user}'s state applied {twice} more than once")
+                continue
+            done = [m for m in mids if m in self.done]
+            if set(seen) != set(done):
+                extra = sorted(set(seen) - set(done))
+                missing = sorted(set(done) - set(seen))
+                self.fail(f"state: {user}'s state has {extra} not done, lacks done {missing}")
+                continue
+            # Kafka order, as the order invariant defines it: a message applied after a
+            # later one must be exempt or have been given up on first (a permanent
+            # failure or manual review; a copy of it may still succeed later).
+            for i, late in enumerate(seen):
+                if self.is_exempt(late, ORDER_EXEMPT) or self.given_up(late):
+                    continue
+                overtaken = [
+                    m
+                    for m in seen[:i]
+                    if self.msgs[m].seq > self.msgs[late].seq
+                    and not self.is_exempt(m, ORDER_EXEMPT)
+                ]
+                if overtaken:
+                    self.fail(f"state: {user}'s state applied {late} after the later {overtaken}")
+                    break
+
+    def given_up(self, mid: str) -> bool:
+        """Failed for good (a non-parking dead letter) or sent to manual review."""
+        return mid in self.review or any(
+            not adapter.parks(lt.reason) for lt in self.letters.get(mid, ())
+        )

@@ -1,5 +1,6 @@
 # ruff: noqa: E501  (verbatim source snippets)
-"""Put one issue-15 defect back, to show the simulator finds it (issue 15, "teeth").
+"""Put one issue-15 defect back, to show the simulator finds it (issue 15, "teeth");
+8 and 9 are per-user state defects (issue 18).
 
 EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout:
     git worktree add /tmp/teeth HEAD && cd /tmp/teeth
@@ -18,6 +19,7 @@ MM = "qywx_ray/consume/mailbox_machine.py"
 IO = "qywx_ray/consume/host_io.py"
 DL = "qywx_ray/consume/deadlines.py"
 W = "tests/sim/world.py"
+DD = "qywx_ray/consume/dedup.py"
 
 
 d = sys.argv[1]
@@ -114,3 +116,23 @@ def old_release(rec: "Recovery", user: str, mid: str) -> bool:
         rec.parking.drop(user, len(batch))
 '''
     Path(W).write_text(s)
+elif d == "8":  # a failed attempt's state mutations leak into memory for the next message
+    patch(
+        UA,
+        """            if reason is None and slot is not None:
+                write, reason, error = self._state_write(mb, slot, ctx.state)""",
+        """            if reason is None and slot is not None:
+                write, reason, error = self._state_write(mb, slot, ctx.state)
+            elif slot is not None and self._state_spec is not None:
+                slot.raw = self._state_spec.encode(ctx.state)""",
+    )
+elif d == "9":  # the state change and the done-flag in two calls, not one atomic step
+    patch(
+        DD,
+        """                    refused = await self.store.commit(ids, writes, op_id)  # type: ignore[attr-defined]""",
+        """                    refused = await self.store.commit([], [(f"{m}#state", w) for m, w in writes], op_id)  # type: ignore[attr-defined]
+                    refused = {m.split("#")[0] for m in refused}
+                    await self.store.mark_done(ids + [m for m, _ in writes if m not in refused])""",
+    )
+else:
+    raise SystemExit(f"no defect {d}")

@@ -273,8 +273,9 @@ class Simulation:
 
     # ------------------------------------------------------------ the handler
 
-    async def handle(self, mid: str, user: str, attempt: int) -> None:
+    async def handle(self, mid: str, user: str, attempt: int, state_seen: list[str]) -> None:
         self.ledger.on_handler_start(mid, attempt)
+        self.ledger.on_handler_state(mid, user, state_seen)
         outcome = self.faults.outcome()
         t = self.faults.handler_time()
         if t:
@@ -394,6 +395,7 @@ class Simulation:
                 pending |= host.pending_ids()
         self.trace.add("end checks")
         self.ledger.check_end(self.topic, self.parking, pending)
+        self.ledger.check_states()
         for t in bg:
             t.cancel()
 

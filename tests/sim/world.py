@@ -355,7 +355,10 @@ class FakeRetryOrder:
 
 
 class FakeDoneStore:
-    """consume.dedup.DoneStore: the durable done-flags."""
+    """consume.dedup.DoneStore with state commits, and consume.state.StateStore: the
+    durable done-flags and per-user states. `commit` is COMMIT_LUA (consume/state.py) in
+    Python, call for call; the real script is tested on Redis in
+    tests/integration/test_consume_state.py."""
 
     def __init__(self, redis: Redis, ledger: Ledger, trace: Trace) -> None:
         self.redis = redis
@@ -363,6 +366,8 @@ class FakeDoneStore:
         self.trace = trace
         self.done: set[str] = set()
         self.policy = "stop"
+        self.states: dict[str, tuple[int, bytes]] = {}  # user -> (version, data)
+        self.ops: dict[str, set[str]] = {}  # commit op id -> its answer
 
     async def done_among(self, message_ids: Sequence[str]) -> set[str]:
         await self.redis.call()
@@ -372,6 +377,11 @@ class FakeDoneStore:
             raise adapter.DedupUnavailable("redis down (done_among)")
         return {m for m in message_ids if m in self.done}
 
+    def _flag(self, m: str) -> None:
+        if m not in self.done:
+            self.done.add(m)
+            self.ledger.on_done_durable(m)
+
     async def mark_done(self, message_ids: Sequence[str]) -> None:
         await self.redis.call()
         if self.redis.down():
@@ -380,13 +390,60 @@ class FakeDoneStore:
                 self.ledger.exempt(message_ids, "mark_bypassed")
             raise adapter.DedupUnavailable("redis down (mark_done)")
         for m in message_ids:
-            if m not in self.done:
-                self.done.add(m)
-                self.ledger.on_done_durable(m)
+            self._flag(m)
         self.trace.add(f"done-flags {','.join(message_ids)}")
         if self.redis.faults.lose_reply():
             self.trace.add("redis: mark_done applied, reply lost")
             raise adapter.DedupUnavailable("reply lost (mark_done)")
+
+    async def commit(
+        self,
+        message_ids: Sequence[str],
+        writes: Sequence[tuple[str, adapter.StateWrite]],
+        op_id: str,
+    ) -> set[str]:
+        await self.redis.call()
+        if self.redis.down():
+            self.trace.add("redis down: commit refused")
+            raise adapter.DedupUnavailable("redis down (commit)")
+        if op_id in self.ops:
+            self.trace.add(f"commit resent: first answer refused={sorted(self.ops[op_id])}")
+            return self.ops[op_id]
+        for m in message_ids:
+            self._flag(m)
+        refused: set[str] = set()
+        broken: set[str] = set()
+        for mid, w in writes:
+            v = self.states.get(w.user, (0, b""))[0]
+            if w.user in broken or mid in self.done or v != w.expected_version:
+                broken.add(w.user)
+                refused.add(mid)
+                continue
+            if w.data is not None:
+                self.states[w.user] = (v + 1, w.data)
+                self.ledger.on_state_durable(w.user, w.data)
+            self._flag(mid)
+        self.ops[op_id] = refused
+        self.trace.add(
+            f"commit flags={','.join(message_ids)} "
+            f"states={','.join(f'{m}@{w.user}v{w.expected_version}' for m, w in writes)} "
+            f"refused={','.join(sorted(refused))}"
+        )
+        if self.redis.faults.lose_reply():
+            self.trace.add("redis: commit applied, reply lost")
+            raise adapter.DedupUnavailable("reply lost (commit)")
+        return refused
+
+    async def load(self, users: Sequence[str]) -> dict[str, adapter.StateSlot]:
+        await self.redis.call()
+        if self.redis.down():
+            raise adapter.StateUnavailable("redis down (state load)")
+        out = {}
+        for u in users:
+            v, data = self.states.get(u, (0, b""))
+            out[u] = adapter.StateSlot(v, data)
+        self.trace.add(f"state load {','.join(f'{u}v{out[u].version}' for u in users)}")
+        return out
 
 
 class FakeAdmission:

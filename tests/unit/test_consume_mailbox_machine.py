@@ -165,6 +165,24 @@ def test_a_chunk_skips_done_present_and_doubled_ids_and_runs_after_the_head() ->
     assert mb.unfinished == 4
 
 
+def test_a_copy_queued_behind_the_head_joins_the_chunk_at_its_place() -> None:
+    """A crash left failed m2 at the front of the lot; its DLQ retry was admitted and
+    queued behind the resumed drain's owner. The chunk [m2, m3] must run m2 (the queued
+    retry, moved) before m3, not m3 first (sim seed 1630)."""
+    m = MailboxMachine()
+    owner = pending(m, "r0", retry=True)
+    retry = pending(m, "m2", retry=True)
+    mb = mailbox(owner, retry)
+    items, _ = m.parse_chunk(owner, [envelope(x).to_bytes() for x in ("m2", "m3")])
+    chunk = m.chunk_read(items, done=set(), recent=set(), n_raw=2, mb=mb)
+    assert [q.envelope.message_id for q in chunk.take] == ["m2", "m3"]
+    assert chunk.take[0] is retry  # the queued copy itself, not a second one
+    m.chunk_begins(mb, owner, chunk)
+    m.chunk_runs(mb, chunk)
+    assert [q.envelope.message_id for q in mb.queue] == ["r0", "m2", "m3"]
+    assert mb.unfinished == 3  # the moved copy is counted once
+
+
 def test_hand_over_puts_a_token_only_when_records_are_held() -> None:
     m = MailboxMachine()
     owner = pending(m, "r0", retry=True)

@@ -104,7 +104,10 @@ def test_poison_keeps_raw_bytes() -> None:
 
 
 def test_seed_policy() -> None:
-    assert [r for r in FailureReason if not is_recoverable(r)] == [FailureReason.INVALID_MESSAGE]
+    assert [r for r in FailureReason if not is_recoverable(r)] == [
+        FailureReason.INVALID_MESSAGE,
+        FailureReason.STATE_TOO_LARGE,  # the same state again on retry: manual review
+    ]
     assert calculate_priority(FailureReason.DOWNSTREAM_ERROR) == 5
     assert calculate_priority(FailureReason.DOWNSTREAM_ERROR, "vip") == 8
     assert calculate_priority(FailureReason.USER_BLOCKED) == 2
@@ -133,7 +136,12 @@ def test_backoff_schedule_1_2_4_minutes_capped_at_an_hour() -> None:
     [
         r
         for r in FailureReason
-        if r not in (FailureReason.INVALID_MESSAGE, FailureReason.USER_BLOCKED)
+        if r
+        not in (
+            FailureReason.INVALID_MESSAGE,
+            FailureReason.USER_BLOCKED,
+            FailureReason.STATE_TOO_LARGE,
+        )
     ],
 )
 def test_backoff_strategies_with_injected_clock(reason: FailureReason) -> None:

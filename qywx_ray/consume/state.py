@@ -1,0 +1,430 @@
+"""Per-user state (`ctx.state`): loaded on activation, committed exactly once with the done-flag.
+
+What a handler sees. A handler that declares state (`@stateful()` for a JSON mapping,
+`@stateful(MyModel)` for a pydantic model) gets `ctx.state`: its own copy of the user's
+committed state for every attempt (the object the previous successful attempt left, or
+decoded afresh from the committed bytes after a failure), which it may mutate or replace
+(`ctx.state = ...`); it must not keep a reference to it after returning. Only if the
+handler succeeds does the runtime keep the new value (in memory at once, in Redis with
+the message's done-flag). A failed, timed-out or infra-retried attempt leaves no trace:
+its copy is thrown away, so the next message (or the retry) sees the state as it was
+before the failed attempt.
+
+Lifecycle. The state is loaded when the user's mailbox activates (hosted or dedicated
+mode: the same HostCore), for all users activated in the same loop tick in ONE Redis round
+trip (`StateLoader`), kept on the mailbox while it lives and dropped with it on idle
+expiry. A successor mailbox starts only after its predecessor is dead, i.e. after every
+commit of the predecessor is durable, so it always loads the newest state.
+
+Exactly once. After a handler succeeds, its state change and its done-flag are written by
+ONE Lua call (`COMMIT_LUA`, batched per flush like the plain done-flags,
+dedup.Deduplicator). The message completes (its Kafka offset may commit) only once that
+call answered. A crash before it: neither is written, the message is re-run against the
+old state. After it: the done-flag skips the message. So a state change is applied exactly
+once, even though the handler may run twice; side effects outside the state remain
+at-least-once (make them idempotent, e.g. kf/send_msg with a msgid derived from the
+input message's id).
+
+Versions. Each user's state carries a version (`qywx:state:{user}` hash: `v`, `data`). A
+commit is conditional: it applies only if the stored version equals the version the
+host's copy was derived from, and only if the message is not already done. Several
+commits of one user in one batch chain (v -> v+1 -> ...); once one of them is refused,
+every later one of that user in the batch is refused too (they ran on the refused
+state). A refused commit means another writer moved the state (a second host after a
+rebalance race, an admin DELETE) or the message was already applied (policy `process`
+ran it without a dedup check): the host never completes the message and restarts
+(crash-only, `on_fatal`), so it is re-delivered and re-run against the stored state. A
+stale writer can therefore never overwrite a newer state: no lost update, no double
+application.
+
+Redis down. A state cannot be made durable without Redis, so for stateful handlers the
+load and the commit are retried with backoff whatever `consume.redis_down_policy` says
+(the user waits, in order, in memory; its offsets do not commit). Policy `process` keeps
+its meaning for protection and for stateless handlers. Running a handler against a
+missing or defaulted state would silently fork the user's state: we refuse that.
+
+DLQ retries. A retry runs through the user's mailbox like any message, against the state
+as it is when it runs. For a failure that parks the user (the default for retryable
+reasons, dlq.parking), nothing of that user runs between the failure and the retry: the
+retry sees exactly the state the failed attempt saw (its mutations were discarded) and
+applies once, in Kafka order. For a reason that does not park (e.g. `rate_limited` when
+so configured), later messages run meanwhile and the retry applies at the time it
+succeeds; its state is then the fold in handling order, not Kafka order.
+
+Size and TTL. The encoded state may not exceed `consume.state_max_bytes`: a success
+whose new state is larger is a dead letter `state_too_large` (never truncated; the old
+state stays). The key expires `consume.state_ttl_s` (default 30 days) after its last
+change.
+
+Never: complete a message of a stateful handler before its state commit is durable; keep
+a failed attempt's mutations; write a state whose version was not the one it was
+derived from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from qywx_ray.errors import QywxError
+from qywx_ray.obs.logging import get_logger
+from qywx_ray.obs.metrics import counter
+
+log = get_logger(__name__)
+
+STATE_KEY = "qywx:state:{}"
+REASON_STATE_TOO_LARGE = "state_too_large"
+DEFAULT_STATE_TTL_S = 30 * 86_400
+DEFAULT_STATE_MAX_BYTES = 64 * 1024
+
+m_state_loads = counter("qywx_state_loads_total", "User states loaded on activation")
+m_state_conflicts = counter(
+    "qywx_state_conflicts_total", "State commits refused (stale version or already done)"
+)
+m_state_too_large = counter(
+    "qywx_state_too_large_total", "Handler successes dead-lettered: state over the size limit"
+)
+
+
+class StateTooLarge(QywxError):
+    """The new state exceeds `consume.state_max_bytes` (dead letter `state_too_large`)."""
+
+
+class StateUnavailable(Exception):
+    """The state store cannot be reached."""
+
+
+# ---------------------------------------------------------------- declaration
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """What a stateful handler declared: None = a JSON mapping, else its pydantic model."""
+
+    model: type[BaseModel] | None = None
+
+    def decode(self, raw: bytes) -> Any:
+        """A fresh object for one attempt (never shared with the committed copy)."""
+        if self.model is None:
+            return json.loads(raw) if raw else {}
+        if not raw:
+            return self.model()
+        return self.model.model_validate_json(raw)
+
+    def encode(self, value: Any) -> bytes:
+        if self.model is not None:
+            if not isinstance(value, self.model):
+                raise TypeError(f"ctx.state must be a {self.model.__name__}")
+            return value.model_dump_json().encode()
+        if not isinstance(value, dict):
+            raise TypeError("ctx.state must be a JSON mapping (dict)")
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def stateful(model: type[BaseModel] | None = None) -> Callable[[Any], Any]:
+    """Declare that a handler uses `ctx.state` (a dict, or an instance of `model`).
+
+    State is off unless declared: a host whose handler does not declare it pays nothing
+    (no load, no extra Redis work in the commit). Declaring, rather than loading lazily
+    on first access, lets the runtime load every newly active user of a batch in one
+    round trip before their handlers start, and works the same for sync handlers running
+    in threads (which cannot await a lazy load)."""
+
+    def mark(fn: Any) -> Any:
+        fn.__qywx_state__ = StateSpec(model)
+        return fn
+
+    return mark
+
+
+def counts_messages(fn: Any) -> Any:
+    """Declare that the handler's state keeps `messages` (how many messages it applied)
+    and `last_msgid` (the last one): `qywx-ray demo`'s audit then checks every customer's
+    final state against WeCom's record (each processed message applied exactly once)."""
+    fn.__qywx_audit_state__ = True
+    return fn
+
+
+def state_spec(handler: Any) -> StateSpec | None:
+    spec = getattr(handler, "__qywx_state__", None)
+    return spec if isinstance(spec, StateSpec) else None
+
+
+# ---------------------------------------------------------------- in memory
+
+
+@dataclass
+class StateSlot:
+    """A user's committed state as this host knows it: the version it derives from and
+    its bytes (b"" = none yet). Lives on the mailbox; dropped with it.
+
+    `value` caches the decoded object a successful attempt left (equal to `raw`), so the
+    next attempt takes it instead of decoding again; taking it empties the cache, so an
+    attempt that fails (and may have mutated it) leaves the next one to decode `raw`."""
+
+    version: int
+    raw: bytes
+    value: Any = field(default=None, compare=False, repr=False)
+
+    def take(self, spec: StateSpec) -> Any:
+        """The object for one attempt: the cached one, or a fresh decode of `raw`."""
+        value, self.value = self.value, None
+        return value if value is not None else spec.decode(self.raw)
+
+
+@dataclass(frozen=True)
+class StateWrite:
+    """One message's state commit: applies only at `expected_version` and while the
+    message is not done; `data` None = unchanged (version checked, not bumped)."""
+
+    user: str
+    expected_version: int
+    data: bytes | None
+
+
+def next_write(
+    spec: StateSpec, slot: StateSlot, user: str, new_value: Any, max_bytes: int
+) -> StateWrite:
+    """The commit for a successful attempt; advances `slot` to the new state.
+
+    Raises StateTooLarge (slot untouched) or TypeError (the handler put something that is
+    not its declared state into ctx.state: slot untouched)."""
+    raw = spec.encode(new_value)
+    if len(raw) > max_bytes:
+        raise StateTooLarge(f"state of {len(raw)} bytes exceeds the limit of {max_bytes}")
+    if raw == slot.raw:
+        slot.value = new_value
+        return StateWrite(user, slot.version, None)
+    write = StateWrite(user, slot.version, raw)
+    slot.version += 1
+    slot.raw = raw
+    slot.value = new_value
+    return write
+
+
+# ---------------------------------------------------------------- stores
+
+
+class StateStore(Protocol):
+    async def load(self, users: Sequence[str]) -> dict[str, StateSlot]:
+        """Every user's committed state (version 0, b"" when none); one round trip."""
+        ...
+
+
+_LOAD_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  local got = redis.call('HMGET', KEYS[i], 'v', 'data')
+  out[#out + 1] = got[1] or '0'
+  out[#out + 1] = got[2] or ''
+end
+return out
+"""
+
+# KEYS: the call's op key, the plain done keys (ARGV[1] of them), then per state write:
+# state key, done key. ARGV: n_plain, done_ttl_s, state_ttl_s, then per write: expected
+# version, changed (0/1), data. Returns the 1-based indexes (among the writes) that were
+# refused. The answer is kept under the op key (for done_ttl_s): a resend of the same call
+# after a lost reply gets the first answer and applies nothing again.
+COMMIT_LUA = """
+local op = redis.call('GET', KEYS[1])
+if op then
+  local out = {}
+  for i in string.gmatch(op, '%d+') do out[#out + 1] = tonumber(i) end
+  return out
+end
+local n_plain = tonumber(ARGV[1])
+for i = 2, n_plain + 1 do redis.call('SET', KEYS[i], '1', 'EX', ARGV[2]) end
+local broken, out = {}, {}
+local w = 0
+for k = n_plain + 2, #KEYS, 2 do
+  w = w + 1
+  local skey, dkey = KEYS[k], KEYS[k + 1]
+  local a = 4 + (w - 1) * 3
+  local expected = tonumber(ARGV[a])
+  local ok = false
+  if not broken[skey] and tonumber(redis.call('HGET', skey, 'v') or '0') == expected then
+    -- the done-flag, only if the message is not done yet: the check and the write in one
+    ok = redis.call('SET', dkey, '1', 'NX', 'EX', ARGV[2]) ~= false
+    if ok and ARGV[a + 1] == '1' then
+      redis.call('HSET', skey, 'v', tostring(expected + 1), 'data', ARGV[a + 2])
+      redis.call('EXPIRE', skey, ARGV[3])
+    end
+  end
+  if not ok then
+    broken[skey] = true
+    out[#out + 1] = w
+  end
+end
+redis.call('SET', KEYS[1], 'r' .. table.concat(out, ','), 'EX', ARGV[2])
+return out
+"""
+COMMIT_OP_KEY = "qywx:state-commit:{}"
+
+
+class RedisStateStore:
+    """`qywx:state:{user}` hashes (v, data): one Lua call loads a whole batch of users."""
+
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
+
+    async def load(self, users: Sequence[str]) -> dict[str, StateSlot]:
+        if not users:
+            return {}
+        try:
+            got = await self._redis.eval(
+                _LOAD_LUA, len(users), *[STATE_KEY.format(u) for u in users]
+            )
+        except Exception as exc:  # redis.RedisError, OSError, timeouts
+            raise StateUnavailable(str(exc)) from exc
+        out: dict[str, StateSlot] = {}
+        for i, user in enumerate(users):
+            v, data = got[2 * i], got[2 * i + 1]
+            raw = data.encode() if isinstance(data, str) else bytes(data)
+            out[user] = StateSlot(int(v), raw)
+        return out
+
+
+class MemoryStateStore:
+    """A DoneStore with commits and a StateStore, in memory, for unit tests (COMMIT_LUA's
+    semantics); `down=True` simulates an outage."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, StateSlot] = {}
+        self.done: set[str] = set()
+        self.down = False
+        self.loads: list[list[str]] = []
+        self.commits = 0
+        self.refused: list[str] = []
+        self.ops: dict[str, set[str]] = {}
+        self.fail_commits = False  # only commits fail (a crash window after the handler)
+
+    def _check(self) -> None:
+        if self.down:
+            from qywx_ray.consume.dedup import DedupUnavailable
+
+            raise DedupUnavailable("memory store down")
+
+    async def load(self, users: Sequence[str]) -> dict[str, StateSlot]:
+        if self.down:
+            raise StateUnavailable("memory store down")
+        self.loads.append(list(users))
+        return {
+            u: StateSlot(s.version, s.raw) if (s := self.states.get(u)) else StateSlot(0, b"")
+            for u in users
+        }
+
+    async def done_among(self, message_ids: Sequence[str]) -> set[str]:
+        self._check()
+        return {m for m in message_ids if m in self.done}
+
+    async def mark_done(self, message_ids: Sequence[str]) -> None:
+        self._check()
+        self.done.update(message_ids)
+
+    async def commit(
+        self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]], op_id: str
+    ) -> set[str]:
+        self._check()
+        if self.fail_commits:
+            from qywx_ray.consume.dedup import DedupUnavailable
+
+            raise DedupUnavailable("memory store: commit refused by the test")
+        if op_id in self.ops:  # a resend after a lost reply: the first answer
+            return self.ops[op_id]
+        self.commits += 1
+        self.done.update(message_ids)
+        refused: set[str] = set()
+        broken: set[str] = set()
+        for mid, w in writes:
+            cur = self.states.get(w.user, StateSlot(0, b""))
+            if w.user in broken or mid in self.done or cur.version != w.expected_version:
+                broken.add(w.user)
+                refused.add(mid)
+                continue
+            if w.data is not None:
+                self.states[w.user] = StateSlot(w.expected_version + 1, w.data)
+            self.done.add(mid)
+        self.refused.extend(sorted(refused))
+        self.ops[op_id] = refused
+        return refused
+
+
+def commit_args(
+    op_id: str,
+    done_keys: Sequence[str],
+    writes: Sequence[tuple[str, StateWrite]],
+    done_key: Callable[[str], str],
+    done_ttl_s: int,
+    state_ttl_s: int,
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of COMMIT_LUA."""
+    keys = [COMMIT_OP_KEY.format(op_id), *done_keys]
+    argv: list[Any] = [len(done_keys), done_ttl_s, state_ttl_s]
+    for mid, w in writes:
+        keys += [STATE_KEY.format(w.user), done_key(mid)]
+        argv += [w.expected_version, 0 if w.data is None else 1, w.data or b""]
+    return keys, argv
+
+
+class StateLoader:
+    """Coalesces activation loads: every user asked for in the same loop tick is loaded
+    with one `StateStore.load` (one Redis round trip per delivery batch's new users, not
+    one per user). Retried until it succeeds whatever the Redis-down policy: a handler
+    never runs against a missing state."""
+
+    def __init__(self, store: StateStore, retry_max_s: float = 5.0) -> None:
+        self.store = store
+        self._retry_max_s = retry_max_s
+        self._wanted: dict[str, asyncio.Future[StateSlot]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        self.round_trips = 0
+
+    async def get(self, user: str) -> StateSlot:
+        fut = self._wanted.get(user)
+        if fut is None:
+            fut = self._wanted[user] = asyncio.get_running_loop().create_future()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._load())
+        return await asyncio.shield(fut)
+
+    def load_now(self, users: Sequence[str]) -> dict[str, asyncio.Future[StateSlot]]:
+        """Start one load for `users` at once (a delivery batch's newly activated
+        mailboxes); each future resolves with its user's slot."""
+        loop = asyncio.get_running_loop()
+        futures = {u: loop.create_future() for u in users}
+        task = loop.create_task(self._load_batch(futures))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+        return futures
+
+    async def _load(self) -> None:
+        # Let every worker woken by the same ingest ask first (two ticks: a worker's
+        # step may be scheduled one iteration after the put that woke it).
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        while self._wanted:
+            wanted, self._wanted = self._wanted, {}
+            await self._load_batch(wanted)
+
+    async def _load_batch(self, wanted: dict[str, asyncio.Future[StateSlot]]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                self.round_trips += 1
+                slots = await self.store.load(list(wanted))
+                break
+            except StateUnavailable as exc:
+                log.warning("state.load_retry", users=len(wanted), delay_s=delay, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+        m_state_loads.inc(len(wanted))
+        for user, fut in wanted.items():
+            if not fut.done():
+                fut.set_result(slots[user])
