@@ -232,31 +232,44 @@ def audit_records(
                     result.lost_ids.append(mid)
             if transcripts is None:
                 continue
-            got = transcripts.get((kfid, user), [])
-            duplicated += len(got) - len(set(got))
-            # The transcript is capped (consume.transcript_max_len): check the order of
-            # what it holds, not its completeness (done-flags answer that).
-            wanted = set(ids)
-            kept = list(dict.fromkeys(m for m in got if m in wanted))
-            present = set(kept)
-            if kept != [m for m in ids if m in present]:
-                reordered += 1
+            dups, in_order = _transcript_check(ids, transcripts.get((kfid, user), []))
+            duplicated += dups
+            reordered += 0 if in_order else 1
     if transcripts is not None:
         result.reordered_users, result.duplicated = reordered, duplicated
     if states is not None:
-        result.state_mismatch = 0
-        processed: dict[str, list[str]] = {}
-        for users in truth.values():
-            for user, ids in users.items():
-                processed.setdefault(user, []).extend(m for m in ids if m in done)
-        for user, ids in sorted(processed.items()):
-            state = states.get(user, {})
-            count_ok = int(state.get("messages", 0)) == len(ids)
-            last_ok = state.get("last_msgid") in ids if ids else "last_msgid" not in state
-            if not (count_ok and last_ok):
-                result.state_mismatch += 1
-                result.state_mismatch_users.append(user)
+        result.state_mismatch_users = _state_mismatches(truth, done, states)
+        result.state_mismatch = len(result.state_mismatch_users)
     return result
+
+
+def _transcript_check(ids: list[str], got: list[str]) -> tuple[int, bool]:
+    """(duplicated entries, in order?) of one user's transcript against WeCom's order.
+    The transcript is capped (consume.transcript_max_len): the order of what it holds is
+    checked, not its completeness (done-flags answer that)."""
+    wanted = set(ids)
+    kept = list(dict.fromkeys(m for m in got if m in wanted))
+    present = set(kept)
+    return len(got) - len(set(got)), kept == [m for m in ids if m in present]
+
+
+def _state_mismatches(
+    truth: dict[str, dict[str, list[str]]], done: set[str], states: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Users whose state does not count each of their processed messages once (and end
+    on one of them)."""
+    processed: dict[str, list[str]] = {}
+    for users in truth.values():
+        for user, ids in users.items():
+            processed.setdefault(user, []).extend(m for m in ids if m in done)
+    mismatched = []
+    for user, ids in sorted(processed.items()):
+        state = states.get(user, {})
+        count_ok = int(state.get("messages", 0)) == len(ids)
+        last_ok = state.get("last_msgid") in ids if ids else "last_msgid" not in state
+        if not (count_ok and last_ok):
+            mismatched.append(user)
+    return mismatched
 
 
 def audit(settings: Settings, sim: SimulatorProcess) -> DemoAudit:

@@ -222,7 +222,7 @@ async def recording_handler(message: Any, ctx: HandlerContext) -> None:
     record_key = str(ctx.options.get("record_key", "qywx:test:record"))
     hold = env.raw.get("hold")
     if hold:
-        while not await ctx.redis.exists(hold):
+        while not await ctx.redis.exists(hold):  # noqa: ASYNC110 - polls Redis, not a local flag
             await asyncio.sleep(0.02)
     fail_until = env.raw.get("fail_until")
     if fail_until and not await ctx.redis.exists(fail_until):

@@ -212,7 +212,7 @@ async def durable_dead_letter(
         try:
             await sink.dead_letter(letters)
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a dead letter is retried until durable, whatever failed
             log.error("dlq.write_retry", host=host, error=str(exc), delay_s=delay)
             await asyncio.sleep(delay + random.random() * delay)
             delay = min(delay * 2, 5.0)
@@ -248,7 +248,7 @@ async def run_head(
             return None, ""
         except TimeoutError:
             return REASON_TIMEOUT, f"handler exceeded {deadlines.timeout_s}s"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - classified below: infra errors retried in place, the rest a failure with its reason
             reason, _ = classify(exc)
             error = f"{type(exc).__name__}: {exc}"
             if not is_infra_error(exc) or clock() >= deadline_s:

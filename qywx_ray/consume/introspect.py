@@ -59,7 +59,7 @@ def list_users(
     for ref in ready:
         try:
             snap = ray.get(ref, timeout=0)
-        except Exception:  # an actor ending itself right now
+        except Exception:  # noqa: BLE001 - an actor ending itself right now
             continue
         keys = ("host", "mode", "users", "pending", "counts", "pid", "redis_ok", "node_id")
         summary = {k: snap.get(k) for k in keys}

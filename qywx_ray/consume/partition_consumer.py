@@ -45,7 +45,7 @@ from qywx_ray.consume.placement import (
     is_dedicated,
     placement_prefix,
 )
-from qywx_ray.consume.tracker import Call, ConsumerTracker, Forgotten, Send
+from qywx_ray.consume.tracker import Call, ConsumerTracker, Due, Forgotten, Send
 from qywx_ray.consume.types import (
     DRAIN_HEADER,
     Delivery,
@@ -317,7 +317,7 @@ class PartitionConsumerCore:
                     handle = ray.get_actor(call.key, namespace=self.c.namespace)
                 self._handles[call.key] = handle
             ref = handle.incarnation_id.remote()
-        except Exception as exc:  # name not registered yet / GCS hiccup
+        except Exception as exc:  # noqa: BLE001 - name not registered yet / GCS hiccup
             log.warning("consumer.recovery_retry", target=call.key, error=str(exc))
             self.tracker.recovery_failed(call.key, call.epoch, now)
             return
@@ -327,18 +327,7 @@ class PartitionConsumerCore:
         """Check finished Ray calls, recover targets, probe health, commit, pace fetching."""
         now = time.monotonic()
         with self._lock:
-            due = self.tracker.due(now)
-            for call in due.recover:
-                self._try_recover(call, now)
-            for call in due.probe:
-                ref = self._handles[call.key].incarnation_id.remote()
-                self._refs[ref] = (call.key, "health", call.epoch)
-            for key in due.forgotten_targets:
-                self._handles.pop(key, None)
-            if due.health_tick:  # calls we stopped listening to (abandoned, superseded)
-                for ref, (key, _kind, epoch) in list(self._refs.items()):
-                    if not self.tracker.is_current(key, epoch):
-                        del self._refs[ref]
+            due = self._act_on_due(now)
             refs = list(self._refs)
         if due.forgotten_users or (due.health_tick and self._to_release):
             self._release_placements(due.forgotten_users)
@@ -353,6 +342,23 @@ class PartitionConsumerCore:
         if self._paused:  # completions arrive on other threads; resume from here
             with self._lock:
                 self._backpressure()
+
+    def _act_on_due(self, now: float) -> Due:
+        """Under the lock: start what the tracker says is due (recoveries, health probes),
+        forget targets it forgot, drop calls it no longer listens to; return its answer."""
+        due = self.tracker.due(now)
+        for call in due.recover:
+            self._try_recover(call, now)
+        for call in due.probe:
+            ref = self._handles[call.key].incarnation_id.remote()
+            self._refs[ref] = (call.key, "health", call.epoch)
+        for key in due.forgotten_targets:
+            self._handles.pop(key, None)
+        if due.health_tick:  # calls we stopped listening to (abandoned, superseded)
+            for ref, (key, _kind, epoch) in list(self._refs.items()):
+                if not self.tracker.is_current(key, epoch):
+                    del self._refs[ref]
+        return due
 
     def _on_ref(self, ref: Any) -> None:
         with self._lock:
@@ -422,7 +428,7 @@ class PartitionConsumerCore:
             ray.get_actor(name, namespace=self.c.namespace)
         except ValueError:
             return False
-        except Exception:  # GCS hiccup: assume alive, ask again next time
+        except Exception:  # noqa: BLE001 - GCS hiccup: assume alive, ask again next time
             return True
         return True
 

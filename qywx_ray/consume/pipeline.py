@@ -84,7 +84,7 @@ def stop_consumers(
     for ref in refs:
         try:
             results.append(ray.get(ref, timeout=max(1.0, deadline - time.monotonic())))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - stopping: one consumer failing to answer must not stop the others
             log.warning("consume.stop_failed", error=str(exc))
     for c in pipeline.consumers:
         ray.kill(c, no_restart=True)

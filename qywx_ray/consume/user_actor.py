@@ -213,7 +213,7 @@ class HostCore:
             store = state_store or getattr(dedup, "store", None)
             if store is None or not hasattr(store, "load"):
                 raise ValueError("a stateful handler needs a state store")
-            self._states = StateLoader(store, self.opt.redis_retry_max_s)  # type: ignore[arg-type]
+            self._states = StateLoader(store, self.opt.redis_retry_max_s)
         self._deadlines = HandlerDeadlines(self.opt.handler_timeout_s)
         self.latencies_ms: list[int] = []  # Kafka timestamp -> handler start
         self.arrival_ms: list[int] = []  # Kafka timestamp -> batch reaches this host
@@ -263,7 +263,7 @@ class HostCore:
             finally:
                 self._ingesting = False
 
-    async def _ingest(self, items: list[Delivery]) -> None:
+    async def _ingest(self, items: list[Delivery]) -> None:  # noqa: C901 - admission for a delivery batch: each branch is one of the machine's verdicts, awaited in order
         parsed: list[tuple[Delivery, Envelope]] = []
         poison: list[DeadLetter] = []
         poison_waiters: list[list[Delivery]] = []
@@ -430,7 +430,7 @@ class HostCore:
             if self.machine.next_turn(mb):  # round robin: the user goes to the back
                 self._ready.put_nowait(mb)
 
-    async def _process(self, mb: UserMailbox, p: Pending) -> None:
+    async def _process(self, mb: UserMailbox, p: Pending) -> None:  # noqa: C901 - the head's await sequence (run, settle, park, dead letter); its decisions are mailbox_machine's
         """Run the head of `mb` to a durable outcome. Only the head may park the user: every
         older message of the user has finished, so nothing can overtake it."""
         env = p.envelope
@@ -739,7 +739,7 @@ class HostCore:
         for consumer, done in out.items():
             try:
                 self.completions.complete(consumer, done)
-            except Exception as exc:  # the consumer re-delivers what it never heard about
+            except Exception as exc:  # noqa: BLE001 - the consumer re-delivers what it never heard about
                 log.warning("host.completion_lost", consumer=consumer, n=len(done), error=str(exc))
 
     @property
