@@ -24,7 +24,7 @@ PROCESS_GROUPS: tuple[tuple[str, str], ...] = (
     ("ray::PartitionConsumer", "consumer"),
     ("ray::UserHost", "hosts"),
     ("ray::DedicatedUserActor", "hosts"),
-    ("ray::SyncerHostActor", "syncer"),
+    ("ray::SyncerHost", "syncer"),
     ("ray::ServeReplica", "serve"),
     ("ray::ProxyActor", "serve"),
     ("ray::HTTPProxyActor", "serve"),

@@ -213,7 +213,9 @@ class MailboxMachine:
                 continue
             commands.append(Overflow(mb, None))
             tail = step.tail
-            assert tail is not None and mb.queue and mb.queue[-1] is tail, "plan drifted"
+            assert tail is not None, "plan drifted"
+            assert mb.queue, "plan drifted"
+            assert mb.queue[-1] is tail, "plan drifted"
             tail.waited_on = tail.holds = True
         return Placed(commands, plan.holds, plan.n_parked)
 

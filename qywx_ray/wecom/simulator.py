@@ -763,7 +763,8 @@ class WeComSimulator:
         return ok
 
     async def _deliver(self, open_kfid: str, params: dict[str, str], body: bytes) -> bool:
-        assert self._http is not None and self.callback_url is not None
+        assert self._http is not None
+        assert self.callback_url is not None
         url = f"{self.callback_url}?{urlencode(params)}"
         for attempt in range(1, self.callback_tries + 1):
             self.state.stats.callback_attempts += 1

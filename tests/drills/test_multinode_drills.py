@@ -140,7 +140,8 @@ def _node_loss(
 
     assert p.settings is not None
     view = list_users(p.settings)
-    assert view["hosts"] and all(h["node"] != "?" for h in view["hosts"]), view["hosts"]
+    assert view["hosts"], view["hosts"]
+    assert all(h["node"] != "?" for h in view["hosts"]), view["hosts"]
     checks = {c.name: c for c in _ray_check(None, 10.0, p.settings.ray_namespace)}
     assert checks["ray.actors"].ok, checks["ray.actors"]
     print(f"doctor: {checks['ray.actors'].detail}")

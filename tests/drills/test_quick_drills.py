@@ -38,7 +38,8 @@ def test_poison_and_permanently_failing_messages_go_to_review(
     pipeline_factory: Callable[..., LocalPipeline],
 ) -> None:
     p = pipeline_factory(overrides=FAST_DLQ)
-    assert p.settings is not None and p.sim is not None
+    assert p.settings is not None
+    assert p.sim is not None
     total = chat(p, ["wkP"], users=4, rounds=2)
     # A record that is not an envelope at all, straight onto the main topic.
     producer = Producer({"bootstrap.servers": p.settings.kafka.bootstrap_servers})

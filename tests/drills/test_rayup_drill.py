@@ -173,7 +173,8 @@ def test_ray_up_local_provider_end_to_end(
         doctor = _ray(["exec", str(cfg), "qywx-ray doctor"], steps, env, 300)
         report["doctor_before_topics"] = doctor.stdout.strip().splitlines()[-12:]
         ensure = _ray(["exec", str(cfg), "qywx-ray topics ensure"], steps, env, 300)
-        assert ensure.returncode == 0 and f"ru-main-{tag}" in ensure.stdout, ensure.stdout
+        assert ensure.returncode == 0, ensure.stdout
+        assert f"ru-main-{tag}" in ensure.stdout, ensure.stdout
         http_port = free_port()
         start_cmd = f"qywx-ray start --http-host 127.0.0.1 --http-port {http_port}"
         start = _ray(["exec", str(cfg), start_cmd], steps, env, 600)
@@ -220,7 +221,9 @@ def test_ray_up_local_provider_end_to_end(
             reordered=order.inversions,
             duplicates=order.duplicates,
         )
-        assert order.missing == [] and order.inversions == 0 and order.duplicates == 0
+        assert order.missing == []
+        assert order.inversions == 0
+        assert order.duplicates == 0
         stop = _ray(["exec", str(cfg), "qywx-ray stop"], steps, env, 300)
         assert stop.returncode == 0
     finally:

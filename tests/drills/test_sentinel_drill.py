@@ -110,7 +110,8 @@ def test_sentinel_failover_mid_stream(
         assert not watch.regressions, watch.regressions
         assert all(len(v) > 20 for v in watch.seen.values()), "the cursor watch saw too little"
         assert all(final[k] >= max(watch.seen[k]) for k in KFIDS)
-        assert result.lost == 0 and result.reordered_users == 0
+        assert result.lost == 0
+        assert result.reordered_users == 0
         assert result.duplicated_side_effects == 0
         assert result.processed >= result.messages  # every message's effect, none parked
         assert result.dead_lettered == 0, "a Redis failover must not dead-letter messages"

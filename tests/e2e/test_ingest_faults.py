@@ -320,7 +320,8 @@ def test_rejected_callback_token_still_delivers(stack: FaultStack) -> None:
     truth = stack.truth([kfid])
     got = read_topic_until(stack.settings, {m for ids in truth.values() for m in ids})
     messages, duplicates = assert_matches_truth(got, truth)
-    assert messages == total and duplicates == 0
+    assert messages == total
+    assert duplicates == 0
     assert int(stack.sim.stats()["faults_fired"]) - fired_before == 3
 
 
@@ -526,7 +527,8 @@ async def test_two_syncers_one_puller_at_a_time_and_paused_holder_cannot_commit(
     assert not [c for c in journal.commits if c.fence == freeze.fence and c.ok]
     ok_seqs = [c.seq for c in journal.commits if c.ok]
     assert ok_seqs == sorted(ok_seqs)
-    assert cursor_before_thaw is not None and cursor_before_thaw >= freeze.page_seq
+    assert cursor_before_thaw is not None
+    assert cursor_before_thaw >= freeze.page_seq
     # Every message in Kafka; A's stale page may come twice, with the same message_id.
     truth = stack.truth([kfid])
     got = read_topic_until(stack.settings, {m for ids in truth.values() for m in ids})
@@ -631,7 +633,8 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
         f"cursor caught up {recover_s:.1f}s after restart, {len(seen)} cursor reads"
     )
     assert not regressions, f"cursor moved backwards: {regressions[:5]}"
-    assert seen[0] >= 20 and seen[-1] == total
+    assert seen[0] >= 20
+    assert seen[-1] == total
     # The lock of the pull Redis died under could not be released; it must not block the
     # syncer until its TTL runs out (lock_ttl_s=30) once Redis is back: its owner frees it
     # (compare-and-delete) with most of its TTL left, as Redis's own PTTL shows.
@@ -690,7 +693,8 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
         f"the broker was back, cursors while down {cursors_while_down}"
     )
     assert depth_while_down > 0  # the spool, not a local channel, took the messages
-    assert degraded > 0 and replayed > 0
+    assert degraded > 0
+    assert replayed > 0
     # Duplicates (same message_id) come from attempts that timed out but stayed queued in
     # librdkafka: about one per spooled message, not one per breaker trial (a trial sends
     # one message, not a whole batch: this was ~10x the spooled count before).

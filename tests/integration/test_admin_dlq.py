@@ -102,12 +102,13 @@ def test_stats_and_filters(
     client, settings, _ = app
     seed(redis_client, settings)
     stats = client.get("/admin/dlq/stats", headers=AUTH).json()
-    assert stats["total"] == 8 and stats["manual_review_pending"] == 2
-    assert (
-        stats["by_reason"]["downstream_error"] == 6 and stats["by_reason"]["invalid_message"] == 2
-    )
+    assert stats["total"] == 8
+    assert stats["manual_review_pending"] == 2
+    assert stats["by_reason"]["downstream_error"] == 6
+    assert stats["by_reason"]["invalid_message"] == 2
     assert stats["by_status"] == {"scheduled": 6, "retried": 0, "manual_review": 2}
-    assert stats["scheduled_waiting"] == 6 and stats["emergency_pending"] == 0
+    assert stats["scheduled_waiting"] == 6
+    assert stats["emergency_pending"] == 0
 
     def ids(**params: object) -> list[str]:
         r = client.get("/admin/dlq/messages", params=params, headers=AUTH)
@@ -131,7 +132,8 @@ def test_retry_and_batch_retry_go_through_the_delay_queue(
     index, queue = seed(redis_client, settings)
     clock.now = T0 + 5
     r = client.post("/admin/dlq/retry/m10", headers=AUTH)  # from manual review
-    assert r.status_code == 200 and r.json() == {"message_id": "m10", "result": "scheduled"}
+    assert r.status_code == 200
+    assert r.json() == {"message_id": "m10", "result": "scheduled"}
     assert queue.due_of("m10:0") == T0 + 5
     assert index.review_count() == 1
     assert client.post("/admin/dlq/retry/m2", headers=AUTH).status_code == 200
@@ -143,8 +145,10 @@ def test_retry_and_batch_retry_go_through_the_delay_queue(
     r = client.post(
         "/admin/dlq/batch-retry", json={"user": "u0", "reason": "downstream_error"}, headers=AUTH
     )
-    assert r.status_code == 200 and r.json() == {"scheduled": 2}  # m0, m3
-    assert queue.due_of("m0:0") == T0 + 5 and queue.due_of("m3:0") == T0 + 5
+    assert r.status_code == 200
+    assert r.json() == {"scheduled": 2}
+    assert queue.due_of("m0:0") == T0 + 5
+    assert queue.due_of("m3:0") == T0 + 5
     assert queue.due_of("m1:0") == T0 + 60  # outside the filter: untouched
     for bad in ({"limit": -1}, {"reason": "bogus"}, {"unknown_field": 1}, [1, 2]):
         assert client.post("/admin/dlq/batch-retry", json=bad, headers=AUTH).status_code == 422
@@ -161,8 +165,10 @@ def test_purge_removes_only_expired(
     index.record(old + new, [])
     queue.schedule_many([(lt.entry_id(), T0 + 60, lt.to_bytes()) for lt in old + new])
     r = client.post("/admin/dlq/purge", headers=AUTH)
-    assert r.status_code == 200 and r.json() == {"purged": 3}
-    assert index.total() == 2 and queue.counts() == (2, 0)
+    assert r.status_code == 200
+    assert r.json() == {"purged": 3}
+    assert index.total() == 2
+    assert queue.counts() == (2, 0)
     assert client.post("/admin/dlq/purge", headers=AUTH).json() == {"purged": 0}
     clock.now = T0 + 3600
     assert client.post("/admin/dlq/purge", headers=AUTH).json() == {"purged": 2}
@@ -181,20 +187,24 @@ def test_export_10000_streamed(
         )
     t = time.monotonic()
     with client.stream("GET", "/admin/dlq/export", params={"format": "csv"}, headers=AUTH) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/csv")
         chunks = list(r.iter_bytes())
     csv_s = time.monotonic() - t
     assert len(chunks) > 1, "export must stream, not build one body"
     rows = list(csv.DictReader(io.StringIO(b"".join(chunks).decode())))
-    assert len(rows) == 10_000 and len({r["message_id"] for r in rows}) == 10_000
+    assert len(rows) == 10_000
+    assert len({r["message_id"] for r in rows}) == 10_000
     assert rows[0]["message_id"] == "m9999"  # newest first
-    assert rows[0]["failure_details"] == "error 9999" and rows[0]["status"] == "scheduled"
+    assert rows[0]["failure_details"] == "error 9999"
+    assert rows[0]["status"] == "scheduled"
 
     r = client.get(
         "/admin/dlq/export", params={"format": "jsonl", "reason": "process_timeout"}, headers=AUTH
     )
     lines = [json.loads(x) for x in r.text.splitlines()]
-    assert len(lines) == 5_000 and {x["failure_reason"] for x in lines} == {"process_timeout"}
+    assert len(lines) == 5_000
+    assert {x["failure_reason"] for x in lines} == {"process_timeout"}
     assert lines[0]["original_message"]["raw"]["text"] == "含, 逗号\n和换行"
     assert (
         client.get("/admin/dlq/export", params={"format": "xml"}, headers=AUTH).status_code == 422
@@ -246,7 +256,8 @@ def test_undecodable_letter_is_skipped_counted_and_shown(
     r = client.get("/admin/dlq/messages", headers=AUTH)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["count"] == 6 and len(body["messages"]) == 6
+    assert body["count"] == 6
+    assert len(body["messages"]) == 6
     assert "m3" not in {m["message_id"] for m in body["messages"]}
     assert body["undecodable_count"] == 2
     assert {u["message_id"] for u in body["undecodable"]} == {"m3", "m4"}
@@ -257,7 +268,8 @@ def test_undecodable_letter_is_skipped_counted_and_shown(
     rows = list(csv.DictReader(io.StringIO(r.text)))
     assert len(rows) == 8
     bad = {row["message_id"]: row for row in rows if row["status"] == "undecodable"}
-    assert set(bad) == {"m3", "m4"} and all(row["failure_details"] for row in bad.values())
+    assert set(bad) == {"m3", "m4"}
+    assert all(row["failure_details"] for row in bad.values())
 
     r = client.get("/admin/dlq/export", params={"format": "jsonl"}, headers=AUTH)
     lines = [json.loads(line) for line in r.text.splitlines()]
@@ -266,5 +278,6 @@ def test_undecodable_letter_is_skipped_counted_and_shown(
 
     # Acting on it is refused with a reason, not a 500.
     r = client.post("/admin/dlq/retry/m3", headers=AUTH)
-    assert r.status_code == 409 and "undecodable" in r.text
+    assert r.status_code == 409
+    assert "undecodable" in r.text
     assert client.post("/admin/dlq/batch-retry", headers=AUTH, json={}).status_code == 200

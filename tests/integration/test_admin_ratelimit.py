@@ -95,16 +95,21 @@ async def test_every_route_needs_the_token(
 
 async def test_status_of_unknown_user_is_404_and_known_after_traffic(env: Env) -> None:
     r = await env.http.get("/admin/ratelimit/status/nobody", headers=AUTH)
-    assert r.status_code == 404 and "nobody" in r.json()["detail"]
+    assert r.status_code == 404
+    assert "nobody" in r.json()["detail"]
     await env.limiter.check_batch([("chatty", 7)])
     r = await env.http.get("/admin/ratelimit/status/chatty", headers=AUTH)
     assert r.status_code == 200
     st = r.json()
-    assert st["messages_in_window"] == 5 and st["violations"] == 2 and not st["blocked"]
-    assert st["group"] == "default" and st["rule"]["max_messages"] == 5
+    assert st["messages_in_window"] == 5
+    assert st["violations"] == 2
+    assert not st["blocked"]
+    assert st["group"] == "default"
+    assert st["rule"]["max_messages"] == 5
     # A configured group makes a user known even without traffic.
     r = await env.http.get("/admin/ratelimit/status/cfg-white", headers=AUTH)
-    assert r.status_code == 200 and r.json()["group"] == "whitelist"
+    assert r.status_code == 200
+    assert r.json()["group"] == "whitelist"
 
 
 async def test_blocked_list_and_unblock_with_reason(env: Env) -> None:
@@ -112,50 +117,61 @@ async def test_blocked_list_and_unblock_with_reason(env: Env) -> None:
     r = await env.http.get("/admin/ratelimit/blocked", headers=AUTH)
     assert r.status_code == 200
     [entry] = r.json()
-    assert entry["user"] == "bot" and not entry["permanent"]
+    assert entry["user"] == "bot"
+    assert not entry["permanent"]
     assert entry["blocked_until"] == pytest.approx(T0 + 3600)
 
     r = await env.http.post("/admin/ratelimit/unblock/bot", headers=AUTH, json={})
-    assert r.status_code == 422 and "reason" in r.text
+    assert r.status_code == 422
+    assert "reason" in r.text
     r = await env.http.post("/admin/ratelimit/unblock/bot", headers=AUTH, json={"reason": ""})
     assert r.status_code == 422
     r = await env.http.post(
         "/admin/ratelimit/unblock/bot", headers=AUTH, json={"reason": "customer called"}
     )
-    assert r.status_code == 200 and r.json() == {"user": "bot", "was_blocked": True}
+    assert r.status_code == 200
+    assert r.json() == {"user": "bot", "was_blocked": True}
     assert (await env.limiter.check_batch([("bot", 1)]))["bot"][0].verdict is Verdict.ALLOW
     assert (await env.http.get("/admin/ratelimit/blocked", headers=AUTH)).json() == []
     r = await env.http.post("/admin/ratelimit/unblock/ghost", headers=AUTH, json={"reason": "x"})
     assert r.status_code == 404
     [entry] = await audit(env)
-    assert entry["actor"] == "alice" and entry["action"] == "unblock"
-    assert entry["user"] == "bot" and entry["reason"] == "customer called"
+    assert entry["actor"] == "alice"
+    assert entry["action"] == "unblock"
+    assert entry["user"] == "bot"
+    assert entry["reason"] == "customer called"
     assert entry["ts"] == T0
 
 
 async def test_permanent_and_temporary_block(env: Env) -> None:
     r = await env.http.post("/admin/ratelimit/block/evil", headers=AUTH, json={"reason": "fraud"})
-    assert r.status_code == 200 and r.json()["permanent"] is True
+    assert r.status_code == 200
+    assert r.json()["permanent"] is True
     env.clock.t += 10 * 365 * 86400
     d = (await env.limiter.check_batch([("evil", 1)]))["evil"][0]
     assert d.verdict is Verdict.BLOCKED
     st = (await env.http.get("/admin/ratelimit/status/evil", headers=AUTH)).json()
-    assert st["permanent"] and st["block_reason"] == "fraud" and st["blocked_by"] == "alice"
+    assert st["permanent"]
+    assert st["block_reason"] == "fraud"
+    assert st["blocked_by"] == "alice"
 
     r = await env.http.post(
         "/admin/ratelimit/block/temp",
         headers=AUTH,
         json={"reason": "cool down", "permanent": False},
     )
-    assert r.status_code == 422 and "duration_seconds" in r.text
+    assert r.status_code == 422
+    assert "duration_seconds" in r.text
     r = await env.http.post(
         "/admin/ratelimit/block/temp",
         headers=AUTH,
         json={"reason": "cool down", "permanent": False, "duration_seconds": 60},
     )
-    assert r.status_code == 200 and r.json()["blocked_until"] == pytest.approx(env.clock.t + 60)
+    assert r.status_code == 200
+    assert r.json()["blocked_until"] == pytest.approx(env.clock.t + 60)
     r = await env.http.post("/admin/ratelimit/block/x", headers=AUTH, json={"permanent": True})
-    assert r.status_code == 422 and "reason" in r.text
+    assert r.status_code == 422
+    assert "reason" in r.text
     users = [
         b["user"] for b in (await env.http.get("/admin/ratelimit/blocked", headers=AUTH)).json()
     ]
@@ -167,7 +183,8 @@ async def test_permanent_and_temporary_block(env: Env) -> None:
 
 async def test_whitelist_add_and_remove(env: Env) -> None:
     r = await env.http.post("/admin/ratelimit/whitelist/boss", headers=AUTH)
-    assert r.status_code == 200 and r.json() == {
+    assert r.status_code == 200
+    assert r.json() == {
         "user": "boss",
         "group": "whitelist",
         "changed": True,
@@ -175,13 +192,15 @@ async def test_whitelist_add_and_remove(env: Env) -> None:
     out = await env.limiter.check_batch([("boss", 100)])
     assert all(d.verdict is Verdict.ALLOW for d in out["boss"])
     r = await env.http.delete("/admin/ratelimit/whitelist/boss?reason=done", headers=AUTH)
-    assert r.status_code == 200 and r.json()["group"] is None
+    assert r.status_code == 200
+    assert r.json()["group"] is None
     out = await env.limiter.check_batch([("boss", 6)])
     assert out["boss"][5].verdict is Verdict.RATE_LIMITED
     r = await env.http.delete("/admin/ratelimit/whitelist/boss", headers=AUTH)
     assert r.status_code == 404
     r = await env.http.delete("/admin/ratelimit/whitelist/cfg-white", headers=AUTH)
-    assert r.status_code == 409 and "configuration" in r.json()["detail"]
+    assert r.status_code == 409
+    assert "configuration" in r.json()["detail"]
     r = await env.http.put(
         "/admin/ratelimit/group/sus", headers=AUTH, json={"group": "suspicious", "reason": "r"}
     )
@@ -189,7 +208,8 @@ async def test_whitelist_add_and_remove(env: Env) -> None:
     out = await env.limiter.check_batch([("sus", 4)])
     assert [d.verdict for d in out["sus"]][-1] is Verdict.BLOCKED  # 3 allowed, 1st violation
     r = await env.http.put("/admin/ratelimit/group/sus", headers=AUTH, json={"group": "gold"})
-    assert r.status_code == 400 and "unknown group" in r.json()["detail"]
+    assert r.status_code == 400
+    assert "unknown group" in r.json()["detail"]
     actions = [(e["action"], e["user"]) for e in await audit(env)]
     assert actions == [("set_group", "sus"), ("whitelist_remove", "boss"), ("set_group", "boss")]
 
@@ -204,11 +224,13 @@ async def test_temporary_limit_override(env: Env) -> None:
         "reason": "campaign",
     }
     r = await env.http.put("/admin/ratelimit/limit/promo", headers=AUTH, json=body)
-    assert r.status_code == 200 and r.json()["expires_at"] == pytest.approx(T0 + 3600)
+    assert r.status_code == 200
+    assert r.json()["expires_at"] == pytest.approx(T0 + 3600)
     out = await env.limiter.check_batch([("promo", 50)])
     assert all(d.verdict is Verdict.ALLOW for d in out["promo"])
     st = (await env.http.get("/admin/ratelimit/status/promo", headers=AUTH)).json()
-    assert st["group_source"] == "override" and st["override_expires_at"] == T0 + 3600
+    assert st["group_source"] == "override"
+    assert st["override_expires_at"] == T0 + 3600
 
     bad: list[tuple[dict[str, Any], int, str]] = [
         ({**body, "duration_seconds": -5}, 422, "greater than 0"),
@@ -267,7 +289,8 @@ async def test_override_with_huge_threshold_never_breaks_the_batch(
         assert out["userT"][1].verdict is Verdict.RATE_LIMITED
         assert out["innocent"][0].verdict is Verdict.ALLOW
     st = await env.limiter.status("innocent")
-    assert not st.blocked and st.violations == 0
+    assert not st.blocked
+    assert st.violations == 0
 
 
 @pytest.mark.parametrize(
@@ -331,7 +354,8 @@ async def test_actor_comes_from_the_token_not_from_a_header(env: Env) -> None:
             headers={"Authorization": f"Bearer {token}", "X-Admin-User": "mallory"},
             json={"reason": "spam"},
         )
-        assert r.status_code == 200 and r.json()["blocked_by"] == who
+        assert r.status_code == 200
+        assert r.json()["blocked_by"] == who
     assert [e["actor"] for e in await audit(env)] == ["admin", "alice"]
 
 
@@ -357,5 +381,7 @@ async def test_reason_of_only_control_characters_is_refused(
     r = await env.http.post(
         "/admin/ratelimit/block/u1", headers=AUTH, json={"reason": "\x00\r\n\u202e"}
     )
-    assert r.status_code == 422 and "reason" in r.text
-    assert redis_client.zscore("qywx:rl:blocked", "u1") is None and await audit(env) == []
+    assert r.status_code == 422
+    assert "reason" in r.text
+    assert redis_client.zscore("qywx:rl:blocked", "u1") is None
+    assert await audit(env) == []

@@ -44,7 +44,8 @@ def test_quick_ceiling_emits_positive_figures_for_every_case(kafka_bootstrap: st
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    assert lines[0]["kind"] == "machine" and lines[0]["nproc"] >= 1
+    assert lines[0]["kind"] == "machine"
+    assert lines[0]["nproc"] >= 1
     measurements = [x for x in lines if x["kind"] == "measurement"]
     assert all(x["run"] == 0 and x["run_id"] == "itest" for x in measurements)  # quick: 1 run
     assert all(x["record_size"] == 1024 and x["mode"] == "quick" for x in measurements)
@@ -57,7 +58,8 @@ def test_quick_ceiling_emits_positive_figures_for_every_case(kafka_bootstrap: st
         expected |= {"kafka_perf_produce", "kafka_perf_consume"}
     assert set(by_case) == expected
     for case in expected:
-        assert by_case[case]["throughput"] > 0 and by_case[case]["throughput_bytes"] > 0
+        assert by_case[case]["throughput"] > 0
+        assert by_case[case]["throughput_bytes"] > 0
     for case in expected & {"raw_produce", "kafka_perf_produce"}:
         figures = by_case[case]
         assert 0 < figures["latency_p50"] <= figures["latency_p99"] <= figures["latency_max"]

@@ -61,7 +61,8 @@ def test_production_profile_with_the_default_admin_token_exits_2(tmp_path: Path)
     )
     assert result.returncode == 2, result.stderr
     assert "admin.token (QYWX_ADMIN__TOKEN): the built-in default" in result.stderr
-    assert "wecom." not in result.stderr and "change-me-admin-token" not in result.stderr
+    assert "wecom." not in result.stderr
+    assert "change-me-admin-token" not in result.stderr
 
 
 def test_bad_yaml_exits_2(tmp_path: Path) -> None:

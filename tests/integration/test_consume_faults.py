@@ -44,7 +44,8 @@ def _restarted(actor: Any, old_pid: int) -> bool:
 def _assert_exactly_once_in_order(redis_client: redis_lib.Redis, msgs: list[Any]) -> int:
     rep = check_order(records(redis_client, RECORD), msgs)
     assert rep.missing == [], f"lost {len(rep.missing)}"
-    assert rep.inversions == 0 and rep.duplicates == 0
+    assert rep.inversions == 0
+    assert rep.duplicates == 0
     return int(redis_client.llen(f"{RECORD}:calls")) - len(msgs)  # handler re-runs
 
 

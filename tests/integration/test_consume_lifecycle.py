@@ -66,7 +66,9 @@ def test_dedicated_mode_order_idle_exit_and_death_race(
     started.append(p)
     assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 90)
     rep = check_order(records(redis_client, RECORD), msgs)
-    assert rep.missing == [] and rep.inversions == 0 and rep.duplicates == 0
+    assert rep.missing == []
+    assert rep.inversions == 0
+    assert rep.duplicates == 0
     ns = s.consume.namespace
     hosted = sum(ray.get(h.snapshot.remote(), timeout=10)["counts"]["processed"] for h in p.hosts)
     assert hosted == 0  # every message ran in a dedicated user actor, none fell back
@@ -81,7 +83,9 @@ def test_dedicated_mode_order_idle_exit_and_death_race(
     total = len(msgs) + len(expected)
     assert wait_for(lambda: redis_client.llen(RECORD) >= total, 90)
     rep = check_order(records(redis_client, RECORD), msgs + expected)
-    assert rep.missing == [] and rep.inversions == 0 and rep.duplicates == 0
+    assert rep.missing == []
+    assert rep.inversions == 0
+    assert rep.duplicates == 0
     stats = p.snapshots()[0]["stats"]
     assert stats["recoveries"] >= 1, stats  # some message met a dying/dead actor and was re-sent
 
@@ -112,7 +116,9 @@ def test_hosted_idle_expiry_then_new_mailbox(
     expected = [e for batch in rounds for e in batch]
     assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs) + len(expected), 60)
     rep = check_order(records(redis_client, RECORD), msgs + expected)
-    assert rep.missing == [] and rep.inversions == 0 and rep.duplicates == 0
+    assert rep.missing == []
+    assert rep.inversions == 0
+    assert rep.duplicates == 0
 
 
 @pytest.mark.timeout(120)
@@ -130,7 +136,9 @@ def test_dedicated_cap_falls_back_to_hosted(
     started.append(p)
     assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 60)
     rep = check_order(records(redis_client, RECORD), msgs)
-    assert rep.missing == [] and rep.inversions == 0 and rep.duplicates == 0
+    assert rep.missing == []
+    assert rep.inversions == 0
+    assert rep.duplicates == 0
     assert len(user_actor_names(s.consume.namespace)) == 2  # the cap
     hosted = sum(ray.get(h.snapshot.remote(), timeout=10)["counts"]["processed"] for h in p.hosts)
     assert hosted == len(msgs) - 2 * 5  # the other 4 users ran in the shared hosts

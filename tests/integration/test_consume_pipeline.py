@@ -42,7 +42,9 @@ def test_round_trip(
     started.append(p)
     assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 60)
     rep = check_order(records(redis_client, RECORD), msgs)
-    assert rep.missing == [] and rep.inversions == 0 and rep.duplicates == 0
+    assert rep.missing == []
+    assert rep.inversions == 0
+    assert rep.duplicates == 0
     view = list_users(s)  # what GET /admin/users and `qywx-ray users` show
     assert {r["user"] for r in view["users"]} == {f"u{i}" for i in range(5)}
     assert all(r["mode"] == "hosted" and r["state"] == "active" for r in view["users"])
@@ -69,7 +71,9 @@ def test_order_200000_messages_10000_users_hosted(
     started.append(p)
     assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 200, interval_s=0.5)
     rep = check_order(records(redis_client, RECORD), msgs)
-    assert rep.missing == [] and rep.inversions == 0 and rep.duplicates == 0
+    assert rep.missing == []
+    assert rep.inversions == 0
+    assert rep.duplicates == 0
     assert redis_client.llen(f"{RECORD}:calls") == len(msgs)  # no handler ran twice
     assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == len(msgs), 30), (
         committed_offsets(s, 4),
@@ -147,7 +151,8 @@ def test_backpressure_pauses_fetch_at_the_inflight_cap(
     assert wait_for(lambda: redis_client.llen(RECORD) == 61, 30)
     assert wait_for(lambda: not p.snapshots()[0]["paused"], 10)
     rep = check_order(records(redis_client, RECORD), [held, *rest])
-    assert rep.missing == [] and rep.inversions == 0
+    assert rep.missing == []
+    assert rep.inversions == 0
 
 
 def test_poll_linger_spaces_batches_but_never_holds_a_record_after_a_quiet_spell(

@@ -72,7 +72,8 @@ def test_redis_killed_mid_stream_stops_commits_then_resumes_in_order(
         assert wait_for(lambda: client.llen(RECORD) >= len(msgs), 120), client.llen(RECORD)
         rep = check_order(records(client, RECORD), msgs)
         assert rep.missing == [], f"lost {len(rep.missing)}"
-        assert rep.inversions == 0 and rep.duplicates == 0
+        assert rep.inversions == 0
+        assert rep.duplicates == 0
         after_done = client.lrange(f"{RECORD}:after_done", 0, -1)
         assert after_done == [], f"handled again after done: {after_done[:5]}"
         assert wait_for(lambda: sum(max(0, o) for o in committed_offsets(s, 4)) == len(msgs), 60)

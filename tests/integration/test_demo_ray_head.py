@@ -23,7 +23,8 @@ def test_demo_stops_only_the_ray_it_started(ray_session: None) -> None:
     node = global_worker.node
     assert node is not None
     other = [int(i.process.pid) for v in node.all_processes.values() for i in v]
-    assert other and all(pid_alive(p) for p in other)
+    assert other
+    assert all(pid_alive(p) for p in other)
     temp_dir = tempfile.mkdtemp(prefix="qywx-demo-t-", dir="/tmp")
     port = free_port()
     try:
@@ -31,7 +32,8 @@ def test_demo_stops_only_the_ray_it_started(ray_session: None) -> None:
             temp_dir, port=port, dashboard_port=free_port(), metrics_port=free_port()
         )
         ours = ray_pids_under(temp_dir)
-        assert ours and not set(ours) & set(other)
+        assert ours
+        assert not set(ours) & set(other)
         # The address the demo connects to answers (from another process: this one has
         # the session's Ray).
         probe = subprocess.run(

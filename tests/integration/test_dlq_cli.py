@@ -29,7 +29,8 @@ def test_cli_stats_list_retry_export_and_replay(
 
     assert cli.main(["stats"], settings) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["total"] == 6 and stats["manual_review_pending"] == 2
+    assert stats["total"] == 6
+    assert stats["manual_review_pending"] == 2
     assert stats["emergency_pending"] == 3
 
     assert cli.main(["list", "--status", "manual_review"], settings) == 0

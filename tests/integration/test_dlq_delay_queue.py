@@ -46,7 +46,8 @@ def test_lease_expiry_requeues_and_ack_deletes(redis_client: redis.Redis) -> Non
     )
     assert q.ack_many([c.entry_id for c in again]) == 3
     assert q.ack_many(["e0"]) == 0  # double ack harmless
-    assert q.counts() == (0, 0) and redis_client.hlen("t:dq:payload") == 0
+    assert q.counts() == (0, 0)
+    assert redis_client.hlen("t:dq:payload") == 0
 
 
 def test_two_schedulers_never_claim_the_same_entry(
@@ -70,7 +71,8 @@ def test_two_schedulers_never_claim_the_same_entry(
     for t in threads:
         t.join(timeout=60)
     everything = claimed[0] + claimed[1]
-    assert len(everything) == n and len(set(everything)) == n
+    assert len(everything) == n
+    assert len(set(everything)) == n
 
 
 def test_retry_later_and_set_due(redis_client: redis.Redis) -> None:
@@ -83,7 +85,8 @@ def test_retry_later_and_set_due(redis_client: redis.Redis) -> None:
     assert q.retry_later(["a"], T0 + 50) == 1
     assert q.claim_due(T0 + 49, 30, 10) == []
     assert q.due_of("a") == T0 + 50
-    assert q.remove(["a"]) == 1 and q.counts() == (0, 0)
+    assert q.remove(["a"]) == 1
+    assert q.counts() == (0, 0)
 
 
 # ---- parking ------------------------------------------------------------------------------
@@ -105,7 +108,8 @@ def test_parking_keeps_order_and_lets_retries_pass(redis_client: redis.Redis) ->
     )
     assert result == [False, True, False, True, True]
     assert p.peek_parked("u1", 10) == [b"2", b"3", b"4"]
-    assert p.waiting_on("u1") == "m1" and p.parked_count("u1") == 3
+    assert p.waiting_on("u1") == "m1"
+    assert p.parked_count("u1") == 3
 
 
 def test_parking_exempt_reasons_and_failures_during_drain(redis_client: redis.Redis) -> None:
@@ -120,7 +124,8 @@ def test_parking_exempt_reasons_and_failures_during_drain(redis_client: redis.Re
     # m3 (say, drained) fails: it takes over only from the blocker it names (the drain
     # owner m1); without saying so, m1 stays the blocker and nothing changes
     assert not p.park("u", "m3", FailureReason.PROCESS_TIMEOUT, pending=[b"4"])
-    assert p.waiting_on("u") == "m1" and p.peek_parked("u", 10) == [b"2", b"3"]
+    assert p.waiting_on("u") == "m1"
+    assert p.peek_parked("u", 10) == [b"2", b"3"]
     assert p.park("u", "m3", FailureReason.PROCESS_TIMEOUT, pending=[b"4"], replaces=["m1"])
     assert p.waiting_on("u") == "m3"
     assert p.peek_parked("u", 10) == [b"4", b"2", b"3"]
@@ -152,7 +157,8 @@ def test_admit_batch_is_atomic_with_concurrent_park(
     t.join(timeout=60)
     assert admitted_after == []
     parked = [int(x) for x in p.peek_parked("u", 10_000)]
-    assert parked == sorted(parked) and (not parked or parked[-1] == 2999)
+    assert parked == sorted(parked)
+    assert not parked or parked[-1] == 2999
 
 
 async def test_parking_writes_retried_after_an_unknown_outcome_apply_once(

@@ -99,9 +99,8 @@ def test_round_trip_with_headers(make_settings: Callable[..., Settings]) -> None
         assert m.key() == letter.user_id.encode()
         headers = dict(m.headers())
         assert headers["failure_reason"] == letter.failure_reason.value.encode()
-        assert (
-            headers["retry_count"] == b"0" and headers["message_id"] == letter.message_id.encode()
-        )
+        assert headers["retry_count"] == b"0"
+        assert headers["message_id"] == letter.message_id.encode()
         assert DeadLetterMessage.from_bytes(m.value()) == letter
     assert not settings.dlq_emergency_dir.exists()
 
@@ -191,7 +190,8 @@ def test_emergency_file_replays_itself_once_the_topic_takes_writes(
     try:
         # A background round was refused (the topic does not exist) and opened a breaker.
         assert wait_for(lambda: {first.breaker.state, second.breaker.state} != {"closed"}, 60)
-        assert path.exists() and emergency.pending_count(good.dlq_emergency_dir) == 40
+        assert path.exists()
+        assert emergency.pending_count(good.dlq_emergency_dir) == 40
         create_topics(good, (good.kafka.dlq_topic.name, 2))
         assert wait_for(lambda: not path.exists(), 90)
     finally:

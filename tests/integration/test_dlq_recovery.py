@@ -124,11 +124,13 @@ def test_end_to_end_with_injected_clock(
     try:
         assert consume_until(svc, 33) == 33
         # released by a drain token (the user's host drains the lot); the lot is untouched
-        assert parking.waiting_on("u0") == "exhausted" and parking.parked_count("u0") == 3
+        assert parking.waiting_on("u0") == "exhausted"
+        assert parking.parked_count("u0") == 3
         assert committed_total(settings) == 33  # committed once scheduled / in review
         index = DLQIndex(redis_client, settings.dlq.redis_prefix)
         statuses = index.status_counts()
-        assert statuses[SCHEDULED] == 30 and statuses[MANUAL_REVIEW] == 3
+        assert statuses[SCHEDULED] == 30
+        assert statuses[MANUAL_REVIEW] == 3
         assert svc.queue.counts() == (30, 0)
 
         clock.now = t0 + 59.9
@@ -148,9 +150,11 @@ def test_end_to_end_with_injected_clock(
     got = read_all(settings, settings.kafka.main_topic.name, 31)
     assert len(got) == 31
     tokens = [m for m in got if dict(m.headers()).get("qywx_drain") == b"1"]
-    assert len(tokens) == 1 and tokens[0].key() == b"u0"
+    assert len(tokens) == 1
+    assert tokens[0].key() == b"u0"
     token_headers = dict(tokens[0].headers())
-    assert token_headers["msg_id"] == b"exhausted" and token_headers["retry_from_dlq"] == b"true"
+    assert token_headers["msg_id"] == b"exhausted"
+    assert token_headers["retry_from_dlq"] == b"true"
     assert Envelope.from_bytes(tokens[0].value()).message_id == "exhausted"
     got = [m for m in got if m not in tokens]
     by_id = {dict(m.headers())["msg_id"].decode(): m for m in got}
@@ -163,9 +167,11 @@ def test_end_to_end_with_injected_clock(
         assert h["retry_from_dlq"] == b"true"
         assert h["retry_count"] == str(letter.retry_count + 1).encode()
         assert h["original_failure"] == b"downstream_error"
-    assert "exhausted" not in by_id and not any(k.startswith("raw:") for k in by_id)
+    assert "exhausted" not in by_id
+    assert not any(k.startswith("raw:") for k in by_id)
     review = {k.decode() for k in redis_client.hkeys(index.review)}  # type: ignore[union-attr]  # third-party stubs
-    assert "exhausted" in review and len(review) == 3
+    assert "exhausted" in review
+    assert len(review) == 3
 
 
 def test_offsets_committed_only_after_scheduling(
@@ -183,11 +189,15 @@ def test_offsets_committed_only_after_scheduling(
         raise redis.ConnectionError("Redis went away")
 
     crashing.queue.schedule_many = redis_down  # type: ignore[method-assign]
-    try:
+
+    def consume_until_it_raises() -> None:
         deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            crashing.consume_once(0.5)
+
+    try:
         with pytest.raises(redis.ConnectionError):
-            while time.monotonic() < deadline:
-                crashing.consume_once(0.5)
+            consume_until_it_raises()
     finally:
         crashing.close()  # the "crash": nothing of that batch was committed
     assert committed_total(settings) == -1
@@ -273,7 +283,8 @@ async def test_blocked_until_reads_the_rate_limiter(
         until = blocks("temp")
         # The 600 s decided when the block was written (bracketed by clock reads around
         # that call, so no tolerance for how long the rest took).
-        assert until is not None and before_s + 600 - 1 <= until <= after_s + 600 + 1
+        assert until is not None
+        assert before_s + 600 - 1 <= until <= after_s + 600 + 1
         assert blocks("perm") == math.inf
         assert blocks("free") is None
     finally:

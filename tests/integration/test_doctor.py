@@ -29,17 +29,22 @@ def test_healthy_development_stack(
     ensure_topics(settings.kafka)
     checks = _by_name(run_doctor(settings))
     main, dlq = settings.kafka.main_topic.name, settings.kafka.dlq_topic.name
-    assert checks["kafka.brokers"].ok and "broker(s) live" in checks["kafka.brokers"].detail
+    assert checks["kafka.brokers"].ok
+    assert "broker(s) live" in checks["kafka.brokers"].detail
     assert checks[f"kafka.topic.{main}"].ok, checks[f"kafka.topic.{main}"]
     assert "4 partitions, rf 1" in checks[f"kafka.topic.{main}"].detail
     assert checks[f"kafka.topic.{dlq}"].ok
-    assert checks["redis"].ok and "role master" in checks["redis"].detail
-    assert checks["ray"].ok and "node(s)" in checks["ray"].detail
+    assert checks["redis"].ok
+    assert "role master" in checks["redis"].detail
+    assert checks["ray"].ok
+    assert "node(s)" in checks["ray"].detail
     # development runs on the demo credentials: allowed, but flagged
-    assert checks["wecom.credentials"].ok and checks["wecom.credentials"].warn
+    assert checks["wecom.credentials"].ok
+    assert checks["wecom.credentials"].warn
     assert main_doctor(settings) == 0
     out = capsys.readouterr().out
-    assert "[OK  ] kafka.brokers" in out and "[WARN] wecom.credentials" in out
+    assert "[OK  ] kafka.brokers" in out
+    assert "[WARN] wecom.credentials" in out
     assert settings.wecom.encoding_aes_key.get_secret_value() not in out  # no secret printed
 
 
@@ -54,7 +59,8 @@ def test_reports_missing_and_mismatched_topics(
     ensure_topics(other.kafka)  # main topic exists with 2 partitions; the profile wants 4
     checks = _by_name(run_doctor(settings))
     main = checks[f"kafka.topic.{settings.kafka.main_topic.name}"]
-    assert not main.ok and "has 2 partitions, profile wants 4" in main.detail
+    assert not main.ok
+    assert "has 2 partitions, profile wants 4" in main.detail
     dlq = checks[f"kafka.topic.{settings.kafka.dlq_topic.name}"]
     assert dlq.ok  # created by ensure_topics above with the same DLQ spec
     suffix = settings.kafka.main_topic.name + "-absent"
@@ -63,7 +69,9 @@ def test_reports_missing_and_mismatched_topics(
     )
     checks = _by_name(run_doctor(missing))
     topic = checks[f"kafka.topic.{missing.kafka.main_topic.name}"]
-    assert not topic.ok and topic.detail == "missing" and "topics ensure" in topic.fix
+    assert not topic.ok
+    assert topic.detail == "missing"
+    assert "topics ensure" in topic.fix
 
 
 @pytest.mark.integration
@@ -76,9 +84,11 @@ def test_unreachable_services_fail_fast_with_fixes(
         redis={"url": f"redis://127.0.0.1:{dead_redis}/0", "socket_timeout_s": 1.0},
     )
     checks = _by_name(run_doctor(settings, ray_address=f"127.0.0.1:{dead_ray}", timeout_s=3.0))
-    assert not checks["kafka.brokers"].ok and "bootstrap_servers" in checks["kafka.brokers"].fix
+    assert not checks["kafka.brokers"].ok
+    assert "bootstrap_servers" in checks["kafka.brokers"].fix
     assert not checks["kafka.topics"].ok
-    assert not checks["redis"].ok and "ConnectionError" in checks["redis"].detail
+    assert not checks["redis"].ok
+    assert "ConnectionError" in checks["redis"].detail
     ray_check = checks["ray"]
     assert not ray_check.ok
     assert "not running: nothing listens at" in ray_check.detail
@@ -102,22 +112,27 @@ def test_sentinel_mode_reports_master_replicas_and_failover(
         master = redis_lib.Redis(host=host, port=port)
         master.config_set("min-replicas-to-write", 0)  # the failover-unsafe default: flagged
         unsafe = _by_name(run_doctor(settings))["redis"]
-        assert unsafe.ok and unsafe.warn and "min-replicas-to-write is 0" in unsafe.detail
+        assert unsafe.ok
+        assert unsafe.warn
+        assert "min-replicas-to-write is 0" in unsafe.detail
         master.config_set("min-replicas-to-write", 1)
         master.close()
         checks = _by_name(run_doctor(settings))
         sentinel = checks["redis.sentinel"]
-        assert sentinel.ok and not sentinel.warn, sentinel
+        assert sentinel.ok, sentinel
+        assert not sentinel.warn, sentinel
         assert f"3/3 sentinels answer for 'qywxmaster'; master {host}:{port}" in sentinel.detail
         redis_check = checks["redis"]
-        assert redis_check.ok and not redis_check.warn, redis_check
+        assert redis_check.ok, redis_check
+        assert not redis_check.warn, redis_check
         assert "role master, 1 replica(s) connected" in redis_check.detail
 
         new_host, new_port = cluster.kill_master()
         checks = _by_name(run_doctor(settings))
         assert f"master {new_host}:{new_port}" in checks["redis.sentinel"].detail
         redis_check = checks["redis"]  # the promoted master has no replica left: flagged
-        assert redis_check.ok and redis_check.warn, redis_check
+        assert redis_check.ok, redis_check
+        assert redis_check.warn, redis_check
         assert "role master, 0 replica(s) connected" in redis_check.detail
 
 
@@ -127,7 +142,8 @@ def test_wecom_credentials_are_judged_without_printing_them(
     dev = make_settings()
     prod = dev.model_copy(update={"profile": "production"})
     check = _wecom_check(prod)
-    assert not check.ok and "demo values" in check.detail
+    assert not check.ok
+    assert "demo values" in check.detail
 
     good_key = "Z" * 43
     real = dev.wecom.model_copy(
@@ -139,11 +155,14 @@ def test_wecom_credentials_are_judged_without_printing_them(
         }
     )
     check = _wecom_check(prod.model_copy(update={"wecom": real}))
-    assert check.ok and not check.warn, check
-    assert good_key not in format_checks([check]) and "s3cr3t" not in format_checks([check])
+    assert check.ok, check
+    assert not check.warn, check
+    assert good_key not in format_checks([check])
+    assert "s3cr3t" not in format_checks([check])
 
     short = real.model_copy(update={"encoding_aes_key": SecretStr("tooshort"), "corp_id": ""})
     check = _wecom_check(prod.model_copy(update={"wecom": short}))
     assert not check.ok
-    assert "43 base64 characters (has 8)" in check.detail and "corp_id is empty" in check.detail
+    assert "43 base64 characters (has 8)" in check.detail
+    assert "corp_id is empty" in check.detail
     assert "tooshort" not in check.detail

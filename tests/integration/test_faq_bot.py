@@ -79,7 +79,8 @@ def faq_pipeline(
 
 def test_faq_bot_through_the_pipeline_and_the_demo_audit(faq_pipeline: LocalPipeline) -> None:
     p = faq_pipeline
-    assert p.sim is not None and p.settings is not None
+    assert p.sim is not None
+    assert p.settings is not None
     kfid = f"wk{uuid.uuid4().hex[:10]}"
     users = [f"{kfid}-u{i}" for i in range(3)]
     for question in QUESTIONS:  # interleaved, so per-user order means something

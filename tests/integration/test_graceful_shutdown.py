@@ -225,7 +225,8 @@ def test_start_foreground_sigterm_drains_commits_and_stops_everything(
         assert proc.stdout is not None
         deadline = time.monotonic() + 90
         while "running;" not in (proc.stdout.readline() or ""):
-            assert proc.poll() is None and time.monotonic() < deadline, "start did not come up"
+            assert proc.poll() is None, "start did not come up"
+            assert time.monotonic() < deadline, "start did not come up"
         key = settings.consume.record_key
         calls = f"{key}:calls"
         consumer = ray.get_actor(f"s{unique}-consumer-0", namespace=namespace)

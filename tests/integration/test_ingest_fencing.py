@@ -105,14 +105,16 @@ async def test_a_lost_fence_counter_does_not_lock_the_cursor_out(aredis) -> None
     await aredis.delete(locks.fence_key("sync:kfF"))  # the counter is lost
 
     lease = await locks.acquire("sync:kfF")
-    assert lease is not None and lease.fence > fences[-1]
+    assert lease is not None
+    assert lease.fence > fences[-1]
     assert await cursors.commit_cursor("kfF", "after-loss", lease)
     assert await cursors.get("kfF") == "after-loss"
 
     # Safety still holds: a holder whose lock was taken over cannot write.
     await aredis.delete(locks.key("sync:kfF"))  # its lease expired ...
     newer = await locks.acquire("sync:kfF")  # ... and someone else holds it now
-    assert newer is not None and newer.fence > lease.fence
+    assert newer is not None
+    assert newer.fence > lease.fence
     assert not await cursors.commit_cursor("kfF", "stale", lease)
     assert await cursors.commit_cursor("kfF", "newer", newer)
     assert await cursors.get("kfF") == "newer"
@@ -141,10 +143,12 @@ async def test_one_users_failing_head_does_not_hold_back_the_others(aredis) -> N
     await spool.append([env("late", "u05")], reason="t")
     producer.batches.clear()
     result = await replayer.replay_once()
-    assert result.produced == 1 and producer.batches == [["late", "bad0", "bad1"]]
+    assert result.produced == 1
+    assert producer.batches == [["late", "bad0", "bad1"]]
     producer.failing.clear()  # whatever was wrong is fixed
     result = await replayer.replay_once()
-    assert result.produced == 2 and await spool.users() == []
+    assert result.produced == 2
+    assert await spool.users() == []
 
 
 class Clock:
@@ -181,7 +185,8 @@ async def test_the_replayer_spends_the_breakers_trial_only_on_work(aredis) -> No
     breaker.record(0, 1)  # that trial failed; next cooldown
     clock.now += 10
     result = await replayer.replay_once()  # holds the lock and has work: the trial is its
-    assert result.produced == 1 and breaker.state is BreakerState.CLOSED
+    assert result.produced == 1
+    assert breaker.state is BreakerState.CLOSED
 
 
 class IdleWeCom:

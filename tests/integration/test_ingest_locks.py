@@ -43,7 +43,8 @@ async def test_one_holder_at_a_time_with_increasing_fences(aredis) -> None:
     assert await b.acquire("sync:kf2") is not None  # other names are independent
     assert await a.release(lease_a)
     lease_b = await b.acquire("sync:kf1")
-    assert lease_b is not None and lease_b.fence > lease_a.fence
+    assert lease_b is not None
+    assert lease_b.fence > lease_a.fence
     assert not await a.release(lease_a)  # a stale lease cannot release b's lock
     assert await aredis.get(b.key("sync:kf1")) == lease_b.token.encode()
 
@@ -127,7 +128,8 @@ async def test_paused_holder_past_ttl_cannot_commit_cursor(aredis) -> None:
     await wait_for(expired)
     assert not await cursors.commit_cursor("kf", "a-late", a)  # expired, nobody holds it
     b = await locks.acquire("sync:kf")
-    assert b is not None and b.fence > a.fence
+    assert b is not None
+    assert b.fence > a.fence
     assert await cursors.commit_cursor("kf", "c2", b)
     assert not await cursors.commit_cursor("kf", "a-late", a)  # B holds it now
     assert await cursors.get("kf") == "c2"

@@ -80,7 +80,8 @@ async def test_produce_batch_round_trip(make_settings) -> None:
         envs = envelopes(500, users=40)
         before = metrics.counter("qywx_produced_total", "").value()
         result = await producer.produce_batch(envs)
-        assert result.ok and len(result) == 500
+        assert result.ok
+        assert len(result) == 500
         assert [d.envelope.message_id for d in result.deliveries] == [e.message_id for e in envs]
         assert all(d.partition is not None and d.offset is not None for d in result.deliveries)
         assert metrics.counter("qywx_produced_total", "").value() - before == 500
@@ -113,7 +114,8 @@ async def test_a_record_that_cannot_be_queued_holds_back_its_users_later_records
         ok = {d.envelope.message_id: d.ok for d in result.deliveries}
         assert ok == {"h00000": True, "h00001": False, "h00002": False, "h00003": True}
         held = result.deliveries[2].error
-        assert isinstance(held, HeldBehind) and "held behind" in str(held)
+        assert isinstance(held, HeldBehind)
+        assert "held behind" in str(held)
         assert "produce failed" in str(result.deliveries[1].error)
     finally:
         assert producer.close(10) == 0
@@ -176,9 +178,11 @@ async def test_fire_and_forget_callback_and_confirmed_modes(make_settings) -> No
         producer.produce_nowait(envelopes(1, 1, tag="nowait")[0])
         producer.produce(envelopes(1, 1, tag="cb")[0], on_delivery)
         confirmed = await producer.produce_confirmed(envelopes(1, 1, tag="conf")[0])
-        assert confirmed.ok and confirmed.offset is not None
+        assert confirmed.ok
+        assert confirmed.offset is not None
         assert await asyncio.to_thread(done.wait, 30)
-        assert got[0].ok and got[0].envelope.message_id == "cb00000"
+        assert got[0].ok
+        assert got[0].envelope.message_id == "cb00000"
     finally:
         assert producer.close(10) == 0
     ids = {env.message_id for _, _, env in read_topic(settings, 3)}
@@ -190,7 +194,8 @@ async def test_unreachable_broker_reports_every_message_failed(make_settings) ->
     producer = dead_producer(settings, timeout_ms=1500)
     try:
         result = await producer.produce_batch(envelopes(50, 5, tag="dead"))
-        assert len(result.failed) == 50 and not result.acked
+        assert len(result.failed) == 50
+        assert not result.acked
         assert all(isinstance(d.error, ProduceError) for d in result.failed)
         # Each failure is librdkafka's own report (its 1.5 s delivery timeout decided it),
         # not our 10 s wait for reports running out.
@@ -244,10 +249,12 @@ async def test_a_fatal_producer_error_rebuilds_the_producer(make_settings) -> No
     rebuilt = metrics.counter("qywx_producer_rebuilt_total", "").value()
     try:
         first = await producer.produce_batch(envelopes(4, 2, tag="f"))
-        assert len(first.failed) == 4 and producer.fatal_error is not None
+        assert len(first.failed) == 4
+        assert producer.fatal_error is not None
         second = await producer.produce_batch(envelopes(4, 2, tag="r"))
         assert second.ok, [str(d.error) for d in second.failed]
-        assert producer._producer is not dead and dead.purged
+        assert producer._producer is not dead
+        assert dead.purged
         assert producer.fatal_error is None
         assert metrics.counter("qywx_producer_rebuilt_total", "").value() == rebuilt + 1
     finally:

@@ -130,7 +130,8 @@ async def test_crash_mid_drain_duplicates_but_never_loses(make_settings, aredis)
             spool, producer, LockManager(aredis, ttl_s=5, extend_every_s=1), max_per_user=10
         )
         result = await second.replay_once()
-        assert result.produced == 90 and result.remaining_depth == 0
+        assert result.produced == 90
+        assert result.remaining_depth == 0
     finally:
         producer.close(10)
     records = read_topic(settings, 120)

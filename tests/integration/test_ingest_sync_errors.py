@@ -92,7 +92,8 @@ async def test_a_rejected_cursor_restarts_from_the_oldest_retained_message(aredi
     assert producer.acked == first + first + second  # duplicates, nothing skipped
     assert result.produced == 5
     # The new cursor is one WeCom accepts: the next pull goes on from it.
-    assert source.cursors[-1] != "" and await CursorStore(aredis).get(KF) == result.cursor
+    assert source.cursors[-1] != ""
+    assert await CursorStore(aredis).get(KF) == result.cursor
     third = state.add_messages(KF, "u1", 1)
     assert (await syncer.pull_once()).produced == 1
     assert producer.acked[-1:] == third
@@ -127,7 +128,8 @@ async def test_malformed_messages_with_a_msgid_reach_kafka_before_the_cursor_mov
     result = await syncer.pull_once()
 
     assert producer.acked == ["g1", "n1", "b1", "g2"]  # in WeCom order, none dropped
-    assert result.produced == 4 and await CursorStore(aredis).get(KF) == "1"
+    assert result.produced == 4
+    assert await CursorStore(aredis).get(KF) == "1"
     assert metrics.counter("qywx_sync_invalid_messages_total", "").value() == invalid_before + 2
 
 

@@ -121,7 +121,8 @@ async def test_cursor_advances_only_after_kafka_acks(make_settings, aredis) -> N
         producer.close(10)
     records = read_topic(settings, 600)
     counts = Counter(env.message_id for _, _, env in records)
-    assert len(counts) == 300 and set(counts.values()) == {2}
+    assert len(counts) == 300
+    assert set(counts.values()) == {2}
     assert all(env.message_id == env.raw["msgid"] for _, _, env in records)
     want = expected_order(pages)
     assert {u: ids[: len(ids) // 2] for u, ids in per_user_order(records).items()} == want
@@ -181,7 +182,8 @@ async def test_kafka_down_spools_advances_cursor_then_replays_exactly_once(
         producer.close(10)
     records = read_topic(settings, 153)
     counts = Counter(env.message_id for _, _, env in records)
-    assert len(counts) == 153 and set(counts.values()) == {1}  # exactly once per msgid
+    assert len(counts) == 153
+    assert set(counts.values()) == {1}
     assert per_user_order(records) == expected_order([*pages, new_page])
 
 
@@ -254,7 +256,8 @@ async def test_run_loop_backs_off_on_45009_and_coalesces_bursts(make_settings, a
             before[0] + 1,
             before[1] + 1,
         )
-        assert source.calls[0][2] == "tok-1" and source.calls[-1][2] == "tok-1"
+        assert source.calls[0][2] == "tok-1"
+        assert source.calls[-1][2] == "tok-1"
         assert source.calls[0][3] == settings.ingest.sync_page_limit
 
         # A burst of 50 callbacks while a pull is in flight -> exactly one more pull.

@@ -105,7 +105,8 @@ def test_ray_exports_actor_metrics_with_ray_prefix(emitter: Any) -> None:
     assert "# TYPE ray_qywx_export_probe_seconds histogram" in text
     # Ray's own labels come with every series: queries aggregate over WorkerId.
     line = next(ln for ln in text.splitlines() if ln.startswith("ray_qywx_export_probe_total{"))
-    assert "WorkerId=" in line and "NodeAddress=" in line
+    assert "WorkerId=" in line
+    assert "NodeAddress=" in line
 
 
 def test_facade_inside_actor_goes_to_ray_export(emitter: Any) -> None:
@@ -136,7 +137,8 @@ def test_facade_histogram_scrapes_as_cumulative_buckets(emitter: Any) -> None:
         assert got == count, (le, got)
     assert _sample(text, f"{name}_count", api="sync") == 20_000
     total = _sample(text, f"{name}_sum", api="sync")
-    assert total is not None and abs(total - (0.003 * 19_997 + 20.4)) < 1e-6
+    assert total is not None
+    assert abs(total - (0.003 * 19_997 + 20.4)) < 1e-6
     # Later observations move the same series (cumulative, published again).
     ray.get(emitter.emit_facade_histogram.remote([0.001]), timeout=60)
     text = _scrape_until(port, ready=_counted(name, 20_001, api="sync"))

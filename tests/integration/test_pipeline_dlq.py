@@ -222,7 +222,9 @@ def test_failing_user_retried_with_backoff_parked_then_in_order(
     bad_order = [mid for user, mid in recorded if user == bad]
     assert bad_order == [e.message_id for e in all_bad]  # in order, each exactly once
     report = check_order(recorded, [*first, *later, *others])
-    assert report.missing == [] and report.inversions == 0 and report.duplicates == 0
+    assert report.missing == []
+    assert report.inversions == 0
+    assert report.duplicates == 0
     calls = [_s(x) for x in redis_client.lrange(f"{RECORD}:calls", 0, -1)]
     assert sum(1 for c in calls if c.startswith(f"{bad}|")) == len(all_bad)
     assert wait_for(lambda: not redis_client.exists(FLAG_PREFIX + bad), 10)

@@ -81,7 +81,8 @@ async def test_scenario1_normal_user_is_never_limited(
         assert await one(limiter, "calm") is Verdict.ALLOW
         clock.advance(57)
     status = await limiter.status("calm")
-    assert status.violations == 0 and not status.blocked
+    assert status.violations == 0
+    assert not status.blocked
     # Idle users cost nothing: the only key expires one window (+60 s slack) later.
     keys = sorted(k.decode() for k in redis_client.keys("qywx:rl:*"))  # type: ignore[union-attr]  # third-party stubs
     assert keys == ["qywx:rl:{calm}:st"]
@@ -96,11 +97,13 @@ async def test_scenario2_excited_user_is_limited_then_recovers(
     assert verdicts(first["excited"]) == "AAAAA"
     clock.advance(1)
     d6 = (await limiter.check_batch([("excited", 1)]))["excited"][0]  # T1: message 6
-    assert d6.verdict is Verdict.RATE_LIMITED and "violation 1/3" in d6.reason
+    assert d6.verdict is Verdict.RATE_LIMITED
+    assert "violation 1/3" in d6.reason
     assert d6.deny_reason is DenyReason.RATE_LIMITED
     clock.advance(1)
     d7 = (await limiter.check_batch([("excited", 1)]))["excited"][0]  # T2: message 7
-    assert d7.verdict is Verdict.RATE_LIMITED and "violation 2/3" in d7.reason
+    assert d7.verdict is Verdict.RATE_LIMITED
+    assert "violation 2/3" in d7.reason
     assert (await limiter.status("excited")).violations == 2
     clock.advance(9)  # T11: the window has slid past T0
     assert await one(limiter, "excited") is Verdict.ALLOW  # message 8
@@ -118,7 +121,8 @@ async def test_scenario3_bot_at_100_per_second_blocked_at_third_violation(
         seen += (await limiter.check_batch([("bot", 1)]))["bot"]
         clock.advance(0.01)
     assert verdicts(seen[:8]) == "AAAAARRB"
-    assert "violation 1/3" in seen[5].reason and "violation 2/3" in seen[6].reason
+    assert "violation 1/3" in seen[5].reason
+    assert "violation 2/3" in seen[6].reason
     assert "violation 3/3" in seen[7].reason
     assert all(d.verdict is Verdict.BLOCKED for d in seen[7:])
     assert [d.deny_reason for d in seen[7:]] == [DenyReason.USER_BLOCKED] * 93
@@ -127,7 +131,8 @@ async def test_scenario3_bot_at_100_per_second_blocked_at_third_violation(
     # The block lives in Redis: a new limiter (restart, another host) sees it.
     limiter, _ = make_limiter(aredis, clock)
     status = await limiter.status("bot")
-    assert status.blocked and status.blocked_until == pytest.approx(until)
+    assert status.blocked
+    assert status.blocked_until == pytest.approx(until)
     assert status.blocks_in_history == 1
     # Still denied just before the hour is up, allowed right after.
     clock.t = until - 0.001
@@ -156,7 +161,8 @@ async def test_bot_in_one_batch_gets_the_same_decisions(
     assert MESSAGES_DENIED.value(reason="rate_limited") - denied_rl == 2
     assert MESSAGES_DENIED.value(reason="user_blocked") - denied_blk == 93
     assert limiter.last_stats is not None
-    assert limiter.last_stats.violations == 3 and limiter.last_stats.blocks == 1
+    assert limiter.last_stats.violations == 3
+    assert limiter.last_stats.blocks == 1
     assert limiter.last_stats.blocked_now == 1
 
 
@@ -223,7 +229,8 @@ async def test_whitelist_never_limited_and_leaves_no_state(
     limiter, settings = make_limiter(aredis, clock, user_groups={"cfg": "whitelist"})
     await UserGroups(settings, aredis).set_override("adm", "whitelist")
     out = await limiter.check_batch([("cfg", 500), ("adm", 500)])
-    assert verdicts(out["cfg"]) == "A" * 500 and verdicts(out["adm"]) == "A" * 500
+    assert verdicts(out["cfg"]) == "A" * 500
+    assert verdicts(out["adm"]) == "A" * 500
     assert redis_client.keys("qywx:rl:{*") == []
 
 
@@ -362,7 +369,8 @@ async def test_admin_helpers_roundtrip(
     limiter, _ = make_limiter(aredis, clock)
     await limiter.check_batch([("bot", 10)])
     blocked = await limiter.blocked_users()
-    assert [b.user for b in blocked] == ["bot"] and not blocked[0].permanent
+    assert [b.user for b in blocked] == ["bot"]
+    assert not blocked[0].permanent
     assert await limiter.unblock("bot", "false positive", "alice") is True
     assert (await limiter.check_batch([("bot", 1)]))["bot"][0].verdict is Verdict.ALLOW
     assert await limiter.blocked_users() == []
@@ -370,7 +378,8 @@ async def test_admin_helpers_roundtrip(
     await limiter.block("evil", "spam", "bob", permanent=True)
     clock.advance(365 * 86400)
     d = (await limiter.check_batch([("evil", 1)]))["evil"][0]
-    assert d.verdict is Verdict.BLOCKED and d.blocked_until == math.inf
+    assert d.verdict is Verdict.BLOCKED
+    assert d.blocked_until == math.inf
     assert [(b.user, b.permanent, b.reason) for b in await limiter.blocked_users()] == [
         ("evil", True, "spam")
     ]

@@ -152,7 +152,8 @@ def test_sentinel_failover_mid_stream_keeps_acknowledged_writes(
         assert "error" not in result, result
         assert during, "no batch was written while the failover ran"
         new = result["new"]
-        assert isinstance(new, tuple) and new != old
+        assert isinstance(new, tuple)
+        assert new != old
 
         after = [k for b in range(10) for k in _keys("after", b)]
         for b in range(10):

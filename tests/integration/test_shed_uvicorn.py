@@ -98,7 +98,8 @@ async def test_a_shed_callback_under_uvicorn_reaches_the_pull(serve: Serve) -> N
         "inflight",
     )
     await asyncio.wait_for(sink.arrived.wait(), 10)
-    assert [e.open_kfid for e in sink.events] == ["wkUvicorn"] and sink.sweeps == 1
+    assert [e.open_kfid for e in sink.events] == ["wkUvicorn"]
+    assert sink.sweeps == 1
 
 
 async def test_admitted_and_unsigned_callbacks_under_uvicorn(serve: Serve) -> None:
@@ -108,7 +109,8 @@ async def test_admitted_and_unsigned_callbacks_under_uvicorn(serve: Serve) -> No
     base = await serve(_mw(app, shedder, sink, drain_interval_s=3600))
     raw = callback("wkAdmitted", int(time.time()))
     resp = await _post(base, raw)
-    assert (resp.status_code, resp.text) == (200, "app") and app.bodies == [raw.body]
+    assert (resp.status_code, resp.text) == (200, "app")
+    assert app.bodies == [raw.body]
     shedder.on = True
     forged = RawCallback(raw.query.replace(b"msg_signature=", b"msg_signature=f"), raw.body, 0)
     assert (await _post(base, forged)).status_code == 401
@@ -132,6 +134,9 @@ async def test_a_stalled_body_under_uvicorn_gets_408_and_holds_no_slot(serve: Se
     thread.start()
     # While it stalls, a real callback is admitted, not shed.
     resp = await _post(base, callback("wkReal", int(time.time())))
-    assert (resp.status_code, resp.text) == (200, "app") and "x-qywx-shed" not in resp.headers
+    assert (resp.status_code, resp.text) == (200, "app")
+    assert "x-qywx-shed" not in resp.headers
     await asyncio.to_thread(thread.join, 15)
-    assert not thread.is_alive() and reply and reply[0].startswith(b"HTTP/1.1 408")
+    assert not thread.is_alive()
+    assert reply
+    assert reply[0].startswith(b"HTTP/1.1 408")

@@ -29,7 +29,8 @@ def test_creates_both_topics_with_profile_configs(make_settings: Callable[..., S
     again = {r.name: r for r in ensure_topics(s.kafka)}
     main = again[s.kafka.main_topic.name]
     assert main.action == "ok"
-    assert main.partitions == 4 and main.replication_factor == 1
+    assert main.partitions == 4
+    assert main.replication_factor == 1
     assert main.configs == {
         "min.insync.replicas": "1",
         "retention.ms": "604800000",

@@ -146,7 +146,8 @@ async def test_simulator_pushes_over_tcp_and_redis_replay_drops_duplicates(
                 started = time.perf_counter()
                 resp = await client.get("/wecom/callback", params=params)
                 timings.append(time.perf_counter() - started)
-                assert resp.status_code == 200 and resp.text == f"echo{i}"
+                assert resp.status_code == 200
+                assert resp.text == f"echo{i}"
             assert sink.events == []
             print(f"url-verify median {statistics.median(timings) * 1000:.1f} ms")
         async with httpx.AsyncClient(base_url=sim_url, timeout=5) as admin:
@@ -157,7 +158,8 @@ async def test_simulator_pushes_over_tcp_and_redis_replay_drops_duplicates(
             ids = resp.json()["msgids"]
             await sim.idle(10)
             stats = (await admin.get("/sim/stats")).json()
-        assert stats["callbacks_duplicated"] == 1 and stats["callbacks_delivered"] == 2
+        assert stats["callbacks_duplicated"] == 1
+        assert stats["callbacks_delivered"] == 2
         assert len(sink.events) == 1  # the Redis replay cache absorbed the duplicate
         event = sink.events[0]
         assert event.open_kfid == KF
@@ -205,7 +207,8 @@ async def test_callback_answers_fast_when_redis_is_down(mode: str) -> None:
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
             params, body = state.build_callback(KF)
             resp = await client.post("/wecom/callback", params=params, content=body)
-        assert resp.status_code == 200 and resp.text == "success"
+        assert resp.status_code == 200
+        assert resp.text == "success"
         # Black hole: the check was abandoned at replay_timeout_s (cancelled by us), not
         # left to the 3 s socket timeout. Refused: failed at once or, while the client
         # retried the connection, abandoned the same way.
@@ -239,7 +242,8 @@ async def test_token_cache_shared_by_replicas_in_redis(
         state.add_messages(KF, "u", 1)
         assert len((await a.sync_msg(KF)).msg_list) == 1
         new_token = redis_client.get(key)
-        assert new_token is not None and new_token.decode() != token  # type: ignore[union-attr]  # redis-py: bytes | str
+        assert new_token is not None
+        assert new_token.decode() != token  # type: ignore[union-attr]  # redis-py: bytes | str
         await b.invalidate_token(token)  # a stale replica must not delete the new token
         assert redis_client.get(key) == new_token
         assert len((await b.sync_msg(KF)).msg_list) == 1
@@ -270,7 +274,8 @@ async def test_callback_retried_when_no_200_within_timeout() -> None:
     try:
         state.add_messages(KF, "u", 1)
         await sim.idle(10)
-        assert state.stats.callback_attempts == 2 and state.stats.callbacks_delivered == 1
+        assert state.stats.callback_attempts == 2
+        assert state.stats.callbacks_delivered == 1
         assert len(sink.events) == 1
     finally:
         await sim.stop()

@@ -55,7 +55,9 @@ def test_virtual_time_sleeps_without_waiting() -> None:
 
 def test_a_seed_replays_exactly() -> None:
     a, b = run_seed(7), run_seed(7)
-    assert a.trace == b.trace and a.violations == b.violations and a.steps == b.steps
+    assert a.trace == b.trace
+    assert a.violations == b.violations
+    assert a.steps == b.steps
     assert run_seed(8).trace != a.trace
 
 

@@ -23,7 +23,9 @@ JOBS = max(1, min(2, os.cpu_count() or 1))
 
 def test_a_seed_replays_exactly() -> None:
     a, b = run_seed(5), run_seed(5)
-    assert a.trace == b.trace and a.violations == b.violations and a.steps == b.steps
+    assert a.trace == b.trace
+    assert a.violations == b.violations
+    assert a.steps == b.steps
     assert a.kafka_records > 0
     assert run_seed(6).trace != a.trace
 

@@ -29,11 +29,13 @@ def test_documented_commands_run(
     assert cli_main(argv) == 0  # type: ignore[operator]
     out = capsys.readouterr().out
     if "--seed" in argv:
-        assert "seed 7 ok" in out and "scenario: " in out
+        assert "seed 7 ok" in out
+        assert "scenario: " in out
         assert "--trace" not in argv or out.count("\n") > 50  # every event printed
     else:
         n = len(runner.parse_range(argv[1]))
-        assert f"{n} seeds in " in out and ", 0 failed" in out
+        assert f"{n} seeds in " in out
+        assert ", 0 failed" in out
 
 
 def test_consume_summary_keeps_its_drain_pin_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,8 +56,11 @@ def test_a_failing_seed_is_listed_reported_and_fails_the_run(
     prints one line per seed, the summary counts them by invariant."""
     assert ingest_run.main(["--seeds", "5:7", "--list", "--stall-bound", "0"]) == 1
     out = capsys.readouterr().out
-    assert "seed 5: stalled" in out and "seed 6: stalled" in out
-    assert "2 seeds in " in out and "2 failed" in out and "stalled: 2 seeds" in out
+    assert "seed 5: stalled" in out
+    assert "seed 6: stalled" in out
+    assert "2 seeds in " in out
+    assert "2 failed" in out
+    assert "stalled: 2 seeds" in out
     assert ingest_run.main(["--seeds", "5:6", "--stall-bound", "0"]) == 1
     out = capsys.readouterr().out
     assert "replay: python -m tests.sim_ingest.run --seed 5 --trace" in out

@@ -34,7 +34,8 @@ rebalance.time.ms, fetch.time.ms, fetch.MB.sec, fetch.nMsg.sec
 def test_parse_producer_perf_takes_the_final_summary() -> None:
     r = parse_producer_perf(PRODUCER_OUT)
     assert r.records == 100_000
-    assert r.records_per_s == 13280.2 and r.mb_per_s == 12.97
+    assert r.records_per_s == 13280.2
+    assert r.mb_per_s == 12.97
     assert (r.avg_latency_ms, r.p50_latency_ms, r.p99_latency_ms, r.max_latency_ms) == (
         203.33,
         186.0,
@@ -46,8 +47,10 @@ def test_parse_producer_perf_takes_the_final_summary() -> None:
 def test_parse_consumer_perf_uses_fetch_rates_not_the_group_join() -> None:
     r = parse_consumer_perf("WARN something\n" + CONSUMER_OUT)
     assert r.records == 20_000
-    assert r.records_per_s == 6830.6011 and r.mb_per_s == 6.6705
-    assert r.rebalance_ms == 2801.0 and r.elapsed_s == 2.928
+    assert r.records_per_s == 6830.6011
+    assert r.mb_per_s == 6.6705
+    assert r.rebalance_ms == 2801.0
+    assert r.elapsed_s == 2.928
     assert r.p99_latency_ms is None
 
 
@@ -68,8 +71,10 @@ def test_java_props_mirror_our_producer_config() -> None:
     assert props["compression.type"] == "lz4"
     assert props["enable.idempotence"] == "true"
     assert props["bootstrap.servers"] == "h:1"
-    assert props["linger.ms"] == "10" and props["batch.size"] == "262144"
-    assert "partitioner" not in props and "log_level" not in props  # librdkafka-only keys
+    assert props["linger.ms"] == "10"
+    assert props["batch.size"] == "262144"
+    assert "partitioner" not in props
+    assert "log_level" not in props
 
 
 def test_payloads_have_the_record_size() -> None:
@@ -116,8 +121,10 @@ def test_run_one_collects_json_lines_and_skips_noise(tmp_path: Path) -> None:
     assert [x.get("value") for x in lines[:2]] == [1, 2]
     assert lines[1]["run_id"] == "RID"
     harness = lines[-1]
-    assert harness["kind"] == "harness" and harness["status"] == "ok"
-    assert harness["non_json_lines"] == 1 and harness["run_id"] == "RID"
+    assert harness["kind"] == "harness"
+    assert harness["status"] == "ok"
+    assert harness["non_json_lines"] == 1
+    assert harness["run_id"] == "RID"
 
 
 def test_run_one_records_a_failure_with_its_stderr(tmp_path: Path) -> None:
@@ -130,7 +137,9 @@ def test_run_one_records_a_failure_with_its_stderr(tmp_path: Path) -> None:
         """,
     )
     outcome = run_all.run_one(script, tmp_path, {"PATH": "/usr/bin:/bin"}, timeout_s=60)
-    assert outcome.status == "failed" and outcome.returncode == 1 and outcome.lines == 1
+    assert outcome.status == "failed"
+    assert outcome.returncode == 1
+    assert outcome.lines == 1
     harness = json.loads((tmp_path / "bad.jsonl").read_text().splitlines()[-1])
     assert "broker unreachable" in harness["stderr_tail"]
 
@@ -149,7 +158,8 @@ def test_run_one_times_out_and_kills_the_bench(tmp_path: Path) -> None:
     outcome = run_all.run_one(script, tmp_path, {"PATH": "/usr/bin:/bin"}, timeout_s=3)
     assert outcome.status == "timeout"
     # Ended by the harness's signal at its timeout, not by finishing its 600 s sleep.
-    assert outcome.returncode is not None and outcome.returncode < 0
+    assert outcome.returncode is not None
+    assert outcome.returncode < 0
     pid = int(pid_file.read_text())
     from qywx_ray.devstack.procs import pid_alive
 

@@ -54,7 +54,9 @@ def test_parse_output_keeps_results_and_skips_everything_else() -> None:
         ("sleep_5ms-c64", 1, 64),
     ]
     assert runs[1].throughput == 9000.5
-    assert runs[0].ok and runs[0].fully_committed and runs[0].load1 == 3.25
+    assert runs[0].ok
+    assert runs[0].fully_committed
+    assert runs[0].load1 == 3.25
 
 
 def test_a_stalled_run_is_not_ok_and_keeps_its_evidence() -> None:
@@ -69,15 +71,20 @@ def test_a_stalled_run_is_not_ok_and_keeps_its_evidence() -> None:
         )
     )
     assert run is not None
-    assert not run.ok and not run.fully_committed
-    assert run.paused_partitions == 4 and "no progress" in run.detail
+    assert not run.ok
+    assert not run.fully_committed
+    assert run.paused_partitions == 4
+    assert "no progress" in run.detail
 
 
 def test_ok_status_with_missing_records_or_commits_is_not_ok() -> None:
     short = parse_peer_line(result_line(processed=49999))
     uncommitted = parse_peer_line(result_line(committed=49000))
-    assert short is not None and not short.ok
-    assert uncommitted is not None and uncommitted.ok and not uncommitted.fully_committed
+    assert short is not None
+    assert not short.ok
+    assert uncommitted is not None
+    assert uncommitted.ok
+    assert not uncommitted.fully_committed
 
 
 @pytest.mark.parametrize(
@@ -98,7 +105,8 @@ def test_a_result_line_missing_a_field_is_an_error() -> None:
 
 def test_negative_load_is_unknown() -> None:
     run = parse_peer_line(result_line(load1=-1.0))
-    assert run is not None and run.load1 is None
+    assert run is not None
+    assert run.load1 is None
 
 
 def test_ratio() -> None:
@@ -244,7 +252,8 @@ def test_comparisons_pair_same_handler_and_total_concurrency(tmp_path: Path) -> 
     # ours 21,000 (median) / peer 10,000 (median); 64 has no counterpart (ours runs 128)
     assert by_case[("trivial", 128)].ratio == pytest.approx(2.1)
     assert by_case[("sleep_5ms", 128)].ratio == pytest.approx(17000 / 8000)
-    assert by_case[("trivial", 64)].ours is None and by_case[("trivial", 64)].ratio is None
+    assert by_case[("trivial", 64)].ours is None
+    assert by_case[("trivial", 64)].ratio is None
 
 
 def test_report_renders_the_peer_section(tmp_path: Path) -> None:
@@ -256,7 +265,8 @@ def test_report_renders_the_peer_section(tmp_path: Path) -> None:
         "| trivial | 128 | 10,000 (8,000–12,000) | 21,000 (20,000–22,000) | **2.10×** | 3/3 |"
         in text
     )
-    assert "| trivial | 64 |" in text and "- (ours runs 128)" in text
+    assert "| trivial | 64 |" in text
+    assert "- (ours runs 128)" in text
     assert "**4,100 msg/s** here" in text
 
 
@@ -281,7 +291,8 @@ def test_a_peer_without_ours_says_why(tmp_path: Path) -> None:
     (results_dir / "consume.jsonl").unlink()
     machine, benches = results.load_results(results_dir)
     text = render.render_report(machine, benches)
-    assert "| trivial | 128 |" in text and "no `consume` hosted drain" in text
+    assert "| trivial | 128 |" in text
+    assert "no `consume` hosted drain" in text
 
 
 @pytest.mark.slow

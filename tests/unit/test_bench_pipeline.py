@@ -108,7 +108,7 @@ def test_cpu_rss_and_hottest_by_group() -> None:
     assert rss_by_group(after, groups) == {"kafka": 300, "hosts": 200, "serve": 50, "consumer": 7}
     assert hottest_pid(before, after, groups, python_only=False) == (1, "kafka", 500)
     assert hottest_pid(before, after, groups, python_only=True) == (2, "hosts", 300)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="elapsed_s must be positive"):
         cpu_by_group(before, after, 0.0, groups)
 
 
@@ -147,7 +147,8 @@ def test_profiles_are_the_seeds() -> None:
     assert PROFILES["peak"].offered_msg_s == pytest.approx(100)
     assert PROFILES["attack"].offered_msg_s == pytest.approx(1000 * 2 / 60 + 10 * 1000 / 60)
     groups = PROFILES["peak"].user_groups()
-    assert len(groups) == 100 and set(groups.values()) == {"vip"}
+    assert len(groups) == 100
+    assert set(groups.values()) == {"vip"}
     assert PROFILES["attack"].user_groups() == {}  # attackers meet the default rule
     args = PROFILES["attack"].sim_args()
     assert "--stamp-created-ms" in args
@@ -172,17 +173,22 @@ def test_window_stats_latency_split_and_first_calls_only() -> None:
     assert ws.duration_s == 1.0
     assert ws.processed == 3  # b, c, f started inside; the replay of b is not a new one
     assert ws.calls == 4
-    assert ws.latency["normal"].n == 3 and ws.latency["normal"].max_ms == 510.0
-    assert ws.latency["attackers"].n == 1 and ws.latency["attackers"].p99_ms == 1000.0
-    assert ws.latency["all"].n == 4 and ws.latency["all"].p50_ms == 200.0
-    with pytest.raises(ValueError):
+    assert ws.latency["normal"].n == 3
+    assert ws.latency["normal"].max_ms == 510.0
+    assert ws.latency["attackers"].n == 1
+    assert ws.latency["attackers"].p99_ms == 1000.0
+    assert ws.latency["all"].n == 4
+    assert ws.latency["all"].p50_ms == 200.0
+    with pytest.raises(ValueError, match="empty window"):
         window_stats(stamps, 5, 5)
     # A message the DLQ retried a minute later is kept out of the direct-path figures.
     retried = window_stats(
         [*stamps, _stamp("wmSIMUSER4", "g", 1100, 61_100)], 1000, 2000, via_dlq={"g", "d"}
     )
-    assert retried.latency["via_dlq"].n == 2 and retried.latency["via_dlq"].max_ms == 60_000.0
-    assert retried.latency["all"].max_ms == 510.0 and retried.latency["attackers"].n == 0
+    assert retried.latency["via_dlq"].n == 2
+    assert retried.latency["via_dlq"].max_ms == 60_000.0
+    assert retried.latency["all"].max_ms == 510.0
+    assert retried.latency["attackers"].n == 0
 
 
 def test_audit_stamps_finds_loss_reorder_and_duplicates() -> None:
@@ -224,7 +230,7 @@ def test_letters_by_reason() -> None:
 
 def test_step_rates() -> None:
     assert step_rates(500, 2, 4) == [500, 1000, 2000, 4000]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="factor > 1"):
         step_rates(500, 1.0, 3)
 
 
@@ -241,13 +247,16 @@ def test_censored_percentile() -> None:
 
 def test_step_verdict_names_every_reason() -> None:
     ok = step_verdict(1000, 990, 985, 400.0, 20_000, 100)
-    assert ok.broke is False and ok.reasons == []
+    assert ok.broke is False
+    assert ok.reasons == []
     slow = step_verdict(1000, 990, 985, 1500.0, 20_000, 0)
-    assert slow.broke and "p99" in slow.reasons[0]
+    assert slow.broke
+    assert "p99" in slow.reasons[0]
     behind = step_verdict(1000, 1000, 700, 800.0, 20_000, 5_000)
     assert len(behind.reasons) == 2
     rig = step_verdict(8000, 5000, 5000, 200.0, 100_000, 0)
-    assert rig.broke and "simulator" in rig.reasons[0]
+    assert rig.broke
+    assert "simulator" in rig.reasons[0]
     ingest = step_verdict(2000, 2000, 1900, 900.0, 40_000, 0, ingest_backlog_growth=5_000)
     assert ingest.reasons == [
         "ingest behind: 5000 more messages waiting before Kafka (callback → sync → produce)"
@@ -448,8 +457,10 @@ async def test_population_rates_and_mark_endpoints() -> None:
     transport = httpx.ASGITransport(app=make_app(sim))
     async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
         resp = await client.post("/sim/population/rates", json={"rate_per_min": 600.0})
-        assert resp.status_code == 200 and resp.json()["rate_per_min"] == 600.0
-        assert sim.population is not None and sim.population.config.users == 10
+        assert resp.status_code == 200
+        assert resp.json()["rate_per_min"] == 600.0
+        assert sim.population is not None
+        assert sim.population.config.users == 10
         assert sim.population.tick(1.0) == 100  # the new rate applies at once
         mark = (await client.get("/sim/population/mark")).json()
         assert mark == {"messages": 100, "clock_ms": 1_760_000_000_250}
@@ -495,7 +506,8 @@ async def test_stamp_buffer_batches_and_keeps_order_through_a_redis_failure() ->
         buf.add(_ctx(redis, f"u{i % 3}", f"m{i}", {"sim_created_ms": 1000 + i}), 2000 + i)
     assert buf.task is not None
     await buf.flush()  # Redis down: nothing lost, nothing reordered
-    assert redis.lists == {} and len(buf.entries) == 2500
+    assert redis.lists == {}
+    assert len(buf.entries) == 2500
     await buf.flush()
     assert redis.calls == 3  # 2000 + 500: batches, never a call per message
     stamps = devpipe.read_stamps(redis)

@@ -26,9 +26,9 @@ def test_percentiles_nearest_rank() -> None:
 
 
 def test_percentiles_reject_empty_and_out_of_range() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="empty sample set"):
         percentiles([], [50])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"outside 0\.\.100"):
         percentiles([1.0], [101])
 
 
@@ -45,7 +45,7 @@ def test_percentiles_are_samples_and_monotonic(samples: list[float]) -> None:
 def test_median_odd_even() -> None:
     assert median([3, 1, 2]) == 2
     assert median([4, 1, 2, 3]) == 2.5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="empty sequence"):
         median([])
 
 
@@ -69,10 +69,15 @@ def test_emitter_writes_machine_facts_once_then_measurements(
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["kind"] for line in lines] == ["machine", "measurement", "measurement"]
     facts = lines[0]
-    assert facts["nproc"] >= 1 and facts["mem_total_bytes"] > 0
-    assert facts["python"] and facts["librdkafka"] and facts["kafka"]
+    assert facts["nproc"] >= 1
+    assert facts["mem_total_bytes"] > 0
+    assert facts["python"]
+    assert facts["librdkafka"]
+    assert facts["kafka"]
     assert all(line["run_id"] == "run-x" for line in lines)
-    assert lines[1]["mode"] == "quick" and "ts" in lines[1] and "load1" in lines[1]
+    assert lines[1]["mode"] == "quick"
+    assert "ts" in lines[1]
+    assert "load1" in lines[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,7 +132,8 @@ def test_normalize_legacy_line_reads_metrics_by_suffix_and_skips_summaries() -> 
     }
     got = {m.metric: m for m in results.normalize(legacy, "ingest_producer")}
     assert set(got) == {"msg_per_s", "delivery_p50_ms", "delivery_p99_ms"}
-    assert got["msg_per_s"].unit == "msg/s" and got["msg_per_s"].value == 5500
+    assert got["msg_per_s"].unit == "msg/s"
+    assert got["msg_per_s"].value == 5500
     assert got["delivery_p99_ms"].unit == "ms"
     assert dict(got["msg_per_s"].dims) == {
         "concurrency": "4",
@@ -224,13 +230,16 @@ def test_report_tables_ceilings_failures_and_machine(sample_results: Path) -> No
     report.write_report(sample_results, out)
     text = out.read_text()
     # Machine facts and the harness status of every bench.
-    assert "| nproc | 2 |" in text and "24.0 GiB" in text and "| ray | 2.60.0 |" in text
+    assert "| nproc | 2 |" in text
+    assert "24.0 GiB" in text
+    assert "| ray | 2.60.0 |" in text
     assert "| callback | timeout | -15 |" in text
     assert "TimeoutError: stuck" in text
     assert "broker went away" in text
     # Medians with min/max, ceiling first.
     assert text.index("## kafka_ceiling") < text.index("## consume")
-    assert "| raw_produce |" in text and "| 100,000 | 90,000 | 110,000 |" in text
+    assert "| raw_produce |" in text
+    assert "| 100,000 | 90,000 | 110,000 |" in text
     assert "| 50.0 | 40.0 | 60.0 | ms |" in text
     # The consume stage is read against the consume ceiling of the same run: 45k / 200k.
     consume_row = next(
@@ -273,7 +282,8 @@ def test_report_without_matplotlib_still_written(
     report.write_report(sample_results, out)
     assert not list(sample_results.glob("*.png"))
     text = out.read_text()
-    assert "install the `bench` extra" in text and "## kafka_ceiling" in text
+    assert "install the `bench` extra" in text
+    assert "## kafka_ceiling" in text
 
 
 def test_report_charts_when_matplotlib_present(sample_results: Path) -> None:

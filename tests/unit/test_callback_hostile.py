@@ -72,7 +72,8 @@ async def test_get_url_check_refuses_a_stale_timestamp(
     client, _ = client_sink
     params, enc = signed("1616140317555161061", ts=str(int(NOW) - 30 * 86400))
     resp = await client.get(URL, params={**params, "echostr": enc})
-    assert resp.status_code == 403 and "1616140317555161061" not in resp.text
+    assert resp.status_code == 403
+    assert "1616140317555161061" not in resp.text
 
 
 async def test_get_url_check_never_echoes_a_captured_callback(
@@ -83,7 +84,8 @@ async def test_get_url_check_never_echoes_a_captured_callback(
     params, enc = signed(INNER, ts=str(int(NOW)))
     resp = await client.get(URL, params={**params, "echostr": enc})
     assert resp.status_code == 400
-    assert "ENCsecretsynctoken" not in resp.text and "wkKF1" not in resp.text
+    assert "ENCsecretsynctoken" not in resp.text
+    assert "wkKF1" not in resp.text
     assert sink.events == []
     # A real echostr still works.
     params, enc = signed("1616140317555161061", ts=str(int(NOW)))
@@ -117,7 +119,8 @@ async def test_a_signed_callback_with_a_malformed_timestamp_is_400(
     client, sink = client_sink
     params, enc = signed(INNER, ts=timestamp)
     resp = await client.post(URL, params=params, content=body(enc))
-    assert resp.status_code == 400 and sink.events == []
+    assert resp.status_code == 400
+    assert sink.events == []
     params, enc = signed("echo", ts=timestamp)
     resp = await client.get(URL, params={**params, "echostr": enc})
     assert resp.status_code == 400
@@ -133,7 +136,8 @@ def test_encrypt_and_decrypt_agree_on_the_size_cap_and_say_so() -> None:
     over = sim_encrypt(AES_KEY, CORP, at_cap + "a", b"r" * 16)
     with pytest.raises(BadLengthError) as info:
         CRYPTO.decrypt(over)
-    assert "1048577" in str(info.value) and "1048576-byte limit" in str(info.value)
+    assert "1048577" in str(info.value)
+    assert "1048576-byte limit" in str(info.value)
     assert "exceeds the 1048585 bytes decrypted" not in str(info.value)
     assert isinstance(info.value, CryptoError)
 
@@ -195,5 +199,8 @@ def test_simulator_access_log_redacts_secrets(sim: WeComSimulatorState) -> None:
         logger.setLevel(old_level)
     assert len(records) == 2
     text = "\n".join(records)
-    assert "simsecret-VALUE" not in text and "AT-SECRET-123" not in text
-    assert "corpsecret=***" in text and "access_token=***" in text and "200" in text
+    assert "simsecret-VALUE" not in text
+    assert "AT-SECRET-123" not in text
+    assert "corpsecret=***" in text
+    assert "access_token=***" in text
+    assert "200" in text

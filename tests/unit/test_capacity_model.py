@@ -19,10 +19,12 @@ def test_capacity_page_table_is_the_models() -> None:
 
 def test_model_grows_with_load_and_users() -> None:
     small, busy = capacity.size(10_000, 1_000), capacity.size(10_000, 100_000)
-    assert busy.consumers > small.consumers and busy.hosts > small.hosts
+    assert busy.consumers > small.consumers
+    assert busy.hosts > small.hosts
     assert busy.nodes > small.nodes
     many = capacity.size(10_000_000, 1_000)
-    assert many.hosts > small.hosts and many.memory_gib > 10 * small.memory_gib
+    assert many.hosts > small.hosts
+    assert many.memory_gib > 10 * small.memory_gib
     for users in capacity.USERS:
         for rate in capacity.RATES:
             s = capacity.size(users, rate)

@@ -93,7 +93,9 @@ async def test_abandoned_threads_are_counted_and_exhaustion_is_reported(
         first.cancel()  # what the host's handler timeout does
         with pytest.raises(asyncio.CancelledError):
             await first
-        assert threads.hung == 1 and not threads.exhausted and exhausted == []
+        assert threads.hung == 1
+        assert not threads.exhausted
+        assert exhausted == []
         assert HUNG_THREADS.value(host="h-test") == 1
 
         # A job still queued behind busy threads is dropped, not counted as hung.
@@ -109,7 +111,8 @@ async def test_abandoned_threads_are_counted_and_exhaustion_is_reported(
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
             await second
-        assert threads.hung == 2 and threads.exhausted
+        assert threads.hung == 2
+        assert threads.exhausted
         assert exhausted == [2]  # once, when the last thread hung
         assert HUNG_THREADS.value(host="h-test") == 2
         events = [r.getMessage() for r in caplog.records]
@@ -118,7 +121,8 @@ async def test_abandoned_threads_are_counted_and_exhaustion_is_reported(
     finally:
         gate.set()
         threads.shutdown(wait=True)
-    assert threads.hung == 0 and not threads.exhausted  # the threads came back
+    assert threads.hung == 0
+    assert not threads.exhausted
     assert HUNG_THREADS.value(host="h-test") == 0
 
 

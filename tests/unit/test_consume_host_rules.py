@@ -65,33 +65,44 @@ def test_fresh_messages_are_registered_in_order() -> None:
     plan = sort_intake([parsed(a), parsed(b)], {}, set(), set(), has_lot=True)
     assert [p.envelope.message_id for p in plan.fresh] == ["a", "b"]
     assert plan.register == plan.fresh
-    assert plan.fresh[0].waiters == [a] and not plan.fresh[0].skip_handler
-    assert not plan.resume and not plan.complete and plan.duplicates == 0
+    assert plan.fresh[0].waiters == [a]
+    assert not plan.fresh[0].skip_handler
+    assert not plan.resume
+    assert not plan.complete
+    assert plan.duplicates == 0
 
 
 def test_duplicate_retry_with_a_lot_resumes_without_the_handler() -> None:
     r = delivery("a", retry=True)
     plan = sort_intake([parsed(r)], {}, {"a"}, set(), has_lot=True)
     assert plan.duplicates == 1
-    assert not plan.fresh and not plan.complete
+    assert not plan.fresh
+    assert not plan.complete
     [p] = plan.resume
-    assert p.skip_handler and p.waiters == [r]
+    assert p.skip_handler
+    assert p.waiters == [r]
     assert plan.register == [p]
 
 
 def test_duplicate_retry_without_a_lot_completes() -> None:
     r = delivery("a", retry=True)
     no_lot = sort_intake([parsed(r)], {}, {"a"}, set(), has_lot=False)
-    assert no_lot.complete == [r] and not no_lot.resume and no_lot.duplicates == 1
+    assert no_lot.complete == [r]
+    assert not no_lot.resume
+    assert no_lot.duplicates == 1
 
 
 def test_drain_token_without_a_lot_completes_and_with_one_resumes() -> None:
     t = delivery("a", drain=True)
     no_lot = sort_intake([parsed(t)], {}, set(), set(), has_lot=False)
-    assert no_lot.complete == [t] and not no_lot.register and no_lot.duplicates == 0
+    assert no_lot.complete == [t]
+    assert not no_lot.register
+    assert no_lot.duplicates == 0
     lot = sort_intake([parsed(t)], {}, set(), set(), has_lot=True)
     [p] = lot.resume
-    assert p.skip_handler and not lot.complete and lot.duplicates == 0
+    assert p.skip_handler
+    assert not lot.complete
+    assert lot.duplicates == 0
 
 
 def test_retry_for_an_unsettled_pending_is_a_late_retry() -> None:
@@ -99,7 +110,9 @@ def test_retry_for_an_unsettled_pending_is_a_late_retry() -> None:
     r = delivery("a", retry=True)
     plan = sort_intake([parsed(r)], {"a": here}, set(), set(), has_lot=True)
     assert plan.late_retries == [(here, r)]
-    assert not plan.waiters and not plan.register and not plan.complete
+    assert not plan.waiters
+    assert not plan.register
+    assert not plan.complete
     assert here.late_retries == []  # inputs are not modified
 
 
@@ -118,7 +131,8 @@ def test_plain_copy_of_an_unsettled_pending_waits() -> None:
     here = pending("a")
     d = delivery("a")
     plan = sort_intake([parsed(d)], {"a": here}, set(), set(), has_lot=True)
-    assert plan.waiters == [(here, d)] and not plan.late_retries
+    assert plan.waiters == [(here, d)]
+    assert not plan.late_retries
 
 
 def test_copies_in_one_round_attach_to_the_first() -> None:
@@ -127,12 +141,16 @@ def test_copies_in_one_round_attach_to_the_first() -> None:
     # "a" is done: the first copy asks the lot as a token (its user may be parked behind
     # it); the later copies wait with it.
     [p] = plan.resume
-    assert p.delivery == first and p.skip_handler and plan.duplicates == 1
-    assert plan.waiters == [(p, copy), (p, retry)] and not plan.complete
+    assert p.delivery == first
+    assert p.skip_handler
+    assert plan.duplicates == 1
+    assert plan.waiters == [(p, copy), (p, retry)]
+    assert not plan.complete
 
     plan = sort_intake([parsed(first), parsed(copy), parsed(retry)], {}, set(), set(), True)
     [p] = plan.fresh
-    assert plan.waiters == [(p, copy)] and plan.late_retries == [(p, retry)]
+    assert plan.waiters == [(p, copy)]
+    assert plan.late_retries == [(p, retry)]
 
 
 def test_a_done_plain_copy_asks_the_lot_it_may_be_a_holds_blocker() -> None:
@@ -144,11 +162,14 @@ def test_a_done_plain_copy_asks_the_lot_it_may_be_a_holds_blocker() -> None:
     d = delivery("a")
     plan = sort_intake([parsed(d)], {}, {"a"}, set(), has_lot=True)
     [p] = plan.resume
-    assert p.skip_handler and plan.register == [p] and not plan.complete
+    assert p.skip_handler
+    assert plan.register == [p]
+    assert not plan.complete
     plan = sort_intake([parsed(d)], {}, set(), {"a"}, has_lot=True)  # recent-done cache
     assert [q.delivery for q in plan.resume] == [d]
     plan = sort_intake([parsed(d)], {}, {"a"}, set(), has_lot=False)  # no lot: complete
-    assert plan.complete == [d] and not plan.resume
+    assert plan.complete == [d]
+    assert not plan.resume
 
 
 def test_a_token_pending_takes_a_second_token_as_waiter() -> None:
@@ -164,7 +185,8 @@ def test_split_denials_dead_letters_only_non_parking_reasons() -> None:
     denied, admit = split_denials([a, b, c], reasons, lambda r: r != "rate_limited")
     assert denied == [(a, "rate_limited")]
     assert admit == [(b, "circuit_open"), (c, None)]
-    assert a.denied is None and b.denied is None  # the caller sets it
+    assert a.denied is None
+    assert b.denied is None
 
 
 # ------------------------------------------------------------------ plan_placement
@@ -175,7 +197,8 @@ def test_offers_in_order_and_tracks_queue_growth() -> None:
     plan = plan_placement([a, b, c], [ADMITTED] * 3, {}, mailbox_size=5, has_lot=True)
     assert [s.kind for s in plan.steps] == [Place.OFFER] * 3
     assert plan.offers() == {"u1": [a, b], "u2": [c]}
-    assert not plan.holds and plan.n_parked == 0
+    assert not plan.holds
+    assert plan.n_parked == 0
 
 
 def test_full_mailbox_holds_behind_its_tail_and_later_plain_messages_join() -> None:
@@ -236,7 +259,8 @@ def test_waited_on_token_enters_a_full_mailbox_and_is_waited_on() -> None:
     token = pending("t", retry=True, skip=True)
     plan = plan_placement([token], [WAITED_ON], {"u1": [q1]}, mailbox_size=1, has_lot=True)
     [step] = plan.steps
-    assert step.kind is Place.OFFER and step.waited_on
+    assert step.kind is Place.OFFER
+    assert step.waited_on
 
 
 def test_waited_on_follows_the_code_or_a_retry_only_with_a_lot() -> None:
@@ -253,7 +277,9 @@ def test_plan_leaves_its_inputs_alone() -> None:
     a, b = pending("a"), pending("b")
     plan_placement([a, b], [ADMITTED, ADMITTED], {"u1": queue}, mailbox_size=1, has_lot=True)
     assert queue == [q1]
-    assert not q1.waited_on and not q1.holds and not a.waited_on
+    assert not q1.waited_on
+    assert not q1.holds
+    assert not a.waited_on
 
 
 # ------------------------------------------------------------------ outcome

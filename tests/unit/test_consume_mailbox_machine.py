@@ -50,9 +50,11 @@ def test_finish_completes_every_copy_and_forgets_the_id() -> None:
     p.waiters.append(again)
     mb = mailbox(p)
     out = m.finish(p, mb, now_s=5.0)
-    assert out.complete == [p.delivery, again] and out.reingest == []
+    assert out.complete == [p.delivery, again]
+    assert out.reingest == []
     assert "m0" not in m.pending
-    assert mb.unfinished == 0 and mb.last_active_s == 5.0
+    assert mb.unfinished == 0
+    assert mb.last_active_s == 5.0
 
 
 def test_a_late_retry_completes_with_a_success_only() -> None:
@@ -78,10 +80,14 @@ def test_head_done_then_next_turn_round_robin() -> None:
     mb = mailbox(a, b)
     mb.busy = True
     m.head_done(mb, 3.0)
-    assert list(mb.queue) == [b] and not mb.busy and mb.processed == 1
-    assert m.next_turn(mb) and mb.scheduled  # more to run: back of the line
+    assert list(mb.queue) == [b]
+    assert not mb.busy
+    assert mb.processed == 1
+    assert m.next_turn(mb)
+    assert mb.scheduled
     m.head_done(mb, 4.0)
-    assert not m.next_turn(mb) and not mb.scheduled
+    assert not m.next_turn(mb)
+    assert not mb.scheduled
 
 
 # ------------------------------------------------------------------ parking
@@ -97,11 +103,14 @@ def test_park_snapshot_is_the_whole_queue_behind_the_head() -> None:
     )
     mb = mailbox(head, q1, r2, q3)
     park = m.plan_park(mb, head)
-    assert park.user == "u1" and park.blocker is head and park.drop_first == 0
+    assert park.user == "u1"
+    assert park.blocker is head
+    assert park.drop_first == 0
     assert park.later == [q1, r2, q3]
     # plain messages may hold the flag (a held tail); a queued retry is some older
     # blocker's: never taken over
-    assert park.replaces == ["m1", "m3"] and park.owner is None
+    assert park.replaces == ["m1", "m3"]
+    assert park.owner is None
     r2.holds = True  # a retry that a full mailbox's overflow is held behind: replaceable
     assert m.plan_park(mb, head).replaces == ["m1", "r2", "m3"]
 
@@ -113,11 +122,16 @@ def test_park_acknowledged_empties_the_queue_behind_the_head_and_ends_the_drain(
     mb = mailbox(head, q1)
     mb.drain_owner, mb.undropped = owner, 4
     park = m.plan_park(mb, head)
-    assert park.drop_first == 4 and park.replaces == ["m2", "r0"] and park.owner is owner
+    assert park.drop_first == 4
+    assert park.replaces == ["m2", "r0"]
+    assert park.owner is owner
     out = m.parked(mb, park, status=1)
-    assert not out.foreign and out.parked == [q1] and out.owner is owner
+    assert not out.foreign
+    assert out.parked == [q1]
+    assert out.owner is owner
     assert list(mb.queue) == [head]
-    assert mb.drain_owner is None and mb.undropped == 0
+    assert mb.drain_owner is None
+    assert mb.undropped == 0
 
 
 def test_a_foreign_park_changes_nothing() -> None:
@@ -125,7 +139,9 @@ def test_a_foreign_park_changes_nothing() -> None:
     head, q1 = pending(m, "m1"), pending(m, "m2")
     mb = mailbox(head, q1)
     out = m.parked(mb, m.plan_park(mb, head), PARK_FOREIGN)
-    assert out.foreign and out.parked == [] and out.owner is None
+    assert out.foreign
+    assert out.parked == []
+    assert out.owner is None
     assert list(mb.queue) == [head, q1]
 
 
@@ -149,17 +165,22 @@ def test_a_chunk_skips_done_present_and_doubled_ids_and_runs_after_the_head() ->
     raw = [envelope(x).to_bytes() for x in ("m1", "m2", "m3", "m4", "m4", "m5")]
     raw.insert(2, b"not json")
     items, bad = m.parse_chunk(owner, raw)
-    assert bad == 1 and [e.message_id for _, e in items] == ["m1", "m2", "m3", "m4", "m4", "m5"]
+    assert bad == 1
+    assert [e.message_id for _, e in items] == ["m1", "m2", "m3", "m4", "m4", "m5"]
     assert all(d.partition == -1 and not d.is_retry for d, _ in items)  # no record of its own
     assert m.ids_to_ask(items) == ["m1", "m3", "m4", "m4", "m5"]
     chunk = m.chunk_read(items, done={"m3"}, recent={"m5"}, n_raw=len(raw))
     assert [q.envelope.message_id for q in chunk.take] == ["m1", "m4"]
-    assert chunk.n_raw == 7 and {"m1", "m4"} <= m.pending.keys()
+    assert chunk.n_raw == 7
+    assert {"m1", "m4"} <= m.pending.keys()
 
     mb = mailbox(owner, here)
     m.chunk_begins(mb, owner, chunk)
-    assert chunk.take[-1].chunk_end and not chunk.take[0].chunk_end
-    assert mb.drain_owner is owner and mb.undropped == 7 and owner.draining
+    assert chunk.take[-1].chunk_end
+    assert not chunk.take[0].chunk_end
+    assert mb.drain_owner is owner
+    assert mb.undropped == 7
+    assert owner.draining
     m.chunk_runs(mb, chunk)
     assert [q.envelope.message_id for q in mb.queue] == ["r0", "m1", "m4", "m2"]
     assert mb.unfinished == 4
@@ -189,9 +210,11 @@ def test_hand_over_puts_a_token_only_when_records_are_held() -> None:
     late = delivery("r0", retry=True)
     owner.late_retries.append(late)
     assert not m.hand_over(owner, has_tokens=False)  # no token sink: the retry holds it
-    assert owner.waiters == [owner.delivery, late] and owner.late_retries == []
+    assert owner.waiters == [owner.delivery, late]
+    assert owner.late_retries == []
     assert m.hand_over(owner, has_tokens=True)
-    assert m.handed_over(owner) == [owner.delivery, late] and owner.waiters == []
+    assert m.handed_over(owner) == [owner.delivery, late]
+    assert owner.waiters == []
     # the token (not yet back) holds the place: nothing to hand over for the next chunk
     assert not m.hand_over(owner, has_tokens=True)
 
@@ -206,9 +229,11 @@ def test_drain_over_and_continues() -> None:
     assert m.continues_drain(mb, item)
     assert not m.continues_drain(mb, owner)  # its own drain: nothing to continue
     m.drain_over(mb, other)  # not the drain's owner: the drain goes on
-    assert mb.drain_owner is owner and mb.undropped == 3
+    assert mb.drain_owner is owner
+    assert mb.undropped == 3
     m.drain_over(mb, owner)
-    assert mb.drain_owner is None and mb.undropped == 0
+    assert mb.drain_owner is None
+    assert mb.undropped == 0
     assert not m.continues_drain(mb, item)
 
 
@@ -225,7 +250,8 @@ def test_delivered_registers_new_ids_and_sets_copies_aside() -> None:
     intake = m.delivered(parsed, done=set(), recent=set(), has_lot=True)
     assert running.waiters == [running.delivery, copy]
     assert running.late_retries == [late]  # the attempt may still fail
-    assert [p.envelope.message_id for p in intake.fresh] == ["m1"] and "m1" in m.pending
+    assert [p.envelope.message_id for p in intake.fresh] == ["m1"]
+    assert "m1" in m.pending
 
 
 def test_admitted_offers_starts_once_parks_and_holds_a_full_mailbox() -> None:
@@ -233,12 +259,18 @@ def test_admitted_offers_starts_once_parks_and_holds_a_full_mailbox() -> None:
     a0, a1, a2, a3 = (pending(m, f"m{i}") for i in range(4))
     placed = m.admitted([a0, a1, a2, a3], [ADMITTED, ADMITTED, ADMITTED, PARKED], 2, True, 7.0)
     mb = m.mailboxes["u1"]
-    assert list(mb.queue) == [a0, a1] and mb.scheduled and mb.unfinished == 2
+    assert list(mb.queue) == [a0, a1]
+    assert mb.scheduled
+    assert mb.unfinished == 2
     kinds = [type(c) for c in placed.commands]
     assert kinds == [Start, Overflow, Finish]  # one start; a2 held; a3 durably parked
     over = placed.commands[1]
-    assert isinstance(over, Overflow) and over.deny is None and over.mailbox is mb
-    assert placed.holds == {"u1": (a1, [a2])} and a1.waited_on and a1.holds
+    assert isinstance(over, Overflow)
+    assert over.deny is None
+    assert over.mailbox is mb
+    assert placed.holds == {"u1": (a1, [a2])}
+    assert a1.waited_on
+    assert a1.holds
     assert placed.n_parked == 1
 
 
@@ -247,7 +279,9 @@ def test_admitted_without_a_lot_denies_the_overflow() -> None:
     a0, a1 = pending(m, "m0"), pending(m, "m1")
     placed = m.admitted([a0, a1], [ADMITTED, ADMITTED], 1, False, 0.0)
     over = placed.commands[1]
-    assert isinstance(over, Overflow) and over.deny is a1 and placed.holds == {}
+    assert isinstance(over, Overflow)
+    assert over.deny is a1
+    assert placed.holds == {}
 
 
 def test_expire_and_died_keep_a_successor() -> None:
@@ -260,26 +294,32 @@ def test_expire_and_died_keep_a_successor() -> None:
     assert not m.next_turn(old)
     old.unfinished = 0
     assert m.expire(now_s=5.0, idle_lifetime_s=10.0) == []  # not idle long enough
-    assert m.expire(now_s=11.0, idle_lifetime_s=10.0) == [old] and old.state is State.DYING
+    assert m.expire(now_s=11.0, idle_lifetime_s=10.0) == [old]
+    assert old.state is State.DYING
     q = pending(m, "m1")
     placed = m.admitted([q], [ADMITTED], 10, False, now_s=12.0)
     new = m.mailboxes["u1"]
-    assert new is not old and new.predecessor is old  # starts only after old is dead
+    assert new is not old
+    assert new.predecessor is old
     assert placed.commands == [Start(new)]
     m.died(old)
-    assert old.state is State.DEAD and m.mailboxes["u1"] is new
+    assert old.state is State.DEAD
+    assert m.mailboxes["u1"] is new
 
 
 def test_head_finished_records_the_outcome_and_picks_the_path() -> None:
     m = MailboxMachine()
     parks = {"retryable"}.__contains__
     ok = pending(m, "m0")
-    assert m.head_finished(ok, None, parks) is Outcome.DONE and ok.succeeded and not ok.failed
+    assert m.head_finished(ok, None, parks) is Outcome.DONE
+    assert ok.succeeded
+    assert not ok.failed
     waited = pending(m, "m1")
     waited.waited_on = True
     assert m.head_finished(waited, None, parks) is Outcome.DONE_THEN_SETTLE
     failed = pending(m, "m2")
-    assert m.head_finished(failed, "retryable", parks) is Outcome.PARK_RECORDED and failed.failed
+    assert m.head_finished(failed, "retryable", parks) is Outcome.PARK_RECORDED
+    assert failed.failed
     drained = Pending(failed.delivery._replace(partition=-1, offset=-1), envelope("m3"), [])
     assert m.head_finished(drained, "retryable", parks) is Outcome.PARK_DRAINED
     assert m.head_finished(pending(m, "m4"), "invalid", parks) is Outcome.DEAD_THEN_SETTLE

@@ -69,7 +69,8 @@ async def test_queue_full_keeps_order_of_older_queued_messages() -> None:
             break
         await asyncio.sleep(0.01)
     assert handled(opts) == [f"A-m{i}" for i in range(5)]
-    assert order.flag == {} and order.lots.get("A", []) == []
+    assert order.flag == {}
+    assert order.lots.get("A", []) == []
 
 
 async def test_park_on_failure_does_not_race_with_admit() -> None:
@@ -178,7 +179,8 @@ async def test_drain_completes_the_retry_offset_before_the_lot_is_empty() -> Non
     core.accept([retry_of("A", 0)])  # offset 1000
     await until(lambda: ("A", "A-m2") in opts["started"])
     assert ("t", 0, 1000) in done.done  # completed while the drain still runs
-    assert tokens.tokens and set(tokens.tokens) == {("A", "A-m0")}
+    assert tokens.tokens
+    assert set(tokens.tokens) == {("A", "A-m0")}
     core.accept([token_of("A", 0, 2000)])  # the first token comes back: held, not run
     gate.set()
     await until(lambda: order.flag == {})
@@ -269,7 +271,8 @@ async def test_park_rate_limited_parks_at_the_head_and_keeps_order() -> None:
     core.accept([delivery("A", i, i) for i in range(4)])
     await until(lambda: len(done.done) == 4)
     assert [(x.message_id, x.reason) for x in letters.letters] == [("A-m2", "rate_limited")]
-    assert order.flag == {"A": "A-m2"} and len(order.lots["A"]) == 1
+    assert order.flag == {"A": "A-m2"}
+    assert len(order.lots["A"]) == 1
     core.accept([retry_of("A", 2)])
     await until(lambda: order.flag == {})
     await until(lambda: len(handled(opts)) == 4)
@@ -313,4 +316,5 @@ async def test_park_of_a_drained_failure_waits_for_the_chunks_done_flags() -> No
     asyncio.get_running_loop().call_later(0.2, store.gate.set)
     await until(lambda: bool(seen_at_park))
     assert seen_at_park == [True]
-    assert handled(opts) == ["A-m0", "A-m1"] and order.flag == {"A": "A-m2"}
+    assert handled(opts) == ["A-m0", "A-m1"]
+    assert order.flag == {"A": "A-m2"}

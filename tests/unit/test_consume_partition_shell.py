@@ -179,7 +179,8 @@ def test_owned_records_are_tracked_and_committed_past_completion(
     assert c.complete([(TOPIC, 0, 5)]) == 1
     c._commit(sync=False)
     assert fake.commits[-1] == [(0, 7)]
-    assert c.stats["completed"] == 3 and c.stats["consumed"] == 3
+    assert c.stats["completed"] == 3
+    assert c.stats["consumed"] == 3
 
 
 def _targets(c: Any) -> set[str]:
@@ -235,7 +236,8 @@ def test_dedicated_placement_is_released_only_once_idle_and_the_actor_ended(
     assert store.records == {"u1": "user:kf:u1"}
     alive["user:kf:u1"] = False
     c._release_placements([])
-    assert store.records == {} and store.dedicated == set()
+    assert store.records == {}
+    assert store.dedicated == set()
 
 
 def test_placement_waiting_for_release_is_kept_when_the_user_returns_or_moves(

@@ -20,7 +20,8 @@ def test_decide_first_decision_sticks_new_users_get_a_slot_while_free() -> None:
     assert decide(None, 1, 1, want("a")) == "host-1"
     assert decide("host-1", 0, 1, want("a")) == "host-1"  # even with a slot free now
     assert decide("user:kf:a", 5, 1, want("a")) == "user:kf:a"  # even over the cap now
-    assert is_dedicated("user:kf:a") and not is_dedicated("host-1")
+    assert is_dedicated("user:kf:a")
+    assert not is_dedicated("host-1")
 
 
 def test_two_consumers_resolve_the_same_target_and_share_the_cap() -> None:
@@ -48,7 +49,8 @@ def test_one_store_call_per_batch_and_none_for_known_users() -> None:
     assert store.calls == 1
     p.forget(["u1"])
     p.resolve([want("u1"), want("u7")])
-    assert store.calls == 2 and p.route("u1") == "user:kf:u1"
+    assert store.calls == 2
+    assert p.route("u1") == "user:kf:u1"
     p.clear()
     assert not p.known("u7")
 
@@ -59,9 +61,11 @@ def test_release_is_compare_and_delete_and_frees_the_slot() -> None:
     p.resolve([want("u1"), want("u2")])
     assert p.route("u2") == "host-0"
     store.release([("u1", "host-0")])  # not what the record says: kept
-    assert store.records["u1"] == "user:kf:u1" and store.dedicated == {"u1"}
+    assert store.records["u1"] == "user:kf:u1"
+    assert store.dedicated == {"u1"}
     store.release([("u1", "user:kf:u1"), ("u2", "host-0")])
-    assert store.records == {} and store.dedicated == set()
+    assert store.records == {}
+    assert store.dedicated == set()
     q = Placement(store, cap=1)
     q.resolve([want("u2")])
     assert q.route("u2") == "user:kf:u2"  # the freed slot, now u2's

@@ -98,7 +98,8 @@ async def test_state_folds_each_message_once_and_new_users_load_in_one_round_tri
     for u in "ABC":
         assert seen(store, u) == [f"{u}-m{i}" for i in range(4)]
         assert store.states[u].version == 4
-    assert len(store.loads) == 1 and sorted(store.loads[0]) == ["A", "B", "C"]
+    assert len(store.loads) == 1
+    assert sorted(store.loads[0]) == ["A", "B", "C"]
     assert store.done == {f"{u}-m{i}" for u in "ABC" for i in range(4)}
 
 
@@ -186,8 +187,10 @@ async def test_stale_writer_is_refused_and_never_completes() -> None:
     gate.set()
     await until(lambda: len(done_a.done) + len(done_b.done) == 1 and fatal != [])
     assert fatal == ["state commit refused"]
-    assert store.states["A"].version == 1 and len(seen(store, "A")) == 1
-    assert len(store.refused) == 1 and store.refused[0] not in store.done
+    assert store.states["A"].version == 1
+    assert len(seen(store, "A")) == 1
+    assert len(store.refused) == 1
+    assert store.refused[0] not in store.done
 
 
 async def test_state_too_large_is_a_dead_letter_and_the_old_state_stays() -> None:
@@ -225,7 +228,9 @@ async def test_stateless_handler_costs_no_load_and_no_state_commit() -> None:
     core, done, _ = make_core(store, handler=stateless)
     core.accept([delivery("A", i, i) for i in range(5)])
     await until(lambda: len(done.done) == 5)
-    assert store.loads == [] and store.commits == 0 and store.states == {}
+    assert store.loads == []
+    assert store.commits == 0
+    assert store.states == {}
 
 
 async def test_redis_down_policy_process_still_waits_for_the_state_commit() -> None:
@@ -267,13 +272,16 @@ def test_next_write_unchanged_keeps_the_version_and_a_resend_is_answered_as_appl
     spec = StateSpec()
     slot = StateSlot(3, b'{"a":1}')
     same = next_write(spec, slot, "A", {"a": 1}, 100)
-    assert same == StateWrite("A", 3, None) and slot.version == 3
+    assert same == StateWrite("A", 3, None)
+    assert slot.version == 3
     changed = next_write(spec, slot, "A", {"a": 2}, 100)
-    assert changed == StateWrite("A", 3, b'{"a":2}') and slot.version == 4
+    assert changed == StateWrite("A", 3, b'{"a":2}')
+    assert slot.version == 4
 
     store = MemoryStateStore()
     store.states["A"] = StateSlot(3, b'{"a":1}')
     assert asyncio.run(store.commit([], [("m", changed)], "op1")) == set()
     assert asyncio.run(store.commit([], [("m", changed)], "op1")) == set()  # lost reply, resent
-    assert store.states["A"] == StateSlot(4, b'{"a":2}') and store.commits == 1
+    assert store.states["A"] == StateSlot(4, b'{"a":2}')
+    assert store.commits == 1
     assert asyncio.run(store.commit([], [("m2", changed)], "op2")) == {"m2"}  # stale: refused

@@ -51,8 +51,11 @@ def test_record_of_an_unowned_partition_is_dropped_and_its_completion_commits_no
     tr.revoking([P0])
     tr.revoked([P0])
     out = tr.polled([rec(0, 5)], to_host, 0.0, fetched)
-    assert out.sends == [] and out.accepted == 0 and out.dropped == 1
-    assert tr.inflight == 0 and tr.targets == {}
+    assert out.sends == []
+    assert out.accepted == 0
+    assert out.dropped == 1
+    assert tr.inflight == 0
+    assert tr.targets == {}
     assert tr.completed([(T, 0, 5)]) == 0
     assert tr.commit_now(1.0) == {}
     assert tr.committed() == {}
@@ -97,9 +100,11 @@ def test_revoke_with_work_left_drops_it_and_late_completions_are_ignored() -> No
     tr.revoking([P0])
     assert tr.commit_now(1.0, only=[P0]) == {P0: 1}
     assert tr.revoked([P0]) == 2
-    assert tr.inflight == 0 and len(tr.targets[HOST].inflight) == 0
+    assert tr.inflight == 0
+    assert len(tr.targets[HOST].inflight) == 0
     assert tr.completed([(T, 0, 1), (T, 0, 2)]) == 0
-    assert tr.commit_now(2.0) == {} and tr.committed() == {}
+    assert tr.commit_now(2.0) == {}
+    assert tr.committed() == {}
 
 
 def test_lost_drops_everything_without_a_commit() -> None:
@@ -109,7 +114,8 @@ def test_lost_drops_everything_without_a_commit() -> None:
     assert tr.lost([P0]) == 1
     assert tr.completed([(T, 0, 1)]) == 0
     assert tr.commit_now(1.0) == {P1: 1}
-    assert tr.owns(P1) and not tr.owns(P0)
+    assert tr.owns(P1)
+    assert not tr.owns(P0)
 
 
 def test_reassign_after_revoke_starts_fresh() -> None:
@@ -125,7 +131,8 @@ def test_reassign_after_revoke_starts_fresh() -> None:
     tr.assigned([P0])
     assert tr.committed() == {}
     out = tr.polled([rec(0, 11), rec(0, 12)], to_host, 2.0)
-    assert out.accepted == 2 and out.replays == 0
+    assert out.accepted == 2
+    assert out.replays == 0
     assert tr.commit_now(3.0) == {P0: 11}  # fresh: offered again, even though equal
 
 
@@ -157,11 +164,14 @@ def test_sends_wait_for_recovery_then_go_in_order() -> None:
     assert out.sends == []  # a new target is RECOVERING until it answers
     assert out.per_partition == {0: 2, 1: 1}
     first = ready(tr)
-    assert first is not None and offsets(first) == [1, 7, 2]
-    assert not first.resend and tr.resent == 0
+    assert first is not None
+    assert offsets(first) == [1, 7, 2]
+    assert not first.resend
+    assert tr.resent == 0
     out = tr.polled([rec(0, 3, "a")], to_host, 0.0)
     assert [offsets(s) for s in out.sends] == [[3]]
-    assert out.sends[0].incarnation == "i1" and out.sends[0].epoch == first.epoch
+    assert out.sends[0].incarnation == "i1"
+    assert out.sends[0].epoch == first.epoch
 
 
 def test_incarnation_change_resends_everything_in_flight_in_original_order_first() -> None:
@@ -173,11 +183,14 @@ def test_incarnation_change_resends_everything_in_flight_in_original_order_first
     tr.polled([rec(0, 2), rec(0, 3)], to_host, 0.0)
     tr.completed([(T, 0, 2)])
     assert tr.incarnation_seen(HOST, send.epoch, "i2")  # the host restarted
-    assert tr.targets[HOST].state == RECOVERING and tr.recoveries == 1
+    assert tr.targets[HOST].state == RECOVERING
+    assert tr.recoveries == 1
     assert tr.polled([rec(0, 4)], to_host, 0.0).sends == []  # held back behind the resend
     resend = ready(tr, inc="i2")
-    assert resend is not None and resend.resend
-    assert offsets(resend) == [1, 3, 4] and resend.incarnation == "i2"
+    assert resend is not None
+    assert resend.resend
+    assert offsets(resend) == [1, 3, 4]
+    assert resend.incarnation == "i2"
     assert tr.resent == 3
     assert tr.targets[HOST].state == READY
 
@@ -223,7 +236,8 @@ def test_recovery_backs_off_and_is_retried_after_a_timeout() -> None:
     assert again.epoch != call.epoch
     assert tr.recovered(HOST, call.epoch, "late", 60.3) is None
     send = tr.recovered(HOST, again.epoch, "i1", 60.3)
-    assert send is not None and offsets(send) == [1]
+    assert send is not None
+    assert offsets(send) == [1]
 
 
 def test_health_probes_once_per_interval_only_ready_targets_with_work() -> None:
@@ -232,13 +246,16 @@ def test_health_probes_once_per_interval_only_ready_targets_with_work() -> None:
     tr.polled([rec(0, 1, "a")], lambda u: "h-a", 0.0)
     tr.polled([rec(0, 2, "b")], lambda u: "h-b", 0.0)
     first = tr.due(0.0)
-    assert first.health_tick and first.probe == []  # nothing READY yet
+    assert first.health_tick
+    assert first.probe == []
     for call in first.recover:
         tr.recovered(call.key, call.epoch, "i1", 0.0)
     tr.completed([(T, 0, 2)])  # h-b holds nothing now
-    assert tr.due(0.5).probe == [] and not tr.due(0.5).health_tick  # not yet
+    assert tr.due(0.5).probe == []
+    assert not tr.due(0.5).health_tick
     due = tr.due(1.0)
-    assert due.health_tick and due.probe == [Call("h-a", tr.targets["h-a"].epoch, False)]
+    assert due.health_tick
+    assert due.probe == [Call("h-a", tr.targets["h-a"].epoch, False)]
     assert tr.due(2.1).probe == []  # the first probe is still out
     (probe,) = due.probe
     assert not tr.incarnation_seen("h-a", probe.epoch, "i1", probe=True)
@@ -251,7 +268,8 @@ def test_empty_dedicated_targets_are_not_recovered_hosts_are() -> None:
     tr.polled([rec(0, 1, "a")], lambda u: "user:kf:a", 0.0)
     tr.polled([rec(0, 2, "b")], to_host, 0.0)
     calls = {c.key: c for c in tr.due(0.0).recover}
-    assert calls["user:kf:a"].dedicated and not calls[HOST].dedicated
+    assert calls["user:kf:a"].dedicated
+    assert not calls[HOST].dedicated
     tr.completed([(T, 0, 1), (T, 0, 2)])
     tr.recovery_failed("user:kf:a", calls["user:kf:a"].epoch, 0.0)
     tr.recovery_failed(HOST, calls[HOST].epoch, 0.0)
@@ -271,7 +289,8 @@ def test_idle_dedicated_users_and_targets_are_forgotten_busy_ones_kept() -> None
         ("b", HOST, P1),
     ]
     assert due.forgotten_targets == ["user:kf:a"]
-    assert tr.knows_user("c") and not tr.knows_user("a")
+    assert tr.knows_user("c")
+    assert not tr.knows_user("a")
     assert set(tr.targets) == {HOST, "user:kf:c"}
 
 
@@ -294,7 +313,8 @@ def test_users_of_a_revoked_partition_are_left_to_its_next_owner() -> None:
     tr.revoking([P0])
     tr.revoked([P0])
     due = tr.due(100.0)
-    assert due.forgotten_users == [] and due.forgotten_targets == ["user:kf:a"]
+    assert due.forgotten_users == []
+    assert due.forgotten_targets == ["user:kf:a"]
 
 
 def test_hosted_mode_forgets_nothing() -> None:
@@ -303,7 +323,9 @@ def test_hosted_mode_forgets_nothing() -> None:
     tr.polled([rec(0, 1, "a")], to_host, 0.0)
     tr.completed([(T, 0, 1)])
     due = tr.due(1e6)
-    assert due.forgotten_users == [] and due.forgotten_targets == [] and not tr.knows_user("a")
+    assert due.forgotten_users == []
+    assert due.forgotten_targets == []
+    assert not tr.knows_user("a")
 
 
 # ------------------------------------------------------------ commits
@@ -389,7 +411,8 @@ def test_commits_never_pass_an_unfinished_offset_nor_touch_unowned_partitions(
                 assert out.accepted == n
                 inflight[tp] |= {d.offset for d in batch}
             else:
-                assert out.accepted == 0 and out.dropped == n
+                assert out.accepted == 0
+                assert out.dropped == n
         elif op == "done":
             was = n in inflight[tp] and tp in owned
             assert tr.completed([(T, p, n)]) == (1 if was else 0)

@@ -141,7 +141,8 @@ async def test_completion_waits_for_durable_done_flag() -> None:
     store.down = True
     core.accept([delivery("A", 0, 0)])
     await asyncio.sleep(0.1)
-    assert done.done == [] and opts["calls"] == []  # policy stop: check retried, nothing ran
+    assert done.done == []
+    assert opts["calls"] == []
     store.down = False
     await until(lambda: len(done.done) == 1)
     assert store.done == {"A-m0"}
@@ -194,7 +195,8 @@ async def test_failures_are_dead_lettered_with_metadata_before_completion() -> N
     await until(lambda: len(done.done) == 3)
     reasons = [(x.reason, x.retryable, x.partition, x.offset) for x in letters.letters]
     assert reasons == [("invalid_message", False, 2, 7), ("downstream_error", True, 2, 8)]
-    assert letters.letters[0].topic == "t" and letters.letters[0].value
+    assert letters.letters[0].topic == "t"
+    assert letters.letters[0].value
     assert opts["calls"] == [("A", "A-m2")]
 
 
@@ -211,7 +213,8 @@ async def test_poison_record_is_invalid_message() -> None:
     core, done, _ = make_core(letters=letters)
     core.accept([Delivery("t", 0, 3, 0, "A", b"{not json", "", "c0")])
     await until(lambda: len(done.done) == 1)
-    assert letters.letters[0].reason == "invalid_message" and letters.letters[0].offset == 3
+    assert letters.letters[0].reason == "invalid_message"
+    assert letters.letters[0].offset == 3
 
 
 async def test_denied_and_queue_full_never_wait_behind_a_blocked_user() -> None:
@@ -252,7 +255,8 @@ async def test_idle_expiry_and_message_arriving_while_dying() -> None:
     release.set()
     await until(lambda: len(done.done) == 3)
     assert opts["calls"] == [("A", "A-m0"), ("A", "A-m1"), ("A", "A-m2")]
-    assert old.state is State.DEAD and core.mailboxes["A"].state is State.ACTIVE
+    assert old.state is State.DEAD
+    assert core.mailboxes["A"].state is State.ACTIVE
     clock.t += 61
     assert core.sweep() == ["A"]
     await until(lambda: "A" not in core.mailboxes)

@@ -43,7 +43,8 @@ def test_pending_commit_only_when_advanced() -> None:
     assert t.pending_commits() == {}
     t.done("t", 1, 0)
     assert t.pending_commits() == {("t", 1): 1}
-    assert t.inflight() == 1 and t.inflight("t", 0) == 1
+    assert t.inflight() == 1
+    assert t.inflight("t", 0) == 1
 
 
 def test_commit_policy_count_and_interval() -> None:

@@ -51,11 +51,13 @@ def test_state_must_count_each_processed_message_once() -> None:
     done = {"a", "b", "c", "d"}  # e was dead-lettered: not applied
     good = {"u1": {"messages": 3, "last_msgid": "c"}, "u2": {"messages": 1, "last_msgid": "d"}}
     result = audit_records(TRUTH, done=done, dead={"e"}, states=good)
-    assert result.state_mismatch == 0 and result.ok
+    assert result.state_mismatch == 0
+    assert result.ok
     assert "state_mismatch=0" in result.line()
     twice = {**good, "u1": {"messages": 4, "last_msgid": "c"}}  # one applied twice
     result = audit_records(TRUTH, done=done, dead={"e"}, states=twice)
-    assert result.state_mismatch == 1 and result.state_mismatch_users == ["u1"]
+    assert result.state_mismatch == 1
+    assert result.state_mismatch_users == ["u1"]
     assert not result.ok
     foreign = {**good, "u2": {"messages": 1, "last_msgid": "e"}}  # a failed one applied
     assert audit_records(TRUTH, done=done, dead={"e"}, states=foreign).state_mismatch == 1

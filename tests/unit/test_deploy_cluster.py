@@ -35,24 +35,27 @@ def test_schema_check_is_not_vacuous() -> None:
         validate_config(bad)
     bad = copy.deepcopy(_config())
     bad["head_node_type"] = "nope"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="head_node_type"):
         validate_config(bad)
 
 
 def test_head_and_worker_types_and_commands() -> None:
     cfg = _config()
     types = cfg["available_node_types"]
-    assert cfg["head_node_type"] == "head" and set(types) == {"head", "worker"}
+    assert cfg["head_node_type"] == "head"
+    assert set(types) == {"head", "worker"}
     assert types["worker"]["min_workers"] >= 1
     assert sum(t.get("min_workers", 0) for t in types.values()) <= cfg["max_workers"]
     assert any("pip install ~/qywx-ray" in c for c in cfg["setup_commands"])
     head = " ".join(cfg["head_start_ray_commands"])
     worker = " ".join(cfg["worker_start_ray_commands"])
-    assert "ray start --head" in head and "--metrics-export-port=8080" in head
+    assert "ray start --head" in head
+    assert "--metrics-export-port=8080" in head
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker
     assert "--metrics-export-port=8080" in worker
     for cmds in (head, worker):
-        assert "QYWX_PROFILE=production" in cmds and "QYWX_CONFIG=" in cmds
+        assert "QYWX_PROFILE=production" in cmds
+        assert "QYWX_CONFIG=" in cmds
 
 
 def test_file_mounts_exist_and_placeholders_are_marked() -> None:

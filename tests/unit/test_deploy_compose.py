@@ -62,7 +62,8 @@ def test_three_kraft_brokers_share_one_quorum() -> None:
     assert len({e["CLUSTER_ID"] for e in envs}) == 1
     for e, b in zip(envs, brokers, strict=True):
         assert b["image"].startswith("apache/kafka:")
-        assert "controller" in e["KAFKA_PROCESS_ROLES"] and "broker" in e["KAFKA_PROCESS_ROLES"]
+        assert "controller" in e["KAFKA_PROCESS_ROLES"]
+        assert "broker" in e["KAFKA_PROCESS_ROLES"]
         assert e["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3"
         assert e["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
         assert e["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"] == "false"
@@ -146,7 +147,9 @@ def test_dockerfile_installs_the_package() -> None:
                 if src != "serve":
                     assert (ROOT / src).exists(), src
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert ".git" in ignored and ".env" in ignored and "tests" in ignored
+    assert ".git" in ignored
+    assert ".env" in ignored
+    assert "tests" in ignored
 
 
 def test_docker_compose_config_when_available() -> None:
@@ -224,7 +227,8 @@ def test_dot_env_with_the_secrets_is_never_committed_or_copied() -> None:
 def test_every_published_port_is_described_in_the_docs_and_security() -> None:
     operations = (ROOT / "docs" / "operations.md").read_text()
     security = (ROOT / "SECURITY.md").read_text()
-    assert "SECURITY.md" in operations and "## What each port exposes" in operations
+    assert "SECURITY.md" in operations
+    assert "## What each port exposes" in operations
     table = operations.split("## What each port exposes", 1)[1].split("\n#", 1)[0]
     for svc in _compose()["services"].values():
         for mapping in svc.get("ports", []):

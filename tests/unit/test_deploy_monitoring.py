@@ -85,7 +85,8 @@ def test_catalogue_is_well_formed() -> None:
         assert m["type"] in {"counter", "gauge", "histogram"}, m
         assert (m["type"] == "counter") == m["name"].endswith("_total"), m
         assert isinstance(m["labels"], list), m
-        assert m["meaning"] and m["emitted_by"], m
+        assert m["meaning"], m
+        assert m["emitted_by"], m
     # the names the brief and the seed rely on
     for required in (
         "qywx_consumer_lag",
@@ -161,7 +162,8 @@ def test_dashboard_structure_and_provisioning() -> None:
     assert len(ids) == len(set(ids))
     for p in dash["panels"]:
         pos = p["gridPos"]
-        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, p["title"]
+        assert pos["x"] >= 0, p["title"]
+        assert pos["x"] + pos["w"] <= 24, p["title"]
     prov = DEPLOY / "grafana" / "provisioning"
     ds = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())
     assert ds["datasources"][0]["uid"] == "prometheus"
@@ -267,5 +269,6 @@ def test_every_alert_runbook_names_a_section_that_exists() -> None:
 
 def test_runbook_check_is_not_vacuous() -> None:
     anchors = _anchors(DEPLOY.parent / "docs" / "operations.md")
-    assert "kafka-down" in anchors and "node-failure" in anchors
+    assert "kafka-down" in anchors
+    assert "node-failure" in anchors
     assert "kafka-is-down-somewhere" not in anchors

@@ -93,12 +93,14 @@ def test_replay_removes_a_file_only_when_every_letter_was_acked(tmp_path: Path) 
     topic = FakeTopic(lambda lt: lt.letter_id != refused)
     r1 = emergency.replay(tmp_path, topic.publish, batch_size=2)
     assert (r1.published, r1.failed, r1.removed_files) == (3, 1, 0)
-    assert path.exists() and emergency.pending_count(tmp_path) == 1
+    assert path.exists()
+    assert emergency.pending_count(tmp_path) == 1
 
     topic.accept = lambda lt: True
     r2 = emergency.replay(tmp_path, topic.publish)
     assert (r2.published, r2.already_done, r2.removed_files) == (1, 3, 1)
-    assert not path.exists() and not emergency.done_path(path).exists()
+    assert not path.exists()
+    assert not emergency.done_path(path).exists()
     assert sorted(topic.acked) == sorted(lt.letter_id for lt in batch)  # each once
 
 
@@ -111,10 +113,12 @@ def test_a_crash_before_the_ack_keeps_the_letter_for_the_next_replay(tmp_path: P
 
     with pytest.raises(RuntimeError):
         emergency.replay(tmp_path, crash)
-    assert path.exists() and emergency.pending_count(tmp_path) == 3
+    assert path.exists()
+    assert emergency.pending_count(tmp_path) == 3
     topic = FakeTopic()
     report = emergency.replay(tmp_path, topic.publish)
-    assert report.published == 3 and sorted(topic.acked) == sorted(x.letter_id for x in batch)
+    assert report.published == 3
+    assert sorted(topic.acked) == sorted(x.letter_id for x in batch)
 
 
 def test_a_file_with_an_unreadable_line_is_kept_for_a_human(tmp_path: Path) -> None:
@@ -130,7 +134,9 @@ def test_replay_stops_early_when_the_topic_takes_nothing(tmp_path: Path) -> None
     emergency.write_letters(tmp_path, letters(10), T0)
     topic = FakeTopic(lambda lt: False)
     report = emergency.replay(tmp_path, topic.publish, batch_size=2, stop_when_refused=True)
-    assert topic.calls == 1 and report.failed == 2 and emergency.pending_count(tmp_path) == 10
+    assert topic.calls == 1
+    assert report.failed == 2
+    assert emergency.pending_count(tmp_path) == 10
 
 
 def test_only_one_process_replays_a_directory_at_a_time(tmp_path: Path) -> None:
@@ -141,11 +147,13 @@ def test_only_one_process_replays_a_directory_at_a_time(tmp_path: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
         topic = FakeTopic()
         report = emergency.replay(tmp_path, topic.publish, wait_for_lock=False)
-        assert report.locked_out and topic.calls == 0
+        assert report.locked_out
+        assert topic.calls == 0
     finally:
         os.close(fd)
     report = emergency.replay(tmp_path, topic.publish, wait_for_lock=False)
-    assert not report.locked_out and report.published == 3
+    assert not report.locked_out
+    assert report.published == 3
 
 
 def test_a_write_racing_with_compaction_lands_in_a_live_file(tmp_path: Path) -> None:
@@ -204,7 +212,8 @@ def test_background_replay_waits_for_the_topic_and_survives_errors(
     assert sorted(acked) == sorted(lt.letter_id for lt in batch)
     assert not path.exists()
     events = [r.getMessage() for r in caplog.records]
-    assert "dlq.emergency.replay_failed" in events and "dlq.emergency.replayed" in events
+    assert "dlq.emergency.replay_failed" in events
+    assert "dlq.emergency.replayed" in events
 
 
 def test_background_replay_does_not_probe_while_the_breaker_is_open(tmp_path: Path) -> None:
@@ -214,9 +223,11 @@ def test_background_replay_does_not_probe_while_the_breaker_is_open(tmp_path: Pa
     replayer = EmergencyReplayer(
         tmp_path, topic.publish, interval_s=0.01, can_try=lambda: allowed["now"]
     )
-    assert replayer.run_once() is None and topic.calls == 0
+    assert replayer.run_once() is None
+    assert topic.calls == 0
     allowed["now"] = True
     report = replayer.run_once()
-    assert report is not None and report.published == 2
+    assert report is not None
+    assert report.published == 2
     assert replayer.run_once() is None  # nothing left: no lock, no publish
     assert topic.calls == 1

@@ -68,8 +68,12 @@ def test_letter_round_trips_and_keeps_original_bytes() -> None:
     lt = letter()
     back = DeadLetterMessage.from_bytes(lt.to_bytes())
     assert back == lt
-    assert back.v == 1 and back.message_id == "m1" and back.user_id == "u1"
-    assert back.source_partition == 2 and back.source_offset == 41 and back.open_kfid == "kf1"
+    assert back.v == 1
+    assert back.message_id == "m1"
+    assert back.user_id == "u1"
+    assert back.source_partition == 2
+    assert back.source_offset == 41
+    assert back.open_kfid == "kf1"
     assert back.original_bytes() == env.to_bytes()  # the retry re-produces exactly these bytes
     assert dict(back.kafka_headers()) == {
         "failure_reason": b"downstream_error",
@@ -99,7 +103,9 @@ def test_poison_keeps_raw_bytes() -> None:
     )
     assert lt.message_id == "raw:t:1:7"
     assert lt.original_bytes() == b"\xff\x00garbage"
-    assert not lt.recoverable and lt.manual_review and lt.max_retries == 0
+    assert not lt.recoverable
+    assert lt.manual_review
+    assert lt.max_retries == 0
     assert lt.suggested_action is ActionType.MANUAL_REVIEW
 
 
@@ -148,7 +154,8 @@ def test_backoff_strategies_with_injected_clock(reason: FailureReason) -> None:
     strategies = default_strategies(DLQSettings())
     for n, expected in [(0, 60), (1, 120), (2, 240), (9, 3600)]:
         d = decide(strategies, letter(reason, retry_count=n), now=T0)
-        assert d.schedule and d.due_s == T0 + expected
+        assert d.schedule
+        assert d.due_s == T0 + expected
     # consumed late: the due time stays failure_time + backoff, or now if already past
     assert decide(strategies, letter(reason), now=T0 + 30).due_s == T0 + 60
     assert decide(strategies, letter(reason), now=T0 + 500).due_s == T0 + 500
@@ -157,9 +164,11 @@ def test_backoff_strategies_with_injected_clock(reason: FailureReason) -> None:
 def test_exhausted_retries_and_invalid_go_to_review() -> None:
     strategies = default_strategies(DLQSettings(max_retries=3))
     d = decide(strategies, letter(retry_count=3, settings=DLQSettings(max_retries=3)), now=T0)
-    assert not d.schedule and "exhausted" in d.why
+    assert not d.schedule
+    assert "exhausted" in d.why
     d = decide(strategies, letter(FailureReason.INVALID_MESSAGE), now=T0)
-    assert not d.schedule and "not recoverable" in d.why
+    assert not d.schedule
+    assert "not recoverable" in d.why
     # only an operator's explicit retry reaches prepare: it re-produces the original bytes
     rec = strategies[FailureReason.INVALID_MESSAGE].prepare(letter(FailureReason.INVALID_MESSAGE))
     assert rec.value == envelope().to_bytes()
@@ -180,7 +189,8 @@ def test_blocked_user_not_before_block_ends() -> None:
     assert lookups == ["u1"]
     blocks["u1"] = float("inf")  # permanent block: never retried automatically
     d = decide(strategies, letter(FailureReason.USER_BLOCKED), now=T0 + 1)
-    assert not d.schedule and "cannot recover" in d.why
+    assert not d.schedule
+    assert "cannot recover" in d.why
     blocks.clear()  # block lifted: plain backoff
     assert decide(strategies, letter(FailureReason.USER_BLOCKED), now=T0 + 2).due_s == T0 + 60
 
@@ -191,10 +201,14 @@ def test_prepare_sets_retry_headers() -> None:
         letter(FailureReason.PROCESS_TIMEOUT, 2)
     )
     h = dict(rec.headers)
-    assert rec.key == b"u1" and rec.value == envelope().to_bytes()
-    assert h["retry_from_dlq"] == b"true" and h["retry_count"] == b"3"
-    assert h["original_failure"] == b"process_timeout" and h["msg_id"] == b"m1"
-    assert retry_count_of(rec.headers) == 3 and is_dlq_retry(rec.headers)
+    assert rec.key == b"u1"
+    assert rec.value == envelope().to_bytes()
+    assert h["retry_from_dlq"] == b"true"
+    assert h["retry_count"] == b"3"
+    assert h["original_failure"] == b"process_timeout"
+    assert h["msg_id"] == b"m1"
+    assert retry_count_of(rec.headers) == 3
+    assert is_dlq_retry(rec.headers)
     assert not is_dlq_retry(envelope().headers())
     assert retry_count_of([("retry_count", b"3")]) == 0  # not from the DLQ
 
@@ -214,9 +228,11 @@ def test_breaker_opens_and_probes() -> None:
     for _ in range(3):
         assert b.allow()
         b.on_failure()
-    assert b.state == "open" and not b.allow()
+    assert b.state == "open"
+    assert not b.allow()
     now[0] = 60.0
-    assert b.state == "half_open" and b.allow()
+    assert b.state == "half_open"
+    assert b.allow()
     b.on_failure()  # a failed probe re-opens at once
     assert not b.allow()
     now[0] = 121.0
@@ -253,7 +269,8 @@ def test_emergency_file_is_daily_fsynced_and_replays_once(
     r2 = emergency.replay(tmp_path, lambda b: [True] * len(b))
     assert (r2.published, r2.already_done) == (1, 4)
     r3 = emergency.replay(tmp_path, lambda b: [True] * len(b))
-    assert r3.published == 0 and r3.already_done == 5
+    assert r3.published == 0
+    assert r3.already_done == 5
     assert sorted(published[:5]) == sorted(lt.letter_id for lt in letters)
 
 
@@ -276,10 +293,13 @@ def test_consume_dead_letter_converts_to_seed_format() -> None:
         attempt=3,
     )
     lt = to_dead_letter_message(host_letter, DLQSettings(), T0)
-    assert lt.failure_reason is FailureReason.PROCESS_TIMEOUT and lt.retry_count == 2
+    assert lt.failure_reason is FailureReason.PROCESS_TIMEOUT
+    assert lt.retry_count == 2
     assert (lt.source_topic, lt.source_partition, lt.source_offset) == ("main", 3, 99)
-    assert lt.source_timestamp == 1_700_000_000.123 and lt.failure_time == T0
-    assert lt.original_bytes() == env.to_bytes() and lt.recoverable
+    assert lt.source_timestamp == 1_700_000_000.123
+    assert lt.failure_time == T0
+    assert lt.original_bytes() == env.to_bytes()
+    assert lt.recoverable
     poison = DeadLetter(
         reason="invalid_message",
         error="not JSON",
@@ -293,7 +313,9 @@ def test_consume_dead_letter_converts_to_seed_format() -> None:
         value=b"\xffjunk",
     )
     lp = to_dead_letter_message(poison, DLQSettings(), T0)
-    assert lp.original_bytes() == b"\xffjunk" and not lp.recoverable and lp.manual_review
+    assert lp.original_bytes() == b"\xffjunk"
+    assert not lp.recoverable
+    assert lp.manual_review
     odd = DeadLetter(
         reason="something_new",
         error="e",

@@ -106,7 +106,9 @@ def test_well_formed_message_takes_the_fast_path_and_keeps_raw() -> None:
 
 def test_malformed_origin_is_still_flagged_invalid() -> None:
     env = ingest_envelope({"msgid": "m2", "external_userid": "wm", "origin": None})
-    assert env is not None and env.invalid and env.origin == 0
+    assert env is not None
+    assert env.invalid
+    assert env.origin == 0
 
 
 def test_big_int_in_raw_falls_back_to_pydantic_bytes() -> None:

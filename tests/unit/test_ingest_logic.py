@@ -32,12 +32,14 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_after_cooldown(
     clock = Clock()
     b = ProducerBreaker(failure_threshold=10, cooldown_s=5, clock=clock)
     b.record(0, 6)
-    assert b.allow() and b.state is BreakerState.CLOSED
+    assert b.allow()
+    assert b.state is BreakerState.CLOSED
     b.record(3, 1)  # any success resets the run of failures
     b.record(0, 9)
     assert b.state is BreakerState.CLOSED
     b.record(0, 1)
-    assert b.state is BreakerState.OPEN and not b.allow()
+    assert b.state is BreakerState.OPEN
+    assert not b.allow()
     clock.now += 4.9
     assert not b.allow()
     clock.now += 0.2
@@ -49,7 +51,9 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_after_cooldown(
     clock.now += 5.1
     assert b.allow()
     b.record(1, 0)
-    assert b.state is BreakerState.CLOSED and b.allow() and b.allow()
+    assert b.state is BreakerState.CLOSED
+    assert b.allow()
+    assert b.allow()
 
 
 def test_breaker_trial_that_never_reports_does_not_block_forever() -> None:
@@ -64,7 +68,7 @@ def test_breaker_trial_that_never_reports_does_not_block_forever() -> None:
 
 
 def test_breaker_rejects_a_zero_threshold() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="failure_threshold must be >= 1"):
         ProducerBreaker(failure_threshold=0)
 
 
@@ -80,7 +84,8 @@ def test_batch_result_views() -> None:
     a, b, c = env("1", "u"), env("2", "u"), env("3", "v")
     err = ProduceError("boom")
     result = BatchResult([Delivery(a, None, 0, 1), Delivery(b, err), Delivery(c, None, 1, 7)])
-    assert not result.ok and len(result) == 3
+    assert not result.ok
+    assert len(result) == 3
     assert result.acked == [a, c]
     assert [d.envelope for d in result.failed] == [b]
     assert BatchResult([]).ok
@@ -98,10 +103,12 @@ async def test_callback_token_is_used_only_while_valid_and_requests_coalesce() -
         settings=IngestSettings(callback_token_valid_s=540),
         clock=clock,
     )
-    assert syncer.current_token() == "" and not syncer.pull_requested
+    assert syncer.current_token() == ""
+    assert not syncer.pull_requested
     for _ in range(100):
         syncer.request_pull("t1")
-    assert syncer.pull_requested and syncer.current_token() == "t1"
+    assert syncer.pull_requested
+    assert syncer.current_token() == "t1"
     syncer.request_pull(None)  # a sweep keeps the last token
     assert syncer.current_token() == "t1"
     clock.now += 539
@@ -127,13 +134,17 @@ def test_a_wecom_message_with_a_msgid_is_enveloped_even_when_malformed() -> None
 
     base = {"msgid": "m1", "external_userid": "u", "open_kfid": "kf", "msgtype": "text"}
     ok = ingest_envelope({**base, "origin": 3, "send_time": 1_700_000_000})
-    assert ok is not None and ok.invalid == "" and ok.origin == 3
+    assert ok is not None
+    assert ok.invalid == ""
+    assert ok.origin == 3
     assert ("invalid", b"1") not in ok.headers()
 
     for bad in ({"origin": None}, {"send_time": "1700000000.5"}, {"origin": [3]}):
         msg = {**base, **bad}
         env = ingest_envelope(msg)
-        assert env is not None and env.message_id == "m1" and env.raw == msg
+        assert env is not None
+        assert env.message_id == "m1"
+        assert env.raw == msg
         assert env.invalid, bad  # says what is wrong
         assert ("invalid", b"1") in env.headers()
         assert Envelope.from_bytes(env.to_bytes()) == env  # survives Kafka and the spool
@@ -156,9 +167,11 @@ def test_failing_users_go_last_and_a_success_clears_them() -> None:
     f.failed("x")
     f.failed("y")
     f.failed("z")  # beyond max_tracked: not tracked, memory stays bounded
-    assert "z" not in f and len(f) == 3
+    assert "z" not in f
+    assert len(f) == 3
     f.forget_except(["x"])
-    assert len(f) == 1 and "x" in f
+    assert len(f) == 1
+    assert "x" in f
 
     assert keep_going_after(RoundOutcome(produced=5, failed=0))
     assert keep_going_after(RoundOutcome(produced=5, failed=1))  # one user's problem

@@ -23,4 +23,5 @@ def test_only_changed_label_sets_are_republished_and_totals_keep_growing() -> No
     assert b.take_changed() == []
     b.observe(("a",), 3.0)
     [(key, buckets)] = b.take_changed()
-    assert key == ("a",) and buckets == [("1.0", 1), ("+Inf", 2)]
+    assert key == ("a",)
+    assert buckets == [("1.0", 1), ("+Inf", 2)]

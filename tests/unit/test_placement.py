@@ -67,7 +67,8 @@ def test_dashboard_login_lines(tmp_path: Path) -> None:
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("t")
     text = dashboard_login({}, home=tmp_path)
-    assert "ray get-auth-token" in text and "RAY_AUTH_MODE=token ray list actors" in text
+    assert "ray get-auth-token" in text
+    assert "RAY_AUTH_MODE=token ray list actors" in text
     assert "off" in dashboard_login({"RAY_AUTH_MODE": "disabled"}, home=tmp_path)
     assert "get-auth-token" in dashboard_login({"RAY_AUTH_MODE": "token"}, home=tmp_path / "x")
 

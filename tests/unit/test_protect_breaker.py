@@ -38,7 +38,8 @@ def test_opens_after_exactly_failure_threshold_consecutive_failures() -> None:
     opened = BREAKER_OPENED.value()
     for _ in range(99):
         b.on_failure()
-    assert b.state is BreakerState.CLOSED and b.allow()
+    assert b.state is BreakerState.CLOSED
+    assert b.allow()
     b.on_failure()
     assert b.state is BreakerState.OPEN
     assert BREAKER_OPENED.value() == opened + 1
@@ -51,7 +52,8 @@ def test_a_success_resets_the_consecutive_count() -> None:
     b.on_success()
     b.on_failure()
     b.on_failure()
-    assert b.state is BreakerState.CLOSED and b.consecutive_failures == 2
+    assert b.state is BreakerState.CLOSED
+    assert b.consecutive_failures == 2
 
 
 def test_full_cycle_closed_open_half_open_closed() -> None:
@@ -62,12 +64,14 @@ def test_full_cycle_closed_open_half_open_closed() -> None:
         b.on_failure()
     assert not b.allow()
     clock.t += 29.999
-    assert not b.allow() and b.state is BreakerState.OPEN
+    assert not b.allow()
+    assert b.state is BreakerState.OPEN
     assert MESSAGES_DENIED.value(reason="circuit_open") == denied + 2
     clock.t += 0.001
     assert b.state is BreakerState.HALF_OPEN
     # Half-open lets exactly success_threshold test messages through.
-    assert b.allow() and b.allow()
+    assert b.allow()
+    assert b.allow()
     assert not b.allow()
     b.on_success()
     assert b.state is BreakerState.HALF_OPEN
@@ -107,5 +111,5 @@ def test_queue_full_is_counted_as_denied() -> None:
 
 
 def test_settings_reject_nonsense() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="failure_threshold"):
         BreakerSettings(failure_threshold=0)

@@ -17,7 +17,8 @@ def test_deny_reason_values_are_the_dlq_contract() -> None:
         "circuit_open",
         "queue_full",
     ]
-    assert ALLOW.allowed and ALLOW.deny_reason is None
+    assert ALLOW.allowed
+    assert ALLOW.deny_reason is None
     assert Decision(Verdict.RATE_LIMITED).deny_reason is DenyReason.RATE_LIMITED
     assert Decision(Verdict.BLOCKED).deny_reason is DenyReason.USER_BLOCKED
 

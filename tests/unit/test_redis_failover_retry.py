@@ -70,7 +70,8 @@ def test_retry_rides_transient_errors_then_succeeds() -> None:
     flaky = Flaky([RedisConnectionError("x"), ResponseError(NOREPLICAS), ReadOnlyError("ro")])
     retry = FailoverRetry(budget_s=5.0, base_s=0.001, cap_s=0.01)
     assert retry.call_with_retry(flaky.do, flaky.fail) == "ok"
-    assert flaky.calls == 4 and len(flaky.failed) == 3  # each failure disconnects first
+    assert flaky.calls == 4
+    assert len(flaky.failed) == 3
 
 
 class FakeTime:
@@ -101,7 +102,8 @@ def test_retry_gives_up_at_its_time_budget(monkeypatch: pytest.MonkeyPatch) -> N
     # each pause within the backoff cap, then gave up after one more attempt.
     assert sum(fake.sleeps) == pytest.approx(0.3)
     assert all(0 < s <= 0.05 for s in fake.sleeps)
-    assert flaky.calls == len(fake.sleeps) + 1 and flaky.calls > 3
+    assert flaky.calls == len(fake.sleeps) + 1
+    assert flaky.calls > 3
 
 
 def test_retry_never_repeats_a_command_error() -> None:
@@ -109,7 +111,8 @@ def test_retry_never_repeats_a_command_error() -> None:
     retry = FailoverRetry(budget_s=5.0, base_s=0.001, cap_s=0.01)
     with pytest.raises(ResponseError):
         retry.call_with_retry(flaky.do, flaky.fail)
-    assert flaky.calls == 1 and flaky.failed == []  # the connection is left alone
+    assert flaky.calls == 1
+    assert flaky.failed == []
 
 
 async def test_async_retry_rides_transient_errors() -> None:
@@ -158,7 +161,8 @@ async def test_completion_waits_while_the_handler_retries() -> None:
     core.handler = _flaky_handler({"A-m0": 1_000_000})
     core.accept([delivery("A", 0, 0)])
     await asyncio.sleep(0.2)
-    assert done.done == [] and opts["calls"] == []  # nothing completes: no commit advance
+    assert done.done == []
+    assert opts["calls"] == []
 
 
 async def test_handler_outage_longer_than_the_bound_becomes_a_dead_letter() -> None:

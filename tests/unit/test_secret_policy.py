@@ -94,7 +94,8 @@ def test_placeholder_redis_password_is_refused_and_none_is_allowed(
 def test_production_with_real_secrets_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     _real(monkeypatch)
     s = load_settings(profile="production")
-    assert s.profile == "production" and secret_findings(s) == []
+    assert s.profile == "production"
+    assert secret_findings(s) == []
 
 
 def test_development_keeps_the_demo_values() -> None:
@@ -127,17 +128,21 @@ def test_serve_app_builder_builds_with_real_secrets(monkeypatch: pytest.MonkeyPa
 def test_doctor_reports_the_same_findings() -> None:
     prod = load_settings(profile="production", allow_default_secrets=True)
     check = _secrets_check(prod)
-    assert not check.ok and check.status == "FAIL"
+    assert not check.ok
+    assert check.status == "FAIL"
     for finding in secret_findings(prod):
         assert str(finding) in check.detail
     assert "change-me-admin-token" not in format_checks([check])
 
     dev = load_settings(profile="development")
     check = _secrets_check(dev)
-    assert check.ok and check.warn and "admin.token" in check.detail
+    assert check.ok
+    assert check.warn
+    assert "admin.token" in check.detail
 
 
 def test_doctor_secrets_ok_with_real_values(monkeypatch: pytest.MonkeyPatch) -> None:
     _real(monkeypatch)
     check = _secrets_check(load_settings(profile="production"))
-    assert check.ok and not check.warn, check
+    assert check.ok, check
+    assert not check.warn, check

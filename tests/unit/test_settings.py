@@ -28,7 +28,8 @@ def test_development_profile_matches_seed_table() -> None:
         1,
     )
     assert main.retention_ms == 7 * 24 * 3600 * 1000
-    assert main.compression_type == "lz4" and main.max_message_bytes == 1024 * 1024
+    assert main.compression_type == "lz4"
+    assert main.max_message_bytes == 1024 * 1024
     assert s.redis.mode == "single"
 
 
@@ -37,7 +38,8 @@ def test_production_profile_matches_seed_table() -> None:
     main, dlq = s.kafka.main_topic, s.kafka.dlq_topic
     assert (main.partitions, main.replication_factor, main.min_insync_replicas) == (12, 3, 2)
     assert (dlq.partitions, dlq.replication_factor, dlq.min_insync_replicas) == (6, 3, 2)
-    assert s.redis.mode == "sentinel" and len(s.redis.sentinel_addrs) == 3
+    assert s.redis.mode == "sentinel"
+    assert len(s.redis.sentinel_addrs) == 3
 
 
 def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:

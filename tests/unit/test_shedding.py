@@ -78,7 +78,8 @@ def test_backlog_is_fifo_and_drops_the_oldest_when_full() -> None:
     items = [RawCallback(b"q", str(i).encode(), 0.0) for i in range(5)]
     for item in items:
         backlog.add(item)
-    assert backlog.dropped == 2 and len(backlog) == 3
+    assert backlog.dropped == 2
+    assert len(backlog) == 3
     assert [i.body for i in backlog.take(10)] == [b"2", b"3", b"4"]
     assert len(backlog) == 0
 
@@ -86,7 +87,9 @@ def test_backlog_is_fifo_and_drops_the_oldest_when_full() -> None:
 def test_parse_callback_accepts_a_real_callback_and_rejects_forged_stale_or_foreign() -> None:
     now = int(time.time())
     event = parse_callback(CRYPTO, callback("wkP", now))
-    assert event is not None and event.open_kfid == "wkP" and event.token == "tok-wkP"
+    assert event is not None
+    assert event.open_kfid == "wkP"
+    assert event.token == "tok-wkP"
     # A callback that was fresh when it arrived is still accepted when drained later.
     late = callback("wkP", now - 250)
     assert parse_callback(CRYPTO, RawCallback(late.query, late.body, now - 240)) is not None
@@ -139,10 +142,12 @@ async def test_middleware_sheds_without_touching_the_app_and_drains_after_overlo
         assert all(r.headers["x-qywx-shed"] == "inflight" for r in shed)
         assert calls == ["/wecom/callback"] * 2  # the shed ones never reached the app
         assert CALLBACKS_SHED.value(reason="inflight") - before == 5
-        assert sink.sweeps == 5 and len(mw.backlog) == 5
+        assert sink.sweeps == 5
+        assert len(mw.backlog) == 5
         assert sink.events == []  # not drained while still overloaded
         other = await client.get("/healthz")  # other routes are never shed
-        assert calls[-1] == "/healthz" and other.text == "app"
+        assert calls[-1] == "/healthz"
+        assert other.text == "app"
         release.set()
         assert [r.text for r in await asyncio.gather(*slow)] == ["app", "app"]
         await wait_until_async(
@@ -267,5 +272,7 @@ async def test_submit_never_awaits(n_kfids: int) -> None:
     for i in range(5000):
         d.submit(_event(f"wk{i % n_kfids}", "t"))
     # Coalesced per open_kfid and handed to the background flush: no send ran inline.
-    assert d.submitted == 5000 and d.pending == n_kfids and hosts.calls == []
+    assert d.submitted == 5000
+    assert d.pending == n_kfids
+    assert hosts.calls == []
     await d.aclose()

@@ -101,8 +101,10 @@ async def test_stalled_bodies_do_not_count_in_flight() -> None:
     stuck = [asyncio.create_task(call(mw, b"", stalled)) for _ in range(5)]
     await wait_until_async(lambda: entered[0] == 5, timeout_s=10, what="5 bodies entered")
     status, headers, text = await post(mw, callback("wkReal", int(time.time())))
-    assert (status, text) == (200, b"app") and b"x-qywx-shed" not in headers
-    assert len(app.bodies) == 1 and shedder.inflight == 0
+    assert (status, text) == (200, b"app")
+    assert b"x-qywx-shed" not in headers
+    assert len(app.bodies) == 1
+    assert shedder.inflight == 0
     for task in stuck:
         task.cancel()
     await asyncio.gather(*stuck, return_exceptions=True)
@@ -119,7 +121,8 @@ async def test_a_stalled_body_times_out_with_408() -> None:
         return {"type": "http.disconnect"}
 
     status, _, _ = await asyncio.wait_for(call(mw, b"", stalled), 10)
-    assert status == 408 and app.bodies == []
+    assert status == 408
+    assert app.bodies == []
     await mw.aclose()
 
 
@@ -131,16 +134,19 @@ async def test_unsigned_junk_never_displaces_a_signed_shed_callback() -> None:
     shedder = Overload()
     mw = middleware(app, shedder, sink, drain_interval_s=3600)  # drained by hand below
     status, headers, _ = await post(mw, callback("wkNeverSeen", int(time.time())))
-    assert status == 200 and headers[b"x-qywx-shed"] == b"inflight"
+    assert status == 200
+    assert headers[b"x-qywx-shed"] == b"inflight"
     statuses = set()
     for raw in [junk(100) for _ in range(10_001)] + [junk(64_000) for _ in range(1_000)]:
         statuses.add((await post(mw, raw))[0])
     assert statuses == {401}
     held = [mw.backlog.take(1)[0] for _ in range(len(mw.backlog))]
     held_bytes = sum(len(r.query) + len(r.body) for r in held)
-    assert len(held) == 1 and held_bytes < 2_000, (len(held), held_bytes)
+    assert len(held) == 1, (len(held), held_bytes)
+    assert held_bytes < 2_000, (len(held), held_bytes)
     event = parse_callback(CRYPTO, held[0])
-    assert event is not None and event.open_kfid == "wkNeverSeen"
+    assert event is not None
+    assert event.open_kfid == "wkNeverSeen"
     assert app.bodies == []  # nothing of it reached the app
     await mw.aclose()
 
@@ -168,11 +174,14 @@ def test_backlog_has_a_byte_cap_and_drops_the_oldest() -> None:
     items = [RawCallback(b"q" * 10, bytes([65 + i]) * 2_990, 0.0) for i in range(5)]
     for item in items:
         backlog.add(item)
-    assert len(backlog) == 3 and backlog.bytes == 9_000 and backlog.dropped == 2
+    assert len(backlog) == 3
+    assert backlog.bytes == 9_000
+    assert backlog.dropped == 2
     assert [r.body[:1] for r in backlog.take(10)] == [b"C", b"D", b"E"]
     assert backlog.bytes == 0
     backlog.add(RawCallback(b"", b"x" * 10_001, 0.0))  # alone over the cap
-    assert len(backlog) == 0 and backlog.dropped == 3
+    assert len(backlog) == 0
+    assert backlog.dropped == 3
 
 
 async def test_a_shed_callback_is_drained_to_the_sink_and_sweeps() -> None:

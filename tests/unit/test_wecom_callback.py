@@ -140,7 +140,8 @@ async def test_url_verification_rejects_bad_signature_and_missing_params(
     params = sim.build_url_check("echo")
     bad = {**params, "msg_signature": "0" * 40}
     resp = await client.get(URL, params=bad)
-    assert resp.status_code == 401 and resp.text == "unauthorized"
+    assert resp.status_code == 401
+    assert resp.text == "unauthorized"
     resp = await client.get(URL, params={k: v for k, v in params.items() if k != "echostr"})
     assert resp.status_code == 400
 
@@ -152,10 +153,12 @@ async def test_post_valid_callback_reaches_sink(
     before = CALLBACKS.value(result="ok")
     params, body = sim.build_callback("wkSIMKF")
     resp = await client.post(URL, params=params, content=body)
-    assert resp.status_code == 200 and resp.text == "success"
+    assert resp.status_code == 200
+    assert resp.text == "success"
     assert len(sink.events) == 1
     event = sink.events[0]
-    assert event.open_kfid == "wkSIMKF" and event.to_user_name == CORP
+    assert event.open_kfid == "wkSIMKF"
+    assert event.to_user_name == CORP
     assert event.token in sim.sync_tokens  # the simulator's sync token made it through
     assert CALLBACKS.value(result="ok") == before + 1
 
@@ -164,7 +167,8 @@ async def test_post_without_agent_id_is_accepted(setup: tuple[httpx.AsyncClient,
     client, sink = setup
     params, body = _signed_body(INNER, agent=False)
     resp = await client.post(URL, params=params, content=body)
-    assert resp.status_code == 200 and sink.events[0].token == "ENCsynctoken123"
+    assert resp.status_code == 200
+    assert sink.events[0].token == "ENCsynctoken123"
 
 
 async def test_bad_signature_is_401_with_generic_body(
@@ -175,7 +179,8 @@ async def test_bad_signature_is_401_with_generic_body(
     resp = await client.post(URL, params={**params, "nonce": "999"}, content=body)
     assert resp.status_code == 401
     assert resp.text == "unauthorized"
-    assert TOKEN not in resp.text and "signature" not in resp.text
+    assert TOKEN not in resp.text
+    assert "signature" not in resp.text
     assert sink.events == []
 
 
@@ -192,7 +197,8 @@ async def test_malformed_xml_is_400(setup: tuple[httpx.AsyncClient, ListSink], b
     client, sink = setup
     params = {"msg_signature": "a" * 40, "timestamp": str(int(NOW)), "nonce": "1"}
     resp = await client.post(URL, params=params, content=body)
-    assert resp.status_code == 400 and sink.events == []
+    assert resp.status_code == 400
+    assert sink.events == []
 
 
 async def test_entities_and_dtd_are_refused(setup: tuple[httpx.AsyncClient, ListSink]) -> None:
@@ -218,7 +224,8 @@ async def test_inner_xml_missing_fields_is_400(setup: tuple[httpx.AsyncClient, L
     inner = INNER.replace("<OpenKfId><![CDATA[wkKF1]]></OpenKfId>", "")
     params, body = _signed_body(inner)
     resp = await client.post(URL, params=params, content=body)
-    assert resp.status_code == 400 and sink.events == []
+    assert resp.status_code == 400
+    assert sink.events == []
     params, body = _signed_body("<xml><MsgType>event</")  # authentic but malformed inner XML
     assert (await client.post(URL, params=params, content=body)).status_code == 400
 
@@ -230,7 +237,9 @@ async def test_other_events_are_acked_but_not_submitted(
     inner = INNER.replace("kf_msg_or_event", "change_contact")
     params, body = _signed_body(inner)
     resp = await client.post(URL, params=params, content=body)
-    assert resp.status_code == 200 and resp.text == "success" and sink.events == []
+    assert resp.status_code == 200
+    assert resp.text == "success"
+    assert sink.events == []
 
 
 async def test_body_too_large_by_content_length_is_413() -> None:
@@ -239,7 +248,8 @@ async def test_body_too_large_by_content_length_is_413() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
         params, body = _signed_body(INNER)
         resp = await client.post(URL, params=params, content=body + b" " * 2000)
-        assert resp.status_code == 413 and sink.events == []
+        assert resp.status_code == 413
+        assert sink.events == []
 
 
 async def test_body_too_large_without_content_length_is_413() -> None:
@@ -255,7 +265,8 @@ async def test_body_too_large_without_content_length_is_413() -> None:
         req = client.build_request("POST", URL, params=params, content=chunks())
         assert "content-length" not in req.headers  # chunked: only the actual read can tell
         resp = await client.send(req)
-        assert resp.status_code == 413 and sink.events == []
+        assert resp.status_code == 413
+        assert sink.events == []
 
 
 @pytest.mark.parametrize("skew_s", [-301, 301, 10_000])
@@ -265,7 +276,8 @@ async def test_stale_timestamp_is_403(
     client, sink = setup
     params, body = _signed_body(INNER, ts=NOW + skew_s)
     resp = await client.post(URL, params=params, content=body)
-    assert resp.status_code == 403 and sink.events == []
+    assert resp.status_code == 403
+    assert sink.events == []
 
 
 async def test_timestamp_within_skew_is_accepted(
@@ -285,7 +297,8 @@ async def test_replay_is_acked_but_not_resubmitted(
     before = CALLBACKS.value(result="duplicate")
     for _ in range(3):
         resp = await client.post(URL, params=params, content=body)
-        assert resp.status_code == 200 and resp.text == "success"
+        assert resp.status_code == 200
+        assert resp.text == "success"
     assert len(sink.events) == 1
     assert CALLBACKS.value(result="duplicate") == before + 2
     params2, body2 = _signed_body(INNER, nonce="67890")  # a new callback is not a replay
@@ -315,7 +328,8 @@ async def test_replay_cache_down_fails_open_fast(hang_s: float) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
         params, body = _signed_body(INNER)
         resp = await client.post(URL, params=params, content=body)
-    assert resp.status_code == 200 and resp.text == "success"
+    assert resp.status_code == 200
+    assert resp.text == "success"
     assert len(sink.events) == 1  # processed: a duplicate pull is harmless, a lost one is not
     assert REPLAY_CACHE_ERRORS.value() == before + 1
     assert replay.cancelled == (1 if hang_s else 0)
@@ -346,8 +360,10 @@ async def test_post_answers_before_any_downstream_work(sim: WeComSimulatorState)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_app(sink))) as client:
         for params, body in requests:
             resp = await client.post(URL, params=params, content=body)
-            assert resp.status_code == 200 and resp.text == "success"
-    assert len(sink.events) == 200 and sink.downstream_ran == 0
+            assert resp.status_code == 200
+            assert resp.text == "success"
+    assert len(sink.events) == 200
+    assert sink.downstream_ran == 0
     sink.release.set()
     await asyncio.gather(*sink.tasks)
     assert sink.downstream_ran == 200
@@ -372,7 +388,8 @@ async def test_sink_failure_is_not_acked_and_the_retry_gets_through() -> None:
         first = await client.post(URL, params=params, content=body)
         assert first.status_code == 503  # WeCom will retry ...
         retry = await client.post(URL, params=params, content=body)
-        assert retry.status_code == 200 and retry.text == "success"
+        assert retry.status_code == 200
+        assert retry.text == "success"
         assert len(sink.events) == 1  # ... and the retry is not mistaken for a replay
 
 

@@ -97,7 +97,8 @@ async def test_token_refreshed_before_expiry(env: Env) -> None:
     t1 = await env.client.get_access_token()
     env.clock.now += 7200 - 300 + 1  # within the refresh margin
     t2 = await env.client.get_access_token()
-    assert t2 != t1 and env.state.stats.gettoken_calls == 2
+    assert t2 != t1
+    assert env.state.stats.gettoken_calls == 2
 
 
 async def test_refresh_on_40014_invalid_token(env: Env) -> None:
@@ -115,7 +116,8 @@ async def test_refresh_on_42001_expired_token(env: Env) -> None:
     env.state.expire_access_tokens()  # next call answers 42001
     env.state.add_messages(KF, "u1", 1)
     page = await env.client.sync_msg(KF)
-    assert len(page.msg_list) == 1 and env.state.stats.gettoken_calls == 2
+    assert len(page.msg_list) == 1
+    assert env.state.stats.gettoken_calls == 2
 
 
 async def test_token_error_twice_raises_after_one_refresh(env: Env) -> None:
@@ -132,7 +134,8 @@ async def test_bad_credentials_raise_without_retry() -> None:
     e.state.kf_secret = "something-else"
     with pytest.raises(WeComError) as info:
         await e.client.sync_msg(KF)
-    assert info.value.errcode == ErrCode.INVALID_SECRET and e.sleeps == []
+    assert info.value.errcode == ErrCode.INVALID_SECRET
+    assert e.sleeps == []
     await e.client.aclose()
 
 
@@ -154,7 +157,8 @@ async def test_retries_are_bounded_then_transient_error(env: Env) -> None:
     await env.client.get_access_token()
     with pytest.raises(WeComTransientError) as info:
         await env.client.sync_msg(KF)
-    assert info.value.errcode == -1 and info.value.api == "kf/sync_msg"
+    assert info.value.errcode == -1
+    assert info.value.api == "kf/sync_msg"
     assert len(env.sleeps) == env.settings.max_retries
     assert all(d <= env.settings.retry_max_s for d in env.sleeps)
     assert sum(env.sleeps) <= env.settings.max_retries * env.settings.retry_max_s
@@ -164,7 +168,8 @@ async def test_backoff_grows_then_caps() -> None:
     e, _ = await _make_env(_settings(max_retries=8, retry_base_s=0.1, retry_max_s=2.0))
     delays = [e.client.backoff_s(i) for i in range(8)]
     assert max(delays) <= 2.0
-    assert delays[0] <= 0.1 and delays[-1] >= 1.0  # exponential until the cap
+    assert delays[0] <= 0.1
+    assert delays[-1] >= 1.0
     await e.client.aclose()
 
 
@@ -172,7 +177,8 @@ async def test_http_500_is_retried(env: Env) -> None:
     await env.client.get_access_token()
     env.state.add_fault(FaultRule(api="kf/sync_msg", kind="http_500", count=2))
     page = await env.client.sync_msg(KF)
-    assert page.errcode == 0 and len(env.sleeps) == 2
+    assert page.errcode == 0
+    assert len(env.sleeps) == 2
 
 
 async def test_non_retryable_errcode_raises_immediately(env: Env) -> None:
@@ -180,7 +186,8 @@ async def test_non_retryable_errcode_raises_immediately(env: Env) -> None:
     env.state.add_fault(FaultRule(api="kf/sync_msg", errcode=95026, count=1))
     with pytest.raises(WeComError) as info:
         await env.client.sync_msg(KF)
-    assert info.value.errcode == 95026 and not isinstance(info.value, WeComTransientError)
+    assert info.value.errcode == 95026
+    assert not isinstance(info.value, WeComTransientError)
     assert env.sleeps == []
 
 
@@ -215,7 +222,9 @@ async def test_timeouts_and_connection_errors_are_retried() -> None:
     client = WeComClient(settings, InMemoryTokenCache(clock), transport=flaky, sleep=fake_sleep)
     state.add_messages(KF, "u", 1)
     page = await client.sync_msg(KF)
-    assert len(page.msg_list) == 1 and len(sleeps) == 3 and flaky.calls == 5
+    assert len(page.msg_list) == 1
+    assert len(sleeps) == 3
+    assert flaky.calls == 5
     flaky.errors = [httpx.ReadTimeout("slow")] * 10
     with pytest.raises(WeComTransientError):
         await client.sync_msg(KF)
@@ -227,7 +236,8 @@ async def test_iter_sync_follows_has_more_through_empty_pages(env: Env) -> None:
     env.state.add_fault(FaultRule(api="kf/sync_msg", kind="empty_page", count=2))
     pages = [p async for p in env.client.iter_sync(KF, limit=10)]
     assert [len(p.msg_list) for p in pages] == [0, 0, 10, 10, 5]
-    assert all(p.has_more for p in pages[:-1]) and not pages[-1].has_more
+    assert all(p.has_more for p in pages[:-1])
+    assert not pages[-1].has_more
     assert [m["msgid"] for p in pages for m in p.msg_list] == ids
 
 
@@ -241,9 +251,11 @@ async def test_cursor_continuity_across_calls(env: Env) -> None:
     assert seen == first
     later = env.state.add_messages(KF, "u1", 3)
     page = await env.client.sync_msg(KF, cursor)
-    assert [m["msgid"] for m in page.msg_list] == later and not page.has_more
+    assert [m["msgid"] for m in page.msg_list] == later
+    assert not page.has_more
     again = await env.client.sync_msg(KF, page.next_cursor)
-    assert again.msg_list == [] and not again.has_more
+    assert again.msg_list == []
+    assert not again.has_more
     truth = env.state.truth_view()["messages"][KF]
     assert truth["u1"] == first[:1500] + later
 
@@ -251,7 +263,8 @@ async def test_cursor_continuity_across_calls(env: Env) -> None:
 async def test_limit_is_capped_at_1000(env: Env) -> None:
     env.state.add_messages(KF, "u", 1200)
     page = await env.client.sync_msg(KF, limit=5000)
-    assert len(page.msg_list) == 1000 and page.has_more
+    assert len(page.msg_list) == 1000
+    assert page.has_more
 
 
 async def test_sync_with_callback_token(env: Env) -> None:
@@ -315,11 +328,10 @@ async def test_secrets_and_tokens_never_logged(env: Env, caplog: pytest.LogCaptu
     env.state.add_fault(FaultRule(api="kf/sync_msg", errcode=-1, count=2))
     env.state.expire_access_tokens()
     await env.client.sync_msg(KF)
-    try:
-        env.state.add_fault(FaultRule(api="kf/sync_msg", errcode=48002, count=1))
+    env.state.add_fault(FaultRule(api="kf/sync_msg", errcode=48002, count=1))
+    with pytest.raises(WeComError) as refused:
         await env.client.sync_msg(KF)
-    except WeComError as exc:
-        assert token not in str(exc)
+    assert token not in str(refused.value)
     text = caplog.text + repr([r.__dict__ for r in caplog.records])
     assert "wecom.retry" in text
     assert "access_token=***" in text  # httpx's request log line is redacted, not dropped

@@ -130,21 +130,27 @@ def test_every_message_type_parses_and_round_trips(msgtype: str) -> None:
     msg = m.parse_kf_message(data)
     assert type(msg) is m.MESSAGE_TYPES[msgtype]
     assert msg.model_dump() == data
-    assert msg.open_kfid == BASE["open_kfid"] and msg.external_userid == BASE["external_userid"]
+    assert msg.open_kfid == BASE["open_kfid"]
+    assert msg.external_userid == BASE["external_userid"]
     assert msg.origin is m.Origin.CUSTOMER
     assert getattr(msg, msgtype) is not None
 
 
 def test_typed_access_to_payloads() -> None:
     text = m.parse_kf_message(_msg("text"))
-    assert isinstance(text, m.TextMessage) and text.text is not None
+    assert isinstance(text, m.TextMessage)
+    assert text.text is not None
     assert text.text.menu_id == "101"
     menu = m.parse_kf_message(_msg("msgmenu"))
-    assert isinstance(menu, m.MsgMenuMessage) and menu.msgmenu is not None
-    assert menu.msgmenu.menu_list is not None and len(menu.msgmenu.menu_list) == 4
+    assert isinstance(menu, m.MsgMenuMessage)
+    assert menu.msgmenu is not None
+    assert menu.msgmenu.menu_list is not None
+    assert len(menu.msgmenu.menu_list) == 4
     merged = m.parse_kf_message(_msg("merged_msg"))
-    assert isinstance(merged, m.MergedMsgMessage) and merged.merged_msg is not None
-    assert merged.merged_msg.item is not None and merged.merged_msg.item[0].sender_name == "张三"
+    assert isinstance(merged, m.MergedMsgMessage)
+    assert merged.merged_msg is not None
+    assert merged.merged_msg.item is not None
+    assert merged.merged_msg.item[0].sender_name == "张三"
 
 
 @pytest.mark.parametrize("event_type", sorted(EVENTS))
@@ -152,20 +158,26 @@ def test_every_event_type_parses_with_ids_from_event(event_type: str) -> None:
     data = _event(event_type)
     msg = m.parse_kf_message(data)
     assert isinstance(msg, m.EventMessage)
-    assert msg.event is not None and type(msg.event).__name__ != "UnknownEvent"
+    assert msg.event is not None
+    assert type(msg.event).__name__ != "UnknownEvent"
     assert msg.event_type == event_type
-    assert msg.open_kfid == "wkEVENTKF" and msg.external_userid == "wmEVENTUSER"
-    assert msg.origin is m.Origin.SYSTEM_EVENT and msg.is_event
+    assert msg.open_kfid == "wkEVENTKF"
+    assert msg.external_userid == "wmEVENTUSER"
+    assert msg.origin is m.Origin.SYSTEM_EVENT
+    assert msg.is_event
     assert msg.model_dump() == data
 
 
 def test_enter_session_fields() -> None:
     msg = m.parse_kf_message(_event("enter_session"))
-    assert isinstance(msg, m.EventMessage) and isinstance(msg.event, m.EnterSessionEvent)
+    assert isinstance(msg, m.EventMessage)
+    assert isinstance(msg.event, m.EnterSessionEvent)
     assert msg.event.welcome_code == "aaaaaa"
-    assert msg.event.wechat_channels is not None and msg.event.wechat_channels.scene == 1
+    assert msg.event.wechat_channels is not None
+    assert msg.event.wechat_channels.scene == 1
     fail = m.parse_kf_message(_event("msg_send_fail"))
-    assert isinstance(fail, m.EventMessage) and isinstance(fail.event, m.MsgSendFailEvent)
+    assert isinstance(fail, m.EventMessage)
+    assert isinstance(fail.event, m.MsgSendFailEvent)
     assert (fail.event.fail_msgid, fail.event.fail_type) == ("FAIL_MSGID", 4)
 
 
@@ -174,7 +186,8 @@ def test_unknown_msgtype_and_fields_survive() -> None:
     msg = m.parse_kf_message(data)
     assert isinstance(msg, m.UnknownMessage)
     assert msg.model_dump() == data
-    assert msg.model_extra is not None and msg.model_extra["hologram"]["frames"][2] == {"z": "深"}
+    assert msg.model_extra is not None
+    assert msg.model_extra["hologram"]["frames"][2] == {"z": "深"}
     known = _msg("text")
     known["text"]["future_field"] = {"a": 1}
     known["top_level_future"] = [1]
@@ -189,15 +202,18 @@ def test_unknown_event_type_survives() -> None:
         "event": {"event_type": "brand_new_event", "open_kfid": "wk1", "x": {"y": [1]}},
     }
     msg = m.parse_kf_message(data)
-    assert isinstance(msg, m.EventMessage) and isinstance(msg.event, m.UnknownEvent)
-    assert msg.open_kfid == "wk1" and msg.external_userid == ""
+    assert isinstance(msg, m.EventMessage)
+    assert isinstance(msg.event, m.UnknownEvent)
+    assert msg.open_kfid == "wk1"
+    assert msg.external_userid == ""
     assert msg.model_dump() == data
 
 
 def test_unknown_origin_value_is_kept() -> None:
     data = {**_msg("text"), "origin": 9}
     msg = m.parse_kf_message(data)
-    assert msg.origin == 9 and msg.model_dump() == data
+    assert msg.origin == 9
+    assert msg.model_dump() == data
 
 
 def test_model_dump_json_round_trips() -> None:
@@ -218,8 +234,10 @@ def test_callback_event_and_sync_page() -> None:
             "OpenKfId": "wkxxxxxxx",
         }
     )
-    assert cb.open_kfid == "wkxxxxxxx" and cb.create_time == 1348831860
-    assert "ENCA" not in repr(cb) and "ENCA" not in str(cb)
+    assert cb.open_kfid == "wkxxxxxxx"
+    assert cb.create_time == 1348831860
+    assert "ENCA" not in repr(cb)
+    assert "ENCA" not in str(cb)
     page = m.SyncMsgPage.model_validate(
         {
             "errcode": 0,
@@ -233,7 +251,8 @@ def test_callback_event_and_sync_page() -> None:
     parsed = page.messages()
     assert [type(p) for p in parsed] == [m.TextMessage, m.EventMessage]
     empty = m.SyncMsgPage.model_validate({"errcode": 0, "next_cursor": "c", "has_more": 1})
-    assert empty.has_more and empty.msg_list == []
+    assert empty.has_more
+    assert empty.msg_list == []
 
 
 def test_every_documented_type_has_a_sample() -> None:

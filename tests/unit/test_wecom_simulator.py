@@ -55,7 +55,8 @@ def test_gettoken_checks_credentials_and_expiry() -> None:
     assert state.gettoken("wrong", "x")["errcode"] == 40013
     assert state.gettoken(SETTINGS.corp_id, "x")["errcode"] == 40001
     ok = state.gettoken(SETTINGS.corp_id, SETTINGS.kf_secret.get_secret_value())
-    assert ok["expires_in"] == 7200 and ok["errcode"] == 0
+    assert ok["expires_in"] == 7200
+    assert ok["errcode"] == 0
     token = ok["access_token"]
     assert state.sync_msg(token, {"open_kfid": KF})["errcode"] == 0
     assert state.sync_msg("nope", {"open_kfid": KF})["errcode"] == ErrCode.INVALID_TOKEN
@@ -74,7 +75,8 @@ def test_messages_have_real_ids_and_every_type_parses() -> None:
         assert len(raw["msgid"]) == 32
         msg = parse_kf_message(raw)
         assert type(msg).__name__ != "UnknownMessage"
-        assert msg.open_kfid == KF and msg.external_userid == "wmUSER"
+        assert msg.open_kfid == KF
+        assert msg.external_userid == "wmUSER"
         assert msg.model_dump() == raw
     assert len({m["msgid"] for m in page["msg_list"]}) == len(MESSAGE_TYPES)
 
@@ -101,11 +103,13 @@ def test_invalidated_cursors_are_rejected_and_a_pull_without_one_starts_over() -
     second = state.add_messages(KF, "u", 2)
     state.invalidate_cursors(KF)
     rejected = state.sync_msg(token, {"open_kfid": KF, "cursor": cursor})
-    assert rejected["errcode"] == ErrCode.INVALID_PARAM and "cursor" in rejected["errmsg"]
+    assert rejected["errcode"] == ErrCode.INVALID_PARAM
+    assert "cursor" in rejected["errmsg"]
     again = state.sync_msg(token, {"open_kfid": KF})
     assert [m["msgid"] for m in again["msg_list"]] == first + second
     fresh = state.sync_msg(token, {"open_kfid": KF, "cursor": again["next_cursor"]})
-    assert fresh["errcode"] == 0 and fresh["msg_list"] == []
+    assert fresh["errcode"] == 0
+    assert fresh["msg_list"] == []
 
 
 def test_three_day_retention_prunes_sync_but_not_truth() -> None:
@@ -146,9 +150,11 @@ def test_sync_page_of_1000_1kib_messages_is_pre_encoded(monkeypatch: pytest.Monk
     monkeypatch.setattr(simulator, "json", CountingJson)
     raw = state.sync_msg_bytes(token, body)
     assert len(raw) > 1000 * 1000
-    assert len(encoded) == 1 and "msg_list" not in encoded[0]  # type: ignore[operator]
+    assert len(encoded) == 1
+    assert "msg_list" not in encoded[0]  # type: ignore[operator]  # a dict, recorded as object
     page = real_json.loads(raw)
-    assert len(page["msg_list"]) == 1000 and page["has_more"] == 1
+    assert len(page["msg_list"]) == 1000
+    assert page["has_more"] == 1
 
 
 def test_fault_rules_count_and_probability() -> None:
@@ -161,7 +167,7 @@ def test_fault_rules_count_and_probability() -> None:
     state.add_fault(FaultRule(api="*", kind="latency", count=None, probability=0.3))
     fired = sum(len(state.take_faults("gettoken")) for _ in range(1000))
     assert 200 < fired < 400
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown fault kind"):
         state.add_fault(FaultRule(kind="explode"))
 
 
@@ -178,7 +184,9 @@ def test_population_tick_is_rate_accurate() -> None:
 
 
 def test_rate_and_mix_parsing() -> None:
-    assert parse_rate("2/min") == 2.0 and parse_rate("1/s") == 60.0 and parse_rate("30/h") == 0.5
+    assert parse_rate("2/min") == 2.0
+    assert parse_rate("1/s") == 60.0
+    assert parse_rate("30/h") == 0.5
     assert parse_mix("text=0.8,image=0.2") == {"text": 0.8, "image": 0.2}
 
 
@@ -225,7 +233,8 @@ async def test_callbacks_are_pushed_encrypted_and_token_works() -> None:
     try:
         ids = sim.state.add_messages(KF, "u1", 3)
         await sim.idle(5)
-        assert len(cb.events) == 1 and cb.events[0].open_kfid == KF
+        assert len(cb.events) == 1
+        assert cb.events[0].open_kfid == KF
         token = _token(sim.state)
         page = sim.state.sync_msg(token, {"open_kfid": KF, "token": cb.events[0].token})
         assert [m["msgid"] for m in page["msg_list"]] == ids
@@ -240,11 +249,13 @@ async def test_callback_retried_up_to_three_tries() -> None:
     try:
         sim.state.add_messages(KF, "u1", 1)
         await sim.idle(5)
-        assert cb.requests == 3 and len(cb.events) == 1
+        assert cb.requests == 3
+        assert len(cb.events) == 1
         cb.fail_first, cb.requests = 100, 0
         sim.state.add_messages(KF, "u1", 1)
         await sim.idle(5)
-        assert cb.requests == 3 and sim.state.stats.callbacks_failed == 1  # gave up after 3
+        assert cb.requests == 3
+        assert sim.state.stats.callbacks_failed == 1
     finally:
         await sim.stop()
 
@@ -256,7 +267,8 @@ async def test_drop_and_duplicate_faults() -> None:
         sim.state.add_fault(FaultRule(api="callback", kind="drop", count=1))
         sim.state.add_messages(KF, "u1", 1)
         await sim.idle(5)
-        assert cb.requests == 0 and sim.state.stats.callbacks_dropped == 1
+        assert cb.requests == 0
+        assert sim.state.stats.callbacks_dropped == 1
         sim.state.add_fault(FaultRule(api="callback", kind="duplicate", count=1))
         sim.state.add_messages(KF, "u1", 1)
         await sim.idle(5)
@@ -284,9 +296,11 @@ async def test_http_admin_endpoints(http: tuple[httpx.AsyncClient, WeComSimulato
     ids = resp.json()["msgids"]
     assert len(ids) == 4
     truth = (await client.get("/sim/truth")).json()
-    assert truth["messages"][KF]["u9"] == ids and truth["total"] == 4
+    assert truth["messages"][KF]["u9"] == ids
+    assert truth["total"] == 4
     resp = await client.post("/sim/faults", json={"api": "gettoken", "errcode": 45009, "count": 1})
-    assert resp.status_code == 200 and len(resp.json()["faults"]) == 1
+    assert resp.status_code == 200
+    assert len(resp.json()["faults"]) == 1
     params = {"corpid": SETTINGS.corp_id, "corpsecret": SETTINGS.kf_secret.get_secret_value()}
     assert (await client.get("/cgi-bin/gettoken", params=params)).json()["errcode"] == 45009
     token = (await client.get("/cgi-bin/gettoken", params=params)).json()["access_token"]
