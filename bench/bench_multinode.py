@@ -8,7 +8,7 @@ partitions, trivial handler, protections on: bench_consume's `ModeBench.drain` u
 so the lines are comparable with `hosted_trivial` there. Also prints where each actor ran
 and the load average. JSON lines on stdout:
 
-    PYTHONPATH=$PWD python bench/bench_multinode.py > bench/results/compare/multinode_<commit>.jsonl
+    python -m bench.bench_multinode > bench/results/compare/multinode_<commit>.jsonl
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The capacity model of docs/capacity.md: measured per-message CPU and per-user memory in,
 nodes / partitions / consumers / hosts / syncer hosts out.
 
-`python bench/capacity.py` prints the sizing table that docs/capacity.md shows
+`python -m bench.capacity` prints the sizing table that docs/capacity.md shows
 (tests/unit/test_capacity_model.py checks that the page and this model agree). Every
 input is a number measured on this repository's 2-vCPU benchmark box (slow, shared
 vCPUs: a production core does at least as much), named with where it comes from.
