@@ -219,10 +219,15 @@ def _stop_pids(running: list[int], timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     while any(pid_alive(p) for p in running) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pid in running:
-        if pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    killed = [pid for pid in running if pid_alive(pid)]
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # SIGKILL is delivered, not done: wait (bounded) until they are gone, so a caller
+    # that checks right after sees them stopped.
+    deadline = time.monotonic() + 10.0
+    while any(pid_alive(p) for p in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return len(running)
 
 

@@ -15,7 +15,6 @@ from confluent_kafka.admin import AdminClient
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "bench_kafka_ceiling.py"
 
 
 def _topics(bootstrap: str) -> set[str]:
@@ -35,7 +34,7 @@ def test_quick_ceiling_emits_positive_figures_for_every_case(kafka_bootstrap: st
     }
     env.pop("QYWX_BENCH_RUNS", None)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--records", "10000"],
+        [sys.executable, "-m", "bench.bench_kafka_ceiling", "--records", "10000"],
         cwd=ROOT,
         env=env,
         capture_output=True,
