@@ -289,12 +289,14 @@ class HostShell:
         return os.getpid()
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class UserHost:
-    """A shared host of many user mailboxes (mode `hosted`)."""
+class _ShellActor:
+    """What both actor kinds answer: each method forwards to the HostShell inside.
 
-    def __init__(self, settings: Settings, name: str) -> None:
-        self.shell = HostShell(settings, name)
+    A plain base class (Ray actor classes inherit its methods), so the two kinds differ
+    only in how they build their shell and how they name themselves.
+    """
+
+    shell: HostShell
 
     def deliver(self, batch: PackedDeliveries, expected_incarnation: str | None) -> str:
         return self.shell.deliver(batch, expected_incarnation)
@@ -316,6 +318,14 @@ class UserHost:
 
     def where(self) -> dict[str, Any]:
         return where()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class UserHost(_ShellActor):
+    """A shared host of many user mailboxes (mode `hosted`)."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.shell = HostShell(settings, name)
 
     def __repr__(self) -> str:
         # Ray shows this in the dashboard and log prefixes (taken once, after __init__).
@@ -323,32 +333,11 @@ class UserHost:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
-class DedicatedUserActor:
+class DedicatedUserActor(_ShellActor):
     """One user's own actor (mode `dedicated`); ends itself when idle and empty."""
 
     def __init__(self, settings: Settings, name: str) -> None:
         self.shell = HostShell(settings, name, dedicated=True)
-
-    def deliver(self, batch: PackedDeliveries, expected_incarnation: str | None) -> str:
-        return self.shell.deliver(batch, expected_incarnation)
-
-    def incarnation_id(self) -> str:
-        return self.shell.incarnation_id()
-
-    def snapshot(self) -> dict[str, Any]:
-        return self.shell.snapshot()
-
-    def latency_stats(self, reset: bool = False) -> dict[str, Any]:
-        return self.shell.latency_stats(reset)
-
-    def latency_samples(self, reset: bool = False) -> list[int]:
-        return self.shell.latency_samples(reset)
-
-    def pid(self) -> int:
-        return self.shell.pid()
-
-    def where(self) -> dict[str, Any]:
-        return where()
 
     def __repr__(self) -> str:
         return f"DedicatedUserActor({self.shell.name})"

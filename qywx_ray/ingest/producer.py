@@ -286,21 +286,22 @@ class KafkaIngestProducer:
         PRODUCE_BACKPRESSURE.inc()
         deadline = time.monotonic() + self.produce_block_timeout_s
         while not self._try_produce(env, value, cb):
-            if time.monotonic() > deadline:
-                raise ProduceError(
-                    f"local producer queue stayed full for {self.produce_block_timeout_s}s"
-                )
+            self._raise_if_past(deadline)
             self._producer.poll(0.005)
+
+    def _raise_if_past(self, deadline: float) -> None:
+        """Back-pressure is bounded: a local queue full past `deadline` is a produce error."""
+        if time.monotonic() > deadline:
+            raise ProduceError(
+                f"local producer queue stayed full for {self.produce_block_timeout_s}s"
+            )
 
     async def _queue_when_room(self, env: Envelope, value: bytes, cb: Callable[..., None]) -> None:
         """Back-pressure for the async modes: the poll thread drains; retry within a bound."""
         PRODUCE_BACKPRESSURE.inc()
         deadline = time.monotonic() + self.produce_block_timeout_s
         while not self._try_produce(env, value, cb):
-            if time.monotonic() > deadline:
-                raise ProduceError(
-                    f"local producer queue stayed full for {self.produce_block_timeout_s}s"
-                )
+            self._raise_if_past(deadline)
             await asyncio.sleep(0.005)
 
     @staticmethod

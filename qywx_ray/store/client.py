@@ -59,14 +59,36 @@ def is_transient_redis_error(exc: BaseException) -> bool:
     return False
 
 
-class FailoverRetry(Retry):
+def _give_up_unless_transient(
+    error: Exception, is_retryable: Callable[[Exception], bool] | None
+) -> None:
+    """Re-raise `error` (inside its except block) unless it is worth another attempt."""
+    if not is_transient_redis_error(error) or (
+        is_retryable is not None and not is_retryable(error)
+    ):
+        raise error
+
+
+def _pause_s(backoff: Any, failures: int, deadline: float, error: Exception) -> float:
+    """The pause before the next attempt; raises `error` once the time budget is spent."""
+    left_s = deadline - time.monotonic()
+    if left_s <= 0:
+        raise error
+    return float(min(backoff.compute(failures), left_s))
+
+
+class _TimeBudget:
+    """The constructor both retries share: exponential backoff, no count, a time budget."""
+
+    def __init__(self, budget_s: float, base_s: float, cap_s: float) -> None:
+        super().__init__(ExponentialBackoff(cap=cap_s, base=base_s), -1, _CAUGHT)  # type: ignore[call-arg]
+        self.budget_s = budget_s
+
+
+class FailoverRetry(_TimeBudget, Retry):
     """redis-py Retry bounded by time (from the start of the call), not by a count, and
     retrying only transient errors. Time-bounded so that the connect retry nested inside
     a command retry does not multiply the wait."""
-
-    def __init__(self, budget_s: float, base_s: float, cap_s: float) -> None:
-        super().__init__(ExponentialBackoff(cap=cap_s, base=base_s), -1, _CAUGHT)
-        self.budget_s = budget_s
 
     def call_with_retry(
         self,
@@ -82,27 +104,14 @@ class FailoverRetry(Retry):
             try:
                 return do()
             except self._supported_errors as error:
-                if not is_transient_redis_error(error) or (
-                    is_retryable is not None and not is_retryable(error)
-                ):
-                    raise
+                _give_up_unless_transient(error, is_retryable)
                 failures += 1
-                if with_failure_count:
-                    fail(error, failures)
-                else:
-                    fail(error)
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:
-                    raise error
-                time.sleep(min(self._backoff.compute(failures), left_s))
+                fail(*((error, failures) if with_failure_count else (error,)))
+                time.sleep(_pause_s(self._backoff, failures, deadline, error))
 
 
-class AsyncFailoverRetry(AsyncRetry):
+class AsyncFailoverRetry(_TimeBudget, AsyncRetry):
     """The asyncio twin of FailoverRetry."""
-
-    def __init__(self, budget_s: float, base_s: float, cap_s: float) -> None:
-        super().__init__(ExponentialBackoff(cap=cap_s, base=base_s), -1, _CAUGHT)
-        self.budget_s = budget_s
 
     async def call_with_retry(
         self,
@@ -118,19 +127,10 @@ class AsyncFailoverRetry(AsyncRetry):
             try:
                 return await do()
             except self._supported_errors as error:
-                if not is_transient_redis_error(error) or (
-                    is_retryable is not None and not is_retryable(error)
-                ):
-                    raise
+                _give_up_unless_transient(error, is_retryable)
                 failures += 1
-                if with_failure_count:
-                    await fail(error, failures)
-                else:
-                    await fail(error)
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:
-                    raise error
-                await asyncio.sleep(min(self._backoff.compute(failures), left_s))
+                await fail(*((error, failures) if with_failure_count else (error,)))
+                await asyncio.sleep(_pause_s(self._backoff, failures, deadline, error))
 
 
 class _FollowMasterConnection(SentinelManagedConnection):
