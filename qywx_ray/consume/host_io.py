@@ -17,7 +17,6 @@ What each must never do:
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -49,6 +48,7 @@ from qywx_ray.envelope import Envelope
 from qywx_ray.errors import InfraError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter
+from qywx_ray.retry import capped_exponential, retry_async, spread
 
 log = get_logger(__name__)
 
@@ -85,19 +85,21 @@ async def with_policy(
     nothing completes and commits do not advance); policy process admits, reports
     `bypassed(n)` and returns None. Only infrastructure errors are retried: any other
     error propagates (crash-only: the host restarts)."""
-    delay = 0.05
-    while True:
+    if policy == "process":
         try:
             return await call()
         except INFRA_ERRORS as exc:
-            if policy == "process":
-                bypassed(n)
-                m_bypassed.inc(n)
-                log.warning("host.admission_bypassed", what=what, n=n, error=str(exc))
-                return None
-            log.warning("host.admission_retry", what=what, delay_s=delay, error=str(exc))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, retry_max_s)
+            bypassed(n)
+            m_bypassed.inc(n)
+            log.warning("host.admission_bypassed", what=what, n=n, error=str(exc))
+            return None
+
+    def on_retry(exc: BaseException, _attempt: int, delay_s: float) -> None:
+        log.warning("host.admission_retry", what=what, delay_s=delay_s, error=str(exc))
+
+    return await retry_async(
+        call, retry_on=INFRA_ERRORS, wait=capped_exponential(0.05, retry_max_s), on_retry=on_retry
+    )
 
 
 async def retry_durable(
@@ -108,14 +110,13 @@ async def retry_durable(
 ) -> Any:
     """Order-critical writes (parking lot, drain tokens): retried until they succeed,
     whatever the policy; each carries its op id, so a resend is applied once."""
-    delay = 0.05
-    while True:
-        try:
-            return await call()
-        except errors as exc:
-            log.warning("host.write_retry", what=what, delay_s=delay, error=str(exc))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, retry_max_s)
+
+    def on_retry(exc: BaseException, _attempt: int, delay_s: float) -> None:
+        log.warning("host.write_retry", what=what, delay_s=delay_s, error=str(exc))
+
+    return await retry_async(
+        call, retry_on=errors, wait=capped_exponential(0.05, retry_max_s), on_retry=on_retry
+    )
 
 
 async def rate_limit(
@@ -207,15 +208,20 @@ async def durable_dead_letter(
 ) -> None:
     """Retried (jittered backoff) until the sink says durable: never complete a message
     whose letter is not."""
-    delay = 0.05
-    while True:
-        try:
-            await sink.dead_letter(letters)
-            return
-        except Exception as exc:  # noqa: BLE001 - a dead letter is retried until durable, whatever failed
-            log.error("dlq.write_retry", host=host, error=str(exc), delay_s=delay)
-            await asyncio.sleep(delay + random.random() * delay)
-            delay = min(delay * 2, 5.0)
+
+    def on_retry(exc: BaseException, _attempt: int, delay_s: float) -> None:
+        log.error("dlq.write_retry", host=host, error=str(exc), delay_s=delay_s)
+
+    async def write() -> None:
+        await sink.dead_letter(letters)
+
+    # Exception: a dead letter is retried until durable, whatever failed.
+    await retry_async(
+        write,
+        retry_on=(Exception,),
+        wait=capped_exponential(0.05, 5.0, jitter=spread()),
+        on_retry=on_retry,
+    )
 
 
 async def run_head(

@@ -58,6 +58,7 @@ from qywx_ray.envelope import header_value
 from qywx_ray.kafka.config import consumer_config
 from qywx_ray.obs.logging import configure_logging, get_logger
 from qywx_ray.obs.metrics import counter, gauge
+from qywx_ray.retry import capped_exponential, retry_sync
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_redis
 
@@ -263,20 +264,30 @@ class PartitionConsumerCore:
             Want(u, user_actor_name(self._open_kfid(*firsts[u]), u), self._route_hosted(u))
             for u in users
         ]
-        backoff_s = 0.05
-        while True:
-            try:
-                placement.resolve(wants)
-                return placement
-            except RedisError as exc:
-                log.warning("consumer.placement_unavailable", error=str(exc), users=len(wants))
-            if self._stop.is_set():
-                return None
-            deadline = time.monotonic() + backoff_s
+
+        def on_retry(exc: BaseException, _attempt: int, _delay_s: float) -> None:
+            log.warning("consumer.placement_unavailable", error=str(exc), users=len(wants))
+
+        def serve_while_waiting(delay_s: float) -> None:
+            """Back off without going deaf: keep serving the poll loop meanwhile."""
+            deadline = time.monotonic() + delay_s
             while time.monotonic() < deadline:
                 self._service()
                 time.sleep(0.01)
-            backoff_s = min(backoff_s * 2, 2.0)
+
+        try:
+            retry_sync(
+                lambda: placement.resolve(wants),
+                retry_on=(RedisError,),
+                wait=capped_exponential(0.05, 2.0),
+                on_retry=on_retry,
+                until=self._stop.is_set,
+                sleep=serve_while_waiting,
+            )
+        except RedisError as exc:  # stopping: the batch is left for the next owner
+            log.warning("consumer.placement_unavailable", error=str(exc), users=len(wants))
+            return None
+        return placement
 
     def _placement_view(self) -> Placement:
         if self._placement is None:

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from qywx_ray.errors import WeComError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter, histogram
+from qywx_ray.retry import retry_async
 from qywx_ray.wecom.errcodes import RETRYABLE, SYNC_TOKEN_INVALID, TOKEN_INVALID, ErrCode
 from qywx_ray.wecom.models import SyncMsgPage
 from qywx_ray.wecom.settings import WeComSettings
@@ -239,26 +240,30 @@ class WeComClient:
     async def _with_retries(
         self, api: str, method: str, path: str, params: dict[str, str], body: Any
     ) -> dict[str, Any]:
-        retries = self._settings.max_retries
-        for attempt in range(retries + 1):
-            try:
-                return await self._request_once(api, method, path, params, body)
-            except _Retryable as exc:
-                if attempt >= retries:
-                    API_CALLS.inc(api=api, result="exhausted")
-                    raise WeComTransientError(exc.errcode, exc.errmsg, api=api) from None
-                delay = self.backoff_s(attempt)
-                API_RETRIES.inc(api=api)
-                log.warning(
-                    "wecom.retry",
-                    api=api,
-                    errcode=exc.errcode,
-                    errmsg=exc.errmsg,
-                    attempt=attempt + 1,
-                    delay_s=round(delay, 3),
-                )
-                await self._sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+        def on_retry(exc: BaseException, attempt: int, delay_s: float) -> None:
+            assert isinstance(exc, _Retryable)
+            API_RETRIES.inc(api=api)
+            log.warning(
+                "wecom.retry",
+                api=api,
+                errcode=exc.errcode,
+                errmsg=exc.errmsg,
+                attempt=attempt,
+                delay_s=round(delay_s, 3),
+            )
+
+        try:
+            return await retry_async(
+                lambda: self._request_once(api, method, path, params, body),
+                retry_on=(_Retryable,),
+                wait=lambda state: self.backoff_s(state.attempt_number - 1),
+                on_retry=on_retry,
+                attempts=self._settings.max_retries + 1,
+                sleep=self._sleep,
+            )
+        except _Retryable as exc:
+            API_CALLS.inc(api=api, result="exhausted")
+            raise WeComTransientError(exc.errcode, exc.errmsg, api=api) from None
 
     async def _call(self, api: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST with the access_token; on 40014/42001 refresh the token and retry once."""

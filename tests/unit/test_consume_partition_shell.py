@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
+from redis.exceptions import RedisError
 
 from qywx_ray.consume import partition_consumer as pc
 from qywx_ray.consume.placement import MemoryPlacementStore, Placement
@@ -260,3 +261,49 @@ def test_placement_waiting_for_release_is_kept_when_the_user_returns_or_moves(
     c._release_placements([])
     assert c._to_release == {}
     assert store.records == {"u1": "user:kf:u1", "u2": "user:kf:u2"}
+
+
+class FlakyPlacementStore(MemoryPlacementStore):
+    """Refuses `fail` resolves (Redis unreachable), then answers."""
+
+    def __init__(self, fail: int) -> None:
+        super().__init__()
+        self.fail = fail
+
+    def resolve(self, wants: Any, cap: int) -> list[str]:
+        if self.fail:
+            self.fail -= 1
+            raise RedisError("placement store down")
+        return super().resolve(wants, cap)
+
+
+def test_dedicated_placement_waits_out_a_store_outage_serving_the_poll_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = FlakyPlacementStore(fail=2)
+    c, fake = make_core(monkeypatch, mode="dedicated", max_dedicated_actors=1)
+    c._placement = Placement(store, 1)
+    served: list[int] = []
+    monkeypatch.setattr(c, "_service", lambda: served.append(1))
+    c._on_assign(fake, _tps(0))
+    fake.queue = [FakeMessage(0, 1, "u1")]
+    c._dispatch(c._poll(100, 0.0))
+    assert store.fail == 0
+    assert store.records == {"u1": "user:kf:u1"}  # resolved on the third try
+    assert _targets(c) == {"user:kf:u1"}
+    assert served  # the backoff kept the consumer's loop served
+
+
+def test_dedicated_placement_outage_while_stopping_drops_the_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = FlakyPlacementStore(fail=10**6)
+    c, fake = make_core(monkeypatch, mode="dedicated", max_dedicated_actors=1)
+    c._placement = Placement(store, 1)
+    c._on_assign(fake, _tps(0))
+    fake.queue = [FakeMessage(0, 1, "u1")]
+    c._stop.set()
+    c._dispatch(c._poll(100, 0.0))
+    assert store.fail == 10**6 - 1  # one try, then the stop ended the wait
+    assert c.snapshot()["inflight"] == 0
+    assert _targets(c) == set()
