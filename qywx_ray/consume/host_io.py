@@ -16,7 +16,6 @@ What each must never do:
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -244,22 +243,32 @@ async def run_head(
     `fresh_state`: each attempt gets its own copy of the user's state in `ctx.state`, so
     an attempt that failed half-way leaves nothing behind for the next one."""
     deadline_s = clock() + infra_retry_s
-    delay_s = 0.05
-    while True:
-        try:
-            message = typed_message(env) if typed else env
-            if fresh_state is not None:
-                ctx.state = fresh_state()
-            await deadlines.run(run_handler(handler, message, ctx))
-            return None, ""
-        except TimeoutError:
-            return REASON_TIMEOUT, f"handler exceeded {deadlines.timeout_s}s"
-        except Exception as exc:  # noqa: BLE001 - classified below: infra errors retried in place, the rest a failure with its reason
-            reason, _ = classify(exc)
-            error = f"{type(exc).__name__}: {exc}"
-            if not is_infra_error(exc) or clock() >= deadline_s:
-                return reason, error
+
+    async def attempt() -> None:
+        message = typed_message(env) if typed else env
+        if fresh_state is not None:
+            ctx.state = fresh_state()
+        await deadlines.run(run_handler(handler, message, ctx))
+
+    def in_place(exc: BaseException) -> bool:
+        return not isinstance(exc, TimeoutError) and is_infra_error(exc)
+
+    def on_retry(exc: BaseException, _attempt: int, delay_s: float) -> None:
         m_handler_infra_retries.inc()
+        error = f"{type(exc).__name__}: {exc}"
         log.warning("handler.infra_retry", message_id=env.message_id, delay_s=delay_s, error=error)
-        await asyncio.sleep(delay_s)
-        delay_s = min(delay_s * 2, retry_max_s)
+
+    try:
+        await retry_async(
+            attempt,
+            retry_on=in_place,
+            wait=capped_exponential(0.05, retry_max_s),
+            on_retry=on_retry,
+            until=lambda: clock() >= deadline_s,
+        )
+    except TimeoutError:
+        return REASON_TIMEOUT, f"handler exceeded {deadlines.timeout_s}s"
+    except Exception as exc:  # noqa: BLE001 - classified: a failure with its reason
+        reason, _ = classify(exc)
+        return reason, f"{type(exc).__name__}: {exc}"
+    return None, ""
