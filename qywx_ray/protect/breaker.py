@@ -18,8 +18,9 @@ from enum import StrEnum
 
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
-from qywx_ray.protect.decision import DenyReason, record_denied
+from qywx_ray.protect.decision import record_denied
 from qywx_ray.protect.settings import BreakerSettings
+from qywx_ray.reasons import FailureReason
 
 log = get_logger(__name__)
 
@@ -93,7 +94,7 @@ class CircuitBreaker:
         if state is BreakerState.HALF_OPEN and self._admitted < self._settings.success_threshold:
             self._admitted += 1
             return True
-        record_denied(DenyReason.CIRCUIT_OPEN)
+        record_denied(FailureReason.CIRCUIT_OPEN)
         return False
 
     def on_success(self) -> None:
@@ -112,7 +113,7 @@ class CircuitBreaker:
     def on_failure(self) -> None:
         """The mailbox was full: the message is denied with queue_full."""
         QUEUE_FULL_EVENTS.inc()
-        record_denied(DenyReason.QUEUE_FULL)
+        record_denied(FailureReason.QUEUE_FULL)
         state = self.state
         if state is BreakerState.CLOSED:
             self._failures += 1

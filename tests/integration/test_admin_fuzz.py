@@ -31,10 +31,11 @@ from qywx_ray.admin.errors import install_error_handlers
 from qywx_ray.admin.ratelimit import make_ratelimit_router
 from qywx_ray.admin.users import make_users_router
 from qywx_ray.dlq.index import DLQIndex
-from qywx_ray.dlq.message import FailureReason, make_dead_letter
+from qywx_ray.dlq.message import make_dead_letter
 from qywx_ray.envelope import Envelope
 from qywx_ray.protect.groups import UserGroups
 from qywx_ray.protect.ratelimit import RateLimiter
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 

@@ -17,11 +17,12 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from qywx_ray.consume.testing import wait_for
 from qywx_ray.dlq import emergency
-from qywx_ray.dlq.message import DeadLetterMessage, FailureReason, KafkaSource, make_dead_letter
+from qywx_ray.dlq.message import DeadLetterMessage, KafkaSource, make_dead_letter
 from qywx_ray.dlq.producer import EMERGENCY_WRITES, PRODUCED, DLQProducer, replay_emergency
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import InfraError
 from qywx_ray.kafka.config import admin_config
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -25,11 +25,12 @@ import pytest
 import redis
 import yaml
 
-from qywx_ray.dlq.message import FailureReason, KafkaSource, make_dead_letter
+from qywx_ray.dlq.message import KafkaSource, make_dead_letter
 from qywx_ray.dlq.recovery import RecoveryService
 from qywx_ray.envelope import Envelope
 from qywx_ray.ingest.dispatch import PullDispatcher
 from qywx_ray.ingest.syncer_host import SyncerHostService
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.wecom.models import KfCallbackEvent
 from tests.integration.test_ingest_support import FakePage, create_topic, make_pages, read_topic

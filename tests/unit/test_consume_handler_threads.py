@@ -24,8 +24,9 @@ from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handler_threads import HUNG_THREADS, HandlerThreads
 from qywx_ray.consume.handlers import HandlerContext, envelope_handler, run_handler
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
-from qywx_ray.dlq.message import DeadLetterMessage, FailureReason, make_dead_letter
+from qywx_ray.dlq.message import DeadLetterMessage, make_dead_letter
 from qywx_ray.dlq.settings import DLQSettings
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from tests.unit.test_consume_user_actor import Completions, Letters, delivery, until
 

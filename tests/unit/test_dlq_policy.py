@@ -12,7 +12,6 @@ from qywx_ray.dlq import emergency
 from qywx_ray.dlq.message import (
     ActionType,
     DeadLetterMessage,
-    FailureReason,
     KafkaSource,
     calculate_priority,
     is_recoverable,
@@ -30,6 +29,7 @@ from qywx_ray.dlq.strategies import (
 )
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError
+from qywx_ray.reasons import FailureReason
 
 T0 = 1_800_000_000.0
 
