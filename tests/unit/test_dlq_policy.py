@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qywx_ray.breaker import Breaker
 from qywx_ray.dlq import emergency
 from qywx_ray.dlq.message import (
     ActionType,
@@ -18,7 +19,6 @@ from qywx_ray.dlq.message import (
     make_dead_letter,
 )
 from qywx_ray.dlq.parking import parks_for
-from qywx_ray.dlq.producer import Breaker
 from qywx_ray.dlq.settings import DLQSettings
 from qywx_ray.dlq.strategies import (
     backoff_s,
@@ -224,7 +224,7 @@ def test_park_exemptions() -> None:
 
 def test_breaker_opens_and_probes() -> None:
     now = [0.0]
-    b = Breaker(failure_threshold=3, open_s=60, clock=lambda: now[0])
+    b = Breaker(failure_threshold=3, cooldown_s=60, half_open_trials=None, clock=lambda: now[0])
     for _ in range(3):
         assert b.allow()
         b.on_failure()
