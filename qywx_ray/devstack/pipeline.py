@@ -158,8 +158,8 @@ class LocalPipeline:
 
         from qywx_ray.consume.pipeline import start_consumers
         from qywx_ray.dlq.actor import start_recovery_actor
+        from qywx_ray.ingress.app import deployment
         from qywx_ray.kafka.topics import ensure_topics
-        from serve.app import deployment
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.bootstrap is None:

@@ -12,7 +12,7 @@ import time
 from typing import Any
 from urllib.parse import urlencode
 
-from qywx_ray.ingest.shedding import LoadShedder, RawCallback
+from qywx_ray.ingress.shedding import LoadShedder, RawCallback
 from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
 from qywx_ray.wecom.simulator import sim_encrypt, sim_sign

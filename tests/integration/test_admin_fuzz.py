@@ -49,7 +49,7 @@ CHECKS = [not_a_server_error, response_schema_conformance]
 
 
 def admin_app(settings: Settings, redis_client: redis.Redis) -> FastAPI:
-    """The admin routers exactly as serve/app.py mounts them (users from a fixed source:
+    """The admin routers exactly as qywx_ray/admin/app.py mounts them (users from a fixed source:
     the live-user listing asks Ray, which this test does not start)."""
     aredis = make_async_redis(settings.redis)
     groups = UserGroups(settings.protect, aredis)

@@ -28,8 +28,8 @@ import yaml
 from qywx_ray.dlq.message import KafkaSource, make_dead_letter
 from qywx_ray.dlq.recovery import RecoveryService
 from qywx_ray.envelope import Envelope
-from qywx_ray.ingest.dispatch import PullDispatcher
 from qywx_ray.ingest.syncer_host import SyncerHostService
+from qywx_ray.ingress.dispatch import PullDispatcher
 from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.wecom.models import KfCallbackEvent
@@ -44,7 +44,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 async def test_ingress_shutdown_sends_the_pull_requests_it_holds(
     make_settings: Callable[..., Settings],
 ) -> None:
-    from serve.app import create_app
+    from qywx_ray.ingress.app import create_app
 
     sent: list[tuple[int, list[tuple[str, str]]]] = []
 

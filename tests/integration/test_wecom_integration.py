@@ -19,14 +19,14 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from qywx_ray.store.client import make_async_redis
-from qywx_ray.store.settings import RedisSettings
-from qywx_ray.wecom.callback import (
+from qywx_ray.ingress.callback import (
     REPLAY_CACHE_ERRORS,
     InMemoryReplayCache,
     RedisReplayCache,
     make_callback_router,
 )
+from qywx_ray.store.client import make_async_redis
+from qywx_ray.store.settings import RedisSettings
 from qywx_ray.wecom.client import (
     API_RETRIES,
     InMemoryTokenCache,

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from uvicorn.logging import AccessFormatter
 
 from qywx_ray.errors import CryptoError
-from qywx_ray.wecom.callback import InMemoryReplayCache, make_callback_router
+from qywx_ray.ingress.callback import InMemoryReplayCache, make_callback_router
 from qywx_ray.wecom.crypto import MAX_MESSAGE_BYTES, BadLengthError, WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
 from qywx_ray.wecom.simulator import (

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from qywx_ray.wecom.callback import (
+from qywx_ray.ingress.callback import (
     CALLBACKS,
     REPLAY_CACHE_ERRORS,
     InMemoryReplayCache,

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from qywx_ray.wecom.callback import InMemoryReplayCache, make_callback_router
+from qywx_ray.ingress.callback import InMemoryReplayCache, make_callback_router
 from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.errcodes import ErrCode
 from qywx_ray.wecom.models import KfCallbackEvent, parse_kf_message
