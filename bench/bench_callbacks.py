@@ -149,7 +149,7 @@ end
 # ------------------------------------------------------------------ callback corpus
 def make_corpus(settings: Any, kfids: list[str], n: int, path: Path) -> None:
     """n distinct real callbacks, timestamps now (valid for callback_max_skew_s)."""
-    from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
+    from qywx_ray.testing.wecomsim import sim_encrypt, sim_sign
 
     w = settings.wecom
     token, key, corp = w.token.get_secret_value(), w.encoding_aes_key.get_secret_value(), w.corp_id

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from qywx_ray.settings import Settings
-from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
+from qywx_ray.testing.wecomsim import sim_encrypt, sim_sign
 from tests.e2e.conftest import Ingress, read_topic
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,6 @@ import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from qywx_ray.consume.testing import wait_for
 from qywx_ray.dlq import emergency
 from qywx_ray.dlq.message import DeadLetterMessage, KafkaSource, make_dead_letter
 from qywx_ray.dlq.producer import EMERGENCY_WRITES, PRODUCED, DLQProducer, replay_emergency
@@ -24,6 +23,7 @@ from qywx_ray.errors import InfraError
 from qywx_ray.kafka.config import admin_config
 from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
+from qywx_ray.testing.consume import wait_for
 
 pytestmark = pytest.mark.integration
 

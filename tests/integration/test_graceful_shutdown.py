@@ -163,7 +163,7 @@ def test_recovery_close_hands_leased_retries_back_to_the_delay_queue(
 
 
 def _produce(settings: Settings, n: int, hold_key: str) -> list[str]:
-    from qywx_ray.consume.testing import envelopes, produce
+    from qywx_ray.testing.consume import envelopes, produce
 
     items = envelopes(4, n // 4, prefix=f"g{os.getpid()}-", hold=hold_key)
     produce(settings, items)
@@ -187,14 +187,14 @@ def test_start_foreground_sigterm_drains_commits_and_stops_everything(
 ) -> None:
     import ray
 
-    from qywx_ray.consume.testing import committed_offsets, records
+    from qywx_ray.testing.consume import committed_offsets, records
 
     namespace = f"shut-{unique}"
     overrides: dict[str, Any] = {
         "consume": {
             "namespace": namespace,
             "name_prefix": f"s{unique}",
-            "handler": "qywx_ray.consume.handlers:recording_handler",
+            "handler": "qywx_ray.testing.handlers:recording_handler",
             "record_key": f"rec:{unique}",
             "num_hosts": 1,
             "num_consumers": 1,

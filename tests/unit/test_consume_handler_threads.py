@@ -204,8 +204,8 @@ async def test_dlq_producer_sends_without_the_default_executor(tmp_path: Path) -
 async def test_json_sink_sends_without_the_default_executor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from qywx_ray.consume import sinks
     from qywx_ray.consume.types import DeadLetter
+    from qywx_ray.testing import sinks
 
     sent: list[int] = []
     monkeypatch.setattr(

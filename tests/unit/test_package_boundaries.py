@@ -93,3 +93,21 @@ def test_a_forbidden_import_is_found(module: str, source: str) -> None:
 )
 def test_an_allowed_import_passes(module: str, source: str) -> None:
     assert _violations(module, _imports(source, module)) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "test_only"),
+    [
+        ("qywx_ray.consume.handlers", ("recording_handler", "state_recording_handler")),
+        ("qywx_ray.consume.sinks", ("KafkaDeadLetterSink", "json_sink")),
+    ],
+)
+def test_nothing_test_only_is_left_in_consume(module: str, test_only: tuple[str, ...]) -> None:
+    path = ROOT / (module.replace(".", "/") + ".py")
+    defined = {
+        node.name
+        for node in ast.parse(path.read_text(encoding="utf-8")).body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+    }
+    assert defined.isdisjoint(test_only)
+    assert not (PACKAGE / "consume" / "testing.py").exists()

@@ -17,9 +17,9 @@ from qywx_ray.ingress.callback import (
     InMemoryReplayCache,
     make_callback_router,
 )
+from qywx_ray.testing.wecomsim import WeComSimulatorState, sim_encrypt, sim_sign
 from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
-from qywx_ray.wecom.simulator import WeComSimulatorState, sim_encrypt, sim_sign
 
 TOKEN = "cbtoken"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
