@@ -8,7 +8,7 @@ connection count it reports sustained callbacks/s, p50/p99/max latency, requests
 answered within WeCom's 5 s (wrk timeouts), non-200s, shed callbacks (x-qywx-shed
 header), and whether ingest kept up (simulator messages vs records in Kafka).
 
-Cases (each Serve case runs the same app, `serve.app.deployment`, in a fresh local Ray
+Cases (each Serve case runs the same app, `qywx_ray.ingress.app.deployment`, in a fresh local Ray
 whose env the proxy and replicas inherit; Serve access log off unless said):
   serve_mor5        max_ongoing_requests=5 (Serve's default), 1 replica, via the proxy
   serve_mor256      max_ongoing_requests=256, 1 replica, via the proxy (project default)
@@ -149,7 +149,7 @@ end
 # ------------------------------------------------------------------ callback corpus
 def make_corpus(settings: Any, kfids: list[str], n: int, path: Path) -> None:
     """n distinct real callbacks, timestamps now (valid for callback_max_skew_s)."""
-    from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
+    from qywx_ray.testing.wecomsim import sim_encrypt, sim_sign
 
     w = settings.wecom
     token, key, corp = w.token.get_secret_value(), w.encoding_aes_key.get_secret_value(), w.corp_id
@@ -382,7 +382,7 @@ def run_serve_case(name: str, svc: Any, args: argparse.Namespace, workdir: Path,
     from ray import serve
 
     from qywx_ray.devstack.procs import free_port
-    from serve.app import deployment
+    from qywx_ray.ingress.app import deployment
 
     case = SERVE_CASES[name]
     env = dict(case["env"])
@@ -466,8 +466,8 @@ def serve_uvicorn(spec: Path, port: int, ray_address: str) -> None:
     import ray
     import uvicorn
 
+    from qywx_ray.ingress.app import create_app
     from qywx_ray.settings import load_settings
-    from serve.app import create_app
 
     settings = load_settings(profile="development", overrides=json.loads(spec.read_text()))
     ray.init(address=ray_address, namespace=settings.ray_namespace, log_to_driver=False)

@@ -57,9 +57,9 @@ from qywx_ray.consume.pipeline import (
     stop_consumers,
     user_actor_names,
 )
-from qywx_ray.consume.testing import ensure_topics, produce, wait_for
 from qywx_ray.envelope import Envelope
 from qywx_ray.kafka.config import consumer_config, producer_config
+from qywx_ray.testing.consume import ensure_topics, produce, wait_for
 
 BENCH = "consume"
 HANDLER = "qywx_ray.consume.handlers:bench_handler"

@@ -56,7 +56,7 @@ COMMIT_MODE = "PERIODIC_CONSUMER_ASYNCHRONOUS"
 def make_backlog(svc: Any, tag: str, partitions: int, users: int, per_user: int) -> tuple[Any, int]:
     """A fresh topic holding bench_consume's envelopes (round-robin over users)."""
     from bench.bench_consume import make_envelopes
-    from qywx_ray.consume.testing import ensure_topics, produce
+    from qywx_ray.testing.consume import ensure_topics, produce
 
     settings = settings_for(
         svc.bootstrap_servers,

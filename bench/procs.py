@@ -18,7 +18,7 @@ PROCESS_GROUPS: tuple[tuple[str, str], ...] = (
     ("kafka.Kafka", "kafka"),
     ("kafka.server", "kafka"),
     ("redis-server", "redis"),
-    ("qywx_ray.wecom.simulator", "simulator"),
+    ("qywx_ray.testing.wecomsim", "simulator"),
     ("gcs_server", "ray_gcs"),
     ("raylet", "ray_raylet"),
     ("ray::PartitionConsumer", "consumer"),

@@ -111,7 +111,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if not args.no_serve:
         from ray import serve
 
-        from serve.app import deployment
+        from qywx_ray.ingress.app import deployment
 
         serve.start(http_options={"host": args.http_host, "port": args.http_port})
         serve.run(deployment(settings), name=SERVE_APP, route_prefix="/")
@@ -214,7 +214,7 @@ def cmd_admin_serve(args: argparse.Namespace) -> int:
     Ctrl-C."""
     import uvicorn
 
-    from serve.app import create_admin_app
+    from qywx_ray.admin.app import create_admin_app
 
     settings = _settings(args)
     users = bool(args.address)

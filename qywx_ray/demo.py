@@ -323,9 +323,9 @@ def run_demo(base: Settings, args: argparse.Namespace) -> int:  # noqa: C901 - t
 
     from qywx_ray.consume.pipeline import start_consumers, stop_consumers
     from qywx_ray.dlq.actor import start_recovery_actor
+    from qywx_ray.ingress.app import deployment
     from qywx_ray.kafka.topics import ensure_topics
     from qywx_ray.obs.logging import configure_logging
-    from serve.app import deployment
 
     configure_logging("WARNING", "text")
     data = Path(base.data_dir).resolve()

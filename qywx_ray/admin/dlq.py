@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from qywx_ray.admin.auth import require_admin
 from qywx_ray.dlq.manage import DLQFilter, DLQManager, RetryResult
-from qywx_ray.dlq.message import FailureReason
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_redis
 

@@ -34,5 +34,5 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Call once per app that mounts admin routers (serve/app.py, tests)."""
+    """Call once per app that mounts admin routers (ingress/app.py, admin/app.py, tests)."""
     app.add_exception_handler(RequestValidationError, _validation_error)

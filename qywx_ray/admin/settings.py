@@ -25,7 +25,7 @@ _OPERATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 class AdminSettings(BaseModel):
     token: SecretStr = SecretStr("change-me-admin-token")
-    # Mount the admin routers on the public ingress app (serve/app.py create_app).
+    # Mount the admin routers on the public ingress app (qywx_ray/ingress/app.py create_app).
     enabled: bool = False
     operators: dict[str, SecretStr] = Field(
         default_factory=dict,

@@ -14,17 +14,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-# Reasons a message ends in the dead-letter topic instead of being processed.
-REASON_INVALID = "invalid_message"
-REASON_DOWNSTREAM = "downstream_error"
-REASON_TIMEOUT = "process_timeout"
-REASON_RATE_LIMITED = "rate_limited"
-REASON_BLOCKED = "user_blocked"
-REASON_CIRCUIT_OPEN = "circuit_open"
-REASON_QUEUE_FULL = "queue_full"
-RETRYABLE_REASONS = frozenset(
-    {REASON_DOWNSTREAM, REASON_TIMEOUT, REASON_RATE_LIMITED, REASON_CIRCUIT_OPEN, REASON_QUEUE_FULL}
-)
+from qywx_ray.reasons import RETRYABLE_REASONS as RETRYABLE_REASONS
+from qywx_ray.reasons import FailureReason
+
+# Thin aliases of `FailureReason` kept for the consume internals that import them; plain
+# `str` values so nothing the consume path sends (Ray calls, DLQ records) changes type.
+REASON_INVALID: str = FailureReason.INVALID_MESSAGE.value
+REASON_DOWNSTREAM: str = FailureReason.DOWNSTREAM_ERROR.value
+REASON_TIMEOUT: str = FailureReason.PROCESS_TIMEOUT.value
+REASON_RATE_LIMITED: str = FailureReason.RATE_LIMITED.value
+REASON_BLOCKED: str = FailureReason.USER_BLOCKED.value
+REASON_CIRCUIT_OPEN: str = FailureReason.CIRCUIT_OPEN.value
+REASON_QUEUE_FULL: str = FailureReason.QUEUE_FULL.value
 
 
 class Delivery(NamedTuple):

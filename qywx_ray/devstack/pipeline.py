@@ -73,7 +73,7 @@ _STAMPS = _StampBuffer()
 
 async def timed_recording_handler(message: Any, ctx: Any) -> None:
     """The recording handler (audited side effects), plus a batched latency stamp."""
-    from qywx_ray.consume.handlers import recording_handler
+    from qywx_ray.testing.handlers import recording_handler
 
     _STAMPS.add(ctx, int(time.time() * 1000))
     result = recording_handler(message, ctx)
@@ -158,8 +158,8 @@ class LocalPipeline:
 
         from qywx_ray.consume.pipeline import start_consumers
         from qywx_ray.dlq.actor import start_recovery_actor
+        from qywx_ray.ingress.app import deployment
         from qywx_ray.kafka.topics import ensure_topics
-        from serve.app import deployment
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.bootstrap is None:
@@ -193,7 +193,7 @@ class LocalPipeline:
             "wecom": {"api_base": self.sim.api_base},
             "consume": {
                 "namespace": f"ns-{tag}",
-                "handler": "qywx_ray.consume.handlers:recording_handler",
+                "handler": "qywx_ray.testing.handlers:recording_handler",
                 "record_key": RECORD_KEY,
             },
             "ingest": {"sweep_interval_s": 2.0, "backoff_initial_s": 0.2, "backoff_max_s": 2.0},

@@ -35,7 +35,7 @@ class SimulatorProcess:
         argv = [
             sys.executable,
             "-m",
-            "qywx_ray.wecom.simulator",
+            "qywx_ray.testing.wecomsim",
             "--host",
             "127.0.0.1",
             "--port",

@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from qywx_ray.dlq import emergency
 from qywx_ray.dlq.delay_queue import DelayQueue
 from qywx_ray.dlq.index import MANUAL_REVIEW, SCHEDULED, DLQIndex, UndecodableLetter
-from qywx_ray.dlq.message import DeadLetterMessage, FailureReason
+from qywx_ray.dlq.message import DeadLetterMessage
 from qywx_ray.errors import EnvelopeError
 from qywx_ray.obs.logging import get_logger
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 
 log = get_logger(__name__)

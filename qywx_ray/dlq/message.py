@@ -19,22 +19,10 @@ from qywx_ray.dlq.settings import DLQSettings
 from qywx_ray.envelope import Envelope, Headers
 from qywx_ray.errors import EnvelopeError
 
+# Re-exported: the reason was defined here before qywx_ray/reasons.py held them all.
+from qywx_ray.reasons import FailureReason as FailureReason
+
 DLQ_MESSAGE_VERSION = 1
-
-
-class FailureReason(StrEnum):
-    RATE_LIMITED = "rate_limited"
-    USER_BLOCKED = "user_blocked"
-    CIRCUIT_OPEN = "circuit_open"
-    QUEUE_FULL = "queue_full"
-    PROCESS_TIMEOUT = "process_timeout"
-    KAFKA_FAILURE = "kafka_failure"
-    INVALID_MESSAGE = "invalid_message"
-    DOWNSTREAM_ERROR = "downstream_error"
-    SYSTEM_OVERLOAD = "system_overload"
-    # The handler succeeded but its new per-user state is over consume.state_max_bytes:
-    # a retry would compute the same state again, so it goes to manual review.
-    STATE_TOO_LARGE = "state_too_large"
 
 
 class ActionType(StrEnum):

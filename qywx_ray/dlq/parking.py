@@ -27,8 +27,9 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
-from qywx_ray.dlq.message import FailureReason, is_recoverable
+from qywx_ray.dlq.message import is_recoverable
 from qywx_ray.dlq.settings import DLQSettings
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 

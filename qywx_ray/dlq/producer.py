@@ -25,6 +25,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from qywx_ray.breaker import Breaker
 from qywx_ray.dlq import emergency
 from qywx_ray.dlq.emergency import EmergencyReplayer, ReplayReport
 from qywx_ray.dlq.message import DeadLetterMessage
@@ -44,35 +45,6 @@ PRODUCED = metrics.counter(
 EMERGENCY_WRITES = metrics.counter(
     "qywx_dlq_emergency_writes_total", "Dead letters written to the local emergency file"
 )
-
-
-class Breaker:
-    """Consecutive-failure breaker with a timed half-open probe (pure; clock injected)."""
-
-    def __init__(self, failure_threshold: int, open_s: float, clock: Clock = time.monotonic):
-        self.failure_threshold = failure_threshold
-        self.open_s = open_s
-        self._clock = clock
-        self._failures = 0
-        self._opened_at: float | None = None
-
-    @property
-    def state(self) -> str:
-        if self._opened_at is None:
-            return "closed"
-        return "half_open" if self._clock() - self._opened_at >= self.open_s else "open"
-
-    def allow(self) -> bool:
-        return self.state != "open"
-
-    def on_success(self) -> None:
-        self._failures = 0
-        self._opened_at = None
-
-    def on_failure(self) -> None:
-        self._failures += 1
-        if self.state == "half_open" or self._failures >= self.failure_threshold:
-            self._opened_at = self._clock()
 
 
 @dataclass
@@ -112,7 +84,13 @@ class DLQProducer:
         self.timeout_s = settings.dlq.produce_timeout_s
         self.emergency_dir = emergency_dir or settings.dlq_emergency_dir
         self._clock = clock
-        self.breaker = Breaker(settings.dlq.breaker_failure_threshold, settings.dlq.breaker_open_s)
+        # No limit on half-open trials: callers are serialised by _send_lock and each
+        # outcome is reported at once, so the first one decides.
+        self.breaker = Breaker(
+            failure_threshold=settings.dlq.breaker_failure_threshold,
+            cooldown_s=settings.dlq.breaker_open_s,
+            half_open_trials=None,
+        )
         timeout_ms = int(self.timeout_s * 1000)
         self._conf = producer_config(
             settings.kafka,

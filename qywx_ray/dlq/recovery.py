@@ -31,7 +31,6 @@ from qywx_ray.dlq.index import RETRIED, DLQIndex
 from qywx_ray.dlq.message import (
     ActionType,
     DeadLetterMessage,
-    FailureReason,
     KafkaSource,
     make_dead_letter,
 )
@@ -43,6 +42,7 @@ from qywx_ray.errors import EnvelopeError, InfraError
 from qywx_ray.kafka.config import consumer_config, producer_config
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_redis
 

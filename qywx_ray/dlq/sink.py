@@ -13,14 +13,13 @@ import time
 from collections.abc import Callable, Sequence
 
 from qywx_ray.consume.types import DeadLetter
-from qywx_ray.dlq.message import DeadLetterMessage, FailureReason, KafkaSource, make_dead_letter
+from qywx_ray.dlq.message import DeadLetterMessage, KafkaSource, make_dead_letter
 from qywx_ray.dlq.producer import DLQProducer
 from qywx_ray.dlq.settings import DLQSettings
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
-
-_REASONS = {r.value: r for r in FailureReason}
 
 
 def to_dead_letter_message(
@@ -32,7 +31,7 @@ def to_dead_letter_message(
     user_group: str = "normal",
 ) -> DeadLetterMessage:
     """`letter.attempt` is 1 + the retry_count header of the failed record (1 = first try)."""
-    reason = _REASONS.get(letter.reason, FailureReason.DOWNSTREAM_ERROR)
+    reason = FailureReason.parse(letter.reason)
     details = letter.error if reason.value == letter.reason else f"[{letter.reason}] {letter.error}"
     envelope: Envelope | None
     try:

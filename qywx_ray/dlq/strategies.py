@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from qywx_ray.dlq.message import DeadLetterMessage, FailureReason
+from qywx_ray.dlq.message import DeadLetterMessage
 from qywx_ray.dlq.settings import DLQSettings
 from qywx_ray.envelope import Headers, header_value
+from qywx_ray.reasons import FailureReason
 
 
 class BlockedUntil(Protocol):

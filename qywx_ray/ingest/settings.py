@@ -43,7 +43,7 @@ class IngestSettings(BaseModel):
     open_kfids: list[str] = []
     # The callback path coalesces pull requests for this long before one Ray call per host.
     callback_flush_interval_s: float = 0.01
-    # Callback load shedding (ingest/shedding.py): above this many callbacks in flight in
+    # Callback load shedding (ingress/shedding.py): above this many callbacks in flight in
     # one replica, or this much event-loop lag, answer 200 at once without decrypting
     # (0 disables a signal). Shed callbacks wait in a backlog of this many entries.
     callback_shed_max_inflight: int = Field(default=128, ge=0)

@@ -1,8 +1,8 @@
 """What protection decided about one message, and why (the reasons are shared with the DLQ).
 
 Protection only decides: a denied message is never dropped here. The consumer sends it
-to the DLQ with `DenyReason` as its reason. The string values are part of the DLQ
-record format and must never change.
+to the DLQ with a `FailureReason` (one of `DENY_REASONS`) as its reason; the reasons
+live in qywx_ray/reasons.py, shared with the consume path and the DLQ.
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from qywx_ray.obs import metrics
+from qywx_ray.reasons import FailureReason
 
-
-class DenyReason(StrEnum):
-    RATE_LIMITED = "rate_limited"
-    USER_BLOCKED = "user_blocked"
-    CIRCUIT_OPEN = "circuit_open"
-    QUEUE_FULL = "queue_full"
+# The old name of the denial reasons, kept because protect/ratelimit.py spells it so.
+DenyReason = FailureReason
 
 
 class Verdict(StrEnum):
@@ -40,11 +37,11 @@ class Decision:
         return self.verdict is Verdict.ALLOW
 
     @property
-    def deny_reason(self) -> DenyReason | None:
+    def deny_reason(self) -> FailureReason | None:
         if self.verdict is Verdict.RATE_LIMITED:
-            return DenyReason.RATE_LIMITED
+            return FailureReason.RATE_LIMITED
         if self.verdict is Verdict.BLOCKED:
-            return DenyReason.USER_BLOCKED
+            return FailureReason.USER_BLOCKED
         return None
 
 
@@ -55,7 +52,7 @@ MESSAGES_DENIED = metrics.counter(
 )
 
 
-def record_denied(reason: DenyReason, count: int = 1) -> None:
+def record_denied(reason: FailureReason, count: int = 1) -> None:
     """Count denied messages (the limiter and breaker call this; callers need not)."""
     if count > 0:
         MESSAGES_DENIED.inc(count, reason=reason.value)

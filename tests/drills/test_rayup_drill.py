@@ -32,11 +32,11 @@ import pytest
 import redis as redis_lib
 import yaml
 
-from qywx_ray.consume.testing import check_order, envelopes, produce, records
 from qywx_ray.devstack.kafka import KafkaCluster
 from qywx_ray.devstack.procs import free_port, pid_alive, wait_until
 from qywx_ray.devstack.redis import RedisServer
 from qywx_ray.settings import load_settings
+from qywx_ray.testing.consume import check_order, envelopes, produce, records
 from tests.drills.sshnode import NODE_USER, LoopbackSshd, NodeUser, install_missing_packages
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -100,7 +100,7 @@ def _node_env(bootstrap: str, redis_url: str, tag: str) -> str:
         "QYWX_CONSUME__NUM_CONSUMERS": "2",
         "QYWX_CONSUME__NUM_HOSTS": "2",
         "QYWX_INGEST__NUM_SYNCER_HOSTS": "1",
-        "QYWX_CONSUME__HANDLER": "qywx_ray.consume.handlers:recording_handler",
+        "QYWX_CONSUME__HANDLER": "qywx_ray.testing.handlers:recording_handler",
         "QYWX_CONSUME__RECORD_KEY": RECORD,
         "QYWX_WECOM__CORP_ID": f"ww{secrets.token_hex(8)}",
         "QYWX_WECOM__TOKEN": secrets.token_hex(16),

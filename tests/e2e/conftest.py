@@ -21,7 +21,7 @@ def ingress_factory(
 ) -> Iterator[Callable[..., Ingress]]:
     from ray import serve
 
-    from serve.app import deployment
+    from qywx_ray.ingress.app import deployment
 
     started: list[Ingress] = []
 

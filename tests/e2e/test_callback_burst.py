@@ -24,7 +24,7 @@ import redis
 
 from qywx_ray.obs.stats import percentiles
 from qywx_ray.settings import Settings
-from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
+from qywx_ray.testing.wecomsim import sim_encrypt, sim_sign
 from tests.helpers.e2e import Ingress, read_topic
 
 pytestmark = pytest.mark.integration

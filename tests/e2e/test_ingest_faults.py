@@ -251,7 +251,7 @@ def _start_serve_proxy(attempts: int = 3) -> int:
 def stack(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
     from ray import serve
 
-    from serve.app import deployment
+    from qywx_ray.ingress.app import deployment
 
     base: Path = tmp_path_factory.mktemp("ingest-faults")
     uid = uuid.uuid4().hex[:8]

@@ -12,10 +12,10 @@ import time
 from typing import Any
 from urllib.parse import urlencode
 
-from qywx_ray.ingest.shedding import LoadShedder, RawCallback
+from qywx_ray.ingress.shedding import LoadShedder, RawCallback
+from qywx_ray.testing.wecomsim import sim_encrypt, sim_sign
 from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
-from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
 
 TOKEN = "cbtoken"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"

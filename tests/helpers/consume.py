@@ -26,7 +26,7 @@ def consume_test_settings(
     base: dict[str, Any] = {
         "namespace": f"qywx-test-{unique}",
         "name_prefix": f"t{unique}",
-        "handler": "qywx_ray.consume.handlers:recording_handler",
+        "handler": "qywx_ray.testing.handlers:recording_handler",
         "num_hosts": 2,
         "num_consumers": 1,
         "commit_interval_s": 0.2,

@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from qywx_ray.admin.dlq import make_dlq_router
 from qywx_ray.dlq.delay_queue import DelayQueue
 from qywx_ray.dlq.index import DLQIndex
-from qywx_ray.dlq.message import DeadLetterMessage, FailureReason, make_dead_letter
+from qywx_ray.dlq.message import DeadLetterMessage, make_dead_letter
 from qywx_ray.envelope import Envelope
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,7 @@ class NullSink:
 
 
 def app_for(settings: Settings) -> httpx.AsyncClient:
-    from serve.app import create_app
+    from qywx_ray.ingress.app import create_app
 
     app = create_app(settings, sink=NullSink())
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress")

@@ -31,10 +31,11 @@ from qywx_ray.admin.errors import install_error_handlers
 from qywx_ray.admin.ratelimit import make_ratelimit_router
 from qywx_ray.admin.users import make_users_router
 from qywx_ray.dlq.index import DLQIndex
-from qywx_ray.dlq.message import FailureReason, make_dead_letter
+from qywx_ray.dlq.message import make_dead_letter
 from qywx_ray.envelope import Envelope
 from qywx_ray.protect.groups import UserGroups
 from qywx_ray.protect.ratelimit import RateLimiter
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 
@@ -48,7 +49,7 @@ CHECKS = [not_a_server_error, response_schema_conformance]
 
 
 def admin_app(settings: Settings, redis_client: redis.Redis) -> FastAPI:
-    """The admin routers exactly as serve/app.py mounts them (users from a fixed source:
+    """The admin routers exactly as qywx_ray/admin/app.py mounts them (users from a fixed source:
     the live-user listing asks Ray, which this test does not start)."""
     aredis = make_async_redis(settings.redis)
     groups = UserGroups(settings.protect, aredis)

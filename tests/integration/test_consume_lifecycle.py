@@ -14,7 +14,9 @@ from qywx_ray.consume.pipeline import (
     start_consumers,
     user_actor_names,
 )
-from qywx_ray.consume.testing import (
+from qywx_ray.envelope import Envelope
+from qywx_ray.settings import Settings
+from qywx_ray.testing.consume import (
     check_order,
     ensure_topics,
     envelopes,
@@ -22,8 +24,6 @@ from qywx_ray.consume.testing import (
     records,
     wait_for,
 )
-from qywx_ray.envelope import Envelope
-from qywx_ray.settings import Settings
 from tests.helpers.consume import RECORD, consume_test_settings
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,8 @@ import redis as redis_lib
 
 from qywx_ray.consume.introspect import list_users
 from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers
-from qywx_ray.consume.testing import (
+from qywx_ray.settings import Settings
+from qywx_ray.testing.consume import (
     check_order,
     committed_offsets,
     ensure_topics,
@@ -20,7 +21,6 @@ from qywx_ray.consume.testing import (
     records,
     wait_for,
 )
-from qywx_ray.settings import Settings
 from tests.helpers.consume import RECORD, consume_test_settings
 
 pytestmark = pytest.mark.integration

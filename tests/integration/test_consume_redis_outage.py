@@ -15,7 +15,10 @@ import pytest
 import redis as redis_lib
 
 from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers
-from qywx_ray.consume.testing import (
+from qywx_ray.devstack.procs import free_port
+from qywx_ray.devstack.redis import RedisServer
+from qywx_ray.settings import Settings
+from qywx_ray.testing.consume import (
     check_order,
     committed_offsets,
     ensure_topics,
@@ -24,9 +27,6 @@ from qywx_ray.consume.testing import (
     records,
     wait_for,
 )
-from qywx_ray.devstack.procs import free_port
-from qywx_ray.devstack.redis import RedisServer
-from qywx_ray.settings import Settings
 from tests.helpers.consume import RECORD, consume_test_settings
 
 pytestmark = pytest.mark.integration

@@ -20,14 +20,14 @@ from qywx_ray.consume.dedup import DONE_KEY, RedisDoneStore
 from qywx_ray.consume.hosts import host_index
 from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers
 from qywx_ray.consume.state import STATE_KEY, RedisStateStore, StateSlot, StateWrite
-from qywx_ray.consume.testing import committed_offsets, ensure_topics, envelopes, produce, wait_for
 from qywx_ray.envelope import Envelope
 from qywx_ray.settings import Settings
+from qywx_ray.testing.consume import committed_offsets, ensure_topics, envelopes, produce, wait_for
 from tests.helpers.consume import RECORD, consume_test_settings
 
 pytestmark = pytest.mark.integration
 
-HANDLER = "qywx_ray.consume.handlers:state_recording_handler"
+HANDLER = "qywx_ray.testing.handlers:state_recording_handler"
 
 
 def test_commit_script_chains_refuses_stale_and_answers_a_resend(

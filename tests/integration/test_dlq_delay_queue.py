@@ -8,9 +8,9 @@ import pytest
 import redis
 
 from qywx_ray.dlq.delay_queue import DelayQueue
-from qywx_ray.dlq.message import FailureReason
 from qywx_ray.dlq.parking import Parking
 from qywx_ray.dlq.settings import DLQSettings
+from qywx_ray.reasons import FailureReason
 
 pytestmark = pytest.mark.integration
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from qywx_ray.consume.testing import wait_for
 from qywx_ray.dlq import emergency
 from qywx_ray.dlq.message import DeadLetterMessage
 from qywx_ray.dlq.producer import EMERGENCY_WRITES, PRODUCED, DLQProducer, replay_emergency
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import InfraError
 from qywx_ray.settings import Settings
+from qywx_ray.testing.consume import wait_for
 from tests.helpers.dlq import create_topics, letters_for, read_all
 
 pytestmark = pytest.mark.integration

@@ -12,12 +12,13 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from qywx_ray.dlq.delay_queue import DelayQueue
 from qywx_ray.dlq.index import MANUAL_REVIEW, RETRIED, SCHEDULED, DLQIndex
-from qywx_ray.dlq.message import DeadLetterMessage, FailureReason, KafkaSource, make_dead_letter
+from qywx_ray.dlq.message import DeadLetterMessage, KafkaSource, make_dead_letter
 from qywx_ray.dlq.parking import Parking
 from qywx_ray.dlq.producer import DLQProducer
 from qywx_ray.dlq.recovery import RecoveryService
 from qywx_ray.envelope import Envelope
 from qywx_ray.kafka.topics import ensure_topics
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from tests.helpers.dlq import read_all
 

@@ -25,11 +25,12 @@ import pytest
 import redis
 import yaml
 
-from qywx_ray.dlq.message import FailureReason, KafkaSource, make_dead_letter
+from qywx_ray.dlq.message import KafkaSource, make_dead_letter
 from qywx_ray.dlq.recovery import RecoveryService
 from qywx_ray.envelope import Envelope
-from qywx_ray.ingest.dispatch import PullDispatcher
 from qywx_ray.ingest.syncer_host import SyncerHostService
+from qywx_ray.ingress.dispatch import PullDispatcher
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.wecom.models import KfCallbackEvent
 from tests.helpers.ingest import FakePage, create_topic, make_pages, read_topic
@@ -43,7 +44,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 async def test_ingress_shutdown_sends_the_pull_requests_it_holds(
     make_settings: Callable[..., Settings],
 ) -> None:
-    from serve.app import create_app
+    from qywx_ray.ingress.app import create_app
 
     sent: list[tuple[int, list[tuple[str, str]]]] = []
 
@@ -162,7 +163,7 @@ def test_recovery_close_hands_leased_retries_back_to_the_delay_queue(
 
 
 def _produce(settings: Settings, n: int, hold_key: str) -> list[str]:
-    from qywx_ray.consume.testing import envelopes, produce
+    from qywx_ray.testing.consume import envelopes, produce
 
     items = envelopes(4, n // 4, prefix=f"g{os.getpid()}-", hold=hold_key)
     produce(settings, items)
@@ -186,14 +187,14 @@ def test_start_foreground_sigterm_drains_commits_and_stops_everything(
 ) -> None:
     import ray
 
-    from qywx_ray.consume.testing import committed_offsets, records
+    from qywx_ray.testing.consume import committed_offsets, records
 
     namespace = f"shut-{unique}"
     overrides: dict[str, Any] = {
         "consume": {
             "namespace": namespace,
             "name_prefix": f"s{unique}",
-            "handler": "qywx_ray.consume.handlers:recording_handler",
+            "handler": "qywx_ray.testing.handlers:recording_handler",
             "record_key": f"rec:{unique}",
             "num_hosts": 1,
             "num_consumers": 1,

@@ -21,9 +21,9 @@ from qywx_ray.ingest.syncer import KfSyncer
 from qywx_ray.obs import metrics
 from qywx_ray.store.client import make_async_redis
 from qywx_ray.store.settings import RedisSettings
+from qywx_ray.testing.wecomsim import WeComSimulatorState
 from qywx_ray.wecom.errcodes import ErrCode
 from qywx_ray.wecom.settings import WeComSettings
-from qywx_ray.wecom.simulator import WeComSimulatorState
 from tests.helpers.ingest import FakePage, FakeProducer, FakeSource
 
 pytestmark = pytest.mark.integration

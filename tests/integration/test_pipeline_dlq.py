@@ -19,7 +19,6 @@ import ray
 import redis as redis_lib
 
 from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers, stop_consumers
-from qywx_ray.consume.testing import check_order, ensure_topics, produce, records, wait_for
 from qywx_ray.dlq.actor import start_recovery_actor
 from qywx_ray.dlq.index import DLQIndex
 from qywx_ray.dlq.message import DeadLetterMessage
@@ -27,6 +26,7 @@ from qywx_ray.dlq.parking import FLAG_PREFIX, LIST_PREFIX
 from qywx_ray.envelope import Envelope
 from qywx_ray.kafka.config import consumer_config
 from qywx_ray.settings import Settings
+from qywx_ray.testing.consume import check_order, ensure_topics, produce, records, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,7 @@ def test_failing_user_retried_with_backoff_parked_then_in_order(
         consume={
             "namespace": f"qywx-test-{unique}",
             "name_prefix": f"t{unique}",
-            "handler": "qywx_ray.consume.handlers:recording_handler",
+            "handler": "qywx_ray.testing.handlers:recording_handler",
             "record_key": RECORD,
             "num_hosts": 2,
             "num_consumers": 1,

@@ -19,12 +19,12 @@ import redis as redis_lib
 from confluent_kafka import Consumer, Producer
 
 from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers, stop_consumers
-from qywx_ray.consume.testing import ensure_topics, produce, wait_for
 from qywx_ray.dlq.message import DeadLetterMessage
 from qywx_ray.envelope import Envelope
 from qywx_ray.kafka.config import consumer_config, producer_config
 from qywx_ray.obs.stats import percentiles
 from qywx_ray.settings import Settings
+from qywx_ray.testing.consume import ensure_topics, produce, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -125,7 +125,7 @@ def test_attackers_do_not_hurt_normal_users(
         consume={
             "namespace": f"qywx-test-{unique}",
             "name_prefix": f"t{unique}",
-            "handler": "qywx_ray.consume.handlers:recording_handler",
+            "handler": "qywx_ray.testing.handlers:recording_handler",
             "record_key": RECORD,
             "num_hosts": 2,
             "num_consumers": 1,

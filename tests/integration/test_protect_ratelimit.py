@@ -16,10 +16,11 @@ from redis.backoff import NoBackoff
 
 from qywx_ray.errors import InfraError
 from qywx_ray.obs import metrics
-from qywx_ray.protect.decision import MESSAGES_DENIED, DenyReason, Verdict
+from qywx_ray.protect.decision import MESSAGES_DENIED, Verdict
 from qywx_ray.protect.groups import UserGroups
 from qywx_ray.protect.ratelimit import RateLimiter
 from qywx_ray.protect.settings import ProtectSettings, RateLimitRule
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 
@@ -99,7 +100,7 @@ async def test_scenario2_excited_user_is_limited_then_recovers(
     d6 = (await limiter.check_batch([("excited", 1)]))["excited"][0]  # T1: message 6
     assert d6.verdict is Verdict.RATE_LIMITED
     assert "violation 1/3" in d6.reason
-    assert d6.deny_reason is DenyReason.RATE_LIMITED
+    assert d6.deny_reason is FailureReason.RATE_LIMITED
     clock.advance(1)
     d7 = (await limiter.check_batch([("excited", 1)]))["excited"][0]  # T2: message 7
     assert d7.verdict is Verdict.RATE_LIMITED
@@ -125,7 +126,7 @@ async def test_scenario3_bot_at_100_per_second_blocked_at_third_violation(
     assert "violation 2/3" in seen[6].reason
     assert "violation 3/3" in seen[7].reason
     assert all(d.verdict is Verdict.BLOCKED for d in seen[7:])
-    assert [d.deny_reason for d in seen[7:]] == [DenyReason.USER_BLOCKED] * 93
+    assert [d.deny_reason for d in seen[7:]] == [FailureReason.USER_BLOCKED] * 93
     until = seen[7].blocked_until
     assert until == pytest.approx(T0 + 0.07 + 3600, abs=1e-6)
     # The block lives in Redis: a new limiter (restart, another host) sees it.

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import uvicorn
 
-from qywx_ray.ingest.shedding import LoadShedder, RawCallback, ShedBacklog, ShedMiddleware
+from qywx_ray.ingress.shedding import LoadShedder, RawCallback, ShedBacklog, ShedMiddleware
 from qywx_ray.wecom.models import KfCallbackEvent
 from tests.helpers.callbacks import CRYPTO, App, Overload, callback
 from tests.helpers.wait import wait_until_async

@@ -19,13 +19,19 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from qywx_ray.store.client import make_async_redis
-from qywx_ray.store.settings import RedisSettings
-from qywx_ray.wecom.callback import (
+from qywx_ray.ingress.callback import (
     REPLAY_CACHE_ERRORS,
     InMemoryReplayCache,
     RedisReplayCache,
     make_callback_router,
+)
+from qywx_ray.store.client import make_async_redis
+from qywx_ray.store.settings import RedisSettings
+from qywx_ray.testing.wecomsim import (
+    FaultRule,
+    WeComSimulator,
+    WeComSimulatorState,
+    make_app,
 )
 from qywx_ray.wecom.client import (
     API_RETRIES,
@@ -36,12 +42,6 @@ from qywx_ray.wecom.client import (
 from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
 from qywx_ray.wecom.settings import WeComSettings
-from qywx_ray.wecom.simulator import (
-    FaultRule,
-    WeComSimulator,
-    WeComSimulatorState,
-    make_app,
-)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -301,7 +301,7 @@ async def simulator_process() -> AsyncIterator[str]:
     sock.close()
     proc = subprocess.Popen(  # noqa: ASYNC220 - returns once forked; never waited on here
         [
-            *(sys.executable, "-m", "qywx_ray.wecom.simulator", "--port", str(port)),
+            *(sys.executable, "-m", "qywx_ray.testing.wecomsim", "--port", str(port)),
             *("--users", "5", "--rate", "300/min", "--seed", "1"),
         ],
         stdout=subprocess.DEVNULL,

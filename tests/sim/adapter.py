@@ -27,7 +27,6 @@ from qywx_ray.consume.handlers import HandlerContext, PermanentError, envelope_h
 from qywx_ray.consume.state import StateSlot, StateUnavailable, StateWrite, stateful
 from qywx_ray.consume.types import REASON_RATE_LIMITED, DeadLetter, Delivery
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
-from qywx_ray.dlq.message import FailureReason
 from qywx_ray.dlq.parking import parks_for
 from qywx_ray.dlq.settings import DLQSettings
 from qywx_ray.dlq.sink import to_dead_letter_message
@@ -35,6 +34,7 @@ from qywx_ray.dlq.strategies import RecoveryStrategy, default_strategies
 from qywx_ray.dlq.strategies import decide as _decide
 from qywx_ray.errors import InfraError
 from qywx_ray.protect.settings import BreakerSettings
+from qywx_ray.reasons import FailureReason
 
 __all__ = [
     "KNOWN_BROKEN",
@@ -61,12 +61,11 @@ __all__ = [
 KNOWN_BROKEN = False
 
 _DLQ = DLQSettings()
-_REASONS = {r.value: r for r in FailureReason}
 
 
 @functools.cache
 def parks(reason: str) -> bool:
-    return parks_for(_REASONS.get(reason, FailureReason.DOWNSTREAM_ERROR), _DLQ)
+    return parks_for(FailureReason.parse(reason), _DLQ)
 
 
 @functools.cache

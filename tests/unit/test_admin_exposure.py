@@ -11,9 +11,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from qywx_ray.admin.app import create_admin_app
+from qywx_ray.ingress.app import create_app
 from qywx_ray.settings import Settings, load_settings
 from qywx_ray.wecom.models import KfCallbackEvent
-from serve.app import create_admin_app, create_app
 
 
 class _Sink:

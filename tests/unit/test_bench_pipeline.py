@@ -42,14 +42,14 @@ from bench.pyspy import speedscope_top
 from bench.run_all import declared_timeout, timeout_for
 from qywx_ray.devstack import pipeline as devpipe
 from qywx_ray.devstack.pipeline import Stamp, parse_stamps
-from qywx_ray.wecom.settings import WeComSettings
-from qywx_ray.wecom.simulator import (
+from qywx_ray.testing.wecomsim import (
     Population,
     PopulationConfig,
     WeComSimulator,
     WeComSimulatorState,
     make_app,
 )
+from qywx_ray.wecom.settings import WeComSettings
 
 # ------------------------------------------------------------------ process groups
 
@@ -59,7 +59,7 @@ from qywx_ray.wecom.simulator import (
     [
         ("/usr/bin/java -Xmx384m -cp /x/libs/* kafka.Kafka /tmp/server.properties", "kafka"),
         ("/usr/bin/redis-server 127.0.0.1:6379", "redis"),
-        ("python -m qywx_ray.wecom.simulator --host 127.0.0.1", "simulator"),
+        ("python -m qywx_ray.testing.wecomsim --host 127.0.0.1", "simulator"),
         ("/site-packages/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp", "ray_gcs"),
         ("/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=x", "ray_raylet"),
         ("ray::PartitionConsumer", "consumer"),

@@ -26,11 +26,11 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qywx_ray.ingest.shedding import LoadShedder, ShedBacklog, ShedMiddleware
-from qywx_ray.wecom.callback import InMemoryReplayCache, make_callback_router
+from qywx_ray.ingress.callback import InMemoryReplayCache, make_callback_router
+from qywx_ray.ingress.shedding import LoadShedder, ShedBacklog, ShedMiddleware
+from qywx_ray.testing.wecomsim import sim_encrypt, sim_sign
 from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
-from qywx_ray.wecom.simulator import sim_encrypt, sim_sign
 
 TOKEN = "fuzztoken"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"

@@ -13,16 +13,16 @@ from fastapi import FastAPI
 from uvicorn.logging import AccessFormatter
 
 from qywx_ray.errors import CryptoError
-from qywx_ray.wecom.callback import InMemoryReplayCache, make_callback_router
-from qywx_ray.wecom.crypto import MAX_MESSAGE_BYTES, BadLengthError, WeComCrypto
-from qywx_ray.wecom.models import KfCallbackEvent
-from qywx_ray.wecom.simulator import (
+from qywx_ray.ingress.callback import InMemoryReplayCache, make_callback_router
+from qywx_ray.testing.wecomsim import (
     WeComSimulator,
     WeComSimulatorState,
     make_app,
     sim_encrypt,
     sim_sign,
 )
+from qywx_ray.wecom.crypto import MAX_MESSAGE_BYTES, BadLengthError, WeComCrypto
+from qywx_ray.wecom.models import KfCallbackEvent
 
 TOKEN = "cbtoken"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"

@@ -24,8 +24,9 @@ from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handler_threads import HUNG_THREADS, HandlerThreads
 from qywx_ray.consume.handlers import HandlerContext, envelope_handler, run_handler
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
-from qywx_ray.dlq.message import DeadLetterMessage, FailureReason, make_dead_letter
+from qywx_ray.dlq.message import DeadLetterMessage, make_dead_letter
 from qywx_ray.dlq.settings import DLQSettings
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from tests.helpers.host_fakes import Completions, Letters, delivery, until
 
@@ -203,8 +204,8 @@ async def test_dlq_producer_sends_without_the_default_executor(tmp_path: Path) -
 async def test_json_sink_sends_without_the_default_executor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from qywx_ray.consume import sinks
     from qywx_ray.consume.types import DeadLetter
+    from qywx_ray.testing import sinks
 
     sent: list[int] = []
     monkeypatch.setattr(

@@ -16,7 +16,6 @@ from qywx_ray.consume.handlers import (
     HandlerContext,
     envelope_handler,
     noop_handler,
-    recording_handler,
     wants_typed_message,
 )
 from qywx_ray.consume.partition_consumer import _routing_headers
@@ -30,6 +29,7 @@ from qywx_ray.consume.types import (
 from qywx_ray.dlq.strategies import is_dlq_retry, retry_count_of
 from qywx_ray.envelope import Envelope, header_value
 from qywx_ray.errors import EnvelopeError
+from qywx_ray.testing.handlers import recording_handler
 
 deliveries = st.builds(
     Delivery,

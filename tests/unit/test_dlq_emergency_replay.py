@@ -21,9 +21,10 @@ from pydantic import ValidationError
 
 from qywx_ray.dlq import emergency
 from qywx_ray.dlq.emergency import EmergencyReplayer
-from qywx_ray.dlq.message import DeadLetterMessage, FailureReason, make_dead_letter
+from qywx_ray.dlq.message import DeadLetterMessage, make_dead_letter
 from qywx_ray.dlq.settings import DLQSettings
 from qywx_ray.errors import ConfigError
+from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings, load_settings
 
 T0 = 1_800_000_000.0

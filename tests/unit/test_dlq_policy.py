@@ -8,18 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from qywx_ray.breaker import Breaker
 from qywx_ray.dlq import emergency
 from qywx_ray.dlq.message import (
     ActionType,
     DeadLetterMessage,
-    FailureReason,
     KafkaSource,
     calculate_priority,
     is_recoverable,
     make_dead_letter,
 )
 from qywx_ray.dlq.parking import parks_for
-from qywx_ray.dlq.producer import Breaker
 from qywx_ray.dlq.settings import DLQSettings
 from qywx_ray.dlq.strategies import (
     backoff_s,
@@ -30,6 +29,7 @@ from qywx_ray.dlq.strategies import (
 )
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError
+from qywx_ray.reasons import FailureReason
 
 T0 = 1_800_000_000.0
 
@@ -224,7 +224,7 @@ def test_park_exemptions() -> None:
 
 def test_breaker_opens_and_probes() -> None:
     now = [0.0]
-    b = Breaker(failure_threshold=3, open_s=60, clock=lambda: now[0])
+    b = Breaker(failure_threshold=3, cooldown_s=60, half_open_trials=None, clock=lambda: now[0])
     for _ in range(3):
         assert b.allow()
         b.on_failure()

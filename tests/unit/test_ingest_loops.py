@@ -13,14 +13,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-from qywx_ray.ingest.dispatch import PullDispatcher
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
 from qywx_ray.ingest.loops import LOOP_ERRORS, LoopBackoff
 from qywx_ray.ingest.producer import KafkaIngestProducer
 from qywx_ray.ingest.settings import IngestSettings
-from qywx_ray.ingest.shedding import SHED_LOOP_ERRORS, LoadShedder, ShedBacklog, ShedMiddleware
 from qywx_ray.ingest.spool import ReplayResult, SpoolReplayer
 from qywx_ray.ingest.syncer import KfSyncer, PullResult
+from qywx_ray.ingress.dispatch import PullDispatcher
+from qywx_ray.ingress.shedding import SHED_LOOP_ERRORS, LoadShedder, ShedBacklog, ShedMiddleware
 from qywx_ray.kafka.settings import KafkaSettings
 from qywx_ray.wecom.models import KfCallbackEvent
 from tests.helpers.callbacks import CRYPTO, App, RecordingSink

@@ -11,8 +11,9 @@ from qywx_ray.protect.breaker import (
     BreakerState,
     CircuitBreaker,
 )
-from qywx_ray.protect.decision import MESSAGES_DENIED, DenyReason
+from qywx_ray.protect.decision import MESSAGES_DENIED
 from qywx_ray.protect.settings import BreakerSettings
+from qywx_ray.reasons import FailureReason
 
 
 class FakeClock:
@@ -59,7 +60,7 @@ def test_a_success_resets_the_consecutive_count() -> None:
 def test_full_cycle_closed_open_half_open_closed() -> None:
     b, clock = make(failures=3, open_s=30, successes=2)
     recovered = BREAKER_RECOVERED.value()
-    denied = MESSAGES_DENIED.value(reason=DenyReason.CIRCUIT_OPEN.value)
+    denied = MESSAGES_DENIED.value(reason=FailureReason.CIRCUIT_OPEN.value)
     for _ in range(3):
         b.on_failure()
     assert not b.allow()

@@ -5,22 +5,23 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from qywx_ray.protect.decision import ALLOW, Decision, DenyReason, Verdict
+from qywx_ray.protect.decision import ALLOW, Decision, Verdict
 from qywx_ray.protect.groups import GroupResolver, UserGroups
 from qywx_ray.protect.settings import ProtectSettings
+from qywx_ray.reasons import DENY_REASONS, FailureReason
 
 
 def test_deny_reason_values_are_the_dlq_contract() -> None:
-    assert [r.value for r in DenyReason] == [
-        "rate_limited",
-        "user_blocked",
+    assert sorted(r.value for r in DENY_REASONS) == [
         "circuit_open",
         "queue_full",
+        "rate_limited",
+        "user_blocked",
     ]
     assert ALLOW.allowed
     assert ALLOW.deny_reason is None
-    assert Decision(Verdict.RATE_LIMITED).deny_reason is DenyReason.RATE_LIMITED
-    assert Decision(Verdict.BLOCKED).deny_reason is DenyReason.USER_BLOCKED
+    assert Decision(Verdict.RATE_LIMITED).deny_reason is FailureReason.RATE_LIMITED
+    assert Decision(Verdict.BLOCKED).deny_reason is FailureReason.USER_BLOCKED
 
 
 def test_seed_group_numbers() -> None:

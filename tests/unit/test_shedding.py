@@ -11,8 +11,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from qywx_ray.ingest.dispatch import PullDispatcher
-from qywx_ray.ingest.shedding import (
+from qywx_ray.ingest.syncer_host import syncer_host_index
+from qywx_ray.ingress.dispatch import PullDispatcher
+from qywx_ray.ingress.shedding import (
     CALLBACKS_SHED,
     LoadShedder,
     RawCallback,
@@ -20,7 +21,6 @@ from qywx_ray.ingest.shedding import (
     ShedMiddleware,
     parse_callback,
 )
-from qywx_ray.ingest.syncer_host import syncer_host_index
 from qywx_ray.wecom.models import KfCallbackEvent
 from tests.helpers.callbacks import CORP, CRYPTO, RecordingSink
 from tests.helpers.callbacks import callback as signed_callback

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from qywx_ray.ingest.shedding import (
+from qywx_ray.ingress.shedding import (
     SHED_DRAINED,
     LoadShedder,
     RawCallback,

@@ -11,15 +11,15 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from qywx_ray.wecom.callback import (
+from qywx_ray.ingress.callback import (
     CALLBACKS,
     REPLAY_CACHE_ERRORS,
     InMemoryReplayCache,
     make_callback_router,
 )
+from qywx_ray.testing.wecomsim import WeComSimulatorState, sim_encrypt, sim_sign
 from qywx_ray.wecom.crypto import WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
-from qywx_ray.wecom.simulator import WeComSimulatorState, sim_encrypt, sim_sign
 
 TOKEN = "cbtoken"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"

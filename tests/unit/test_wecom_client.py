@@ -11,6 +11,12 @@ import httpx
 import pytest
 
 from qywx_ray.errors import WeComError
+from qywx_ray.testing.wecomsim import (
+    FaultRule,
+    WeComSimulator,
+    WeComSimulatorState,
+    make_app,
+)
 from qywx_ray.wecom.client import (
     InMemoryTokenCache,
     WeComClient,
@@ -19,12 +25,6 @@ from qywx_ray.wecom.client import (
 )
 from qywx_ray.wecom.errcodes import ErrCode
 from qywx_ray.wecom.settings import WeComSettings
-from qywx_ray.wecom.simulator import (
-    FaultRule,
-    WeComSimulator,
-    WeComSimulatorState,
-    make_app,
-)
 
 KF = "wkCLIENTTEST"
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qywx_ray.errors import CryptoError
+from qywx_ray.testing.wecomsim import sim_decrypt, sim_encrypt, sim_sign
 from qywx_ray.wecom.crypto import (
     BadBase64Error,
     BadKeyError,
@@ -20,7 +21,6 @@ from qywx_ray.wecom.crypto import (
     ReceiveIdMismatchError,
     WeComCrypto,
 )
-from qywx_ray.wecom.simulator import sim_decrypt, sim_encrypt, sim_sign
 
 TOKEN = "QDG6eK"
 AES_KEY = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"

@@ -11,12 +11,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from qywx_ray.wecom.callback import InMemoryReplayCache, make_callback_router
-from qywx_ray.wecom.crypto import WeComCrypto
-from qywx_ray.wecom.errcodes import ErrCode
-from qywx_ray.wecom.models import KfCallbackEvent, parse_kf_message
-from qywx_ray.wecom.settings import WeComSettings
-from qywx_ray.wecom.simulator import (
+from qywx_ray.ingress.callback import InMemoryReplayCache, make_callback_router
+from qywx_ray.testing.wecomsim import (
     MESSAGE_TYPES,
     FaultRule,
     Population,
@@ -27,6 +23,10 @@ from qywx_ray.wecom.simulator import (
     parse_mix,
     parse_rate,
 )
+from qywx_ray.wecom.crypto import WeComCrypto
+from qywx_ray.wecom.errcodes import ErrCode
+from qywx_ray.wecom.models import KfCallbackEvent, parse_kf_message
+from qywx_ray.wecom.settings import WeComSettings
 
 KF = "wkSIMTEST"
 SETTINGS = WeComSettings()
@@ -129,7 +129,7 @@ def test_three_day_retention_prunes_sync_but_not_truth() -> None:
 def test_sync_page_of_1000_1kib_messages_is_pre_encoded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A page is the messages' bytes encoded once when they were added, joined: serving
     1,000 messages encodes only the page head (what keeps a full page at ~2 ms)."""
-    from qywx_ray.wecom import simulator
+    from qywx_ray.testing.wecomsim import state as simulator
 
     state = _state()
     token = _token(state)

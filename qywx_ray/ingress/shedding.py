@@ -54,9 +54,9 @@ import defusedxml.ElementTree as SafeET
 from pydantic import ValidationError
 
 from qywx_ray.errors import CryptoError
+from qywx_ray.ingress.callback import CALLBACKS, parse_timestamp, replay_key
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter, gauge
-from qywx_ray.wecom.callback import CALLBACKS, parse_timestamp, replay_key
 from qywx_ray.wecom.crypto import BadSignatureError, WeComCrypto
 from qywx_ray.wecom.models import KfCallbackEvent
 
