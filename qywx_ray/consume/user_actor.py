@@ -51,6 +51,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qywx_ray.consume.batch_reads import BatchReads
 from qywx_ray.consume.deadlines import HandlerDeadlines
 from qywx_ray.consume.dedup import Deduplicator
 from qywx_ray.consume.handlers import (
@@ -60,7 +61,9 @@ from qywx_ray.consume.handlers import (
     wants_typed_message,
 )
 from qywx_ray.consume.host_io import (
+    admit_flagged,
     admit_parking,
+    batch_read,
     dead_letter,
     durable_dead_letter,
     op_id,
@@ -72,8 +75,10 @@ from qywx_ray.consume.host_io import (
 from qywx_ray.consume.host_rules import (
     Outcome,
     Settle,
+    batch_read_plan,
     settle,
     split_denials,
+    unrated,
 )
 from qywx_ray.consume.mailbox import Pending, UserMailbox
 from qywx_ray.consume.mailbox_machine import (
@@ -168,8 +173,12 @@ class HostCore:
         on_dying: Callable[[UserMailbox], Awaitable[None]] | None = None,
         on_fatal: Callable[[str], None] | None = None,
         state_store: StateStore | None = None,
+        batch_reads: BatchReads | None = None,
     ) -> None:
         self.name = name
+        # One Redis call per delivery batch for the dedup check, the parking flags and
+        # the rate limiter (consume/batch_reads.py); None: the three separate calls.
+        self.batch_reads = batch_reads
         self.handler = handler
         self.dedup = dedup
         self.completions = completions
@@ -278,9 +287,23 @@ class HostCore:
         if poison:
             self._spawn(self._dead_letter_then_complete(poison, poison_waiters))
         ask = self.machine.ids_to_ask(parsed)
-        done = await self.dedup.already_done(ask) if ask else set()
-        # Below, until the next await, pending/recent cannot change under us.
         has_lot = self.retry_order is not None
+        read = plan = None
+        if self.batch_reads is not None and (ask or has_lot):
+            # One round trip for done-flags, parking flags and the rate limiter.
+            plan = batch_read_plan(parsed, ask, self.dedup.recent, has_lot, self.batch_reads.rates)
+            if plan.fits:
+                read = await batch_read(
+                    self.batch_reads,
+                    plan,
+                    policy=self.opt.redis_down_policy,
+                    retry_max_s=self.opt.redis_retry_max_s,
+                )
+        if read is not None:
+            done = self.dedup.counted(read.done)
+        else:  # no batch read, or it failed under policy process: the separate calls
+            done = await self.dedup.already_done(ask) if ask else set()
+        # Below, until the next await, pending/recent cannot change under us.
         intake = self.machine.delivered(parsed, done, self.dedup.recent, has_lot)
         self.counts["duplicate"] += intake.duplicates
         for d in intake.complete:
@@ -289,14 +312,23 @@ class HostCore:
         if not fresh and not resume:
             return
         firsts = [p for p in fresh if not p.delivery.is_retry]  # retries: counted once
-        reasons = await rate_limit(self.admission, firsts, self._policy)
+        if read is not None and plan is not None and self.batch_reads.rates:  # type: ignore[union-attr]
+            reasons = read.reasons
+            late = unrated(firsts, plan)  # pending at the plan, failed during the read
+            if late:
+                reasons.update(await rate_limit(self.admission, late, self._policy))
+        else:
+            reasons = await rate_limit(self.admission, firsts, self._policy)
         denied, admitted = split_denials(fresh, reasons, self._parks)
         admit: list[Pending] = []
         for p, reason in admitted:
             p.denied = reason  # a parking denial acts at the head, after older messages
             admit.append(p)
         admit.extend(resume)
-        codes = await admit_parking(self.retry_order, admit, self._policy)  # under the lane
+        if read is not None and has_lot:  # under the lane: the flags read are still current
+            codes = await admit_flagged(self.retry_order, admit, read.flagged, self._policy)
+        else:
+            codes = await admit_parking(self.retry_order, admit, self._policy)  # under the lane
         overflow = self._place(admit, codes, denied)
         for user, (tail, held) in overflow.items():
             hold = functools.partial(self._hold, user, tail, held, op_id())
