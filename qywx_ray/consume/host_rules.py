@@ -183,6 +183,8 @@ def batch_read_plan(
         seen: set[str] = set()
         for d, env in parsed:
             mid = env.message_id
+            if d.is_drain and not has_lot:
+                continue  # completed at once, not registered: a later copy may be fresh
             if mid in seen:
                 continue
             seen.add(mid)
