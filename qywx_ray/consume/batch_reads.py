@@ -32,7 +32,9 @@ from qywx_ray.protect.ratelimit import RateLimiter
 
 # KEYS: D done-flag keys, then U parking-flag keys.
 # ARGV: D, U, H (0: no rate limiting), H x the limiter's head (now .. rules), then
-#       N users x (user, group, n, timed 0/1, n x (done index, time_ms)).
+#       N users x (user, group, "done index:time_ms,..." for its messages in order): the
+#       numbers packed in one string per user, as each argument costs the client an
+#       encode (the limiter's own call takes one argument per message).
 # Returns {done indexes, flagged user indexes[, the limiter's reply for the users with
 # their kept (not done) messages, in order]}.
 BATCH_LUA = (
@@ -41,16 +43,23 @@ BATCH_LUA = (
     + """
 end
 local nd, nu, nh = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local done, found, flagged = {}, {}, {}
-for i = 1, nd do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    done[i] = true
-    found[#found + 1] = i
+-- Which of KEYS[first..last] exist (string keys: done-flags, parking flags), by MGET in
+-- chunks: one command per 1000 keys costs Redis less than a call per key.
+local function present(first, last)
+  local out = {}
+  for s = first, last, 1000 do
+    local e = math.min(s + 999, last)
+    local got = redis.call('MGET', unpack(KEYS, s, e))
+    for k = 1, e - s + 1 do
+      if got[k] then out[#out + 1] = s + k - 1 - first + 1 end
+    end
   end
+  return out
 end
-for i = 1, nu do
-  if redis.call('EXISTS', KEYS[nd + i]) == 1 then flagged[#flagged + 1] = i end
-end
+local found = present(1, nd)
+local flagged = present(nd + 1, nd + nu)
+local done = {}
+for _, i in ipairs(found) do done[i] = true end
 if nh == 0 then return {found, flagged} end
 local args = {}
 for k = 1, nh do args[k] = ARGV[3 + k] end
@@ -59,23 +68,17 @@ local nusers = tonumber(ARGV[i])
 i = i + 1
 local body = {}
 for _ = 1, nusers do
-  local user, group, n, timed = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
-  i = i + 4
   local kept = {}
-  for _ = 1, n do
-    local at = tonumber(ARGV[i])
-    if at == 0 or not done[at] then kept[#kept + 1] = ARGV[i + 1] end
-    i = i + 2
+  for at, t in string.gmatch(ARGV[i + 2], '(%d+):(%d+)') do
+    at = tonumber(at)
+    if at == 0 or not done[at] then kept[#kept + 1] = t end
   end
-  body[#body + 1] = user
-  body[#body + 1] = group
+  body[#body + 1] = ARGV[i]
+  body[#body + 1] = ARGV[i + 1]
   body[#body + 1] = #kept
-  if timed == '1' then
-    body[#body + 1] = #kept
-    for _, t in ipairs(kept) do body[#body + 1] = t end
-  else
-    body[#body + 1] = 0
-  end
+  body[#body + 1] = #kept
+  for _, t in ipairs(kept) do body[#body + 1] = t end
+  i = i + 3
 end
 args[#args + 1] = nusers
 for _, v in ipairs(body) do args[#args + 1] = v end
@@ -139,10 +142,9 @@ class RedisBatchReads:
             args.append(len(rate_plan.head))
             args += rate_plan.head
             args.append(len(rate_plan.sent))
-            for user, group, n, times in rate_plan.sent:
-                args += [user, group, n, 0 if times is None else 1]
-                for item in per_user[user]:  # times in ms, as the limiter's own call
-                    args += [item.done_at, 0 if times is None else round(item.time_s * 1000)]
+            for user, group, _, _ in rate_plan.sent:  # times in ms, as the limiter's own
+                packed = ",".join(f"{m.done_at}:{round(m.time_s * 1000)}" for m in per_user[user])
+                args += [user, group, packed]
         else:
             args.append(0)
         reply = await self._script(keys=keys, args=args)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from qywx_ray.consume.mailbox import Pending
 from qywx_ray.consume.types import PARKED, WAITED_ON, Delivery
@@ -122,8 +123,7 @@ def sort_intake(
 BATCH_READ_MAX_KEYS = 5000
 
 
-@dataclass(frozen=True)
-class RateItem:
+class RateItem(NamedTuple):
     """One message the batch read rates: `done_at` is the 1-based index of its id in
     `BatchReadPlan.ask` (the store skips it when that done-flag exists)."""
 

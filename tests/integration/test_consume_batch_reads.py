@@ -21,7 +21,7 @@ from qywx_ray.consume.batch_reads import RedisBatchReads, make_batch_reads
 from qywx_ray.consume.dedup import DONE_KEY, Deduplicator, RedisDoneStore
 from qywx_ray.consume.handlers import HandlerContext
 from qywx_ray.consume.host_io import rate_limit
-from qywx_ray.consume.host_rules import batch_read_plan, sort_intake
+from qywx_ray.consume.host_rules import BatchReadPlan, batch_read_plan, sort_intake
 from qywx_ray.consume.mailbox import Pending
 from qywx_ray.consume.types import DeadLetter, Delivery
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
@@ -214,3 +214,21 @@ async def test_one_round_trip_per_batch_unless_a_user_is_parked(redis_url: str) 
             w.cancel()
         await client.flushdb()
         await client.aclose()
+
+
+async def test_batch_read_over_many_keys_reads_every_chunk(dbs: list[aioredis.Redis]) -> None:
+    """More done-flags and users than one MGET chunk (1000 keys) of the script."""
+    client = dbs[0]
+    ids = [f"big{i}" for i in range(2500)]
+    users = [f"user{i}" for i in range(1200)]
+    done = set(ids[::7]) | {ids[999], ids[1000], ids[-1]}
+    flagged = set(users[::11]) | {users[999], users[1000], users[-1]}
+    for m in done:
+        await client.set(DONE_KEY.format(m), "1")
+    for u in flagged:
+        await client.set(FLAG_PREFIX + u, "blocker")
+    plan = BatchReadPlan(ask=ids, users=users)
+    answer = await RedisBatchReads(client, None).read(plan)
+    assert answer.done == done
+    assert answer.flagged == flagged
+    assert answer.reasons == {}
