@@ -208,7 +208,7 @@ async def admit_flagged(
     at = [i for i, p in enumerate(items) if p.envelope.external_userid in flagged]
     if order is None or not at:
         return codes
-    ask = getattr(order, "admit_flagged", order.admit)
+    ask = getattr(order, "admit_flagged", None) or order.admit
     answers = await _admit(ask, [items[i] for i in at], policy)
     for i, code in zip(at, answers, strict=True):
         codes[i] = code

@@ -1,8 +1,10 @@
 """The asyncio core that hosts many per-user mailboxes ("virtual user actors").
 
 `HostCore` owns many `UserMailbox`es inside one asyncio loop: it ingests delivery batches
-in order (one dedup round trip per round), applies admission (rate limit at each
-message's send time, then the per-user parking lot for retry order), runs each user's
+in order, applies admission (rate limit at each message's send time, then the per-user
+parking lot for retry order) with ONE Redis round trip per round in the common case (the
+batch read, consume/batch_reads.py: done-flags, parking flags and the limiter in one
+call; a second only for a parked user's items, the lot's admit), runs each user's
 head message (circuit breaker decided there), writes done-flags in batches,
 dead-letters failures, and reports completions in batches.
 
@@ -30,7 +32,7 @@ arriving while a mailbox is dying goes to a successor that starts only after the
 is dead. Never: report a completion before the done-flag or dead letter is durable, run
 two messages of one user at once, or admit past protection while Redis is down under
 policy `stop`. Pure asyncio: no Ray, no Kafka; Redis only behind the seams (DoneStore,
-Admission, RetryOrder, DrainTokenSink).
+Admission, RetryOrder, DrainTokenSink, BatchReads).
 
 Split by concern: the decisions are pure (host_rules.py: intake, denials, placement, a
 head's outcome; mailbox_machine.py: pending ids, mailboxes, park / drain / finish
