@@ -23,6 +23,7 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from bench.stats import percentiles
 from qywx_ray.envelope import Envelope
 from qywx_ray.ingest.producer import KafkaIngestProducer
 from qywx_ray.kafka.config import admin_config
@@ -48,10 +49,8 @@ def make_envelopes(n: int, users: int, payload_bytes: int, tag: str) -> list[Env
 
 
 def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    """Nearest-rank (bench.stats), NaN for no samples (a run that delivered nothing)."""
+    return percentiles(values, (q * 100,))[q * 100] if values else float("nan")
 
 
 async def one_run(

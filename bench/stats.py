@@ -1,29 +1,14 @@
-"""Percentiles and medians: what every bench quotes (medians of repeated runs)."""
+"""Percentiles and medians: what every bench quotes (medians of repeated runs).
+
+The percentile is the product's own (qywx_ray.obs.stats), re-exported here."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
+from qywx_ray.obs.stats import percentiles
 
-def percentiles(
-    samples: Iterable[float], qs: Sequence[float] = (50, 99, 100)
-) -> dict[float, float]:
-    """Nearest-rank percentiles: q=0 is the minimum, q=100 the maximum, p50 a real sample.
-
-    Raises ValueError on an empty sample set: a percentile of nothing is a bug upstream.
-    """
-    ordered = sorted(float(s) for s in samples)
-    if not ordered:
-        raise ValueError("percentiles of an empty sample set")
-    n = len(ordered)
-    out: dict[float, float] = {}
-    for q in qs:
-        if not 0 <= q <= 100:
-            raise ValueError(f"percentile {q} is outside 0..100")
-        rank = max(1, math.ceil(q / 100.0 * n))
-        out[q] = ordered[rank - 1]
-    return out
+__all__ = ["median", "percentiles"]
 
 
 def median(values: Iterable[float]) -> float:

@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from qywx_ray.settings import Settings, load_settings
+from tests.helpers.ray import init_local_ray
 
 
 @pytest.fixture(scope="session")
@@ -64,21 +65,6 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
-
-
-def init_local_ray() -> None:
-    """The session's local Ray (also what the multi-node drills restore afterwards)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address="local",  # always a fresh local Ray, even if a `ray start` cluster runs
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            namespace="qywx-test",
-            configure_logging=False,
-        )
 
 
 @pytest.fixture(scope="session")

@@ -121,6 +121,7 @@ from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter, gauge, histogram
+from qywx_ray.obs.stats import percentiles
 from qywx_ray.protect.breaker import CircuitBreaker
 from qywx_ray.protect.settings import BreakerSettings
 
@@ -830,8 +831,8 @@ class HostCore:
         }
 
     def latency_stats(self, reset: bool = False) -> dict[str, Any]:
-        def pct(xs: list[int], q: float) -> int | None:
-            return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+        def pct(xs: list[int], q: float) -> float | None:
+            return percentiles(xs, (q,))[q] if xs else None
 
         xs = sorted(self.latencies_ms)
         arrivals = sorted(self.arrival_ms)
@@ -840,9 +841,9 @@ class HostCore:
             self.arrival_ms = []
         return {
             "n": len(xs),
-            "p50_ms": pct(xs, 0.5),
-            "p99_ms": pct(xs, 0.99),
+            "p50_ms": pct(xs, 50),
+            "p99_ms": pct(xs, 99),
             "max_ms": xs[-1] if xs else None,
-            "arrival_p50_ms": pct(arrivals, 0.5),
-            "arrival_p99_ms": pct(arrivals, 0.99),
+            "arrival_p50_ms": pct(arrivals, 50),
+            "arrival_p99_ms": pct(arrivals, 99),
         }

@@ -10,23 +10,10 @@ from typing import Any
 
 import pytest
 
-from qywx_ray.devstack.pipeline import RECORD_KEY, AuditResult, LocalPipeline
+from qywx_ray.devstack.pipeline import LocalPipeline
 from qywx_ray.devstack.raycluster import LocalRayCluster
 from qywx_ray.settings import _deep_merge
-
-# The drills chat at machine speed (10 messages per customer in a few seconds), far above
-# the seed's 5 per 10 s: with the seed rule they would test the rate limiter, not the
-# faults they inject. The limiter still runs on every batch, with a rule sized to them.
-DRILL_PROTECT = {
-    "protect": {
-        "default": {
-            "window_seconds": 10,
-            "max_messages": 1000,
-            "penalty_threshold": 1000,
-            "block_hours": 0.0,
-        }
-    }
-}
+from tests.helpers.drills import DRILL_PROTECT
 
 
 @pytest.fixture
@@ -36,7 +23,7 @@ def ray_cluster_factory(ray_session: None) -> Iterator[Callable[..., LocalRayClu
     Request it before `pipeline_factory`, so the pipeline stops while its cluster runs."""
     import ray
 
-    from tests.conftest import init_local_ray
+    from tests.helpers.ray import init_local_ray
 
     started: list[LocalRayCluster] = []
 
@@ -90,58 +77,3 @@ def pipeline_factory(ray_session: None, tmp_path: Path) -> Iterator[Callable[...
         from ray import serve
 
         serve.shutdown()
-
-
-def chat(
-    p: LocalPipeline, kfids: list[str], users: int, rounds: int, per_round: int = 2, **kw: Any
-) -> int:
-    """Customers chat in interleaved rounds, so per-user order is meaningful."""
-    assert p.sim is not None
-    total = 0
-    for _ in range(rounds):
-        for kfid in kfids:
-            for u in range(users):
-                p.sim.inject(kfid, f"{kfid}-u{u}", per_round, **kw)
-                total += per_round
-    return total
-
-
-def finish(
-    p: LocalPipeline, expected: int, timeout_s: float = 120.0, processed: int | None = None
-) -> AuditResult:
-    p.wait_drained(expected, timeout_s=timeout_s, processed=processed)
-    result = p.audit()
-    print(f"\ndrill audit: {result.line()}")
-    if not result.ok:
-        print(evidence(p))
-    assert result.ok, result.details[:10]
-    return result
-
-
-def evidence(p: LocalPipeline) -> str:
-    """What a failed audit needs to be diagnosed: per user, the order in which side
-    effects were recorded and the handler calls, as positions in the simulator's truth
-    (e.g. `0 1 3 2`), plus where Ray keeps the workers' logs."""
-    assert p.sim is not None
-    client = p.redis_client()
-    truth = p.sim.truth()
-    records = [x.decode().partition("|") for x in client.lrange(RECORD_KEY, 0, -1)]
-    calls = [x.decode().partition("|") for x in client.lrange(f"{RECORD_KEY}:calls", 0, -1)]
-    lines = []
-    for users in truth.values():
-        for user, ids in users.items():
-            pos = {m: i for i, m in enumerate(ids)}
-            got = [pos.get(m, -1) for u, _, m in records if u == user]
-            called = [pos.get(m, -1) for u, _, m in calls if u == user]
-            if got != sorted(got) or len(called) != len(set(called)) or len(got) < len(ids):
-                lines.append(f"user {user} ({len(ids)} msgs)")
-                lines.append(f"  effects: {' '.join(map(str, got))}")
-                lines.append(f"  calls:   {' '.join(map(str, called))}")
-    try:
-        from ray._private.worker import global_worker
-
-        node: Any = global_worker.node
-        lines.append(f"ray logs: {node.get_session_dir_path()}/logs")
-    except Exception as exc:  # evidence is best effort; the audit already failed
-        lines.append(f"ray logs: unknown ({exc!r})")
-    return "\n".join(["drill evidence:", *lines])

@@ -26,8 +26,8 @@ from typing import Any
 from qywx_ray.devstack.pipeline import LocalPipeline
 from qywx_ray.devstack.raycluster import LocalRayCluster, stop_ray_under
 from qywx_ray.settings import _deep_merge
-from tests.drills.conftest import DRILL_PROTECT
-from tests.drills.test_multinode_drills import FAST_NODE_DEATH, MULTINODE, _node_loss
+from tests.helpers.drills import DRILL_PROTECT
+from tests.helpers.multinode import FAST_NODE_DEATH, MULTINODE, node_loss
 
 
 def run(workdir: Path, temp_dir: str, bootstrap: str | None, users: int) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def run(workdir: Path, temp_dir: str, bootstrap: str | None, users: int) -> dict
         )
         pipeline = LocalPipeline(workdir / "pipeline", overrides=overrides, bootstrap=bootstrap)
         pipeline.start()
-        return _node_loss(pipeline, cluster, users=users, before_s=2.0, after_s=1.0, add_back=False)
+        return node_loss(pipeline, cluster, users=users, before_s=2.0, after_s=1.0, add_back=False)
     finally:
         if pipeline is not None:
             with contextlib.suppress(Exception):

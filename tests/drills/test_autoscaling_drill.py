@@ -31,8 +31,7 @@ from qywx_ray.devstack.pipeline import LocalPipeline
 from qywx_ray.devstack.procs import wait_until
 from qywx_ray.devstack.raycluster import LocalAutoscalingCluster
 from qywx_ray.settings import _deep_merge
-from tests.drills.conftest import DRILL_PROTECT, finish
-from tests.drills.test_long_drills import Chatter
+from tests.helpers.drills import DRILL_PROTECT, Chatter, finish
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -70,7 +69,7 @@ def autoscaling() -> Iterator[LocalAutoscalingCluster]:
     """The autoscaling cluster as this process's Ray; the session's Ray is back after."""
     import ray
 
-    from tests.conftest import init_local_ray
+    from tests.helpers.ray import init_local_ray
 
     had_session_ray = ray.is_initialized()
     ray.shutdown()

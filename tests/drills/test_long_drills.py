@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,44 +17,13 @@ from typing import Any
 import pytest
 
 from qywx_ray.devstack.pipeline import LocalPipeline
-from tests.drills.conftest import chat, finish
+from tests.helpers.drills import Chatter, finish
 
 # Each drill: pipeline start (~1 min) + fault + a bounded drain; the global 300 s is too short.
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 RESTART_BROKER_TIMEOUT_S = 180.0
-
-
-class Chatter:
-    """Customers chatting in the background for the length of a fault."""
-
-    def __init__(self, p: LocalPipeline, kfids: list[str], users: int) -> None:
-        self.p, self.kfids, self.users = p, kfids, users
-        self.total = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                self.total += chat(self.p, self.kfids, self.users, rounds=1, per_round=1)
-                self._stop.wait(0.2)
-        except BaseException as exc:  # surfaced in __exit__: a silent stop would hide it
-            self.error = exc
-
-    def __enter__(self) -> Chatter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive(), "the chatter did not stop within 30 s"
-        if self.error is not None:
-            raise AssertionError(f"the chatter failed: {self.error!r}") from self.error
-        print(f"\ndrill: {self.total} messages injected")
 
 
 def _restart_broker(p: LocalPipeline, node_id: int) -> None:

@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from qywx_ray.devstack.pipeline import LocalPipeline
-from tests.drills.conftest import chat, finish
+from tests.helpers.drills import chat, finish
 
 pytestmark = pytest.mark.integration
 

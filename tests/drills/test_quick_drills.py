@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Producer
 
 from qywx_ray.devstack.pipeline import LocalPipeline
-from tests.drills.conftest import chat, finish
+from tests.helpers.drills import chat, finish
 
 pytestmark = pytest.mark.integration
 

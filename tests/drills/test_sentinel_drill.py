@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 
 from qywx_ray.devstack.pipeline import LocalPipeline
-from tests.drills.conftest import finish
-from tests.drills.test_long_drills import Chatter
+from tests.helpers.drills import Chatter, finish
 
 # Pipeline start (~60 s here: Kafka, Serve, actors) + 13 s of chat + the drain.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]

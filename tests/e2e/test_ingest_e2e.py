@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from tests.e2e.conftest import Ingress, read_topic
+from tests.helpers.e2e import Ingress, read_topic
 
 pytestmark = pytest.mark.integration
 

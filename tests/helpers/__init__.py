@@ -1,4 +1,11 @@
-"""Helpers shared by tests: polling (`wait`), documentation blocks (`docs`).
+"""Helpers shared by tests, one module per concern.
+
+- `wait`: the one way to poll (bounded, never a fixed sleep);
+- `host_fakes`: HostCore's in-memory fakes for unit tests;
+- `consume`, `dlq`, `ingest`, `e2e`, `drills`: settings, topics, readers and fakes of
+  each stage's integration tests;
+- `ray`: the session's local Ray; `docs`: README/docs shell blocks; `callbacks`: signed
+  WeCom callbacks.
 
 Tests import from here, never from another test module or from conftest.
 """

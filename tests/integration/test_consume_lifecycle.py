@@ -24,11 +24,9 @@ from qywx_ray.consume.testing import (
 )
 from qywx_ray.envelope import Envelope
 from qywx_ray.settings import Settings
-from tests.integration.conftest import consume_test_settings
+from tests.helpers.consume import RECORD, consume_test_settings
 
 pytestmark = pytest.mark.integration
-
-RECORD = "qywx:test:record"
 
 
 def _rounds(users: int, rounds: int) -> list[list[Envelope]]:

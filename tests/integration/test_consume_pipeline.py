@@ -21,11 +21,9 @@ from qywx_ray.consume.testing import (
     wait_for,
 )
 from qywx_ray.settings import Settings
-from tests.integration.conftest import consume_test_settings
+from tests.helpers.consume import RECORD, consume_test_settings
 
 pytestmark = pytest.mark.integration
-
-RECORD = "qywx:test:record"
 
 
 def test_round_trip(

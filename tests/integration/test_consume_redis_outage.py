@@ -27,11 +27,10 @@ from qywx_ray.consume.testing import (
 from qywx_ray.devstack.procs import free_port
 from qywx_ray.devstack.redis import RedisServer
 from qywx_ray.settings import Settings
-from tests.integration.conftest import consume_test_settings
+from tests.helpers.consume import RECORD, consume_test_settings
 
 pytestmark = pytest.mark.integration
 
-RECORD = "qywx:test:record"
 OUTAGE_S = 6.0  # the fault's duration, not a synchronisation
 
 

@@ -23,11 +23,10 @@ from qywx_ray.consume.state import STATE_KEY, RedisStateStore, StateSlot, StateW
 from qywx_ray.consume.testing import committed_offsets, ensure_topics, envelopes, produce, wait_for
 from qywx_ray.envelope import Envelope
 from qywx_ray.settings import Settings
-from tests.integration.conftest import consume_test_settings
+from tests.helpers.consume import RECORD, consume_test_settings
 
 pytestmark = pytest.mark.integration
 
-RECORD = "qywx:test:record"
 HANDLER = "qywx_ray.consume.handlers:state_recording_handler"
 
 

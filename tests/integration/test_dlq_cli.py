@@ -12,7 +12,7 @@ import redis
 from qywx_ray.dlq import cli, emergency
 from qywx_ray.dlq.index import DLQIndex
 from qywx_ray.settings import Settings
-from tests.integration.test_dlq_producer import create_topics, letters_for, read_all
+from tests.helpers.dlq import create_topics, letters_for, read_all
 
 pytestmark = pytest.mark.integration
 

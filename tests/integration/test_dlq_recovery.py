@@ -19,7 +19,7 @@ from qywx_ray.dlq.recovery import RecoveryService
 from qywx_ray.envelope import Envelope
 from qywx_ray.kafka.topics import ensure_topics
 from qywx_ray.settings import Settings
-from tests.integration.test_dlq_producer import read_all
+from tests.helpers.dlq import read_all
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from qywx_ray.ingest.dispatch import PullDispatcher
 from qywx_ray.ingest.syncer_host import SyncerHostService
 from qywx_ray.settings import Settings
 from qywx_ray.wecom.models import KfCallbackEvent
-from tests.integration.test_ingest_support import FakePage, create_topic, make_pages, read_topic
+from tests.helpers.ingest import FakePage, create_topic, make_pages, read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

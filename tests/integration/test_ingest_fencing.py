@@ -21,7 +21,7 @@ from qywx_ray.ingest.syncer_host import SyncerHostService, known_kfids_key, sync
 from qywx_ray.settings import load_settings
 from qywx_ray.store.client import make_async_redis
 from qywx_ray.store.settings import RedisSettings
-from tests.integration.test_ingest_support import FakePage, FakeProducer, wecom_msg
+from tests.helpers.ingest import FakePage, FakeProducer, wecom_msg
 
 pytestmark = pytest.mark.integration
 

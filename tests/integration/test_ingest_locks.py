@@ -13,7 +13,8 @@ from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockLostError, LockManager
 from qywx_ray.store.client import make_async_redis
 from qywx_ray.store.settings import RedisSettings
-from tests.integration.test_ingest_support import dead_redis
+from tests.helpers.ingest import dead_redis
+from tests.helpers.wait import wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +24,6 @@ async def aredis(redis_url: str, redis_client: redis.Redis):
     client = make_async_redis(RedisSettings(url=redis_url))
     yield client
     await client.aclose()
-
-
-async def wait_for(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 async def test_one_holder_at_a_time_with_increasing_fences(aredis) -> None:
@@ -113,7 +105,9 @@ async def test_losing_the_lock_cancels_the_work(aredis) -> None:
     assert await aredis.get(locks.key("sync:kf")) == b"someone-else"  # not deleted by us
 
 
-async def test_paused_holder_past_ttl_cannot_commit_cursor(aredis) -> None:
+async def test_paused_holder_past_ttl_cannot_commit_cursor(
+    aredis, redis_client: redis.Redis
+) -> None:
     locks = LockManager(aredis, ttl_s=0.3, extend_every_s=0.1)
     cursors = CursorStore(aredis)
     a = await locks.acquire("sync:kf")
@@ -122,10 +116,10 @@ async def test_paused_holder_past_ttl_cannot_commit_cursor(aredis) -> None:
     assert await cursors.get("kf") == "c1"
 
     # A "pauses" (GC, VM steal) without extending; its lock expires; B takes over.
-    async def expired() -> bool:
-        return await aredis.exists(locks.key("sync:kf")) == 0
+    def expired() -> bool:
+        return bool(redis_client.exists(locks.key("sync:kf")) == 0)
 
-    await wait_for(expired)
+    await wait_until_async(expired, timeout_s=5.0, what="the lock to expire")
     assert not await cursors.commit_cursor("kf", "a-late", a)  # expired, nobody holds it
     b = await locks.acquire("sync:kf")
     assert b is not None

@@ -14,7 +14,7 @@ from confluent_kafka import KafkaError, KafkaException
 from qywx_ray.envelope import Envelope
 from qywx_ray.ingest.producer import Delivery, HeldBehind, ProduceError
 from qywx_ray.obs import metrics
-from tests.integration.test_ingest_support import (
+from tests.helpers.ingest import (
     create_topic,
     dead_producer,
     good_producer,

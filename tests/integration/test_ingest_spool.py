@@ -13,7 +13,7 @@ from qywx_ray.ingest.locks import LockManager
 from qywx_ray.ingest.spool import Spool, SpoolReplayer
 from qywx_ray.obs import metrics
 from qywx_ray.store.client import make_async_redis
-from tests.integration.test_ingest_support import (
+from tests.helpers.ingest import (
     create_topic,
     first_occurrences,
     good_producer,

@@ -24,7 +24,7 @@ from qywx_ray.store.settings import RedisSettings
 from qywx_ray.wecom.errcodes import ErrCode
 from qywx_ray.wecom.settings import WeComSettings
 from qywx_ray.wecom.simulator import WeComSimulatorState
-from tests.integration.test_ingest_support import FakePage, FakeProducer, FakeSource
+from tests.helpers.ingest import FakePage, FakeProducer, FakeSource
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ from qywx_ray.ingest.syncer import KfSyncer
 from qywx_ray.obs import metrics
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
-from tests.integration.test_ingest_support import (
+from tests.helpers.ingest import (
     FakePage,
     FakeSource,
     create_topic,

@@ -23,6 +23,7 @@ from qywx_ray.consume.testing import ensure_topics, produce, wait_for
 from qywx_ray.dlq.message import DeadLetterMessage
 from qywx_ray.envelope import Envelope
 from qywx_ray.kafka.config import consumer_config, producer_config
+from qywx_ray.obs.stats import percentiles
 from qywx_ray.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -111,8 +112,7 @@ class DeadLetters:
 
 def _p99(redis_client: redis_lib.Redis, ids: list[str]) -> float:
     values = redis_client.hmget(f"{RECORD}:latency_ms", ids)
-    xs = sorted(int(v) for v in values if v is not None)
-    return float(xs[min(len(xs) - 1, int(0.99 * len(xs)))])
+    return percentiles((int(v) for v in values if v is not None), (99,))[99]
 
 
 def test_attackers_do_not_hurt_normal_users(

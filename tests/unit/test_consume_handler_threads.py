@@ -27,7 +27,7 @@ from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.dlq.message import DeadLetterMessage, FailureReason, make_dead_letter
 from qywx_ray.dlq.settings import DLQSettings
 from qywx_ray.settings import Settings
-from tests.unit.test_consume_user_actor import Completions, Letters, delivery, until
+from tests.helpers.host_fakes import Completions, Letters, delivery, until
 
 WAIT_S = 10.0  # bounded waits only: nothing here waits this long unless it is broken
 

@@ -14,8 +14,7 @@ from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext
 from qywx_ray.consume.types import Delivery
 from qywx_ray.errors import InfraError
-from tests.unit.test_consume_retry_order import MemoryRetryOrder, make, retry_of
-from tests.unit.test_consume_user_actor import Letters, delivery, until
+from tests.helpers.host_fakes import Letters, MemoryRetryOrder, delivery, make, retry_of, until
 
 
 class Tokens:
@@ -264,7 +263,7 @@ async def test_circuit_open_is_decided_at_the_head_and_keeps_order() -> None:
 async def test_park_rate_limited_parks_at_the_head_and_keeps_order() -> None:
     """Defect 10: `dlq.park_rate_limited=True` had no effect. A parking denial now waits
     for its turn at the head of the mailbox, then parks the user behind itself."""
-    from tests.unit.test_consume_retry_order import Limiter
+    from tests.helpers.host_fakes import Limiter
 
     order = MemoryRetryOrder(exempt=frozenset())  # rate_limited parks
     core, done, letters, opts = make(order, admission=Limiter(allow=2))

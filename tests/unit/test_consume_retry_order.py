@@ -7,146 +7,16 @@ of parked values); integration tests run the real scripts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
 
-from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
-from qywx_ray.consume.types import ADMITTED, PARKED, WAITED_ON, Delivery
-from qywx_ray.consume.user_actor import CoreOptions, HostCore
-from qywx_ray.errors import InfraError
 from qywx_ray.protect.settings import BreakerSettings
-from tests.unit.test_consume_user_actor import Completions, Letters, delivery, recording, until
-
-
-class MemoryRetryOrder:
-    def __init__(self, exempt: frozenset[str] = frozenset({"rate_limited", "user_blocked"})):
-        self.flag: dict[str, str] = {}
-        self.at: dict[str, tuple[int, int]] = {}  # a hold's blocker position
-        self.lots: dict[str, list[bytes]] = {}
-        self.exempt = exempt
-        self.calls = 0
-
-    def parks(self, reason: str) -> bool:
-        return reason != "invalid_message" and reason not in self.exempt
-
-    async def admit(self, items: Sequence[tuple[Any, ...]]) -> list[int]:
-        self.calls += 1
-        out = []
-        for user, mid, value, is_retry, *position in items:
-            waiting = self.flag.get(user)
-            at = self.at.get(user)
-            older = bool(position) and at is not None and position[0] == at[0]
-            older = older and at is not None and 0 <= position[1] < at[1]
-            if waiting == mid:
-                out.append(WAITED_ON)
-            elif waiting is not None and not is_retry and not older:
-                self.lots.setdefault(user, []).append(value)
-                out.append(PARKED)
-            else:
-                out.append(ADMITTED)
-        return out
-
-    async def park(
-        self,
-        user: str,
-        mid: str,
-        drop_first: int,
-        pending: Sequence[bytes],
-        op_id: str = "",
-        replaces: Sequence[str] = (),
-    ) -> int:
-        current = self.flag.get(user)
-        if current is not None and current != mid and current not in replaces:
-            return 2
-        self.flag[user] = mid
-        self.at.pop(user, None)
-        lot = self.lots.setdefault(user, [])[drop_first:]
-        self.lots[user] = [*pending, *lot]
-        return 1
-
-    async def hold(
-        self,
-        user: str,
-        mid: str,
-        values: Sequence[bytes],
-        op_id: str = "",
-        position: tuple[int, int] = (-1, -1),
-    ) -> None:
-        if user not in self.flag:
-            self.flag[user] = mid
-            self.at[user] = position
-        self.lots.setdefault(user, []).extend(values)
-
-    async def advance(
-        self, user: str, mid: str, drop_n: int, max_n: int, op_id: str = ""
-    ) -> tuple[int, list[bytes]]:
-        if self.flag.get(user) != mid:
-            return 0, []
-        lot = self.lots.setdefault(user, [])
-        del lot[:drop_n]
-        if not lot:
-            del self.flag[user]
-            self.at.pop(user, None)
-            return 2, []
-        return 1, lot[:max_n]
-
-
-class Limiter:
-    """Admission that allows `allow` messages per user, then rate_limited; can be down."""
-
-    def __init__(self, allow: int) -> None:
-        self.allow = allow
-        self.seen: dict[str, int] = {}
-        self.down = False
-        self.times: list[float] = []
-
-    async def admit(self, requests: Sequence[tuple[str, int]]) -> dict[str, list[str | None]]:
-        raise AssertionError("the host must use admit_at")
-
-    async def admit_at(
-        self, requests: Sequence[tuple[str, Sequence[float]]]
-    ) -> dict[str, list[str | None]]:
-        if self.down:
-            raise InfraError("redis down")
-        out: dict[str, list[str | None]] = {}
-        for user, times in requests:
-            self.times.extend(times)
-            for _ in times:
-                n = self.seen[user] = self.seen.get(user, 0) + 1
-                out.setdefault(user, []).append(None if n <= self.allow else "rate_limited")
-        return out
-
-    def on_success(self, user: str) -> None:
-        return None
-
-    def on_failure(self, user: str) -> None:
-        return None
-
-
-def make(
-    order: MemoryRetryOrder | None = None, admission: Any = None, **opts: Any
-) -> tuple[HostCore, Completions, Letters, dict[str, Any]]:
-    handler_options: dict[str, Any] = {"calls": [], "started": [], "gates": {}}
-    completions, letters = Completions(), Letters()
-    core = HostCore(
-        name="h0",
-        handler=recording,
-        dedup=Deduplicator(MemoryDoneStore(), retry_max_s=0.05),
-        completions=completions,
-        dead_letters=letters,
-        admission=admission,
-        retry_order=order,
-        options=CoreOptions(
-            completion_flush_ms=1.0, handler_options=handler_options, redis_retry_max_s=0.05, **opts
-        ),
-    )
-    return core, completions, letters, handler_options
-
-
-def retry_of(user: str, n: int, retry_count: int = 1, **raw: Any) -> Delivery:
-    """What the DLQ recovery re-produces: same message, new offset, retry headers."""
-    again = delivery(user, n, 1000 + n, **raw)
-    return again._replace(retry_count=retry_count, is_retry=True)
+from tests.helpers.host_fakes import (
+    Limiter,
+    MemoryRetryOrder,
+    delivery,
+    make,
+    retry_of,
+    until,
+)
 
 
 async def test_failure_parks_later_messages_and_retry_success_drains_them_in_order() -> None:

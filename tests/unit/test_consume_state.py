@@ -27,7 +27,7 @@ from qywx_ray.consume.types import Delivery
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import InfraError
-from tests.unit.test_consume_user_actor import Clock, Completions, Letters, until
+from tests.helpers.host_fakes import Clock, Completions, Letters, until
 
 
 def delivery(user: str, n: int, offset: int, **raw: Any) -> Delivery:

@@ -3,38 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 
-from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
-from qywx_ray.consume.handlers import HandlerContext, PermanentError
+from qywx_ray.consume.dedup import MemoryDoneStore
 from qywx_ray.consume.mailbox import State, UserMailbox
-from qywx_ray.consume.types import DeadLetter, Delivery
-from qywx_ray.consume.user_actor import CoreOptions, HostCore
-from qywx_ray.envelope import Envelope
-
-
-class Completions:
-    def __init__(self) -> None:
-        self.done: list[tuple[str, int, int]] = []
-
-    def complete(self, consumer: str, done: Sequence[tuple[str, int, int]]) -> None:
-        self.done.extend(done)
-
-
-class Letters:
-    def __init__(self, fail_times: int = 0) -> None:
-        self.letters: list[DeadLetter] = []
-        self.fail_times = fail_times
-
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        if self.fail_times:
-            self.fail_times -= 1
-            raise RuntimeError("DLQ down")
-        self.letters.extend(letters)
+from qywx_ray.consume.types import Delivery
+from tests.helpers.host_fakes import Clock, Letters, delivery, make_core, until
 
 
 class Deny:
@@ -52,73 +28,6 @@ class Deny:
 
     def on_failure(self, user: str) -> None:
         self.failures.append(user)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-async def recording(message: Any, ctx: HandlerContext) -> None:
-    opts = ctx.options
-    gate: asyncio.Event | None = opts.get("gates", {}).get(ctx.message_id)
-    opts["started"].append((ctx.user_id, ctx.message_id))
-    if gate is not None:
-        await gate.wait()
-    fail = ctx.envelope.raw.get("fail")
-    if fail == "permanent":
-        raise PermanentError("no")
-    if fail == "retryable":
-        raise RuntimeError("downstream")
-    if fail == "slow":
-        await asyncio.sleep(1.0)
-    opts["calls"].append((ctx.user_id, ctx.message_id))
-
-
-def delivery(user: str, n: int, offset: int, partition: int = 0, **raw: Any) -> Delivery:
-    env = Envelope(
-        message_id=f"{user}-m{n}", open_kfid="kf1", external_userid=user, msgtype="text", raw=raw
-    )
-    return Delivery("t", partition, offset, int(time.time() * 1000), user, env.to_bytes(), "", "c0")
-
-
-def make_core(
-    *,
-    store: MemoryDoneStore | None = None,
-    letters: Letters | None = None,
-    admission: Any = None,
-    policy: str = "stop",
-    clock: Clock | None = None,
-    on_dying: Callable[[UserMailbox], Any] | None = None,
-    **opts: Any,
-) -> tuple[HostCore, Completions, dict[str, Any]]:
-    handler_options: dict[str, Any] = {"calls": [], "started": [], "gates": {}}
-    completions = Completions()
-    core = HostCore(
-        name="h0",
-        handler=recording,
-        dedup=Deduplicator(store or MemoryDoneStore(), policy=policy, retry_max_s=0.05),
-        completions=completions,
-        dead_letters=letters or Letters(),
-        admission=admission,
-        options=CoreOptions(completion_flush_ms=1.0, handler_options=handler_options, **opts),
-        clock=clock or Clock(),
-        on_dying=on_dying,
-    )
-    return core, completions, handler_options
-
-
-async def until(pred: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Poll until `pred` holds; the bound is only a generous timeout (3 s failed a unit
-    test at load ~20)."""
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 async def test_per_user_order_and_a_slow_user_does_not_block_others() -> None:

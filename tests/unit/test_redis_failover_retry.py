@@ -14,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from qywx_ray.consume.handlers import HandlerContext, is_infra_error
 from qywx_ray.errors import InfraError
 from qywx_ray.store.client import AsyncFailoverRetry, FailoverRetry, is_transient_redis_error
-from tests.unit.test_consume_user_actor import Letters, delivery, make_core, until
+from tests.helpers.host_fakes import Letters, delivery, make_core, until
 
 NOREPLICAS = "NOREPLICAS Not enough good replicas to write."
 

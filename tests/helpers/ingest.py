@@ -1,4 +1,4 @@
-"""Helpers shared by the ingest integration tests (no tests here).
+"""Helpers shared by the ingest tests (no tests here).
 
 Topic creation, reading a topic back, a fake kf/sync_msg page source, WeCom-shaped
 messages, and clients pointed at closed ports to simulate outages without touching

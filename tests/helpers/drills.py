@@ -1,0 +1,111 @@
+"""What the drills share: the protection rule they run under, chatting, and the audit.
+
+Fixtures stay in tests/drills/conftest.py; tests import these from here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from qywx_ray.devstack.pipeline import RECORD_KEY, AuditResult, LocalPipeline
+
+# The drills chat at machine speed (10 messages per customer in a few seconds), far above
+# the seed's 5 per 10 s: with the seed rule they would test the rate limiter, not the
+# faults they inject. The limiter still runs on every batch, with a rule sized to them.
+DRILL_PROTECT = {
+    "protect": {
+        "default": {
+            "window_seconds": 10,
+            "max_messages": 1000,
+            "penalty_threshold": 1000,
+            "block_hours": 0.0,
+        }
+    }
+}
+
+
+def chat(
+    p: LocalPipeline, kfids: list[str], users: int, rounds: int, per_round: int = 2, **kw: Any
+) -> int:
+    """Customers chat in interleaved rounds, so per-user order is meaningful."""
+    assert p.sim is not None
+    total = 0
+    for _ in range(rounds):
+        for kfid in kfids:
+            for u in range(users):
+                p.sim.inject(kfid, f"{kfid}-u{u}", per_round, **kw)
+                total += per_round
+    return total
+
+
+def finish(
+    p: LocalPipeline, expected: int, timeout_s: float = 120.0, processed: int | None = None
+) -> AuditResult:
+    p.wait_drained(expected, timeout_s=timeout_s, processed=processed)
+    result = p.audit()
+    print(f"\ndrill audit: {result.line()}")
+    if not result.ok:
+        print(evidence(p))
+    assert result.ok, result.details[:10]
+    return result
+
+
+def evidence(p: LocalPipeline) -> str:
+    """What a failed audit needs to be diagnosed: per user, the order in which side
+    effects were recorded and the handler calls, as positions in the simulator's truth
+    (e.g. `0 1 3 2`), plus where Ray keeps the workers' logs."""
+    assert p.sim is not None
+    client = p.redis_client()
+    truth = p.sim.truth()
+    records = [x.decode().partition("|") for x in client.lrange(RECORD_KEY, 0, -1)]
+    calls = [x.decode().partition("|") for x in client.lrange(f"{RECORD_KEY}:calls", 0, -1)]
+    lines = []
+    for users in truth.values():
+        for user, ids in users.items():
+            pos = {m: i for i, m in enumerate(ids)}
+            got = [pos.get(m, -1) for u, _, m in records if u == user]
+            called = [pos.get(m, -1) for u, _, m in calls if u == user]
+            if got != sorted(got) or len(called) != len(set(called)) or len(got) < len(ids):
+                lines.append(f"user {user} ({len(ids)} msgs)")
+                lines.append(f"  effects: {' '.join(map(str, got))}")
+                lines.append(f"  calls:   {' '.join(map(str, called))}")
+    try:
+        from ray._private.worker import global_worker
+
+        node: Any = global_worker.node
+        lines.append(f"ray logs: {node.get_session_dir_path()}/logs")
+    except Exception as exc:  # evidence is best effort; the audit already failed
+        lines.append(f"ray logs: unknown ({exc!r})")
+    return "\n".join(["drill evidence:", *lines])
+
+
+class Chatter:
+    """Customers chatting in the background for the length of a fault."""
+
+    def __init__(self, p: LocalPipeline, kfids: list[str], users: int) -> None:
+        self.p, self.kfids, self.users = p, kfids, users
+        self.total = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.total += chat(self.p, self.kfids, self.users, rounds=1, per_round=1)
+                self._stop.wait(0.2)
+        except BaseException as exc:  # surfaced in __exit__: a silent stop would hide it
+            self.error = exc
+
+    def __enter__(self) -> Chatter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the chatter did not stop within 30 s"
+        if self.error is not None:
+            raise AssertionError(f"the chatter failed: {self.error!r}") from self.error
+        print(f"\ndrill: {self.total} messages injected")
