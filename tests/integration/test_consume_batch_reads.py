@@ -23,7 +23,7 @@ from qywx_ray.consume.handlers import HandlerContext
 from qywx_ray.consume.host_io import rate_limit
 from qywx_ray.consume.host_rules import BatchReadPlan, batch_read_plan, sort_intake
 from qywx_ray.consume.mailbox import Pending
-from qywx_ray.consume.types import DeadLetter, Delivery
+from qywx_ray.consume.types import Delivery
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.dlq.parking import FLAG_PREFIX, LIST_PREFIX, AsyncParkingLot
 from qywx_ray.dlq.settings import DLQSettings
@@ -32,6 +32,7 @@ from qywx_ray.protect.admission import RateLimitAdmission
 from qywx_ray.protect.groups import UserGroups
 from qywx_ray.protect.ratelimit import RateLimiter
 from qywx_ray.protect.settings import ProtectSettings, RateLimitRule
+from tests.helpers.host_fakes import Completions, Letters
 
 pytestmark = pytest.mark.integration
 
@@ -133,19 +134,6 @@ async def test_batch_read_answers_equal_the_separate_calls(dbs: list[aioredis.Re
     assert denied > 20
 
 
-class _Letters:
-    def __init__(self) -> None:
-        self.letters: list[DeadLetter] = []
-
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        self.letters.extend(letters)
-
-
-class _Completions:
-    def complete(self, consumer: str, done: Sequence[tuple[str, int, int]]) -> None:
-        return None
-
-
 async def test_one_round_trip_per_batch_unless_a_user_is_parked(redis_url: str) -> None:
     client = aioredis.Redis.from_url(_db(redis_url, 3))
     await client.flushdb()
@@ -175,8 +163,8 @@ async def test_one_round_trip_per_batch_unless_a_user_is_parked(redis_url: str) 
         name="rt",
         handler=held,
         dedup=Deduplicator(RedisDoneStore(client, 3600)),
-        completions=_Completions(),
-        dead_letters=_Letters(),
+        completions=Completions(),
+        dead_letters=Letters(),
         admission=admission,
         retry_order=lot,
         batch_reads=make_batch_reads(client, admission, lot),

@@ -15,10 +15,11 @@ from qywx_ray.consume.handlers import HandlerContext
 from qywx_ray.consume.host_io import admit_flagged, batch_read
 from qywx_ray.consume.host_rules import BatchReadPlan
 from qywx_ray.consume.mailbox import Pending
-from qywx_ray.consume.types import ADMITTED, PARKED, WAITED_ON, DeadLetter, Delivery
+from qywx_ray.consume.types import ADMITTED, PARKED, WAITED_ON, Delivery
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import InfraError
+from tests.helpers.host_fakes import Completions, Letters
 
 
 class Reads:
@@ -110,22 +111,6 @@ async def test_admit_flagged_bypassed_still_makes_a_token_ask_the_lot_when_it_ru
     assert codes == [ADMITTED, WAITED_ON]
 
 
-class Letters:
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        self.ids += [letter.message_id for letter in letters]
-
-
-class Completions:
-    def __init__(self) -> None:
-        self.done: list[int] = []
-
-    def complete(self, consumer: str, done: Sequence[tuple[str, int, int]]) -> None:
-        self.done += [offset for _, _, offset in done]
-
-
 class Admission:
     def __init__(self) -> None:
         self.asked: list[Any] = []
@@ -178,7 +163,9 @@ async def test_host_uses_the_batch_reads_answer_and_not_the_separate_calls() -> 
     assert admission.asked == []
     assert core.counts["duplicate"] == 1  # m0: done per the read
     await asyncio.gather(*core._bg)
-    assert letters.ids == ["m1"]  # denied per the read: a dead letter (no lot: not parked)
+    assert [letter.message_id for letter in letters.letters] == [
+        "m1"
+    ]  # denied per the read: a dead letter (no lot: not parked)
     for w in core._workers:
         w.cancel()
     await asyncio.gather(*core._workers, return_exceptions=True)
