@@ -315,7 +315,8 @@ class HostCore:
         if not fresh and not resume:
             return
         firsts = [p for p in fresh if not p.delivery.is_retry]  # retries: counted once
-        if read is not None and plan is not None and self.batch_reads.rates:  # type: ignore[union-attr]
+        reads = self.batch_reads
+        if read is not None and plan is not None and reads is not None and reads.rates:
             reasons = read.reasons
             late = unrated(firsts, plan)  # pending at the plan, failed during the read
             if late:
