@@ -233,6 +233,14 @@ class Deduplicator:
             dedup_hits.inc(len(out))
         return out
 
+    def counted(self, done: set[str]) -> set[str]:
+        """Record the answer of a done-flag check made elsewhere (the batch read:
+        consume/batch_reads.py) as `already_done` would have: returns `done`."""
+        self.redis_ok = True
+        if done:
+            dedup_hits.inc(len(done))
+        return done
+
     def mark_done(
         self,
         message_id: str,

@@ -2,6 +2,10 @@
 
 The mailbox machine (mailbox_machine.py) decides; HostCore (user_actor.py) awaits these.
 What each must never do:
+- the batch read (done-flags, parking flags and the rate limiter in one call: see
+  `batch_read`) under policy `stop` retries like each of the calls it replaces; under
+  `process` a failed batch read falls back to those separate calls, each with its own
+  policy, so each part behaves as it did without it;
 - protection (rate limit, the lot's admit) under policy `stop` never admits past a
   Redis outage: it retries with backoff, so the batch waits and nothing commits; under
   `process` it admits unchecked and says so (`bypassed`);
@@ -22,6 +26,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from qywx_ray.consume.batch_reads import BatchAnswer, BatchReads
 from qywx_ray.consume.deadlines import HandlerDeadlines
 from qywx_ray.consume.handlers import (
     Handler,
@@ -31,6 +36,7 @@ from qywx_ray.consume.handlers import (
     run_handler,
     typed_message,
 )
+from qywx_ray.consume.host_rules import BatchReadPlan
 from qywx_ray.consume.mailbox import Pending
 from qywx_ray.consume.types import (
     ADMITTED,
@@ -101,6 +107,30 @@ async def with_policy(
     )
 
 
+async def batch_read(
+    reads: BatchReads, plan: BatchReadPlan, *, policy: str, retry_max_s: float
+) -> BatchAnswer | None:
+    """The batch's one read (consume/batch_reads.py). Policy stop: retried with backoff,
+    as each of the separate calls it replaces would be. Policy process: None at the
+    first infrastructure error, and the caller makes the separate calls, each under its
+    own policy (dedup, rate limit, parking: each bypassed on its own), so every part
+    behaves as without the batch read, at the cost of one more failing call per batch
+    during an outage. A lost reply after the script ran means its rate-limit counts
+    were recorded; the separate limiter call then counts those messages again (as a
+    policy-stop retry of a lost limiter reply always did)."""
+    delay = 0.05
+    while True:
+        try:
+            return await reads.read(plan)
+        except INFRA_ERRORS as exc:
+            if policy == "process":
+                log.warning("host.batch_read_failed", error=str(exc))
+                return None
+            log.warning("host.batch_read_retry", delay_s=delay, error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, retry_max_s)
+
+
 async def retry_durable(
     what: str,
     call: Callable[[], Awaitable[Any]],
@@ -163,6 +193,31 @@ async def admit_parking(
         return []
     if order is None:
         return [ADMITTED] * len(items)
+    return await _admit(order.admit, items, policy)
+
+
+async def admit_flagged(
+    order: RetryOrder | None, items: list[Pending], flagged: set[str], policy: PolicyCall
+) -> list[int]:
+    """`admit_parking` after a batch read (consume/batch_reads.py): only the items of
+    `flagged` users (parking flag set at the read) go to the lot, a round trip only
+    then; the others are ADMITTED, as the lot's own flag read would have answered
+    (dlq/parking.py `AsyncParkingLot.admit`). A lot without `admit_flagged` reads the
+    flags again itself."""
+    codes = [ADMITTED] * len(items)
+    at = [i for i, p in enumerate(items) if p.envelope.external_userid in flagged]
+    if order is None or not at:
+        return codes
+    ask = getattr(order, "admit_flagged", None) or order.admit
+    answers = await _admit(ask, [items[i] for i in at], policy)
+    for i, code in zip(at, answers, strict=True):
+        codes[i] = code
+    return codes
+
+
+async def _admit(
+    ask: Callable[[list[Any]], Awaitable[list[int]]], items: list[Pending], policy: PolicyCall
+) -> list[int]:
     request = [
         (
             p.envelope.external_userid,
@@ -175,10 +230,10 @@ async def admit_parking(
         for p in items
     ]
 
-    async def ask() -> list[int]:
-        return await order.admit(request)
+    async def call() -> list[int]:
+        return await ask(request)
 
-    codes = await policy("parking", ask, len(items))
+    codes = await policy("parking", call, len(items))
     if codes is None:  # bypassed (policy process): a token still asks the lot itself
         return [WAITED_ON if p.skip_handler else ADMITTED for p in items]
     return codes  # type: ignore[no-any-return]

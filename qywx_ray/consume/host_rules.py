@@ -11,6 +11,10 @@ rules they encode are stated where they are decided:
   one is kept aside (`late_retries`) so a failure ingests it afresh instead of completing
   it. A done message's retry, and any drain token, still has to release its user's
   parking lot, so it becomes a handler-less `Pending` (resume) when there is a lot.
+- `batch_read_plan`: what the one Redis call per delivery batch asks (done-flags, the
+  users' parking flags, the rate limiter for the messages that will be first deliveries)
+  before `sort_intake` knows which are fresh: the store skips a rated message whose
+  done-flag it finds, so what it rates is exactly `sort_intake`'s fresh first deliveries.
 - `split_denials`: a rate-limit denial that parks is acted on at the mailbox head, after
   the user's older messages (only the head may park); one that does not park is
   dead-lettered at once (it is exempt from order anyway).
@@ -31,6 +35,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from qywx_ray.consume.mailbox import Pending
 from qywx_ray.consume.types import PARKED, WAITED_ON, Delivery
@@ -112,6 +117,88 @@ def sort_intake(
         out.register.append(p)
         out.fresh.append(p)
     return out
+
+
+# Above this many keys a batch read is not made (the separate calls chunk their keys).
+BATCH_READ_MAX_KEYS = 5000
+
+
+class RateItem(NamedTuple):
+    """One message the batch read rates: `done_at` is the 1-based index of its id in
+    `BatchReadPlan.ask` (the store skips it when that done-flag exists)."""
+
+    message_id: str
+    user: str
+    time_s: float
+    done_at: int
+
+
+@dataclass
+class BatchReadPlan:
+    """What one batch read asks the store. `ask`: ids whose done-flags to read (the
+    machine's ids not known done here); `known`: ids of the machine's asked ids the
+    recent-done cache answers; `users`: users whose parking flag to read (none without a
+    lot); `rate`: messages to rate, per user in arrival order (empty unless `rates`)."""
+
+    ask: list[str] = field(default_factory=list)
+    known: set[str] = field(default_factory=set)
+    users: list[str] = field(default_factory=list)
+    rate: list[RateItem] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        """Whether one call can carry it (else the separate, chunked calls are made)."""
+        return len(self.ask) + len(self.users) <= BATCH_READ_MAX_KEYS
+
+
+def batch_read_plan(
+    parsed: Sequence[tuple[Delivery, Envelope]],
+    ask: Sequence[str],
+    recent: Container[str],
+    has_lot: bool,
+    rates: bool,
+) -> BatchReadPlan:
+    """The batch read for one ingest round, decided before its await.
+
+    `ask`: the machine's ids to ask (`MailboxMachine.ids_to_ask`: not pending here);
+    `recent`: the recent-done cache; `has_lot`: read the users' parking flags; `rates`:
+    the store also runs the rate limiter. A message is rated when `sort_intake` would make
+    it a fresh first delivery, given the done-flags read in the same call: not a retry or
+    drain token, asked (not pending), not recently done, the first copy of its id here.
+    Its done-flag index goes with it so the store skips it when that flag exists. A
+    pending id that leaves `pending` during the await (it failed meanwhile) becomes fresh
+    unrated: the caller rates such stragglers separately (`unrated`).
+    """
+    plan = BatchReadPlan()
+    index: dict[str, int] = {}
+    for mid in ask:
+        if mid in recent:
+            plan.known.add(mid)
+        elif mid not in index:
+            plan.ask.append(mid)
+            index[mid] = len(plan.ask)
+    if has_lot:
+        plan.users = list(dict.fromkeys(env.external_userid for _, env in parsed))
+    if rates:
+        seen: set[str] = set()
+        for d, env in parsed:
+            mid = env.message_id
+            if d.is_drain and not has_lot:
+                continue  # completed at once, not registered: a later copy may be fresh
+            if mid in seen:
+                continue
+            seen.add(mid)
+            if d.is_retry or d.is_drain or mid not in index:
+                continue
+            t = float(env.send_time or d.timestamp_ms / 1000.0)
+            plan.rate.append(RateItem(mid, env.external_userid, t, index[mid]))
+    return plan
+
+
+def unrated(firsts: Sequence[Pending], plan: BatchReadPlan) -> list[Pending]:
+    """The fresh first deliveries the batch read did not rate (see `batch_read_plan`)."""
+    rated = {r.message_id for r in plan.rate}
+    return [p for p in firsts if p.envelope.message_id not in rated]
 
 
 def split_denials(

@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 
+from qywx_ray.consume.batch_reads import make_batch_reads
 from qywx_ray.consume.dedup import Deduplicator, RedisDoneStore
 from qywx_ray.consume.handler_threads import HandlerThreads
 from qywx_ray.consume.handlers import load_handler
@@ -153,14 +154,17 @@ class HostShell:
             from qywx_ray.wecom.client import RedisTokenCache, WeComClient
 
             wecom = WeComClient(s.wecom, RedisTokenCache(handler_redis))
+        admission = make_admission(s)
+        retry_order = make_retry_order(s)
         return HostCore(
             name=self.name,
             handler=self.handler_threads.wrap(load_handler(c.handler)),
             dedup=dedup,
             completions=self.completions,
             dead_letters=make_dead_letter_sink(s),
-            admission=make_admission(s),
-            retry_order=make_retry_order(s),
+            admission=admission,
+            batch_reads=make_batch_reads(redis, admission, retry_order),
+            retry_order=retry_order,
             drain_tokens=make_drain_tokens(s),
             options=CoreOptions(
                 mailbox_size=c.mailbox_size,

@@ -1,8 +1,10 @@
 """The asyncio core that hosts many per-user mailboxes ("virtual user actors").
 
 `HostCore` owns many `UserMailbox`es inside one asyncio loop: it ingests delivery batches
-in order (one dedup round trip per round), applies admission (rate limit at each
-message's send time, then the per-user parking lot for retry order), runs each user's
+in order, applies admission (rate limit at each message's send time, then the per-user
+parking lot for retry order) with ONE Redis round trip per round in the common case (the
+batch read, consume/batch_reads.py: done-flags, parking flags and the limiter in one
+call; a second only for a parked user's items, the lot's admit), runs each user's
 head message (circuit breaker decided there), writes done-flags in batches,
 dead-letters failures, and reports completions in batches.
 
@@ -30,7 +32,7 @@ arriving while a mailbox is dying goes to a successor that starts only after the
 is dead. Never: report a completion before the done-flag or dead letter is durable, run
 two messages of one user at once, or admit past protection while Redis is down under
 policy `stop`. Pure asyncio: no Ray, no Kafka; Redis only behind the seams (DoneStore,
-Admission, RetryOrder, DrainTokenSink).
+Admission, RetryOrder, DrainTokenSink, BatchReads).
 
 Split by concern: the decisions are pure (host_rules.py: intake, denials, placement, a
 head's outcome; mailbox_machine.py: pending ids, mailboxes, park / drain / finish
@@ -51,6 +53,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qywx_ray.consume.batch_reads import BatchReads
 from qywx_ray.consume.deadlines import HandlerDeadlines
 from qywx_ray.consume.dedup import Deduplicator
 from qywx_ray.consume.handlers import (
@@ -60,7 +63,9 @@ from qywx_ray.consume.handlers import (
     wants_typed_message,
 )
 from qywx_ray.consume.host_io import (
+    admit_flagged,
     admit_parking,
+    batch_read,
     dead_letter,
     durable_dead_letter,
     op_id,
@@ -72,8 +77,10 @@ from qywx_ray.consume.host_io import (
 from qywx_ray.consume.host_rules import (
     Outcome,
     Settle,
+    batch_read_plan,
     settle,
     split_denials,
+    unrated,
 )
 from qywx_ray.consume.mailbox import Pending, UserMailbox
 from qywx_ray.consume.mailbox_machine import (
@@ -169,8 +176,12 @@ class HostCore:
         on_dying: Callable[[UserMailbox], Awaitable[None]] | None = None,
         on_fatal: Callable[[str], None] | None = None,
         state_store: StateStore | None = None,
+        batch_reads: BatchReads | None = None,
     ) -> None:
         self.name = name
+        # One Redis call per delivery batch for the dedup check, the parking flags and
+        # the rate limiter (consume/batch_reads.py); None: the three separate calls.
+        self.batch_reads = batch_reads
         self.handler = handler
         self.dedup = dedup
         self.completions = completions
@@ -279,9 +290,23 @@ class HostCore:
         if poison:
             self._spawn(self._dead_letter_then_complete(poison, poison_waiters))
         ask = self.machine.ids_to_ask(parsed)
-        done = await self.dedup.already_done(ask) if ask else set()
-        # Below, until the next await, pending/recent cannot change under us.
         has_lot = self.retry_order is not None
+        read = plan = None
+        if self.batch_reads is not None and (ask or has_lot):
+            # One round trip for done-flags, parking flags and the rate limiter.
+            plan = batch_read_plan(parsed, ask, self.dedup.recent, has_lot, self.batch_reads.rates)
+            if plan.fits:
+                read = await batch_read(
+                    self.batch_reads,
+                    plan,
+                    policy=self.opt.redis_down_policy,
+                    retry_max_s=self.opt.redis_retry_max_s,
+                )
+        if read is not None:
+            done = self.dedup.counted(read.done)
+        else:  # no batch read, or it failed under policy process: the separate calls
+            done = await self.dedup.already_done(ask) if ask else set()
+        # Below, until the next await, pending/recent cannot change under us.
         intake = self.machine.delivered(parsed, done, self.dedup.recent, has_lot)
         self.counts["duplicate"] += intake.duplicates
         for d in intake.complete:
@@ -290,14 +315,24 @@ class HostCore:
         if not fresh and not resume:
             return
         firsts = [p for p in fresh if not p.delivery.is_retry]  # retries: counted once
-        reasons = await rate_limit(self.admission, firsts, self._policy)
+        reads = self.batch_reads
+        if read is not None and plan is not None and reads is not None and reads.rates:
+            reasons = read.reasons
+            late = unrated(firsts, plan)  # pending at the plan, failed during the read
+            if late:
+                reasons.update(await rate_limit(self.admission, late, self._policy))
+        else:
+            reasons = await rate_limit(self.admission, firsts, self._policy)
         denied, admitted = split_denials(fresh, reasons, self._parks)
         admit: list[Pending] = []
         for p, reason in admitted:
             p.denied = reason  # a parking denial acts at the head, after older messages
             admit.append(p)
         admit.extend(resume)
-        codes = await admit_parking(self.retry_order, admit, self._policy)  # under the lane
+        if read is not None and has_lot:  # under the lane: the flags read are still current
+            codes = await admit_flagged(self.retry_order, admit, read.flagged, self._policy)
+        else:
+            codes = await admit_parking(self.retry_order, admit, self._policy)  # under the lane
         overflow = self._place(admit, codes, denied)
         for user, (tail, held) in overflow.items():
             hold = functools.partial(self._hold, user, tail, held, op_id())

@@ -272,11 +272,18 @@ class AsyncParkingLot:
         codes = [ADMITTED] * len(items)
         if parked:
             at = [i for i, item in enumerate(items) if item[0] in parked]
-            keys, args = _admit_call([items[i] for i in at])
-            answers = await self._admit(keys=keys, args=args)
+            answers = await self.admit_flagged([items[i] for i in at])
             for i, code in zip(at, answers, strict=True):
-                codes[i] = int(code)
+                codes[i] = code
         return codes
+
+    async def admit_flagged(self, items: Sequence[AdmitItem]) -> list[int]:
+        """The _ADMIT script for `items`, whose users' flags the caller already read
+        (consume/batch_reads.py reads them in its one call per batch): one round trip."""
+        if not items:
+            return []
+        keys, args = _admit_call(items)
+        return [int(code) for code in await self._admit(keys=keys, args=args)]
 
     async def park(
         self,

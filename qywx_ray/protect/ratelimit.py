@@ -50,7 +50,10 @@ VIOLATIONS = metrics.counter(
 USERS_BLOCKED = metrics.counter("qywx_users_blocked_total", "Users blocked (automatic or admin)")
 BLOCKED_CURRENT = metrics.gauge("qywx_blocked_users_current", "Users blocked right now")
 
-_LUA = resources.files("qywx_ray.protect").joinpath("ratelimit.lua").read_text(encoding="utf-8")
+# The one source of the limiter's Lua: also run, as a function, inside the consume
+# path's batch read (consume/batch_reads.py).
+LUA = resources.files("qywx_ray.protect").joinpath("ratelimit.lua").read_text(encoding="utf-8")
+_LUA = LUA
 
 
 OVERRIDES_KEY = "qywx:rl:overrides"
@@ -145,6 +148,30 @@ def _s(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def user_args(user: str, group: str, n: int, times: Sequence[float] | None) -> list[Any]:
+    """One user's part of the script's ARGV: user, group, n, nt, nt x time_ms."""
+    if times is None:
+        return [user, group, n, 0]
+    return [user, group, n, n, *(_ms(t) for t in times)]
+
+
+@dataclass(slots=True)
+class RatePlan:
+    """A batch's rate-limit call before it is made: `out` holds the decisions known
+    without Redis (limiter disabled, whitelisted users), `head` the script's ARGV up to
+    its users, `sent` the users the script rates: (user, group, n, times or None)."""
+
+    out: dict[str, list[Decision]]
+    head: list[Any]
+    sent: list[tuple[str, str, int, Sequence[float] | None]]
+
+    def argv(self) -> list[Any]:
+        args = [*self.head, len(self.sent)]
+        for user, group, n, times in self.sent:
+            args += user_args(user, group, n, times)
+        return args
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStats:
     """What the last check_batch saw (for tests and introspection)."""
@@ -237,18 +264,30 @@ class RateLimiter:
         """Like check_batch, but each message is rated at its own time (Unix seconds)."""
         return await self._check([(user, len(ts), ts) for user, ts in items])
 
-    async def _check(  # noqa: C901 - the hot path's one Redis call per batch: packing and decoding stay together
+    async def _check(
         self, items: Sequence[tuple[str, int, Sequence[float] | None]]
     ) -> dict[str, list[Decision]]:
+        plan = await self.plan(items)
+        if not plan.sent:
+            return plan.out
+        try:
+            reply = await self._script(keys=[], args=plan.argv())
+        except RedisError as exc:
+            raise InfraError(f"rate limiter: Redis call failed: {exc}") from exc
+        return self.decide(plan, [(user, n) for user, _, n, _ in plan.sent], reply)
+
+    async def plan(self, items: Sequence[tuple[str, int, Sequence[float] | None]]) -> RatePlan:
+        """The script's arguments for a batch (no Redis): split from `decide` so the
+        consume path's one-call batch read (consume/batch_reads.py) can run the same
+        script body inside its own call and interpret the answer here."""
         out: dict[str, list[Decision]] = {}
         if not self._settings.enabled:
             for user, n, _ in items:
                 out.setdefault(user, []).extend([ALLOW] * n)
-            return out
+            return RatePlan(out, [], [])
         groups = await self._groups.resolve(list({u for u, _, _ in items}))
-        args: list[Any] = ["" if self._clock is None else _ms(self._clock()), *self._head]
-        sent: list[tuple[str, int]] = []
-        body: list[Any] = []
+        head: list[Any] = ["" if self._clock is None else _ms(self._clock()), *self._head]
+        sent: list[tuple[str, str, int, Sequence[float] | None]] = []
         for user, n, times in items:
             if n <= 0:
                 out.setdefault(user, [])
@@ -257,21 +296,15 @@ class RateLimiter:
             if group == WHITELIST:  # never limited: skip entirely
                 out.setdefault(user, []).extend([ALLOW] * n)
                 continue
-            body += [user, group, n]
-            if times is None:
-                body.append(0)
-            else:
-                body.append(n)
-                body += [_ms(t) for t in times]
-            sent.append((user, n))
-        if not sent:
-            return out
-        args.append(len(sent))
-        args += body
-        try:
-            reply = await self._script(keys=[], args=args)
-        except RedisError as exc:
-            raise InfraError(f"rate limiter: Redis call failed: {exc}") from exc
+            sent.append((user, group, n, times))
+        return RatePlan(out, head, sent)
+
+    def decide(
+        self, plan: RatePlan, sent: Sequence[tuple[str, int]], reply: Any
+    ) -> dict[str, list[Decision]]:
+        """Decisions from the script's reply for `sent` (user, n) in the order the script
+        rated them; adds them to `plan.out`, records the metrics and returns it."""
+        out = plan.out
         now_ms = int(reply[0])
         blocked_now = int(reply[1])
         total_violations = total_blocks = limited = blocked = 0

@@ -5,6 +5,7 @@ tests/sim only uses what is defined here:
   Delivery, DeadLetter, InfraError, DedupUnavailable, PermanentError, REASON_RATE_LIMITED
   parks(reason)              does a failure for this reason park the user's later messages
   decide(letter, now, ...)   the DLQ recovery's decision for a host's dead letter
+  BatchAnswer, BatchReadPlan the one-call batch read's seam (consume/batch_reads.py)
   HostOptions, Host          build a host over the world's fakes; accept / sweep / quiet /
                              pending_ids / crash
   StateSlot, StateWrite, StateUnavailable   the per-user state seams (consume/state.py)
@@ -22,8 +23,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qywx_ray.consume.batch_reads import BatchAnswer
 from qywx_ray.consume.dedup import Deduplicator, DedupUnavailable
 from qywx_ray.consume.handlers import HandlerContext, PermanentError, envelope_handler
+from qywx_ray.consume.host_rules import BatchReadPlan
 from qywx_ray.consume.state import StateSlot, StateUnavailable, StateWrite, stateful
 from qywx_ray.consume.types import REASON_RATE_LIMITED, DeadLetter, Delivery
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
@@ -39,6 +42,8 @@ from qywx_ray.reasons import FailureReason
 __all__ = [
     "KNOWN_BROKEN",
     "REASON_RATE_LIMITED",
+    "BatchAnswer",
+    "BatchReadPlan",
     "DeadLetter",
     "DedupUnavailable",
     "Delivery",
@@ -130,6 +135,7 @@ class Host:
         retry_order: Any,
         drain_tokens: Any,
         dead_letters: Any,
+        batch_reads: Any = None,
         complete: Callable[[str, Sequence[tuple[str, int, int]]], None],
         options: HostOptions,
         clock: Callable[[], float],
@@ -176,6 +182,7 @@ class Host:
             dead_letters=dead_letters,
             admission=admission,
             retry_order=retry_order,
+            batch_reads=batch_reads,
             drain_tokens=drain_tokens,
             options=CoreOptions(
                 mailbox_size=o.mailbox_size,

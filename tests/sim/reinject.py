@@ -1,6 +1,6 @@
 # ruff: noqa: E501  (verbatim source snippets)
 """Put one issue-15 defect back, to show the simulator finds it (issue 15, "teeth");
-8 and 9 are per-user state defects (issue 18).
+8 and 9 are per-user state defects (issue 18); 10 is the one-call batch read's.
 
 EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout:
     git worktree add /tmp/teeth HEAD && cd /tmp/teeth
@@ -133,6 +133,14 @@ elif d == "9":  # the state change and the done-flag in two calls, not one atomi
         """                    refused = await self.store.commit([], [(f"{m}#state", w) for m, w in writes], op_id)  # type: ignore[attr-defined]
                     refused = {m.split("#")[0] for m in refused}
                     await self.store.mark_done(ids + [m for m, _ in writes if m not in refused])""",
+    )
+elif d == "10":  # the batch read's parking flags ignored: a parked user's message runs
+    patch(
+        IO,
+        """    if order is None or not at:
+        return codes""",
+        """    if True:
+        return codes""",
     )
 else:
     raise SystemExit(f"no defect {d}")

@@ -28,6 +28,7 @@ from tests.sim.world import (
     EPOCH_MS,
     TOPIC,
     FakeAdmission,
+    FakeBatchReads,
     FakeDeadLetterSink,
     FakeDoneStore,
     FakeDrainTokens,
@@ -176,6 +177,9 @@ class Simulation:
         self.done_store.policy = cfg.policy
         self.by_send_time: dict[tuple[str, int], str] = {}
         self.admission = FakeAdmission(self.redis, self.ledger, self.trace, self.by_send_time)
+        self.batch_reads = FakeBatchReads(
+            self.redis, self.done_store, self.parking, self.ledger, self.trace
+        )
         self.sink = FakeDeadLetterSink(self.faults, self.ledger, self.trace, clock)
         self.recovery = Recovery(
             self.topic,
@@ -211,6 +215,7 @@ class Simulation:
             done_store=self.done_store,
             admission=self.admission,
             retry_order=self.retry_order,
+            batch_reads=self.batch_reads,
             drain_tokens=self.tokens,
             dead_letters=self.sink,
             complete=self.complete,

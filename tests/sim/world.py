@@ -301,6 +301,28 @@ class FakeRetryOrder:
             raise
         return codes
 
+    async def admit_flagged(
+        self, items: Sequence[tuple[str, str, bytes, bool, int, int]]
+    ) -> list[int]:
+        """dlq/parking.py `admit_flagged`: the admit script for users whose flag the
+        host's batch read found (no flag read of its own)."""
+        try:
+            await self._fault_before("admit")
+            codes = self.model.admit(items)
+            self.trace.add(
+                "admit flagged "
+                + " ".join(
+                    f"{m}{'(r)' if r else ''}={c}"
+                    for (_, m, _, r, _, _), c in zip(items, codes, strict=True)
+                )
+            )
+            self._fault_after("admit")
+        except adapter.InfraError:
+            if self.policy == "process":  # the host admits them all unchecked
+                self.ledger.exempt([m for _, m, *_ in items], "parking_bypassed")
+            raise
+        return codes
+
     async def park(
         self,
         user: str,
@@ -486,6 +508,55 @@ class FakeAdmission:
 
     def on_failure(self, user: str) -> None:
         return None
+
+
+class FakeBatchReads:
+    """consume/batch_reads.py's one call per delivery batch, over the same durable state
+    as the separate fakes: the done-flags (FakeDoneStore), the parking flags (the
+    ParkingModel) and FakeAdmission's denials, with the same Redis faults. As BATCH_LUA:
+    a rated message whose done-flag exists is not rated. A failure (down, or the reply
+    lost after the denials were drawn) raises; the host then applies its policy."""
+
+    rates = True
+
+    def __init__(
+        self,
+        redis: Redis,
+        done: FakeDoneStore,
+        parking: ParkingModel,
+        ledger: Ledger,
+        trace: Trace,
+    ) -> None:
+        self.redis = redis
+        self.done = done
+        self.parking = parking
+        self.ledger = ledger
+        self.trace = trace
+
+    async def read(self, plan: adapter.BatchReadPlan) -> adapter.BatchAnswer:
+        await self.redis.call()
+        if self.redis.down():
+            self.trace.add("redis down: batch read refused")
+            raise adapter.InfraError("redis down (batch read)")
+        done = set(plan.known) | {m for m in plan.ask if m in self.done.done}
+        flagged = {u for u in plan.users if u in self.parking.flags}
+        reasons: dict[str, str] = {}
+        for item in plan.rate:
+            if item.message_id in done:
+                continue
+            if self.redis.faults.deny():
+                self.trace.add(f"rate limiter denies {item.message_id}")
+                if not adapter.parks(adapter.REASON_RATE_LIMITED):
+                    self.ledger.exempt([item.message_id], "rate_limited")
+                reasons[item.message_id] = adapter.REASON_RATE_LIMITED
+        self.trace.add(
+            f"batch read done={','.join(sorted(done - plan.known))} "
+            f"flagged={','.join(sorted(flagged))} rated={len(plan.rate)}"
+        )
+        if self.redis.faults.lose_reply():
+            self.trace.add("redis: batch read applied, reply lost")
+            raise adapter.InfraError("reply lost (batch read)")
+        return adapter.BatchAnswer(done, flagged, reasons)
 
 
 # ---------------------------------------------------------------- dead letters
