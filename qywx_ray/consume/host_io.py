@@ -118,17 +118,22 @@ async def batch_read(
     during an outage. A lost reply after the script ran means its rate-limit counts
     were recorded; the separate limiter call then counts those messages again (as a
     policy-stop retry of a lost limiter reply always did)."""
-    delay = 0.05
-    while True:
+    if policy == "process":
         try:
             return await reads.read(plan)
         except INFRA_ERRORS as exc:
-            if policy == "process":
-                log.warning("host.batch_read_failed", error=str(exc))
-                return None
-            log.warning("host.batch_read_retry", delay_s=delay, error=str(exc))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, retry_max_s)
+            log.warning("host.batch_read_failed", error=str(exc))
+            return None
+
+    def on_retry(exc: BaseException, _attempt: int, delay_s: float) -> None:
+        log.warning("host.batch_read_retry", delay_s=delay_s, error=str(exc))
+
+    return await retry_async(
+        lambda: reads.read(plan),
+        retry_on=INFRA_ERRORS,
+        wait=capped_exponential(0.05, retry_max_s),
+        on_retry=on_retry,
+    )
 
 
 async def retry_durable(
