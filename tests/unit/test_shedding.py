@@ -124,6 +124,10 @@ async def test_middleware_sheds_without_touching_the_app_and_drains_after_overlo
         crypto=CRYPTO,
         sink=sink,
         drain_interval_s=0.02,
+        # Nothing drained while overloaded, so the counts below are exact: with the
+        # default small overloaded batch a slow run drained 1 of the 5 before the check
+        # (len(backlog) 4 != 5, seen at load). The overloaded batch has its own test.
+        drain_batch_overloaded=0,
     )
     before = CALLBACKS_SHED.value(reason="inflight")
     transport = httpx.ASGITransport(app=mw)
@@ -144,7 +148,7 @@ async def test_middleware_sheds_without_touching_the_app_and_drains_after_overlo
         assert CALLBACKS_SHED.value(reason="inflight") - before == 5
         assert sink.sweeps == 5
         assert len(mw.backlog) == 5
-        assert sink.events == []  # not drained while still overloaded
+        assert sink.events == []  # drain_batch_overloaded=0: nothing while overloaded
         other = await client.get("/healthz")  # other routes are never shed
         assert calls[-1] == "/healthz"
         assert other.text == "app"
@@ -155,6 +159,36 @@ async def test_middleware_sheds_without_touching_the_app_and_drains_after_overlo
         )
         assert sorted(e.open_kfid for e in sink.events) == [f"wkShed{i}" for i in range(5)]
         assert len(mw.backlog) == 0
+    await mw.aclose()
+
+
+async def test_drain_takes_a_small_batch_while_overloaded_and_the_rest_after() -> None:
+    """Under sustained overload the backlog still drains, a bounded batch per round."""
+
+    async def app(scope: dict, receive: object, send: Callable) -> None:  # type: ignore[type-arg]
+        raise AssertionError("the drain never calls the app")
+
+    shedder = LoadShedder(max_inflight=1, max_loop_lag_s=0)
+    sink = RecordingSink()
+    mw = ShedMiddleware(
+        app,
+        shedder=shedder,
+        backlog=ShedBacklog(100),
+        crypto=CRYPTO,
+        sink=sink,
+        drain_batch=500,
+        drain_batch_overloaded=3,
+    )
+    now = int(time.time())
+    for i in range(8):
+        mw.backlog.add(callback(f"wkB{i}", now))
+    assert shedder.try_enter() is None  # one request in flight: overloaded from now on
+    assert shedder.overload_reason() == "inflight"
+    await mw._drain_once()
+    assert (len(sink.events), len(mw.backlog)) == (3, 5)
+    shedder.leave()
+    await mw._drain_once()
+    assert (len(sink.events), len(mw.backlog)) == (8, 0)
     await mw.aclose()
 
 
