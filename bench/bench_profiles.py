@@ -1,4 +1,4 @@
-"""The seed's load profiles (section 8) end to end: simulator → callback → sync → Kafka →
+"""The original design's load profiles end to end: simulator → callback → sync → Kafka →
 user actors → handler, on one LocalPipeline per profile.
 
 normal = 1,000 users × 2 msg/min; peak = 100 users × 60 msg/min; attack = 10 users ×
@@ -62,7 +62,7 @@ class Profile:
     rate_per_min: float  # per user
     attackers: int = 0
     attacker_rate_per_min: float = 0.0
-    vip: bool = False  # users in the seed's vip group (20 per 10 s) instead of default
+    vip: bool = False  # users in the default config's vip group (20 per 10 s) instead of default
 
     @property
     def offered_msg_s(self) -> float:
@@ -92,8 +92,8 @@ class Profile:
         return {f"{NORMAL_PREFIX}{i:08d}": "vip" for i in range(self.users)}
 
 
-# A peak-hour customer chats at 60/min: 10 per 10 s, over the seed's default rule (5 per
-# 10 s, blocked after 3 violations). Peak users are legitimate, so they get the seed's
+# A peak-hour customer chats at 60/min: 10 per 10 s, over the default rule (5 per
+# 10 s, blocked after 3 violations). Peak users are legitimate, so they get the
 # vip rule (20 per 10 s); attackers keep the default rule and must be stopped by it.
 PROFILES: dict[str, Profile] = {
     "normal": Profile("normal", users=1000, rate_per_min=2),

@@ -143,7 +143,7 @@ def _top_groups(cpu: dict[str, Any], n: int = 3) -> str:
 
 
 def render_profiles(records: list[dict[str, Any]]) -> list[str]:
-    """The seed's load profiles: one row per profile (the latest run of each)."""
+    """The original design's load profiles: one row per profile (the latest run of each)."""
     if not records:
         return []
     latest: dict[str, tuple[dict[str, Any], Any]] = {}
@@ -151,7 +151,7 @@ def render_profiles(records: list[dict[str, Any]]) -> list[str]:
         result = rec.get("result") or {}
         latest[str(result.get("profile", rec.get("case", "?")))] = (result, rec.get("load1", "-"))
     out = [
-        "### Load profiles (seed section 8), end to end",
+        "### Load profiles (the original design's), end to end",
         "",
         "Latency = message created at the simulator → handler start, on the direct path; "
         "messages handled only when the DLQ retried them (rate-limited ones, by design a "

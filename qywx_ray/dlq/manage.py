@@ -1,4 +1,4 @@
-"""Operator actions on dead letters (seed DLQManager), shared by the admin API and the CLI.
+"""Operator actions on dead letters (DLQManager in the original design), for the admin API and CLI.
 
 Reads the Redis index; manual retries go through the same durable delay queue (due now),
 so the recovery scheduler re-produces them exactly like automatic retries. Purge removes

@@ -1,4 +1,4 @@
-"""The dead-letter record (versioned JSON on the DLQ topic) and the seed's policy as pure functions.
+"""The dead-letter record (versioned JSON on the DLQ topic) and the retry policy, pure.
 
 A DeadLetterMessage carries the original envelope in full plus every Kafka coordinate,
 so a retry re-produces exactly the bytes that failed. This module never does I/O.
@@ -127,7 +127,7 @@ class DeadLetterMessage(BaseModel):
         return f"{self.message_id}:{self.retry_count}"
 
 
-# ---- the seed's policy (pure) ------------------------------------------------------------
+# ---- the retry policy (pure; the original design's) -----------------------------------
 
 _NOT_RECOVERABLE = frozenset({FailureReason.INVALID_MESSAGE, FailureReason.STATE_TOO_LARGE})
 
@@ -179,7 +179,7 @@ def make_dead_letter(
     node_id: str = "",
     session_id: str = "",
 ) -> DeadLetterMessage:
-    """Build a letter with the seed's policy applied. Poison records pass `raw_value`."""
+    """Build a letter with the retry policy applied. Poison records pass `raw_value`."""
     original: dict[str, Any] | None
     original = envelope.model_dump() if isinstance(envelope, Envelope) else envelope
     mid = message_id or (str(original.get("message_id", "")) if original else "")

@@ -1,7 +1,7 @@
 """Adapter from the consume path's DeadLetterSink seam to the DLQ producer.
 
 Wire it with `consume.dead_letter_sink = "qywx_ray.dlq.sink:make_sink"`. It converts the
-host's consume.types.DeadLetter into a DeadLetterMessage (seed format and policy) and
+host's consume.types.DeadLetter into a DeadLetterMessage (the original design's format, policy) and
 resolves only when every letter is durable (DLQ topic ack or fsync'd emergency file);
 it raises otherwise, so the host never counts an offset whose letter is not durable.
 """

@@ -1,4 +1,4 @@
-"""Recovery strategies (seed RecoveryStrategy): when, and whether, a dead letter is retried.
+"""Recovery strategies: when, and whether, a dead letter is retried.
 
 Pure logic: no Redis, no Kafka, no clock of its own (`now` is always passed in).
 A strategy never schedules a retry earlier than its backoff or the end of a user's block.
@@ -49,7 +49,7 @@ class RecoveryStrategy(Protocol):
 
 
 def backoff_s(retry_count: int, base_s: float, max_s: float) -> float:
-    """1, 2, 4 … × base, capped at max (seed: 1 min, 2 min, 4 min … ≤ 1 h)."""
+    """1, 2, 4 … × base, capped at max (defaults: 1 min, 2 min, 4 min … ≤ 1 h)."""
     if retry_count >= 64:
         return max_s
     return float(min(max_s, base_s * (2**retry_count)))

@@ -1,6 +1,6 @@
 """Per-user durable spool in Redis: where messages wait, in order, while Kafka cannot take them.
 
-Replaces the seed's local-channel fallback (which reordered and lost on crash). Per user
+Replaces the original design's local-channel fallback (which reordered and lost on crash). Per user
 (the Kafka key, external_userid) a Redis list `{prefix}:spool:{user}` holds envelopes in
 arrival order; an index set lists users with a non-empty spool. While a user has spooled
 messages, that user's new messages are appended behind them (atomic check-and-append in

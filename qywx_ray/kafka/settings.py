@@ -1,4 +1,4 @@
-"""Kafka settings: the seed's dev/prod topic tables are data here, not literals in code."""
+"""Kafka settings: the dev/prod topic tables are data here, not literals in code."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-user circuit breaker on the user's mailbox (the seed's third layer of defence).
+"""Per-user circuit breaker on the user's mailbox (the original design's third layer of defence).
 
 The shared state machine (qywx_ray/breaker.py) with an injected clock; one instance per
 user mailbox. A *failure* is a queue-full event on that mailbox. Consecutive failures

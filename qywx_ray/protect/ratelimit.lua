@@ -1,11 +1,11 @@
 -- Sliding-window rate limiter for a whole delivery batch: many users, one EVALSHA.
--- Semantics are the seed's Go RateLimiter.Allow, message by message, per user:
+-- Semantics are the original design's Go RateLimiter.Allow, message by message, per user:
 --   1. blocked (permanent, or t < blocked_until)          -> code -1
 --   2. drop window times older than t - window            (closed window [t - N, t])
 --   3. count >= max: violations += 1 (code = violations);
 --      violations >= threshold -> block (code -2), violations = 0
 --   4. else record t (code 0); count <= floor(max / 2) -> violations = 0
--- Denied messages are not recorded in the window (as in the seed).
+-- Denied messages are not recorded in the window (as in the original design).
 -- Never touches a whitelisted user's state. Every user key has a TTL (except a permanent
 -- block), so idle users cost nothing. Cost per user: one GET and at most one SET.
 -- Keys (single instance / Sentinel; the {user} hash tag keeps one user's keys together):

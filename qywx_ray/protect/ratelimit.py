@@ -2,8 +2,8 @@
 
 Decides, for every message of a delivery batch (many users), ALLOW / RATE_LIMITED /
 BLOCKED with ONE Redis round trip (one EVALSHA of ratelimit.lua) for the whole batch;
-semantics are the seed's Go `RateLimiter.Allow` (see ratelimit.lua), with the window
-closed at both ends ([t - N, t]) so that the seed's slow attacker (exactly X messages
+semantics are the original design's Go `RateLimiter.Allow` (see ratelimit.lua), with the window
+closed at both ends ([t - N, t]) so that the original design's slow attacker (exactly X messages
 per N seconds) is caught, as its scenario 4 says. State survives restarts and
 rebalances and is shared by every host; the admin helpers read and change it.
 

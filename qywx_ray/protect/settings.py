@@ -1,4 +1,4 @@
-"""Protection settings: the seed's rate-limit groups, progressive penalty and breaker.
+"""Protection settings: the original design's rate-limit groups, progressive penalty and breaker.
 
 Group names are data: `default` is the rule for users in no group; `user_groups` maps a
 user (external_userid) to one of `groups`; the admin API can override a user's group

@@ -11,7 +11,7 @@ from typing import Any
 from qywx_ray.devstack.pipeline import RECORD_KEY, AuditResult, LocalPipeline
 
 # The drills chat at machine speed (10 messages per customer in a few seconds), far above
-# the seed's 5 per 10 s: with the seed rule they would test the rate limiter, not the
+# the default rule's 5 per 10 s: with that rule they would test the rate limiter, not the
 # faults they inject. The limiter still runs on every batch, with a rule sized to them.
 DRILL_PROTECT = {
     "protect": {

@@ -1,4 +1,4 @@
-"""Rate limiter against real Redis with an injected clock: the seed's four scenarios,
+"""Rate limiter against real Redis with an injected clock: the original design's four scenarios,
 each group's numbers, progressive penalty, batch semantics (one EVALSHA per batch)."""
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ async def test_progressive_penalty_sequence_and_cap(
 async def test_progressive_penalty_counts_only_blocks_within_history(
     aredis: aioredis.Redis, clock: FakeClock
 ) -> None:
-    """With the seed's 24 h history, back-to-back blocks of 1+2+4+8+16 h span 31 h: when
+    """With the default 24 h history, back-to-back blocks of 1+2+4+8+16 h span 31 h: when
     the 6th block starts (31 h) only the 5th (15 h) began in the last 24 h -> 1 h x 2."""
     limiter, _ = make_limiter(aredis, clock, progressive_penalty={"enabled": True})
     assert await _repeat_attacks(limiter, clock, 6) == [1, 2, 4, 8, 16, 2]

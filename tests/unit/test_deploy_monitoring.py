@@ -87,7 +87,7 @@ def test_catalogue_is_well_formed() -> None:
         assert isinstance(m["labels"], list), m
         assert m["meaning"], m
         assert m["emitted_by"], m
-    # the names the brief and the seed rely on
+    # the names the docs and the alert rules rely on
     for required in (
         "qywx_consumer_lag",
         "qywx_rebalances_total",

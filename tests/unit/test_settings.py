@@ -1,4 +1,4 @@
-"""Settings: profiles as the seed's tables, env overrides, precise errors."""
+"""Settings: profiles as the original design's tables, env overrides, precise errors."""
 
 from __future__ import annotations
 
