@@ -28,9 +28,11 @@ input message's id).
 Versions. Each user's state carries a version (`qywx:state:{user}` hash: `v`, `data`). A
 commit is conditional: it applies only if the stored version equals the version the
 host's copy was derived from, and only if the message is not already done. Several
-commits of one user in one batch chain (v -> v+1 -> ...); once one of them is refused,
-every later one of that user in the batch is refused too (they ran on the refused
-state). A refused commit means another writer moved the state (a second host after a
+commits of one user in one flush chain (v -> v+1 -> ...) and are sent as ONE conditional
+write (`group_writes`): the last state and all their done-flags, checked against the
+first expected version, all or nothing; the intermediate states are never sent (nobody
+could read them between two writes of the same call). Once a group is refused, every
+later one of that user in the flush is refused too (they ran on the refused state). A refused commit means another writer moved the state (a second host after a
 rebalance race, an admin DELETE) or the message was already applied (policy `process`
 ran it without a dedup check): the host never completes the message and restarts
 (crash-only, `on_fatal`), so it is re-delivered and re-run against the stored state. A
