@@ -78,23 +78,34 @@ def cpu_s(pid: int) -> float:
 
 
 def make_envelopes(
-    users_tag: str, ids_tag: str, users: int, per_user: int, first_user: int = 0, **raw: Any
+    users_tag: str,
+    ids_tag: str,
+    users: int,
+    per_user: int,
+    first_user: int = 0,
+    bursts: bool = False,
+    **raw: Any,
 ) -> list[Envelope]:
-    """Round-robin over users (every user's n-th message before anyone's n+1-th); user
-    ids from `users_tag` (phases share users), message ids unique per `ids_tag`."""
+    """Round-robin over users (every user's n-th message before anyone's n+1-th), or with
+    `bursts` each user's messages back to back; user ids from `users_tag` (phases share
+    users), message ids unique per `ids_tag`."""
     out = []
-    for n in range(per_user):
-        for u in range(first_user, first_user + users):
-            user = f"{users_tag}u{u}"
-            out.append(
-                Envelope(
-                    message_id=f"{ids_tag}-{u}-{n:06d}",
-                    open_kfid="kf-bench",
-                    external_userid=user,
-                    msgtype="text",
-                    raw={"text": {"content": f"hello {n}"}, **raw},
-                )
+    order = (
+        [(n, u) for u in range(first_user, first_user + users) for n in range(per_user)]
+        if bursts
+        else [(n, u) for n in range(per_user) for u in range(first_user, first_user + users)]
+    )
+    for n, u in order:
+        user = f"{users_tag}u{u}"
+        out.append(
+            Envelope(
+                message_id=f"{ids_tag}-{u}-{n:06d}",
+                open_kfid="kf-bench",
+                external_userid=user,
+                msgtype="text",
+                raw={"text": {"content": f"hello {n}"}, **raw},
             )
+        )
     return out
 
 
@@ -245,11 +256,14 @@ class ModeBench:
         ceiling: bool,
         raw: dict[str, Any] | None = None,
         case: str = "",
+        bursts: bool = False,
     ) -> None:
         """Produce a backlog with the consumers stopped, then time the drain."""
         extra: dict[str, Any] = {"sleep_ms": sleep_ms} if sleep_ms else {}
         extra.update(raw or {})
-        msgs = make_envelopes(self.tag, f"{self.tag}{name}", self.users, per_user, **extra)
+        msgs = make_envelopes(
+            self.tag, f"{self.tag}{name}", self.users, per_user, bursts=bursts, **extra
+        )
         n = produce(self.settings, msgs)
         if ceiling:
             self.raw_ceiling(n)
@@ -271,7 +285,10 @@ class ModeBench:
         used = {k: sum(cpu_s(x) - cpu0.get(x, 0.0) for x in v) for k, v in pids_after.items()}
         elapsed = t_end - t_first
         case = case or f"{self.mode}_{name}"
-        common = self.dims(handler=name, **({"state_bytes": raw["state_bytes"]} if raw else {}))
+        dims: dict[str, Any] = {"state_bytes": raw["state_bytes"]} if raw else {}
+        if bursts:
+            dims["order"] = "bursts"
+        common = self.dims(handler=name, **dims)
         emit(
             case=case,
             metric="throughput",
@@ -483,7 +500,8 @@ def run_state(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
     for name, handler, raw in variants:
         b = ModeBench(args, svc, "hosted", run, handler=handler)
         try:
-            b.drain("trivial", args.per_user, 0, False, raw=raw, case=f"hosted_state_{name}")
+            case = f"hosted_state_{name}"
+            b.drain("trivial", args.per_user, 0, False, raw=raw, case=case, bursts=args.bursts)
         finally:
             b.stop_all()
         topics += b.topics
@@ -556,6 +574,11 @@ def main() -> None:
         type=int,
         default=0,
         help="> 0: also drain with per-user state of this size, off vs on (cases hosted_state_*)",
+    )
+    ap.add_argument(
+        "--bursts",
+        action="store_true",
+        help="state mode: each user's messages back to back in the backlog (default round-robin)",
     )
     args = ap.parse_args()
     # Ray's driver prints raylet warnings to sys.stdout: keep stdout for JSON lines only.

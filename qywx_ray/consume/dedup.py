@@ -99,6 +99,7 @@ class RedisDoneStore:
         self._redis = redis  # redis.asyncio.Redis
         self._ttl_s = ttl_s
         self._state_ttl_s = state_ttl_s
+        self._commit_script: Any = None  # registered on first use (EVALSHA)
 
     async def done_among(self, message_ids: Sequence[str]) -> set[str]:
         # One command per batch answering only the (few) 1-based indexes that exist.
@@ -132,24 +133,28 @@ class RedisDoneStore:
     async def commit(
         self, message_ids: Sequence[str], writes: Sequence[tuple[str, StateWrite]], op_id: str
     ) -> set[str]:
-        """One COMMIT_LUA call for a flush: plain done-flags, then each state write with
-        its done-flag; a retry after a lost reply reuses `op_id` and gets the answer the
-        first call recorded."""
-        from qywx_ray.consume.state import COMMIT_LUA, commit_args
+        """One COMMIT_LUA call for a flush: plain done-flags, then each user's writes as
+        one group (state.group_writes: its last state and all its done-flags, or nothing);
+        a retry after a lost reply reuses `op_id` and gets the answer the first call
+        recorded. EVALSHA: the script's text is sent once per Redis (NOSCRIPT: loaded)."""
+        from qywx_ray.consume.state import COMMIT_LUA, commit_args, group_writes
 
+        if self._commit_script is None:
+            self._commit_script = self._redis.register_script(COMMIT_LUA)
+        groups = group_writes(writes)
         keys, argv = commit_args(
             op_id,
             [DONE_KEY.format(m) for m in message_ids],
-            writes,
+            groups,
             DONE_KEY.format,
             self._ttl_s,
             self._state_ttl_s,
         )
         try:
-            refused = await self._redis.eval(COMMIT_LUA, len(keys), *keys, *argv)
+            refused = await self._commit_script(keys=keys, args=argv)
         except Exception as exc:
             raise DedupUnavailable(str(exc)) from exc
-        return {writes[int(i) - 1][0] for i in refused}
+        return {m for i in refused for m in groups[int(i) - 1].message_ids}
 
 
 class RecentDone:

@@ -28,14 +28,16 @@ input message's id).
 Versions. Each user's state carries a version (`qywx:state:{user}` hash: `v`, `data`). A
 commit is conditional: it applies only if the stored version equals the version the
 host's copy was derived from, and only if the message is not already done. Several
-commits of one user in one batch chain (v -> v+1 -> ...); once one of them is refused,
-every later one of that user in the batch is refused too (they ran on the refused
-state). A refused commit means another writer moved the state (a second host after a
-rebalance race, an admin DELETE) or the message was already applied (policy `process`
-ran it without a dedup check): the host never completes the message and restarts
-(crash-only, `on_fatal`), so it is re-delivered and re-run against the stored state. A
-stale writer can therefore never overwrite a newer state: no lost update, no double
-application.
+commits of one user in one flush chain (v -> v+1 -> ...) and are sent as ONE conditional
+write (`group_writes`): the last state and all their done-flags, checked against the
+first expected version, all or nothing; the intermediate states are never sent (nobody
+could read them between two writes of the same call). Once a group is refused, every
+later one of that user in the flush is refused too (they ran on the refused state). A
+refused commit means another writer moved the state (a second host after a rebalance
+race, an admin DELETE) or the message was already applied (policy `process` ran it
+without a dedup check): the host never completes the message and restarts (crash-only,
+`on_fatal`), so it is re-delivered and re-run against the stored state. A stale writer
+can therefore never overwrite a newer state: no lost update, no double application.
 
 Redis down. A state cannot be made durable without Redis, so for stateful handlers the
 load and the commit are retried with backoff whatever `consume.redis_down_policy` says
@@ -69,6 +71,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
 from pydantic import BaseModel
 
 from qywx_ray.errors import QywxError
@@ -111,7 +114,7 @@ class StateSpec:
     def decode(self, raw: bytes) -> Any:
         """A fresh object for one attempt (never shared with the committed copy)."""
         if self.model is None:
-            return json.loads(raw) if raw else {}
+            return decode_json(raw) if raw else {}
         if not raw:
             return self.model()
         return self.model.model_validate_json(raw)
@@ -123,7 +126,30 @@ class StateSpec:
             return value.model_dump_json().encode()
         if not isinstance(value, dict):
             raise TypeError("ctx.state must be a JSON mapping (dict)")
+        return encode_json(value)
+
+
+def encode_json(value: dict[Any, Any]) -> bytes:
+    """A JSON mapping's bytes: orjson (compact UTF-8, ~10x the stdlib's speed for a 1 KiB
+    state), with the stdlib as the fallback for what orjson refuses (integers beyond
+    64 bits). What orjson changes against `json.dumps`: NaN and ±Infinity become `null`
+    (the stdlib wrote the non-JSON `NaN`), and it also accepts UUIDs, datetimes, dates,
+    times, enums and dataclasses (as strings / ISO 8601 / their value / objects) where the
+    stdlib raised; non-string keys are stringified as before. Everything the stdlib
+    accepted decodes to the same value (floats may be spelled differently: `1e16`)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_json(raw: bytes) -> Any:
+    """orjson, with the stdlib for what it refuses: a state written before orjson may hold
+    `NaN` / `Infinity` literals, and integers beyond 64 bits."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 def stateful(model: type[BaseModel] | None = None) -> Callable[[Any], Any]:
@@ -207,6 +233,41 @@ def next_write(
     return write
 
 
+@dataclass(slots=True)
+class WriteGroup:
+    """One user's successive state writes within one flush, committed as ONE conditional
+    write: applies only at `expected_version` (the first write's) and while none of
+    `message_ids` is done; then every done-flag and the last changed state `data` (None:
+    none changed) at `new_version`. All or nothing: the intermediate states are never
+    sent, since nobody can read them between two writes of the same call anyway."""
+
+    user: str
+    expected_version: int
+    new_version: int
+    data: bytes | None
+    message_ids: list[str]
+
+
+def group_writes(writes: Sequence[tuple[str, StateWrite]]) -> list[WriteGroup]:
+    """The groups of a flush's writes, in order of each group's first write. A write joins
+    its user's open group when it chains on it (its expected version is the group's new
+    version, which is how a host's successive commits look); otherwise (a reload in
+    between) it opens a new group of that user, which the store refuses if the earlier
+    one was refused."""
+    groups: list[WriteGroup] = []
+    open_: dict[str, WriteGroup] = {}
+    for mid, w in writes:
+        g = open_.get(w.user)
+        if g is None or g.new_version != w.expected_version:
+            g = open_[w.user] = WriteGroup(w.user, w.expected_version, w.expected_version, None, [])
+            groups.append(g)
+        g.message_ids.append(mid)
+        if w.data is not None:
+            g.data = w.data
+            g.new_version += 1
+    return groups
+
+
 # ---------------------------------------------------------------- stores
 
 
@@ -226,11 +287,17 @@ end
 return out
 """
 
-# KEYS: the call's op key, the plain done keys (ARGV[1] of them), then per state write:
-# state key, done key. ARGV: n_plain, done_ttl_s, state_ttl_s, then per write: expected
-# version, changed (0/1), data. Returns the 1-based indexes (among the writes) that were
-# refused. The answer is kept under the op key (for done_ttl_s): a resend of the same call
-# after a lost reply gets the first answer and applies nothing again.
+# One flush's state writes, grouped (`group_writes`): KEYS: the call's op key, the plain
+# done keys (ARGV[1] of them), then per group: the state key, then the group's done keys.
+# ARGV: n_plain, done_ttl_s, state_ttl_s, then per group: expected version, new version,
+# number of done keys, data (the group's last state; unused when the version stays).
+# A group applies whole or not at all: the stored version must be the expected one and
+# none of its messages done (checked before anything of it is written); then its
+# done-flags, and its last state at the new version. Once a group of a user is refused,
+# every later group of that user in the call is refused too (they ran on its state).
+# Returns the 1-based indexes of the refused groups. The answer is kept under the op key
+# (for done_ttl_s): a resend of the same call after a lost reply gets the first answer and
+# applies nothing again.
 COMMIT_LUA = """
 local op = redis.call('GET', KEYS[1])
 if op then
@@ -241,25 +308,38 @@ end
 local n_plain = tonumber(ARGV[1])
 for i = 2, n_plain + 1 do redis.call('SET', KEYS[i], '1', 'EX', ARGV[2]) end
 local broken, out = {}, {}
-local w = 0
-for k = n_plain + 2, #KEYS, 2 do
-  w = w + 1
-  local skey, dkey = KEYS[k], KEYS[k + 1]
-  local a = 4 + (w - 1) * 3
-  local expected = tonumber(ARGV[a])
-  local ok = false
-  if not broken[skey] and tonumber(redis.call('HGET', skey, 'v') or '0') == expected then
-    -- the done-flag, only if the message is not done yet: the check and the write in one
-    ok = redis.call('SET', dkey, '1', 'NX', 'EX', ARGV[2]) ~= false
-    if ok and ARGV[a + 1] == '1' then
-      redis.call('HSET', skey, 'v', tostring(expected + 1), 'data', ARGV[a + 2])
-      redis.call('EXPIRE', skey, ARGV[3])
+local k, a, g = n_plain + 2, 4, 0
+while k <= #KEYS do
+  g = g + 1
+  local skey, n = KEYS[k], tonumber(ARGV[a + 2])
+  local expected, new = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local ok = not broken[skey] and tonumber(redis.call('HGET', skey, 'v') or '0') == expected
+  if ok and n == 1 then  -- the common case: the check and the flag in one command
+    ok = redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[2]) ~= false
+  elseif ok then  -- every flag checked before any is written: all or nothing
+    local seen = {}
+    for i = k + 1, k + n do
+      if seen[KEYS[i]] or redis.call('EXISTS', KEYS[i]) == 1 then
+        ok = false
+        break
+      end
+      seen[KEYS[i]] = true
+    end
+    if ok then
+      for i = k + 1, k + n do redis.call('SET', KEYS[i], '1', 'EX', ARGV[2]) end
     end
   end
-  if not ok then
+  if ok then
+    if new ~= expected then
+      redis.call('HSET', skey, 'v', ARGV[a + 1], 'data', ARGV[a + 3])
+      redis.call('EXPIRE', skey, ARGV[3])
+    end
+  else
     broken[skey] = true
-    out[#out + 1] = w
+    out[#out + 1] = g
   end
+  k = k + 1 + n
+  a = a + 4
 end
 redis.call('SET', KEYS[1], 'r' .. table.concat(out, ','), 'EX', ARGV[2])
 return out
@@ -341,15 +421,21 @@ class MemoryStateStore:
         self.done.update(message_ids)
         refused: set[str] = set()
         broken: set[str] = set()
-        for mid, w in writes:
-            cur = self.states.get(w.user, StateSlot(0, b""))
-            if w.user in broken or mid in self.done or cur.version != w.expected_version:
-                broken.add(w.user)
-                refused.add(mid)
+        for g in group_writes(writes):
+            cur = self.states.get(g.user, StateSlot(0, b""))
+            if (
+                g.user in broken
+                or cur.version != g.expected_version
+                or len(set(g.message_ids)) != len(g.message_ids)
+                or any(m in self.done for m in g.message_ids)
+            ):
+                broken.add(g.user)
+                refused.update(g.message_ids)
                 continue
-            if w.data is not None:
-                self.states[w.user] = StateSlot(w.expected_version + 1, w.data)
-            self.done.add(mid)
+            if g.new_version != g.expected_version:
+                assert g.data is not None
+                self.states[g.user] = StateSlot(g.new_version, g.data)
+            self.done.update(g.message_ids)
         self.refused.extend(sorted(refused))
         self.ops[op_id] = refused
         return refused
@@ -358,17 +444,28 @@ class MemoryStateStore:
 def commit_args(
     op_id: str,
     done_keys: Sequence[str],
-    writes: Sequence[tuple[str, StateWrite]],
+    groups: Sequence[WriteGroup],
     done_key: Callable[[str], str],
     done_ttl_s: int,
     state_ttl_s: int,
-) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of COMMIT_LUA."""
-    keys = [COMMIT_OP_KEY.format(op_id), *done_keys]
-    argv: list[Any] = [len(done_keys), done_ttl_s, state_ttl_s]
-    for mid, w in writes:
-        keys += [STATE_KEY.format(w.user), done_key(mid)]
-        argv += [w.expected_version, 0 if w.data is None else 1, w.data or b""]
+) -> tuple[list[Any], list[Any]]:
+    """KEYS and ARGV of COMMIT_LUA, all bytes: redis-py's encoder passes bytes through at
+    its first check (a str or int costs it four checks and a conversion, per argument)."""
+    keys: list[Any] = [COMMIT_OP_KEY.format(op_id).encode(), *done_keys]
+    argv: list[Any] = [b"%d" % len(done_keys), b"%d" % done_ttl_s, b"%d" % state_ttl_s]
+    for g in groups:
+        mids = g.message_ids
+        if len(mids) == 1:  # the common case, kept cheap
+            keys += [STATE_KEY.format(g.user).encode(), done_key(mids[0]).encode()]
+        else:
+            keys.append(STATE_KEY.format(g.user).encode())
+            keys += [done_key(m).encode() for m in mids]
+        argv += [
+            b"%d" % g.expected_version,
+            b"%d" % g.new_version,
+            b"%d" % len(mids),
+            g.data or b"",
+        ]
     return keys, argv
 
 

@@ -16,6 +16,7 @@ import json
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tests.sim import adapter
 from tests.sim.faults import Faults
@@ -376,20 +377,83 @@ class FakeRetryOrder:
         return status, items
 
 
+class CommitModel:
+    """COMMIT_LUA (consume/state.py) in Python, written apart from the real code (the
+    grouping too), so the differential test tests/integration/test_sim_commit_model.py
+    checks both against each other on a real Redis.
+
+    One call: the plain done-flags, then the state writes in groups: a user's successive
+    writes that chain (each expects the version the previous one left) are ONE group,
+    applied whole or not at all: the stored version must be the group's first expected
+    version and none of its messages done (nor twice in it); then all its flags and its
+    last changed state. Once a group of a user is refused, the user's later groups in the
+    call are refused too. A resend with the same op id gets the first answer."""
+
+    def __init__(self) -> None:
+        self.done: set[str] = set()
+        self.states: dict[str, tuple[int, bytes]] = {}  # user -> (version, data)
+        self.ops: dict[str, set[str]] = {}  # commit op id -> its answer
+
+    def commit(
+        self,
+        message_ids: Sequence[str],
+        writes: Sequence[tuple[str, adapter.StateWrite]],
+        op_id: str,
+    ) -> tuple[set[str], list[str], list[tuple[str, bytes]], bool]:
+        """(refused message ids, newly flagged ids, states written, resent?)."""
+        if op_id in self.ops:
+            return self.ops[op_id], [], [], True
+        flagged = [m for m in dict.fromkeys(message_ids) if m not in self.done]
+        self.done.update(flagged)
+        # [user, first expected, version after, last data, message ids]
+        groups: list[list[Any]] = []
+        last: dict[str, list[Any]] = {}
+        for mid, w in writes:
+            g = last.get(w.user)
+            if g is None or g[2] != w.expected_version:
+                g = [w.user, w.expected_version, w.expected_version, None, []]
+                last[w.user] = g
+                groups.append(g)
+            g[4].append(mid)
+            if w.data is not None:
+                g[2] += 1
+                g[3] = w.data
+        refused: set[str] = set()
+        broken: set[str] = set()
+        written: list[tuple[str, bytes]] = []
+        for user, expected, version, data, mids in groups:
+            if (
+                user in broken
+                or self.states.get(user, (0, b""))[0] != expected
+                or len(set(mids)) != len(mids)
+                or any(m in self.done for m in mids)
+            ):
+                broken.add(user)
+                refused.update(mids)
+                continue
+            if version != expected:
+                self.states[user] = (version, data)
+                written.append((user, data))
+            self.done.update(mids)
+            flagged += mids
+        self.ops[op_id] = refused
+        return refused, flagged, written, False
+
+
 class FakeDoneStore:
     """consume.dedup.DoneStore with state commits, and consume.state.StateStore: the
     durable done-flags and per-user states. `commit` is COMMIT_LUA (consume/state.py) in
-    Python, call for call; the real script is tested on Redis in
-    tests/integration/test_consume_state.py."""
+    Python, call for call (CommitModel); the model is checked against the real script on
+    Redis in tests/integration/test_sim_commit_model.py."""
 
     def __init__(self, redis: Redis, ledger: Ledger, trace: Trace) -> None:
         self.redis = redis
         self.ledger = ledger
         self.trace = trace
-        self.done: set[str] = set()
+        self.model = CommitModel()  # the durable done-flags, states and commit answers
+        self.done = self.model.done
         self.policy = "stop"
-        self.states: dict[str, tuple[int, bytes]] = {}  # user -> (version, data)
-        self.ops: dict[str, set[str]] = {}  # commit op id -> its answer
+        self.states = self.model.states
 
     async def done_among(self, message_ids: Sequence[str]) -> set[str]:
         await self.redis.call()
@@ -428,24 +492,14 @@ class FakeDoneStore:
         if self.redis.down():
             self.trace.add("redis down: commit refused")
             raise adapter.DedupUnavailable("redis down (commit)")
-        if op_id in self.ops:
-            self.trace.add(f"commit resent: first answer refused={sorted(self.ops[op_id])}")
-            return self.ops[op_id]
-        for m in message_ids:
-            self._flag(m)
-        refused: set[str] = set()
-        broken: set[str] = set()
-        for mid, w in writes:
-            v = self.states.get(w.user, (0, b""))[0]
-            if w.user in broken or mid in self.done or v != w.expected_version:
-                broken.add(w.user)
-                refused.add(mid)
-                continue
-            if w.data is not None:
-                self.states[w.user] = (v + 1, w.data)
-                self.ledger.on_state_durable(w.user, w.data)
-            self._flag(mid)
-        self.ops[op_id] = refused
+        refused, flagged, written, resent = self.model.commit(message_ids, writes, op_id)
+        if resent:
+            self.trace.add(f"commit resent: first answer refused={sorted(refused)}")
+            return refused
+        for m in flagged:
+            self.ledger.on_done_durable(m)
+        for user, data in written:
+            self.ledger.on_state_durable(user, data)
         self.trace.add(
             f"commit flags={','.join(message_ids)} "
             f"states={','.join(f'{m}@{w.user}v{w.expected_version}' for m, w in writes)} "

@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 from qywx_ray.consume.dedup import Deduplicator
@@ -285,3 +286,37 @@ def test_next_write_unchanged_keeps_the_version_and_a_resend_is_answered_as_appl
     assert store.states["A"] == StateSlot(4, b'{"a":2}')
     assert store.commits == 1
     assert asyncio.run(store.commit([], [("m2", changed)], "op2")) == {"m2"}  # stale: refused
+
+
+def test_group_writes_merges_a_users_chain_and_splits_on_a_break() -> None:
+    from qywx_ray.consume.state import StateWrite, WriteGroup, group_writes
+
+    writes = [
+        ("a1", StateWrite("A", 3, b"1")),
+        ("b1", StateWrite("B", 0, None)),
+        ("a2", StateWrite("A", 4, None)),  # unchanged: chains, no bump
+        ("a3", StateWrite("A", 4, b"3")),
+        ("b2", StateWrite("B", 0, b"x")),
+        ("a4", StateWrite("A", 9, b"9")),  # a reload in between: a new group of A
+    ]
+    assert group_writes(writes) == [
+        WriteGroup("A", 3, 5, b"3", ["a1", "a2", "a3"]),
+        WriteGroup("B", 0, 1, b"x", ["b1", "b2"]),
+        WriteGroup("A", 9, 10, b"9", ["a4"]),
+    ]
+
+
+def test_json_state_encoding_orjson_with_the_stdlib_as_fallback() -> None:
+    import uuid
+
+    from qywx_ray.consume.state import StateSpec, decode_json, encode_json
+
+    u = uuid.UUID(int=1)
+    assert encode_json({"f": float("nan"), 1: "é", "u": u}) == (
+        b'{"f":null,"1":"\xc3\xa9","u":"00000000-0000-0000-0000-000000000001"}'
+    )
+    big = {"n": 2**70}  # beyond orjson's 64 bits: the stdlib writes it
+    assert decode_json(encode_json(big)) == big
+    assert decode_json(b'{"x":NaN}')["x"] != decode_json(b'{"x":NaN}')["x"]  # old states
+    with pytest.raises(TypeError, match="set"):  # not JSON: refused by both encoders
+        StateSpec().encode({"s": {1}})
