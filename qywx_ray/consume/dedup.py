@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter
+from qywx_ray.retry import capped_exponential, retry_async
 
 if TYPE_CHECKING:
     from qywx_ray.consume.state import StateWrite
+
+T = TypeVar("T")
 
 log = get_logger(__name__)
 
@@ -217,22 +220,19 @@ class Deduplicator:
         if not rest:
             dedup_hits.inc(len(known))
             return known
-        delay = 0.05
-        while True:
+
+        async def check() -> set[str]:
+            return await self._reporting(self.store.done_among(rest))
+
+        if self.policy == "process":
             try:
-                found = await self.store.done_among(rest)
-                self.redis_ok = True
-                break
+                found = await check()
             except DedupUnavailable as exc:
-                self.redis_ok = False
-                if self.policy == "process":
-                    dedup_bypassed.inc(len(rest))
-                    log.warning("dedup.bypassed", count=len(rest), error=str(exc))
-                    found = set()
-                    break
-                log.warning("dedup.check_retry", delay_s=delay, error=str(exc))
-                await self._sleep(delay)
-                delay = min(delay * 2, self._retry_max_s)
+                dedup_bypassed.inc(len(rest))
+                log.warning("dedup.bypassed", count=len(rest), error=str(exc))
+                found = set()
+        else:
+            found = await self._retried(check, "dedup.check_retry")
         out = known | found
         if out:
             dedup_hits.inc(len(out))
@@ -295,26 +295,46 @@ class Deduplicator:
     async def _write(self, ids: list[str], writes: list[tuple[str, StateWrite]]) -> set[str]:
         """One store call for the batch, retried with backoff; policy process may skip
         plain flags, never a state commit (a state cannot be bypassed)."""
-        delay = 0.05
         op_id = uuid.uuid4().hex if writes else ""  # reused by every resend of this batch
-        while True:
+
+        async def write() -> set[str]:
+            if writes:
+                return await self._reporting(self.store.commit(ids, writes, op_id))  # type: ignore[attr-defined]
+            await self._reporting(self.store.mark_done(ids))
+            return set()
+
+        if self.policy == "process" and not writes:
             try:
-                if writes:
-                    refused = await self.store.commit(ids, writes, op_id)  # type: ignore[attr-defined]
-                else:
-                    await self.store.mark_done(ids)
-                    refused = set()
-                self.redis_ok = True
-                return refused  # type: ignore[no-any-return]
+                return await write()
             except DedupUnavailable as exc:
-                self.redis_ok = False
-                if self.policy == "process" and not writes:
-                    dedup_bypassed.inc(len(ids))
-                    log.warning("dedup.mark_bypassed", count=len(ids), error=str(exc))
-                    return set()
-                log.warning("dedup.mark_retry", delay_s=delay, error=str(exc))
-                await self._sleep(delay)
-                delay = min(delay * 2, self._retry_max_s)
+                dedup_bypassed.inc(len(ids))
+                log.warning("dedup.mark_bypassed", count=len(ids), error=str(exc))
+                return set()
+        return await self._retried(write, "dedup.mark_retry")
+
+    async def _reporting(self, call: Awaitable[T]) -> T:
+        """`call`'s answer, keeping `redis_ok` (the host's health report) up to date."""
+        try:
+            answer = await call
+        except DedupUnavailable:
+            self.redis_ok = False
+            raise
+        self.redis_ok = True
+        return answer
+
+    async def _retried(self, call: Callable[[], Awaitable[T]], event: str) -> T:
+        """Policy stop (or a state commit): retried with backoff until the store answers."""
+
+        def on_retry(exc: BaseException, _attempt: int, delay_s: float) -> None:
+            log.warning(event, delay_s=delay_s, error=str(exc))
+
+        return await retry_async(
+            call,
+            retry_on=(DedupUnavailable,),
+            wait=capped_exponential(0.05, self._retry_max_s),
+            on_retry=on_retry,
+            sleep=self._sleep,
+        )
 
     @property
     def pending_marks(self) -> int:

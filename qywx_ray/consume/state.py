@@ -77,6 +77,7 @@ from pydantic import BaseModel
 from qywx_ray.errors import QywxError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter
+from qywx_ray.retry import capped_exponential, retry_async
 
 log = get_logger(__name__)
 
@@ -511,16 +512,19 @@ class StateLoader:
             await self._load_batch(wanted)
 
     async def _load_batch(self, wanted: dict[str, asyncio.Future[StateSlot]]) -> None:
-        delay = 0.05
-        while True:
-            try:
-                self.round_trips += 1
-                slots = await self.store.load(list(wanted))
-                break
-            except StateUnavailable as exc:
-                log.warning("state.load_retry", users=len(wanted), delay_s=delay, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max_s)
+        async def load() -> dict[str, StateSlot]:
+            self.round_trips += 1
+            return await self.store.load(list(wanted))
+
+        def on_retry(exc: BaseException, _attempt: int, delay_s: float) -> None:
+            log.warning("state.load_retry", users=len(wanted), delay_s=delay_s, error=str(exc))
+
+        slots = await retry_async(
+            load,
+            retry_on=(StateUnavailable,),
+            wait=capped_exponential(0.05, self._retry_max_s),
+            on_retry=on_retry,
+        )
         m_state_loads.inc(len(wanted))
         for user, fut in wanted.items():
             if not fut.done():

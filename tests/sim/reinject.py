@@ -129,10 +129,11 @@ elif d == "8":  # a failed attempt's state mutations leak into memory for the ne
 elif d == "9":  # the state change and the done-flag in two calls, not one atomic step
     patch(
         DD,
-        """                    refused = await self.store.commit(ids, writes, op_id)  # type: ignore[attr-defined]""",
-        """                    refused = await self.store.commit([], [(f"{m}#state", w) for m, w in writes], op_id)  # type: ignore[attr-defined]
-                    refused = {m.split("#")[0] for m in refused}
-                    await self.store.mark_done(ids + [m for m, _ in writes if m not in refused])""",
+        """                return await self._reporting(self.store.commit(ids, writes, op_id))  # type: ignore[attr-defined]""",
+        """                refused = await self._reporting(self.store.commit([], [(f"{m}#state", w) for m, w in writes], op_id))  # type: ignore[attr-defined]
+                refused = {m.split("#")[0] for m in refused}
+                await self._reporting(self.store.mark_done(ids + [m for m, _ in writes if m not in refused]))
+                return refused""",
     )
 elif d == "10":  # the batch read's parking flags ignored: a parked user's message runs
     patch(
