@@ -82,10 +82,13 @@ class _StopWhen(stop_base):
 
 
 def _retries(retry_on: RetryOn) -> Callable[[BaseException], bool]:
+    """Never a cancellation, an interrupt or an exit (not Exceptions), whatever a loose
+    predicate says: a retried CancelledError would make a task impossible to stop."""
     if isinstance(retry_on, tuple):
         kinds = retry_on
-        return lambda exc: isinstance(exc, kinds)
-    return retry_on
+        return lambda exc: isinstance(exc, Exception) and isinstance(exc, kinds)
+    predicate = retry_on
+    return lambda exc: isinstance(exc, Exception) and predicate(exc)
 
 
 def _logged(on_retry: OnRetry | None) -> Callable[[RetryCallState], None] | None:

@@ -238,6 +238,10 @@ class Deduplicator:
             dedup_hits.inc(len(out))
         return out
 
+    def unreachable(self) -> None:
+        """A check made elsewhere (the batch read) failed: the health report says so."""
+        self.redis_ok = False
+
     def counted(self, done: set[str]) -> set[str]:
         """Record the answer of a done-flag check made elsewhere (the batch read:
         consume/batch_reads.py) as `already_done` would have: returns `done`."""

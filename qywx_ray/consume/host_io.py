@@ -108,7 +108,12 @@ async def with_policy(
 
 
 async def batch_read(
-    reads: BatchReads, plan: BatchReadPlan, *, policy: str, retry_max_s: float
+    reads: BatchReads,
+    plan: BatchReadPlan,
+    *,
+    policy: str,
+    retry_max_s: float,
+    unreachable: Callable[[], None] = lambda: None,
 ) -> BatchAnswer | None:
     """The batch's one read (consume/batch_reads.py). Policy stop: retried with backoff,
     as each of the separate calls it replaces would be. Policy process: None at the
@@ -117,15 +122,18 @@ async def batch_read(
     behaves as without the batch read, at the cost of one more failing call per batch
     during an outage. A lost reply after the script ran means its rate-limit counts
     were recorded; the separate limiter call then counts those messages again (as a
-    policy-stop retry of a lost limiter reply always did)."""
+    policy-stop retry of a lost limiter reply always did). `unreachable` is told of
+    every failed attempt (the dedup's `redis_ok`, which the host reports)."""
     if policy == "process":
         try:
             return await reads.read(plan)
         except INFRA_ERRORS as exc:
+            unreachable()
             log.warning("host.batch_read_failed", error=str(exc))
             return None
 
     def on_retry(exc: BaseException, _attempt: int, delay_s: float) -> None:
+        unreachable()  # the host's health report says so while we wait
         log.warning("host.batch_read_retry", delay_s=delay_s, error=str(exc))
 
     return await retry_async(

@@ -284,7 +284,10 @@ class PartitionConsumerCore:
                 until=self._stop.is_set,
                 sleep=serve_while_waiting,
             )
-        except RedisError as exc:  # stopping: the batch is left for the next owner
+        except RedisError as exc:
+            if not self._stop.is_set():
+                raise  # from the poll loop served meanwhile, not the resolve: crash-only
+            # stopping: the batch is left for the next owner
             log.warning("consumer.placement_unavailable", error=str(exc), users=len(wants))
             return None
         return placement

@@ -301,6 +301,7 @@ class HostCore:
                     plan,
                     policy=self.opt.redis_down_policy,
                     retry_max_s=self.opt.redis_retry_max_s,
+                    unreachable=self.dedup.unreachable,
                 )
         if read is not None:
             done = self.dedup.counted(read.done)

@@ -181,3 +181,15 @@ async def test_redis_down_policy_process_runs_without_dedup(policy: str) -> None
     await until(lambda: len(done.done) == 2)
     assert [m for _, m in opts["calls"]] == ["A-m0", "A-m1"]
     assert not core.dedup.redis_ok
+
+
+async def test_redis_ok_reports_each_attempt_and_recovers_after_the_retry() -> None:
+    store = MemoryDoneStore()
+    store.down = True
+    core, done, _ = make_core(store=store, policy="stop")
+    core.accept([delivery("A", 0, 0)])
+    await until(lambda: not core.dedup.redis_ok)  # the check is failing: reported
+    assert done.done == []
+    store.down = False
+    await until(lambda: len(done.done) == 1)
+    assert core.dedup.redis_ok  # the retry succeeded: reported again

@@ -172,3 +172,23 @@ async def test_handler_outage_longer_than_the_bound_becomes_a_dead_letter() -> N
     core.accept([delivery("A", 0, 0)])
     await until(lambda: len(done.done) == 1)
     assert [(x.reason, x.retryable) for x in letters.letters] == [("downstream_error", True)]
+
+
+async def test_a_handler_timeout_is_never_retried_in_place() -> None:
+    """TimeoutError is also what a socket timeout raises (an infra error for our Redis),
+    but a handler past its deadline is a failure with its own reason, at once."""
+    letters = Letters()
+    core, done, _ = make_core(
+        letters=letters, handler_timeout_s=0.05, handler_infra_retry_s=60.0, redis_retry_max_s=0.02
+    )
+    runs: list[str] = []
+
+    async def slow(message: Any, ctx: HandlerContext) -> None:
+        runs.append(ctx.message_id)
+        await asyncio.sleep(10)
+
+    core.handler = slow
+    core.accept([delivery("A", 0, 0)])
+    await until(lambda: len(done.done) == 1)
+    assert runs == ["A-m0"]  # one run: not retried in place for 60 s
+    assert [x.reason for x in letters.letters] == ["process_timeout"]

@@ -136,3 +136,32 @@ def test_jitter_spreads_each_delay_within_its_factor() -> None:
     )
     assert all(0.05 <= s < 0.1 for s in rec.sleeps)
     assert len(set(rec.sleeps)) > 40  # actually spread
+
+
+def test_a_first_call_that_fails_for_good_costs_no_sleep() -> None:
+    flaky, rec = Flaky(KeyError("bug")), Recorder()
+    with pytest.raises(KeyError, match="bug"):
+        run(flaky, rec, is_async=False)
+    assert (flaky.calls, rec.sleeps, rec.retries) == (1, [], [])
+
+
+def test_attempts_and_until_together_stop_at_the_first_that_holds() -> None:
+    flaky, rec = Flaky(*(OSError(str(i)) for i in range(10))), Recorder()
+    with pytest.raises(OSError, match="1"):
+        run(flaky, rec, is_async=False, attempts=2, until=lambda: False)
+    assert flaky.calls == 2
+    flaky, rec = Flaky(*(OSError(str(i)) for i in range(10))), Recorder()
+    with pytest.raises(OSError, match="0"):
+        run(flaky, rec, is_async=False, attempts=5, until=lambda: True)
+    assert flaky.calls == 1
+
+
+def test_a_cancellation_is_never_retried_even_by_a_loose_predicate() -> None:
+    import asyncio
+
+    flaky, rec = Flaky(asyncio.CancelledError()), Recorder()
+    with pytest.raises(asyncio.CancelledError):
+        retry_sync(
+            flaky, retry_on=lambda exc: True, wait=capped_exponential(0.05, 1.0), sleep=rec.sleep
+        )
+    assert (flaky.calls, rec.sleeps) == (1, [])
