@@ -85,7 +85,7 @@ def typed_message(envelope: Envelope) -> Any:
     The models module (~35 ms of imports: hundreds of pydantic classes) is imported at
     the first typed message, not with this module: every dedicated user actor is a new
     process importing this, and one whose handler reads only the Envelope never needs
-    it (issue 20 item 5; tests/unit/test_lean_actor_imports.py)."""
+    it (bench/bench_actor_start.py; tests/unit/test_lean_actor_imports.py)."""
     if not envelope.raw:
         return envelope
     from qywx_ray.wecom.models import parse_kf_message  # a dict lookup after the first

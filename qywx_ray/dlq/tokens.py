@@ -54,8 +54,8 @@ class KafkaDrainTokens:
 
     The producer is created at the first token, on that thread: drains are rare, and
     every host and dedicated user actor holds one of these, so an eager producer (its
-    own librdkafka threads, broker connections and ~4 MiB) in each process is pure cost
-    (issue 20 item 5). A bad Kafka config therefore surfaces at the first drain."""
+    own librdkafka threads, broker connections and ~1.5 MiB) in each process is pure cost
+    (bench/bench_actor_start.py). A bad Kafka config then surfaces at the first drain."""
 
     def __init__(self, settings: Settings, timeout_s: float = 30.0) -> None:
         self._topic = settings.kafka.main_topic.name
