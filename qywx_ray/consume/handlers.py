@@ -36,7 +36,6 @@ from qywx_ray.errors import EnvelopeError, InfraError, QywxError
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import StructLogger, get_logger
 from qywx_ray.store.client import is_transient_redis_error
-from qywx_ray.wecom.models import parse_kf_message  # once, not per message
 
 Handler = Callable[[Any, "HandlerContext"], Awaitable[None] | None]
 
@@ -81,9 +80,16 @@ def load_handler(spec: str) -> Handler:
 
 
 def typed_message(envelope: Envelope) -> Any:
-    """The WeCom model of the message when the raw item parses, else the Envelope."""
+    """The WeCom model of the message when the raw item parses, else the Envelope.
+
+    The models module (~35 ms of imports: hundreds of pydantic classes) is imported at
+    the first typed message, not with this module: every dedicated user actor is a new
+    process importing this, and one whose handler reads only the Envelope never needs
+    it (bench/bench_actor_start.py; tests/unit/test_lean_actor_imports.py)."""
     if not envelope.raw:
         return envelope
+    from qywx_ray.wecom.models import parse_kf_message  # a dict lookup after the first
+
     try:
         return parse_kf_message(envelope.raw)
     except (ValidationError, ValueError, KeyError, TypeError):

@@ -50,13 +50,17 @@ class KafkaDrainTokens:
     """consume.types.DrainTokenSink on the main topic: resolves once Kafka acknowledged.
 
     Its own producer and its own thread: a token never waits behind dead-letter writes or
-    handler threads (a drain holds its user's place meanwhile)."""
+    handler threads (a drain holds its user's place meanwhile).
+
+    The producer is created at the first token, on that thread: drains are rare, and
+    every host and dedicated user actor holds one of these, so an eager producer (its
+    own librdkafka threads, broker connections and ~1.5 MiB) in each process is pure cost
+    (bench/bench_actor_start.py). A bad Kafka config then surfaces at the first drain."""
 
     def __init__(self, settings: Settings, timeout_s: float = 30.0) -> None:
-        from confluent_kafka import Producer
-
         self._topic = settings.kafka.main_topic.name
-        self._producer = Producer(producer_config(settings.kafka, "main"))
+        self._config = producer_config(settings.kafka, "main")
+        self._producer: Any = None
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="drain-tokens")
@@ -70,6 +74,10 @@ class KafkaDrainTokens:
                 errors.append(str(err))
 
         with self._lock:
+            if self._producer is None:
+                from confluent_kafka import Producer
+
+                self._producer = Producer(self._config)
             self._producer.produce(
                 self._topic, key=key, value=value, headers=list(headers), on_delivery=on_delivery
             )
