@@ -288,19 +288,25 @@ class FakeRetryOrder:
                 await self._fault_before("admit")
                 for i, code in zip(at, self.model.admit([items[i] for i in at]), strict=True):
                     codes[i] = code
-            self.trace.add(
-                "admit "
-                + " ".join(
-                    f"{m}{'(r)' if r else ''}={c}"
-                    for (_, m, _, r, _, _), c in zip(items, codes, strict=True)
-                )
-            )
-            self._fault_after("admit")
+            self._admitted("admit", items, codes)
         except adapter.InfraError:
-            if self.policy == "process":  # the host admits them all unchecked
-                self.ledger.exempt([m for _, m, *_ in items], "parking_bypassed")
+            self._admit_failed(items)
             raise
         return codes
+
+    def _admitted(
+        self, what: str, items: Sequence[tuple[str, str, bytes, bool, int, int]], codes: list[int]
+    ) -> None:
+        """Trace the codes the admit gave, then (maybe) lose its reply."""
+        pairs = zip(items, codes, strict=True)
+        self.trace.add(
+            what + " " + " ".join(f"{m}{'(r)' if r else ''}={c}" for (_, m, _, r, _, _), c in pairs)
+        )
+        self._fault_after("admit")
+
+    def _admit_failed(self, items: Sequence[tuple[str, str, bytes, bool, int, int]]) -> None:
+        if self.policy == "process":  # the host admits them all unchecked
+            self.ledger.exempt([m for _, m, *_ in items], "parking_bypassed")
 
     async def admit_flagged(
         self, items: Sequence[tuple[str, str, bytes, bool, int, int]]
@@ -310,17 +316,9 @@ class FakeRetryOrder:
         try:
             await self._fault_before("admit")
             codes = self.model.admit(items)
-            self.trace.add(
-                "admit flagged "
-                + " ".join(
-                    f"{m}{'(r)' if r else ''}={c}"
-                    for (_, m, _, r, _, _), c in zip(items, codes, strict=True)
-                )
-            )
-            self._fault_after("admit")
+            self._admitted("admit flagged", items, codes)
         except adapter.InfraError:
-            if self.policy == "process":  # the host admits them all unchecked
-                self.ledger.exempt([m for _, m, *_ in items], "parking_bypassed")
+            self._admit_failed(items)
             raise
         return codes
 
