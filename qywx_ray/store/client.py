@@ -59,22 +59,41 @@ def is_transient_redis_error(exc: BaseException) -> bool:
     return False
 
 
-def _give_up_unless_transient(
-    error: Exception, is_retryable: Callable[[Exception], bool] | None
-) -> None:
-    """Re-raise `error` (inside its except block) unless it is worth another attempt."""
-    if not is_transient_redis_error(error) or (
-        is_retryable is not None and not is_retryable(error)
-    ):
-        raise error
+class _Attempts:
+    """One call's retry bookkeeping, shared by the blocking and the asyncio retry: which
+    errors give up at once, the failure count redis-py's `fail` callback may want, and
+    the pause before the next attempt within the call's time budget."""
 
+    def __init__(
+        self,
+        backoff: Any,
+        budget_s: float,
+        is_retryable: Callable[[Exception], bool] | None,
+        with_failure_count: bool,
+    ) -> None:
+        backoff.reset()
+        self._backoff = backoff
+        self._deadline = time.monotonic() + budget_s
+        self._is_retryable = is_retryable
+        self._with_failure_count = with_failure_count
+        self._failures = 0
 
-def _pause_s(backoff: Any, failures: int, deadline: float, error: Exception) -> float:
-    """The pause before the next attempt; raises `error` once the time budget is spent."""
-    left_s = deadline - time.monotonic()
-    if left_s <= 0:
-        raise error
-    return float(min(backoff.compute(failures), left_s))
+    def failed(self, error: Exception) -> tuple[Any, ...]:
+        """Re-raise `error` (inside its except block) unless it is worth another attempt;
+        else count it and return the arguments for redis-py's `fail` callback."""
+        if not is_transient_redis_error(error) or (
+            self._is_retryable is not None and not self._is_retryable(error)
+        ):
+            raise error
+        self._failures += 1
+        return (error, self._failures) if self._with_failure_count else (error,)
+
+    def pause_s(self, error: Exception) -> float:
+        """The pause before the next attempt; raises `error` once the time budget is spent."""
+        left_s = self._deadline - time.monotonic()
+        if left_s <= 0:
+            raise error
+        return float(min(self._backoff.compute(self._failures), left_s))
 
 
 class _TimeBudget:
@@ -83,6 +102,11 @@ class _TimeBudget:
     def __init__(self, budget_s: float, base_s: float, cap_s: float) -> None:
         super().__init__(ExponentialBackoff(cap=cap_s, base=base_s), -1, _CAUGHT)  # type: ignore[call-arg]
         self.budget_s = budget_s
+
+    def _attempts(
+        self, is_retryable: Callable[[Exception], bool] | None, with_failure_count: bool
+    ) -> _Attempts:
+        return _Attempts(self._backoff, self.budget_s, is_retryable, with_failure_count)  # type: ignore[attr-defined]
 
 
 class FailoverRetry(_TimeBudget, Retry):
@@ -97,17 +121,14 @@ class FailoverRetry(_TimeBudget, Retry):
         is_retryable: Callable[[Exception], bool] | None = None,
         with_failure_count: bool = False,
     ) -> T:
-        deadline = time.monotonic() + self.budget_s
-        self._backoff.reset()
-        failures = 0
+        """`do()` until it returns, blocking between attempts (`fail` reconnects)."""
+        attempts = self._attempts(is_retryable, with_failure_count)
         while True:
             try:
                 return do()
             except self._supported_errors as error:
-                _give_up_unless_transient(error, is_retryable)
-                failures += 1
-                fail(*((error, failures) if with_failure_count else (error,)))
-                time.sleep(_pause_s(self._backoff, failures, deadline, error))
+                fail(*attempts.failed(error))
+                time.sleep(attempts.pause_s(error))
 
 
 class AsyncFailoverRetry(_TimeBudget, AsyncRetry):
@@ -120,17 +141,14 @@ class AsyncFailoverRetry(_TimeBudget, AsyncRetry):
         is_retryable: Callable[[Exception], bool] | None = None,
         with_failure_count: bool = False,
     ) -> T:
-        deadline = time.monotonic() + self.budget_s
-        self._backoff.reset()
-        failures = 0
+        """`await do()` until it returns, yielding between attempts (`fail` reconnects)."""
+        attempts = self._attempts(is_retryable, with_failure_count)
         while True:
             try:
                 return await do()
             except self._supported_errors as error:
-                _give_up_unless_transient(error, is_retryable)
-                failures += 1
-                await fail(*((error, failures) if with_failure_count else (error,)))
-                await asyncio.sleep(_pause_s(self._backoff, failures, deadline, error))
+                await fail(*attempts.failed(error))
+                await asyncio.sleep(attempts.pause_s(error))
 
 
 class _FollowMasterConnection(SentinelManagedConnection):
