@@ -77,12 +77,13 @@ from pydantic import BaseModel
 from qywx_ray.errors import QywxError
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter
+from qywx_ray.reasons import FailureReason
 from qywx_ray.retry import capped_exponential, retry_async
 
 log = get_logger(__name__)
 
 STATE_KEY = "qywx:state:{}"
-REASON_STATE_TOO_LARGE = "state_too_large"
+REASON_STATE_TOO_LARGE: str = FailureReason.STATE_TOO_LARGE.value  # plain str, as types.REASON_*
 DEFAULT_STATE_TTL_S = 30 * 86_400
 DEFAULT_STATE_MAX_BYTES = 64 * 1024
 

@@ -13,9 +13,6 @@ from enum import StrEnum
 from qywx_ray.obs import metrics
 from qywx_ray.reasons import FailureReason
 
-# The old name of the denial reasons, kept because protect/ratelimit.py spells it so.
-DenyReason = FailureReason
-
 
 class Verdict(StrEnum):
     ALLOW = "allow"

@@ -35,9 +35,10 @@ from qywx_ray.errors import InfraError
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.protect.audit import AuditLog
-from qywx_ray.protect.decision import ALLOW, Decision, DenyReason, Verdict, record_denied
+from qywx_ray.protect.decision import ALLOW, Decision, Verdict, record_denied
 from qywx_ray.protect.groups import GROUP_OVERRIDES_KEY, GroupResolver
 from qywx_ray.protect.settings import DEFAULT_GROUP, WHITELIST, ProtectSettings, RateLimitRule
+from qywx_ray.reasons import FailureReason
 
 log = get_logger(__name__)
 
@@ -318,8 +319,8 @@ class RateLimiter:
         VIOLATIONS.inc(total_violations)
         USERS_BLOCKED.inc(total_blocks)
         BLOCKED_CURRENT.set(blocked_now)
-        record_denied(DenyReason.RATE_LIMITED, limited)
-        record_denied(DenyReason.USER_BLOCKED, blocked)
+        record_denied(FailureReason.RATE_LIMITED, limited)
+        record_denied(FailureReason.USER_BLOCKED, blocked)
         if total_blocks and blocked_now >= self._settings.emergency_blocked_users:
             log.error(
                 "ratelimit.mass_block",

@@ -11,7 +11,6 @@ import pytest
 from qywx_ray.consume import state as consume_state
 from qywx_ray.consume import types as consume_types
 from qywx_ray.dlq import message as dlq_message
-from qywx_ray.protect import decision
 from qywx_ray.reasons import DENY_REASONS, RETRYABLE_REASONS, FailureReason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +66,6 @@ def test_old_consume_spellings_map_to_the_enum(old: str, new: FailureReason) -> 
 
 def test_old_enum_names_are_the_one_enum() -> None:
     assert dlq_message.FailureReason is FailureReason
-    assert decision.DenyReason is FailureReason
     assert consume_types.RETRYABLE_REASONS is RETRYABLE_REASONS
 
 
