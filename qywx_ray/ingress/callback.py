@@ -220,13 +220,23 @@ def make_callback_router(  # noqa: C901 - a route factory: its nested routes' br
             log.warning("callback.replay_cache_unavailable", error=type(exc).__name__)
             return True
 
-    def _check_fresh(timestamp: str) -> None:
+    def _open(signature: str, timestamp: str, nonce: str, ciphertext: str) -> str:
+        """The plaintext of a signed, fresh ciphertext, or the rejection both routes give
+        (401 bad signature, 400/403 bad or stale timestamp, 400 bad crypto)."""
+        try:
+            crypto.verify(signature, timestamp, nonce, ciphertext)
+        except BadSignatureError as exc:
+            raise _reject(401, "bad_signature") from exc
         try:
             ts = parse_timestamp(timestamp)
         except ValueError as exc:
             raise _reject(400, "bad_request") from exc
         if abs(clock() - ts) > max_skew_s:
             raise _reject(403, "stale")
+        try:
+            return crypto.decrypt(ciphertext)
+        except CryptoError as exc:
+            raise _reject(400, "bad_crypto") from exc
 
     @router.get(path, response_class=PlainTextResponse)
     async def verify_url(request: Request) -> Response:
@@ -235,15 +245,7 @@ def make_callback_router(  # noqa: C901 - a route factory: its nested routes' br
             signature, timestamp, nonce, echostr = _query(
                 request, "msg_signature", "timestamp", "nonce", "echostr"
             )
-            try:
-                crypto.verify(signature, timestamp, nonce, echostr)
-            except BadSignatureError as exc:
-                raise _reject(401, "bad_signature") from exc
-            _check_fresh(timestamp)
-            try:
-                plain = crypto.decrypt(echostr)
-            except CryptoError as exc:
-                raise _reject(400, "bad_crypto") from exc
+            plain = _open(signature, timestamp, nonce, echostr)
             if not is_echostr(plain):
                 raise _reject(400, "not_echostr")
         except _Reject as rej:
@@ -261,16 +263,7 @@ def make_callback_router(  # noqa: C901 - a route factory: its nested routes' br
             encrypt = outer.get("Encrypt")
             if not encrypt:
                 raise _reject(400, "bad_xml")
-            try:
-                crypto.verify(signature, timestamp, nonce, encrypt)
-            except BadSignatureError as exc:
-                raise _reject(401, "bad_signature") from exc
-            _check_fresh(timestamp)
-            try:
-                inner_xml = crypto.decrypt(encrypt)
-            except CryptoError as exc:
-                raise _reject(400, "bad_crypto") from exc
-            inner: dict[str, Any] = _xml_fields(inner_xml)
+            inner: dict[str, Any] = _xml_fields(_open(signature, timestamp, nonce, encrypt))
             if inner.get("MsgType") != "event" or inner.get("Event") != "kf_msg_or_event":
                 # Authentic but not ours (another event on a shared URL): ack, do nothing.
                 return _done("POST", started, "ignored", PlainTextResponse("success"))
