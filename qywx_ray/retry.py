@@ -55,8 +55,10 @@ def capped_exponential(
 def spread(
     low: float = 1.0, high: float = 2.0, rng: random.Random | None = None
 ) -> Callable[[], float]:
-    """A jitter factor uniform in [low, high)."""
-    draw = (rng or random.Random()).random
+    """A jitter factor uniform in [low, high), drawn from `rng`, else from the module's
+    global generator: a simulator that seeds `random` replays the same delays (a private
+    unseeded generator here once made the same seed run differently twice)."""
+    draw = rng.random if rng is not None else random.random
     return lambda: low + (high - low) * draw()
 
 
