@@ -281,11 +281,7 @@ class HostShell:
         """Raw Kafka-timestamp -> handler-start samples (ms), for merging across hosts."""
 
         async def samples() -> list[int]:
-            out = self.core.latencies_ms
-            if reset:
-                self.core.latencies_ms = []
-                self.core.arrival_ms = []
-            return list(out)
+            return self.core.report.take_latencies(reset)
 
         return self._call(samples(), 10.0)  # type: ignore[no-any-return]
 

@@ -211,18 +211,24 @@ class Limiter:
 
 
 def make(
-    order: MemoryRetryOrder | None = None, admission: Any = None, **opts: Any
+    order: MemoryRetryOrder | None = None,
+    admission: Any = None,
+    *,
+    drain_tokens: Any = None,
+    store: MemoryDoneStore | None = None,
+    **opts: Any,
 ) -> tuple[HostCore, Completions, Letters, dict[str, Any]]:
     handler_options: dict[str, Any] = {"calls": [], "started": [], "gates": {}}
     completions, letters = Completions(), Letters()
     core = HostCore(
         name="h0",
         handler=recording,
-        dedup=Deduplicator(MemoryDoneStore(), retry_max_s=0.05),
+        dedup=Deduplicator(store or MemoryDoneStore(), retry_max_s=0.05),
         completions=completions,
         dead_letters=letters,
         admission=admission,
         retry_order=order,
+        drain_tokens=drain_tokens,
         options=CoreOptions(
             completion_flush_ms=1.0, handler_options=handler_options, redis_retry_max_s=0.05, **opts
         ),

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script,
 from tests.simkit.runner import patch
 
 UA = "qywx_ray/consume/user_actor.py"
+LOT = "qywx_ray/consume/host_lot.py"
 HR = "qywx_ray/consume/host_rules.py"
 MM = "qywx_ray/consume/mailbox_machine.py"
 IO = "qywx_ray/consume/host_io.py"
@@ -33,8 +34,8 @@ if d == "1":  # queue_full denied at ingest (its retry overtakes older queued me
     )
 elif d == "2":  # the park does not hold the lane: admits race it, the rest stays queued
     patch(
-        UA,
-        """        async with self._lane:
+        LOT,
+        """        async with self.lane:
             park = self.machine.plan_park(mb, p)""",
         """        async with contextlib.AsyncExitStack():
             park = self.machine.plan_park(mb, p)""",
@@ -53,7 +54,7 @@ elif d == "2":  # the park does not hold the lane: admits race it, the rest stay
         mb.queue.append(head)
         mb.queue.extend(rest)""",
     )
-    patch(UA, "import asyncio\n", "import asyncio\nimport contextlib\n")
+    patch(LOT, "import asyncio\n", "import asyncio\nimport contextlib\n")
 elif d == "3":
     print("defect 3 lives in the partition consumer tracker; the simulator models its own consumer")
     sys.exit(2)
@@ -119,12 +120,14 @@ def old_release(rec: "Recovery", user: str, mid: str) -> bool:
 elif d == "8":  # a failed attempt's state mutations leak into memory for the next message
     patch(
         UA,
-        """            if reason is None and slot is not None:
-                write, reason, error = self._state_write(mb, slot, ctx.state)""",
-        """            if reason is None and slot is not None:
-                write, reason, error = self._state_write(mb, slot, ctx.state)
-            elif slot is not None and self._state_spec is not None:
-                slot.raw = self._state_spec.encode(ctx.state)""",
+        """            write, reason, error = states.write(mb, slot, ctx.state)
+            return reason, error, write
+        return reason, error, None""",
+        """            write, reason, error = states.write(mb, slot, ctx.state)
+            return reason, error, write
+        if states is not None and slot is not None:
+            slot.raw = states.spec.encode(ctx.state)
+        return reason, error, None""",
     )
 elif d == "9":  # the state change and the done-flag in two calls, not one atomic step
     patch(

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
+from qywx_ray.consume.dedup import MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext
 from qywx_ray.consume.types import Delivery
 from qywx_ray.errors import InfraError
@@ -170,8 +170,7 @@ async def test_drain_completes_the_retry_offset_before_the_lot_is_empty() -> Non
     and the retry completes while the drain goes on."""
     order = MemoryRetryOrder()
     tokens = Tokens()
-    core, done, _letters, opts = make(order, park_drain_chunk=1)
-    core.drain_tokens = tokens
+    core, done, _letters, opts = make(order, drain_tokens=tokens, park_drain_chunk=1)
     core.accept([delivery("A", 0, 0, fail="retryable")] + [delivery("A", i, i) for i in (1, 2, 3)])
     await until(lambda: len(done.done) == 4)
     opts["gates"]["A-m2"] = gate = asyncio.Event()
@@ -191,13 +190,11 @@ async def test_drain_token_after_a_crash_resumes_the_drain() -> None:
     """A host died mid-drain after the retry completed: the uncommitted token comes back
     to a fresh host, which drains the rest without running the blocker again."""
     order = MemoryRetryOrder()
-    core, done, _letters, _opts = make(order)
-    core.drain_tokens = Tokens()
+    core, done, _letters, _opts = make(order, drain_tokens=Tokens())
     core.accept([delivery("A", 0, 0, fail="retryable"), delivery("A", 1, 1)])
     await until(lambda: len(done.done) == 2)
     # a fresh host (the old one is gone) gets the token: A-m0 is done already
-    core2, done2, _, opts2 = make(order)
-    core2.drain_tokens = Tokens()
+    core2, done2, _, opts2 = make(order, drain_tokens=Tokens())
     await core2.dedup.store.mark_done(["A-m0"])
     core2.accept([token_of("A", 0, 2000)])
     await until(lambda: order.flag == {})
@@ -210,8 +207,7 @@ async def test_release_token_for_a_reviewed_blocker_drains_without_running_it() 
     drain token the recovery actor produces: the host drains the lot in order, the
     reviewed message itself does not run, and nothing else touches the lot."""
     order = MemoryRetryOrder()
-    core, done, _letters, opts = make(order)
-    core.drain_tokens = Tokens()
+    core, done, _letters, opts = make(order, drain_tokens=Tokens())
     core.accept([delivery("A", 0, 0, fail="retryable")] + [delivery("A", i, i) for i in (1, 2)])
     await until(lambda: len(done.done) == 3)
     core.accept([token_of("A", 0, 3000)])
@@ -305,8 +301,7 @@ async def test_park_of_a_drained_failure_waits_for_the_chunks_done_flags() -> No
             return await super().park(user, mid, drop_first, *a, **k)
 
     order = Watching()
-    core, _done, letters, opts = make(order, park_drain_chunk=2)
-    core.dedup = Deduplicator(store, retry_max_s=0.05)
+    core, _done, letters, opts = make(order, store=store, park_drain_chunk=2)
     order.flag["A"] = "A-m0"
     order.lots["A"] = [delivery("A", 1, 1).value, delivery("A", 2, 2, fail="retryable").value]
     core.accept([retry_of("A", 0)])
