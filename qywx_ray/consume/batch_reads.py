@@ -15,7 +15,7 @@ parking flag read here stands for the lot's own flag read (dlq/parking.py
 `AsyncParkingLot.admit`: the same MGET-then-script split): every flag of a user on this
 host is set under the host's lane, which the whole ingest holds.
 
-Failures raise (the caller applies `consume.redis_down_policy`: consume/user_actor.py).
+Failures raise (the caller applies `consume.redis_down_policy`: consume/host_intake.py).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class BatchAnswer:
 
 
 class BatchReads(Protocol):
-    """The one-call batch read (consume/user_actor.py `HostCore._ingest`)."""
+    """The one-call batch read (consume/host_intake.py `Intake.ingest`)."""
 
     @property
     def rates(self) -> bool:
