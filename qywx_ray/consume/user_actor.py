@@ -115,6 +115,8 @@ from qywx_ray.consume.types import (
     DeadLetterSink,
     Delivery,
     DrainTokenSink,
+    HoldRequest,
+    ParkRequest,
     RetryOrder,
 )
 from qywx_ray.envelope import Envelope
@@ -401,7 +403,8 @@ class HostCore:
         assert self.retry_order is not None
         values = [q.delivery.value for q in held]
         position = (tail.delivery.partition, tail.delivery.offset)
-        await self.retry_order.hold(user, tail.envelope.message_id, values, op_id, position)
+        request = HoldRequest(user, tail.envelope.message_id, values, op_id, position)
+        await self.retry_order.hold(request)
         self.counts["parked"] += len(held)
         m_parked.inc(len(held))
         for q in held:
@@ -411,9 +414,8 @@ class HostCore:
         assert self.retry_order is not None
         values = [q.delivery.value for q in park.later]
         mid = park.blocker.envelope.message_id
-        return await self.retry_order.park(
-            park.user, mid, park.drop_first, values, op_id, park.replaces
-        )
+        request = ParkRequest(park.user, mid, park.drop_first, values, op_id, park.replaces)
+        return await self.retry_order.park(request)
 
     # ------------------------------------------------------------ mailboxes
 

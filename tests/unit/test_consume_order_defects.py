@@ -12,7 +12,7 @@ from typing import Any
 
 from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext
-from qywx_ray.consume.types import Delivery
+from qywx_ray.consume.types import Delivery, ParkRequest
 from qywx_ray.errors import InfraError
 from tests.helpers.host_fakes import Letters, MemoryRetryOrder, delivery, make, retry_of, until
 
@@ -83,18 +83,10 @@ async def test_park_on_failure_does_not_race_with_admit() -> None:
             self.after = asyncio.Event()
             self.parking = False
 
-        async def park(
-            self,
-            user: str,
-            mid: str,
-            drop_first: int,
-            pending: Sequence[bytes],
-            op_id: str = "",
-            replaces: Sequence[str] = (),
-        ) -> int:
+        async def park(self, request: ParkRequest) -> int:
             self.parking = True
             await self.before.wait()
-            status = await super().park(user, mid, drop_first, pending, op_id)
+            status = await super().park(request)
             await self.after.wait()
             return status
 
@@ -299,10 +291,10 @@ async def test_park_of_a_drained_failure_waits_for_the_chunks_done_flags() -> No
     seen_at_park: list[bool] = []
 
     class Watching(MemoryRetryOrder):
-        async def park(self, user: str, mid: str, drop_first: int, *a: Any, **k: Any) -> int:
-            if drop_first:
+        async def park(self, request: ParkRequest) -> int:
+            if request.drop_first:
                 seen_at_park.append("A-m1" in store.done)
-            return await super().park(user, mid, drop_first, *a, **k)
+            return await super().park(request)
 
     order = Watching()
     core, _done, letters, opts = make(order, park_drain_chunk=2)
