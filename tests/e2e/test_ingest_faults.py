@@ -26,13 +26,12 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Message
 
 from qywx_ray.devstack.kafka import KafkaCluster
 from qywx_ray.devstack.procs import free_port, kill_named_actors, port_open
 from qywx_ray.devstack.redis import RedisServer
 from qywx_ray.devstack.simproc import SimulatorProcess
-from qywx_ray.envelope import Envelope
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.factory import build_ingest
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
@@ -41,6 +40,8 @@ from qywx_ray.ingest.syncer_host import syncer_host_name
 from qywx_ray.kafka.topics import ensure_topics
 from qywx_ray.settings import Settings, _deep_merge, load_settings
 from qywx_ray.wecom.client import RedisTokenCache, WeComClient
+from tests.helpers.ingest import first_occurrences
+from tests.helpers.kafka import envelope_of, ids_per_user, read_records
 
 pytestmark = pytest.mark.integration
 
@@ -99,55 +100,24 @@ async def apoll(
         await asyncio.sleep(0.05)
 
 
-def first_occurrences(ids: list[str]) -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for msg_id in ids:
-        if msg_id not in seen:
-            seen.add(msg_id)
-            out.append(msg_id)
-    return out
-
-
 def read_topic_until(
     settings: Settings, want: set[str], timeout_s: float = 60.0
 ) -> dict[str, list[str]]:
-    """Message ids per user in partition order (duplicates kept), once every id in `want`
-    has been seen; then whatever else is already there (late duplicates)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka.bootstrap_servers,
-            "group.id": f"fault-reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "log_level": 0,
-        }
-    )
-    topic = settings.kafka.main_topic.name
-    try:
-        meta = consumer.list_topics(topic, timeout=10)
-        parts = sorted(meta.topics[topic].partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        per_user: dict[str, list[str]] = {}
-        seen: set[str] = set()
-        deadline = time.monotonic() + timeout_s
-        quiet_polls = 0
-        while time.monotonic() < deadline:
-            batch = consumer.consume(2000, timeout=0.5)
-            for msg in batch:
-                if msg.error():
-                    continue
-                env = Envelope.from_bytes(msg.value())
-                assert msg.key() == env.key
-                per_user.setdefault(env.external_userid, []).append(env.message_id)
-                seen.add(env.message_id)
-            quiet_polls = 0 if batch else quiet_polls + 1
-            if want <= seen and quiet_polls >= 2:
-                break
-        missing = want - seen
-        assert not missing, f"{len(missing)} of {len(want)} messages never reached Kafka"
-        return per_user
-    finally:
-        consumer.close()
+    """Message ids per user in log order (duplicates kept), read until every id in `want`
+    has been seen, then until the topic is quiet (late duplicates)."""
+    seen: set[str] = set()
+    parsed = 0  # records of `got` already in `seen`: each record is parsed once
+
+    def saw_all(got: list[Message]) -> bool:
+        nonlocal parsed
+        seen.update(envelope_of(m).message_id for m in got[parsed:])
+        parsed = len(got)
+        return want <= seen
+
+    got = read_records(settings, settings.kafka.main_topic.name, saw_all, timeout_s)
+    missing = want - seen
+    assert not missing, f"{len(missing)} of {len(want)} messages never reached Kafka"
+    return ids_per_user(got)
 
 
 def assert_matches_truth(got: dict[str, list[str]], truth: dict[str, list[str]]) -> tuple[int, int]:
