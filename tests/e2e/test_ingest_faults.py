@@ -36,7 +36,7 @@ from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.factory import build_ingest
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
 from qywx_ray.ingest.syncer import KfSyncer, SyncPage, SyncSource
-from qywx_ray.ingest.syncer_host import syncer_host_name
+from qywx_ray.ingress.syncer_host import syncer_host_name
 from qywx_ray.kafka.topics import ensure_topics
 from qywx_ray.settings import Settings, _deep_merge, load_settings
 from qywx_ray.wecom.client import RedisTokenCache, WeComClient

@@ -28,8 +28,8 @@ import yaml
 from qywx_ray.dlq.message import KafkaSource, make_dead_letter
 from qywx_ray.dlq.recovery import RecoveryService
 from qywx_ray.envelope import Envelope
-from qywx_ray.ingest.syncer_host import SyncerHostService
 from qywx_ray.ingress.dispatch import PullDispatcher
+from qywx_ray.ingress.syncer_host import SyncerHostService
 from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.wecom.models import KfCallbackEvent
