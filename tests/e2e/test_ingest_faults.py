@@ -1,4 +1,4 @@
-"""Ingest under faults, end to end (issue 4): Kafka down, Redis down, two syncers, stale tokens.
+"""Ingest under faults, end to end: Kafka down, Redis down, two syncers, stale tokens.
 
 This module starts its OWN Kafka broker and redis-server (fixed ports, so they restart in
 place after a kill -9), the WeCom simulator process, and the Serve ingress on the session's
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import itertools
 import socket
 import threading
@@ -42,6 +43,7 @@ from qywx_ray.settings import Settings, _deep_merge, load_settings
 from qywx_ray.wecom.client import RedisTokenCache, WeComClient
 from tests.helpers.ingest import first_occurrences
 from tests.helpers.kafka import envelope_of, ids_per_user, read_records
+from tests.helpers.wait import wait_until, wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -74,30 +76,8 @@ def cursor_seq(cursor: str) -> int:
     return int(raw.split(":")[1])
 
 
-def poll(predicate: Callable[[], T], *, timeout_s: float, what: str, interval_s: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-async def apoll(
-    predicate: Callable[[], Awaitable[bool] | bool], *, timeout_s: float, what: str
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        await asyncio.sleep(0.05)
+# A pull per check in some predicates: poll at the pace these tests were written for.
+apoll = functools.partial(wait_until_async, interval_s=0.05)
 
 
 def read_topic_until(
@@ -286,7 +266,7 @@ def test_rejected_callback_token_still_delivers(stack: FaultStack) -> None:
     total = 0
     for _ in range(3):
         total += stack.inject_round([kfid], users, 4, "t")
-    poll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
+    wait_until(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
     truth = stack.truth([kfid])
     got = read_topic_until(stack.settings, {m for ids in truth.values() for m in ids})
     messages, duplicates = assert_matches_truth(got, truth)
@@ -519,7 +499,7 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
     stack.ensure_up()
     kfid, users = "wkR2", 4
     total = stack.inject_round([kfid], users, 5, "r")
-    poll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the healthy first round")
+    wait_until(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the healthy first round")
 
     seen: list[int] = []
     lock_key = f"{stack.settings.ingest.key_prefix}:lock:sync:{kfid}"
@@ -567,7 +547,7 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
                 held.append(token)  # type: ignore[arg-type]  # third-party stubs
             return bool(held)
 
-        poll(pull_holds_lock, timeout_s=10, what="a slowed pull to hold the lock")
+        wait_until(pull_holds_lock, timeout_s=10, what="a slowed pull to hold the lock")
         stuck_token = held[0]  # the lease of the pull Redis dies under
         stack.redis_server.kill9()
         down_at = time.monotonic()
@@ -579,12 +559,12 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
         lock_reads_before_restart = len(lock_seen)
         reads_before_restart = len(seen)
         total += stack.inject_round([kfid], users, 2, "r")
-        poll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
+        wait_until(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
         recover_s = time.monotonic() - up_at
         # The watcher must read the caught-up cursor too (reads taken before it caught up
         # end below total and would say nothing about the final state).
         reads_at_catch_up = len(seen)
-        poll(
+        wait_until(
             lambda: len(seen) >= max(reads_before_restart + 10, reads_at_catch_up + 3),
             timeout_s=20,
             what="cursor reads after the restart and after the catch-up",
@@ -620,7 +600,7 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
     stack.ensure_up()
     kfids, users = ["wkK1a", "wkK1b"], 4
     total = stack.inject_round(kfids, users, 5, "k")
-    poll(lambda: stack.cursor("wkK1b") == 20, timeout_s=90, what="the healthy first round")
+    wait_until(lambda: stack.cursor("wkK1b") == 20, timeout_s=90, what="the healthy first round")
     before = stack.metrics()
 
     stack.kafka.kill9(1)
@@ -634,7 +614,7 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
     cursors_while_down = {k: stack.cursor(k) for k in kfids}
     stack.kafka.start_node(1)
     up_at = time.monotonic()
-    poll(stack.spool_empty, timeout_s=90, what="the spool to drain")
+    wait_until(stack.spool_empty, timeout_s=90, what="the spool to drain")
     drain_s = time.monotonic() - up_at
 
     truth = stack.truth(kfids)
@@ -648,7 +628,7 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
         def at_end(k: str = kfid) -> bool:
             return stack.cursor(k) == per_kfid[k]
 
-        poll(at_end, timeout_s=90, what=f"cursor {kfid}")
+        wait_until(at_end, timeout_s=90, what=f"cursor {kfid}")
     after = stack.metrics()
     degraded = after.get("qywx_degraded_messages_total", 0) - before.get(
         "qywx_degraded_messages_total", 0

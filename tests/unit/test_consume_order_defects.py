@@ -1,4 +1,4 @@
-"""The issue-15 review's reproductions, one test each (in-memory fakes, no services).
+"""A review's reproductions of consume order defects, one test each (in-memory fakes, no services).
 
 Each of these failed on the code before the fix; the seeded simulator (tests/sim/)
 checks the same invariants over many interleavings.
