@@ -1,4 +1,4 @@
-"""Dedicated actor cold start: where a new user's first message waits (issue 20 item 5).
+"""Dedicated actor cold start: where a new user's first message waits.
 
 The real path (consume.hosts.get_or_create_user_actor, the real DedicatedUserActor with
 development-profile settings) on its own local Ray (4 logical CPUs, no dashboard) and a

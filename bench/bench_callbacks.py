@@ -355,7 +355,7 @@ def settings_and_sim(
     # or each case would also sweep the (idle) accounts of all the cases before it.
     import redis
 
-    from qywx_ray.ingest.syncer_host import known_kfids_key
+    from qywx_ray.ingress.syncer_host import known_kfids_key
 
     redis.Redis.from_url(settings.redis.url).delete(known_kfids_key(settings.ingest.key_prefix))
     return settings, sim, http_port, overrides

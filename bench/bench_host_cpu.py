@@ -1,6 +1,6 @@
 """HostCore's CPU per message, in memory (no Ray, Kafka or Redis): the host's own cost.
 
-Why: the host's mailbox logic is on every message's path; a refactor of it (issue 15's
+Why: the host's mailbox logic is on every message's path; a refactor of it (the
 pure mailbox machine) must not make it dearer. 5,000 users x 4 messages, delivered in
 batches of 500, a trivial handler, in-memory done-store; CPU time (time.process_time)
 from the first batch to the last completion, per message. Prints one JSON line per case

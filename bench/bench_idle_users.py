@@ -1,6 +1,6 @@
 """Idle hosted users: memory per idle user and the CPU cost of the idle sweep.
 
-Goal (issue 20 item 4): <= 10 KiB per idle hosted user, no per-user timers. Real Ray host
+Goal: <= 10 KiB per idle hosted user, no per-user timers. Real Ray host
 actors (consume.hosts.start_hosts, noop handler, protection off, real Redis for dedup
 marks) receive one message for each of --users users (default 100,000) through their
 actor API (`deliver`, batches of 1,000, each user routed to host_index()'s host), as

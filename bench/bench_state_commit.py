@@ -2,7 +2,7 @@
 
 Why: `bench_consume.py --only state` measures what state costs a message end to end, on
 a shared machine where the host, the consumers and Redis compete for 2 cores; this one
-isolates the commit (issue 18): the client's CPU to group, pack and send a flush's writes
+isolates the commit: the client's CPU to group, pack and send a flush's writes
 (group_writes + commit_args + EVALSHA) and Redis's CPU to run the script, per commit.
 
 Cases (the same writes in each; `--per-user` successive 1 KiB-state writes per user, all

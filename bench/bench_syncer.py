@@ -155,7 +155,7 @@ async def host_run(where_json: str, open_kfid: str, messages: int, tag: str) -> 
     await parts.cursors.get(open_kfid)  # Redis connected
     # What the syncer host actor does once built (GC tuning), where this checkout has it;
     # QYWX_BENCH_SYNCER_GC=default measures without it.
-    from qywx_ray.ingest import syncer_host
+    from qywx_ray.ingress import syncer_host
 
     tune_gc = getattr(syncer_host, "tune_gc", None)
     if tune_gc is not None and os.environ.get("QYWX_BENCH_SYNCER_GC") != "default":
@@ -237,7 +237,7 @@ def run_hosts(svc: Any, kfids: list[str], messages: int, tag: str) -> list[dict[
 
 def two_host_kfids(prefix: str) -> list[str]:
     """Two open_kfids that the Ray deployment (2 syncer hosts) places on different hosts."""
-    from qywx_ray.ingest.syncer_host import syncer_host_index
+    from qywx_ray.ingress.syncer_host import syncer_host_index
 
     chosen: dict[int, str] = {}
     for i in range(100):
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.only == "path_cpu":
         return 0
-    from qywx_ray.ingest.syncer_host import syncer_host_index
+    from qywx_ray.ingress.syncer_host import syncer_host_index
 
     with bench_services() as svc:
         # A fresh broker's JVM compiles its hot paths in the first seconds under load: one

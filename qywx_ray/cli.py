@@ -158,7 +158,7 @@ def ordered_stop(settings: Settings, timeout_s: float, serve_app: str | None = S
 
     from qywx_ray.consume.pipeline import find_pipeline, stop_consumers
     from qywx_ray.devstack.procs import kill_named_actors
-    from qywx_ray.ingest.syncer_host import syncer_host_name
+    from qywx_ray.ingress.syncer_host import syncer_host_name
 
     ns = settings.ray_namespace
     if serve_app:

@@ -29,7 +29,13 @@ from qywx_ray.consume.host_report import HostReport
 from qywx_ray.consume.host_rules import Settle, settle
 from qywx_ray.consume.mailbox import Pending, UserMailbox
 from qywx_ray.consume.mailbox_machine import DRAIN_MORE, Chunk, MailboxMachine, Park
-from qywx_ray.consume.types import Delivery, DrainTokenSink, RetryOrder
+from qywx_ray.consume.types import (
+    Delivery,
+    DrainTokenSink,
+    HoldRequest,
+    ParkRequest,
+    RetryOrder,
+)
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter
 
@@ -91,8 +97,8 @@ class LotSteps:
         values = [q.delivery.value for q in held]
         position = (tail.delivery.partition, tail.delivery.offset)
         mid = tail.envelope.message_id
-        call = functools.partial(self.lot.hold, user, mid, values, op_id(), position)
-        await retry_durable("hold", call, self.retry_max_s)
+        request = HoldRequest(user, mid, values, op_id(), position)
+        await retry_durable("hold", functools.partial(self.lot.hold, request), self.retry_max_s)
         self.report_parked(len(held))
         for q in held:
             self.host.finish(q, None)
@@ -128,7 +134,8 @@ class LotSteps:
         assert self.lot is not None
         values = [q.delivery.value for q in park.later]
         mid = park.blocker.envelope.message_id
-        return await self.lot.park(park.user, mid, park.drop_first, values, op_id, park.replaces)
+        request = ParkRequest(park.user, mid, park.drop_first, values, op_id, park.replaces)
+        return await self.lot.park(request)
 
     # ------------------------------------------------------------ a settled head
 

@@ -594,6 +594,7 @@ class PartitionConsumerCore:
                 "first_consumed_unix_s": self.first_consumed_unix_s,
                 "error": self.error,
                 "running": not self._stopped.is_set(),
+                "stopping": self._stop.is_set(),  # stop() called: draining, then commit
             }
 
 

@@ -142,6 +142,34 @@ PARK_APPLIED = 1
 PARK_FOREIGN = 2
 
 
+@dataclass(frozen=True)
+class ParkRequest:
+    """One `RetryOrder.park` call: park `user` behind `message_id`.
+
+    One value rather than six parameters, so the Protocol, the Redis lot and the test
+    doubles name the call's parts once, and a retry after an unknown outcome resends the
+    very same request (same `op_id`)."""
+
+    user: str
+    message_id: str  # the blocker the user's later messages wait on
+    drop_first: int  # parked items to drop first: a drained chunk the host holds
+    pending: Sequence[bytes]  # envelopes put in front of the lot, in order
+    op_id: str = ""  # idempotency key: applied at most once per op id
+    replaces: Sequence[str] = ()  # blockers this park may take the flag over from
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    """One `RetryOrder.hold` call: a full mailbox's overflow, held behind its newest
+    queued message (a value for the reason given at `ParkRequest`)."""
+
+    user: str
+    message_id: str  # the host's newest queued message, which drains the lot when done
+    values: Sequence[bytes]  # the overflow's envelopes, in order
+    op_id: str = ""  # idempotency key: applied at most once per op id
+    position: tuple[int, int] = (-1, -1)  # (partition, offset) of `message_id`
+
+
 class RetryOrder(Protocol):
     """Per-user order across DLQ retries (the dlq package's parking lot, async, batched).
 
@@ -159,15 +187,7 @@ class RetryOrder(Protocol):
         position of a hold's blocker is ADMITTED, never parked behind a newer message."""
         ...
 
-    async def park(
-        self,
-        user: str,
-        message_id: str,
-        drop_first: int,
-        pending: Sequence[bytes],
-        op_id: str = "",
-        replaces: Sequence[str] = (),
-    ) -> int:
+    async def park(self, request: ParkRequest) -> int:
         """Atomically: drop the first `drop_first` parked items (a drained chunk the host
         holds), put `pending` in front, and wait on `message_id` (PARK_APPLIED). Applied
         at most once per `op_id` (a resend returns the first answer): the caller reuses
@@ -184,14 +204,7 @@ class RetryOrder(Protocol):
         (status 2); 0 = not waiting."""
         ...
 
-    async def hold(
-        self,
-        user: str,
-        message_id: str,
-        values: Sequence[bytes],
-        op_id: str = "",
-        position: tuple[int, int] = (-1, -1),
-    ) -> None:
+    async def hold(self, request: HoldRequest) -> None:
         """Append `values` to the user's lot (once per `op_id`) and, unless the user already
         waits on a message, make it wait on `message_id`: the host's newest queued message,
         which drains the lot when it finishes (a full mailbox overflows into the lot).

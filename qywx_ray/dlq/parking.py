@@ -27,6 +27,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
+from qywx_ray.consume.types import HoldRequest, ParkRequest
 from qywx_ray.dlq.message import is_recoverable
 from qywx_ray.dlq.settings import DLQSettings
 from qywx_ray.reasons import FailureReason
@@ -285,18 +286,11 @@ class AsyncParkingLot:
         keys, args = _admit_call(items)
         return [int(code) for code in await self._admit(keys=keys, args=args)]
 
-    async def park(
-        self,
-        user: str,
-        message_id: str,
-        drop_first: int,
-        pending: Sequence[bytes],
-        op_id: str = "",
-        replaces: Sequence[str] = (),
-    ) -> int:
-        args: list[str | int | bytes] = [message_id, drop_first, len(replaces), *replaces]
-        args.extend(pending)
-        return int(await self._park(keys=_op_keys(user, op_id), args=args))
+    async def park(self, request: ParkRequest) -> int:
+        r = request
+        args: list[str | int | bytes] = [r.message_id, r.drop_first, len(r.replaces), *r.replaces]
+        args.extend(r.pending)
+        return int(await self._park(keys=_op_keys(r.user, r.op_id), args=args))
 
     async def advance(
         self, user: str, message_id: str, drop_n: int, max_n: int, op_id: str = ""
@@ -306,16 +300,10 @@ class AsyncParkingLot:
         )
         return int(reply[0]), list(reply[1:])
 
-    async def hold(
-        self,
-        user: str,
-        message_id: str,
-        values: Sequence[bytes],
-        op_id: str = "",
-        position: tuple[int, int] = (-1, -1),
-    ) -> None:
-        at = f"{position[0]}:{position[1]}"
-        await self._hold(keys=_op_keys(user, op_id), args=[message_id, at, *values])
+    async def hold(self, request: HoldRequest) -> None:
+        r = request
+        at = f"{r.position[0]}:{r.position[1]}"
+        await self._hold(keys=_op_keys(r.user, r.op_id), args=[r.message_id, at, *r.values])
 
 
 def make_async_parking(settings: Settings) -> AsyncParkingLot:

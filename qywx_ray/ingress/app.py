@@ -62,7 +62,7 @@ async def drain_pulls(sink: Any, timeout_s: float = SHUTDOWN_FLUSH_TIMEOUT_S) ->
 
 def ray_pull_sender(settings: Settings) -> Any:
     """Send coalesced pull requests to the named syncer host actors (created on demand)."""
-    from qywx_ray.ingest.syncer_host import get_syncer_host
+    from qywx_ray.ingress.syncer_host import get_syncer_host
 
     handles: dict[int, Any] = {}
 

@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 
 from qywx_ray.ingest.loops import loop_failed
-from qywx_ray.ingest.syncer_host import syncer_host_index
+from qywx_ray.ingress.syncer_host import syncer_host_index
 from qywx_ray.obs.logging import get_logger
 from qywx_ray.obs.metrics import counter
 from qywx_ray.wecom.models import KfCallbackEvent

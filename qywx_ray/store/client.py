@@ -68,9 +68,11 @@ class _Attempts:
         self,
         backoff: Any,
         budget_s: float,
-        is_retryable: Callable[[Exception], bool] | None,
-        with_failure_count: bool,
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
     ) -> None:
+        """`is_retryable` and `with_failure_count` are redis-py's options of
+        `call_with_retry`, passed through by both retries: named here only."""
         backoff.reset()
         self._backoff = backoff
         self._deadline = time.monotonic() + budget_s
@@ -103,10 +105,10 @@ class _TimeBudget:
         super().__init__(ExponentialBackoff(cap=cap_s, base=base_s), -1, _CAUGHT)  # type: ignore[call-arg]
         self.budget_s = budget_s
 
-    def _attempts(
-        self, is_retryable: Callable[[Exception], bool] | None, with_failure_count: bool
-    ) -> _Attempts:
-        return _Attempts(self._backoff, self.budget_s, is_retryable, with_failure_count)  # type: ignore[attr-defined]
+    def _attempts(self, *options: Any, **named: Any) -> _Attempts:
+        """One call's bookkeeping; `options`/`named` are the rest of redis-py's
+        `call_with_retry(do, fail, is_retryable=None, with_failure_count=False)`."""
+        return _Attempts(self._backoff, self.budget_s, *options, **named)  # type: ignore[attr-defined]
 
 
 class FailoverRetry(_TimeBudget, Retry):
@@ -115,14 +117,11 @@ class FailoverRetry(_TimeBudget, Retry):
     a command retry does not multiply the wait."""
 
     def call_with_retry(
-        self,
-        do: Callable[[], T],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
+        self, do: Callable[[], T], fail: Callable[..., Any], *options: Any, **named: Any
     ) -> T:
-        """`do()` until it returns, blocking between attempts (`fail` reconnects)."""
-        attempts = self._attempts(is_retryable, with_failure_count)
+        """`do()` until it returns, blocking between attempts (`fail` reconnects); redis-py's
+        options (`is_retryable`, `with_failure_count`) go to `_Attempts`, which reads them."""
+        attempts = self._attempts(*options, **named)
         while True:
             try:
                 return do()
@@ -135,14 +134,11 @@ class AsyncFailoverRetry(_TimeBudget, AsyncRetry):
     """The asyncio twin of FailoverRetry."""
 
     async def call_with_retry(
-        self,
-        do: Callable[[], Awaitable[T]],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
+        self, do: Callable[[], Awaitable[T]], fail: Callable[..., Any], *options: Any, **named: Any
     ) -> T:
-        """`await do()` until it returns, yielding between attempts (`fail` reconnects)."""
-        attempts = self._attempts(is_retryable, with_failure_count)
+        """`await do()` until it returns, yielding between attempts (`fail` reconnects);
+        the options as in `FailoverRetry.call_with_retry`."""
+        attempts = self._attempts(*options, **named)
         while True:
             try:
                 return await do()

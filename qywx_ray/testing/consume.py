@@ -5,12 +5,13 @@ handler saw, check per-user order, read committed offsets. Never used by the pip
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qywx_ray.devstack.procs import wait_until
 from qywx_ray.envelope import Envelope
+from qywx_ray.errors import InfraError
 from qywx_ray.kafka.config import consumer_config, producer_config
 from qywx_ray.settings import Settings
 
@@ -117,13 +118,13 @@ def committed_offsets(settings: Settings, partitions: int, timeout_s: float = 10
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
-    """Poll a condition until it holds or the deadline passes (no blind sleeps)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
+    """`devstack.procs.wait_until` (the one poll loop) answering instead of raising, for
+    `assert wait_for(...)`: whether the condition held within `timeout_s`."""
+    try:
+        wait_until(predicate, timeout_s=timeout_s, what="a condition", interval_s=interval_s)
+    except InfraError:
+        return bool(predicate())
+    return True
 
 
 def produce_one(settings: Settings, env: Envelope, timeout_s: float = 30.0) -> tuple[int, int]:

@@ -7,7 +7,7 @@ the master is failed over. Then: every message processed once, in per-user order
 dead-lettered (Redis trouble is retried in place, not parked behind a 60 s DLQ backoff),
 the pipeline drains within a bound, and no WeCom cursor in Redis ever went backwards.
 
-Root cause of the earlier failure (issue 8): during a Sentinel failover the old master keeps
+Root cause of an earlier failure: during a Sentinel failover the old master keeps
 accepting writes for ~1 s after its replica was promoted; the promotion then discards them
 (full resync), so effects, done-flags and cursors acknowledged in that window vanished —
 the drill could never drain. min-replicas-to-write turns those writes into NOREPLICAS

@@ -1,4 +1,4 @@
-"""Ingest under faults, end to end (issue 4): Kafka down, Redis down, two syncers, stale tokens.
+"""Ingest under faults, end to end: Kafka down, Redis down, two syncers, stale tokens.
 
 This module starts its OWN Kafka broker and redis-server (fixed ports, so they restart in
 place after a kill -9), the WeCom simulator process, and the Serve ingress on the session's
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import itertools
 import socket
 import threading
@@ -26,21 +27,23 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Message
 
 from qywx_ray.devstack.kafka import KafkaCluster
 from qywx_ray.devstack.procs import free_port, kill_named_actors, port_open
 from qywx_ray.devstack.redis import RedisServer
 from qywx_ray.devstack.simproc import SimulatorProcess
-from qywx_ray.envelope import Envelope
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.factory import build_ingest
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
 from qywx_ray.ingest.syncer import KfSyncer, SyncPage, SyncSource
-from qywx_ray.ingest.syncer_host import syncer_host_name
+from qywx_ray.ingress.syncer_host import syncer_host_name
 from qywx_ray.kafka.topics import ensure_topics
 from qywx_ray.settings import Settings, _deep_merge, load_settings
 from qywx_ray.wecom.client import RedisTokenCache, WeComClient
+from tests.helpers.ingest import first_occurrences
+from tests.helpers.kafka import envelope_of, ids_per_user, read_records
+from tests.helpers.wait import wait_until, wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -73,81 +76,28 @@ def cursor_seq(cursor: str) -> int:
     return int(raw.split(":")[1])
 
 
-def poll(predicate: Callable[[], T], *, timeout_s: float, what: str, interval_s: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-async def apoll(
-    predicate: Callable[[], Awaitable[bool] | bool], *, timeout_s: float, what: str
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def first_occurrences(ids: list[str]) -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for msg_id in ids:
-        if msg_id not in seen:
-            seen.add(msg_id)
-            out.append(msg_id)
-    return out
+# A pull per check in some predicates: poll at the pace these tests were written for.
+apoll = functools.partial(wait_until_async, interval_s=0.05)
 
 
 def read_topic_until(
     settings: Settings, want: set[str], timeout_s: float = 60.0
 ) -> dict[str, list[str]]:
-    """Message ids per user in partition order (duplicates kept), once every id in `want`
-    has been seen; then whatever else is already there (late duplicates)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka.bootstrap_servers,
-            "group.id": f"fault-reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "log_level": 0,
-        }
-    )
-    topic = settings.kafka.main_topic.name
-    try:
-        meta = consumer.list_topics(topic, timeout=10)
-        parts = sorted(meta.topics[topic].partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        per_user: dict[str, list[str]] = {}
-        seen: set[str] = set()
-        deadline = time.monotonic() + timeout_s
-        quiet_polls = 0
-        while time.monotonic() < deadline:
-            batch = consumer.consume(2000, timeout=0.5)
-            for msg in batch:
-                if msg.error():
-                    continue
-                env = Envelope.from_bytes(msg.value())
-                assert msg.key() == env.key
-                per_user.setdefault(env.external_userid, []).append(env.message_id)
-                seen.add(env.message_id)
-            quiet_polls = 0 if batch else quiet_polls + 1
-            if want <= seen and quiet_polls >= 2:
-                break
-        missing = want - seen
-        assert not missing, f"{len(missing)} of {len(want)} messages never reached Kafka"
-        return per_user
-    finally:
-        consumer.close()
+    """Message ids per user in log order (duplicates kept), read until every id in `want`
+    has been seen, then until the topic is quiet (late duplicates)."""
+    seen: set[str] = set()
+    parsed = 0  # records of `got` already in `seen`: each record is parsed once
+
+    def saw_all(got: list[Message]) -> bool:
+        nonlocal parsed
+        seen.update(envelope_of(m).message_id for m in got[parsed:])
+        parsed = len(got)
+        return want <= seen
+
+    got = read_records(settings, settings.kafka.main_topic.name, saw_all, timeout_s)
+    missing = want - seen
+    assert not missing, f"{len(missing)} of {len(want)} messages never reached Kafka"
+    return ids_per_user(got)
 
 
 def assert_matches_truth(got: dict[str, list[str]], truth: dict[str, list[str]]) -> tuple[int, int]:
@@ -316,7 +266,7 @@ def test_rejected_callback_token_still_delivers(stack: FaultStack) -> None:
     total = 0
     for _ in range(3):
         total += stack.inject_round([kfid], users, 4, "t")
-    poll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
+    wait_until(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
     truth = stack.truth([kfid])
     got = read_topic_until(stack.settings, {m for ids in truth.values() for m in ids})
     messages, duplicates = assert_matches_truth(got, truth)
@@ -549,7 +499,7 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
     stack.ensure_up()
     kfid, users = "wkR2", 4
     total = stack.inject_round([kfid], users, 5, "r")
-    poll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the healthy first round")
+    wait_until(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the healthy first round")
 
     seen: list[int] = []
     lock_key = f"{stack.settings.ingest.key_prefix}:lock:sync:{kfid}"
@@ -597,7 +547,7 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
                 held.append(token)  # type: ignore[arg-type]  # third-party stubs
             return bool(held)
 
-        poll(pull_holds_lock, timeout_s=10, what="a slowed pull to hold the lock")
+        wait_until(pull_holds_lock, timeout_s=10, what="a slowed pull to hold the lock")
         stuck_token = held[0]  # the lease of the pull Redis dies under
         stack.redis_server.kill9()
         down_at = time.monotonic()
@@ -609,12 +559,12 @@ def test_redis_down_briefly_no_cursor_regression_no_loss(stack: FaultStack) -> N
         lock_reads_before_restart = len(lock_seen)
         reads_before_restart = len(seen)
         total += stack.inject_round([kfid], users, 2, "r")
-        poll(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
+        wait_until(lambda: stack.cursor(kfid) == total, timeout_s=90, what="the cursor to catch up")
         recover_s = time.monotonic() - up_at
         # The watcher must read the caught-up cursor too (reads taken before it caught up
         # end below total and would say nothing about the final state).
         reads_at_catch_up = len(seen)
-        poll(
+        wait_until(
             lambda: len(seen) >= max(reads_before_restart + 10, reads_at_catch_up + 3),
             timeout_s=20,
             what="cursor reads after the restart and after the catch-up",
@@ -650,7 +600,7 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
     stack.ensure_up()
     kfids, users = ["wkK1a", "wkK1b"], 4
     total = stack.inject_round(kfids, users, 5, "k")
-    poll(lambda: stack.cursor("wkK1b") == 20, timeout_s=90, what="the healthy first round")
+    wait_until(lambda: stack.cursor("wkK1b") == 20, timeout_s=90, what="the healthy first round")
     before = stack.metrics()
 
     stack.kafka.kill9(1)
@@ -664,7 +614,7 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
     cursors_while_down = {k: stack.cursor(k) for k in kfids}
     stack.kafka.start_node(1)
     up_at = time.monotonic()
-    poll(stack.spool_empty, timeout_s=90, what="the spool to drain")
+    wait_until(stack.spool_empty, timeout_s=90, what="the spool to drain")
     drain_s = time.monotonic() - up_at
 
     truth = stack.truth(kfids)
@@ -678,7 +628,7 @@ def test_kafka_down_20s_spools_then_drains_without_loss_or_reorder(stack: FaultS
         def at_end(k: str = kfid) -> bool:
             return stack.cursor(k) == per_kfid[k]
 
-        poll(at_end, timeout_s=90, what=f"cursor {kfid}")
+        wait_until(at_end, timeout_s=90, what=f"cursor {kfid}")
     after = stack.metrics()
     degraded = after.get("qywx_degraded_messages_total", 0) - before.get(
         "qywx_degraded_messages_total", 0

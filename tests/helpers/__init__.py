@@ -2,8 +2,9 @@
 
 - `wait`: the one way to poll (bounded, never a fixed sleep);
 - `host_fakes`: HostCore's in-memory fakes for unit tests;
-- `consume`, `dlq`, `ingest`, `e2e`, `drills`: settings, topics, readers and fakes of
-  each stage's integration tests;
+- `kafka`: creating topics and the one topic reader (`read_records`);
+- `consume`, `dlq`, `ingest`, `e2e`, `drills`: settings, fakes and the shape each stage's
+  integration tests give the records they read;
 - `ray`: the session's local Ray; `docs`: README/docs shell blocks; `callbacks`: signed
   WeCom callbacks.
 

@@ -15,7 +15,15 @@ from typing import Any
 from qywx_ray.consume.dedup import Deduplicator, MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext, PermanentError
 from qywx_ray.consume.mailbox import UserMailbox
-from qywx_ray.consume.types import ADMITTED, PARKED, WAITED_ON, DeadLetter, Delivery
+from qywx_ray.consume.types import (
+    ADMITTED,
+    PARKED,
+    WAITED_ON,
+    DeadLetter,
+    Delivery,
+    HoldRequest,
+    ParkRequest,
+)
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.envelope import Envelope
 from qywx_ray.errors import InfraError
@@ -133,36 +141,23 @@ class MemoryRetryOrder:
                 out.append(ADMITTED)
         return out
 
-    async def park(
-        self,
-        user: str,
-        mid: str,
-        drop_first: int,
-        pending: Sequence[bytes],
-        op_id: str = "",
-        replaces: Sequence[str] = (),
-    ) -> int:
-        current = self.flag.get(user)
-        if current is not None and current != mid and current not in replaces:
+    async def park(self, request: ParkRequest) -> int:
+        r = request
+        current = self.flag.get(r.user)
+        if current is not None and current != r.message_id and current not in r.replaces:
             return 2
-        self.flag[user] = mid
-        self.at.pop(user, None)
-        lot = self.lots.setdefault(user, [])[drop_first:]
-        self.lots[user] = [*pending, *lot]
+        self.flag[r.user] = r.message_id
+        self.at.pop(r.user, None)
+        lot = self.lots.setdefault(r.user, [])[r.drop_first :]
+        self.lots[r.user] = [*r.pending, *lot]
         return 1
 
-    async def hold(
-        self,
-        user: str,
-        mid: str,
-        values: Sequence[bytes],
-        op_id: str = "",
-        position: tuple[int, int] = (-1, -1),
-    ) -> None:
-        if user not in self.flag:
-            self.flag[user] = mid
-            self.at[user] = position
-        self.lots.setdefault(user, []).extend(values)
+    async def hold(self, request: HoldRequest) -> None:
+        r = request
+        if r.user not in self.flag:
+            self.flag[r.user] = r.message_id
+            self.at[r.user] = r.position
+        self.lots.setdefault(r.user, []).extend(r.values)
 
     async def advance(
         self, user: str, mid: str, drop_n: int, max_n: int, op_id: str = ""

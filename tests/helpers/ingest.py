@@ -1,20 +1,17 @@
 """Helpers shared by the ingest tests (no tests here).
 
-Topic creation, reading a topic back, a fake kf/sync_msg page source, WeCom-shaped
-messages, and clients pointed at closed ports to simulate outages without touching
-the shared services.
+The main topic created and read back in the ingest tests' shape (over
+`tests.helpers.kafka`), a fake kf/sync_msg page source, WeCom-shaped messages, and
+clients pointed at closed ports to simulate outages without touching the shared services.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from qywx_ray.devstack.procs import free_port
 from qywx_ray.envelope import Envelope
@@ -25,55 +22,26 @@ from qywx_ray.ingest.producer import (
     KafkaIngestProducer,
     ProduceError,
 )
-from qywx_ray.kafka.config import admin_config, consumer_config
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 from qywx_ray.store.settings import RedisSettings
+from tests.helpers.kafka import create_topics, envelope_of, position_of, read_records
 
 
 def create_topic(settings: Settings, partitions: int = 4, timeout_s: float = 30.0) -> str:
+    """The main topic with `partitions` partitions, visible in the broker's metadata."""
     topic = settings.kafka.main_topic.name
-    admin = AdminClient(admin_config(settings.kafka))
-    futures = admin.create_topics(
-        [NewTopic(topic, num_partitions=partitions, replication_factor=1)],
-        request_timeout=timeout_s,
-    )
-    futures[topic].result(timeout=timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:  # metadata propagation
-        md = admin.list_topics(topic, timeout=5)
-        t = md.topics.get(topic)
-        if t is not None and t.error is None and len(t.partitions) == partitions:
-            return topic
-        time.sleep(0.1)
-    raise TimeoutError(f"topic {topic} not visible")
+    create_topics(settings, (topic, partitions), timeout_s=timeout_s)
+    return topic
 
 
 def read_topic(
     settings: Settings, expected: int, timeout_s: float = 30.0, grace_s: float = 1.0
 ) -> list[tuple[int, int, Envelope]]:
-    """All records as (partition, offset, envelope): waits for `expected`, then grace_s more."""
-    topic = settings.kafka.main_topic.name
-    consumer = Consumer(consumer_config(settings.kafka, group_id=f"reader-{topic}"))
-    try:
-        md = consumer.list_topics(topic, timeout=10)
-        parts = sorted(md.topics[topic].partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        out: list[tuple[int, int, Envelope]] = []
-        deadline = time.monotonic() + timeout_s
-        grace_end: float | None = None
-        while time.monotonic() < deadline:
-            if grace_end is None and len(out) >= expected:
-                grace_end = time.monotonic() + grace_s
-            if grace_end is not None and time.monotonic() > grace_end:
-                break
-            for msg in consumer.consume(1000, timeout=0.2):
-                if msg.error():
-                    continue
-                out.append((msg.partition(), msg.offset(), Envelope.from_bytes(msg.value())))  # type: ignore[arg-type]  # third-party stubs
-        return out
-    finally:
-        consumer.close()
+    """The main topic as (partition, offset, envelope): `read_records` until `expected`
+    records, then until quiet for `grace_s`."""
+    records = read_records(settings, settings.kafka.main_topic.name, expected, timeout_s, grace_s)
+    return [(*position_of(r), envelope_of(r)) for r in records]
 
 
 def per_user_order(records: list[tuple[int, int, Envelope]]) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""What the ingress app shows to a client without the admin token (issue 16.9).
+"""What the ingress app shows to a client without the admin token.
 
 The admin API shares the public listener, so in the production profile the OpenAPI schema
 (which lists every admin route) needs the admin token, the HTML docs are off, and /readyz

@@ -1,4 +1,4 @@
-"""Schemathesis fuzz of the admin API (issue 16, "What to build").
+"""Schemathesis fuzz of the admin API.
 
 Every admin operation is driven from the app's own OpenAPI schema, in-process (ASGI) over a
 real Redis, with valid and invalid (negative) inputs, under the operator's token. Asserts:

@@ -6,13 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from qywx_ray.devstack.kafka import KafkaCluster
 from qywx_ray.envelope import Envelope
-from qywx_ray.kafka.config import consumer_config, producer_config
+from qywx_ray.kafka.config import producer_config
 from qywx_ray.kafka.topics import ensure_topics
 from qywx_ray.settings import load_settings
+from tests.helpers.kafka import ids_per_user, read_records
 
 pytestmark = pytest.mark.integration
 
@@ -54,20 +55,7 @@ def test_production_topics_and_acks_all_on_three_brokers(cluster3: KafkaCluster)
     assert producer.flush(30) == 0
     assert errors == []
 
-    consumer = Consumer(consumer_config(s.kafka, group_id="cluster-profile-test"))
-    consumer.subscribe([s.kafka.main_topic.name])
-    seen: dict[str, list[int]] = {}
-    try:
-        for _ in range(300):
-            for msg in consumer.consume(500, timeout=0.5):
-                if msg.error():
-                    continue
-                env = Envelope.from_bytes(msg.value())
-                seen.setdefault(env.external_userid, []).append(int(env.message_id[1:]))
-            if sum(map(len, seen.values())) >= 200:
-                break
-    finally:
-        consumer.close()
+    seen = ids_per_user(read_records(s, s.kafka.main_topic.name, 200, timeout_s=150))
     assert sum(map(len, seen.values())) == 200
     for ids in seen.values():
-        assert ids == sorted(ids)  # per-user order across 12 partitions
+        assert ids == sorted(ids, key=lambda mid: int(mid[1:]))  # per-user order, 12 partitions

@@ -22,6 +22,7 @@ from qywx_ray.testing.consume import (
     wait_for,
 )
 from tests.helpers.consume import RECORD, consume_test_settings
+from tests.helpers.kafka import read_records
 
 pytestmark = pytest.mark.integration
 
@@ -186,10 +187,7 @@ def test_failed_message_goes_to_dlq_topic_then_commits(
     redis_client: redis_lib.Redis,
     started: list[ConsumePipeline],
 ) -> None:
-    from confluent_kafka import Consumer
-
     from qywx_ray.dlq.message import DeadLetterMessage
-    from qywx_ray.kafka.config import consumer_config
 
     s = consume_test_settings(make_settings, unique)
     ensure_topics(s)
@@ -200,21 +198,8 @@ def test_failed_message_goes_to_dlq_topic_then_commits(
     p = start_consumers(s)
     started.append(p)
     assert wait_for(lambda: redis_client.llen(RECORD) == len(good), 60)
-    dlq = Consumer(consumer_config(s.kafka, group_id=f"dlq-reader-{unique}"))
-    dlq.subscribe([s.kafka.dlq_topic.name])
-    letters: list[DeadLetterMessage] = []
-
-    def read_dlq() -> bool:
-        letters.extend(
-            DeadLetterMessage.from_bytes(m.value()) for m in dlq.consume(10, 0.5) if not m.error()
-        )
-        return bool(letters)
-
-    try:
-        assert wait_for(read_dlq, 30)
-    finally:
-        dlq.close()
-    [letter] = letters
+    records = read_records(s, s.kafka.dlq_topic.name, 1, timeout_s=30)
+    [letter] = [DeadLetterMessage.from_bytes(m.value()) for m in records]
     assert (letter.failure_reason.value, letter.recoverable, letter.message_id) == (
         "invalid_message",
         False,

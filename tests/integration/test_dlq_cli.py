@@ -12,7 +12,8 @@ import redis
 from qywx_ray.dlq import cli, emergency
 from qywx_ray.dlq.index import DLQIndex
 from qywx_ray.settings import Settings
-from tests.helpers.dlq import create_topics, letters_for, read_all
+from tests.helpers.dlq import letters_for
+from tests.helpers.kafka import create_topics, read_records
 
 pytestmark = pytest.mark.integration
 
@@ -53,5 +54,5 @@ def test_cli_stats_list_retry_export_and_replay(
     assert json.loads(capsys.readouterr().out)["published"] == 3
     assert cli.main(["replay-emergency"], settings) == 0
     assert json.loads(capsys.readouterr().out)["published"] == 0
-    assert len(read_all(settings, settings.kafka.dlq_topic.name, 3)) == 3
+    assert len(read_records(settings, settings.kafka.dlq_topic.name, 3)) == 3
     assert emergency.pending_count(settings.dlq_emergency_dir) == 0

@@ -169,13 +169,15 @@ async def test_parking_writes_retried_after_an_unknown_outcome_apply_once(
     messages or run them twice)."""
     import redis.asyncio as aioredis
 
+    from qywx_ray.consume.types import ParkRequest
     from qywx_ray.dlq.parking import AsyncParkingLot
 
     client = aioredis.Redis.from_url(redis_url)
     lot = AsyncParkingLot(client, DLQSettings())
     try:
-        await lot.park("u", "m0", 0, [b"1", b"2"], op_id="park-1")
-        await lot.park("u", "m0", 0, [b"1", b"2"], op_id="park-1")  # the retry
+        first_park = ParkRequest("u", "m0", 0, [b"1", b"2"], op_id="park-1")
+        await lot.park(first_park)
+        await lot.park(first_park)  # the retry
         assert await lot.admit([("u", "m3", b"3", False)]) == [0]
         assert redis_client.lrange("qywx:parked:u", 0, -1) == [b"1", b"2", b"3"]
         first = await lot.advance("u", "m0", 0, 2, op_id="adv-1")
@@ -183,8 +185,9 @@ async def test_parking_writes_retried_after_an_unknown_outcome_apply_once(
         assert await lot.advance("u", "m0", 2, 2, op_id="adv-2") == (1, [b"3"])
         assert await lot.advance("u", "m0", 2, 2, op_id="adv-2") == (1, [b"3"])  # retry
         # Re-park mid-drain (drop the chunk the host holds), retried: still one drop.
-        assert await lot.park("u", "m3", 1, [], op_id="park-2", replaces=["m0"]) == 1
-        assert await lot.park("u", "m3", 1, [], op_id="park-2", replaces=["m0"]) == 1
+        repark = ParkRequest("u", "m3", 1, [], op_id="park-2", replaces=["m0"])
+        assert await lot.park(repark) == 1
+        assert await lot.park(repark) == 1
         assert redis_client.lrange("qywx:parked:u", 0, -1) == []
         assert redis_client.get("qywx:park:u") == b"m3"
         assert await lot.advance("u", "m3", 0, 2, op_id="adv-3") == (2, [])

@@ -20,7 +20,8 @@ from qywx_ray.envelope import Envelope
 from qywx_ray.errors import InfraError
 from qywx_ray.settings import Settings
 from qywx_ray.testing.consume import wait_for
-from tests.helpers.dlq import create_topics, letters_for, read_all
+from tests.helpers.dlq import letters_for
+from tests.helpers.kafka import create_topics, headers_of, read_records
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +34,13 @@ def test_round_trip_with_headers(make_settings: Callable[..., Settings]) -> None
     with DLQProducer(settings) as producer:
         producer.send_many_sync(letters)
     assert PRODUCED.value(reason="queue_full") - before == 100
-    got = read_all(settings, settings.kafka.dlq_topic.name, 200)
+    got = read_records(settings, settings.kafka.dlq_topic.name, 200)
     assert len(got) == 200
     by_id = {DeadLetterMessage.from_bytes(m.value()).message_id: m for m in got}
     for letter in letters:
         m = by_id[letter.message_id]
         assert m.key() == letter.user_id.encode()
-        headers = dict(m.headers())
+        headers = headers_of(m)
         assert headers["failure_reason"] == letter.failure_reason.value.encode()
         assert headers["retry_count"] == b"0"
         assert headers["message_id"] == letter.message_id.encode()
@@ -55,7 +56,7 @@ async def test_async_send_many(make_settings: Callable[..., Settings]) -> None:
         await producer.send_many(letters_for(20))
     finally:
         producer.close()
-    assert len(read_all(settings, settings.kafka.dlq_topic.name, 20)) == 20
+    assert len(read_records(settings, settings.kafka.dlq_topic.name, 20)) == 20
 
 
 def test_unreachable_topic_goes_to_emergency_file_and_replays_once(
@@ -105,7 +106,7 @@ def test_unreachable_topic_goes_to_emergency_file_and_replays_once(
     assert not files[0].exists()  # every line acknowledged: the file is gone
     again = replay_emergency(good)
     assert (again.published, again.files) == (0, 0)
-    got = read_all(good, good.kafka.dlq_topic.name, 50)
+    got = read_records(good, good.kafka.dlq_topic.name, 50)
     ids = [DeadLetterMessage.from_bytes(m.value()).letter_id for m in got]
     assert sorted(ids) == sorted(lt.letter_id for lt in letters)  # each exactly once
 
@@ -140,7 +141,7 @@ def test_emergency_file_replays_itself_once_the_topic_takes_writes(
         first.close(timeout_s=0.5)
         second.close(timeout_s=0.5)
     assert emergency.REPLAYED.total() - before == 40
-    got = read_all(good, good.kafka.dlq_topic.name, 40)
+    got = read_records(good, good.kafka.dlq_topic.name, 40)
     ids = [DeadLetterMessage.from_bytes(m.value()).letter_id for m in got]
     assert sorted(ids) == sorted(lt.letter_id for lt in letters)  # each exactly once
 
@@ -190,7 +191,7 @@ async def test_sink_for_the_consume_path(make_settings: Callable[..., Settings])
         await sink.dead_letter(host_letters)
     finally:
         sink.close()
-    got = read_all(settings, settings.kafka.dlq_topic.name, 5)
+    got = read_records(settings, settings.kafka.dlq_topic.name, 5)
     assert sorted(DeadLetterMessage.from_bytes(m.value()).message_id for m in got) == [
         f"s{i}" for i in range(5)
     ]

@@ -20,7 +20,7 @@ from qywx_ray.envelope import Envelope
 from qywx_ray.kafka.topics import ensure_topics
 from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
-from tests.helpers.dlq import read_all
+from tests.helpers.kafka import headers_of, read_records
 
 pytestmark = pytest.mark.integration
 
@@ -148,20 +148,20 @@ def test_end_to_end_with_injected_clock(
     finally:
         svc.close()
 
-    got = read_all(settings, settings.kafka.main_topic.name, 31)
+    got = read_records(settings, settings.kafka.main_topic.name, 31)
     assert len(got) == 31
-    tokens = [m for m in got if dict(m.headers()).get("qywx_drain") == b"1"]
+    tokens = [m for m in got if headers_of(m).get("qywx_drain") == b"1"]
     assert len(tokens) == 1
     assert tokens[0].key() == b"u0"
-    token_headers = dict(tokens[0].headers())
+    token_headers = headers_of(tokens[0])
     assert token_headers["msg_id"] == b"exhausted"
     assert token_headers["retry_from_dlq"] == b"true"
     assert Envelope.from_bytes(tokens[0].value()).message_id == "exhausted"
     got = [m for m in got if m not in tokens]
-    by_id = {dict(m.headers())["msg_id"].decode(): m for m in got}
+    by_id = {headers_of(m)["msg_id"].decode(): m for m in got}
     for letter in letters:
         m = by_id[letter.message_id]
-        h = dict(m.headers())
+        h = headers_of(m)
         assert m.key() == letter.user_id.encode()
         assert m.value() == letter.original_bytes()
         assert Envelope.from_bytes(m.value()).message_id == letter.message_id
@@ -249,16 +249,16 @@ def test_actor_killed_with_retries_scheduled_loses_nothing(
         waiting, _ = DelayQueue(redis_client, settings.dlq.redis_prefix).counts()
         assert waiting >= 1, "every retry had fired before the kill: nothing was tested"
         ray.kill(actor, no_restart=False)  # crash with retries scheduled, not yet due
-        got = read_all(settings, settings.kafka.main_topic.name, 20, timeout_s=60)
+        got = read_records(settings, settings.kafka.main_topic.name, 20, timeout_s=60)
         assert ray.get(actor.ping.remote(), timeout=30) == "ok"  # restarted
     finally:
         ray.kill(actor, no_restart=True)
     due = {lt.message_id: lt.failure_time + 3.0 * 2**lt.retry_count for lt in letters}
-    seen = {dict(m.headers())["msg_id"].decode() for m in got}
+    seen = {headers_of(m)["msg_id"].decode() for m in got}
     assert seen == set(due)  # none lost (duplicates would be allowed)
     for m in got:
         produced_at_s = m.timestamp()[1] / 1000
-        assert produced_at_s >= due[dict(m.headers())["msg_id"].decode()] - 0.01  # none early
+        assert produced_at_s >= due[headers_of(m)["msg_id"].decode()] - 0.01  # none early
 
 
 async def test_blocked_until_reads_the_rate_limiter(

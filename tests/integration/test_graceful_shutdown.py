@@ -1,4 +1,4 @@
-"""Graceful shutdown of every component (issue 8 item 6), against real Redis, Kafka, Ray.
+"""Graceful shutdown of every component, against real Redis, Kafka, Ray.
 
 - ingress: the lifespan shutdown Serve runs after answering in-flight callbacks sends the
   pull requests the replica still holds;
@@ -28,12 +28,13 @@ import yaml
 from qywx_ray.dlq.message import KafkaSource, make_dead_letter
 from qywx_ray.dlq.recovery import RecoveryService
 from qywx_ray.envelope import Envelope
-from qywx_ray.ingest.syncer_host import SyncerHostService
 from qywx_ray.ingress.dispatch import PullDispatcher
+from qywx_ray.ingress.syncer_host import SyncerHostService
 from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from qywx_ray.wecom.models import KfCallbackEvent
 from tests.helpers.ingest import FakePage, create_topic, make_pages, read_topic
+from tests.helpers.wait import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -231,13 +232,21 @@ def test_start_foreground_sigterm_drains_commits_and_stops_everything(
         key = settings.consume.record_key
         calls = f"{key}:calls"
         consumer = ray.get_actor(f"s{unique}-consumer-0", namespace=namespace)
+
+        def snapshot() -> dict[str, Any]:
+            return ray.get(consumer.snapshot.remote(), timeout=10)  # type: ignore[call-overload, return-value]  # third-party stubs
+
         # Every message is in flight: handed to the host, handlers waiting on hold_key.
-        while ray.get(consumer.snapshot.remote(), timeout=10)["inflight"] < len(ids):  # type: ignore[call-overload]  # third-party stubs
-            assert time.monotonic() < deadline, "the messages never got in flight"
-            time.sleep(0.2)
+        wait_until(
+            lambda: snapshot()["inflight"] >= len(ids),
+            timeout_s=max(1.0, deadline - time.monotonic()),
+            what="every message in flight",
+            interval_s=0.2,
+        )
         assert redis_client.llen(key) == 0
         proc.send_signal(signal.SIGTERM)
-        time.sleep(1.0)  # the shutdown is now draining: let the handlers finish
+        # Release the handlers only once the consumer drains: the drain must wait for them.
+        wait_until(lambda: snapshot()["stopping"], timeout_s=60, what="the consumer to drain")
         redis_client.set(hold_key, "1")
         started = time.monotonic()
         out, _ = proc.communicate(timeout=120)

@@ -17,7 +17,7 @@ from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockManager
 from qywx_ray.ingest.spool import Spool, SpoolReplayer
-from qywx_ray.ingest.syncer_host import SyncerHostService, known_kfids_key, syncer_host_index
+from qywx_ray.ingress.syncer_host import SyncerHostService, known_kfids_key, syncer_host_index
 from qywx_ray.settings import load_settings
 from qywx_ray.store.client import make_async_redis
 from qywx_ray.store.settings import RedisSettings

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import ray
 import redis as redis_lib
+from confluent_kafka import Message
 
 from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers, stop_consumers
 from qywx_ray.dlq.actor import start_recovery_actor
@@ -24,9 +25,9 @@ from qywx_ray.dlq.index import DLQIndex
 from qywx_ray.dlq.message import DeadLetterMessage
 from qywx_ray.dlq.parking import FLAG_PREFIX, LIST_PREFIX
 from qywx_ray.envelope import Envelope
-from qywx_ray.kafka.config import consumer_config
 from qywx_ray.settings import Settings
 from qywx_ray.testing.consume import check_order, ensure_topics, produce, records, wait_for
+from tests.helpers.kafka import read_records
 
 pytestmark = pytest.mark.integration
 
@@ -55,21 +56,16 @@ def dlq_letters(
     settings: Settings, message_id: str, n: int, timeout_s: float = 60.0
 ) -> list[DeadLetterMessage]:
     """The first `n` dead letters of `message_id` on the DLQ topic, by retry count."""
-    from confluent_kafka import Consumer
-
-    consumer = Consumer(consumer_config(settings.kafka, f"reader-{message_id}-{time.time_ns()}"))
-    consumer.subscribe([settings.kafka.dlq_topic.name])
     found: dict[int, DeadLetterMessage] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(found) < n and time.monotonic() < deadline:
-            for m in consumer.consume(500, 0.5):
-                if m.error() is None:
-                    letter = DeadLetterMessage.from_bytes(m.value())
-                    if letter.message_id == message_id:
-                        found.setdefault(letter.retry_count, letter)
-    finally:
-        consumer.close()
+
+    def has_n(got: list[Message]) -> bool:
+        found.clear()
+        for letter in map(DeadLetterMessage.from_bytes, (m.value() for m in got)):
+            if letter.message_id == message_id:
+                found.setdefault(letter.retry_count, letter)
+        return len(found) >= n
+
+    read_records(settings, settings.kafka.dlq_topic.name, has_n, timeout_s)
     return [found[k] for k in sorted(found)][:n]
 
 

@@ -1,4 +1,4 @@
-"""Isolation under load (issue 6) through the running consume path (real Kafka, Redis, Ray).
+"""Isolation under load through the running consume path (real Kafka, Redis, Ray).
 
 200 normal customers write at a human rate (one message every few seconds) while 5
 attackers flood far above their limit on the same partitions and hosts. Every normal

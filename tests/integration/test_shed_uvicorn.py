@@ -1,4 +1,4 @@
-"""The shed path behind a real uvicorn server (issue 19 item 2, issue 16 item 2).
+"""The shed path behind a real uvicorn server.
 
 `httpx.ASGITransport` hands the body to the app whenever it is asked; uvicorn (h11 and
 httptools) answers `http.disconnect` to a `receive()` made after the response was sent.

@@ -3,6 +3,7 @@
 Re-point this module when HostCore, the parking lot or their seams change; the rest of
 tests/sim only uses what is defined here:
   Delivery, DeadLetter, InfraError, DedupUnavailable, PermanentError, REASON_RATE_LIMITED
+  ParkRequest, HoldRequest   one park / hold call of the parking lot (consume.types.RetryOrder)
   parks(reason)              does a failure for this reason park the user's later messages
   decide(letter, now, ...)   the DLQ recovery's decision for a host's dead letter
   BatchAnswer, BatchReadPlan the one-call batch read's seam (consume/batch_reads.py)
@@ -28,7 +29,13 @@ from qywx_ray.consume.dedup import Deduplicator, DedupUnavailable
 from qywx_ray.consume.handlers import HandlerContext, PermanentError, envelope_handler
 from qywx_ray.consume.host_rules import BatchReadPlan
 from qywx_ray.consume.state import StateSlot, StateUnavailable, StateWrite, stateful
-from qywx_ray.consume.types import REASON_RATE_LIMITED, DeadLetter, Delivery
+from qywx_ray.consume.types import (
+    REASON_RATE_LIMITED,
+    DeadLetter,
+    Delivery,
+    HoldRequest,
+    ParkRequest,
+)
 from qywx_ray.consume.user_actor import CoreOptions, HostCore
 from qywx_ray.dlq.parking import parks_for
 from qywx_ray.dlq.settings import DLQSettings
@@ -47,9 +54,11 @@ __all__ = [
     "DeadLetter",
     "DedupUnavailable",
     "Delivery",
+    "HoldRequest",
     "Host",
     "HostOptions",
     "InfraError",
+    "ParkRequest",
     "PermanentError",
     "StateSlot",
     "StateUnavailable",

@@ -1,6 +1,6 @@
 # ruff: noqa: E501  (verbatim source snippets)
-"""Put one issue-15 defect back, to show the simulator finds it (issue 15, "teeth");
-8 and 9 are per-user state defects (issue 18); 10 is the one-call batch read's.
+"""Put one fixed consume defect back, to show the simulator finds it ("teeth");
+8 and 9 are per-user state defects; 10 is the one-call batch read's.
 
 EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout:
     git worktree add /tmp/teeth HEAD && cd /tmp/teeth
@@ -104,7 +104,7 @@ elif d == "7":  # the recovery releases by peek/produce/trim (old dlq/recovery.p
     s += '''
 
 def old_release(rec: "Recovery", user: str, mid: str) -> bool:
-    """The pre-issue-15 release: peek -> produce as retries -> trim by count -> unpark."""
+    """The old release: peek -> produce as retries -> trim by count -> unpark."""
     while True:
         batch = rec.parking.peek(user, 500)
         if not batch:

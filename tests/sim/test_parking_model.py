@@ -16,6 +16,7 @@ import pytest
 import redis as redis_lib
 import redis.asyncio as aioredis
 
+from qywx_ray.consume.types import HoldRequest, ParkRequest
 from qywx_ray.dlq.parking import AT_PREFIX, FLAG_PREFIX, LIST_PREFIX, AsyncParkingLot
 from qywx_ray.dlq.settings import DLQSettings
 from tests.sim.world import ParkingModel
@@ -56,12 +57,13 @@ def random_ops(r: random.Random, model: ParkingModel) -> list[Op]:
         elif kind == "park":
             pending = [f"p{r.randrange(9)}".encode() for _ in range(r.randint(0, 3))]
             replaces = r.sample(MIDS, r.randint(0, 2))
-            op = ("park", (user, mid, r.randint(0, 3), pending, uuid.uuid4().hex, replaces))
+            request = ParkRequest(user, mid, r.randint(0, 3), pending, uuid.uuid4().hex, replaces)
+            op = ("park", (request,))
             sent.append(op)
         elif kind == "hold":
             values = [f"h{r.randrange(9)}".encode() for _ in range(r.randint(1, 3))]
             position = (r.choice((-1, 0, 1)), r.randint(-1, 9))
-            op = ("hold", (user, mid, values, uuid.uuid4().hex, position))
+            op = ("hold", (HoldRequest(user, mid, values, uuid.uuid4().hex, position),))
             sent.append(op)
         elif kind == "advance":
             op = ("advance", (user, mid, r.randint(0, 3), r.randint(0, 3), uuid.uuid4().hex))

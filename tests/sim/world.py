@@ -173,45 +173,32 @@ class ParkingModel:
                 out.append(ADMITTED)
         return out
 
-    def park(
-        self,
-        user: str,
-        mid: str,
-        drop_first: int,
-        pending: Sequence[bytes],
-        op_id: str,
-        replaces: Sequence[str] = (),
-    ) -> int:
-        if op_id in self.park_results:
-            return self.park_results[op_id]
-        current = self.flags.get(user)
-        if current is not None and current != mid and current not in replaces:
-            self.park_results[op_id] = 2
+    def park(self, request: adapter.ParkRequest) -> int:
+        r = request
+        if r.op_id in self.park_results:
+            return self.park_results[r.op_id]
+        current = self.flags.get(r.user)
+        if current is not None and current != r.message_id and current not in r.replaces:
+            self.park_results[r.op_id] = 2
             return 2
-        self.park_results[op_id] = 1
-        self.flags[user] = mid
-        self.at.pop(user, None)
-        lot = self._lot(user)
-        if drop_first > 0:
-            lot = ltrim(lot, drop_first)
-        self._set_lot(user, [*pending, *lot])
+        self.park_results[r.op_id] = 1
+        self.flags[r.user] = r.message_id
+        self.at.pop(r.user, None)
+        lot = self._lot(r.user)
+        if r.drop_first > 0:
+            lot = ltrim(lot, r.drop_first)
+        self._set_lot(r.user, [*r.pending, *lot])
         return 1
 
-    def hold(
-        self,
-        user: str,
-        mid: str,
-        values: Sequence[bytes],
-        op_id: str,
-        position: tuple[int, int] = (-1, -1),
-    ) -> int:
-        if op_id in self.ops:
+    def hold(self, request: adapter.HoldRequest) -> int:
+        r = request
+        if r.op_id in self.ops:
             return 0
-        self.ops.add(op_id)
-        if user not in self.flags:
-            self.flags[user] = mid
-            self.at[user] = f"{position[0]}:{position[1]}"
-        self._set_lot(user, [*self._lot(user), *values])
+        self.ops.add(r.op_id)
+        if r.user not in self.flags:
+            self.flags[r.user] = r.message_id
+            self.at[r.user] = f"{r.position[0]}:{r.position[1]}"
+        self._set_lot(r.user, [*self._lot(r.user), *r.values])
         return 1
 
     def advance(
@@ -322,37 +309,25 @@ class FakeRetryOrder:
             raise
         return codes
 
-    async def park(
-        self,
-        user: str,
-        message_id: str,
-        drop_first: int,
-        pending: Sequence[bytes],
-        op_id: str = "",
-        replaces: Sequence[str] = (),
-    ) -> int:
+    async def park(self, request: adapter.ParkRequest) -> int:
+        r = request
         await self._fault_before("park")
-        applied = self.model.park(user, message_id, drop_first, pending, op_id, replaces)
+        applied = self.model.park(r)
         self.trace.add(
-            f"park {user} behind {message_id} drop={drop_first} "
-            f"front=[{','.join(mid_of(v) for v in pending)}] op#{self._op(op_id)} applied={applied}"
+            f"park {r.user} behind {r.message_id} drop={r.drop_first} "
+            f"front=[{','.join(mid_of(v) for v in r.pending)}] op#{self._op(r.op_id)} "
+            f"applied={applied}"
         )
         self._fault_after("park")
         return applied
 
-    async def hold(
-        self,
-        user: str,
-        message_id: str,
-        values: Sequence[bytes],
-        op_id: str = "",
-        position: tuple[int, int] = (-1, -1),
-    ) -> None:
+    async def hold(self, request: adapter.HoldRequest) -> None:
+        r = request
         await self._fault_before("hold")
-        applied = self.model.hold(user, message_id, values, op_id, position)
+        applied = self.model.hold(r)
         self.trace.add(
-            f"hold {user} behind {message_id} [{','.join(mid_of(v) for v in values)}] "
-            f"op#{self._op(op_id)} applied={applied}"
+            f"hold {r.user} behind {r.message_id} [{','.join(mid_of(v) for v in r.values)}] "
+            f"op#{self._op(r.op_id)} applied={applied}"
         )
         self._fault_after("hold")
 

@@ -4,7 +4,7 @@ The syncers and replayers of a node share one `KafkaIngestProducer` - the real c
 its batch waiter, held-behind rule, delivery wait timeout and fatal-error rebuild - whose
 librdkafka instance is a `FakeLibrdkafka` (through the producer's `_new_client` seam) and
 whose delivery reports come on the virtual clock instead of a poll thread. So a defect
-in how the producer handles a fatal error (issue 19 item 6) is what runs here.
+in how the producer handles a fatal error (it rebuilds its client) is what runs here.
 
 What one librdkafka instance does, as the simulator sees it:
 - `produce()` queues a record; the records queued in one go (a batch, up to the

@@ -1,4 +1,4 @@
-"""Put one issue-19 defect back, to show the ingest simulator finds it ("teeth").
+"""Put one fixed ingest defect back, to show the ingest simulator finds it ("teeth").
 
 EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout:
     git worktree add /tmp/teeth HEAD && cd /tmp/teeth
@@ -57,7 +57,7 @@ elif d == "5":
     s += '''
 
 def _old_envelope(msg: dict[str, Any], ingest_ts_ms: int) -> Envelope | None:
-    """Before issue 19: a message that does not envelope is logged and dropped."""
+    """The old rule: a message that does not envelope is logged and dropped."""
     from qywx_ray.errors import EnvelopeError
 
     try:

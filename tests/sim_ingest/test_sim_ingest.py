@@ -40,7 +40,7 @@ def test_a_defect_is_reported_with_its_seed_and_replay_command() -> None:
 
 
 def test_fatal_producer_errors_cost_only_what_was_in_flight() -> None:
-    """Seed 8 hits fatal producer errors (issue 19 item 6) on the real KafkaIngestProducer
+    """Seed 8 hits fatal producer errors on the real KafkaIngestProducer
     over the fake librdkafka: the producer is rebuilt and nothing is lost. With the
     rebuild taken out (`reinject.py 6`) the same seed fails `dead_producer`."""
     result = run_seed(8)

@@ -1,4 +1,4 @@
-"""Where the admin API listens (issue 16, item 4): off on the public ingress by default.
+"""Where the admin API listens: off on the public ingress by default.
 
 The ingress is what WeCom reaches on 0.0.0.0:8000; admin routes are mounted there only when
 `admin.enabled` is set (config/development.yaml sets it for the demo). `create_admin_app`

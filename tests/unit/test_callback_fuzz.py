@@ -1,4 +1,4 @@
-"""Fuzz the callback endpoint (issue 16 "What to build"): the router behind ShedMiddleware,
+"""Fuzz the callback endpoint: the router behind ShedMiddleware,
 in-process, with Hypothesis-generated sequences of signed, tampered, replayed and random
 requests, with and without overload.
 

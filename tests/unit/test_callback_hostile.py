@@ -1,5 +1,5 @@
-"""Hostile input on the callback router, the crypto and the simulator (issue 16 items 3, 5, 8,
-11, 12): each test is an attack that worked before the fix."""
+"""Hostile input on the callback router, the crypto and the simulator: each test is an
+attack that worked before the fix."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Messages ingest flagged `invalid` are dead-lettered as permanent `invalid_message`,
-counted, and never handed to the business handler (issue 19 item 5, consume side)."""
+counted, and never handed to the business handler (the consume side of the flag)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The issue-15 review's reproductions, one test each (in-memory fakes, no services).
+"""A review's reproductions of consume order defects, one test each (in-memory fakes, no services).
 
 Each of these failed on the code before the fix; the seeded simulator (tests/sim/)
 checks the same invariants over many interleavings.
@@ -12,7 +12,7 @@ from typing import Any
 
 from qywx_ray.consume.dedup import MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext
-from qywx_ray.consume.types import Delivery
+from qywx_ray.consume.types import Delivery, ParkRequest
 from qywx_ray.errors import InfraError
 from tests.helpers.host_fakes import Letters, MemoryRetryOrder, delivery, make, retry_of, until
 
@@ -83,18 +83,10 @@ async def test_park_on_failure_does_not_race_with_admit() -> None:
             self.after = asyncio.Event()
             self.parking = False
 
-        async def park(
-            self,
-            user: str,
-            mid: str,
-            drop_first: int,
-            pending: Sequence[bytes],
-            op_id: str = "",
-            replaces: Sequence[str] = (),
-        ) -> int:
+        async def park(self, request: ParkRequest) -> int:
             self.parking = True
             await self.before.wait()
-            status = await super().park(user, mid, drop_first, pending, op_id)
+            status = await super().park(request)
             await self.after.wait()
             return status
 
@@ -295,10 +287,10 @@ async def test_park_of_a_drained_failure_waits_for_the_chunks_done_flags() -> No
     seen_at_park: list[bool] = []
 
     class Watching(MemoryRetryOrder):
-        async def park(self, user: str, mid: str, drop_first: int, *a: Any, **k: Any) -> int:
-            if drop_first:
+        async def park(self, request: ParkRequest) -> int:
+            if request.drop_first:
                 seen_at_park.append("A-m1" in store.done)
-            return await super().park(user, mid, drop_first, *a, **k)
+            return await super().park(request)
 
     order = Watching()
     core, _done, letters, opts = make(order, store=store, park_drain_chunk=2)

@@ -1,4 +1,4 @@
-"""Dedicated-mode placement: one decision per user, shared by every consumer (issue 15, item 8)."""
+"""Dedicated-mode placement: one decision per user, shared by every consumer."""
 
 from __future__ import annotations
 

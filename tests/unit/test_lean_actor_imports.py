@@ -1,5 +1,5 @@
 """A dedicated user actor is a new Ray worker process per user: what it imports and builds
-at start is paid once per new user (issue 20 item 5, bench/bench_actor_start.py).
+at start is paid once per new user (bench/bench_actor_start.py measures it).
 
 - Importing the actor module (`qywx_ray.consume.hosts`) leaves out the WeCom models
   (~35 ms: hundreds of pydantic classes; imported at the first typed message), the

@@ -5,6 +5,8 @@
 - Product modules never import `qywx_ray.testing` (dev tooling and test doubles); only
   the testing package itself and the dev stack (qywx_ray/devstack/, which runs the
   simulator for `qywx-ray dev`) may.
+- `qywx_ray.ingest` (the pull side: syncer, producer, spool, locks) never imports
+  `qywx_ray.ingress` (the callback path and the syncer hosts built on ingest).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def _imports(source: str, module: str, is_package: bool = False) -> list[tuple[i
     return found
 
 
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
 def _violations(module: str, imports: list[tuple[int, str]]) -> list[str]:
     out = []
     for line, name in imports:
@@ -55,6 +61,8 @@ def _violations(module: str, imports: list[tuple[int, str]]) -> list[str]:
             out.append(f"{module}:{line} imports {name}")
         testing = name == "qywx_ray.testing" or name.startswith("qywx_ray.testing.")
         if testing and not module.startswith(TESTING_USERS):
+            out.append(f"{module}:{line} imports {name}")
+        if _within(module, "qywx_ray.ingest") and _within(name, "qywx_ray.ingress"):
             out.append(f"{module}:{line} imports {name}")
     return out
 
@@ -76,6 +84,8 @@ def test_the_library_keeps_its_import_boundaries() -> None:
         ("qywx_ray.consume.pipeline", "from qywx_ray import testing\n"),
         ("qywx_ray.consume.pipeline", "from qywx_ray.testing.consume import FakeSink\n"),
         ("qywx_ray.consume.pipeline", "from ..testing import consume\n"),
+        ("qywx_ray.ingest.syncer", "from qywx_ray.ingress.syncer_host import get_syncer_host\n"),
+        ("qywx_ray.ingest.spool", "from ..ingress import dispatch\n"),
     ],
 )
 def test_a_forbidden_import_is_found(module: str, source: str) -> None:
@@ -88,6 +98,7 @@ def test_a_forbidden_import_is_found(module: str, source: str) -> None:
         ("qywx_ray.devstack.simproc", "from qywx_ray.testing import wecomsim\n"),
         ("qywx_ray.testing.consume", "from qywx_ray.testing.sinks import RecordingSink\n"),
         ("qywx_ray.ingress.app", "from qywx_ray.ingress.dispatch import PullDispatcher\n"),
+        ("qywx_ray.ingress.syncer_host", "from qywx_ray.ingest.syncer import KfSyncer\n"),
         ("qywx_ray.cli", "from ray import serve\n"),  # Ray's serve, not ours
     ],
 )

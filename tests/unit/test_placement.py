@@ -44,13 +44,13 @@ def test_placement_from_settings_and_bad_values_refused(monkeypatch: pytest.Monk
 def test_syncer_host_is_one_actor_class_with_a_plain_name() -> None:
     """Before: a new class (and a new Ray actor class definition) on every call, named
     through a __qualname__ patch; hosts now differ only by .options()."""
-    from qywx_ray.ingest.syncer_host import SyncerHost, syncer_host_actor_class
+    from qywx_ray.ingress.syncer_host import SyncerHost, syncer_host_actor_class
 
     cls = syncer_host_actor_class()
     assert syncer_host_actor_class() is cls
     name = cls.__ray_metadata__.class_name
     assert name == "SyncerHost"
-    assert SyncerHost.__module__ == "qywx_ray.ingest.syncer_host"  # by reference, not by value
+    assert SyncerHost.__module__ == "qywx_ray.ingress.syncer_host"  # by reference, not by value
 
 
 def test_format_actor_nodes_groups_by_node() -> None:

@@ -132,6 +132,40 @@ async def test_async_retry_rides_transient_errors() -> None:
     assert len(failed) == 2
 
 
+def test_retry_takes_redis_pys_options_as_redis_py_passes_them() -> None:
+    """redis-py calls `call_with_retry(do, fail, is_retryable=..., with_failure_count=...)`
+    (asyncio/cluster.py, connection.py); both pass through to the shared bookkeeping."""
+    counted: list[tuple[Any, ...]] = []
+    flaky = Flaky([RedisConnectionError("x"), RedisConnectionError("y")])
+    retry = FailoverRetry(budget_s=5.0, base_s=0.001, cap_s=0.01)
+    out = retry.call_with_retry(
+        flaky.do, lambda *a: counted.append(a), is_retryable=None, with_failure_count=True
+    )
+    assert out == "ok"
+    assert [n for _, n in counted] == [1, 2]
+    refused = Flaky([RedisConnectionError("x")])
+    with pytest.raises(RedisConnectionError):
+        retry.call_with_retry(refused.do, refused.fail, is_retryable=lambda e: False)
+    assert (refused.calls, refused.failed) == (1, [])
+
+
+async def test_async_retry_takes_redis_pys_options() -> None:
+    errors: list[Exception] = [RedisConnectionError("x")]
+    counted: list[tuple[Any, ...]] = []
+
+    async def do() -> str:
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    async def fail(*args: Any) -> None:
+        counted.append(args)
+
+    retry = AsyncFailoverRetry(budget_s=5.0, base_s=0.001, cap_s=0.01)
+    assert await retry.call_with_retry(do, fail, with_failure_count=True) == "ok"
+    assert [n for _, n in counted] == [1]
+
+
 # ---------------------------------------------------------------- the host's handler path
 
 

@@ -1,4 +1,4 @@
-"""The production profile refuses default, demo and placeholder secrets (issue 16, item 4).
+"""The production profile refuses default, demo and placeholder secrets.
 
 Every entry point loads settings through `load_settings`, so refusing there covers the CLI
 (tests/integration/test_cli.py runs it), the Serve application builder (here) and the demo;

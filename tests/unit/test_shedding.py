@@ -11,7 +11,6 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from qywx_ray.ingest.syncer_host import syncer_host_index
 from qywx_ray.ingress.dispatch import PullDispatcher
 from qywx_ray.ingress.shedding import (
     CALLBACKS_SHED,
@@ -21,6 +20,7 @@ from qywx_ray.ingress.shedding import (
     ShedMiddleware,
     parse_callback,
 )
+from qywx_ray.ingress.syncer_host import syncer_host_index
 from qywx_ray.wecom.models import KfCallbackEvent
 from tests.helpers.callbacks import CORP, CRYPTO, RecordingSink
 from tests.helpers.callbacks import callback as signed_callback

@@ -1,4 +1,4 @@
-"""The shed path under hostile input (issue 16 item 2, item 8 for the drain loop): slow
+"""The shed path under hostile input (the middleware and the drain loop): slow
 bodies, unsigned junk and signed replays must never displace or delay a real callback."""
 
 from __future__ import annotations
