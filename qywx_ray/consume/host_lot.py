@@ -173,6 +173,11 @@ class LotSteps:
         puts a fresh token on the main topic and then completes the records held so far:
         the partition's commit is held for one chunk at a time, not the whole drain."""
         while True:
+            if drop_n:
+                # The drop removes the previous chunk from the lot, and the owner may then
+                # complete: every item of it must be durably done first, whatever ended
+                # the chunk (a success awaited its own flag; a permanent failure did not).
+                await self.dedup.flushed()
             # Under the lane from the lot's answer until the chunk is registered as
             # pending: an ingest cannot slip a redelivered copy of a chunk message in
             # between (it would be skipped here and parked behind newer ones).

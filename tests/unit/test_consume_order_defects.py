@@ -266,6 +266,49 @@ async def test_park_rate_limited_parks_at_the_head_and_keeps_order() -> None:
     assert handled(opts) == [f"A-m{i}" for i in range(4)]
 
 
+async def test_next_chunk_after_a_permanent_failure_waits_for_the_chunks_done_flags() -> None:
+    """Found by the simulator (seed 108172 once its jitter was seeded): a drained chunk
+    [m1, m2]; m1 succeeds (its done-flag still being written), m2 fails for good (no
+    park: dead letter, then the drain goes on). The next advance drops the chunk from
+    the lot and the drain owner completes, so the partition committed past m1 while m1
+    was not durably done: a crash then lost it. Every drop must see its items durably
+    done, whatever ended the chunk."""
+
+    class SlowFlags(MemoryDoneStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def mark_done(self, message_ids: Sequence[str]) -> None:
+            if "A-m1" in message_ids:
+                await self.gate.wait()
+            await super().mark_done(message_ids)
+
+    store = SlowFlags()
+    seen_at_drop: list[bool] = []
+
+    class Watching(MemoryRetryOrder):
+        async def advance(
+            self, user: str, mid: str, drop_n: int, max_n: int, op_id: str = ""
+        ) -> tuple[int, list[bytes]]:
+            if drop_n:
+                seen_at_drop.append("A-m1" in store.done)
+            return await super().advance(user, mid, drop_n, max_n, op_id)
+
+    order = Watching()
+    core, _done, letters, opts = make(order, store=store, park_drain_chunk=2)
+    order.flag["A"] = "A-m0"
+    order.lots["A"] = [delivery("A", 1, 1).value, delivery("A", 2, 2, fail="permanent").value]
+    core.accept([retry_of("A", 0)])
+    await until(lambda: any(x.message_id == "A-m2" for x in letters.letters))
+    # Margin only: the drain has no timers, so a drop that does not wait runs now.
+    asyncio.get_running_loop().call_later(0.2, store.gate.set)
+    await until(lambda: bool(seen_at_drop))
+    assert seen_at_drop == [True]
+    await until(lambda: order.flag == {})
+    assert handled(opts) == ["A-m0", "A-m1"]
+
+
 async def test_park_of_a_drained_failure_waits_for_the_chunks_done_flags() -> None:
     """Found by the simulator (seed 5510 after the admit became two steps): a drained
     chunk [m1, m2]; m1 succeeds (its done-flag still being written), m2 fails and parks
