@@ -319,8 +319,11 @@ def test_the_stored_layout_is_a_padded_version_then_the_state() -> None:
     group = WriteGroup("a", 12, 13, b'{"n":2}', ["m1"])
     keys, argv = commit_args("op", [], [group], "d:{}".format, 60, 600)
     assert keys == [b"qywx:state-commit:op", b"qywx:state:a", b"d:m1"]
-    assert argv[3:] == [b"12", b"00000000000000000013", b"1", b'{"n":2}']
-    assert argv[4] + argv[6] == pack_state(13, b'{"n":2}')  # what the script stores
+    assert argv[3:] == [b"12 1 " + pack_state(13, b'{"n":2}')]  # expected, flags, value
+    unchanged = WriteGroup("a", 12, 12, None, ["m1", "m2"])
+    assert commit_args("op", [], [unchanged], "d:{}".format, 60, 600)[1][3:] == [
+        b"12 2 " + pack_state(12, b"")
+    ]
 
 
 def test_json_state_encoding_orjson_with_the_stdlib_as_fallback() -> None:
