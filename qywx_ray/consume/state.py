@@ -328,13 +328,11 @@ def parse_loaded(users: Sequence[str], got: Sequence[Any]) -> dict[str, StateSlo
 
 # One flush's state writes, grouped (`group_writes`): KEYS: the call's op key, the plain
 # done keys (ARGV[1] of them), then per group: the state key, then the group's done keys.
-# ARGV: n_plain, done_ttl_s, state_ttl_s, then TWO per group: "<new version, zero-padded
-# to VERSION_DIGITS> <expected version> <number of done keys>", and the group's last state
-# (b"" when the version stays: nothing written). Two arguments per group, not four:
-# packing a command costs redis-py and hiredis ~0.9 µs per argument (py-spy of a host,
-# issue 18); the state is not joined to its version on the client (a 1 KiB allocation per
-# message is dear in a Ray host: glibc's arenas are shared with Ray's threads) but by the
-# script (the stored value is `pack_state`).
+# ARGV: n_plain, done_ttl_s, state_ttl_s, then ONE per group: "<expected version> <number
+# of done keys> " followed by the value to store, `pack_state(new version, its last
+# state)` (not written when the version stays). One argument per group, not four: packing
+# a command costs redis-py and hiredis ~0.9 µs per argument (py-spy of a host, issue 18),
+# more than the client's concatenation and the script's `string.sub` of a 1 KiB state.
 # `version` reads the stored version: 20 bytes of the string, or `v` of an old-layout
 # hash (GETRANGE on a hash is a WRONGTYPE error); SET replaces either (migrated on write).
 # A group applies whole or not at all: the stored version must be the expected one and
@@ -362,10 +360,10 @@ local broken, out = {}, {}
 local k, a, g = n_plain + 2, 4, 0
 while k <= #KEYS do
   g = g + 1
-  local skey, head = KEYS[k], ARGV[a]
-  local expected, n = string.match(head, '^%S+ (%-?%d+) (%d+)$')
+  local skey, arg = KEYS[k], ARGV[a]
+  local expected, n, at = string.match(arg, '^(%-?%d+) (%d+) ()')
   expected, n = tonumber(expected), tonumber(n)
-  local new = tonumber(string.sub(head, 1, 20))
+  local new = tonumber(string.sub(arg, at, at + 19))
   local ok = not broken[skey] and version(skey) == expected
   if ok and n == 1 then  -- the common case: the check and the flag in one command
     ok = redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[2]) ~= false
@@ -384,14 +382,14 @@ while k <= #KEYS do
   end
   if ok then
     if new ~= expected then
-      redis.call('SET', skey, string.sub(head, 1, 20) .. ARGV[a + 1], 'EX', ARGV[3])
+      redis.call('SET', skey, string.sub(arg, at), 'EX', ARGV[3])
     end
   else
     broken[skey] = true
     out[#out + 1] = g
   end
   k = k + 1 + n
-  a = a + 2
+  a = a + 1
 end
 redis.call('SET', KEYS[1], 'r' .. table.concat(out, ','), 'EX', ARGV[2])
 return out
@@ -508,7 +506,8 @@ def commit_args(
         else:
             keys.append(STATE_KEY.format(g.user).encode())
             keys += [done_key(m).encode() for m in mids]
-        argv += [b"%020d %d %d" % (g.new_version, g.expected_version, len(mids)), g.data or b""]
+        head = b"%d %d %020d" % (g.expected_version, len(mids), g.new_version)
+        argv.append(head + g.data if g.data is not None else head)  # head ends in pack_state
     return keys, argv
 
 

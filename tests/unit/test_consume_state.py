@@ -319,12 +319,10 @@ def test_the_stored_layout_is_a_padded_version_then_the_state() -> None:
     group = WriteGroup("a", 12, 13, b'{"n":2}', ["m1"])
     keys, argv = commit_args("op", [], [group], "d:{}".format, 60, 600)
     assert keys == [b"qywx:state-commit:op", b"qywx:state:a", b"d:m1"]
-    assert argv[3:] == [pack_state(13, b" 12 1"), b'{"n":2}']  # new, expected, n; state
-    assert argv[3][:20] + argv[4] == pack_state(13, b'{"n":2}')  # what the script stores
+    assert argv[3:] == [b"12 1 " + pack_state(13, b'{"n":2}')]  # expected, flags, value
     unchanged = WriteGroup("a", 12, 12, None, ["m1", "m2"])
     assert commit_args("op", [], [unchanged], "d:{}".format, 60, 600)[1][3:] == [
-        pack_state(12, b" 12 2"),
-        b"",
+        b"12 2 " + pack_state(12, b"")
     ]
 
 
