@@ -17,7 +17,7 @@ are 3 s apart per user so the default rule (5 per 10 s) never denies. The module
 unchanged on an older checkout (PYTHONPATH=/path/to/old python path/to/this/file.py).
 
 `--redis --state-bytes N` (N > 0): per-user state off vs on over that Redis, alternating
-per run (issue 18): off = the trivial handler, on = `bench_state_handler` (`@stateful`,
+per run: off = the trivial handler, on = `bench_state_handler` (`@stateful`,
 an N-byte state that changes on every message: every message pays the version-checked
 commit of the whole state with its done-flag, and every user one load on activation);
 the same envelopes (carrying `raw.state_bytes`) in both. Cases `redis_state_off` /

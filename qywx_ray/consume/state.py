@@ -331,7 +331,7 @@ def parse_loaded(users: Sequence[str], got: Sequence[Any]) -> dict[str, StateSlo
 # ARGV: n_plain, done_ttl_s, state_ttl_s, then ONE per group: "<expected version> <number
 # of done keys> " followed by the value to store, `pack_state(new version, its last
 # state)` (not written when the version stays). One argument per group, not four: packing
-# a command costs redis-py and hiredis ~0.9 µs per argument (py-spy of a host, issue 18),
+# a command costs redis-py and hiredis ~0.9 µs per argument (py-spy of a host with state),
 # more than the client's concatenation and the script's `string.sub` of a 1 KiB state.
 # `version` reads the stored version: 20 bytes of the string, or `v` of an old-layout
 # hash (GETRANGE on a hash is a WRONGTYPE error); SET replaces either (migrated on write).
