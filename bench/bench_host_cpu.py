@@ -16,7 +16,15 @@ flag read and admit, or the batch read; done-flag writes are counted apart). Sen
 are 3 s apart per user so the default rule (5 per 10 s) never denies. The module runs
 unchanged on an older checkout (PYTHONPATH=/path/to/old python path/to/this/file.py).
 
+`--redis --state-bytes N` (N > 0): per-user state off vs on over that Redis, alternating
+per run: off = the trivial handler, on = `bench_state_handler` (`@stateful`,
+an N-byte state that changes on every message: every message pays the version-checked
+commit of the whole state with its done-flag, and every user one load on activation);
+the same envelopes (carrying `raw.state_bytes`) in both. Cases `redis_state_off` /
+`redis_state_on`; the on - off difference of host CPU µs/msg goes to stderr.
+
     python -m bench.bench_host_cpu [--users 5000] [--per-user 4] [--batch 500] [--redis]
+                                   [--state-bytes 1024]
 """
 
 from __future__ import annotations
@@ -59,7 +67,9 @@ class _Completions:
             self.all_done.set()
 
 
-def _deliveries(users: int, per_user: int, send_time: int = 0) -> list[Delivery]:
+def _deliveries(
+    users: int, per_user: int, send_time: int = 0, raw: dict[str, Any] | None = None
+) -> list[Delivery]:
     out = []
     offset = 0
     for n in range(per_user):
@@ -71,6 +81,7 @@ def _deliveries(users: int, per_user: int, send_time: int = 0) -> list[Delivery]
                 external_userid=user,
                 msgtype="text",
                 send_time=send_time + 3 * n if send_time else 0,
+                raw=dict(raw or {}),
             )
             out.append(Delivery("t", 0, offset, 1_000, user, env.to_bytes(), env.message_id, "c0"))
             offset += 1
@@ -135,7 +146,10 @@ class _Counter:
         client.execute_command = counted
 
 
-async def _one_redis(users: int, per_user: int, batch: int, url: str) -> dict[str, float]:
+async def _one_redis(
+    users: int, per_user: int, batch: int, url: str, state: str = "", state_bytes: int = 0
+) -> dict[str, float]:
+    """One drain; `state` "" = the plain bench, "off" / "on" = the state comparison."""
     import redis.asyncio as aioredis
 
     from qywx_ray.consume.dedup import RedisDoneStore
@@ -159,11 +173,19 @@ async def _one_redis(users: int, per_user: int, batch: int, url: str) -> dict[st
         extra["batch_reads"] = make_batch_reads(client, admission, lot)
     except ImportError:  # a checkout before the batch read: the separate calls
         pass
-    items = _deliveries(users, per_user, send_time=1_700_000_000)
+    raw = {"state_bytes": state_bytes} if state else None
+    items = _deliveries(users, per_user, send_time=1_700_000_000, raw=raw)
     completions = _Completions(len(items))
+    handler: Any = trivial
+    if state == "on":
+        from qywx_ray.consume import state as state_mod
+        from qywx_ray.consume.handlers import bench_state_handler
+
+        handler = bench_state_handler
+        extra["state_store"] = state_mod.RedisStateStore(client)
     core = HostCore(
         name="bench",
-        handler=trivial,
+        handler=handler,
         dedup=Deduplicator(RedisDoneStore(client, 3600)),
         completions=completions,
         dead_letters=_Letters(),
@@ -179,6 +201,8 @@ async def _one_redis(users: int, per_user: int, batch: int, url: str) -> dict[st
 
     for text in counter.texts:  # loaded first: a NOSCRIPT retry is not a batch's cost
         await client.script_load(text)
+    if state == "on":
+        await client.script_load(state_mod.COMMIT_LUA)
     redis0 = await server_cpu()
     counter.admission = counter.total = 0
     t0, w0 = time.process_time(), time.perf_counter()
@@ -218,31 +242,49 @@ def _main_redis(a: argparse.Namespace) -> None:
         "admission_round_trips_per_batch": "calls",
         "redis_commands_per_batch": "calls",
     }
+    if a.tune_gc:  # as the consume hosts do once built (consume/hosts.py)
+        from qywx_ray.consume.hosts import tune_gc
+
+        tune_gc()
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
-            runs = []
+            cases = ["off", "on"] if a.state_bytes > 0 else [""]
+            by_case: dict[str, list[dict[str, float]]] = {c: [] for c in cases}
             for run in range(a.runs):
-                got = asyncio.run(_one_redis(a.users, a.per_user, a.batch, server.url))
-                runs.append(got)
-                for metric, value in got.items():
-                    emit(
-                        bench="host_cpu",
-                        case="redis",
-                        stage="host",
-                        metric=metric,
-                        value=round(value, 2),
-                        unit=units[metric],
-                        run=run,
-                        users=a.users,
-                        per_user=a.per_user,
-                        batch=a.batch,
+                for state in cases if run % 2 == 0 else cases[::-1]:
+                    got = asyncio.run(
+                        _one_redis(a.users, a.per_user, a.batch, server.url, state, a.state_bytes)
                     )
+                    by_case[state].append(got)
+                    for metric, value in got.items():
+                        emit(
+                            bench="host_cpu",
+                            case=f"redis_state_{state}" if state else "redis",
+                            stage="host",
+                            metric=metric,
+                            value=round(value, 2),
+                            unit=units[metric],
+                            run=run,
+                            users=a.users,
+                            per_user=a.per_user,
+                            batch=a.batch,
+                            **({"state_bytes": a.state_bytes} if state else {}),
+                        )
         finally:
             server.stop()
-    for metric in units:
-        values = [r[metric] for r in runs]
-        print(f"host_cpu redis {metric}: median {statistics.median(values):.2f}", file=sys.stderr)
+    med = {
+        c: {m: statistics.median(r[m] for r in runs) for m in units} for c, runs in by_case.items()
+    }
+    for c, values in med.items():
+        for metric, value in values.items():
+            print(
+                f"host_cpu redis{c and '_state_' + c} {metric}: median {value:.2f}", file=sys.stderr
+            )
+    if a.state_bytes > 0:
+        for metric in ("cpu_per_msg", "redis_cpu_per_msg"):
+            diff = med["on"][metric] - med["off"][metric]
+            print(f"host_cpu state on - off {metric}: {diff:+.2f} us/msg", file=sys.stderr)
 
 
 def main() -> None:
@@ -252,6 +294,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--runs", type=int, default=default_runs(3))
     ap.add_argument("--redis", action="store_true", help="over a real Redis (see module doc)")
+    ap.add_argument(
+        "--tune-gc",
+        action="store_true",
+        help="with --redis: the consume hosts' GC tuning first (freeze, gen0 threshold)",
+    )
+    ap.add_argument("--state-bytes", type=int, default=0, help="> 0 with --redis: state off/on")
     a = ap.parse_args()
     if a.redis:
         _main_redis(a)

@@ -7,7 +7,7 @@ isolates the commit: the client's CPU to group, pack and send a flush's writes
 
 Cases (the same writes in each; `--per-user` successive 1 KiB-state writes per user, all
 of a user's writes in the same flush of `--batch` writes):
-  grouped    one conditional write per user and flush (what RedisDoneStore.commit does)
+  grouped    RedisDoneStore.commit: one conditional write per user and flush
   ungrouped  one group per write (what the script did before grouping: every
              intermediate state sent and written)
   plain      done-flags only (RedisDoneStore.mark_done: what a stateless handler pays)
@@ -44,7 +44,6 @@ from qywx_ray.consume.state import (
     StateWrite,
     WriteGroup,
     commit_args,
-    group_writes,
 )
 
 CASES = ("grouped", "ungrouped", "plain")
@@ -110,8 +109,11 @@ async def one(case: str, url: str, args: argparse.Namespace) -> dict[str, float]
         if case == "plain":
             await store.mark_done([mid for mid, _ in batch])
             continue
-        groups = group_writes(batch) if case == "grouped" else singletons(batch)
-        keys, argv = commit_args(uuid.uuid4().hex, [], groups, DONE_KEY.format, 600, 600)
+        if case == "grouped":
+            refused = await store.commit([], batch, uuid.uuid4().hex)
+            assert not refused, f"{case}: refused {refused}"
+            continue
+        keys, argv = commit_args(uuid.uuid4().hex, [], singletons(batch), DONE_KEY.format, 600, 600)
         refused = await script(keys=keys, args=argv)
         assert not refused, f"{case}: refused {refused}"
     wall = time.perf_counter() - wall0

@@ -278,7 +278,7 @@ def audit(settings: Settings, sim: SimulatorProcess) -> DemoAudit:
 
     from qywx_ray.consume.dedup import DONE_KEY
     from qywx_ray.consume.handlers import TRANSCRIPT_KEY, load_handler
-    from qywx_ray.consume.state import STATE_KEY, state_spec
+    from qywx_ray.consume.state import LOAD_LUA, STATE_KEY, parse_loaded, state_spec
     from qywx_ray.store.client import make_redis
 
     client: redis_lib.Redis = make_redis(settings.redis)
@@ -297,12 +297,10 @@ def audit(settings: Settings, sim: SimulatorProcess) -> DemoAudit:
     if state_spec(handler) is not None and getattr(handler, "__qywx_audit_state__", False):
         # (set by consume.state.counts_messages)
         users = sorted({u for by_user in truth.values() for u in by_user})
-        pipe = client.pipeline(transaction=False)
-        for user in users:
-            pipe.hget(STATE_KEY.format(user), "data")
+        got = client.eval(LOAD_LUA, len(users), *[STATE_KEY.format(u) for u in users])
         states = {
-            user: (json.loads(raw) if raw else {})
-            for user, raw in zip(users, pipe.execute(), strict=True)
+            user: (json.loads(slot.raw) if slot.raw else {})
+            for user, slot in parse_loaded(users, got).items()
         }
     transcripts = None
     if settings.consume.handler == DEFAULT_HANDLER:

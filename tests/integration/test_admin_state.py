@@ -57,11 +57,11 @@ async def commit(env: Env, user: str, version: int, data: bytes, mid: str) -> se
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
 async def test_the_token_is_required(env: Env, redis_client: redis.Redis, method: str) -> None:
     await commit(env, "u1", 0, b'{"step":"menu"}', "m1")
-    before = redis_client.hgetall(STATE_KEY.format("u1"))
+    before = redis_client.dump(STATE_KEY.format("u1"))
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
         r = await env.http.request(method, "/admin/users/u1/state", headers=headers)
         assert r.status_code == 401, r.text
-    assert redis_client.hgetall(STATE_KEY.format("u1")) == before
+    assert redis_client.dump(STATE_KEY.format("u1")) == before
     assert redis_client.llen("qywx:audit") == 0  # nothing was read or changed
 
 
@@ -116,6 +116,21 @@ async def test_read_reset_and_a_stale_commit_after_the_reset(
         ("alice", "state_read", "u1", ""),
         ("alice", "state_read", "nobody", ""),
     ]
+
+
+async def test_an_old_layout_hash_is_read_and_reset(env: Env, redis_client: redis.Redis) -> None:
+    """A state stored before the string layout (a hash: v, data) is shown and reset like
+    a new one; the reset writes the string layout (consume/state.py)."""
+    key = STATE_KEY.format("old")
+    redis_client.hset(key, mapping={"v": 4, "data": b'{"step":"menu"}'})
+    r = await env.http.get("/admin/users/old/state", headers=AUTH)
+    assert r.status_code == 200
+    assert (r.json()["version"], r.json()["state"]) == (4, {"step": "menu"})
+    r = await env.http.delete("/admin/users/old/state", headers=AUTH)
+    assert r.json() == {"user": "old", "version": 5}
+    assert redis_client.type(key) == b"string"
+    slot = (await RedisStateStore(env.redis).load(["old"]))["old"]
+    assert slot == StateSlot(5, b"")
 
 
 async def audit(env: Env) -> list[dict[str, Any]]:

@@ -19,7 +19,15 @@ import redis.asyncio as aioredis
 from qywx_ray.consume.dedup import DONE_KEY, RedisDoneStore
 from qywx_ray.consume.hosts import host_index
 from qywx_ray.consume.pipeline import ConsumePipeline, start_consumers
-from qywx_ray.consume.state import STATE_KEY, RedisStateStore, StateSlot, StateWrite
+from qywx_ray.consume.state import (
+    LOAD_LUA,
+    STATE_KEY,
+    RedisStateStore,
+    StateSlot,
+    StateWrite,
+    pack_state,
+    parse_loaded,
+)
 from qywx_ray.envelope import Envelope
 from qywx_ray.settings import Settings
 from qywx_ray.testing.consume import committed_offsets, ensure_topics, envelopes, produce, wait_for
@@ -67,8 +75,36 @@ def test_commit_script_chains_refuses_stale_and_answers_a_resend(
     asyncio.run(run())
 
 
+def test_an_old_layout_hash_is_read_checked_and_migrated_on_write(
+    redis_url: str, redis_client: redis_lib.Redis
+) -> None:
+    """States written before the string layout (a hash: v, data) stay readable: the load
+    and the commit's version check read the hash, the first commit rewrites it as the
+    string layout; a stale writer is refused against the hash as against the string."""
+
+    async def run() -> None:
+        r = aioredis.Redis.from_url(redis_url)
+        done, states = RedisDoneStore(r, ttl_s=500, state_ttl_s=1000), RedisStateStore(r)
+        key = STATE_KEY.format("old")
+        redis_client.hset(key, mapping={"v": 7, "data": b'{"n":7}'})
+        assert await states.load(["old"]) == {"old": StateSlot(7, b'{"n":7}')}
+        assert await done.commit([], [("s1", StateWrite("old", 6, b'{"n":0}'))], "o1") == {"s1"}
+        assert redis_client.type(key) == b"hash"  # refused: nothing written
+        unchanged = StateWrite("old", 7, None)  # checked against the hash, no write
+        assert await done.commit([], [("u1", unchanged)], "o2") == set()
+        assert redis_client.type(key) == b"hash"
+        assert await done.commit([], [("m1", StateWrite("old", 7, b'{"n":8}'))], "o3") == set()
+        assert redis_client.type(key) == b"string"
+        assert redis_client.get(key) == pack_state(8, b'{"n":8}')
+        assert 900 < redis_client.ttl(key) <= 1000
+        assert await states.load(["old"]) == {"old": StateSlot(8, b'{"n":8}')}
+        await r.aclose()
+
+    asyncio.run(run())
+
+
 def _state(redis_client: redis_lib.Redis, user: str) -> list[str]:
-    raw = redis_client.hget(STATE_KEY.format(user), "data")
+    raw = parse_loaded([user], redis_client.eval(LOAD_LUA, 1, STATE_KEY.format(user)))[user].raw
     return list(json.loads(raw)["seen"]) if raw else []
 
 

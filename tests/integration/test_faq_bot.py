@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from examples.faq_bot import FALLBACK, HANDED_OVER, FaqState, answer_for
-from qywx_ray.consume.state import STATE_KEY
+from qywx_ray.consume.state import LOAD_LUA, STATE_KEY, parse_loaded
 from qywx_ray.demo import audit
 from qywx_ray.devstack.pipeline import LocalPipeline
 from qywx_ray.devstack.procs import wait_until
@@ -103,7 +103,8 @@ def test_faq_bot_through_the_pipeline_and_the_demo_audit(faq_pipeline: LocalPipe
 
     client = p.redis_client()
     for user in users:
-        state = FaqState.model_validate_json(client.hget(STATE_KEY.format(user), "data"))
+        got = client.eval(LOAD_LUA, 1, STATE_KEY.format(user))
+        state = FaqState.model_validate_json(parse_loaded([user], got)[user].raw)
         assert state.model_dump(exclude={"last_msgid"}) == {
             "step": "human",
             "messages": 5,

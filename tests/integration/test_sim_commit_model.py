@@ -20,7 +20,7 @@ import redis as redis_lib
 import redis.asyncio as aioredis
 
 from qywx_ray.consume.dedup import DONE_KEY, RedisDoneStore
-from qywx_ray.consume.state import STATE_KEY, MemoryStateStore, StateWrite
+from qywx_ray.consume.state import LOAD_LUA, STATE_KEY, MemoryStateStore, StateWrite, parse_loaded
 from tests.sim.world import CommitModel
 
 pytestmark = pytest.mark.integration
@@ -65,11 +65,9 @@ def random_call(r: random.Random, model: CommitModel, sent: list[Call]) -> Call:
 
 def redis_state(client: redis_lib.Redis) -> tuple[set[str], dict[str, tuple[int, bytes]]]:
     done = {m for m in MIDS if client.exists(DONE_KEY.format(m))}
-    states: dict[str, tuple[int, bytes]] = {}
-    for u in USERS:
-        got = cast(list[bytes | None], client.hmget(STATE_KEY.format(u), "v", "data"))
-        if got[0] is not None:
-            states[u] = (int(got[0]), got[1] or b"")
+    got = client.eval(LOAD_LUA, len(USERS), *[STATE_KEY.format(u) for u in USERS])
+    slots = parse_loaded(USERS, cast(list[bytes], got))
+    states = {u: (s.version, s.raw) for u, s in slots.items() if client.exists(STATE_KEY.format(u))}
     return done, states
 
 

@@ -21,7 +21,11 @@ from qywx_ray.consume.state import (
     StateSlot,
     StateSpec,
     StateWrite,
+    WriteGroup,
+    commit_args,
     next_write,
+    pack_state,
+    parse_loaded,
     stateful,
 )
 from qywx_ray.consume.types import Delivery
@@ -303,6 +307,22 @@ def test_group_writes_merges_a_users_chain_and_splits_on_a_break() -> None:
         WriteGroup("A", 3, 5, b"3", ["a1", "a2", "a3"]),
         WriteGroup("B", 0, 1, b"x", ["b1", "b2"]),
         WriteGroup("A", 9, 10, b"9", ["a4"]),
+    ]
+
+
+def test_the_stored_layout_is_a_padded_version_then_the_state() -> None:
+    """One string per user: the commit script reads the version as its first 20 bytes
+    and the client sends the new version padded to them (consume/state.py: Versions)."""
+    assert pack_state(12, b'{"n":1}') == b"00000000000000000012" + b'{"n":1}'
+    got = [b"00000000000000000012", b'{"n":1}', "0", ""]  # as LOAD_LUA answers
+    assert parse_loaded(["a", "b"], got) == {"a": StateSlot(12, b'{"n":1}'), "b": StateSlot(0, b"")}
+    group = WriteGroup("a", 12, 13, b'{"n":2}', ["m1"])
+    keys, argv = commit_args("op", [], [group], "d:{}".format, 60, 600)
+    assert keys == [b"qywx:state-commit:op", b"qywx:state:a", b"d:m1"]
+    assert argv[3:] == [b"12 1 " + pack_state(13, b'{"n":2}')]  # expected, flags, value
+    unchanged = WriteGroup("a", 12, 12, None, ["m1", "m2"])
+    assert commit_args("op", [], [unchanged], "d:{}".format, 60, 600)[1][3:] == [
+        b"12 2 " + pack_state(12, b"")
     ]
 
 
