@@ -207,13 +207,22 @@ class Deduplicator:
         self._to_mark: list[_Mark] = []
         self._flusher: asyncio.Task[None] | None = None
         self.redis_ok = True
+        self.checks_bypassable = True  # policy process may skip a check (not: stateful)
+
+    def require_checks(self) -> None:
+        """Never bypass a done-flag check, whatever the policy: retry it until the store
+        answers. For a stateful handler (consume/state.py): a re-delivered message that is
+        already done would otherwise run against a state loaded with its change in it, and
+        the user's next messages would start from that doubled state before its commit is
+        refused. Its state load and commit wait for Redis anyway, so a bypass saved nothing."""
+        self.checks_bypassable = False
 
     async def already_done(self, message_ids: Sequence[str]) -> set[str]:
         """Ids already done (LRU first, then one store round trip for the rest).
 
         Policy stop: retries with backoff while the store is down (the caller waits, so
         nothing completes and commits do not advance). Policy process: returns what the
-        LRU knows and counts the rest as bypassed.
+        LRU knows and counts the rest as bypassed (not after `require_checks`: retried).
         """
         known = {m for m in message_ids if m in self.recent}
         rest = [m for m in message_ids if m not in known]
@@ -224,7 +233,7 @@ class Deduplicator:
         async def check() -> set[str]:
             return await self._reporting(self.store.done_among(rest))
 
-        if self.policy == "process":
+        if self.policy == "process" and self.checks_bypassable:
             try:
                 found = await check()
             except DedupUnavailable as exc:

@@ -43,16 +43,19 @@ first expected version, all or nothing; the intermediate states are never sent (
 could read them between two writes of the same call). Once a group is refused, every
 later one of that user in the flush is refused too (they ran on the refused state). A
 refused commit means another writer moved the state (a second host after a rebalance
-race, an admin DELETE) or the message was already applied (policy `process` ran it
-without a dedup check): the host never completes the message and restarts (crash-only,
+race, an admin DELETE) or the message was already applied (by another host, after this
+host's dedup check): the host never completes the message and restarts (crash-only,
 `on_fatal`), so it is re-delivered and re-run against the stored state. A stale writer
 can therefore never overwrite a newer state: no lost update, no double application.
 
 Redis down. A state cannot be made durable without Redis, so for stateful handlers the
-load and the commit are retried with backoff whatever `consume.redis_down_policy` says
-(the user waits, in order, in memory; its offsets do not commit). Policy `process` keeps
-its meaning for protection and for stateless handlers. Running a handler against a
-missing or defaulted state would silently fork the user's state: we refuse that.
+done-flag check, the load and the commit are retried with backoff whatever
+`consume.redis_down_policy` says (the user waits, in order, in memory; its offsets do not
+commit). Policy `process` keeps its meaning for protection and for stateless handlers.
+Running a handler against a missing or defaulted state would silently fork the user's
+state: we refuse that. So would running a done message (re-delivered after a crash that
+followed its commit) against a loaded state that holds its change: the user's next
+messages would start from the doubled state (`Deduplicator.require_checks`).
 
 DLQ retries. A retry runs through the user's mailbox like any message, against the state
 as it is when it runs. For a failure that parks the user (the default for retryable

@@ -159,6 +159,7 @@ class HostCore:
                 retry_max_s=opt.redis_retry_max_s,
                 on_fatal=on_fatal,
             )
+            dedup.require_checks()  # never run a done message against a state holding it
         # One lane for every parking-lot call of this host (admit, park, hold, advance):
         # Redis applies them in the order the host decided them, and the mailbox snapshot
         # a park pushes is taken while no admit can be in flight

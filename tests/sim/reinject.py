@@ -1,6 +1,6 @@
 # ruff: noqa: E501  (verbatim source snippets)
 """Put one fixed consume defect back, to show the simulator finds it ("teeth");
-8 and 9 are per-user state defects; 10 is the one-call batch read's.
+8, 9 and 11 are per-user state defects; 10 is the one-call batch read's.
 
 EDITS FILES IN PLACE: run it in a throwaway git worktree, never in your checkout:
     git worktree add /tmp/teeth HEAD && cd /tmp/teeth
@@ -145,6 +145,13 @@ elif d == "10":  # the batch read's parking flags ignored: a parked user's messa
         return codes""",
         """    if True:
         return codes""",
+    )
+elif d == "11":  # a stateful handler's done-flag check bypassed (policy process)
+    patch(
+        UA,
+        """            dedup.require_checks()  # never run a done message against a state holding it
+""",
+        "",
     )
 else:
     raise SystemExit(f"no defect {d}")

@@ -244,13 +244,39 @@ async def test_redis_down_policy_process_still_waits_for_the_state_commit() -> N
     core.dedup.policy = "process"
     core.accept([delivery("A", 0, 0)])
     await until(lambda: len(done.done) == 1)
-    store.down = True
+    store.fail_commits = True  # Redis goes down after the check: only the commit fails
     core.accept([delivery("A", 1, 1)])
     await until(lambda: opts["runs"].get("A-m1") == 1)
     await asyncio.sleep(0.1)
     assert len(done.done) == 1  # a state change is never bypassed
-    store.down = False
+    store.fail_commits = False
     await until(lambda: len(done.done) == 2)
+    assert seen(store, "A") == ["A-m0", "A-m1"]
+
+
+async def test_policy_process_redelivered_done_message_never_runs_on_a_state_holding_it() -> None:
+    """Simulator seed 106340: a host crashes after a commit (state and done-flag durable)
+    but before its offset commits; Redis is down when the new host takes the re-delivery.
+    Policy process used to bypass the done-flag check, so the done message ran against a
+    state loaded with its change in it, and the user's next message started from that
+    doubled state (its commit refused only later). A stateful handler's dedup check
+    waits for Redis instead, like its state load."""
+    store = MemoryStateStore()
+    first, done1, _ = make_core(store)
+    first.accept([delivery("A", 0, 0)])
+    await until(lambda: len(done1.done) == 1)  # m0: state and done-flag durable
+    fatal: list[str] = []
+    second, done2, opts = make_core(store, fatal=fatal, redis_down_policy="process")
+    second.dedup.policy = "process"
+    store.down = True
+    second.accept([delivery("A", 0, 0), delivery("A", 1, 1)])  # re-delivered from offset 0
+    await until(lambda: not second.dedup.redis_ok)  # the intake's check met the outage
+    store.down = False
+    await until(lambda: "A-m1" in opts["runs"] or bool(fatal))
+    assert "A-m0" not in opts["runs"]  # done: skipped, not re-run
+    assert dict(opts["saw"])["A-m1"] == ["A-m0"]  # m0 applied once in what m1 starts from
+    await until(lambda: len(done2.done) == 2)
+    assert fatal == []
     assert seen(store, "A") == ["A-m0", "A-m1"]
 
 
