@@ -266,6 +266,19 @@ async def test_park_rate_limited_parks_at_the_head_and_keeps_order() -> None:
     assert handled(opts) == [f"A-m{i}" for i in range(4)]
 
 
+class SlowFlags(MemoryDoneStore):
+    """A done-store whose write of A-m1's flag waits for `gate`: a flag still being written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def mark_done(self, message_ids: Sequence[str]) -> None:
+        if "A-m1" in message_ids:
+            await self.gate.wait()
+        await super().mark_done(message_ids)
+
+
 async def test_next_chunk_after_a_permanent_failure_waits_for_the_chunks_done_flags() -> None:
     """Found by the simulator (seed 108172 once its jitter was seeded): a drained chunk
     [m1, m2]; m1 succeeds (its done-flag still being written), m2 fails for good (no
@@ -273,16 +286,6 @@ async def test_next_chunk_after_a_permanent_failure_waits_for_the_chunks_done_fl
     the lot and the drain owner completes, so the partition committed past m1 while m1
     was not durably done: a crash then lost it. Every drop must see its items durably
     done, whatever ended the chunk."""
-
-    class SlowFlags(MemoryDoneStore):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gate = asyncio.Event()
-
-        async def mark_done(self, message_ids: Sequence[str]) -> None:
-            if "A-m1" in message_ids:
-                await self.gate.wait()
-            await super().mark_done(message_ids)
 
     store = SlowFlags()
     seen_at_drop: list[bool] = []
@@ -315,16 +318,6 @@ async def test_park_of_a_drained_failure_waits_for_the_chunks_done_flags() -> No
     the user with drop=2, which removes m1 from the lot. The drop used to happen before
     m1's flag was durable: a crash then lost m1 (its own offset was committed when it
     was parked). The park must see m1 durably done."""
-
-    class SlowFlags(MemoryDoneStore):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gate = asyncio.Event()
-
-        async def mark_done(self, message_ids: Sequence[str]) -> None:
-            if "A-m1" in message_ids:
-                await self.gate.wait()
-            await super().mark_done(message_ids)
 
     store = SlowFlags()
     seen_at_park: list[bool] = []
