@@ -439,16 +439,6 @@ class HostCore:
     def complete(self, d: Delivery) -> None:
         self.report.complete(d)
 
-    def flush_metrics(self) -> None:
-        self.report.flush_metrics()
-
-    def flush_completions(self) -> None:
-        self.report.flush_completions()
-
-    @property
-    def completions_pending(self) -> int:
-        return self.report.completions_pending
-
     # ------------------------------------------------------------ lifecycle
 
     def sweep(self) -> list[str]:
@@ -475,7 +465,7 @@ class HostCore:
             and not self.pending
             and not self.busy_ingesting
             and not self._bg
-            and self.completions_pending == 0
+            and self.report.completions_pending == 0
             and self.dedup.pending_marks == 0
         )
 

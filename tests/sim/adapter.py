@@ -234,7 +234,7 @@ class Host:
     def quiet(self) -> bool:
         """Nothing pending, being ingested or unreported."""
         c = self.core
-        return not c.pending and not c.busy_ingesting and c.completions_pending == 0
+        return not c.pending and not c.busy_ingesting and c.report.completions_pending == 0
 
     def pending_ids(self) -> set[str]:
         return set(self.core.pending)
