@@ -12,7 +12,6 @@ undurable message and no unreported completion. Never holds per-user order in Ra
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import threading
 import time
@@ -37,6 +36,7 @@ from qywx_ray.dlq.tokens import make_drain_tokens
 from qywx_ray.errors import QywxError
 from qywx_ray.obs.logging import configure_logging, get_logger
 from qywx_ray.placement import actor_options, where
+from qywx_ray.process_tuning import tune_gc
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 
@@ -49,19 +49,6 @@ class IncarnationMismatch(QywxError):
 
 class UserActorDying(QywxError):
     """A dedicated user actor is ending itself; fetch it again and re-send."""
-
-
-def tune_gc() -> None:
-    """For long-lived hot-path actors, once set up: move everything built so far (Ray,
-    pydantic, modules: a large heap) out of the collector's sight, and collect young
-    objects less often. The per-message objects are acyclic and freed by refcount; the
-    cyclic collector walking the whole heap cost up to ~40 % of a host's CPU here."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
-
-
-GC_GEN0_THRESHOLD = 20_000
 
 
 def host_name(settings: Settings, index: int) -> str:

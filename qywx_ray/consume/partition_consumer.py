@@ -35,7 +35,6 @@ from qywx_ray.consume.hosts import (
     get_or_create_user_actor,
     host_index,
     host_name,
-    tune_gc,
     user_actor_name,
 )
 from qywx_ray.consume.placement import (
@@ -58,6 +57,7 @@ from qywx_ray.envelope import header_value
 from qywx_ray.kafka.config import consumer_config
 from qywx_ray.obs.logging import configure_logging, get_logger
 from qywx_ray.obs.metrics import counter, gauge
+from qywx_ray.process_tuning import tune_gc
 from qywx_ray.retry import capped_exponential, retry_sync
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_redis
