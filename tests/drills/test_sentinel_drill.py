@@ -5,7 +5,8 @@ a real Sentinel setup (1 master, 1 replica, 3 sentinels) whose data nodes refuse
 without a replica (`min-replicas-to-write 1`, as the README asks of production). Mid-stream
 the master is failed over. Then: every message processed once, in per-user order, none
 dead-lettered (Redis trouble is retried in place, not parked behind a 60 s DLQ backoff),
-the pipeline drains within a bound, and no WeCom cursor in Redis ever went backwards.
+the pipeline drains within a bound, and no WeCom cursor in Redis went backwards except
+once per account at the failover itself (see CursorWatch).
 
 Root cause of an earlier failure: during a Sentinel failover the old master keeps
 accepting writes for ~1 s after its replica was promoted; the promotion then discards them
@@ -44,12 +45,22 @@ def _cursor_seq(raw: bytes | None) -> int:
 
 class CursorWatch:
     """Samples every cursor from Redis (through the Sentinel client) while the drill runs
-    and records any step backwards."""
+    and records any step backwards, and whether it came before the failover began.
+
+    One step back per account at the failover is Redis's replication, not ours: the
+    watcher can read a cursor the old master accepted but had not yet shipped to its
+    replica, which the promotion then discards (min-replicas-to-write bounds the replica's
+    lag, not each write). The syncer re-pulls from the older cursor; what that re-pull
+    produces again is de-duplicated downstream (the drill's no-duplicate-effects check).
+    Any step back before the failover, or a second one, is a bug of ours."""
 
     def __init__(self, p: LocalPipeline) -> None:
         self.client = p.redis_client()
         self.seen: dict[str, list[int]] = {k: [] for k in KFIDS}
         self.regressions: list[str] = []
+        self.regressed: dict[str, int] = {k: 0 for k in KFIDS}
+        self.before_failover: list[str] = []
+        self.failover_began = threading.Event()
         self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -64,7 +75,11 @@ class CursorWatch:
                     continue
                 history = self.seen[kfid]
                 if history and seq < history[-1]:
-                    self.regressions.append(f"{kfid}: {history[-1]} -> {seq}")
+                    step = f"{kfid}: {history[-1]} -> {seq}"
+                    self.regressions.append(step)
+                    self.regressed[kfid] += 1
+                    if not self.failover_began.is_set():
+                        self.before_failover.append(step)
                 history.append(seq)
             self._stop.wait(0.05)
 
@@ -95,6 +110,7 @@ def test_sentinel_failover_mid_stream(
         with CursorWatch(p) as watch:
             with Chatter(p, KFIDS, users=6) as chatter:
                 time.sleep(5)
+                watch.failover_began.set()
                 new = cluster.failover()
                 time.sleep(8)
             assert new != old
@@ -106,7 +122,8 @@ def test_sentinel_failover_mid_stream(
                 k: _cursor_seq(p.redis_client().hget(f"qywx:cursor:{k}", "cursor")) for k in KFIDS
             }
         print(f"drill: drained in {drained_s:.1f}s after the chat; cursors {final}")
-        assert not watch.regressions, watch.regressions
+        assert not watch.before_failover, watch.before_failover
+        assert all(n <= 1 for n in watch.regressed.values()), watch.regressions
         assert all(len(v) > 20 for v in watch.seen.values()), "the cursor watch saw too little"
         assert all(final[k] >= max(watch.seen[k]) for k in KFIDS)
         assert result.lost == 0
