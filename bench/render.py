@@ -72,19 +72,31 @@ def render_machine(machine: dict[str, Any], benches: list[BenchResults]) -> list
     return [*lines, ""]
 
 
+def bench_runs(bench: BenchResults) -> str:
+    """Which harness run(s) a bench's figures come from: `make bench` rewrites only the
+    benches it ran, and a bench run on its own has no run id."""
+    ids = {m.run_id for m in bench.measurements}
+    if bench.harness is not None and bench.harness.get("run_id"):
+        ids.add(bench.harness["run_id"])
+    named = [f"`{i}`" for i in sorted(i for i in ids if i)]
+    if None in ids and bench.measurements:
+        named.append("outside the harness")
+    return ", ".join(named) or "-"
+
+
 def render_harness(benches: list[BenchResults]) -> list[str]:
     lines = [
-        "| bench | status | exit | elapsed s | load1 start→end | steal % | lines | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| bench | run | status | exit | elapsed s | load1 start→end | steal % | lines | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for b in benches:
         h = b.harness or {}
         status = h.get("status", "no harness record")
         load = f"{h.get('load1_start', '?')}→{h.get('load1_end', '?')}" if h else "-"
         lines.append(
-            f"| {b.name} | {status} | {h.get('returncode', '-')} | {h.get('elapsed_s', '-')} "
-            f"| {load} | {h.get('steal_pct', '-')} | {len(b.measurements)} "
-            f"| {len(b.errors) + b.bad_lines} |"
+            f"| {b.name} | {bench_runs(b)} | {status} | {h.get('returncode', '-')} "
+            f"| {h.get('elapsed_s', '-')} | {load} | {h.get('steal_pct', '-')} "
+            f"| {len(b.measurements)} | {len(b.errors) + b.bad_lines} |"
         )
     return [*lines, ""]
 
@@ -405,7 +417,9 @@ def render_report(
         "# qywx-ray benchmark report",
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from "
-        f"`bench/results/` (run `{run_id or 'unknown'}`, mode {mode}). Figures are medians "
+        f"`bench/results/` (machine facts from run `{run_id or 'unknown'}`, mode {mode}; "
+        "each bench's run is in the Harness table: `make bench` rewrites only what it ran). "
+        "Figures are medians "
         "of the repeated runs with their min and max: the vCPUs here are slow and the "
         "hypervisor steals time, so a single run means little. Throughput is read against "
         "the Kafka ceiling (`kafka_ceiling`: raw confluent-kafka loop, else Kafka's perf "

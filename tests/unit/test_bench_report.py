@@ -233,7 +233,9 @@ def test_report_tables_ceilings_failures_and_machine(sample_results: Path) -> No
     assert "| nproc | 2 |" in text
     assert "24.0 GiB" in text
     assert "| ray | 2.60.0 |" in text
-    assert "| callback | timeout | -15 |" in text
+    assert "| callback | - | timeout | -15 |" in text
+    # Each bench says which harness run its figures come from.
+    assert "| consume | `R1` | ok |" in text
     assert "TimeoutError: stuck" in text
     assert "broker went away" in text
     # Medians with min/max, ceiling first.
