@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 from qywx_ray.devstack.pipeline import RECORD_KEY, AuditResult, LocalPipeline
+from qywx_ray.errors import InfraError
 
 # The drills chat at machine speed (10 messages per customer in a few seconds), far above
 # the default rule's 5 per 10 s: with that rule they would test the rate limiter, not the
@@ -42,7 +43,12 @@ def chat(
 def finish(
     p: LocalPipeline, expected: int, timeout_s: float = 120.0, processed: int | None = None
 ) -> AuditResult:
-    p.wait_drained(expected, timeout_s=timeout_s, processed=processed)
+    try:
+        p.wait_drained(expected, timeout_s=timeout_s, processed=processed)
+    except InfraError:  # not drained in time: say what is missing before failing
+        print(f"\ndrill audit at the drain timeout: {p.audit().line()}")
+        print(evidence(p))
+        raise
     result = p.audit()
     print(f"\ndrill audit: {result.line()}")
     if not result.ok:
