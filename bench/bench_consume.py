@@ -267,6 +267,8 @@ class ModeBench:
         n = produce(self.settings, msgs)
         if ceiling:
             self.raw_ceiling(n)
+        quiet_wait_s = self.wait_redis_quiet()
+        redis_start = self.redis_busy()
         # CPU baseline taken as soon as the consumers answer (they are still joining the
         # group); fresh consumer instances count completions from 0
         p = self.pipeline = start_consumers(self.settings)
@@ -300,6 +302,9 @@ class ModeBench:
                 "completed": done,
                 "elapsed_s": round(elapsed, 3),
                 "loadavg": os.getloadavg(),
+                "redis_quiet_wait_s": quiet_wait_s,
+                "redis_start": redis_start,
+                "redis_end": self.redis_busy(),
             },
         )
         for group in ("consumers", "hosts"):
@@ -408,6 +413,16 @@ class ModeBench:
             facts["redis_end"] = self.redis_busy()
             facts["steal_pct"] = machine.steal_pct(jiffies0, machine.cpu_jiffies())
             facts["window_s"] = round(elapsed, 2)
+
+    def wait_redis_quiet(self, timeout_s: float = 120.0) -> float:
+        """Before a drain: let a Redis AOF rewrite / background save that an earlier drain
+        started finish first (bounded), so it is not charged to this one. A state-on drain
+        appends ~55 MB of AOF at 10,000 users x 5; the rewrite it triggers used to land on
+        whichever variant ran next. Returns the seconds waited (in the drain's extra)."""
+        t0 = time.monotonic()
+        while any(self.redis_busy().values()) and time.monotonic() - t0 < timeout_s:
+            time.sleep(0.2)
+        return round(time.monotonic() - t0, 2)
 
     def redis_busy(self) -> dict[str, int]:
         """Redis persistence work in progress (1/0), from INFO persistence."""
