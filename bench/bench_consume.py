@@ -416,9 +416,9 @@ class ModeBench:
 
     def wait_redis_quiet(self, timeout_s: float = 120.0) -> float:
         """Before a drain: let a Redis AOF rewrite / background save that an earlier drain
-        started finish first (bounded), so it is not charged to this one. A state-on drain
-        appends ~55 MB of AOF at 10,000 users x 5; the rewrite it triggers used to land on
-        whichever variant ran next. Returns the seconds waited (in the drain's extra)."""
+        started finish first (bounded), so it is not charged to this one (a state-on drain
+        appends ~55 MB of AOF at 10,000 users x 5). Returns the seconds waited, recorded in
+        the drain's extra with Redis's persistence state at its start and end."""
         t0 = time.monotonic()
         while any(self.redis_busy().values()) and time.monotonic() - t0 < timeout_s:
             time.sleep(0.2)
