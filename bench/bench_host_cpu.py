@@ -243,9 +243,13 @@ def _main_redis(a: argparse.Namespace) -> None:
         "redis_commands_per_batch": "calls",
     }
     if a.tune_gc:  # as the consume hosts do once built (consume/hosts.py)
-        from qywx_ray.consume.hosts import tune_gc
+        import importlib
 
-        tune_gc()
+        try:
+            tuning = importlib.import_module("qywx_ray.process_tuning")
+        except ImportError:  # an older checkout: the hosts' own copy
+            tuning = importlib.import_module("qywx_ray.consume.hosts")
+        tuning.tune_gc()
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
