@@ -279,6 +279,25 @@ class SlowFlags(MemoryDoneStore):
         await super().mark_done(message_ids)
 
 
+async def drain_a_chunk_ending_in(
+    order: MemoryRetryOrder, store: SlowFlags, fail: str
+) -> dict[str, Any]:
+    """User A parked behind A-m0 with [m1 ok, m2 `fail`] in the lot; A-m0's retry drains
+    them as one chunk. Returns once m2 has failed (its dead letter written), with m1's
+    done-flag still being written; then lets the loop run every step that needs no
+    timer (the lot and stores here have none: a drop or park that does not wait for
+    m1's flag has run by then), and only then lets the flag become durable."""
+    core, _done, letters, opts = make(order, store=store, park_drain_chunk=2)
+    order.flag["A"] = "A-m0"
+    order.lots["A"] = [delivery("A", 1, 1).value, delivery("A", 2, 2, fail=fail).value]
+    core.accept([retry_of("A", 0)])
+    await until(lambda: any(x.message_id == "A-m2" for x in letters.letters))
+    for _ in range(200):  # loop passes, not time: the same on a slow machine
+        await asyncio.sleep(0)
+    store.gate.set()
+    return opts
+
+
 async def test_next_chunk_after_a_permanent_failure_waits_for_the_chunks_done_flags() -> None:
     """Found by the simulator (seed 108172 once its jitter was seeded): a drained chunk
     [m1, m2]; m1 succeeds (its done-flag still being written), m2 fails for good (no
@@ -299,13 +318,7 @@ async def test_next_chunk_after_a_permanent_failure_waits_for_the_chunks_done_fl
             return await super().advance(user, mid, drop_n, max_n, op_id)
 
     order = Watching()
-    core, _done, letters, opts = make(order, store=store, park_drain_chunk=2)
-    order.flag["A"] = "A-m0"
-    order.lots["A"] = [delivery("A", 1, 1).value, delivery("A", 2, 2, fail="permanent").value]
-    core.accept([retry_of("A", 0)])
-    await until(lambda: any(x.message_id == "A-m2" for x in letters.letters))
-    # Margin only: the drain has no timers, so a drop that does not wait runs now.
-    asyncio.get_running_loop().call_later(0.2, store.gate.set)
+    opts = await drain_a_chunk_ending_in(order, store, "permanent")
     await until(lambda: bool(seen_at_drop))
     assert seen_at_drop == [True]
     await until(lambda: order.flag == {})
@@ -329,13 +342,7 @@ async def test_park_of_a_drained_failure_waits_for_the_chunks_done_flags() -> No
             return await super().park(request)
 
     order = Watching()
-    core, _done, letters, opts = make(order, store=store, park_drain_chunk=2)
-    order.flag["A"] = "A-m0"
-    order.lots["A"] = [delivery("A", 1, 1).value, delivery("A", 2, 2, fail="retryable").value]
-    core.accept([retry_of("A", 0)])
-    await until(lambda: any(x.message_id == "A-m2" for x in letters.letters))
-    # Margin only: the park path has no timers, so a park that does not wait runs now.
-    asyncio.get_running_loop().call_later(0.2, store.gate.set)
+    opts = await drain_a_chunk_ending_in(order, store, "retryable")
     await until(lambda: bool(seen_at_park))
     assert seen_at_park == [True]
     assert handled(opts) == ["A-m0", "A-m1"]
