@@ -149,9 +149,8 @@ class _Counter:
 async def _one_redis(
     users: int, per_user: int, batch: int, url: str, state: str = "", state_bytes: int = 0
 ) -> dict[str, float]:
-    """One drain; `state` "" = the plain bench, "off" / "on" = the state comparison."""
-    import redis.asyncio as aioredis
-
+    """One drain; `state` "" = the plain bench, "off" / "on" = the state comparison.
+    The client is the hosts' own (store.client.make_async_redis: pool, retry, packing)."""
     from qywx_ray.consume.dedup import RedisDoneStore
     from qywx_ray.dlq.parking import AsyncParkingLot
     from qywx_ray.dlq.settings import DLQSettings
@@ -159,8 +158,10 @@ async def _one_redis(
     from qywx_ray.protect.groups import UserGroups
     from qywx_ray.protect.ratelimit import RateLimiter
     from qywx_ray.protect.settings import ProtectSettings
+    from qywx_ray.store.client import make_async_redis
+    from qywx_ray.store.settings import RedisSettings
 
-    client = aioredis.Redis.from_url(url)
+    client = make_async_redis(RedisSettings(url=url))
     await client.flushdb()
     counter = _Counter(client)
     settings = ProtectSettings()

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
-import redis.asyncio as aioredis
 
 from bench.output import emit, log
 from bench.runs import default_runs
@@ -45,6 +44,8 @@ from qywx_ray.consume.state import (
     WriteGroup,
     commit_args,
 )
+from qywx_ray.store.client import make_async_redis
+from qywx_ray.store.settings import RedisSettings
 
 CASES = ("grouped", "ungrouped", "plain")
 
@@ -95,7 +96,7 @@ def singletons(writes: list[tuple[str, StateWrite]]) -> list[WriteGroup]:
 
 
 async def one(case: str, url: str, args: argparse.Namespace) -> dict[str, float]:
-    client = aioredis.Redis.from_url(url)
+    client = make_async_redis(RedisSettings(url=url))  # the hosts' client
     sync = redis_lib.Redis.from_url(url)
     store = RedisDoneStore(client, ttl_s=600, state_ttl_s=600)
     script = client.register_script(COMMIT_LUA)
