@@ -345,10 +345,12 @@ def test_the_stored_layout_is_a_padded_version_then_the_state() -> None:
     group = WriteGroup("a", 12, 13, b'{"n":2}', ["m1"])
     keys, argv = commit_args("op", [], [group], "d:{}".format, 60, 600)
     assert keys == [b"qywx:state-commit:op", b"qywx:state:a", b"d:m1"]
-    assert argv[3:] == [b"12 1 " + pack_state(13, b'{"n":2}')]  # expected, flags, value
+    assert argv[3:] == [b"12 1", pack_state(13, b'{"n":2}')]  # heads, then each value
     unchanged = WriteGroup("a", 12, 12, None, ["m1", "m2"])
-    assert commit_args("op", [], [unchanged], "d:{}".format, 60, 600)[1][3:] == [
-        b"12 2 " + pack_state(12, b"")
+    assert commit_args("op", [], [group, unchanged], "d:{}".format, 60, 600)[1][3:] == [
+        b"12 1,12 2",
+        pack_state(13, b'{"n":2}'),
+        b"",  # unchanged: nothing to store
     ]
 
 
