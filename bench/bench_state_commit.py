@@ -3,7 +3,7 @@
 Why: `bench_consume.py --only state` measures what state costs a message end to end, on
 a shared machine where the host, the consumers and Redis compete for 2 cores; this one
 isolates the commit: the client's CPU to group, pack and send a flush's writes
-(group_writes + commit_args + EVALSHA) and Redis's CPU to run the script, per commit.
+(commit_args + EVALSHA) and Redis's CPU to run the script, per commit.
 
 Cases (the same writes in each; `--per-user` successive 1 KiB-state writes per user, all
 of a user's writes in the same flush of `--batch` writes):
@@ -43,7 +43,7 @@ from qywx_ray.consume.state import (
     COMMIT_LUA,
     StateWrite,
     WriteGroup,
-    commit_args,
+    group_args,
 )
 from qywx_ray.store.client import make_async_redis
 from qywx_ray.store.settings import RedisSettings
@@ -124,7 +124,7 @@ async def one(case: str, url: str, args: argparse.Namespace) -> dict[str, float]
             refused = await store.commit([], batch, uuid.uuid4().hex)
             assert not refused, f"{case}: refused {refused}"
             continue
-        keys, argv = commit_args(uuid.uuid4().hex, [], singletons(batch), DONE_KEY.format, 600, 600)
+        keys, argv = group_args(uuid.uuid4().hex, [], singletons(batch), DONE_KEY.format, 600, 600)
         refused = await script(keys=keys, args=argv)
         assert not refused, f"{case}: refused {refused}"
     wall = time.perf_counter() - wall0

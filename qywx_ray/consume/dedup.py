@@ -144,11 +144,10 @@ class RedisDoneStore:
 
         if self._commit_script is None:
             self._commit_script = self._redis.register_script(COMMIT_LUA)
-        groups = group_writes(writes)
         keys, argv = commit_args(
             op_id,
             [DONE_KEY.format(m) for m in message_ids],
-            groups,
+            writes,
             DONE_KEY.format,
             self._ttl_s,
             self._state_ttl_s,
@@ -157,6 +156,9 @@ class RedisDoneStore:
             refused = await self._commit_script(keys=keys, args=argv)
         except Exception as exc:
             raise DedupUnavailable(str(exc)) from exc
+        if not refused:
+            return set()
+        groups = group_writes(writes)  # the order the script's answer refers to
         return {m for i in refused for m in groups[int(i) - 1].message_ids}
 
 

@@ -81,7 +81,7 @@ import asyncio
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 from pydantic import BaseModel
@@ -218,10 +218,11 @@ class StateSlot:
         return value if value is not None else spec.decode(self.raw)
 
 
-@dataclass(frozen=True)
-class StateWrite:
+class StateWrite(NamedTuple):
     """One message's state commit: applies only at `expected_version` and while the
-    message is not done; `data` None = unchanged (version checked, not bumped)."""
+    message is not done; `data` None = unchanged (version checked, not bumped). A named
+    tuple: one is built per message on the hosts' hot path (a frozen dataclass costs
+    three times as much to build)."""
 
     user: str
     expected_version: int
@@ -492,33 +493,55 @@ class MemoryStateStore:
 def commit_args(
     op_id: str,
     done_keys: Sequence[str],
+    writes: Sequence[tuple[str, StateWrite]],
+    done_key: Callable[[str], str],
+    done_ttl_s: int,
+    state_ttl_s: int,
+) -> tuple[list[Any], list[Any]]:
+    """KEYS and ARGV of COMMIT_LUA for a flush: its plain done keys and its writes, grouped
+    as `group_writes` groups them (the script's answer names groups by their index in
+    that order). The common flush, one write per user, is built in one pass without the
+    group objects: the same arguments (tests/unit/test_consume_state.py), ~1 µs less per
+    message on the hosts' hot path."""
+    if len({w.user for _, w in writes}) != len(writes):
+        return group_args(op_id, done_keys, group_writes(writes), done_key, done_ttl_s, state_ttl_s)
+    keys: list[Any] = [COMMIT_OP_KEY.format(op_id).encode(), *done_keys]
+    heads: list[bytes] = []
+    values: list[bytes] = []
+    for mid, w in writes:  # each its own group: one done key, version +1 if it changed
+        keys.append(STATE_KEY.format(w.user).encode())
+        keys.append(done_key(mid).encode())
+        heads.append(b"%d 1" % w.expected_version)
+        values.append(b"" if w.data is None else pack_state(w.expected_version + 1, w.data))
+    return keys, _argv(len(done_keys), done_ttl_s, state_ttl_s, heads, values)
+
+
+def group_args(
+    op_id: str,
+    done_keys: Sequence[str],
     groups: Sequence[WriteGroup],
     done_key: Callable[[str], str],
     done_ttl_s: int,
     state_ttl_s: int,
 ) -> tuple[list[Any], list[Any]]:
-    """KEYS and ARGV of COMMIT_LUA, all bytes: redis-py's encoder passes bytes through at
-    its first check (a str or int costs it four checks and a conversion, per argument)."""
+    """KEYS and ARGV of COMMIT_LUA for these groups, all bytes: redis-py's encoder passes
+    bytes through at its first check (a str or int costs it four checks and a conversion,
+    per argument)."""
     keys: list[Any] = [COMMIT_OP_KEY.format(op_id).encode(), *done_keys]
     heads: list[bytes] = []
     values: list[bytes] = []
     for g in groups:
-        mids = g.message_ids
-        if len(mids) == 1:  # the common case, kept cheap
-            keys += [STATE_KEY.format(g.user).encode(), done_key(mids[0]).encode()]
-        else:
-            keys.append(STATE_KEY.format(g.user).encode())
-            keys += [done_key(m).encode() for m in mids]
-        heads.append(b"%d %d" % (g.expected_version, len(mids)))
+        keys.append(STATE_KEY.format(g.user).encode())
+        keys += [done_key(m).encode() for m in g.message_ids]
+        heads.append(b"%d %d" % (g.expected_version, len(g.message_ids)))
         values.append(pack_state(g.new_version, g.data) if g.data is not None else b"")
-    argv: list[Any] = [
-        b"%d" % len(done_keys),
-        b"%d" % done_ttl_s,
-        b"%d" % state_ttl_s,
-        b",".join(heads),
-        *values,
-    ]
-    return keys, argv
+    return keys, _argv(len(done_keys), done_ttl_s, state_ttl_s, heads, values)
+
+
+def _argv(
+    n_plain: int, done_ttl_s: int, state_ttl_s: int, heads: list[bytes], values: list[bytes]
+) -> list[Any]:
+    return [b"%d" % n_plain, b"%d" % done_ttl_s, b"%d" % state_ttl_s, b",".join(heads), *values]
 
 
 class StateLoader:

@@ -12,6 +12,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from qywx_ray.consume.dedup import Deduplicator
@@ -23,6 +25,8 @@ from qywx_ray.consume.state import (
     StateWrite,
     WriteGroup,
     commit_args,
+    group_args,
+    group_writes,
     next_write,
     pack_state,
     parse_loaded,
@@ -343,11 +347,11 @@ def test_the_stored_layout_is_a_padded_version_then_the_state() -> None:
     got = [b"00000000000000000012", b'{"n":1}', "0", ""]  # as LOAD_LUA answers
     assert parse_loaded(["a", "b"], got) == {"a": StateSlot(12, b'{"n":1}'), "b": StateSlot(0, b"")}
     group = WriteGroup("a", 12, 13, b'{"n":2}', ["m1"])
-    keys, argv = commit_args("op", [], [group], "d:{}".format, 60, 600)
+    keys, argv = group_args("op", [], [group], "d:{}".format, 60, 600)
     assert keys == [b"qywx:state-commit:op", b"qywx:state:a", b"d:m1"]
     assert argv[3:] == [b"12 1", pack_state(13, b'{"n":2}')]  # heads, then each value
     unchanged = WriteGroup("a", 12, 12, None, ["m1", "m2"])
-    assert commit_args("op", [], [group, unchanged], "d:{}".format, 60, 600)[1][3:] == [
+    assert group_args("op", [], [group, unchanged], "d:{}".format, 60, 600)[1][3:] == [
         b"12 1,12 2",
         pack_state(13, b'{"n":2}'),
         b"",  # unchanged: nothing to store
@@ -368,3 +372,25 @@ def test_json_state_encoding_orjson_with_the_stdlib_as_fallback() -> None:
     assert decode_json(b'{"x":NaN}')["x"] != decode_json(b'{"x":NaN}')["x"]  # old states
     with pytest.raises(TypeError, match="set"):  # not JSON: refused by both encoders
         StateSpec().encode({"s": {1}})
+
+
+writes_of_a_flush = st.lists(
+    st.tuples(
+        st.sampled_from(["A", "B", "C", "D"]),
+        st.integers(min_value=0, max_value=3),
+        st.one_of(st.none(), st.binary(max_size=8)),
+    ),
+    max_size=6,
+)
+
+
+@given(writes_of_a_flush, st.lists(st.sampled_from(["p1", "p2"]), max_size=2))
+def test_commit_args_are_the_grouped_arguments(
+    raw: list[tuple[str, int, bytes | None]], plain: list[str]
+) -> None:
+    """commit_args' one-pass path (every user once) sends exactly what grouping would,
+    and whatever the flush, the script's group indexes refer to group_writes' order."""
+    writes = [(f"m{i}", StateWrite(u, v, d)) for i, (u, v, d) in enumerate(raw)]
+    done = [f"d:{p}" for p in plain]
+    grouped = group_args("op", done, group_writes(writes), "d:{}".format, 60, 600)
+    assert commit_args("op", done, writes, "d:{}".format, 60, 600) == grouped
