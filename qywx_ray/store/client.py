@@ -176,10 +176,26 @@ def pack_resp(encode: Callable[[Any], Any], args: tuple[Any, ...]) -> bytes:
     return b"".join(out)
 
 
+class _RespPacker:
+    """redis-py's packer interface (`pack(*args) -> list[bytes]`) over `pack_resp`."""
+
+    def __init__(self, encode: Callable[[Any], Any]) -> None:
+        self._encode = encode
+
+    def pack(self, *args: Any) -> list[bytes]:
+        return [pack_resp(self._encode, args)]
+
+
 class _RespPacking:
-    """Mixin for a redis-py connection class (sync or asyncio): packs with `pack_resp`."""
+    """Mixin for a redis-py connection class, sync or asyncio: packs with `pack_resp`.
+    A sync connection's `send_command` and `pack_commands` call its packer object
+    directly (hence `_construct_command_packer`); an asyncio one goes through
+    `pack_command` for everything."""
 
     encoder: Any
+
+    def _construct_command_packer(self, packer: Any) -> Any:
+        return packer if packer is not None else _RespPacker(self.encoder.encode)
 
     def pack_command(self, *args: Any) -> list[bytes]:
         return [pack_resp(self.encoder.encode, args)]

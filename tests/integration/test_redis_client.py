@@ -26,17 +26,24 @@ VALUES: list[bytes | str | int | float | memoryview] = [
 ECHO_LUA = "return {#KEYS, ARGV[1], ARGV[#ARGV]}"
 
 
-async def test_async_client_round_trips_every_kind_of_value(
-    redis_url: str, redis_client: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    packed: list[int] = []
+@pytest.fixture
+def packed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The argument count of every command packed by store.client's packer."""
     import qywx_ray.store.client as client_module
 
+    counts: list[int] = []
+
     def counting(encode: Callable[[Any], Any], args: tuple[Any, ...]) -> bytes:
-        packed.append(len(args))
+        counts.append(len(args))
         return pack_resp(encode, args)
 
     monkeypatch.setattr(client_module, "pack_resp", counting)
+    return counts
+
+
+async def test_async_client_round_trips_every_kind_of_value(
+    redis_url: str, redis_client: redis_lib.Redis, packed: list[int]
+) -> None:
     client = make_async_redis(RedisSettings(url=redis_url))
     try:
         for i, value in enumerate(VALUES):
@@ -54,11 +61,17 @@ async def test_async_client_round_trips_every_kind_of_value(
         await client.aclose()
 
 
-def test_sync_client_round_trips(redis_url: str, redis_client: redis_lib.Redis) -> None:
+def test_sync_client_round_trips(
+    redis_url: str, redis_client: redis_lib.Redis, packed: list[int]
+) -> None:
     client = make_redis(RedisSettings(url=redis_url))
     try:
         client.set("s", memoryview(b"sync"))
         assert redis_client.get("s") == b"sync"
         assert client.execute_command("CONFIG GET", "appendonly")  # two-word command
+        pipe = client.pipeline()
+        pipe.set("p", 1).incr("p")
+        assert pipe.execute() == [True, 2]
+        assert 3 in packed  # the SET (and the pipeline's) went through pack_resp
     finally:
         client.close()

@@ -4,7 +4,7 @@ Random commit calls (plain done-flags, state writes of a few users that mostly c
 what is stored, sometimes stale, unchanged, already done or repeated; and resends of
 earlier calls with the same op id, as the Deduplicator does after a lost reply) go to
 `CommitModel` (tests/sim/world.py), to `MemoryStateStore` (the unit tests' store) and to
-`RedisDoneStore.commit` (group_writes + COMMIT_LUA) on a real Redis: every answer and the
+`RedisDoneStore.commit` (commit_args + COMMIT_LUA) on a real Redis: every answer and the
 final done-flags and states must match. The simulator is only as good as this model.
 """
 
