@@ -70,7 +70,8 @@ def test_sync_client_round_trips(
         assert redis_client.get("s") == b"sync"
         assert client.execute_command("CONFIG GET", "appendonly")  # two-word command
         pipe = client.pipeline()
-        pipe.set("p", 1).incr("p")
+        pipe.set("p", 1)
+        pipe.incr("p")
         assert pipe.execute() == [True, 2]
         assert 3 in packed  # the SET (and the pipeline's) went through pack_resp
     finally:
