@@ -342,9 +342,11 @@ def parse_loaded(users: Sequence[str], got: Sequence[Any]) -> dict[str, StateSlo
 # µs each with store.client.pack_resp, more with redis-py's own packer).
 # `version` reads the stored version: 20 bytes of the string, or `v` of an old-layout
 # hash (GETRANGE on a hash is a WRONGTYPE error); SET replaces either (migrated on write).
-# A group applies whole or not at all: the stored version must be the expected one and
-# none of its messages done (checked before anything of it is written); then its
-# done-flags, and its last state at the new version. Once a group of a user is refused,
+# A group applies whole or not at all: the stored version must be the expected one (checked
+# first) and none of its messages done: each done-flag is set only if absent (SET NX, one
+# command per message, where an EXISTS check before the writes took two), and one that is
+# already there deletes the flags the group set before it; then its last state at the new
+# version. Once a group of a user is refused,
 # every later group of that user in the call is refused too (they ran on its state).
 # Returns the 1-based indexes of the refused groups. The answer is kept under the op key
 # (for done_ttl_s): a resend of the same call after a lost reply gets the first answer and
@@ -370,19 +372,13 @@ for expected, n in string.gmatch(ARGV[4], '(%-?%d+) (%d+)') do
   expected, n = tonumber(expected), tonumber(n)
   local skey = KEYS[k]
   local ok = not broken[skey] and version(skey) == expected
-  if ok and n == 1 then  -- the common case: the check and the flag in one command
-    ok = redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[2]) ~= false
-  elseif ok then  -- every flag checked before any is written: all or nothing
-    local seen = {}
-    for i = k + 1, k + n do
-      if seen[KEYS[i]] or redis.call('EXISTS', KEYS[i]) == 1 then
+  if ok then  -- each flag only if absent (check and write in one command); one already
+    for i = k + 1, k + n do  -- there (or twice in the group) undoes the group's own
+      if not redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
+        for j = k + 1, i - 1 do redis.call('DEL', KEYS[j]) end
         ok = false
         break
       end
-      seen[KEYS[i]] = true
-    end
-    if ok then
-      for i = k + 1, k + n do redis.call('SET', KEYS[i], '1', 'EX', ARGV[2]) end
     end
   end
   if ok then
