@@ -326,7 +326,9 @@ class HostCore:
             options=self.opt.handler_options,
         )
         states = self.states
-        slot = await states.slot(mb) if states is not None else None
+        slot = None
+        if states is not None:  # loaded once per activation: no coroutine per message after
+            slot = mb.user_state if mb.user_state is not None else await states.slot(mb)
         t0 = time.perf_counter()
         reason, error = await run_head(
             self.handler,
