@@ -346,8 +346,8 @@ def parse_loaded(users: Sequence[str], got: Sequence[Any]) -> dict[str, StateSlo
 # first) and none of its messages done: each done-flag is set only if absent (SET NX, one
 # command per message, where an EXISTS check before the writes took two), and one that is
 # already there deletes the flags the group set before it; then its last state at the new
-# version. Once a group of a user is refused,
-# every later group of that user in the call is refused too (they ran on its state).
+# version. Once a group of a user is refused, every later group of that user in the call
+# is refused too (they ran on its state).
 # Returns the 1-based indexes of the refused groups. The answer is kept under the op key
 # (for done_ttl_s): a resend of the same call after a lost reply gets the first answer and
 # applies nothing again.
