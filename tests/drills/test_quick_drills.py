@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Producer
 
 from qywx_ray.devstack.pipeline import LocalPipeline
-from tests.helpers.drills import chat, finish
+from tests.helpers.drills import chat, finish, wait_or_explain
 
 pytestmark = pytest.mark.integration
 
@@ -68,9 +68,8 @@ def test_hanging_handler_times_out_and_is_retried_in_order(
     total += 1 + chat(p, ["wkH"], users=3, rounds=2)
     client = p.redis_client()
     # The hung message times out into the DLQ; once the downstream recovers, it is retried.
-    from qywx_ray.devstack.procs import wait_until
-
-    wait_until(
+    wait_or_explain(
+        p,
         lambda: stuck[0].encode() in client.hkeys("qywx:dlq:letters"),
         timeout_s=150,  # recovery actor start + DLQ consume under load
         what="the hung message to be dead-lettered",

@@ -6,9 +6,11 @@ Fixtures stay in tests/drills/conftest.py; tests import these from here.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from qywx_ray.devstack.pipeline import RECORD_KEY, AuditResult, LocalPipeline
+from qywx_ray.devstack.procs import wait_until
 from qywx_ray.errors import InfraError
 
 # The drills chat at machine speed (10 messages per customer in a few seconds), far above
@@ -76,6 +78,7 @@ def evidence(p: LocalPipeline) -> str:
                 lines.append(f"user {user} ({len(ids)} msgs)")
                 lines.append(f"  effects: {' '.join(map(str, got))}")
                 lines.append(f"  calls:   {' '.join(map(str, called))}")
+    lines.extend(_pipeline_state(p))
     try:
         from ray._private.worker import global_worker
 
@@ -84,6 +87,61 @@ def evidence(p: LocalPipeline) -> str:
     except Exception as exc:  # evidence is best effort; the audit already failed
         lines.append(f"ray logs: unknown ({exc!r})")
     return "\n".join(["drill evidence:", *lines])
+
+
+def _pipeline_state(p: LocalPipeline) -> list[str]:
+    """Where each stage stands: the consumers' partitions, in-flight work and errors,
+    each host's counts and its unfinished mailboxes, the recovery actor's view, the
+    indexed dead letters and the main topic's lag. Each part is best effort: a stage
+    that does not answer says so instead of hiding the others."""
+    import ray
+
+    lines: list[str] = []
+
+    def part(name: str, read: Callable[[], object]) -> None:
+        try:
+            lines.append(f"{name}: {read()}")
+        except Exception as exc:  # evidence only; a dead stage is evidence too
+            lines.append(f"{name}: no answer ({type(exc).__name__}: {str(exc)[:200]})")
+
+    for i, c in enumerate(p.consume.consumers):
+
+        def consumer_view(c: Any = c) -> object:
+            s = ray.get(c.snapshot.remote(), timeout=10)
+            keep = ("assigned", "inflight", "paused", "committed", "stats", "error", "running")
+            return {k: s.get(k) for k in keep}
+
+        part(f"consumer {i}", consumer_view)
+    for i, h in enumerate(p.consume.hosts):
+
+        def host_view(h: Any = h) -> object:
+            s = ray.get(h.snapshot.remote(), timeout=10)
+            stuck = [m for m in s.get("mailboxes", []) if m.get("unfinished")]
+            return {"counts": s.get("counts"), "pending": s.get("pending"), "unfinished": stuck}
+
+        part(f"host {i}", host_view)
+    assert p.settings is not None
+    name, namespace = p.settings.dlq.recovery_actor_name, p.settings.ray_namespace
+    part(
+        "dlq recovery",
+        lambda: ray.get(ray.get_actor(name, namespace=namespace).stats.remote(), timeout=10),
+    )
+    part("dead letters indexed", lambda: p.dead_letter_count(p.redis_client()))
+    part("main topic lag", p.lag)
+    return lines
+
+
+def wait_or_explain(
+    p: LocalPipeline, predicate: Callable[[], bool], *, timeout_s: float, what: str
+) -> None:
+    """`wait_until`, and on a timeout print the audit and the evidence before failing:
+    a drill that times out in CI must say which stage held the message."""
+    try:
+        wait_until(predicate, timeout_s=timeout_s, what=what)
+    except InfraError:
+        print(f"\ndrill audit at the timeout: {p.audit().line()}")
+        print(evidence(p))
+        raise
 
 
 class Chatter:
