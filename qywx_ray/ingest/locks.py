@@ -214,7 +214,7 @@ class LockManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await extender
             if not work_task.done():
-                work_task.cancel()
+                cancel_until_done(work_task)
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await work_task
             if lost.is_set():
@@ -252,8 +252,18 @@ class LockManager:
             lost.set()
             LOCK_EXPIRED.inc(lock=_label(lease.name))
             log.warning("lock.lost", lock=lease.name, fence=lease.fence, reason=reason)
-            work_task.cancel()
+            cancel_until_done(work_task)
             return
+
+
+def cancel_until_done(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` now and on every loop turn until it has ended. One cancel can be
+    dropped: Python 3.11's `asyncio.wait_for`, which redis-py sends commands under,
+    returns its inner result instead when both land in the same turn (see
+    consume/deadlines.py). Work on a lost lease must stop, not run on to its end."""
+    if not task.done():
+        task.cancel()
+        task.get_loop().call_soon(cancel_until_done, task)
 
 
 async def _as_coro(work: Callable[[], Awaitable[T]]) -> T:
