@@ -113,6 +113,14 @@ async def until(pred: Callable[[], bool], timeout_s: float = 30.0) -> None:
     await wait_until_async(pred, timeout_s=timeout_s, what="the condition", interval_s=0.005)
 
 
+async def run_untimed_steps(passes: int = 200) -> None:
+    """Let the loop run every step that needs no timer (the fakes here have none): what
+    can happen without time passing has happened when this returns, on a slow machine
+    as on a fast one. Loop passes, not a sleep."""
+    for _ in range(passes):
+        await asyncio.sleep(0)
+
+
 class MemoryRetryOrder:
     def __init__(self, exempt: frozenset[str] = frozenset({"rate_limited", "user_blocked"})):
         self.flag: dict[str, str] = {}

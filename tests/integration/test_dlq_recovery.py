@@ -22,6 +22,7 @@ from qywx_ray.kafka.topics import ensure_topics
 from qywx_ray.reasons import FailureReason
 from qywx_ray.settings import Settings
 from tests.helpers.kafka import headers_of, read_records
+from tests.helpers.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -241,9 +242,7 @@ def test_actor_killed_with_retries_scheduled_loses_nothing(
         with DLQProducer(settings) as producer:
             producer.send_many_sync(letters)
         index = DLQIndex(redis_client, settings.dlq.redis_prefix)
-        deadline = time.monotonic() + 30
-        while index.total() < 20 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: index.total() >= 20, timeout_s=30, what="20 letters indexed")
         assert index.total() == 20
         # The crash must find retries still scheduled (what the delay queue holds, not how
         # fast this machine got here; half of them are due only 6 s after t0).

@@ -14,7 +14,15 @@ from qywx_ray.consume.dedup import MemoryDoneStore
 from qywx_ray.consume.handlers import HandlerContext
 from qywx_ray.consume.types import Delivery, ParkRequest
 from qywx_ray.errors import InfraError
-from tests.helpers.host_fakes import Letters, MemoryRetryOrder, delivery, make, retry_of, until
+from tests.helpers.host_fakes import (
+    Letters,
+    MemoryRetryOrder,
+    delivery,
+    make,
+    retry_of,
+    run_untimed_steps,
+    until,
+)
 
 
 class Tokens:
@@ -95,11 +103,11 @@ async def test_park_on_failure_does_not_race_with_admit() -> None:
     core.accept([delivery("A", 0, 0, fail="retryable"), delivery("A", 1, 1)])
     await until(lambda: order.parking)
     core.accept([delivery("A", 2, 2)])  # arrives while the park is in flight
-    await asyncio.sleep(0.05)  # let its ingest get as far as it can (admit or lane)
+    await run_untimed_steps()  # its ingest gets as far as it can (admit or lane)
     order.before.set()
     await until(lambda: order.flag.get("A") == "A-m0")
     core.accept([delivery("A", 3, 3)])  # arrives after the flag is set
-    await asyncio.sleep(0.05)
+    await run_untimed_steps()
     order.after.set()
     await until(lambda: len(done.done) == 4)
     core.accept([retry_of("A", 0)])
@@ -292,8 +300,7 @@ async def drain_a_chunk_ending_in(
     order.lots["A"] = [delivery("A", 1, 1).value, delivery("A", 2, 2, fail=fail).value]
     core.accept([retry_of("A", 0)])
     await until(lambda: any(x.message_id == "A-m2" for x in letters.letters))
-    for _ in range(200):  # loop passes, not time: the same on a slow machine
-        await asyncio.sleep(0)
+    await run_untimed_steps()
     store.gate.set()
     return opts
 
