@@ -104,12 +104,6 @@ class DeadLetter:
         del data["value"]
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
-    @classmethod
-    def from_json(cls, raw: bytes) -> DeadLetter:
-        data = json.loads(raw)
-        data["value"] = base64.b64decode(data.pop("value_b64"))
-        return cls(**data)
-
 
 class Admission(Protocol):
     """Protection hook: decides per message whether it may enter its user's mailbox."""
