@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from qywx_ray.cancel import cancel_until_done
 from qywx_ray.errors import InfraError, QywxError
 from qywx_ray.ingest.loops import loop_failed
 from qywx_ray.obs import metrics
@@ -254,16 +255,6 @@ class LockManager:
             log.warning("lock.lost", lock=lease.name, fence=lease.fence, reason=reason)
             cancel_until_done(work_task)
             return
-
-
-def cancel_until_done(task: asyncio.Task[Any]) -> None:
-    """Cancel `task` now and on every loop turn until it has ended. One cancel can be
-    dropped: Python 3.11's `asyncio.wait_for`, which redis-py sends commands under,
-    returns its inner result instead when both land in the same turn (see
-    consume/deadlines.py). Work on a lost lease must stop, not run on to its end."""
-    if not task.done():
-        task.cancel()
-        task.get_loop().call_soon(cancel_until_done, task)
 
 
 async def _as_coro(work: Callable[[], Awaitable[T]]) -> T:

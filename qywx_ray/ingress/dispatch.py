@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 
+from qywx_ray.cancel import cancel_until_done
 from qywx_ray.ingest.loops import loop_failed
 from qywx_ray.ingress.syncer_host import syncer_host_index
 from qywx_ray.obs.logging import get_logger
@@ -141,6 +142,6 @@ class PullDispatcher:
 
     async def aclose(self) -> None:
         if self._task is not None and not self._task.done():
-            self._task.cancel()
+            cancel_until_done(self._task)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task

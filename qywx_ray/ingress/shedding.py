@@ -53,6 +53,7 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 from pydantic import ValidationError
 
+from qywx_ray.cancel import cancel_until_done
 from qywx_ray.errors import CryptoError
 from qywx_ray.ingress.callback import CALLBACKS, parse_timestamp, replay_key
 from qywx_ray.obs.logging import get_logger
@@ -500,7 +501,7 @@ class ShedMiddleware:
 
     async def aclose(self) -> None:
         for task in self._tasks:
-            task.cancel()
+            cancel_until_done(task)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

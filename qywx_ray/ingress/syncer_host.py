@@ -17,6 +17,7 @@ import os
 import zlib
 from typing import Any
 
+from qywx_ray.cancel import cancel_until_done
 from qywx_ray.ingest.factory import IngestParts, build_ingest
 from qywx_ray.ingest.syncer import KfSyncer
 from qywx_ray.obs import metrics
@@ -153,7 +154,7 @@ class SyncerHostService:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout_s)
             for task in pending:  # run_locked releases the lock as the pull unwinds
-                task.cancel()
+                cancel_until_done(task)
             if pending:
                 await asyncio.wait(pending, timeout=timeout_s)
                 log.warning("syncer_host.pulls_cancelled", host=self.index, n=len(pending))

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 
 import httpx
 
+from qywx_ray.cancel import cancel_until_done
 from qywx_ray.testing.wecomsim.population import Population, PopulationConfig
 from qywx_ray.testing.wecomsim.state import WeComSimulatorState
 
@@ -67,7 +68,7 @@ class WeComSimulator:
 
     async def stop(self) -> None:
         for task in self._tasks:
-            task.cancel()
+            cancel_until_done(task)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
