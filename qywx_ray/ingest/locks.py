@@ -211,7 +211,7 @@ class LockManager:
                 ) from None
             raise
         finally:
-            extender.cancel()
+            cancel_until_done(extender)
             with contextlib.suppress(asyncio.CancelledError):
                 await extender
             if not work_task.done():

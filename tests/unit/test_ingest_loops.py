@@ -208,6 +208,44 @@ def test_work_that_drops_a_cancel_still_stops_when_the_lease_is_lost() -> None:
     assert not finished
 
 
+class SlowExtendLocks(FlakyLocks):
+    """extend takes 0.5 s and drops the first cancel it gets (as wait_for does)."""
+
+    def __init__(self) -> None:
+        super().__init__(failures=0)
+        self.dropped = 0
+
+    async def extend(self, lease: LockLease) -> bool:
+        self.extends += 1
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            if self.dropped:
+                raise
+            self.dropped += 1
+        return True
+
+
+def test_an_extender_that_drops_a_cancel_still_stops_when_the_work_ends() -> None:
+    """The work ends while the extender is inside extend (1.0-1.5 s) and the extender's
+    one cancel is dropped: run_locked waited for an extender that went on for ever."""
+    locks = SlowExtendLocks()
+
+    async def work() -> str:
+        await asyncio.sleep(1.2)
+        return "done"
+
+    async def main() -> tuple[str, float]:
+        task = asyncio.ensure_future(locks.run_locked(lease(), work))
+        done, _ = await asyncio.wait({task}, timeout=3600)  # virtual seconds: a guard
+        assert done, "run_locked still waiting for its extender an hour later"
+        return task.result(), asyncio.get_running_loop().time()
+
+    assert virtual(main) == ("done", 1.2)
+    assert locks.dropped == 1
+    assert locks.released == 1
+
+
 # ------------------------------------------------------------------ pull dispatcher
 class ExplodingDispatcher(PullDispatcher):
     def __init__(self, sent: list[list[tuple[str, str]]]) -> None:
