@@ -104,6 +104,8 @@ def _pipeline_state(p: LocalPipeline) -> list[str]:
         except Exception as exc:  # evidence only; a dead stage is evidence too
             lines.append(f"{name}: no answer ({type(exc).__name__}: {str(exc)[:200]})")
 
+    if p.consume is None or p.settings is None:
+        return ["pipeline not started"]
     for i, c in enumerate(p.consume.consumers):
 
         def consumer_view(c: Any = c) -> object:
@@ -120,7 +122,6 @@ def _pipeline_state(p: LocalPipeline) -> list[str]:
             return {"counts": s.get("counts"), "pending": s.get("pending"), "unfinished": stuck}
 
         part(f"host {i}", host_view)
-    assert p.settings is not None
     name, namespace = p.settings.dlq.recovery_actor_name, p.settings.ray_namespace
     part(
         "dlq recovery",
@@ -139,8 +140,11 @@ def wait_or_explain(
     try:
         wait_until(predicate, timeout_s=timeout_s, what=what)
     except InfraError:
-        print(f"\ndrill audit at the timeout: {p.audit().line()}")
-        print(evidence(p))
+        try:
+            print(f"\ndrill audit at the timeout: {p.audit().line()}")
+            print(evidence(p))
+        except Exception as exc:  # the timeout is the failure; never bury it
+            print(f"\ndrill evidence failed: {exc!r}")
         raise
 
 

@@ -1,14 +1,15 @@
 """HandlerDeadlines: a handler past its deadline ends with TimeoutError even when
-cancellations are swallowed on the way (Python 3.11's `asyncio.wait_for` drops one that
-arrives in the same turn as its inner result), and the worker task keeps none of ours."""
+cancellations are swallowed on the way (Python 3.11's `asyncio.wait_for` drops one when
+its inner call has already finished), and the worker task keeps none of ours."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
-from qywx_ray.consume.deadlines import HandlerCancelled, HandlerDeadlines
+from qywx_ray.consume.deadlines import BURST_TURNS, HandlerCancelled, HandlerDeadlines
 from tests.helpers.deadlines import as_worker
 
 
@@ -50,9 +51,10 @@ async def test_a_handler_that_swallows_cancels_still_times_out(times: int) -> No
     assert not deadlines._expired
 
 
-async def test_a_handler_finishing_after_a_swallowed_cancel_succeeds_cleanly() -> None:
+async def test_a_handler_that_returns_after_our_cancel_counts_as_done() -> None:
     """A cancel swallowed by a call that then returned: the handler ends normally, so
-    its message succeeded; the worker keeps no cancellation of ours."""
+    its message succeeded; the worker keeps no cancellation of ours (a regression
+    guard: the single cancel of before passed this too)."""
     deadlines = HandlerDeadlines(0.02)
 
     async def finishes_after_one_swallow() -> None:
@@ -74,3 +76,80 @@ async def test_a_handlers_own_cancelled_error_is_an_ordinary_failure() -> None:
 
     with pytest.raises(HandlerCancelled):
         await deadlines.run(raises_cancelled())
+
+
+async def test_a_handler_under_real_wait_for_times_out_and_leaves_no_cancel() -> None:
+    """The real `wait_for` of Python 3.11, around calls that finish within a turn or two
+    (the redis-py shape), with a short pause between: every round times out and the
+    worker's next await gets no stray CancelledError (as_worker checks both)."""
+    deadlines = HandlerDeadlines(0.01)
+
+    async def quick(turns: int) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+
+    async def polls() -> None:
+        i = 0
+        while True:
+            await asyncio.wait_for(quick(i % 3), 5)
+            await asyncio.sleep(0.0005)
+            i += 1
+
+    for _ in range(20):
+        assert await as_worker(deadlines, polls(), lambda: None) == "timed out"
+
+
+async def test_a_handler_that_refuses_to_end_is_cancelled_in_bursts_not_a_busy_loop() -> None:
+    """A handler that catches every cancel and waits again (a TaskGroup whose child is
+    slow to exit, a Condition whose lock is held): re-cancelling it on every loop turn
+    spun the loop (~50,000 cancels a second). It gets a burst per watchdog tick."""
+    deadlines = HandlerDeadlines(0.02)  # a tick every 5 ms
+    released = asyncio.Event()
+    made: list[int] = []
+
+    async def refuses() -> None:
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+
+    async def release_later() -> None:
+        await asyncio.sleep(0.3)
+        made.append(max(deadlines._expired.values()))
+        released.set()
+
+    releaser = asyncio.ensure_future(release_later())
+    assert await as_worker(deadlines, refuses(), released.set) == "returned"
+    await releaser
+    ticks = 0.3 / 0.005
+    assert 0 < made[0] <= BURST_TURNS * (ticks + 3)
+
+
+async def test_the_hosts_cancel_while_a_handler_is_expired_still_propagates() -> None:
+    """Shutdown cancels the worker while its handler is past its deadline: that is the
+    host's cancel, not a timeout of the message (it used to become TimeoutError, and the
+    worker went on with a cancel pending)."""
+    deadlines = HandlerDeadlines(0.02)
+
+    async def slow_cleanup() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.shield(asyncio.sleep(0.01))
+
+    async def worker() -> str:
+        try:
+            await deadlines.run(slow_cleanup())
+        except TimeoutError:
+            return "timed out"
+        return "returned"
+
+    task = asyncio.ensure_future(worker())
+    for _ in range(10_000_000):  # every turn: the window is the turn of the expiry
+        if deadlines._expired:
+            break
+        await asyncio.sleep(0)
+    assert deadlines._expired, "the handler never expired"
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert done
+    assert task.cancelled()
