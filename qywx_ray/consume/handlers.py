@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -96,9 +96,13 @@ def typed_message(envelope: Envelope) -> Any:
         return envelope
 
 
-def envelope_handler(fn: Handler) -> Handler:
+_AnyHandler = TypeVar("_AnyHandler", bound=Handler)
+
+
+def envelope_handler(fn: _AnyHandler) -> _AnyHandler:
     """Mark a handler that reads only `ctx.envelope`: it gets the Envelope as `message`
-    and the host skips the typed WeCom parse (a pydantic model per message)."""
+    and the host skips the typed WeCom parse (a pydantic model per message). Returns the
+    function itself, its type unchanged."""
     fn.__qywx_message__ = "envelope"  # type: ignore[attr-defined]
     return fn
 

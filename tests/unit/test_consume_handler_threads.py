@@ -133,13 +133,13 @@ async def test_wrap_keeps_async_handlers_and_the_envelope_marker() -> None:
     async def coro_handler(message: Any, ctx: HandlerContext) -> None:
         return None
 
-    @envelope_handler  # type: ignore[arg-type]  # returns a value: wrap must pass it on
+    @envelope_handler  # type: ignore[type-var]  # returns a value: wrap must pass it on
     def sync_handler(message: Any, ctx: HandlerContext) -> str:
         return f"got {message}"
 
     try:
         assert threads.wrap(coro_handler) is coro_handler
-        wrapped = threads.wrap(sync_handler)
+        wrapped = threads.wrap(sync_handler)  # type: ignore[arg-type]
         assert wrapped.__qywx_message__ == "envelope"  # type: ignore[attr-defined]
         assert asyncio.iscoroutinefunction(wrapped)
         assert await wrapped("x", None) == "got x"  # type: ignore[arg-type,func-returns-value]

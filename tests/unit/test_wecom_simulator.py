@@ -317,3 +317,26 @@ async def test_http_admin_endpoints(http: tuple[httpx.AsyncClient, WeComSimulato
     assert resp.json()["errcode"] == ErrCode.TOKEN_EXPIRED
     assert (await client.get("/sim/replies")).json() == []
     assert (await client.get("/sim/stats")).json()["messages"] == 4
+
+
+def test_stored_messages_are_the_bytes_the_stdlib_writes() -> None:
+    """The simulator encodes with orjson for speed; what it stores (and serves from
+    kf/sync_msg) must stay byte for byte what json.dumps(ensure_ascii=False, compact)
+    writes, for every message type, non-ASCII text and an `extra` orjson refuses."""
+    import json
+
+    from qywx_ray.testing.wecomsim.state import MESSAGE_TYPES, WeComSimulatorState
+
+    state = WeComSimulatorState.from_settings(
+        WeComSettings(), clock=lambda: 1_700_000_000.0, rng=random.Random(3)
+    )
+    kf = "wkSIMKF000000000000000001"
+    extras: list[dict[str, Any] | None] = [None, {"note": "中文 ☃"}, {"big": 2**70}]
+    for i, msgtype in enumerate(MESSAGE_TYPES):
+        state.add_messages(kf, f"wmU{i}", 1, msgtype, size_bytes=300, extra=extras[i % 3])
+    stored = state.logs[kf].messages
+    assert len(stored) == len(MESSAGE_TYPES)
+    for m in stored:
+        decoded = json.loads(m.data)
+        assert m.data == json.dumps(decoded, ensure_ascii=False, separators=(",", ":")).encode()
+    assert any(str(2**70).encode() in m.data for m in stored)  # the stdlib fallback ran

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from pydantic import BaseModel, Field
 
 from qywx_ray.testing.wecomsim.state import WeComSimulatorState
@@ -31,7 +33,9 @@ class Population:
         self.state = state
         self.config = config
         self._types = list(config.mix)
-        self._weights = [config.mix[t] for t in self._types]
+        # Cumulative once: choices(weights=...) would accumulate them on every message
+        # (same draws either way, so a seeded run is unchanged).
+        self._cum_weights = list(itertools.accumulate(config.mix[t] for t in self._types))
         self._carry = 0.0
         self._attack_carry = 0.0
 
@@ -47,7 +51,7 @@ class Population:
         extra = {"sim_created_ms": int(self.state.clock() * 1000)} if cfg.stamp_created_ms else None
         for _ in range(due):
             kf, user = self.user(rng.randrange(max(1, cfg.users)))
-            msgtype = rng.choices(self._types, self._weights)[0]
+            msgtype = rng.choices(self._types, cum_weights=self._cum_weights)[0]
             count = cfg.burst_size if rng.random() < cfg.burst_probability else 1
             added += len(
                 self.state.add_messages(kf, user, count, msgtype, cfg.size_bytes, extra=extra)
