@@ -322,7 +322,8 @@ async def test_http_admin_endpoints(http: tuple[httpx.AsyncClient, WeComSimulato
 def test_stored_messages_are_the_bytes_the_stdlib_writes() -> None:
     """The simulator encodes with orjson for speed; what it stores (and serves from
     kf/sync_msg) must stay byte for byte what json.dumps(ensure_ascii=False, compact)
-    writes, for every message type, non-ASCII text and an `extra` orjson refuses."""
+    writes: for every message type, non-ASCII text, and `extra` values orjson spells
+    differently (1e-07, NaN) or refuses (an int beyond 64 bits)."""
     import json
 
     from qywx_ray.testing.wecomsim.state import MESSAGE_TYPES, WeComSimulatorState
@@ -331,12 +332,21 @@ def test_stored_messages_are_the_bytes_the_stdlib_writes() -> None:
         WeComSettings(), clock=lambda: 1_700_000_000.0, rng=random.Random(3)
     )
     kf = "wkSIMKF000000000000000001"
-    extras: list[dict[str, Any] | None] = [None, {"note": "中文 ☃"}, {"big": 2**70}]
+    extras: list[dict[str, Any] | None] = [
+        None,
+        {"note": "中文 ☃", "n": 7},
+        {"big": 2**70},
+        {"tiny": 1e-7, "nan": float("nan")},
+    ]
+    sent: list[dict[str, Any] | None] = []
     for i, msgtype in enumerate(MESSAGE_TYPES):
-        state.add_messages(kf, f"wmU{i}", 1, msgtype, size_bytes=300, extra=extras[i % 3])
+        extra = extras[i % len(extras)]
+        state.add_messages(kf, f"wmU{i}", 1, msgtype, size_bytes=300, extra=extra)
+        sent.append(extra)
     stored = state.logs[kf].messages
     assert len(stored) == len(MESSAGE_TYPES)
-    for m in stored:
+    for m, extra in zip(stored, sent, strict=True):
         decoded = json.loads(m.data)
+        decoded.update(extra or {})  # the values as sent (NaN does not survive a round trip)
         assert m.data == json.dumps(decoded, ensure_ascii=False, separators=(",", ":")).encode()
-    assert any(str(2**70).encode() in m.data for m in stored)  # the stdlib fallback ran
+    assert any(b'"tiny":1e-07,"nan":NaN' in m.data for m in stored)

@@ -9,6 +9,7 @@ sync_msg.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import random
@@ -59,19 +60,23 @@ MESSAGE_TYPES = (
 FAULT_KINDS = ("errcode", "latency", "timeout", "http_500", "drop", "duplicate", "empty_page")
 
 
-def _encode(msg: dict[str, Any]) -> bytes:
+def _encode(msg: dict[str, Any], plain: bool) -> bytes:
     """A message as WeCom's compact UTF-8 JSON: the bytes json.dumps(ensure_ascii=False,
-    separators=(",", ":")) writes, by orjson, copied into an exactly sized object. The
-    simulator keeps every message for the retention window, so its heap only grows; kept
-    as orjson returns them (a larger buffer shrunk in place) the messages fragment it and
-    the cost per message climbed from 14 to ~50 µs within a million messages, the
-    stdlib stayed at ~21 and the copy stays at 11-16 (1.5 M-message runs). The simulator
-    shares a load run's 2 cores with the pipeline it feeds. What orjson refuses (an int
-    beyond 64 bits in a test's `extra`) takes the stdlib's path."""
-    try:
-        return memoryview(orjson.dumps(msg)).tobytes()
-    except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode()
+    separators=(",", ":")) writes. `plain` (the message holds only what the simulator
+    builds, plus strs and ints): by orjson, which writes the same bytes for those, copied
+    into an exactly sized object. Anything else takes the stdlib's path: orjson spells
+    some floats differently (1e-7 for 1e-07), writes NaN and Infinity as null and encodes
+    values the stdlib refuses (enums, datetimes), and refuses ints beyond 64 bits.
+
+    Why the copy: the simulator keeps every message for the retention window, so its
+    heap only grows; kept as orjson returns them (a larger buffer shrunk in place) the
+    messages fragment it and the cost per message climbed from 14 to ~50 µs within a
+    million messages, the stdlib stayed at ~21, the copy stays at 11-16 (1.5 M-message
+    runs). The simulator shares a load run's 2 cores with the pipeline it feeds."""
+    if plain:
+        with contextlib.suppress(TypeError):  # orjson.JSONEncodeError
+            return memoryview(orjson.dumps(msg)).tobytes()
+    return json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class FaultRule(BaseModel):
@@ -467,6 +472,7 @@ class WeComSimulatorState:
         now = self.clock()
         send_time = int(now)
         ids: list[str] = []
+        plain = not extra or all(type(v) in (str, int) for v in extra.values())
         for _ in range(count):
             msgid = self._rand_id("", 32)
             n = len(truth)
@@ -501,7 +507,7 @@ class WeComSimulatorState:
                     send_time,
                     external_userid,
                     msgid,
-                    _encode(msg),
+                    _encode(msg, plain),
                 )
             )
             log.next_seq += 1
