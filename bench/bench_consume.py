@@ -395,12 +395,14 @@ class ModeBench:
     @contextlib.contextmanager
     def background(self) -> Iterator[dict[str, Any]]:
         """What ran beside a latency window: the broker's CPU (its JIT shows up here),
-        Redis background saves/rewrites at the start and end, CPU steal. Filled on exit;
+        Redis background saves/rewrites at the start and end, CPU steal, and the Python
+        collector's pauses of >= 10 ms in hosts and consumers during it. Filled on exit;
         evidence for an outlier, not a result."""
         facts: dict[str, Any] = {}
         broker = self.broker_pid
         cpu0 = cpu_s(broker) if broker else None
         jiffies0 = machine.cpu_jiffies()
+        wall0 = time.time()
         t0 = time.monotonic()
         facts["redis_start"] = self.redis_busy()
         try:
@@ -413,6 +415,26 @@ class ModeBench:
             facts["redis_end"] = self.redis_busy()
             facts["steal_pct"] = machine.steal_pct(jiffies0, machine.cpu_jiffies())
             facts["window_s"] = round(elapsed, 2)
+            with contextlib.suppress(Exception):  # evidence only: never fail the window
+                facts["gc_long_pauses"] = self.gc_long_pauses(wall0, time.time())
+
+    def gc_long_pauses(self, since: float, until: float) -> dict[str, list[list[Any]]]:
+        """Collector pauses of >= 10 ms that ended in [since, until], per process role:
+        [seconds into the window, generation, ms] (qywx_ray.process_tuning.GcPauses)."""
+        snaps: dict[str, list[dict[str, Any]]] = {
+            "hosts": list(ray.get([h.snapshot.remote() for h in self._hosts()], timeout=30))
+        }
+        if self.pipeline is not None:
+            snaps["consumers"] = self.pipeline.snapshots()
+        return {
+            role: [
+                [round(end - since, 2), gen, ms]
+                for snap in got
+                for end, gen, ms in snap.get("gc", {}).get("long", [])
+                if since <= end <= until
+            ]
+            for role, got in snaps.items()
+        }
 
     def wait_redis_quiet(self, timeout_s: float = 120.0) -> float:
         """Before a drain: let a Redis AOF rewrite / background save that an earlier drain

@@ -36,7 +36,7 @@ from qywx_ray.dlq.tokens import make_drain_tokens
 from qywx_ray.errors import QywxError
 from qywx_ray.obs.logging import configure_logging, get_logger
 from qywx_ray.placement import actor_options, where
-from qywx_ray.process_tuning import tune_gc
+from qywx_ray.process_tuning import gc_pauses, tune_gc
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_async_redis
 
@@ -255,6 +255,7 @@ class HostShell:
             dying=self.dying,
             handler_threads_hung=self.handler_threads.hung,
             node_id=ray.get_runtime_context().get_node_id(),
+            gc=gc_pauses.stats(),
         )
         return out
 

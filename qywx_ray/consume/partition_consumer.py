@@ -57,7 +57,7 @@ from qywx_ray.envelope import header_value
 from qywx_ray.kafka.config import consumer_config
 from qywx_ray.obs.logging import configure_logging, get_logger
 from qywx_ray.obs.metrics import counter, gauge
-from qywx_ray.process_tuning import tune_gc
+from qywx_ray.process_tuning import gc_pauses, tune_gc
 from qywx_ray.retry import capped_exponential, retry_sync
 from qywx_ray.settings import Settings
 from qywx_ray.store.client import make_redis
@@ -595,6 +595,7 @@ class PartitionConsumerCore:
                 "error": self.error,
                 "running": not self._stopped.is_set(),
                 "stopping": self._stop.is_set(),  # stop() called: draining, then commit
+                "gc": gc_pauses.stats(),  # this process's collector pauses (tune_gc)
             }
 
 
