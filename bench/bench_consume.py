@@ -72,6 +72,30 @@ NO_DENIAL_RULE = {
 }
 
 
+REDIS_LATENCY_MS = 10  # Redis stalls recorded beside a latency window
+SLOW_MS = 50  # the steady target: a sample above it counts as slow in `slow_profile`
+
+
+def slow_profile(stats: dict[str, Any], samples: list[int]) -> dict[str, Any]:
+    """Where one target's slow samples fell in a window: its p99, and the Kafka ->
+    host-arrival p99 (high too: the delay was before the host; low: inside it), and how
+    many samples above SLOW_MS each tenth of the window held (samples are in handler-start
+    order, so tenths are time slices; the same tenth slow on every host = a common
+    cause). Evidence for an outlier, not a result."""
+    n = len(samples)
+    tenths = [0] * 10
+    for i, x in enumerate(samples):
+        if x > SLOW_MS:
+            tenths[i * 10 // n] += 1
+    return {
+        "n": n,
+        "p99_ms": stats.get("p99_ms"),
+        "arrival_p99_ms": stats.get("arrival_p99_ms"),
+        "max_ms": stats.get("max_ms"),
+        "slow_by_tenth": tenths,
+    }
+
+
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -120,6 +144,7 @@ class ModeBench:
         self.run = run
         self.tag = f"{mode[0]}{run}{uuid.uuid4().hex[:5]}"
         self.users = args.users if mode == "hosted" else args.dedicated_users
+        self.window_targets: list[dict[str, Any]] = []  # window_samples -> emit_latency
         self.settings = settings_for(
             svc.bootstrap_servers,
             svc.redis_url,
@@ -239,6 +264,15 @@ class ModeBench:
         for got in ray.get([t.latency_samples.remote(reset) for t in self._targets()], timeout=60):
             out.extend(got)
         return out
+
+    def window_samples(self) -> list[int]:
+        """Every target's samples of the window (reset), and per target where its slow
+        ones fell (`self.window_targets`, emitted with the window's latency lines)."""
+        targets = self._targets()
+        stats = ray.get([t.latency_stats.remote(False) for t in targets], timeout=60)
+        per = ray.get([t.latency_samples.remote(True) for t in targets], timeout=60)
+        self.window_targets = [slow_profile(st, xs) for st, xs in zip(stats, per, strict=True)]
+        return [x for xs in per for x in xs]
 
     def pids(self) -> dict[str, list[int]]:
         assert self.pipeline is not None
@@ -361,7 +395,7 @@ class ModeBench:
             )
         producer.flush(30)
         ok = wait_for(lambda: self.completed()[0] - base >= len(msgs), self.args.timeout_s)
-        got = self.samples(reset=True)
+        got = self.window_samples()
         if not ok:
             emit(kind="error", case=f"{self.mode}_{name}", run=self.run, error="not all completed")
         return got
@@ -379,6 +413,8 @@ class ModeBench:
             return
         pct = percentiles(samples, [50, 99, 100])
         extra = {"samples": len(samples), "max_ms": pct[100], "loadavg": os.getloadavg()}
+        if self.window_targets:
+            extra["targets"], self.window_targets = self.window_targets, []
         if background:
             extra["background"] = background
         for q, metric in ((50, "latency_p50"), (99, "latency_p99")):
@@ -405,8 +441,11 @@ class ModeBench:
         wall0 = time.time()
         t0 = time.monotonic()
         facts["redis_start"] = self.redis_busy()
+        self.redis_latency_reset()
+        sampler = procs.CpuSampler(0.5)
         try:
-            yield facts
+            with sampler:
+                yield facts
         finally:
             elapsed = time.monotonic() - t0
             if broker and cpu0 is not None:
@@ -417,6 +456,10 @@ class ModeBench:
             facts["window_s"] = round(elapsed, 2)
             with contextlib.suppress(Exception):  # evidence only: never fail the window
                 facts["gc_long_pauses"] = self.gc_long_pauses(wall0, time.time())
+            with contextlib.suppress(Exception):
+                facts["redis_latency"] = self.redis_latency(wall0)
+            with contextlib.suppress(Exception):
+                facts["cpu_slices"] = sampler.slices()
 
     def gc_long_pauses(self, since: float, until: float) -> dict[str, list[list[Any]]]:
         """Collector pauses of >= 10 ms that ended in [since, until], per process role:
@@ -454,6 +497,35 @@ class ModeBench:
             return {}
         keys = ("aof_rewrite_in_progress", "rdb_bgsave_in_progress")
         return {k: int(info.get(k, 0)) for k in keys}
+
+    def redis_latency_reset(self) -> None:
+        """Start a window's Redis latency record: the latency monitor on (events of >= 10
+        ms: AOF write/fsync, fork, expire cycle, eviction, slow commands) and reset."""
+        with contextlib.suppress(Exception):
+            r = self.redis()
+            r.config_set("latency-monitor-threshold", REDIS_LATENCY_MS)
+            r.execute_command("LATENCY", "RESET")
+            r.slowlog_reset()
+
+    def redis_latency(self, since: float) -> dict[str, Any]:
+        """Redis's own stalls in the window: each latency-monitor event's latest and
+        worst ms (with the latest one's second into the window), and the slow log's
+        commands of >= 10 ms (CONFIG slowlog-log-slower-than is left as it is)."""
+        r = self.redis()
+        events = {
+            (e[0].decode() if isinstance(e[0], bytes) else e[0]): {
+                "at_s": round(int(e[1]) - since, 1),
+                "latest_ms": int(e[2]),
+                "max_ms": int(e[3]),
+            }
+            for e in r.execute_command("LATENCY", "LATEST")
+        }
+        slow = [
+            {"at_s": round(e["start_time"] - since, 1), "ms": round(e["duration"] / 1000, 1)}
+            for e in r.slowlog_get(32)
+            if e["duration"] >= REDIS_LATENCY_MS * 1000 and e["start_time"] >= int(since)
+        ]
+        return {"events": events, "slow_commands": slow}
 
     def redis(self) -> Any:
         if self._redis is None:

@@ -190,3 +190,15 @@ def test_timed_out_bench_still_runs_its_cleanup(tmp_path: Path) -> None:
     assert outcome.status == "timeout"
     assert outcome.returncode == 128 + 15  # SystemExit from SIGTERM, not a SIGKILL
     assert marker.read_text() == "stopped services"
+
+
+def test_slow_profile_places_slow_samples_in_their_tenth_of_the_window() -> None:
+    from bench.bench_consume import SLOW_MS, slow_profile
+
+    samples = [10] * 100
+    samples[3] = samples[55] = samples[56] = SLOW_MS + 1
+    samples[99] = SLOW_MS  # at the target, not over it
+    got = slow_profile({"p99_ms": 42, "arrival_p99_ms": 7, "max_ms": 51}, samples)
+    assert got["slow_by_tenth"] == [1, 0, 0, 0, 0, 2, 0, 0, 0, 0]
+    assert (got["n"], got["p99_ms"], got["arrival_p99_ms"]) == (100, 42, 7)
+    assert slow_profile({}, [])["slow_by_tenth"] == [0] * 10

@@ -526,3 +526,19 @@ async def test_timed_noop_handler_stamps_missing_creation_as_minus_one() -> None
     devpipe._STAMPS.task.cancel()
     (stamp,) = parse_stamps(redis.lists[devpipe.STAMP_KEY])
     assert (stamp.user, stamp.message_id, stamp.created_ms) == ("u", "m1", -1)
+
+
+def test_cpu_slices_show_what_ran_in_each_slice() -> None:
+    from bench.procs import cpu_slices
+
+    def scan(host_ticks: int, redis_ticks: int) -> dict[int, ProcSample]:
+        return {
+            10: ProcSample(10, 1, "ray::UserHost.deliver", host_ticks, 0),
+            11: ProcSample(11, 1, "/usr/bin/redis-server *:6379", redis_ticks, 0),
+            12: ProcSample(12, 1, "python bench", 0, 0),
+        }
+
+    # 100 ticks/s: slice 1 the host used half a core, slice 2 Redis a whole one
+    scans = [(0.0, scan(0, 0)), (1.0, scan(50, 0)), (2.0, scan(50, 100)), (2.0, scan(60, 100))]
+    got = cpu_slices(scans, driver_pid=12, top=1, clk_tck=100)
+    assert got == [[0.0, 50.0, {"hosts": 50.0}], [1.0, 100.0, {"redis": 100.0}]]
