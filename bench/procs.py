@@ -104,12 +104,7 @@ def descendants(roots: Iterable[int], parents: dict[int, int]) -> set[int]:
 def scan_processes(roots: Iterable[int], extra_pids: Iterable[int] = ()) -> list[ProcSample]:
     """/proc samples of the process trees under `roots`, plus `extra_pids` (e.g. a Kafka
     broker started elsewhere) and their descendants."""
-    samples: dict[int, ProcSample] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            sample = read_proc(int(entry.name))
-            if sample is not None:
-                samples[sample.pid] = sample
+    samples = scan_all()
     wanted = descendants([*roots, *extra_pids], {p: s.ppid for p, s in samples.items()})
     return [samples[p] for p in sorted(wanted)]
 

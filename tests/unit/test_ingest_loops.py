@@ -168,6 +168,17 @@ def test_the_lock_extender_survives_one_unexpected_error() -> None:
     assert errors("lock_extend") == before + 1
 
 
+def lease_lost_at(locks: FlakyLocks, work: Callable[[], Awaitable[None]]) -> float:
+    """The virtual time at which run_locked(work) raised LockLostError."""
+
+    async def main() -> float:
+        with pytest.raises(LockLostError):
+            await locks.run_locked(lease(), work)
+        return asyncio.get_running_loop().time()
+
+    return virtual(main)
+
+
 def test_an_extender_that_keeps_failing_gives_the_lease_up_after_its_ttl() -> None:
     """Failing for a whole TTL (3 s) means the lease may be gone: the work is cancelled."""
     locks = FlakyLocks(failures=None)
@@ -177,12 +188,7 @@ def test_an_extender_that_keeps_failing_gives_the_lease_up_after_its_ttl() -> No
         await asyncio.sleep(60)
         finished.append(True)
 
-    async def main() -> float:
-        with pytest.raises(LockLostError):
-            await locks.run_locked(lease(), work)
-        return asyncio.get_running_loop().time()
-
-    assert virtual(main) == 3.0
+    assert lease_lost_at(locks, work) == 3.0
     assert not finished
     assert locks.released == 0
 
@@ -199,12 +205,7 @@ def test_work_that_drops_a_cancel_still_stops_when_the_lease_is_lost() -> None:
         await asyncio.sleep(60)
         finished.append(True)
 
-    async def main() -> float:
-        with pytest.raises(LockLostError):
-            await locks.run_locked(lease(), work)
-        return asyncio.get_running_loop().time()
-
-    assert virtual(main) == 3.0
+    assert lease_lost_at(locks, work) == 3.0
     assert not finished
 
 
