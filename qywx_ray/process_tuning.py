@@ -8,18 +8,9 @@ import time
 from collections import deque
 from typing import Any
 
-from qywx_ray.obs.metrics import histogram
-
 GC_GEN0_THRESHOLD = 20_000
 LONG_PAUSE_MS = 10.0  # a pause this long is kept with its time (evidence for a p99 outlier)
 LONG_PAUSES_KEPT = 64
-
-m_gc_pause = histogram(
-    "qywx_gc_pause_seconds",
-    "Pauses of Python's cyclic garbage collector in hot-path actors, per generation",
-    ["generation"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-)
 
 
 def tune_gc() -> None:
@@ -37,12 +28,16 @@ def tune_gc() -> None:
 
 
 class GcPauses:
-    """Times every collection of this process (gc.callbacks): a histogram per generation
-    (`qywx_gc_pause_seconds`), counts and totals, and the last pauses of at least
-    LONG_PAUSE_MS with their wall-clock end, so a latency outlier can be matched to a
-    pause (bench_consume's steady windows read them from hosts and consumers). The
-    collector stops every thread of the process while it runs: a full collection over a
-    host's mailboxes stalls every user of that host."""
+    """Times every collection of this process (gc.callbacks): counts and totals per
+    generation, and the last pauses of at least LONG_PAUSE_MS with their wall-clock end,
+    so a latency outlier can be matched to a pause (host and consumer snapshots carry
+    them; bench_consume's steady windows read them). The collector stops every thread of
+    the process while it runs: a full collection over a host's mailboxes stalls every
+    user of that host.
+
+    The callback only updates plain fields. It must not touch obs.metrics: a collection
+    can start inside a metric update that holds that module's (non-reentrant) lock, and
+    a callback taking the lock again would deadlock the thread."""
 
     def __init__(self) -> None:
         self._t0 = 0.0
@@ -69,7 +64,6 @@ class GcPauses:
         gen = int(info.get("generation", 2))
         self.count[gen] += 1
         self.total_ms[gen] += ms
-        m_gc_pause.observe(ms / 1000.0, generation=str(gen))
         if ms >= LONG_PAUSE_MS:
             self.long.append((time.time(), gen, round(ms, 2)))
 
