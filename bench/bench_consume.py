@@ -48,7 +48,7 @@ import ray
 
 from bench import machine, output, procs
 from bench.output import emit, log
-from bench.runs import default_runs, quick_mode
+from bench.runs import REDIS_ENV, default_runs, quick_mode
 from bench.services import _delete_topics, bench_services, settings_for
 from bench.stats import percentiles
 from qywx_ray.consume.pipeline import (
@@ -144,6 +144,8 @@ class ModeBench:
         self.run = run
         self.tag = f"{mode[0]}{run}{uuid.uuid4().hex[:5]}"
         self.users = args.users if mode == "hosted" else args.dedicated_users
+        # Started by this bench (not QYWX_BENCH_REDIS_URL): it may reconfigure and reset it
+        self.owns_redis = not os.environ.get(REDIS_ENV)
         self.window_targets: list[dict[str, Any]] = []  # window_samples -> emit_latency
         self.settings = settings_for(
             svc.bootstrap_servers,
@@ -431,9 +433,10 @@ class ModeBench:
     @contextlib.contextmanager
     def background(self) -> Iterator[dict[str, Any]]:
         """What ran beside a latency window: the broker's CPU (its JIT shows up here),
-        Redis background saves/rewrites at the start and end, CPU steal, and the Python
-        collector's pauses of >= 10 ms in hosts and consumers during it. Filled on exit;
-        evidence for an outlier, not a result."""
+        Redis background saves/rewrites at the start and end, CPU steal, the Python
+        collector's pauses of >= 10 ms in hosts and consumers during it, Redis's own
+        stalls (latency monitor, slow log) and every process's CPU in 0.5 s slices.
+        Filled on exit; evidence for an outlier, not a result."""
         facts: dict[str, Any] = {}
         broker = self.broker_pid
         cpu0 = cpu_s(broker) if broker else None
@@ -500,7 +503,10 @@ class ModeBench:
 
     def redis_latency_reset(self) -> None:
         """Start a window's Redis latency record: the latency monitor on (events of >= 10
-        ms: AOF write/fsync, fork, expire cycle, eviction, slow commands) and reset."""
+        ms: AOF write/fsync, fork, expire cycle, eviction, slow commands) and reset. Only
+        on the bench's own Redis: a shared one's settings and logs are not ours."""
+        if not self.owns_redis:
+            return
         with contextlib.suppress(Exception):
             r = self.redis()
             r.config_set("latency-monitor-threshold", REDIS_LATENCY_MS)
@@ -511,6 +517,8 @@ class ModeBench:
         """Redis's own stalls in the window: each latency-monitor event's latest and
         worst ms (with the latest one's second into the window), and the slow log's
         commands of >= 10 ms (CONFIG slowlog-log-slower-than is left as it is)."""
+        if not self.owns_redis:
+            return {}
         r = self.redis()
         events = {
             (e[0].decode() if isinstance(e[0], bytes) else e[0]): {

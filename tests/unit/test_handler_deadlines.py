@@ -112,15 +112,20 @@ async def test_a_handler_that_refuses_to_end_is_cancelled_in_bursts_not_a_busy_l
             with contextlib.suppress(asyncio.CancelledError):
                 await released.wait()
 
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    elapsed: list[float] = []
+
     async def release_later() -> None:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a window to count cancels in, not a synchronisation
         made.append(max(deadlines._expired.values()))
+        elapsed.append(loop.time() - started)
         released.set()
 
     releaser = asyncio.ensure_future(release_later())
     assert await as_worker(deadlines, refuses(), released.set) == "returned"
     await releaser
-    ticks = 0.3 / 0.005
+    ticks = elapsed[0] / 0.005  # as the loop really ran (a loaded machine runs late)
     assert 0 < made[0] <= BURST_TURNS * (ticks + 3)
 
 
