@@ -18,6 +18,7 @@ from qywx_ray.devstack.procs import ManagedProcess, free_port, port_open, wait_u
 from qywx_ray.errors import InfraError
 
 KAFKA_VERSION = "4.1.1"
+GC_LOG = "gc.log"  # in each broker node's logs/ (-Xlog:gc, epoch-ms decorated)
 POM = Path(__file__).with_name("kafka-pom.xml")
 
 LOG4J2 = """status = warn
@@ -158,12 +159,20 @@ class KafkaCluster:
 
     def _java(self, node: KafkaNode, main: str, *args: str) -> list[str]:
         libs = ensure_kafka_jars()
+        # The broker logs its collector pauses (epoch ms, bounded by rotation): a latency
+        # bench reads them to tell a broker pause from a stall of our own (gc_pauses).
+        gc_log = (
+            [f"-Xlog:gc:file={node.workdir / 'logs' / GC_LOG}:timemillis:filecount=2,filesize=10m"]
+            if main == "kafka.Kafka"
+            else []
+        )
         return [
             java_bin(),
             f"-Xmx{self.heap_mb}m",
             f"-Xms{min(256, self.heap_mb)}m",
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
+            *gc_log,
             "-Djava.awt.headless=true",
             f"-Dkafka.logs.dir={node.workdir / 'logs'}",
             f"-Dlog4j2.configurationFile={node.workdir / 'log4j2.properties'}",

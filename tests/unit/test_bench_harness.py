@@ -202,3 +202,32 @@ def test_slow_profile_places_slow_samples_in_their_tenth_of_the_window() -> None
     assert got["slow_by_tenth"] == [1, 0, 0, 0, 0, 2, 0, 0, 0, 0]
     assert (got["n"], got["p99_ms"], got["arrival_p99_ms"]) == (100, 42, 7)
     assert slow_profile({}, [])["slow_by_tenth"] == [0] * 10
+
+
+def test_broker_gc_pauses_in_a_window_from_the_jvm_log(tmp_path: Path) -> None:
+    from bench import broker_gc
+
+    logs = tmp_path / "node1" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "gc.log").write_text(
+        "[1000000ms] Using G1\n"
+        "[1000500ms] GC(1) Pause Young (Normal) (G1 Evacuation Pause) 60M->9M(256M) 4.321ms\n"
+        "[1002000ms] GC(2) Pause Young (Normal) (G1 Evacuation Pause) 70M->9M(256M) 12.5ms\n"
+        "[1002100ms] GC(3) Concurrent Mark Cycle 40.0ms\n"  # concurrent: not a pause
+        "[1002200ms] GC(3) Pause Remark 50M->50M(256M) 1.0ms\n"
+        "[1009000ms] GC(4) Pause Young (Normal) (G1 Evacuation Pause) 70M->9M(256M) 30ms\n"
+    )
+    (logs / "gc.log.0").write_text(  # a rotated file counts too
+        "[999000ms] GC(0) Pause Young (Normal) (G1 Evacuation Pause) 60M->9M(256M) 8ms\n"
+    )
+    got = broker_gc.broker_pauses([logs], 1000.0, 1005.0)
+    assert got == {
+        "count": 3,
+        "total_ms": 17.8,
+        "max_ms": 12.5,
+        "long": [[2.0, "Pause Young (Normal) (G1 Evacuation Pause)", 12.5]],
+    }
+    assert broker_gc.broker_pauses([logs], 998.0, 1000.0)["long"] == [
+        [1.0, "Pause Young (Normal) (G1 Evacuation Pause)", 8.0]
+    ]
+    assert broker_gc.broker_pauses([tmp_path / "missing"], 0, 2e9)["count"] == 0
