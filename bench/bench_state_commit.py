@@ -59,12 +59,14 @@ def redis_url() -> Iterator[str]:
         return
     from qywx_ray.devstack.redis import RedisServer
 
-    server = RedisServer(Path(tempfile.mkdtemp(prefix="qywx-bench-commit-")) / "redis").start()
-    try:
-        yield server.url
-    finally:
-        if server.process is not None:
-            server.process.stop()
+    # Its data directory goes with it: a run's AOF and RDB are tens of MiB
+    with tempfile.TemporaryDirectory(prefix="qywx-bench-commit-") as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            yield server.url
+        finally:
+            if server.process is not None:
+                server.process.stop()
 
 
 def redis_cpu_s(client: redis_lib.Redis) -> float:
