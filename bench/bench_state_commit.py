@@ -60,7 +60,10 @@ def redis_url() -> Iterator[str]:
     from qywx_ray.devstack.redis import RedisServer
 
     # Its data directory goes with it: a run's AOF and RDB are tens of MiB
-    with tempfile.TemporaryDirectory(prefix="qywx-bench-commit-") as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix="qywx-bench-commit-",
+        ignore_cleanup_errors=True,  # a save child may still exit
+    ) as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
             yield server.url

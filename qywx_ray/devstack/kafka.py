@@ -160,9 +160,11 @@ class KafkaCluster:
     def _java(self, node: KafkaNode, main: str, *args: str) -> list[str]:
         libs = ensure_kafka_jars()
         # The broker logs its collector pauses (epoch ms, bounded by rotation): a latency
-        # bench reads them to tell a broker pause from a stall of our own (gc_pauses).
+        # bench reads them to tell a broker pause from a stall of our own (bench/broker_gc.py).
+        gc_file = node.workdir / "logs" / GC_LOG
         gc_log = (
-            [f"-Xlog:gc:file={node.workdir / 'logs' / GC_LOG}:timemillis:filecount=2,filesize=10m"]
+            # Quoted: the option's own syntax splits on ':' (a colon in the path broke the start)
+            [f'-Xlog:gc:file="{gc_file}":timemillis:filecount=2,filesize=10m']
             if main == "kafka.Kafka"
             else []
         )

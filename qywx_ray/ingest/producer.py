@@ -353,7 +353,8 @@ class KafkaIngestProducer:
         try:
             await self._produce_all(envelopes, waiter)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiter.future), self.delivery_wait_timeout_s)
+                async with asyncio.timeout(self.delivery_wait_timeout_s):
+                    await asyncio.shield(waiter.future)
         finally:
             with waiter.lock:
                 waiter.closed = True  # late reports (after a timeout or cancel) are ignored

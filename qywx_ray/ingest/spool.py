@@ -579,7 +579,8 @@ class SpoolReplayer:
                 loop_failed("spool_replay", exc)
                 delay_s = backoff.failed()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay_s)
+                async with asyncio.timeout(delay_s):
+                    await stop.wait()
 
 
 def _decode_heads(

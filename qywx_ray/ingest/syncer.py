@@ -307,7 +307,8 @@ class KfSyncer:
             await self._sleep(delay_s)
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), delay_s)
+            async with asyncio.timeout(delay_s):
+                await self._stop.wait()
 
     async def run(self) -> None:
         """Pull on request, at least every sweep_interval_s; back off on failure. Until stop()."""
@@ -316,7 +317,8 @@ class KfSyncer:
         self._wake.set()  # catch up on start
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), s.sweep_interval_s)
+                async with asyncio.timeout(s.sweep_interval_s):
+                    await self._wake.wait()
             if self._stop.is_set():
                 break
             self._wake.clear()  # requests arriving during the pull cause one more pull

@@ -49,7 +49,8 @@ async def drain_pulls(sink: Any, timeout_s: float = SHUTDOWN_FLUSH_TIMEOUT_S) ->
     ok = True
     if flush is not None:
         try:
-            ok = bool(await asyncio.wait_for(flush(), timeout_s))
+            async with asyncio.timeout(timeout_s):
+                ok = bool(await flush())
         except TimeoutError:
             ok = False
     aclose = getattr(sink, "aclose", None)
@@ -190,7 +191,8 @@ async def readiness(settings: Settings, redis: Any) -> dict[str, dict[str, Any]]
     """Kafka and Redis reachable, each within a short bound."""
     out: dict[str, dict[str, Any]] = {}
     try:
-        await asyncio.wait_for(redis.ping(), 1.0)
+        async with asyncio.timeout(1.0):
+            await redis.ping()
         out["redis"] = {"ok": True}
     except Exception as exc:  # noqa: BLE001 - readiness reports every failure as not ready
         out["redis"] = {"ok": False, "error": str(exc)[:200]}
@@ -205,7 +207,8 @@ async def readiness(settings: Settings, redis: Any) -> dict[str, dict[str, Any]]
         return len(md.brokers)
 
     try:
-        brokers = await asyncio.wait_for(asyncio.to_thread(kafka_brokers), 3.0)
+        async with asyncio.timeout(3.0):
+            brokers = await asyncio.to_thread(kafka_brokers)
         out["kafka"] = {"ok": brokers > 0, "brokers": brokers}
     except Exception as exc:  # noqa: BLE001 - readiness reports every failure as not ready
         out["kafka"] = {"ok": False, "error": str(exc)[:200]}

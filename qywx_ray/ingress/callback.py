@@ -214,7 +214,8 @@ def make_callback_router(  # noqa: C901 - a route factory: its nested routes' br
 
     async def _first_seen(key: str) -> bool:
         try:
-            return await asyncio.wait_for(replay.first_seen(key, replay_ttl_s), replay_timeout_s)
+            async with asyncio.timeout(replay_timeout_s):
+                return await replay.first_seen(key, replay_ttl_s)
         except Exception as exc:  # noqa: BLE001 - Redis down or slow: fail open, a duplicate pull is harmless
             REPLAY_CACHE_ERRORS.inc()
             log.warning("callback.replay_cache_unavailable", error=type(exc).__name__)
@@ -282,7 +283,8 @@ def make_callback_router(  # noqa: C901 - a route factory: its nested routes' br
         except Exception:
             # Not acked: let WeCom's retry through the replay window, or the pull is lost.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(replay.forget(key), replay_timeout_s)
+                async with asyncio.timeout(replay_timeout_s):
+                    await replay.forget(key)
             log.error("callback.sink_failed", exc_info=True, open_kfid=event.open_kfid)
             return _done("POST", started, "sink_error", PlainTextResponse("retry", 503))
         return _done("POST", started, "ok", PlainTextResponse("success"))

@@ -128,7 +128,8 @@ class PullDispatcher:
         for host, items in by_host.items():
             try:
                 # Bounded: a wedged host must not stall the pull requests of the others.
-                await asyncio.wait_for(self._send(host, items), self._send_timeout_s)
+                async with asyncio.timeout(self._send_timeout_s):
+                    await self._send(host, items)
                 self.sent += 1
                 PULL_REQUESTS.inc(result="sent")
             except Exception as exc:  # noqa: BLE001 - a failed pull request is counted and kept for the next flush

@@ -430,7 +430,8 @@ class ShedMiddleware:
                     raise _BodyRefused(413, "too_large")
                 break
         try:
-            return await asyncio.wait_for(self._receive_body(receive), self.body_timeout_s)
+            async with asyncio.timeout(self.body_timeout_s):
+                return await self._receive_body(receive)
         except TimeoutError as exc:
             raise _BodyRefused(408, "body_timeout") from exc
 

@@ -120,6 +120,69 @@ async def test_callback_token_is_used_only_while_valid_and_requests_coalesce() -
     await asyncio.sleep(0)
 
 
+async def test_a_cancel_that_meets_a_pull_request_ends_the_syncer_loop() -> None:
+    """Python 3.11's `asyncio.wait_for` dropped a cancel when its inner wait had already
+    finished: a pull request (the wake event) set in the same loop turn as the host's
+    cancel made the loop pull again and wait on, instead of ending. Our own waits use
+    `asyncio.timeout`, which runs the wait in the task itself and delivers the cancel."""
+    from types import SimpleNamespace
+
+    syncer = KfSyncer(
+        "kf",
+        source=None,  # type: ignore[arg-type]
+        producer=None,  # type: ignore[arg-type]
+        locks=None,  # type: ignore[arg-type]
+        cursors=None,  # type: ignore[arg-type]
+        spool=None,  # type: ignore[arg-type]
+        settings=IngestSettings(),
+    )
+    pulls = 0
+
+    async def pull_once() -> SimpleNamespace:
+        nonlocal pulls
+        pulls += 1
+        return SimpleNamespace(status="ok")
+
+    syncer.pull_once = pull_once  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(syncer.run())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert pulls == 1  # the catch-up pull; now waiting for a request or the sweep
+    syncer.request_pull("t")
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done, "the cancel was swallowed: the loop is still running"
+    assert task.cancelled()
+    assert pulls == 1
+
+
+def test_the_package_has_no_asyncio_wait_for() -> None:
+    """See the test above: one lost cancel can hang a shutdown. A new use of
+    `asyncio.wait_for` in the package fails here; use `asyncio.timeout`."""
+    import ast
+    from pathlib import Path
+
+    import qywx_ray
+
+    root = Path(qywx_ray.__file__).parent
+    uses = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = (
+                isinstance(node, ast.Attribute)
+                and node.attr == "wait_for"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "asyncio"
+            ) or (
+                isinstance(node, ast.ImportFrom)
+                and node.module == "asyncio"
+                and any(a.name == "wait_for" for a in node.names)
+            )
+            if named:
+                uses.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert uses == []
+
+
 def test_message_id_is_the_wecom_msgid_on_every_pull() -> None:
     msg = {"msgid": "MSG-1", "external_userid": "u", "open_kfid": "kf", "msgtype": "text"}
     assert Envelope.from_wecom(msg).message_id == Envelope.from_wecom(dict(msg)).message_id

@@ -85,7 +85,8 @@ class WeComSimulator:
 
     async def idle(self, timeout_s: float = 10.0) -> None:
         """Wait until every queued callback has been delivered or given up."""
-        await asyncio.wait_for(self._queue.join(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await self._queue.join()
 
     async def _population_loop(self) -> None:
         assert self.population is not None
