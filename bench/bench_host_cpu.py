@@ -17,7 +17,7 @@ are 3 s apart per user so the default rule (5 per 10 s) never denies. The module
 unchanged on an older checkout (PYTHONPATH=/path/to/old python path/to/this/file.py).
 
 `--redis --state-bytes N` (N > 0): per-user state off vs on over that Redis, alternating
-per run: off = the trivial handler, on = `bench_state_handler` (`@stateful`,
+per run: off = `bench_handler` (trivial, Envelope only), on = `bench_state_handler` (`@stateful`,
 an N-byte state that changes on every message: every message pays the version-checked
 commit of the whole state with its done-flag, and every user one load on activation);
 the same envelopes (carrying `raw.state_bytes`) in both. Cases `redis_state_off` /
@@ -178,6 +178,12 @@ async def _one_redis(
     items = _deliveries(users, per_user, send_time=1_700_000_000, raw=raw)
     completions = _Completions(len(items))
     handler: Any = trivial
+    if state == "off":
+        # The state handler's pair, as in bench_consume's state mode: both read only the
+        # Envelope (`trivial` takes the typed parse, which "on" does not pay)
+        from qywx_ray.consume.handlers import bench_handler
+
+        handler = bench_handler
     if state == "on":
         from qywx_ray.consume import state as state_mod
         from qywx_ray.consume.handlers import bench_state_handler
