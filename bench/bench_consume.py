@@ -181,6 +181,7 @@ class ModeBench:
         self.pipeline: ConsumePipeline | None = None
         self.done_before = 0
         self._redis: Any = None
+        self.paced_started = 0.0  # Unix s of the last paced load's first record
         port = int(svc.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
         self.broker_pid = procs.pid_listening_on(port)
         # The bench's own brokers log their collector pauses there (-Xlog:gc)
@@ -388,6 +389,7 @@ class ModeBench:
         base = self.completed()[0]
         produced = 0
         t0 = time.monotonic()
+        self.paced_started = time.time()  # background(): where the paced load began
         while produced < len(records):
             # Every record whose due time (t0 + i / rate) has come, then one sleep of at
             # least PACE_TICK_S: a wake-up per tick, not per record. The record's Kafka
@@ -467,6 +469,10 @@ class ModeBench:
             facts["redis_end"] = self.redis_busy()
             facts["steal_pct"] = machine.steal_pct(jiffies0, machine.cpu_jiffies())
             facts["window_s"] = round(elapsed, 2)
+            if self.paced_started >= wall0:
+                # Times in this window (broker_gc, cpu_slices, gc_long_pauses) count from
+                # its start; a target's slow_by_tenth counts from the first paced record.
+                facts["paced_start_s"] = round(self.paced_started - wall0, 2)
             with contextlib.suppress(Exception):  # evidence only: never fail the window
                 facts["gc_long_pauses"] = self.gc_long_pauses(wall0, time.time())
             with contextlib.suppress(Exception):
