@@ -32,6 +32,7 @@ import uuid
 from typing import Any
 
 from bench.output import emit, log
+from bench.procs import cpu_seconds
 from bench.services import bench_services
 
 BENCH = "actor_start"
@@ -44,12 +45,6 @@ def _rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -78,11 +73,11 @@ def one_run(settings: Any, n: int, idle_s: float) -> dict[str, float]:
         del pending[done[0]]
     pids = ray.get([h.pid.remote() for h in handles])
     rss = [_rss_mib(p) for p in pids]
-    cpu0 = [_cpu_s(p) for p in pids]
+    cpu0 = [cpu_seconds(p) for p in pids]
     w0 = time.perf_counter()
     time.sleep(idle_s)  # the measured idle window itself, not synchronisation
     window = time.perf_counter() - w0
-    idle = [(_cpu_s(p) - c) / window * 100 for p, c in zip(pids, cpu0, strict=True)]
+    idle = [(cpu_seconds(p) - c) / window * 100 for p, c in zip(pids, cpu0, strict=True)]
     for h in handles:
         ray.kill(h, no_restart=True)
     return {

@@ -41,7 +41,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -95,11 +94,6 @@ def slow_profile(stats: dict[str, Any], samples: list[int]) -> dict[str, Any]:
         "max_ms": stats.get("max_ms"),
         "slow_by_tenth": tenths,
     }
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_envelopes(
@@ -312,7 +306,7 @@ class ModeBench:
         # CPU baseline taken as soon as the consumers answer (they are still joining the
         # group); fresh consumer instances count completions from 0
         p = self.pipeline = start_consumers(self.settings)
-        cpu0 = {pid: cpu_s(pid) for v in self.pids().values() for pid in v}
+        cpu0 = {pid: procs.cpu_seconds(pid) for v in self.pids().values() for pid in v}
         deadline = time.monotonic() + self.args.timeout_s
         done = 0
         while time.monotonic() < deadline:
@@ -324,7 +318,10 @@ class ModeBench:
         firsts = [s["first_consumed_unix_s"] for s in p.snapshots()]
         t_first = min((f for f in firsts if f is not None), default=t_end)
         pids_after = self.pids()  # a pid that appeared meanwhile counts from 0 CPU s
-        used = {k: sum(cpu_s(x) - cpu0.get(x, 0.0) for x in v) for k, v in pids_after.items()}
+        used = {
+            k: sum(procs.cpu_seconds(x) - cpu0.get(x, 0.0) for x in v)
+            for k, v in pids_after.items()
+        }
         elapsed = t_end - t_first
         case = case or f"{self.mode}_{name}"
         dims: dict[str, Any] = {"state_bytes": raw["state_bytes"]} if raw else {}
@@ -451,7 +448,7 @@ class ModeBench:
         Filled on exit; evidence for an outlier, not a result."""
         facts: dict[str, Any] = {}
         broker = self.broker_pid
-        cpu0 = cpu_s(broker) if broker else None
+        cpu0 = procs.cpu_seconds(broker) if broker else None
         jiffies0 = machine.cpu_jiffies()
         wall0 = time.time()
         t0 = time.monotonic()
@@ -465,7 +462,9 @@ class ModeBench:
             elapsed = time.monotonic() - t0
             if broker and cpu0 is not None:
                 with contextlib.suppress(OSError):
-                    facts["broker_cpu_pct"] = round((cpu_s(broker) - cpu0) / elapsed * 100, 1)
+                    facts["broker_cpu_pct"] = round(
+                        (procs.cpu_seconds(broker) - cpu0) / elapsed * 100, 1
+                    )
             facts["redis_end"] = self.redis_busy()
             facts["steal_pct"] = machine.steal_pct(jiffies0, machine.cpu_jiffies())
             facts["window_s"] = round(elapsed, 2)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.output import emit, log
+from bench.procs import cpu_seconds
 from bench.runs import default_runs, quick_mode
 from bench.services import bench_services
 from bench.stats import median
@@ -51,11 +52,6 @@ def proc_memory(pid: int) -> dict[str, int]:
         elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
             out["uss"] += int(parts[1]) * 1024
     return out
-
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,9 +192,9 @@ def one_run(svc: Any, users: int, window_s: float, run: int) -> list[tuple[str, 
         return sum(s["users"] for s in ray.get([h.snapshot.remote() for h in hosts], timeout=60))
 
     def idle_cpu_s() -> float:
-        before = [proc_cpu_s(p) for p in pids]
+        before = [cpu_seconds(p) for p in pids]
         time.sleep(window_s)  # the measured idle window itself
-        return sum(proc_cpu_s(p) - b for p, b in zip(pids, before, strict=True))
+        return sum(cpu_seconds(p) - b for p, b in zip(pids, before, strict=True))
 
     out: list[tuple[str, float, str]] = []
     try:

@@ -72,6 +72,11 @@ def parse_proc_stat(text: str) -> tuple[int, int]:
     return int(rest[1]), int(rest[11]) + int(rest[12])
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used; raises OSError once it is gone."""
+    return parse_proc_stat((Path("/proc") / str(pid) / "stat").read_text())[1] / CLK_TCK
+
+
 def read_proc(pid: int) -> ProcSample | None:
     base = Path("/proc") / str(pid)
     try:
