@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -91,18 +92,23 @@ def test_batch_result_views() -> None:
     assert BatchResult([]).ok
 
 
-async def test_callback_token_is_used_only_while_valid_and_requests_coalesce() -> None:
-    clock = Clock()
-    syncer = KfSyncer(
+def bare_syncer(settings: IngestSettings, clock: Any = None) -> KfSyncer:
+    """A syncer without its stores: for its own bookkeeping and loop, no pull."""
+    return KfSyncer(
         "kf",
         source=None,  # type: ignore[arg-type]
         producer=None,  # type: ignore[arg-type]
         locks=None,  # type: ignore[arg-type]
         cursors=None,  # type: ignore[arg-type]
         spool=None,  # type: ignore[arg-type]
-        settings=IngestSettings(callback_token_valid_s=540),
-        clock=clock,
+        settings=settings,
+        **({"clock": clock} if clock is not None else {}),
     )
+
+
+async def test_callback_token_is_used_only_while_valid_and_requests_coalesce() -> None:
+    clock = Clock()
+    syncer = bare_syncer(IngestSettings(callback_token_valid_s=540), clock=clock)
     assert syncer.current_token() == ""
     assert not syncer.pull_requested
     for _ in range(100):
@@ -127,15 +133,7 @@ async def test_a_cancel_that_meets_a_pull_request_ends_the_syncer_loop() -> None
     `asyncio.timeout`, which runs the wait in the task itself and delivers the cancel."""
     from types import SimpleNamespace
 
-    syncer = KfSyncer(
-        "kf",
-        source=None,  # type: ignore[arg-type]
-        producer=None,  # type: ignore[arg-type]
-        locks=None,  # type: ignore[arg-type]
-        cursors=None,  # type: ignore[arg-type]
-        spool=None,  # type: ignore[arg-type]
-        settings=IngestSettings(),
-    )
+    syncer = bare_syncer(IngestSettings())
     pulls = 0
 
     async def pull_once() -> SimpleNamespace:
