@@ -149,6 +149,11 @@ class KafkaCluster:
             "auto.create.topics.enable": "false",
             "offsets.topic.replication.factor": rf,
             "offsets.topic.num.partitions": 8,
+            # The log cleaner's dedupe map is allocated on the heap when the broker starts:
+            # 128 MiB by default, most of this broker's small heap, which then ran a
+            # concurrent G1 cycle every few seconds (bench/results/compare/README.md).
+            # 16 MiB holds ~0.7 M keys (24 B each): __consumer_offsets of a dev stack.
+            "log.cleaner.dedupe.buffer.size": 16 * 1024 * 1024,
             "transaction.state.log.replication.factor": rf,
             "transaction.state.log.min.isr": min(2, rf),
             "group.initial.rebalance.delay.ms": 0,
