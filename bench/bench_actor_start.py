@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 import uuid
@@ -36,7 +35,6 @@ from bench.procs import cpu_seconds
 from bench.services import bench_services
 
 BENCH = "actor_start"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mib(pid: int) -> float:

@@ -152,7 +152,8 @@ class KafkaCluster:
             # The log cleaner's dedupe map is allocated on the heap when the broker starts:
             # 128 MiB by default, most of this broker's small heap, which then ran a
             # concurrent G1 cycle every few seconds (bench/results/compare/README.md).
-            # 16 MiB holds ~0.7 M keys (24 B each): __consumer_offsets of a dev stack.
+            # 16 MiB: ~0.6 M keys a cleaning pass (24 B a slot, load 0.9; more keys take
+            # more passes), where a dev stack's __consumer_offsets holds a few thousand.
             "log.cleaner.dedupe.buffer.size": 16 * 1024 * 1024,
             "transaction.state.log.replication.factor": rf,
             "transaction.state.log.min.isr": min(2, rf),

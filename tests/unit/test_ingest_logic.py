@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -92,7 +93,7 @@ def test_batch_result_views() -> None:
     assert BatchResult([]).ok
 
 
-def bare_syncer(settings: IngestSettings, clock: Any = None) -> KfSyncer:
+def bare_syncer(settings: IngestSettings, clock: Callable[[], float] | None = None) -> KfSyncer:
     """A syncer without its stores: for its own bookkeeping and loop, no pull."""
     return KfSyncer(
         "kf",
@@ -102,7 +103,7 @@ def bare_syncer(settings: IngestSettings, clock: Any = None) -> KfSyncer:
         cursors=None,  # type: ignore[arg-type]
         spool=None,  # type: ignore[arg-type]
         settings=settings,
-        **({"clock": clock} if clock is not None else {}),
+        clock=clock or time.monotonic,
     )
 
 
