@@ -47,8 +47,8 @@ import ray
 
 from bench import broker_gc, machine, output, procs
 from bench.output import emit, log
-from bench.runs import REDIS_ENV, default_runs, quick_mode
-from bench.services import _delete_topics, bench_services, settings_for
+from bench.runs import default_runs, quick_mode
+from bench.services import _delete_topics, bench_services, produce_paced, settings_for
 from bench.stats import percentiles
 from qywx_ray.consume.pipeline import (
     ConsumePipeline,
@@ -72,7 +72,6 @@ NO_DENIAL_RULE = {
 
 
 REDIS_LATENCY_MS = 10  # Redis stalls recorded beside a latency window
-PACE_TICK_S = 0.002  # the paced producer wakes at most every 2 ms (4 records at 2,000/s)
 SLOW_MS = 50  # the steady target: a sample above it counts as slow in `slow_profile`
 
 
@@ -139,8 +138,7 @@ class ModeBench:
         self.run = run
         self.tag = f"{mode[0]}{run}{uuid.uuid4().hex[:5]}"
         self.users = args.users if mode == "hosted" else args.dedicated_users
-        # Started by this bench (not QYWX_BENCH_REDIS_URL): it may reconfigure and reset it
-        self.owns_redis = not os.environ.get(REDIS_ENV)
+        self.owns_redis = svc.owns_redis  # its latency monitor and slow log are ours to reset
         self.window_targets: list[dict[str, Any]] = []  # window_samples -> emit_latency
         self.settings = settings_for(
             svc.bootstrap_servers,
@@ -178,8 +176,7 @@ class ModeBench:
         self.paced_started = 0.0  # Unix s of the last paced load's first record
         port = int(svc.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
         self.broker_pid = procs.pid_listening_on(port)
-        # The bench's own brokers log their collector pauses there (-Xlog:gc)
-        self.broker_logs = [] if svc.external else sorted(svc.workdir.glob("kafka/node*/logs"))
+        self.broker_logs = svc.broker_logs  # the bench's own brokers' gc logs are there
 
     def dims(self, **more: Any) -> dict[str, Any]:
         out = {
@@ -379,30 +376,13 @@ class ModeBench:
             )
         producer.flush(30)
         wait_for(lambda: self.completed()[0] - base >= len(warm), 60)
-        # Serialised before the window: the load generator shares the 2 vCPUs with the
-        # system under test, so its per-message work is kept out of the paced loop.
+        # Serialised before the paced load: its generator shares the 2 vCPUs with the
+        # system under test, so per-record work is kept out of the paced loop.
         records = [(env.key, env.to_bytes(), list(env.headers())) for env in msgs]
         self.samples(reset=True)
         base = self.completed()[0]
-        produced = 0
-        t0 = time.monotonic()
-        self.paced_started = time.time()  # background(): where the paced load began
-        while produced < len(records):
-            # Every record whose due time (t0 + i / rate) has come, then one sleep of at
-            # least PACE_TICK_S: a wake-up per tick, not per record. The record's Kafka
-            # timestamp (what latency is measured from) is when it was produced.
-            due = min(len(records), int((time.monotonic() - t0) * rate) + 1)
-            for key, value, headers in records[produced:due]:
-                producer.produce(
-                    s.kafka.main_topic.name,
-                    key=key,
-                    value=value,
-                    headers=headers,  # type: ignore[arg-type]
-                )
-            produced = max(produced, due)
-            producer.poll(0)
-            if produced < len(records):
-                time.sleep(max(PACE_TICK_S, t0 + produced / rate - time.monotonic()))
+        # background(): where the paced load began
+        self.paced_started = produce_paced(producer, s.kafka.main_topic.name, records, rate)
         producer.flush(30)
         ok = wait_for(lambda: self.completed()[0] - base >= len(msgs), self.args.timeout_s)
         got = self.window_samples()

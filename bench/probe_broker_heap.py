@@ -16,12 +16,12 @@ import argparse
 import re
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from bench.services import produce_paced
 from qywx_ray.devstack.kafka import GC_LOG, KafkaCluster
 from qywx_ray.kafka.config import consumer_config, producer_config
 from qywx_ray.settings import Settings
@@ -29,16 +29,9 @@ from qywx_ray.settings import Settings
 _PAUSE = re.compile(r"GC\(\d+\) (Pause .*?) (\d+)M->(\d+)M\((\d+)M\) ([\d.]+)ms")
 
 
-def _paced(producer: Producer, topic: str, rate: float, seconds: float, value: bytes) -> None:
-    t0 = time.monotonic()
-    sent = 0
-    while time.monotonic() - t0 < seconds:
-        due = int((time.monotonic() - t0) * rate) + 1
-        for i in range(sent, due):
-            producer.produce(topic, key=b"u%d" % (i % 10_000), value=value)
-        sent = max(sent, due)
-        producer.poll(0)
-        time.sleep(0.002)
+def _paced(producer: Producer, rate: float, seconds: float, value: bytes) -> None:
+    keys = (b"u%d" % (i % 10_000) for i in range(int(rate * seconds)))
+    produce_paced(producer, "probe", [(key, value, None) for key in keys], rate)
     producer.flush(30)
 
 
@@ -73,9 +66,9 @@ def main() -> None:
             value = b"x" * args.value_bytes
             gc_log = cluster.nodes[0].workdir / "logs" / GC_LOG
             try:
-                _paced(producer, "probe", args.rate, args.warmup_s, value)
+                _paced(producer, args.rate, args.warmup_s, value)
                 seen = len(gc_log.read_text())
-                _paced(producer, "probe", args.rate, args.measure_s, value)
+                _paced(producer, args.rate, args.measure_s, value)
             finally:
                 stop.set()
                 reader.join(30)

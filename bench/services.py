@@ -9,9 +9,10 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ class BenchServices:
     workdir: Path
     brokers: int
     external: bool
+    # Started here (not given by the environment): a bench may reconfigure and reset it
+    owns_redis: bool = False
+    # Each broker's logs/ (its -Xlog:gc file) when the brokers were started here
+    broker_logs: list[Path] = field(default_factory=list)
 
 
 def settings_for(
@@ -110,7 +115,16 @@ def bench_services(
         if create_topics:
             reports = ensure_topics(settings.kafka)
             created = [r.name for r in reports if r.action == "created"]
-        yield BenchServices(bootstrap, redis_url, settings, workdir, brokers, external)
+        yield BenchServices(
+            bootstrap,
+            redis_url,
+            settings,
+            workdir,
+            brokers,
+            external,
+            owns_redis=redis_server is not None,
+            broker_logs=[n.workdir / "logs" for n in cluster.nodes] if cluster else [],
+        )
     finally:
         if external and created and settings is not None:
             _delete_topics(settings.kafka, created)
@@ -140,3 +154,28 @@ def _delete_topics(kafka: Any, names: list[str], timeout_s: float = 15.0) -> Non
         log(f"bench: could not delete topics {names}: {exc}")
     finally:
         del admin
+
+
+PACE_TICK_S = 0.002  # a paced producer wakes at most every 2 ms (4 records at 2,000/s)
+
+
+def produce_paced(
+    producer: Any, topic: str, records: Sequence[tuple[Any, bytes, Any]], rate: float
+) -> float:
+    """Produce (key, value, headers) records at `rate` per second, record i due at
+    t0 + i / rate: every record due by now, then one sleep of at least PACE_TICK_S (a
+    wake-up per tick, not per record: the load generator shares the 2 vCPUs with what it
+    measures). A record's Kafka timestamp is when it was produced. Returns t0 as Unix
+    time (where the paced load began); does not flush."""
+    produced = 0
+    t0 = time.monotonic()
+    started = time.time()
+    while produced < len(records):
+        due = min(len(records), int((time.monotonic() - t0) * rate) + 1)
+        for key, value, headers in records[produced:due]:
+            producer.produce(topic, key=key, value=value, headers=headers)
+        produced = max(produced, due)
+        producer.poll(0)
+        if produced < len(records):
+            time.sleep(max(PACE_TICK_S, t0 + produced / rate - time.monotonic()))
+    return started
