@@ -16,9 +16,14 @@ commit, on one core. Cases:
   chosen so that syncer_host_index() puts them on different syncer hosts (what the Ray
   deployment does): aggregate msg/s and the ratio to one account.
 
+`--wecom-rtt-ms N`: each sync_msg answer is delayed N ms (awaited, no CPU), as from a
+WeCom across the network, where the page's round trip, not the syncer's CPU, may decide
+an account's throughput; lines then carry `wecom_rtt_ms`.
+
 Every line carries load1 (the machine is shared: compare runs made back to back).
 
   python -m bench.bench_syncer [--quick] [--messages 50000] [--only one_account]
+                               [--wecom-rtt-ms 30]
 """
 
 # bench-timeout-s: full=900 quick=300
@@ -74,13 +79,18 @@ def make_pages(open_kfid: str, messages: int, tag: str) -> list[bytes]:
     return pages
 
 
+RTT_ENV = "QYWX_BENCH_WECOM_RTT_MS"
+
+
 def mock_wecom(pages: list[bytes]) -> Any:
     """An httpx transport answering gettoken and sync_msg (cursor = page index)."""
     import httpx
 
     token = b'{"errcode":0,"errmsg":"ok","access_token":"bench","expires_in":7200}'
 
-    def handle(request: httpx.Request) -> httpx.Response:
+    rtt_s = float(os.environ.get(RTT_ENV) or 0) / 1000.0
+
+    def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/gettoken"):
             return httpx.Response(200, content=token)
         body = json.loads(request.content or b"{}")
@@ -89,7 +99,11 @@ def mock_wecom(pages: list[bytes]) -> Any:
             return httpx.Response(200, content=b'{"errcode":0,"next_cursor":"","has_more":0}')
         return httpx.Response(200, content=pages[index])
 
-    return httpx.MockTransport(handle)
+    async def across_the_network(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(rtt_s)  # WeCom's answer travels; the syncer's CPU is free meanwhile
+        return answer(request)
+
+    return httpx.MockTransport(across_the_network if rtt_s > 0 else answer)
 
 
 def wecom_client(pages: list[bytes]) -> Any:
@@ -255,7 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="", help=argparse.SUPPRESS)  # child: one syncer host
     ap.add_argument("--tag", default="", help=argparse.SUPPRESS)
     ap.add_argument("--only", choices=["path_cpu", "one_account", "two_accounts"], default=None)
+    ap.add_argument(
+        "--wecom-rtt-ms",
+        type=float,
+        default=None,
+        help="delay of each sync_msg answer, as from a remote WeCom (default 0: in process)",
+    )
     args = ap.parse_args(argv)
+    if args.wecom_rtt_ms is not None:  # the host processes inherit it
+        os.environ[RTT_ENV] = str(args.wecom_rtt_ms)
     if args.quick:
         os.environ["QYWX_BENCH_QUICK"] = "1"
     messages = args.messages or (10_000 if quick_mode() else 50_000)
@@ -267,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = default_runs(3)
     dims = {"stage": "produce", "page": PAGE, "users": USERS, "record_size": 1024}
+    rtt_ms = float(os.environ.get(RTT_ENV) or 0)
+    if rtt_ms:
+        dims["wecom_rtt_ms"] = rtt_ms
     if args.only in (None, "path_cpu"):
         pages = make_pages("wkBench", min(messages, 20_000), "p")
         values = []
