@@ -83,13 +83,6 @@ class SyncSource(Protocol):
     async def sync_msg(self, open_kfid: str, cursor: str, token: str, limit: int) -> SyncPage: ...
 
 
-def _drop(task: asyncio.Task[Any]) -> None:
-    """Cancel a fetch-ahead nobody will read, without waiting for it (an await here could
-    take a cancel meant for the pull) and without "exception never retrieved" noise."""
-    task.cancel()
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-
 @dataclass
 class PullResult:
     status: str  # "done" | "busy" (another holder has the lock)
@@ -173,68 +166,43 @@ class KfSyncer:
         return result
 
     async def _pull_pages(self, lease: LockLease) -> PullResult:
-        """Every page available now, each delivered (acked or spooled) and only then its
-        cursor committed, in page order.
-
-        The next page's request goes out while this page is produced: WeCom's round trip
-        overlaps the wait for Kafka's acks (bench_syncer --wecom-rtt-ms 30: one account
-        15,300 -> 24,900 msg/s; no change without the round trip). Only the request runs
-        ahead: the page's envelopes, spool check, produce and cursor commit come after
-        the previous page's commit, as before, so nothing a page decides can depend on a
-        page after it. (Building the envelopes ahead as well was measured and not kept:
-        no faster with the round trip, 4 % slower without it.) A request is read-only at
-        WeCom (the same cursor returns the same messages), so one thrown away (this page's
-        delivery failed, the pull was cancelled) costs a repeated request, never a
-        message."""
         cursor = await self.cursors.get(self.open_kfid)
         result = PullResult("done", cursor=cursor)
         restarted = False  # at most once per pull: a WeCom that keeps rejecting backs off
-        ahead: asyncio.Task[SyncPage] | None = None
-        try:
-            while True:
-                try:
-                    if ahead is not None:  # fetched while the previous page was produced
-                        fetching, ahead = ahead, None  # awaited: a cancel of the pull reaches it
-                        page = await fetching
-                    else:
-                        page = await self._fetch(cursor)
-                except WeComError as exc:
-                    codes = self.settings.invalid_cursor_errcodes
-                    if restarted or not restart_after_rejection(exc.errcode, cursor, codes):
-                        raise
-                    restarted = True
-                    await self._restart_from_oldest(cursor, exc, lease)
-                    cursor = result.cursor = ""
-                    continue
-                result.pages += 1
-                SYNC_PAGES.inc()
-                result.messages += len(page.msg_list)
-                SYNC_MESSAGES.inc(len(page.msg_list))
-                next_cursor = page.next_cursor or cursor
-                if page.has_more and next_cursor != cursor:
-                    ahead = asyncio.ensure_future(self._fetch(next_cursor))
-                produced, spooled = await self._deliver(self._envelopes(page.msg_list))
-                result.produced += produced
-                result.spooled += spooled
-                # Every message of the page is now acked by Kafka or in the spool.
-                if next_cursor != cursor:
-                    await self._commit(next_cursor, lease)
-                    cursor = result.cursor = next_cursor
-                elif page.has_more and not page.msg_list:
-                    break  # no progress possible now; the next request or sweep retries
-                if not page.has_more:
-                    break
-        finally:
-            if ahead is not None:  # this page failed or the pull was cancelled: drop it
-                _drop(ahead)
+        while True:
+            try:
+                page = await self._fetch(cursor)
+            except WeComError as exc:
+                codes = self.settings.invalid_cursor_errcodes
+                if restarted or not restart_after_rejection(exc.errcode, cursor, codes):
+                    raise
+                restarted = True
+                await self._restart_from_oldest(cursor, exc, lease)
+                cursor = result.cursor = ""
+                continue
+            result.pages += 1
+            SYNC_PAGES.inc()
+            envelopes = self._envelopes(page.msg_list)
+            result.messages += len(page.msg_list)
+            SYNC_MESSAGES.inc(len(page.msg_list))
+            produced, spooled = await self._deliver(envelopes)
+            result.produced += produced
+            result.spooled += spooled
+            # Every message of the page is now acked by Kafka or in the spool.
+            next_cursor = page.next_cursor or cursor
+            if next_cursor != cursor:
+                if not await self.cursors.commit_cursor(self.open_kfid, next_cursor, lease):
+                    raise LockLostError(
+                        f"cursor commit for {self.open_kfid} refused: lock "
+                        f"(fence {lease.fence}) no longer held"
+                    )
+                cursor = next_cursor
+                result.cursor = cursor
+            elif page.has_more and not page.msg_list:
+                break  # no progress possible now; the next request or sweep retries
+            if not page.has_more:
+                break
         return result
-
-    async def _commit(self, cursor: str, lease: LockLease) -> None:
-        if not await self.cursors.commit_cursor(self.open_kfid, cursor, lease):
-            raise LockLostError(
-                f"cursor commit for {self.open_kfid} refused: lock "
-                f"(fence {lease.fence}) no longer held"
-            )
 
     async def _restart_from_oldest(self, cursor: str, exc: WeComError, lease: LockLease) -> None:
         """WeCom rejected `cursor`: store "" (fenced, like any commit) so that this pull and,
