@@ -8,13 +8,17 @@ the simulator → handler start; messages still unprocessed count as slower than
 window), consumer lag growth, Redis commands/s and CPU per process group. The first step
 that breaks (p99 > 1 s, processed < 90 % of offered, lag growing, or the simulator unable
 to offer the load) ends the climb: py-spy records the busiest Python process there, its
-top functions go into the result. A final audit checks every message was handled once,
-in per-user order. Never touches the shared development services (see bench_profiles).
+top functions go into the result. Then `--refine` rounds (2) bisect the gap between the
+last step that held and the one that broke (8,000 / 16,000 → 12,000 → 10,000 or 14,000),
+each from a drained pipeline, so the report says how close one account comes to a target
+between two ×2 steps. A final audit checks every message was handled once, in per-user
+order. Never touches the shared development services (see bench_profiles).
 
   python -m bench.bench_stress [--quick] [--start-msg-s 500] [--factor 2] [--max-steps 6]
+                               [--refine 2]
 """
 
-# bench-timeout-s: full=1200 quick=600
+# bench-timeout-s: full=1800 quick=900
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +71,17 @@ def step_rates(start_msg_s: float, factor: float, max_steps: int) -> list[float]
     if start_msg_s <= 0 or factor <= 1 or max_steps < 1:
         raise ValueError("need start_msg_s > 0, factor > 1, max_steps >= 1")
     return [start_msg_s * factor**i for i in range(max_steps)]
+
+
+def refine_rate(ok_msg_s: float | None, broke_msg_s: float, grain: float = 100.0) -> float | None:
+    """The next load to try between the highest step that held and the lowest that broke
+    (bisection, rounded to `grain`), or None when nothing lies between at that grain or
+    no step held. A ×2 ladder alone says "broke at 16,000, held 8,000": bisecting the
+    gap says how close the pipeline comes to a target like 10,000."""
+    if ok_msg_s is None or broke_msg_s - ok_msg_s <= grain:
+        return None
+    mid = round((ok_msg_s + broke_msg_s) / 2 / grain) * grain
+    return mid if ok_msg_s < mid < broke_msg_s else None
 
 
 def censored_percentile(
@@ -180,6 +195,39 @@ def wait_all_stamped(
             done, moved_at = accounted, time.monotonic()
         time.sleep(1.0)
     return False
+
+
+def refine_between(
+    held: float | None,
+    broke: float,
+    rounds: int,
+    step: Callable[[int, float, bool], tuple[dict[str, Any], Any]],
+    drain: Callable[[], bool],
+    p: LocalPipeline,
+    users: int,
+) -> dict[str, Any] | None:
+    """Bisect between the highest step that held and the one that broke, `rounds` times.
+    Each try starts from an empty pipeline (the broken step's backlog drained first, the
+    population resumed at the new rate), so it measures that load, not the catch-up."""
+    if rounds <= 0:
+        return None
+    tried: list[float] = []
+    for k in range(rounds):
+        rate = refine_rate(held, broke)
+        if rate is None:
+            break
+        if not drain():
+            log("bench: stress refinement stopped: the backlog did not drain")
+            break
+        sim_post(p, "/sim/population/rates", {"rate_per_min": rate * 60.0 / users})
+        sim_post(p, "/sim/population/resume")
+        row, _ = step(100 + k, rate, True)
+        tried.append(rate)
+        if row["broke"]:
+            broke = rate
+        else:
+            held = rate
+    return {"held_msg_s": held, "broke_msg_s": broke, "tried": tried}
 
 
 def run_step(
@@ -341,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--drain-timeout-s", type=float, default=120.0, help="give up draining after no progress"
     )
+    ap.add_argument(
+        "--refine",
+        type=int,
+        default=2,
+        help="after the first break, bisect this many times between it and the step before",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     if args.quick:
@@ -366,14 +420,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = pipeline_overrides(tag, handler, protect=False)
     steps: list[dict[str, Any]] = []
     breaking: dict[str, Any] | None = None
+    refined: dict[str, Any] | None = None
     with bench_stack() as stack, running_pipeline(stack, "stress", sim_args, overrides) as p:
         reader = StampReader(p)
         wait_first_stamps(p)
-        for i, target in enumerate(rates):
+
+        def step(i: int, target: float, refine: bool = False) -> tuple[dict[str, Any], Any]:
             for attempt in range(2):
                 log(f"bench: stress step {i}: {target:.0f} msg/s (attempt {attempt})")
                 row, w = run_step(p, stack, reader, target, args.users, settle_s, step_s, 2.0)
-                row.update(step=i, attempt=attempt)
+                row.update(step=i, attempt=attempt, refined=refine)
                 # On this shared machine a neighbour's burst can spike p99 with no
                 # backlog: a latency-only break is measured once more before it counts.
                 row["retried"] = retry_step(row["reasons"], attempt)
@@ -382,22 +438,37 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"bench: step {i}: {row}")
                 if not row["retried"]:
                     break
+            return row, w
+
+        def drain() -> bool:
+            """Pause the population and wait until every message so far is handled."""
+            sim_post(p, "/sim/population/pause")
+            assert p.sim is not None
+            truth = p.sim.truth()
+            expected = sum(len(ids) for users in truth.values() for ids in users.values())
+            return wait_all_stamped(p, reader, expected, args.drain_timeout_s)
+
+        held: float | None = None
+        for i, target in enumerate(rates):
+            row, w = step(i, target)
             if row["broke"]:
                 breaking = {"step": i, "target_msg_s": row["target_msg_s"], "why": row["reasons"]}
                 cpu = row["cpu_pct_by_group"]
                 breaking["busiest_groups"] = list(cpu.items())[:4]
                 breaking.update(profile_hottest(w, profile_s, args.results))
                 break
-        sim_post(p, "/sim/population/pause")
-        assert p.sim is not None
-        truth = p.sim.truth()
-        expected = sum(len(ids) for users in truth.values() for ids in users.values())
-        drained = wait_all_stamped(p, reader, expected, args.drain_timeout_s)
+            held = target
+        if breaking is not None:
+            broke_at = float(breaking["target_msg_s"])
+            refined = refine_between(held, broke_at, args.refine, step, drain, p, args.users)
+        drained = drain()
         dead = {k.decode() for k in p.redis_client().hkeys("qywx:dlq:letters")}
+        assert p.sim is not None
         audit = audit_stamps(p.sim.truth(), reader.refresh(), dead)
         reasons = dead_letter_reasons(p)
     summary = {
         "steps": len(steps),
+        "refined": refined,
         "max_ok_msg_s": max((s["processed_msg_s"] for s in steps if not s["broke"]), default=None),
         "breaking": breaking,
         "drained_after": drained,

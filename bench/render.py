@@ -213,7 +213,9 @@ def render_stress(steps: list[dict[str, Any]], summaries: list[dict[str, Any]]) 
         "Each step raises the offered load; a step breaks when p99 > 1 s (messages not "
         "handled yet count as slower), processed < 90 % of offered, consumer lag grows, or "
         "the simulator cannot offer the load; a step broken by latency alone is measured "
-        "once more before it counts. `≥` marks a p99 that is only a lower bound. "
+        "once more before it counts. After the first break, the load between the last step "
+        "that held and the one that broke is bisected (`--refine`, each try from a drained "
+        "pipeline). `≥` marks a p99 that is only a lower bound. "
         "CPU total is this pipeline's processes only; load1 counts everything on the machine.",
         "",
         "| target msg/s | offered | processed | p50 ms | p99 ms | before Kafka start→end "
@@ -229,6 +231,8 @@ def render_stress(steps: list[dict[str, Any]], summaries: list[dict[str, Any]]) 
         verdict = "; ".join(r.get("reasons") or []) if r.get("broke") else "ok"
         if r.get("retried"):
             verdict = f"{verdict} → measured again (latency only: a neighbour's burst?)"
+        if r.get("refined"):
+            verdict = f"bisecting, after a drain: {verdict}"
         out.append(
             f"| {_ms(r.get('target_msg_s'))} | {_ms(r.get('offered_msg_s'))} "
             f"| {_ms(r.get('processed_msg_s'))} | {_ms(r.get('p50_ms'))} | {p99} "
@@ -247,6 +251,13 @@ def render_stress(steps: list[dict[str, Any]], summaries: list[dict[str, Any]]) 
             f"({r.get('users', '?')} users, handler `{r.get('handler', '?')}`). Audit after "
             f"the climb: " + ", ".join(f"{k}={v}" for k, v in audit.items()) + "."
         )
+        ref = r.get("refined") or {}
+        if ref.get("tried"):
+            out.append(
+                f"Bisected after the first break ({', '.join(_ms(t) for t in ref['tried'])} "
+                f"msg/s): held at **{_ms(ref.get('held_msg_s'))}**, broke at "
+                f"{_ms(ref.get('broke_msg_s'))} msg/s."
+            )
         brk = r.get("breaking")
         if not brk:
             out += ["", f"_{r.get('note', 'No step broke.')}_", ""]

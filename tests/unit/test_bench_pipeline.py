@@ -25,6 +25,7 @@ from bench.bench_profiles import (
 from bench.bench_stress import (
     censored_percentile,
     profile_targets,
+    refine_rate,
     retry_step,
     step_rates,
     step_verdict,
@@ -228,6 +229,16 @@ def test_letters_by_reason() -> None:
 # ------------------------------------------------------------------ stress
 
 
+def test_refine_rate_bisects_the_gap_between_held_and_broken_steps() -> None:
+    assert refine_rate(8000, 16000) == 12000
+    assert refine_rate(8000, 12000) == 10000  # broke at 12,000: try the target next
+    assert refine_rate(10000, 12000) == 11000  # held at 10,000
+    assert refine_rate(8000, 9000) == 8500
+    assert refine_rate(4000, 4250) == 4100  # rounded to the grain, still strictly between
+    assert refine_rate(8000, 8100) is None  # nothing between at a 100 msg/s grain
+    assert refine_rate(None, 500) is None  # the first step broke: nothing held to start from
+
+
 def test_step_rates() -> None:
     assert step_rates(500, 2, 4) == [500, 1000, 2000, 4000]
     with pytest.raises(ValueError, match="factor > 1"):
@@ -420,6 +431,15 @@ def test_report_renders_profiles_and_stress_sections(tmp_path: Path) -> None:
     spike["result"].update(broke=True, retried=True, reasons=["p99 1997 ms > 1000 ms"])
     assert charts.stress_curve([spike, _step_line(500, 250.0, False)])[0][4] == 250.0
     assert "→ measured again" in "\n".join(render.render_stress([spike], []))
+    bisected = _step_line(1200, 300.0, False)
+    bisected["result"].update(refined=True)
+    summary = {
+        "kind": "stress_summary",
+        "result": {"refined": {"held_msg_s": 1200.0, "broke_msg_s": 1400.0, "tried": [1500, 1200]}},
+    }
+    text = "\n".join(render.render_stress([bisected], [summary]))
+    assert "| bisecting, after a drain: ok |" in text
+    assert "Bisected after the first break (1,500, 1,200 msg/s): held at **1,200**" in text
 
 
 # ------------------------------------------------------------------ simulator + handler hooks
