@@ -203,31 +203,31 @@ def refine_between(
     rounds: int,
     step: Callable[[int, float, bool], tuple[dict[str, Any], Any]],
     drain: Callable[[], bool],
-    p: LocalPipeline,
-    users: int,
+    resume_at: Callable[[float], None],
 ) -> dict[str, Any] | None:
     """Bisect between the highest step that held and the one that broke, `rounds` times.
-    Each try starts from an empty pipeline (the broken step's backlog drained first, the
-    population resumed at the new rate), so it measures that load, not the catch-up."""
+    Each try starts from an empty pipeline (the broken step's backlog drained first, then
+    the population resumed at the new rate), so it measures that load, not the catch-up.
+    A backlog that does not drain ends the bisection (`stopped`)."""
     if rounds <= 0:
         return None
-    tried: list[float] = []
+    out: dict[str, Any] = {"tried": []}
     for k in range(rounds):
         rate = refine_rate(held, broke)
         if rate is None:
             break
         if not drain():
             log("bench: stress refinement stopped: the backlog did not drain")
+            out["stopped"] = "not drained"
             break
-        sim_post(p, "/sim/population/rates", {"rate_per_min": rate * 60.0 / users})
-        sim_post(p, "/sim/population/resume")
+        resume_at(rate)
         row, _ = step(100 + k, rate, True)
-        tried.append(rate)
+        out["tried"].append(rate)
         if row["broke"]:
             broke = rate
         else:
             held = rate
-    return {"held_msg_s": held, "broke_msg_s": broke, "tried": tried}
+    return {"held_msg_s": held, "broke_msg_s": broke, **out}
 
 
 def run_step(
@@ -297,7 +297,9 @@ def run_step(
 def emit_step(row: dict[str, Any]) -> None:
     dims = {
         "bench": "stress",
-        "case": "step" if not row["retried"] else "step_remeasured",
+        "case": "step_refined"
+        if row.get("refined")
+        else ("step" if not row["retried"] else "step_remeasured"),
         "run": 0,
         "target_msg_s": row["target_msg_s"],
     }
@@ -448,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             expected = sum(len(ids) for users in truth.values() for ids in users.values())
             return wait_all_stamped(p, reader, expected, args.drain_timeout_s)
 
+        def resume_at(rate: float) -> None:
+            sim_post(p, "/sim/population/rates", {"rate_per_min": rate * 60.0 / args.users})
+            sim_post(p, "/sim/population/resume")
+
         held: float | None = None
         for i, target in enumerate(rates):
             row, w = step(i, target)
@@ -460,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
             held = target
         if breaking is not None:
             broke_at = float(breaking["target_msg_s"])
-            refined = refine_between(held, broke_at, args.refine, step, drain, p, args.users)
-        drained = drain()
+            refined = refine_between(held, broke_at, args.refine, step, drain, resume_at)
+        # After a drain that already failed, a second wait would only spend the bench's time.
+        drained = False if refined and refined.get("stopped") else drain()
         dead = {k.decode() for k in p.redis_client().hkeys("qywx:dlq:letters")}
         assert p.sim is not None
         audit = audit_stamps(p.sim.truth(), reader.refresh(), dead)

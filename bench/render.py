@@ -256,7 +256,8 @@ def render_stress(steps: list[dict[str, Any]], summaries: list[dict[str, Any]]) 
             out.append(
                 f"Bisected after the first break ({', '.join(_ms(t) for t in ref['tried'])} "
                 f"msg/s): held at **{_ms(ref.get('held_msg_s'))}**, broke at "
-                f"{_ms(ref.get('broke_msg_s'))} msg/s."
+                f"{_ms(ref.get('broke_msg_s'))} msg/s"
+                + (f" (stopped: {ref['stopped']})." if ref.get("stopped") else ".")
             )
         brk = r.get("breaking")
         if not brk:

@@ -25,6 +25,7 @@ from bench.bench_profiles import (
 from bench.bench_stress import (
     censored_percentile,
     profile_targets,
+    refine_between,
     refine_rate,
     retry_step,
     step_rates,
@@ -237,6 +238,49 @@ def test_refine_rate_bisects_the_gap_between_held_and_broken_steps() -> None:
     assert refine_rate(4000, 4250) == 4100  # rounded to the grain, still strictly between
     assert refine_rate(8000, 8100) is None  # nothing between at a 100 msg/s grain
     assert refine_rate(None, 500) is None  # the first step broke: nothing held to start from
+
+
+def test_refine_between_drains_then_resumes_then_measures_and_stops_when_not_drained() -> None:
+    calls: list[str] = []
+    outcome = {12000.0: True, 10000.0: False}  # broke at 12,000, held at 10,000
+
+    def step(i: int, rate: float, refined: bool) -> tuple[dict[str, Any], None]:
+        calls.append(f"step {i} {rate:.0f} {refined}")
+        return {"broke": outcome[rate]}, None
+
+    def drain() -> bool:
+        calls.append("drain")
+        return True
+
+    def resume_at(rate: float) -> None:
+        calls.append(f"resume {rate:.0f}")
+
+    got = refine_between(8000, 16000, 2, step, drain, resume_at)
+    assert calls == [
+        "drain",
+        "resume 12000",
+        "step 100 12000 True",
+        "drain",
+        "resume 10000",
+        "step 101 10000 True",
+    ]
+    assert got == {"held_msg_s": 10000.0, "broke_msg_s": 12000.0, "tried": [12000.0, 10000.0]}
+
+    calls.clear()
+    stuck = refine_between(8000, 16000, 2, step, lambda: False, resume_at)
+    assert calls == []  # nothing resumed or measured on top of an undrained backlog
+    assert stuck == {
+        "held_msg_s": 8000,
+        "broke_msg_s": 16000,
+        "tried": [],
+        "stopped": "not drained",
+    }
+    assert refine_between(None, 500, 2, step, drain, resume_at) == {
+        "held_msg_s": None,
+        "broke_msg_s": 500,
+        "tried": [],
+    }
+    assert refine_between(8000, 16000, 0, step, drain, resume_at) is None
 
 
 def test_step_rates() -> None:
