@@ -252,7 +252,9 @@ def render_stress(steps: list[dict[str, Any]], summaries: list[dict[str, Any]]) 
             f"the climb: " + ", ".join(f"{k}={v}" for k, v in audit.items()) + "."
         )
         ref = r.get("refined") or {}
-        if ref.get("tried"):
+        if ref.get("stopped") and not ref.get("tried"):
+            out.append(f"Bisection stopped before its first try: {ref['stopped']}.")
+        elif ref.get("tried"):
             out.append(
                 f"Bisected after the first break ({', '.join(_ms(t) for t in ref['tried'])} "
                 f"msg/s): held at **{_ms(ref.get('held_msg_s'))}**, broke at "

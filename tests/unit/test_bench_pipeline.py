@@ -484,6 +484,9 @@ def test_report_renders_profiles_and_stress_sections(tmp_path: Path) -> None:
     text = "\n".join(render.render_stress([bisected], [summary]))
     assert "| bisecting, after a drain: ok |" in text
     assert "Bisected after the first break (1,500, 1,200 msg/s): held at **1,200**" in text
+    summary["result"]["refined"] = {"tried": [], "stopped": "not drained"}
+    text = "\n".join(render.render_stress([bisected], [summary]))
+    assert "Bisection stopped before its first try: not drained." in text
 
 
 # ------------------------------------------------------------------ simulator + handler hooks
