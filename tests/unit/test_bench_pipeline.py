@@ -477,14 +477,13 @@ def test_report_renders_profiles_and_stress_sections(tmp_path: Path) -> None:
     assert "→ measured again" in "\n".join(render.render_stress([spike], []))
     bisected = _step_line(1200, 300.0, False)
     bisected["result"].update(refined=True)
-    summary = {
-        "kind": "stress_summary",
-        "result": {"refined": {"held_msg_s": 1200.0, "broke_msg_s": 1400.0, "tried": [1500, 1200]}},
-    }
+    refined: dict[str, Any] = {"held_msg_s": 1200.0, "broke_msg_s": 1400.0, "tried": [1500, 1200]}
+    summary = {"kind": "stress_summary", "result": {"refined": refined}}
     text = "\n".join(render.render_stress([bisected], [summary]))
     assert "| bisecting, after a drain: ok |" in text
     assert "Bisected after the first break (1,500, 1,200 msg/s): held at **1,200**" in text
-    summary["result"]["refined"] = {"tried": [], "stopped": "not drained"}
+    refined.clear()
+    refined.update(tried=[], stopped="not drained")
     text = "\n".join(render.render_stress([bisected], [summary]))
     assert "Bisection stopped before its first try: not drained." in text
 
