@@ -295,11 +295,10 @@ def run_step(
 
 
 def emit_step(row: dict[str, Any]) -> None:
+    case = "step_refined" if row.get("refined") else "step"
     dims = {
         "bench": "stress",
-        "case": "step_refined"
-        if row.get("refined")
-        else ("step" if not row["retried"] else "step_remeasured"),
+        "case": f"{case}_remeasured" if row["retried"] else case,
         "run": 0,
         "target_msg_s": row["target_msg_s"],
     }

@@ -79,7 +79,11 @@ def make_pages(open_kfid: str, messages: int, tag: str) -> list[bytes]:
     return pages
 
 
-RTT_ENV = "QYWX_BENCH_WECOM_RTT_MS"
+RTT_ENV = "QYWX_BENCH_WECOM_RTT_MS"  # set by main from --wecom-rtt-ms; host processes inherit it
+
+
+def wecom_rtt_ms() -> float:
+    return float(os.environ.get(RTT_ENV) or 0)
 
 
 def mock_wecom(pages: list[bytes]) -> Any:
@@ -88,7 +92,7 @@ def mock_wecom(pages: list[bytes]) -> Any:
 
     token = b'{"errcode":0,"errmsg":"ok","access_token":"bench","expires_in":7200}'
 
-    rtt_s = float(os.environ.get(RTT_ENV) or 0) / 1000.0
+    rtt_s = wecom_rtt_ms() / 1000.0
 
     def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/gettoken"):
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         help="delay of each sync_msg answer, as from a remote WeCom (default 0: in process)",
     )
     args = ap.parse_args(argv)
-    if args.wecom_rtt_ms is not None:  # the host processes inherit it
+    if args.wecom_rtt_ms is not None:
         os.environ[RTT_ENV] = str(args.wecom_rtt_ms)
     if args.quick:
         os.environ["QYWX_BENCH_QUICK"] = "1"
@@ -289,9 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = default_runs(3)
     dims = {"stage": "produce", "page": PAGE, "users": USERS, "record_size": 1024}
-    rtt_ms = float(os.environ.get(RTT_ENV) or 0)
-    if rtt_ms:
-        dims["wecom_rtt_ms"] = rtt_ms
+    if wecom_rtt_ms():
+        dims["wecom_rtt_ms"] = wecom_rtt_ms()
     if args.only in (None, "path_cpu"):
         pages = make_pages("wkBench", min(messages, 20_000), "p")
         values = []

@@ -14,27 +14,33 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qywx_ray.devstack.kafka import GC_LOG
 
 # "[<epoch ms>ms] GC(<n>) Pause <kind> (<phase>) (<cause>) <heap before>-><after>(<size>) <ms>ms"
-_PAUSE = re.compile(r"^\[(\d+)ms\] GC\(\d+\) (Pause .*?) \S+->\S+ (\d+(?:\.\d+)?)ms$")
+_PAUSE = re.compile(r"^\[(\d+)ms\] GC\(\d+\) (Pause .*?) (\S+->\S+) (\d+(?:\.\d+)?)ms$")
 
 
-def parse_pauses(lines: Iterable[str]) -> list[tuple[int, str, float]]:
-    """(logged at, epoch ms; kind and cause, e.g. "Pause Young (Normal) (G1 Evacuation
-    Pause)"; pause ms) per pause line."""
-    out: list[tuple[int, str, float]] = []
+class Pause(NamedTuple):
+    at_ms: int  # logged at, epoch ms
+    kind: str  # kind and cause, e.g. "Pause Young (Normal) (G1 Evacuation Pause)"
+    ms: float  # the pause
+    heap: str  # before->after(size), e.g. "60M->9M(256M)": after a young pause, what is live
+
+
+def parse_pauses(lines: Iterable[str]) -> list[Pause]:
+    """Every pause line's Pause (other lines, e.g. concurrent phases, are skipped)."""
+    out: list[Pause] = []
     for line in lines:
         m = _PAUSE.match(line.strip())
         if m:
-            out.append((int(m.group(1)), m.group(2), float(m.group(3))))
+            out.append(Pause(int(m.group(1)), m.group(2), float(m.group(4)), m.group(3)))
     return out
 
 
 def window_pauses(
-    pauses: list[tuple[int, str, float]], since_s: float, until_s: float, long_ms: float = 5.0
+    pauses: list[Pause], since_s: float, until_s: float, long_ms: float = 5.0
 ) -> dict[str, Any]:
     """Pauses logged in [since_s, until_s] (Unix seconds): count, total and max ms, and
     the long ones (>= long_ms) as [seconds into the window, kind, ms]."""
@@ -53,7 +59,7 @@ def window_pauses(
 
 def broker_pauses(logs_dirs: Iterable[Path], since_s: float, until_s: float) -> dict[str, Any]:
     """`window_pauses` over every broker's gc log (rotated files included)."""
-    pauses: list[tuple[int, str, float]] = []
+    pauses: list[Pause] = []
     for logs in logs_dirs:
         for path in sorted(logs.glob(f"{GC_LOG}*")):
             try:

@@ -13,7 +13,6 @@ a young collection is what the broker keeps). Not a benchmark: a diagnostic, one
 from __future__ import annotations
 
 import argparse
-import re
 import tempfile
 import threading
 from pathlib import Path
@@ -21,12 +20,11 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from bench.broker_gc import parse_pauses
 from bench.services import produce_paced
 from qywx_ray.devstack.kafka import GC_LOG, KafkaCluster
 from qywx_ray.kafka.config import consumer_config, producer_config
 from qywx_ray.settings import Settings
-
-_PAUSE = re.compile(r"GC\(\d+\) (Pause .*?) (\d+)M->(\d+)M\((\d+)M\) ([\d.]+)ms")
 
 
 def _paced(producer: Producer, rate: float, seconds: float, value: bytes) -> None:
@@ -73,10 +71,10 @@ def main() -> None:
                 stop.set()
                 reader.join(30)
                 consumer.close()
-            pauses = _PAUSE.findall(gc_log.read_text()[seen:])
+            pauses = parse_pauses(gc_log.read_text()[seen:].splitlines())
             print(f"consumed {consumed[0]}; pauses in the measured {args.measure_s:g} s:")
-            for kind, before, after, size, ms in pauses:
-                print(f"  {kind}: {before} -> {after} MiB (heap {size} MiB), {ms} ms")
+            for pause in pauses:
+                print(f"  {pause.kind}: heap {pause.heap}, {pause.ms} ms")
         finally:
             cluster.stop()
 

@@ -11,6 +11,8 @@ Must never: swallow cancellation (asyncio.CancelledError is not an Exception).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,16 @@ def loop_failed(loop: str, exc: BaseException, **fields: Any) -> None:
     Call it inside the `except` block that caught `exc` (the traceback is taken there)."""
     LOOP_ERRORS.inc(loop=loop)
     log.error("ingest.loop_error", loop=loop, error=repr(exc)[:300], exc_info=True, **fields)
+
+
+async def wait_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until `event` is set or `timeout_s` passed; True if it is set. The wait runs
+    in the caller's task (`asyncio.timeout`, not `wait_for`, which in Python 3.11 can drop
+    a cancel that meets the event being set): a loop stopped by cancellation ends."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    return event.is_set()
 
 
 @dataclass

@@ -17,7 +17,6 @@ Keys are built inside Lua from a prefix, which is fine for a single Redis or Sen
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 import uuid
@@ -32,7 +31,7 @@ from qywx_ray.envelope import Envelope
 from qywx_ray.errors import EnvelopeError, InfraError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
-from qywx_ray.ingest.loops import LoopBackoff, loop_failed
+from qywx_ray.ingest.loops import LoopBackoff, loop_failed, wait_set
 from qywx_ray.ingest.producer import BatchProducer, BatchResult, HeldBehind
 from qywx_ray.obs import metrics
 from qywx_ray.obs.logging import get_logger
@@ -578,9 +577,7 @@ class SpoolReplayer:
             except Exception as exc:  # noqa: BLE001 - the replay loop survives anything (counted, backed off)
                 loop_failed("spool_replay", exc)
                 delay_s = backoff.failed()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay_s):
-                    await stop.wait()
+            await wait_set(stop, delay_s)
 
 
 def _decode_heads(

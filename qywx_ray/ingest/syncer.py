@@ -14,7 +14,6 @@ with backoff (WeCom keeps messages 3 days). A periodic sweep catches lost callba
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -26,7 +25,7 @@ from qywx_ray.errors import InfraError, WeComError
 from qywx_ray.ingest.breaker import BreakerState, ProducerBreaker
 from qywx_ray.ingest.cursor import CursorStore
 from qywx_ray.ingest.locks import LockLease, LockLostError, LockManager
-from qywx_ray.ingest.loops import loop_failed
+from qywx_ray.ingest.loops import loop_failed, wait_set
 from qywx_ray.ingest.producer import BatchProducer, HeldBehind
 from qywx_ray.ingest.settings import IngestSettings
 from qywx_ray.ingest.spool import KAFKA_FAILURES, Spool
@@ -306,9 +305,7 @@ class KfSyncer:
         if self._sleep is not None:
             await self._sleep(delay_s)
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay_s):
-                await self._stop.wait()
+        await wait_set(self._stop, delay_s)
 
     async def run(self) -> None:
         """Pull on request, at least every sweep_interval_s; back off on failure. Until stop()."""
@@ -316,9 +313,7 @@ class KfSyncer:
         backoff_s = s.backoff_initial_s
         self._wake.set()  # catch up on start
         while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(s.sweep_interval_s):
-                    await self._wake.wait()
+            await wait_set(self._wake, s.sweep_interval_s)
             if self._stop.is_set():
                 break
             self._wake.clear()  # requests arriving during the pull cause one more pull

@@ -231,3 +231,6 @@ def test_broker_gc_pauses_in_a_window_from_the_jvm_log(tmp_path: Path) -> None:
         [1.0, "Pause Young (Normal) (G1 Evacuation Pause)", 8.0]
     ]
     assert broker_gc.broker_pauses([tmp_path / "missing"], 0, 2e9)["count"] == 0
+    # The heap before -> after (size) travels with each pause (probe_broker_heap prints it)
+    first = broker_gc.parse_pauses((logs / "gc.log").read_text().splitlines())[0]
+    assert (first.at_ms, first.ms, first.heap) == (1000500, 4.321, "60M->9M(256M)")

@@ -379,3 +379,20 @@ def test_the_shed_loops_survive_any_exception() -> None:
     assert mw.shedder.observed > 10  # type: ignore[attr-defined]  # the test's counting shedder
     assert SHED_LOOP_ERRORS.value(loop="lag_probe") == probe_before + 1
     assert SHED_LOOP_ERRORS.value(loop="drain") == drain_before + 1
+
+
+async def test_wait_set_answers_whether_the_event_was_set_and_lets_a_cancel_through() -> None:
+    from qywx_ray.ingest.loops import wait_set
+
+    event = asyncio.Event()
+    assert await wait_set(event, 0.01) is False  # not set: the bound ends the wait
+    event.set()
+    assert await wait_set(event, 30) is True  # set: returns at once, the bound unused
+    event.clear()
+    waiter = asyncio.create_task(wait_set(event, 30))
+    await asyncio.sleep(0)  # one turn: the waiter is inside event.wait()
+    event.set()  # set in the same turn as the cancel: the cancel must still win
+    waiter.cancel()
+    done, _ = await asyncio.wait({waiter}, timeout=5)
+    assert done
+    assert waiter.cancelled()
