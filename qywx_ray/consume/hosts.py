@@ -22,11 +22,13 @@ from concurrent.futures import Future
 from typing import Any
 
 import ray
+from redis.exceptions import RedisError
 
 from qywx_ray.consume.batch_reads import make_batch_reads
 from qywx_ray.consume.dedup import Deduplicator, RedisDoneStore
 from qywx_ray.consume.handler_threads import HandlerThreads
 from qywx_ray.consume.handlers import load_handler
+from qywx_ray.consume.placement import placement_prefix, pool_spares_key, pool_starting_key
 from qywx_ray.consume.sinks import make_admission, make_dead_letter_sink, make_retry_order
 from qywx_ray.consume.state import RedisStateStore
 from qywx_ray.consume.tracker import DEDICATED_PREFIX
@@ -97,11 +99,16 @@ class RayCompletionSink:
 class HostShell:
     """The plain object inside both actor kinds: a loop thread running a HostCore."""
 
-    def __init__(self, settings: Settings, name: str, dedicated: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, name: str, dedicated: bool = False, pooled: bool = False
+    ) -> None:
         configure_logging(settings.obs.log_level, settings.obs.log_format)
         self.settings = settings
         self.name = name
         self.dedicated = dedicated
+        # A warm-pool spare (consume/dedicated_pool.py) waits, however long, for the user
+        # that claims it: it never ends itself before its first delivery.
+        self.pooled = pooled
         self.incarnation = uuid.uuid4().hex
         self.dying = False
         self._lock = threading.Lock()
@@ -191,16 +198,41 @@ class HostShell:
             await asyncio.sleep(interval)
             try:
                 self.core.sweep()
-                if self.dedicated and self._maybe_die():
-                    return
+                if self.dedicated:
+                    if self.pooled and self._taken == 0 and self._idle_s() >= c.idle_lifetime_s:
+                        self.pooled = await self._listed_in_pool()
+                    if self._maybe_die():
+                        return
             except Exception:
                 log.error("host.sweep_failed", exc_info=True, host=self.name)
 
+    def _idle_s(self) -> float:
+        return time.monotonic() - self._last_take_s
+
+    async def _listed_in_pool(self) -> bool:
+        """A spare stays one while the pool lists it (spare or starting). One that is
+        listed nowhere was claimed (Ray restarted it after a crash, so it never saw a
+        delivery) or orphaned by a keeper restart: from then on it is an ordinary
+        dedicated actor and ends after its idle lifetime. Redis down: still a spare."""
+        prefix = placement_prefix(self.settings.consume.name_prefix)
+        try:
+            async with self.core.redis.pipeline(transaction=False) as pipe:
+                pipe.sismember(pool_spares_key(prefix), self.name)
+                pipe.sismember(pool_starting_key(prefix), self.name)
+                listed = await pipe.execute()
+        except RedisError as exc:
+            log.warning("user_actor.pool_check_failed", actor=self.name, error=str(exc))
+            return True
+        if not any(listed):
+            log.info("user_actor.spare_unlisted", actor=self.name)
+        return any(listed)
+
     def _maybe_die(self) -> bool:
-        idle_s = time.monotonic() - self._last_take_s
+        idle_s = self._idle_s()
         with self._lock:
             if (
-                self._accepted != self._taken
+                (self.pooled and self._taken == 0)
+                or self._accepted != self._taken
                 or idle_s < self.settings.consume.idle_lifetime_s
                 or not self.core.idle()
             ):
@@ -253,6 +285,7 @@ class HostShell:
             incarnation=self.incarnation,
             pid=os.getpid(),
             dying=self.dying,
+            spare=self.pooled and self._taken == 0,
             handler_threads_hung=self.handler_threads.hung,
             node_id=ray.get_runtime_context().get_node_id(),
             gc=gc_pauses.stats(),
@@ -322,10 +355,11 @@ class UserHost(_ShellActor):
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class DedicatedUserActor(_ShellActor):
-    """One user's own actor (mode `dedicated`); ends itself when idle and empty."""
+    """One user's own actor (mode `dedicated`); ends itself when idle and empty. A
+    `pooled` one is a warm-pool spare, named before any user claimed it."""
 
-    def __init__(self, settings: Settings, name: str) -> None:
-        self.shell = HostShell(settings, name, dedicated=True)
+    def __init__(self, settings: Settings, name: str, pooled: bool = False) -> None:
+        self.shell = HostShell(settings, name, dedicated=True, pooled=pooled)
 
     def __repr__(self) -> str:
         return f"DedicatedUserActor({self.shell.name})"
@@ -349,7 +383,10 @@ def start_hosts(settings: Settings) -> list[Any]:
     return handles
 
 
-def get_or_create_user_actor(settings: Settings, name: str) -> Any:
+def get_or_create_user_actor(settings: Settings, name: str, pooled: bool = False) -> Any:
+    """The named actor, created if it does not exist. Consumers create the actor of the
+    user they are about to send to (`pooled=False`: it ends after its idle lifetime even
+    if the message went elsewhere); only the pool keeper creates spares."""
     return DedicatedUserActor.options(  # type: ignore[attr-defined]
         name=name,
         namespace=settings.consume.namespace,
@@ -357,4 +394,4 @@ def get_or_create_user_actor(settings: Settings, name: str) -> Any:
         get_if_exists=True,
         max_concurrency=1,
         **actor_options(settings.placement, "dedicated_user"),
-    ).remote(settings, name)
+    ).remote(settings, name, pooled)

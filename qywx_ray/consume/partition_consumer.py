@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from redis.exceptions import RedisError
 
+from qywx_ray.consume.dedicated_pool import PoolKeeper, RayStarter, RedisPoolStore
 from qywx_ray.consume.hosts import (
     UserActorDying,
     get_or_create_user_actor,
@@ -126,6 +127,28 @@ class PartitionConsumerCore:
         self.consumer: Consumer | None = None
         self._thread = threading.Thread(target=self._run, name=f"poll-{index}", daemon=True)
         self._thread.start()
+        # Dedicated mode: consumer 0 keeps the warm pool of spare user actors
+        # (dedicated_pool.py) on its own thread: starting actors never stalls polling.
+        self.pool: PoolKeeper | None = None
+        if self.dedicated_mode and self.c.dedicated_pool_size > 0 and index == 0:
+            self.pool = PoolKeeper(
+                RedisPoolStore(make_redis(settings.redis), placement_prefix(self.c.name_prefix)),
+                RayStarter(settings),
+                name_prefix=self.c.name_prefix,
+                size=self.c.dedicated_pool_size,
+                at_once=self.c.dedicated_pool_starts_at_once,
+            )
+            threading.Thread(target=self._keep_pool, name="dedicated-pool", daemon=True).start()
+
+    def _keep_pool(self, interval_s: float = 0.5) -> None:
+        """The pool keeper's loop: survives any error (Redis down, GCS hiccup) and tries
+        again next interval; ends with the consumer."""
+        assert self.pool is not None
+        while not self._stop.wait(interval_s):
+            try:
+                self.pool.tick()
+            except Exception:
+                log.warning("consumer.pool_tick_failed", exc_info=True, consumer=self.name)
 
     # ------------------------------------------------------------ Kafka loop
 
@@ -596,6 +619,7 @@ class PartitionConsumerCore:
                 "running": not self._stopped.is_set(),
                 "stopping": self._stop.is_set(),  # stop() called: draining, then commit
                 "gc": gc_pauses.stats(),  # this process's collector pauses (tune_gc)
+                "pool": dict(self.pool.stats) if self.pool is not None else None,
             }
 
 

@@ -43,6 +43,18 @@ class ConsumePipeline:
             time.sleep(0.1)
         return False
 
+    def wait_pool_full(self, timeout_s: float = 120.0) -> bool:
+        """Dedicated mode: True once the warm pool holds `dedicated_pool_size` started
+        spares (consumer 0 keeps it; dedicated_pool.py)."""
+        want = self.settings.consume.dedicated_pool_size
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pool = ray.get(self.consumers[0].snapshot.remote(), timeout=10)["pool"] or {}
+            if pool.get("spares", 0) >= want:
+                return True
+            time.sleep(0.1)
+        return False
+
 
 def start_consumer(settings: Settings, index: int) -> Any:
     return PartitionConsumer.options(  # type: ignore[attr-defined]

@@ -19,9 +19,17 @@ read by every consumer, and the cap on dedicated actors is counted cluster-wide.
   (A record whose owner died before removing it stays until the user is seen and then
   idles again under the next owner.)
 
+A new dedicated user first takes a pre-started spare actor from the warm pool
+(consume/dedicated_pool.py), in the same script that decides it: its record then names
+the spare (`user:~pool:...`) and its first message waits for a Ray call, not a process
+start. With no spare left it gets its own named actor, started on demand, as before.
+
 Redis keys (single instance / Sentinel), `{prefix}` = `qywx:placement:{name_prefix}`:
-  {prefix}:u:{user}     string: target key (`user:{open_kfid}:{user}` or a host name)
-  {prefix}:dedicated    set of users holding a dedicated slot (SCARD = slots in use)
+  {prefix}:u:{user}         string: target key (`user:{open_kfid}:{user}`, a spare's
+                            name, or a host name)
+  {prefix}:dedicated        set of users holding a dedicated slot (SCARD = slots in use)
+  {prefix}:pool:spares      set of started spare actors nobody has claimed yet
+  {prefix}:pool:starting    set of spares being started (the pool keeper's intent)
 """
 
 from __future__ import annotations
@@ -42,11 +50,24 @@ class Want(NamedTuple):
     hosted: str  # its shared host's key
 
 
-def decide(current: str | None, dedicated_in_use: int, cap: int, want: Want) -> str:
-    """The first decision sticks; a new user gets its own actor while slots are free."""
+def decide(
+    current: str | None, dedicated_in_use: int, cap: int, want: Want, spare: str | None = None
+) -> str:
+    """The first decision sticks; a new user gets its own actor while slots are free: a
+    spare from the warm pool if one is offered, else one named after the user."""
     if current is not None:
         return current
-    return want.dedicated if dedicated_in_use < cap else want.hosted
+    if dedicated_in_use >= cap:
+        return want.hosted
+    return spare if spare is not None else want.dedicated
+
+
+def pool_spares_key(prefix: str) -> str:
+    return f"{prefix}:pool:spares"
+
+
+def pool_starting_key(prefix: str) -> str:
+    return f"{prefix}:pool:starting"
 
 
 def is_dedicated(key: str) -> bool:
@@ -69,6 +90,7 @@ class MemoryPlacementStore:
     def __init__(self) -> None:
         self.records: dict[str, str] = {}
         self.dedicated: set[str] = set()
+        self.spares: list[str] = []  # the warm pool's unclaimed actors
         self.calls = 0  # round trips a real store would make
 
     def resolve(self, wants: Sequence[Want], cap: int) -> list[str]:
@@ -76,7 +98,9 @@ class MemoryPlacementStore:
         out = []
         for want in wants:
             current = self.records.get(want.user)
-            key = decide(current, len(self.dedicated), cap, want)
+            claims = current is None and len(self.dedicated) < cap and bool(self.spares)
+            spare = self.spares.pop(0) if claims else None
+            key = decide(current, len(self.dedicated), cap, want, spare)
             if current is None:
                 self.records[want.user] = key
                 if is_dedicated(key):
@@ -92,23 +116,24 @@ class MemoryPlacementStore:
                 self.dedicated.discard(user)
 
 
-# `decide` for a batch. KEYS[1] = the dedicated set, KEYS[1 + i] = user i's record.
-# ARGV[1] = cap, then per user: user, dedicated key, hosted key. Returns the keys.
+# `decide` for a batch. KEYS[1] = the dedicated set, KEYS[2] = the pool's spares,
+# KEYS[2 + i] = user i's record. ARGV[1] = cap, then per user: user, dedicated key,
+# hosted key. Returns the keys. A spare is taken (SPOP) only by the decision that uses it.
 _RESOLVE = """
 local cap = tonumber(ARGV[1])
 local used = redis.call('SCARD', KEYS[1])
 local out = {}
-for i = 1, #KEYS - 1 do
+for i = 1, #KEYS - 2 do
   local user, ded, host = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
-  local cur = redis.call('GET', KEYS[i + 1])
+  local cur = redis.call('GET', KEYS[i + 2])
   if not cur then
     if used < cap then
-      cur = ded
+      cur = redis.call('SPOP', KEYS[2]) or ded
       used = used + redis.call('SADD', KEYS[1], user)
     else
       cur = host
     end
-    redis.call('SET', KEYS[i + 1], cur)
+    redis.call('SET', KEYS[i + 2], cur)
   end
   out[i] = cur
 end
@@ -136,6 +161,7 @@ class RedisPlacementStore:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self._prefix = prefix
         self._set = f"{prefix}:dedicated"
+        self._spares = pool_spares_key(prefix)
         self._resolve = client.register_script(_RESOLVE)
         self._release = client.register_script(_RELEASE)
 
@@ -145,7 +171,7 @@ class RedisPlacementStore:
     def resolve(self, wants: Sequence[Want], cap: int) -> list[str]:
         if not wants:
             return []
-        keys = [self._set, *(self.record_key(w.user) for w in wants)]
+        keys = [self._set, self._spares, *(self.record_key(w.user) for w in wants)]
         args: list[Any] = [cap]
         for w in wants:
             args += [w.user, w.dedicated, w.hosted]

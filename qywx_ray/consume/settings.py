@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class ConsumeSettings(BaseModel):
@@ -28,6 +28,14 @@ class ConsumeSettings(BaseModel):
     # Per pipeline, counted in Redis across all consumers (consume/placement.py); users
     # beyond it are hosted, and a user keeps its first placement while it is active.
     max_dedicated_actors: int = 100
+    # Dedicated mode: spare actors kept started for new users (consume/dedicated_pool.py).
+    # A new user's first message then waits for a Ray call instead of a Ray worker
+    # process start (1-2 per second on 2 cores, seconds each in a burst). Each spare is
+    # a live process (~116 MiB, ~0.6 % of a core idle): size it to the burst of new
+    # dedicated users expected within one refill (`dedicated_pool_starts_at_once` at a
+    # time, kept by consumer 0). 0 = no pool.
+    dedicated_pool_size: int = Field(default=0, ge=0)
+    dedicated_pool_starts_at_once: int = Field(default=2, ge=1, le=64)
     max_inflight_per_consumer: int = 50_000
     # Poll batches leave at most this often: under load the records that arrive meanwhile
     # ride along (batching vs latency); a record after a quiet spell leaves at once.
@@ -71,3 +79,13 @@ class ConsumeSettings(BaseModel):
     # -> consume.types.RetryOrder: per-user order across retries; empty = no parking.
     retry_order: str = "qywx_ray.dlq.parking:make_async_parking"
     park_drain_chunk: int = Field(default=200, ge=1)  # parked messages taken per round trip
+
+    @model_validator(mode="after")
+    def _pool_within_cap(self) -> ConsumeSettings:
+        if self.dedicated_pool_size > self.max_dedicated_actors:
+            raise ValueError(
+                f"consume.dedicated_pool_size ({self.dedicated_pool_size}) exceeds "
+                f"consume.max_dedicated_actors ({self.max_dedicated_actors}): a spare beyond "
+                "the cap could never be claimed"
+            )
+        return self

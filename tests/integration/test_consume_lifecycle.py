@@ -14,6 +14,7 @@ from qywx_ray.consume.pipeline import (
     start_consumers,
     user_actor_names,
 )
+from qywx_ray.consume.placement import placement_prefix
 from qywx_ray.envelope import Envelope
 from qywx_ray.settings import Settings
 from qywx_ray.testing.consume import (
@@ -140,3 +141,63 @@ def test_dedicated_cap_falls_back_to_hosted(
     assert len(user_actor_names(s.consume.namespace)) == 2  # the cap
     hosted = sum(ray.get(h.snapshot.remote(), timeout=10)["counts"]["processed"] for h in p.hosts)
     assert hosted == len(msgs) - 2 * 5  # the other 4 users ran in the shared hosts
+
+
+@pytest.mark.timeout(300)
+def test_dedicated_warm_pool_serves_new_users_refills_and_spares_outlive_idle(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    """`dedicated_pool_size`: new dedicated users run on spares started before they came
+    (their records name the spares), in order; consumer 0 refills the pool; a claimed
+    spare ends after its idle lifetime, an unclaimed one outlives it, and a spare the
+    pool no longer lists (claimed by a user who never came) ends too."""
+    s = consume_test_settings(
+        make_settings,
+        unique,
+        mode="dedicated",
+        dedicated_pool_size=3,
+        idle_lifetime_s=2.0,
+        idle_sweep_interval_s=0.1,
+    )
+    ensure_topics(s)
+    p = start_consumers(s)
+    started.append(p)
+    ns = s.consume.namespace
+    prefix = placement_prefix(s.consume.name_prefix)
+    spares_key = f"{prefix}:pool:spares"
+
+    def listed() -> set[str]:
+        return {m.decode() for m in redis_client.smembers(spares_key)}
+
+    assert p.wait_pool_full(180)
+    original = listed()
+    assert len(original) == 3
+    assert set(user_actor_names(ns)) == original  # no user yet: only the spares
+    msgs = envelopes(2, 20)
+    produce(s, msgs)
+    assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 90)
+    rep = check_order(records(redis_client, RECORD), msgs)
+    assert rep.missing == []
+    assert rep.inversions == 0
+    assert rep.duplicates == 0
+    hosted = sum(ray.get(h.snapshot.remote(), timeout=10)["counts"]["processed"] for h in p.hosts)
+    assert hosted == 0
+    claimed = {redis_client.get(f"{prefix}:u:u{i}").decode() for i in range(2)}
+    assert len(claimed) == 2
+    assert claimed <= original  # both users got a spare, each its own
+    (unclaimed,) = original - claimed
+    # Refilled: three spares again, the claimed ones no longer among them.
+    assert wait_for(lambda: len(listed()) == 3 and not (listed() & claimed), 180), listed()
+    # The claimed ones end after their idle lifetime; the spare started before them and
+    # never claimed has been idle longer, and stays.
+    assert wait_for(lambda: not (set(user_actor_names(ns)) & claimed), 60)
+    assert unclaimed in user_actor_names(ns)
+    snap = ray.get(ray.get_actor(unclaimed, namespace=ns).snapshot.remote(), timeout=10)
+    assert snap["spare"] is True
+    # A spare the pool no longer lists ends like any idle dedicated actor.
+    redis_client.srem(spares_key, unclaimed)
+    assert wait_for(lambda: unclaimed not in user_actor_names(ns), 60)
+    assert wait_for(lambda: len(listed()) == 3, 180)  # and the keeper replaced it

@@ -54,3 +54,26 @@ def test_redis_placement_is_shared_capped_batched_and_released(
     c = Placement(RedisPlacementStore(make_redis(settings.redis), prefix), cap=2)
     c.resolve([want("u2"), want("u5")])
     assert (c.route("u2"), c.route("u5")) == ("user:kf:u2", "host-0")  # u1's slot, now u2's
+
+
+def test_redis_placement_claims_each_spare_once_across_consumers(
+    redis_url: str, redis_client: redis_lib.Redis, unique: str
+) -> None:
+    """The warm pool's spares are taken by the script that decides a dedicated user, one
+    per such user, never two users on one spare, whichever consumer asks."""
+    settings = Settings(redis=RedisSettings(url=redis_url))
+    prefix = placement_prefix(f"t{unique}")
+    spares = {f"user:~pool:p:{i}" for i in range(3)}
+    redis_client.sadd(f"{prefix}:pool:spares", *spares)
+    a = Placement(RedisPlacementStore(make_redis(settings.redis), prefix), cap=5)
+    b = Placement(RedisPlacementStore(make_redis(settings.redis), prefix), cap=5)
+    a.resolve([want("u0"), want("u1")])
+    b.resolve([want("u1"), want("u2"), want("u3"), want("u4"), want("u5")])
+    routes = {u: b.route(u) for u in ("u1", "u2", "u3", "u4", "u5")} | {"u0": a.route("u0")}
+    assert routes["u1"] == a.route("u1")
+    claimed = [routes[u] for u in ("u0", "u1", "u2")]
+    assert set(claimed) == spares  # each spare once
+    assert (routes["u3"], routes["u4"]) == ("user:kf:u3", "user:kf:u4")  # pool empty
+    assert routes["u5"] == "host-0"  # over the cap
+    assert redis_client.scard(f"{prefix}:pool:spares") == 0
+    assert redis_client.get(f"{prefix}:u:u0") == routes["u0"].encode()

@@ -69,3 +69,24 @@ def test_release_is_compare_and_delete_and_frees_the_slot() -> None:
     q = Placement(store, cap=1)
     q.resolve([want("u2")])
     assert q.route("u2") == "user:kf:u2"  # the freed slot, now u2's
+
+
+def test_a_new_dedicated_user_claims_a_spare_once_and_only_under_the_cap() -> None:
+    """The warm pool: the decision that makes a user dedicated takes one spare; a known
+    user, a hosted one (cap reached) or a user after the pool ran dry takes none."""
+    assert decide(None, 0, 1, want("a"), spare="user:~pool:p:1") == "user:~pool:p:1"
+    assert decide(None, 1, 1, want("a"), spare="user:~pool:p:1") == "host-1"
+    assert decide("user:kf:a", 0, 1, want("a"), spare="user:~pool:p:1") == "user:kf:a"
+    store = MemoryPlacementStore()
+    store.spares = ["user:~pool:p:1", "user:~pool:p:2"]
+    p = Placement(store, cap=3)
+    p.resolve([want("u1")])
+    p.resolve([want("u1"), want("u2"), want("u3"), want("u4")])
+    assert [p.route(f"u{i}") for i in range(1, 5)] == [
+        "user:~pool:p:1",
+        "user:~pool:p:2",
+        "user:kf:u3",  # the pool is empty: its own actor, started on demand
+        "host-0",  # over the cap
+    ]
+    assert store.spares == []
+    assert is_dedicated("user:~pool:p:1")

@@ -1,0 +1,197 @@
+"""The warm pool keeper's decisions (consume/dedicated_pool.py), with fakes for Redis and
+Ray: what it starts, when a start becomes a spare, and what it drops or asks for again."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+
+from qywx_ray.consume.dedicated_pool import PoolKeeper, is_spare_name, spare_name, starts_due
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.spares: set[str] = set()
+        self.starting: set[str] = set()
+        self.fail_ready = False
+
+    def read(self) -> tuple[set[str], set[str]]:
+        return set(self.spares), set(self.starting)
+
+    def intend(self, names: Iterable[str]) -> None:
+        self.starting.update(names)
+
+    def ready(self, name: str) -> bool:
+        if self.fail_ready:
+            raise ConnectionError("redis down")
+        if name not in self.starting:
+            return False
+        self.starting.discard(name)
+        self.spares.add(name)
+        return True
+
+    def drop(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.spares.discard(name)
+            self.starting.discard(name)
+
+
+class FakeStarter:
+    """Records every ask; the test decides which asks answer (True) or fail (False)."""
+
+    def __init__(self) -> None:
+        self.asks: list[tuple[int, str]] = []
+        self.outcome: dict[str, bool] = {}
+        self.killed: list[str] = []
+
+    def start(self, name: str) -> Any:
+        token = len(self.asks)
+        self.asks.append((token, name))
+        return token
+
+    def answered(self, tokens: list[Any]) -> dict[Any, bool]:
+        names = dict(self.asks)
+        return {t: self.outcome[names[t]] for t in tokens if names[t] in self.outcome}
+
+    def kill(self, name: str) -> None:
+        self.killed.append(name)
+
+    def names(self) -> list[str]:
+        return [name for _, name in self.asks]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keeper(store: FakeStore, starter: FakeStarter, clock: Clock, size: int = 3) -> PoolKeeper:
+    return PoolKeeper(
+        store, starter, name_prefix="p", size=size, at_once=2, start_timeout_s=60, clock=clock
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "spares", "starting", "at_once", "due"),
+    [(5, 0, 0, 2, 2), (5, 0, 1, 2, 1), (5, 4, 0, 2, 1), (5, 5, 0, 2, 0), (5, 6, 0, 2, 0),
+     (5, 0, 3, 2, 0), (0, 0, 0, 2, 0)],
+)  # fmt: skip
+def test_starts_due_fills_to_the_size_with_a_bounded_number_starting(
+    size: int, spares: int, starting: int, at_once: int, due: int
+) -> None:
+    assert starts_due(size, spares, starting, at_once) == due
+
+
+def test_spare_names_are_dedicated_user_actor_names_of_their_own() -> None:
+    a, b = spare_name("p"), spare_name("p")
+    assert a != b
+    assert a.startswith("user:~pool:p:")
+    assert is_spare_name(a)
+    assert not is_spare_name("user:kf:u1")
+
+
+def test_a_start_is_recorded_before_it_is_asked_and_becomes_a_spare_only_once_answered() -> None:
+    store, starter, clock = FakeStore(), FakeStarter(), Clock()
+    k = keeper(store, starter, clock)
+    k.tick()
+    first = starter.names()
+    assert len(first) == 2  # at_once, not the whole size
+    assert store.starting == set(first)
+    assert store.spares == set()
+    k.tick()  # no answer yet: nothing more started, nothing asked twice
+    assert starter.names() == first
+    starter.outcome[first[0]] = True
+    k.tick()
+    assert store.spares == {first[0]}
+    third = starter.names()[2:]
+    assert len(third) == 1  # one slot freed: one more started, up to the size
+    assert store.starting == {first[1], *third}
+    for name in starter.names():
+        starter.outcome[name] = True
+    k.tick()
+    assert len(store.spares) == 3
+    assert store.starting == set()
+    assert k.stats["started"] == 3
+    k.tick()
+    assert len(starter.names()) == 3  # full: nothing more
+
+
+def test_a_failed_start_is_dropped_and_replaced() -> None:
+    store, starter, clock = FakeStore(), FakeStarter(), Clock()
+    k = keeper(store, starter, clock, size=1)
+    k.tick()
+    (name,) = starter.names()
+    starter.outcome[name] = False
+    k.tick()
+    assert k.stats["failed"] == 1
+    assert name not in store.starting
+    replacement = starter.names()[1:]
+    assert len(replacement) == 1
+    assert replacement[0] != name
+    assert store.starting == set(replacement)
+
+
+def test_a_start_that_never_answers_is_killed_after_the_timeout_and_replaced() -> None:
+    store, starter, clock = FakeStore(), FakeStarter(), Clock()
+    k = keeper(store, starter, clock, size=1)
+    k.tick()
+    (name,) = starter.names()
+    clock.now = 59.0
+    k.tick()
+    assert starter.killed == []
+    clock.now = 61.0
+    k.tick()
+    assert starter.killed == [name]
+    assert k.stats["timed_out"] == 1
+    assert store.starting == set(starter.names()[1:])
+
+
+def test_after_a_restart_the_keeper_asks_again_for_what_is_listed_and_never_kills_a_spare() -> None:
+    """A new keeper (consumer 0 restarted, or the pipeline restarted after a stop that
+    killed the spares) asks by name for every listed spare and start; a listed spare
+    that does not answer in time is left alone: it may have been claimed meanwhile."""
+    store, starter, clock = FakeStore(), FakeStarter(), Clock()
+    store.spares = {"user:~pool:p:s1"}
+    store.starting = {"user:~pool:p:s2"}
+    k = keeper(store, starter, clock, size=2)
+    k.tick()
+    assert starter.names() == ["user:~pool:p:s1", "user:~pool:p:s2"]  # no new name yet
+    starter.outcome["user:~pool:p:s2"] = True
+    clock.now = 100.0
+    k.tick()
+    assert store.spares == {"user:~pool:p:s1", "user:~pool:p:s2"}
+    assert starter.killed == []  # s1 timed out, but it is a listed spare
+    assert k.stats["timed_out"] == 0
+
+
+def test_a_store_error_leaves_the_answer_for_the_next_tick() -> None:
+    store, starter, clock = FakeStore(), FakeStarter(), Clock()
+    k = keeper(store, starter, clock, size=1)
+    k.tick()
+    (name,) = starter.names()
+    starter.outcome[name] = True
+    store.fail_ready = True
+    with pytest.raises(ConnectionError):
+        k.tick()
+    store.fail_ready = False
+    k.tick()
+    assert store.spares == {name}
+    assert starter.names() == [name]  # not started twice
+
+
+def test_a_start_nobody_waits_for_is_asked_for_again() -> None:
+    """A name listed as starting that this keeper is not waiting on (its token was
+    settled but the store call failed, or another keeper began it) is asked again."""
+    store, starter, clock = FakeStore(), FakeStarter(), Clock()
+    k = keeper(store, starter, clock, size=2)
+    k.tick()
+    store.starting.add("user:~pool:p:other")
+    k.tick()
+    assert starter.names().count("user:~pool:p:other") == 1
+    k.tick()
+    assert starter.names().count("user:~pool:p:other") == 1
