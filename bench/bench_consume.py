@@ -12,6 +12,11 @@ done-flags). Per run it prints JSON lines (bench.output.emit) for:
              actors during the drains (latency phases first: a drain leaves background
              work behind, e.g. Redis rewriting its AOF)
   dedicated  50 users (quick: 20), each a real Ray actor: the same, at a lower paced rate
+  dedicated_pool  (`--dedicated-pool N`, default the dedicated users) cold start again, the
+             same number of new users at the same rate, on a pipeline with
+             `consume.dedicated_pool_size` N: the pool is filled first (its fill time and
+             starts/s recorded, case dedicated_pool_fill), then every new user claims a
+             started spare (case dedicated_cold_start_pooled)
   state      (`--state-bytes N`, N > 0) per-user state off vs on in the same run: two fresh
              hosted pipelines drain the same trivial backlog, one with the trivial handler,
              one with a `@stateful` handler whose N-byte state changes on every message
@@ -40,7 +45,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -131,7 +136,13 @@ class ModeBench:
     """One pipeline (hosted or dedicated) and its phases; host/user actors stay up."""
 
     def __init__(
-        self, args: argparse.Namespace, svc: Any, mode: str, run: int, handler: str = HANDLER
+        self,
+        args: argparse.Namespace,
+        svc: Any,
+        mode: str,
+        run: int,
+        handler: str = HANDLER,
+        consume: dict[str, Any] | None = None,
     ) -> None:
         self.args = args
         self.mode = mode
@@ -162,6 +173,7 @@ class ModeBench:
                         if args.poll_linger_ms is not None
                         else {}
                     ),
+                    **(consume or {}),
                 },
                 "protect": {"enabled": True, "default": NO_DENIAL_RULE},
                 "obs": {"log_level": "WARNING"},
@@ -355,8 +367,15 @@ class ModeBench:
             emit(kind="error", case=case, run=self.run, error=f"only {done}/{n} completed")
         del p
 
-    def paced(self, name: str, rate: float, msgs: list[Envelope]) -> list[int]:
-        """Produce at a steady rate with consumers running; handler-start latencies (ms)."""
+    def paced(
+        self,
+        name: str,
+        rate: float,
+        msgs: list[Envelope],
+        ready: Callable[[], object] | None = None,
+    ) -> list[int]:
+        """Produce at a steady rate with consumers running; handler-start latencies (ms).
+        `ready` runs after the producer's warm-up records are handled, before the load."""
         from confluent_kafka import Producer
 
         s = self.settings
@@ -376,6 +395,8 @@ class ModeBench:
             )
         producer.flush(30)
         wait_for(lambda: self.completed()[0] - base >= len(warm), 60)
+        if ready is not None:
+            ready()
         # Serialised before the paced load: its generator shares the 2 vCPUs with the
         # system under test, so per-record work is kept out of the paced loop.
         records = [(env.key, env.to_bytes(), list(env.headers())) for env in msgs]
@@ -643,6 +664,37 @@ def run_dedicated(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
     return b.topics
 
 
+def run_dedicated_pool(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
+    """`cold_start` again with the warm pool: the pool is filled (timed), then the same
+    number of new users at the same rate each claim a started spare."""
+    size = args.dedicated_users if args.dedicated_pool is None else args.dedicated_pool
+    if size <= 0:
+        return []
+    b = ModeBench(args, svc, "dedicated", run, consume={"dedicated_pool_size": size})
+    try:
+        p = b.start()
+        t0 = time.monotonic()
+        if not p.wait_pool_full(900):
+            raise RuntimeError(f"the pool did not reach {size} spares in 900 s")
+        fill_s = time.monotonic() - t0
+        emit(
+            case="dedicated_pool_fill", metric="pool_fill_s", value=round(fill_s, 2), unit="s",
+            starts_per_s=round(size / fill_s, 3), pool=size, loadavg=os.getloadavg(),
+            **b.dims(),
+        )  # fmt: skip
+        cold = make_envelopes(b.tag, f"{b.tag}c", b.users, 1)
+        rate = args.dedicated_cold_rate
+
+        def refilled() -> None:  # the producer's warm-up users claimed spares too
+            if not p.wait_pool_full(300):
+                raise RuntimeError("the pool did not refill after the warm-up records")
+
+        b.emit_latency("cold_start_pooled", rate, b.paced("cold", rate, cold, refilled), pool=size)
+    finally:
+        b.stop_all()
+    return b.topics
+
+
 def main() -> None:
     quick = quick_mode()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -660,6 +712,12 @@ def main() -> None:
     ap.add_argument("--dedicated-per-user", type=int, default=50 if quick else 100)
     ap.add_argument("--dedicated-rate", type=float, default=200.0 if quick else 500.0)
     ap.add_argument("--dedicated-cold-rate", type=float, default=4.0 if quick else 2.0)
+    ap.add_argument(
+        "--dedicated-pool",
+        type=int,
+        default=None,
+        help="dedicated_pool case: pool size (default: --dedicated-users; 0: skip)",
+    )
     ap.add_argument(
         "--fetch-min-bytes",
         type=int,
@@ -682,7 +740,13 @@ def main() -> None:
         help="paced warm-up at --rate before each steady window, recorded as warmup (0: none)",
     )
     ap.add_argument("--timeout-s", type=float, default=120.0)
-    ap.add_argument("--only", choices=["hosted", "dedicated", "state"], default=None)
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=["hosted", "dedicated", "dedicated_pool", "state"],
+        default=None,
+        help="run only these modes (each its --runs runs, in the usual order)",
+    )
     ap.add_argument(
         "--state-bytes",
         type=int,
@@ -721,11 +785,15 @@ def main() -> None:
             # Every hosted run first: a dedicated phase leaves dozens of Ray worker
             # processes exiting and the pool refilling (load 30+ here), which would
             # land on the next hosted run's latency phases.
-            modes = [("hosted", run_hosted), ("dedicated", run_dedicated)]
+            modes = [
+                ("hosted", run_hosted),
+                ("dedicated", run_dedicated),
+                ("dedicated_pool", run_dedicated_pool),
+            ]
             if args.state_bytes > 0:
                 modes.insert(1, ("state", run_state))
             for mode, fn in modes:
-                if args.only not in (None, mode):
+                if args.only is not None and mode not in args.only:
                     continue
                 for run in range(args.runs):
                     log(f"consume bench: run {run} {mode} (load {os.getloadavg()[0]:.1f})")

@@ -6,7 +6,8 @@ incarnation and hands the batch to the loop, so one Ray call carries many messag
 Every instance has an incarnation id: a batch addressed to another incarnation is
 rejected so the consumer re-sends everything in flight, in order. A dedicated actor ends
 itself after its idle lifetime, but only when it holds nothing: no queued, running or
-undurable message and no unreported completion. Never holds per-user order in Ray.
+undurable message and no unreported completion; a warm-pool spare (dedicated_pool.py) only
+once the pool no longer lists it. Never holds per-user order in Ray.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class HostShell:
         self.name = name
         self.dedicated = dedicated
         # A warm-pool spare (consume/dedicated_pool.py) waits, however long, for the user
-        # that claims it: it never ends itself before its first delivery.
+        # that claims it: before its first delivery it ends itself only once the pool
+        # no longer lists it (`_listed_in_pool`).
         self.pooled = pooled
         self.incarnation = uuid.uuid4().hex
         self.dying = False

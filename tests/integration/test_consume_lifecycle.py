@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import ray
@@ -143,6 +144,10 @@ def test_dedicated_cap_falls_back_to_hosted(
     assert hosted == len(msgs) - 2 * 5  # the other 4 users ran in the shared hosts
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @pytest.mark.timeout(300)
 def test_dedicated_warm_pool_serves_new_users_refills_and_spares_outlive_idle(
     make_settings: Callable[..., Settings],
@@ -170,7 +175,7 @@ def test_dedicated_warm_pool_serves_new_users_refills_and_spares_outlive_idle(
     spares_key = f"{prefix}:pool:spares"
 
     def listed() -> set[str]:
-        return {m.decode() for m in redis_client.smembers(spares_key)}
+        return {_text(m) for m in redis_client.smembers(spares_key)}
 
     assert p.wait_pool_full(180)
     original = listed()
@@ -185,7 +190,7 @@ def test_dedicated_warm_pool_serves_new_users_refills_and_spares_outlive_idle(
     assert rep.duplicates == 0
     hosted = sum(ray.get(h.snapshot.remote(), timeout=10)["counts"]["processed"] for h in p.hosts)
     assert hosted == 0
-    claimed = {redis_client.get(f"{prefix}:u:u{i}").decode() for i in range(2)}
+    claimed = {_text(redis_client.get(f"{prefix}:u:u{i}")) for i in range(2)}
     assert len(claimed) == 2
     assert claimed <= original  # both users got a spare, each its own
     (unclaimed,) = original - claimed
@@ -195,7 +200,8 @@ def test_dedicated_warm_pool_serves_new_users_refills_and_spares_outlive_idle(
     # never claimed has been idle longer, and stays.
     assert wait_for(lambda: not (set(user_actor_names(ns)) & claimed), 60)
     assert unclaimed in user_actor_names(ns)
-    snap = ray.get(ray.get_actor(unclaimed, namespace=ns).snapshot.remote(), timeout=10)
+    spare: Any = ray.get_actor(unclaimed, namespace=ns)
+    snap: Any = ray.get(spare.snapshot.remote(), timeout=10)
     assert snap["spare"] is True
     # A spare the pool no longer lists ends like any idle dedicated actor.
     redis_client.srem(spares_key, unclaimed)
