@@ -426,6 +426,7 @@ class Window:
     scan_before: list[ProcSample]
     scan_after: list[ProcSample]
     groups: dict[int, str]
+    gc: dict[str, dict[str, float]] = field(default_factory=dict)  # gc_delta by group
 
     @property
     def duration_s(self) -> float:
@@ -440,6 +441,7 @@ def measure_window(p: LocalPipeline, stack: Stack, duration_s: float) -> Window:
     """Run the load for `duration_s` and bracket it with /proc scans, lag and counters."""
     assert p.sim is not None
     roots = [os.getpid()]
+    gc0 = gc_view(p)
     scan0 = scan_processes(roots, stack.kafka_pids)
     t0 = time.time()
     mark0 = sim_mark(p)
@@ -450,6 +452,7 @@ def measure_window(p: LocalPipeline, stack: Stack, duration_s: float) -> Window:
     t1 = time.time()
     scan1 = scan_processes(roots, stack.kafka_pids)
     hosts = host_view(p)
+    gc1 = gc_view(p)
     groups = group_samples([*scan0, *scan1], os.getpid())
     return Window(
         t0_ms=mark0["clock_ms"],
@@ -466,7 +469,48 @@ def measure_window(p: LocalPipeline, stack: Stack, duration_s: float) -> Window:
         scan_before=scan0,
         scan_after=scan1,
         groups=groups,
+        gc=gc_delta(gc0, gc1, t0, t1),
     )
+
+
+def gc_view(p: LocalPipeline) -> dict[str, list[dict[str, Any]]]:
+    """The collector's record (process_tuning.GcPauses.stats) of the WeCom simulator, the
+    hosts and the consumers: a pause there stops every thread of that process."""
+    import httpx
+    import ray
+
+    assert p.sim is not None
+    sim = httpx.get(f"{p.sim.base_url}/sim/stats", timeout=30).json().get("gc")
+    hosts = ray.get([h.snapshot.remote() for h in p.consume.hosts], timeout=30)
+    consumers = ray.get([c.snapshot.remote() for c in p.consume.consumers], timeout=30)
+    return {
+        "simulator": [sim] if sim else [],
+        "hosts": [s["gc"] for s in hosts if s.get("gc")],
+        "consumers": [s["gc"] for s in consumers if s.get("gc")],
+    }
+
+
+def gc_delta(
+    before: dict[str, list[dict[str, Any]]],
+    after: dict[str, list[dict[str, Any]]],
+    t0_s: float,
+    t1_s: float,
+) -> dict[str, dict[str, float]]:
+    """Per group, between two gc_views (processes in the same order): collector ms and
+    full (generation 2) collections in the window, and its longest pause that ended
+    inside [t0_s, t1_s] (only pauses of >= LONG_PAUSE_MS are kept with a time)."""
+    out: dict[str, dict[str, float]] = {}
+    for group, rows in after.items():
+        old = before.get(group, [])
+        if len(old) != len(rows):  # a process restarted or appeared: no delta
+            continue
+        ms = sum(sum(a["total_ms"]) - sum(b["total_ms"]) for a, b in zip(rows, old, strict=True))
+        full = sum(a["count"][2] - b["count"][2] for a, b in zip(rows, old, strict=True))
+        longest = max(
+            (ms_ for a in rows for t, _gen, ms_ in a["long"] if t0_s <= t <= t1_s), default=0.0
+        )
+        out[group] = {"ms": round(ms, 1), "full": full, "longest_ms": longest}
+    return out
 
 
 def kafka_offsets(p: LocalPipeline) -> tuple[int, int]:

@@ -283,6 +283,7 @@ def run_step(
         "redis_cmds_s": round((redis1 - redis0) / w.duration_s, 1),
         "cpu_pct_by_group": w.cpu,
         "cpu_total_pct": round(sum(w.cpu.values()), 1),
+        "gc_by_group": w.gc,
         "rss_mib": rss_split(w.rss),
         "mailboxes": w.hosts["mailboxes"],
         "host_pending": w.hosts["pending"],

@@ -8,17 +8,27 @@ new users waited 13-15 s at p50, docs/benchmarks.md). With `consume.dedicated_po
 its placement (SPOP): the user's record names the spare, and its first message waits for
 a Ray call. With no spare left the user gets an actor named after it, started on demand.
 
-Who owns what, so nothing is started twice or leaks:
+Who owns what:
 - A spare is named before it starts (`user:~pool:{name_prefix}:{hex}`) and its name goes
   into the `starting` set first, so a keeper that restarts finds what it began and asks
   for it again by name (creation is idempotent by name).
-- It moves to `spares` only once it has answered, so a claimed spare is a started one.
+- It moves to `spares` only once it has answered. A keeper that (re)starts first takes
+  off the list every listed spare whose actor is gone (stopping a pipeline kills every
+  user actor but leaves the lists), and those beyond a smaller size (killed).
 - A claimed spare is an ordinary dedicated actor: it ends after its idle lifetime and its
-  user's record is released as any other. A spare that nobody lists any more (claimed,
-  then restarted by Ray after a crash before its first delivery; or an orphan) ends the
-  same way (consume/hosts.py `_listed_in_pool`).
-- A start that fails or does not answer within `start_timeout_s` is dropped (and killed),
-  and a new one takes its place on a later tick.
+  user's record is released as any other. A spare that finds itself listed nowhere
+  (claimed; or restarted by Ray after a crash before its first delivery; or an orphan)
+  starts its idle lifetime from then, so a claimed one lives at least one lifetime
+  (consume/hosts.py, `still_listed` here).
+- A start that fails or does not answer within `start_timeout_s` is taken off the list
+  and killed, and a new one takes its place on a later tick.
+
+What can outlive its use: a listed spare lives until it is claimed, or until a keeper of
+the same pipeline (same `name_prefix`) retires it; a pipeline stopped for good with
+`qywx-ray stop` (or `stop_consumers(kill_hosts=True)`) kills its spares, but its two sets
+stay in Redis (a few names). If the sets are lost (Redis flushed, a failover without
+persistence) the live spares are listed nowhere and end one idle lifetime later, while
+the keeper starts a new pool: up to twice the pool for that long.
 
 `PoolKeeper` is the loop's logic against two seams (`PoolStore`, `Starter`), so its
 decisions are tested without Ray; `RedisPoolStore` and `RayStarter` are the real ones.
@@ -27,12 +37,14 @@ decisions are tested without Ray; `RedisPoolStore` and `RayStarter` are the real
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import redis
+from redis.exceptions import RedisError
 
 from qywx_ray.consume.placement import pool_spares_key, pool_starting_key
 from qywx_ray.consume.tracker import DEDICATED_PREFIX
@@ -76,8 +88,8 @@ class PoolStore(Protocol):
         """A started one becomes a spare; False if it was not starting."""
         ...
 
-    def drop(self, names: Iterable[str]) -> None:
-        """Forget names (failed or timed-out starts, vanished spares)."""
+    def retire(self, name: str) -> bool:
+        """Take a name off both lists; True if it was listed (so nobody claimed it)."""
         ...
 
 
@@ -88,6 +100,10 @@ class Starter(Protocol):
 
     def answered(self, tokens: list[Any]) -> dict[Any, bool]:
         """Tokens that have an answer: True = it answered, False = it failed."""
+        ...
+
+    def exists(self, name: str) -> bool:
+        """An actor of that name is registered (when unsure: True)."""
         ...
 
     def kill(self, name: str) -> None: ...
@@ -115,19 +131,34 @@ class PoolKeeper:
         self.start_timeout_s = start_timeout_s
         self.clock = clock
         self._waiting: dict[Any, tuple[str, float]] = {}  # token -> (name, asked at)
-        self._adopted = False
-        self.stats = {"spares": 0, "starting": 0, "started": 0, "failed": 0, "timed_out": 0}
+        self._checked = False
+        self._born = clock()
+        self.stats: dict[str, float | None] = {
+            "spares": 0,
+            "starting": 0,
+            "started": 0,
+            "failed": 0,
+            "timed_out": 0,
+            "retired": 0,
+            "filled_after_s": None,  # from this keeper's start to its first full pool
+        }
 
     def tick(self) -> None:
         spares, starting = self.store.read()
-        asked = {name for name, _ in self._waiting.values()}
+        if not self._checked:
+            # After a keeper (re)start: a listed spare whose actor is gone (stopping a
+            # pipeline kills every user actor) or one beyond a smaller size is taken off
+            # the list, and killed only if it was still listed (not claimed meanwhile).
+            for name in sorted(spares):
+                gone = not self.starter.exists(name)
+                if gone or len(spares) > self.size:
+                    self._retire(name, spares, starting, kill=not gone)
+            self._checked = True
         # A start nobody waits for (an earlier keeper's, or one whose answer a Redis
-        # error lost) is asked for again by name: one that exists just answers. After a
-        # keeper (re)start the listed spares too, as a pipeline stop may have killed them.
-        again = starting if self._adopted else spares | starting
-        for name in sorted(again - asked):
+        # error lost) is asked for again by name: one that exists just answers.
+        asked = {name for name, _ in self._waiting.values()}
+        for name in sorted(starting - asked):
             self._ask(name)
-        self._adopted = True
         self._collect(spares, starting)
         names = [
             spare_name(self.name_prefix)
@@ -139,15 +170,29 @@ class PoolKeeper:
             for name in names:
                 self._ask(name)
         self.stats.update(spares=len(spares), starting=len(starting))
+        if self.stats["filled_after_s"] is None and len(spares) >= self.size:
+            self.stats["filled_after_s"] = round(self.clock() - self._born, 3)
         m_spares.set(len(spares))
 
     def _ask(self, name: str) -> None:
         self._waiting[self.starter.start(name)] = (name, self.clock())
 
+    def _retire(self, name: str, spares: set[str], starting: set[str], *, kill: bool) -> None:
+        listed = self.store.retire(name)
+        spares.discard(name)
+        starting.discard(name)
+        if listed and kill:
+            self.starter.kill(name)
+        self._count("retired")
+
+    def _count(self, key: str) -> None:
+        self.stats[key] = (self.stats[key] or 0) + 1
+
     def _collect(self, spares: set[str], starting: set[str]) -> None:
-        """Answers move starting -> spares; failed starts are dropped, and so are starts
-        that did not answer in time (killed: a spare listed already is left alone, it
-        may have been claimed meanwhile). A store error leaves the rest for next tick."""
+        """Answers move starting -> spares. A failed start, and a start that did not
+        answer in time, is retired and killed (Ray would restart a crashed one, unlisted);
+        a listed spare that does not answer in time is left alone: it may have been
+        claimed meanwhile. A store error leaves the rest for the next tick."""
         answers = self.starter.answered(list(self._waiting)) if self._waiting else {}
         now = self.clock()
         for token, (name, asked_at) in list(self._waiting.items()):
@@ -158,19 +203,39 @@ class PoolKeeper:
                 if name in starting and self.store.ready(name):
                     starting.discard(name)
                     spares.add(name)
-                    self.stats["started"] += 1
+                    self._count("started")
                     m_starts.inc(outcome="started")
             elif ok is False or name in starting:
                 outcome = "failed" if ok is False else "timed_out"
-                if ok is None:
-                    self.starter.kill(name)
-                self.store.drop([name])
-                spares.discard(name)
-                starting.discard(name)
-                self.stats[outcome] += 1
+                self._retire(name, spares, starting, kill=True)
+                self._count(outcome)
                 m_starts.inc(outcome=outcome)
                 log.warning("dedicated_pool.start_" + outcome, actor=name)
             del self._waiting[token]
+
+
+def run_keeper(keeper: PoolKeeper, stop: threading.Event, interval_s: float = 0.5) -> None:
+    """The keeper's loop: survives any error (Redis down, a GCS hiccup) and tries again
+    next interval; ends when `stop` is set."""
+    while not stop.wait(interval_s):
+        try:
+            keeper.tick()
+        except Exception:
+            log.warning("dedicated_pool.tick_failed", exc_info=True)
+
+
+async def still_listed(client: Any, prefix: str, name: str) -> bool:
+    """Is `name` still a spare or starting? (An async Redis client; a spare asks this
+    about itself.) Redis down: True, it stays a spare until Redis answers."""
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.sismember(pool_spares_key(prefix), name)
+            pipe.sismember(pool_starting_key(prefix), name)
+            listed = await pipe.execute()
+    except RedisError as exc:
+        log.warning("user_actor.pool_check_failed", actor=name, error=str(exc))
+        return True
+    return any(listed)
 
 
 class RedisPoolStore:
@@ -194,12 +259,11 @@ class RedisPoolStore:
     def ready(self, name: str) -> bool:
         return bool(self._client.smove(self._starting, self._spares, name))
 
-    def drop(self, names: Iterable[str]) -> None:
-        names = list(names)
+    def retire(self, name: str) -> bool:
         pipe = self._client.pipeline(transaction=False)
-        pipe.srem(self._spares, *names)
-        pipe.srem(self._starting, *names)
-        pipe.execute()
+        pipe.srem(self._spares, name)
+        pipe.srem(self._starting, name)
+        return bool(sum(pipe.execute()) > 0)
 
 
 def _texts(values: Iterable[Any]) -> set[str]:
@@ -230,6 +294,17 @@ class RayStarter:
             except RayError:
                 out[ref] = False
         return out
+
+    def exists(self, name: str) -> bool:
+        import ray
+
+        try:
+            ray.get_actor(name, namespace=self.settings.consume.namespace)
+        except ValueError:
+            return False
+        except Exception:  # noqa: BLE001 - a GCS hiccup: assume it is there
+            return True
+        return True
 
     def kill(self, name: str) -> None:
         import ray

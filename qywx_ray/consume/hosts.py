@@ -23,13 +23,13 @@ from concurrent.futures import Future
 from typing import Any
 
 import ray
-from redis.exceptions import RedisError
 
 from qywx_ray.consume.batch_reads import make_batch_reads
+from qywx_ray.consume.dedicated_pool import still_listed
 from qywx_ray.consume.dedup import Deduplicator, RedisDoneStore
 from qywx_ray.consume.handler_threads import HandlerThreads
 from qywx_ray.consume.handlers import load_handler
-from qywx_ray.consume.placement import placement_prefix, pool_spares_key, pool_starting_key
+from qywx_ray.consume.placement import placement_prefix
 from qywx_ray.consume.sinks import make_admission, make_dead_letter_sink, make_retry_order
 from qywx_ray.consume.state import RedisStateStore
 from qywx_ray.consume.tracker import DEDICATED_PREFIX
@@ -109,7 +109,7 @@ class HostShell:
         self.dedicated = dedicated
         # A warm-pool spare (consume/dedicated_pool.py) waits, however long, for the user
         # that claims it: before its first delivery it ends itself only once the pool
-        # no longer lists it (`_listed_in_pool`).
+        # no longer lists it (`_still_a_spare`).
         self.pooled = pooled
         self.incarnation = uuid.uuid4().hex
         self.dying = False
@@ -202,7 +202,7 @@ class HostShell:
                 self.core.sweep()
                 if self.dedicated:
                     if self.pooled and self._taken == 0 and self._idle_s() >= c.idle_lifetime_s:
-                        self.pooled = await self._listed_in_pool()
+                        self.pooled = await self._still_a_spare()
                     if self._maybe_die():
                         return
             except Exception:
@@ -211,23 +211,18 @@ class HostShell:
     def _idle_s(self) -> float:
         return time.monotonic() - self._last_take_s
 
-    async def _listed_in_pool(self) -> bool:
-        """A spare stays one while the pool lists it (spare or starting). One that is
-        listed nowhere was claimed (Ray restarted it after a crash, so it never saw a
-        delivery) or orphaned by a keeper restart: from then on it is an ordinary
-        dedicated actor and ends after its idle lifetime. Redis down: still a spare."""
+    async def _still_a_spare(self) -> bool:
+        """A spare stays one while the pool lists it (spare or starting). Listed nowhere,
+        it was claimed (or Ray restarted it after a crash before its first delivery, or
+        it is an orphan): from then on it is an ordinary dedicated actor, and its idle
+        lifetime starts now, so a spare claimed after a long wait is not ended before
+        its user's first message reaches it."""
         prefix = placement_prefix(self.settings.consume.name_prefix)
-        try:
-            async with self.core.redis.pipeline(transaction=False) as pipe:
-                pipe.sismember(pool_spares_key(prefix), self.name)
-                pipe.sismember(pool_starting_key(prefix), self.name)
-                listed = await pipe.execute()
-        except RedisError as exc:
-            log.warning("user_actor.pool_check_failed", actor=self.name, error=str(exc))
+        if await still_listed(self.core.redis, prefix, self.name):
             return True
-        if not any(listed):
-            log.info("user_actor.spare_unlisted", actor=self.name)
-        return any(listed)
+        log.info("user_actor.spare_unlisted", actor=self.name)
+        self._last_take_s = time.monotonic()
+        return False
 
     def _maybe_die(self) -> bool:
         idle_s = self._idle_s()
@@ -288,6 +283,7 @@ class HostShell:
             pid=os.getpid(),
             dying=self.dying,
             spare=self.pooled and self._taken == 0,
+            idle_s=round(self._idle_s(), 3),
             handler_threads_hung=self.handler_threads.hung,
             node_id=ray.get_runtime_context().get_node_id(),
             gc=gc_pauses.stats(),

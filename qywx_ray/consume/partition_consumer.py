@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from redis.exceptions import RedisError
 
-from qywx_ray.consume.dedicated_pool import PoolKeeper, RayStarter, RedisPoolStore
+from qywx_ray.consume.dedicated_pool import PoolKeeper, RayStarter, RedisPoolStore, run_keeper
 from qywx_ray.consume.hosts import (
     UserActorDying,
     get_or_create_user_actor,
@@ -138,17 +138,9 @@ class PartitionConsumerCore:
                 size=self.c.dedicated_pool_size,
                 at_once=self.c.dedicated_pool_starts_at_once,
             )
-            threading.Thread(target=self._keep_pool, name="dedicated-pool", daemon=True).start()
-
-    def _keep_pool(self, interval_s: float = 0.5) -> None:
-        """The pool keeper's loop: survives any error (Redis down, GCS hiccup) and tries
-        again next interval; ends with the consumer."""
-        assert self.pool is not None
-        while not self._stop.wait(interval_s):
-            try:
-                self.pool.tick()
-            except Exception:
-                log.warning("consumer.pool_tick_failed", exc_info=True, consumer=self.name)
+            threading.Thread(
+                target=run_keeper, args=(self.pool, self._stop), name="dedicated-pool", daemon=True
+            ).start()
 
     # ------------------------------------------------------------ Kafka loop
 

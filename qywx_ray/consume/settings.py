@@ -85,7 +85,7 @@ class ConsumeSettings(BaseModel):
         if self.dedicated_pool_size > self.max_dedicated_actors:
             raise ValueError(
                 f"consume.dedicated_pool_size ({self.dedicated_pool_size}) exceeds "
-                f"consume.max_dedicated_actors ({self.max_dedicated_actors}): a spare beyond "
-                "the cap could never be claimed"
+                f"consume.max_dedicated_actors ({self.max_dedicated_actors}): more spares "
+                "than users that may hold a dedicated actor at once"
             )
         return self

@@ -181,6 +181,14 @@ def test_dedicated_warm_pool_serves_new_users_refills_and_spares_outlive_idle(
     original = listed()
     assert len(original) == 3
     assert set(user_actor_names(ns)) == original  # no user yet: only the spares
+
+    def idle_s(name: str) -> float:
+        handle: Any = ray.get_actor(name, namespace=ns)
+        return float(ray.get(handle.snapshot.remote(), timeout=10)["idle_s"])
+
+    # Every spare has waited longer than an idle lifetime: a claim must still reach the
+    # very actor that waited (no end before its first delivery, no fallback start).
+    assert wait_for(lambda: min(idle_s(n) for n in original) >= 2.0, 60)
     msgs = envelopes(2, 20)
     produce(s, msgs)
     assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 90)
@@ -190,6 +198,7 @@ def test_dedicated_warm_pool_serves_new_users_refills_and_spares_outlive_idle(
     assert rep.duplicates == 0
     hosted = sum(ray.get(h.snapshot.remote(), timeout=10)["counts"]["processed"] for h in p.hosts)
     assert hosted == 0
+    assert p.snapshots()[0]["stats"]["recoveries"] == 0  # no claimed spare ended under us
     claimed = {_text(redis_client.get(f"{prefix}:u:u{i}")) for i in range(2)}
     assert len(claimed) == 2
     assert claimed <= original  # both users got a spare, each its own

@@ -77,3 +77,7 @@ def test_redis_placement_claims_each_spare_once_across_consumers(
     assert routes["u5"] == "host-0"  # over the cap
     assert redis_client.scard(f"{prefix}:pool:spares") == 0
     assert redis_client.get(f"{prefix}:u:u0") == routes["u0"].encode()
+    redis_client.sadd(f"{prefix}:pool:spares", "user:~pool:p:late")
+    b.resolve([want("u6")])  # the cap is reached: hosted, and the spare stays listed
+    assert b.route("u6") == "host-0"
+    assert redis_client.smembers(f"{prefix}:pool:spares") == {b"user:~pool:p:late"}

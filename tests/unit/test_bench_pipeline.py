@@ -608,3 +608,19 @@ def test_cpu_slices_show_what_ran_in_each_slice() -> None:
     scans = [(0.0, scan(0, 0)), (1.0, scan(50, 0)), (2.0, scan(50, 100)), (2.0, scan(60, 100))]
     got = cpu_slices(scans, driver_pid=12, top=1, clk_tck=100)
     assert got == [[0.0, 50.0, {"hosts": 50.0}], [1.0, 100.0, {"redis": 100.0}]]
+
+
+def test_gc_delta_counts_the_window_only_and_skips_a_group_that_changed() -> None:
+    from bench.bench_profiles import gc_delta
+
+    host = {"count": [5, 1, 0], "total_ms": [1.0, 2.0, 0.0], "long": [[50.0, 2, 500.0]]}
+    later = {
+        "count": [9, 2, 1],
+        "total_ms": [2.0, 3.0, 300.0],
+        "long": [[50.0, 2, 500.0], [105.0, 2, 300.0]],
+    }
+    before = {"hosts": [host], "simulator": [host]}
+    after = {"hosts": [later], "simulator": [later, later]}  # the simulator restarted
+    assert gc_delta(before, after, 100.0, 110.0) == {
+        "hosts": {"ms": 302.0, "full": 1, "longest_ms": 300.0}  # the 500 ms pause was before
+    }

@@ -90,3 +90,9 @@ def test_a_new_dedicated_user_claims_a_spare_once_and_only_under_the_cap() -> No
     ]
     assert store.spares == []
     assert is_dedicated("user:~pool:p:1")
+    full = MemoryPlacementStore()
+    full.spares = ["user:~pool:p:3"]
+    q = Placement(full, cap=0)
+    q.resolve([want("u9")])
+    assert q.route("u9") == "host-0"
+    assert full.spares == ["user:~pool:p:3"]  # a hosted decision takes no spare

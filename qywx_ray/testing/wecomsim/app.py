@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from qywx_ray.process_tuning import gc_pauses
 from qywx_ray.testing.wecomsim.runtime import WeComSimulator
 from qywx_ray.testing.wecomsim.state import FaultRule
 from qywx_ray.wecom.client import install_redaction
@@ -44,6 +45,9 @@ def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:
     log prints every query string: redact corpsecret/access_token there as the client does.
     """
     install_redaction("uvicorn.access", "uvicorn.error")
+    # The simulator keeps every message it made (a stress run: millions): its collector's
+    # pauses stall callbacks and sync_msg answers, so benches read them from /sim/stats.
+    gc_pauses.install()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -171,6 +175,10 @@ def make_app(sim: WeComSimulator, *, manage_lifecycle: bool = False) -> FastAPI:
 
     @app.get("/sim/stats")
     async def stats() -> dict[str, Any]:
-        return {**asdict(state.stats), "callbacks": list(sim.callback_log)[-20:]}
+        return {
+            **asdict(state.stats),
+            "callbacks": list(sim.callback_log)[-20:],
+            "gc": gc_pauses.stats(),
+        }
 
     return app
