@@ -296,15 +296,9 @@ class RayStarter:
         return out
 
     def exists(self, name: str) -> bool:
-        import ray
+        from qywx_ray.consume.hosts import actor_exists
 
-        try:
-            ray.get_actor(name, namespace=self.settings.consume.namespace)
-        except ValueError:
-            return False
-        except Exception:  # noqa: BLE001 - a GCS hiccup: assume it is there
-            return True
-        return True
+        return actor_exists(name, self.settings.consume.namespace)
 
     def kill(self, name: str) -> None:
         import ray

@@ -393,3 +393,15 @@ def get_or_create_user_actor(settings: Settings, name: str, pooled: bool = False
         max_concurrency=1,
         **actor_options(settings.placement, "dedicated_user"),
     ).remote(settings, name, pooled)
+
+
+def actor_exists(name: str, namespace: str) -> bool:
+    """A named actor is registered (alive or restarting). A GCS hiccup answers True:
+    callers use False to hand something back, so when unsure they keep it and ask again."""
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001 - GCS hiccup: assume alive, ask again next time
+        return True
+    return True

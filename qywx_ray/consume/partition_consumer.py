@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from qywx_ray.consume.dedicated_pool import PoolKeeper, RayStarter, RedisPoolStore, run_keeper
 from qywx_ray.consume.hosts import (
     UserActorDying,
+    actor_exists,
     get_or_create_user_actor,
     host_index,
     host_name,
@@ -453,13 +454,7 @@ class PartitionConsumerCore:
             self._to_release.pop(user, None)
 
     def _actor_alive(self, name: str) -> bool:
-        try:
-            ray.get_actor(name, namespace=self.c.namespace)
-        except ValueError:
-            return False
-        except Exception:  # noqa: BLE001 - GCS hiccup: assume alive, ask again next time
-            return True
-        return True
+        return actor_exists(name, self.c.namespace)
 
     # ------------------------------------------------------------ completions
 
