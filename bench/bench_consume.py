@@ -670,7 +670,10 @@ def run_dedicated_pool(args: argparse.Namespace, svc: Any, run: int) -> list[str
     size = args.dedicated_users if args.dedicated_pool is None else args.dedicated_pool
     if size <= 0:
         return []
-    b = ModeBench(args, svc, "dedicated", run, consume={"dedicated_pool_size": size})
+    pool = {"dedicated_pool_size": size}
+    if args.dedicated_pool_at_once is not None:
+        pool["dedicated_pool_starts_at_once"] = args.dedicated_pool_at_once
+    b = ModeBench(args, svc, "dedicated", run, consume=pool)
     try:
         p = b.start()
         if not p.wait_pool_full(900):
@@ -681,6 +684,7 @@ def run_dedicated_pool(args: argparse.Namespace, svc: Any, run: int) -> list[str
         emit(
             case="dedicated_pool_fill", metric="pool_fill_s", value=round(fill_s, 2), unit="s",
             starts_per_s=round(size / fill_s, 3), pool=size, loadavg=os.getloadavg(),
+            at_once=p.settings.consume.dedicated_pool_starts_at_once,
             **b.dims(),
         )  # fmt: skip
         cold = make_envelopes(b.tag, f"{b.tag}c", b.users, 1)
@@ -690,7 +694,10 @@ def run_dedicated_pool(args: argparse.Namespace, svc: Any, run: int) -> list[str
             if not p.wait_pool_full(300):
                 raise RuntimeError("the pool did not refill after the warm-up records")
 
-        b.emit_latency("cold_start_pooled", rate, b.paced("cold", rate, cold, refilled), pool=size)
+        b.emit_latency(
+            "cold_start_pooled", rate, b.paced("cold", rate, cold, refilled), pool=size,
+            at_once=p.settings.consume.dedicated_pool_starts_at_once,
+        )  # fmt: skip
     finally:
         b.stop_all()
     return b.topics
@@ -718,6 +725,12 @@ def main() -> None:
         type=int,
         default=None,
         help="dedicated_pool case: pool size (default: --dedicated-users; 0: skip)",
+    )
+    ap.add_argument(
+        "--dedicated-pool-at-once",
+        type=int,
+        default=None,
+        help="dedicated_pool case: consume.dedicated_pool_starts_at_once (default: its default)",
     )
     ap.add_argument(
         "--fetch-min-bytes",

@@ -53,7 +53,9 @@ from qywx_ray.obs.metrics import counter, gauge
 
 log = get_logger(__name__)
 
-m_spares = gauge("qywx_dedicated_pool_spares", "Started spare dedicated actors nobody claimed")
+m_spares = gauge(
+    "qywx_dedicated_pool_spares", "Spare dedicated actors listed as started and not claimed"
+)
 m_starts = counter(
     "qywx_dedicated_pool_starts_total", "Spare dedicated actor starts, by outcome", ["outcome"]
 )
@@ -63,10 +65,6 @@ POOL_MARK = "~pool:"
 
 def spare_name(name_prefix: str) -> str:
     return f"{DEDICATED_PREFIX}{POOL_MARK}{name_prefix}:{uuid.uuid4().hex[:12]}"
-
-
-def is_spare_name(key: str) -> bool:
-    return key.startswith(DEDICATED_PREFIX + POOL_MARK)
 
 
 def starts_due(size: int, spares: int, starting: int, at_once: int) -> int:

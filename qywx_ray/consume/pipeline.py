@@ -44,8 +44,8 @@ class ConsumePipeline:
         return False
 
     def wait_pool_full(self, timeout_s: float = 120.0) -> bool:
-        """Dedicated mode: True once the warm pool holds `dedicated_pool_size` started
-        spares (consumer 0 keeps it; dedicated_pool.py)."""
+        """Dedicated mode: True once the warm pool lists `dedicated_pool_size` spares that
+        answered (consumer 0 keeps it; dedicated_pool.py)."""
         want = self.settings.consume.dedicated_pool_size
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
