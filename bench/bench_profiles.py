@@ -497,15 +497,18 @@ def gc_delta(
     t1_s: float,
 ) -> dict[str, dict[str, float]]:
     """Per group, between two gc_views (processes in the same order): collector ms and
-    full (generation 2) collections in the window, and its longest pause that ended
-    inside [t0_s, t1_s] (only pauses of >= LONG_PAUSE_MS are kept with a time)."""
+    full (generation 2) collections between the two views, and the longest pause that
+    ended inside [t0_s, t1_s] (a lower bound: only the last 64 pauses of >= LONG_PAUSE_MS
+    are kept with a time)."""
     out: dict[str, dict[str, float]] = {}
     for group, rows in after.items():
         old = before.get(group, [])
-        if len(old) != len(rows):  # a process restarted or appeared: no delta
+        pairs = list(zip(rows, old, strict=False))
+        # A process that appeared, or restarted (its counters start again at 0): no delta.
+        if len(old) != len(rows) or any(sum(a["count"]) < sum(b["count"]) for a, b in pairs):
             continue
-        ms = sum(sum(a["total_ms"]) - sum(b["total_ms"]) for a, b in zip(rows, old, strict=True))
-        full = sum(a["count"][2] - b["count"][2] for a, b in zip(rows, old, strict=True))
+        ms = sum(sum(a["total_ms"]) - sum(b["total_ms"]) for a, b in pairs)
+        full = sum(a["count"][2] - b["count"][2] for a, b in pairs)
         longest = max(
             (ms_ for a in rows for t, _gen, ms_ in a["long"] if t0_s <= t <= t1_s), default=0.0
         )

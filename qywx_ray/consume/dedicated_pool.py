@@ -145,12 +145,9 @@ class PoolKeeper:
         spares, starting = self.store.read()
         if not self._checked:
             # After a keeper (re)start: a listed spare whose actor is gone (stopping a
-            # pipeline kills every user actor) or one beyond a smaller size is taken off
-            # the list, and killed only if it was still listed (not claimed meanwhile).
-            for name in sorted(spares):
-                gone = not self.starter.exists(name)
-                if gone or len(spares) > self.size:
-                    self._retire(name, spares, starting, kill=not gone)
+            # pipeline kills every user actor) is taken off the list first.
+            for name in sorted(n for n in spares if not self.starter.exists(n)):
+                self._retire(name, spares, starting, kill=False)
             self._checked = True
         # A start nobody waits for (an earlier keeper's, or one whose answer a Redis
         # error lost) is asked for again by name: one that exists just answers.
@@ -158,6 +155,10 @@ class PoolKeeper:
         for name in sorted(starting - asked):
             self._ask(name)
         self._collect(spares, starting)
+        # Spares beyond the size (a restart with a smaller pool, and the starts it had
+        # begun): retired, and killed only if still listed (not claimed meanwhile).
+        for name in sorted(spares)[: max(0, len(spares) - self.size)]:
+            self._retire(name, spares, starting, kill=True)
         names = [
             spare_name(self.name_prefix)
             for _ in range(starts_due(self.size, len(spares), len(starting), self.at_once))

@@ -32,10 +32,12 @@ class ConsumeSettings(BaseModel):
     # A new user's first message then waits for a Ray call instead of a Ray worker
     # process start (1-2 per second on 2 cores, seconds each in a burst). Each spare is
     # a live process (~116 MiB, ~0.6 % of a core idle): size it to the burst of new
-    # dedicated users expected within one refill (`dedicated_pool_starts_at_once` at a
-    # time, kept by consumer 0). 0 = no pool.
+    # dedicated users expected within one refill. 0 = no pool.
     dedicated_pool_size: int = Field(default=0, ge=0)
-    dedicated_pool_starts_at_once: int = Field(default=2, ge=1, le=64)
+    # Spares started at a time (consumer 0 keeps the pool). Refills run beside the claims:
+    # at 2 the claims of a 50-user burst waited p99 1.2-2.8 s, at 1 0.2 s, and the pool
+    # filled at 0.6-0.7 instead of 0.9-1.2 starts/s (2 cores, docs/benchmarks.md).
+    dedicated_pool_starts_at_once: int = Field(default=1, ge=1, le=64)
     max_inflight_per_consumer: int = 50_000
     # Poll batches leave at most this often: under load the records that arrive meanwhile
     # ride along (batching vs latency); a record after a quiet spell leaves at once.

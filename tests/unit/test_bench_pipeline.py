@@ -619,8 +619,13 @@ def test_gc_delta_counts_the_window_only_and_skips_a_group_that_changed() -> Non
         "total_ms": [2.0, 3.0, 300.0],
         "long": [[50.0, 2, 500.0], [105.0, 2, 300.0]],
     }
-    before = {"hosts": [host], "simulator": [host]}
-    after = {"hosts": [later], "simulator": [later, later]}  # the simulator restarted
+    restarted = {"count": [3, 0, 0], "total_ms": [0.5, 0.0, 0.0], "long": []}
+    before = {"hosts": [host], "simulator": [host], "consumers": [host]}
+    after = {
+        "hosts": [later],
+        "simulator": [host, later],  # another process appeared
+        "consumers": [restarted],  # Ray restarted it: its counters began again
+    }
     assert gc_delta(before, after, 100.0, 110.0) == {
         "hosts": {"ms": 302.0, "full": 1, "longest_ms": 300.0}  # the 500 ms pause was before
     }

@@ -200,13 +200,21 @@ def test_after_a_restart_gone_spares_and_spares_beyond_the_size_are_taken_off_th
     store, clock = FakeStore(), Clock()
     starter = FakeStarter(store)
     store.spares = {f"user:~pool:p:s{i}" for i in range(6)}
-    starter.gone = {"user:~pool:p:s0", "user:~pool:p:s1"}
+    starter.gone = {"user:~pool:p:s4", "user:~pool:p:s5"}  # sorted last: counted out first
     k = keeper(store, starter, clock, size=2)
     k.tick()
-    assert store.spares == {"user:~pool:p:s4", "user:~pool:p:s5"}
-    assert starter.killed == ["user:~pool:p:s2", "user:~pool:p:s3"]  # never a gone one
+    assert store.spares == {"user:~pool:p:s2", "user:~pool:p:s3"}
+    assert starter.killed == ["user:~pool:p:s0", "user:~pool:p:s1"]  # never a gone one
     assert k.stats["retired"] == 4
     assert store.starting == set()
+    # Starts an earlier, larger keeper had begun become spares beyond the size: trimmed.
+    store.starting = {"user:~pool:p:s6", "user:~pool:p:s7"}
+    k.tick()
+    for name in ("user:~pool:p:s6", "user:~pool:p:s7"):
+        starter.outcome[name] = True
+    k.tick()
+    assert len(store.spares) == 2
+    assert starter.killed[2:] == ["user:~pool:p:s2", "user:~pool:p:s3"]
     # Most of a pool gone: the survivors count, the rest is started `at_once` at a time.
     store, clock = FakeStore(), Clock()
     starter = FakeStarter(store)

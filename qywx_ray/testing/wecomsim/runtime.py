@@ -20,9 +20,11 @@ from qywx_ray.testing.wecomsim.state import WeComSimulatorState
 # The simulator keeps every message it makes (a stress run: millions of objects), and the
 # cyclic collector's full passes over them stopped this process, so callbacks, sync_msg
 # answers and the population itself, for 0.4-0.8 s at a time in a stress run's 8,000
-# msg/s step (bench_stress `gc_by_group`). Every FREEZE_EVERY population messages, what
-# exists is collected once and frozen out of the collector's sight (the messages are
-# acyclic: freed by refcount when pruned, frozen or not).
+# msg/s step (bench_stress `gc_by_group`). Checked by the population loop: every
+# FREEZE_EVERY messages made (by any means), what exists is collected once (a short pause
+# over what is not frozen yet) and frozen out of the collector's sight. The messages are
+# acyclic: freed by refcount when pruned, frozen or not; cyclic garbage alive at a freeze
+# (a task, a traceback) is never collected, a small leak per freeze in a test tool.
 FREEZE_EVERY = 50_000
 
 
