@@ -13,6 +13,7 @@ import redis as redis_lib
 from qywx_ray.consume.pipeline import (
     ConsumePipeline,
     start_consumers,
+    stop_consumers,
     user_actor_names,
 )
 from qywx_ray.consume.placement import placement_prefix
@@ -216,3 +217,49 @@ def test_dedicated_warm_pool_serves_new_users_refills_and_spares_outlive_idle(
     redis_client.srem(spares_key, unclaimed)
     assert wait_for(lambda: unclaimed not in user_actor_names(ns), 60)
     assert wait_for(lambda: len(listed()) == 3, 180)  # and the keeper replaced it
+
+
+@pytest.mark.timeout(300)
+def test_dedicated_warm_pool_after_a_pipeline_restart_lists_only_live_spares(
+    make_settings: Callable[..., Settings],
+    unique: str,
+    redis_client: redis_lib.Redis,
+    started: list[ConsumePipeline],
+) -> None:
+    """Stopping a pipeline kills every user actor, spares included, but leaves the pool's
+    lists in Redis. The next keeper must not count (or hand out) those dead names: it
+    takes them off the list and starts new spares, and a new user then runs on one."""
+    s = consume_test_settings(make_settings, unique, mode="dedicated", dedicated_pool_size=2)
+    ensure_topics(s)
+    ns = s.consume.namespace
+    spares_key = f"{placement_prefix(s.consume.name_prefix)}:pool:spares"
+
+    def listed() -> set[str]:
+        return {_text(m) for m in redis_client.smembers(spares_key)}
+
+    first = start_consumers(s)
+    started.append(first)
+    assert first.wait_pool_full(180)
+    dead = listed()
+    assert len(dead) == 2
+    stop_consumers(first, timeout_s=15)  # kills consumers, hosts and every user actor
+    started.remove(first)
+    assert wait_for(lambda: not (set(user_actor_names(ns)) & dead), 60)
+    assert listed() == dead  # the lists outlive the actors
+    p = start_consumers(s)
+    started.append(p)
+    assert p.wait_pool_full(180)
+    fresh = listed()
+    assert len(fresh) == 2
+    assert not (fresh & dead)  # the dead names were taken off, new spares started
+    assert fresh <= set(user_actor_names(ns))
+    pool = p.snapshots()[0]["pool"]
+    assert pool["retired"] == 2
+    msgs = envelopes(1, 5)
+    produce(s, msgs)
+    assert wait_for(lambda: redis_client.llen(RECORD) >= len(msgs), 90)
+    rep = check_order(records(redis_client, RECORD), msgs)
+    assert (rep.missing, rep.inversions, rep.duplicates) == ([], 0, 0)
+    record = _text(redis_client.get(f"{placement_prefix(s.consume.name_prefix)}:u:u0"))
+    assert record in fresh  # a live spare, not a dead name
+    assert p.snapshots()[0]["stats"]["recoveries"] == 0
