@@ -394,11 +394,14 @@ def wait_first_stamps(p: LocalPipeline, timeout_s: float = 120.0) -> float:
     raise TimeoutError(f"no message reached a handler within {timeout_s:.0f}s")
 
 
-def host_view(p: LocalPipeline) -> dict[str, Any]:
-    """Mailboxes live (hosted user actors) and their queues, from the hosts' snapshots."""
+def host_snapshots(p: LocalPipeline) -> list[dict[str, Any]]:
     import ray
 
-    snaps = ray.get([h.snapshot.remote() for h in p.consume.hosts], timeout=30)
+    return list(ray.get([h.snapshot.remote() for h in p.consume.hosts], timeout=30))
+
+
+def host_view(snaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mailboxes live (hosted user actors) and their queues, from the hosts' snapshots."""
     return {
         "mailboxes": sum(int(s.get("users", 0)) for s in snaps),
         "pending": sum(int(s.get("pending", 0)) for s in snaps),
@@ -441,7 +444,7 @@ def measure_window(p: LocalPipeline, stack: Stack, duration_s: float) -> Window:
     """Run the load for `duration_s` and bracket it with /proc scans, lag and counters."""
     assert p.sim is not None
     roots = [os.getpid()]
-    gc0 = gc_view(p)
+    gc0 = gc_view(p, host_snapshots(p))
     scan0 = scan_processes(roots, stack.kafka_pids)
     t0 = time.time()
     mark0 = sim_mark(p)
@@ -451,8 +454,9 @@ def measure_window(p: LocalPipeline, stack: Stack, duration_s: float) -> Window:
     end1, done1 = kafka_offsets(p)
     t1 = time.time()
     scan1 = scan_processes(roots, stack.kafka_pids)
-    hosts = host_view(p)
-    gc1 = gc_view(p)
+    snaps = host_snapshots(p)  # one round of snapshots for the mailboxes and the pauses
+    hosts = host_view(snaps)
+    gc1 = gc_view(p, snaps)
     groups = group_samples([*scan0, *scan1], os.getpid())
     return Window(
         t0_ms=mark0["clock_ms"],
@@ -473,15 +477,15 @@ def measure_window(p: LocalPipeline, stack: Stack, duration_s: float) -> Window:
     )
 
 
-def gc_view(p: LocalPipeline) -> dict[str, list[dict[str, Any]]]:
+def gc_view(p: LocalPipeline, hosts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """The collector's record (process_tuning.GcPauses.stats) of the WeCom simulator, the
-    hosts and the consumers: a pause there stops every thread of that process."""
+    hosts (from their snapshots) and the consumers: a pause there stops every thread of
+    that process."""
     import httpx
     import ray
 
     assert p.sim is not None
     sim = httpx.get(f"{p.sim.base_url}/sim/stats", timeout=30).json().get("gc")
-    hosts = ray.get([h.snapshot.remote() for h in p.consume.hosts], timeout=30)
     consumers = ray.get([c.snapshot.remote() for c in p.consume.consumers], timeout=30)
     return {
         "simulator": [sim] if sim else [],

@@ -131,15 +131,14 @@ class PoolKeeper:
         self._waiting: dict[Any, tuple[str, float]] = {}  # token -> (name, asked at)
         self._checked = False
         self._born = clock()
-        self.stats: dict[str, float | None] = {
-            "spares": 0,
-            "starting": 0,
-            "started": 0,
-            "failed": 0,
-            "timed_out": 0,
-            "retired": 0,
-            "filled_after_s": None,  # from this keeper's start to its first full pool
-        }
+        self.stats = dict.fromkeys(
+            ("spares", "starting", "started", "failed", "timed_out", "retired"), 0
+        )
+        self.filled_after_s: float | None = None  # from this keeper's start to a full pool
+
+    def report(self) -> dict[str, Any]:
+        """What consumer 0's snapshot shows of the pool."""
+        return {**self.stats, "filled_after_s": self.filled_after_s}
 
     def tick(self) -> None:
         spares, starting = self.store.read()
@@ -169,8 +168,8 @@ class PoolKeeper:
             for name in names:
                 self._ask(name)
         self.stats.update(spares=len(spares), starting=len(starting))
-        if self.stats["filled_after_s"] is None and len(spares) >= self.size:
-            self.stats["filled_after_s"] = round(self.clock() - self._born, 3)
+        if self.filled_after_s is None and len(spares) >= self.size:
+            self.filled_after_s = round(self.clock() - self._born, 3)
         m_spares.set(len(spares))
 
     def _ask(self, name: str) -> None:
@@ -182,10 +181,7 @@ class PoolKeeper:
         starting.discard(name)
         if listed and kill:
             self.starter.kill(name)
-        self._count("retired")
-
-    def _count(self, key: str) -> None:
-        self.stats[key] = (self.stats[key] or 0) + 1
+        self.stats["retired"] += 1
 
     def _collect(self, spares: set[str], starting: set[str]) -> None:
         """Answers move starting -> spares. A failed start, and a start that did not
@@ -202,12 +198,12 @@ class PoolKeeper:
                 if name in starting and self.store.ready(name):
                     starting.discard(name)
                     spares.add(name)
-                    self._count("started")
+                    self.stats["started"] += 1
                     m_starts.inc(outcome="started")
             elif ok is False or name in starting:
                 outcome = "failed" if ok is False else "timed_out"
                 self._retire(name, spares, starting, kill=True)
-                self._count(outcome)
+                self.stats[outcome] += 1
                 m_starts.inc(outcome=outcome)
                 log.warning("dedicated_pool.start_" + outcome, actor=name)
             del self._waiting[token]

@@ -111,6 +111,7 @@ class HostShell:
         # that claims it: before its first delivery it ends itself only once the pool
         # no longer lists it (`_still_a_spare`).
         self.pooled = pooled
+        self._pool_checks = 0
         self.incarnation = uuid.uuid4().hex
         self.dying = False
         self._lock = threading.Lock()
@@ -218,6 +219,7 @@ class HostShell:
         lifetime starts now, so a spare claimed after a long wait is not ended before
         its user's first message reaches it."""
         prefix = placement_prefix(self.settings.consume.name_prefix)
+        self._pool_checks += 1
         if await still_listed(self.core.redis, prefix, self.name):
             return True
         log.info("user_actor.spare_unlisted", actor=self.name)
@@ -283,7 +285,8 @@ class HostShell:
             pid=os.getpid(),
             dying=self.dying,
             spare=self.pooled and self._taken == 0,
-            idle_s=round(self._idle_s(), 3),
+            # Times a spare, idle past its lifetime, asked whether the pool still lists it.
+            pool_checks=self._pool_checks,
             handler_threads_hung=self.handler_threads.hung,
             node_id=ray.get_runtime_context().get_node_id(),
             gc=gc_pauses.stats(),

@@ -606,7 +606,7 @@ class PartitionConsumerCore:
                 "running": not self._stopped.is_set(),
                 "stopping": self._stop.is_set(),  # stop() called: draining, then commit
                 "gc": gc_pauses.stats(),  # this process's collector pauses (tune_gc)
-                "pool": dict(self.pool.stats) if self.pool is not None else None,
+                "pool": self.pool.report() if self.pool is not None else None,
             }
 
 

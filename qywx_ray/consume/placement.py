@@ -98,9 +98,10 @@ class MemoryPlacementStore:
         out = []
         for want in wants:
             current = self.records.get(want.user)
-            claims = current is None and len(self.dedicated) < cap and bool(self.spares)
-            spare = self.spares.pop(0) if claims else None
+            spare = self.spares[0] if self.spares else None
             key = decide(current, len(self.dedicated), cap, want, spare)
+            if current is None and key == spare:  # taken only by the decision that uses it
+                self.spares.pop(0)
             if current is None:
                 self.records[want.user] = key
                 if is_dedicated(key):

@@ -139,7 +139,7 @@ def test_a_start_is_recorded_before_it_is_asked_and_becomes_a_spare_only_once_an
     k.tick()
     assert len(starter.names()) == 3  # full: nothing more
     assert starter.unlisted_asks == []  # every name was listed before its start
-    assert k.stats["filled_after_s"] == 0.0
+    assert k.filled_after_s == 0.0
 
 
 def test_a_failed_start_is_dropped_and_replaced() -> None:

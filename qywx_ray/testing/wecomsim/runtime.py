@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections import deque
 from typing import Any
@@ -14,17 +13,16 @@ from urllib.parse import urlencode
 import httpx
 
 from qywx_ray.cancel import cancel_until_done
+from qywx_ray.process_tuning import freeze_heap
 from qywx_ray.testing.wecomsim.population import Population, PopulationConfig
 from qywx_ray.testing.wecomsim.state import WeComSimulatorState
 
 # The simulator keeps every message it makes (a stress run: millions of objects), and the
 # cyclic collector's full passes over them stopped this process, so callbacks, sync_msg
 # answers and the population itself, for 0.4-0.8 s at a time in a stress run's 8,000
-# msg/s step (bench_stress `gc_by_group`). Checked by the population loop: every
-# FREEZE_EVERY messages made (by any means), what exists is collected once (a short pause
-# over what is not frozen yet) and frozen out of the collector's sight. The messages are
-# acyclic: freed by refcount when pruned, frozen or not; cyclic garbage alive at a freeze
-# (a task, a traceback) is never collected, a small leak per freeze in a test tool.
+# msg/s step (bench_stress `gc_by_group`). The population loop freezes the heap
+# (process_tuning.freeze_heap) every FREEZE_EVERY messages made, by any means; the
+# messages are acyclic, freed by refcount when pruned, frozen or not.
 FREEZE_EVERY = 50_000
 
 
@@ -115,8 +113,7 @@ class WeComSimulator:
         if self.state.stats.messages - self._frozen_at < FREEZE_EVERY:
             return False
         self._frozen_at = self.state.stats.messages
-        gc.collect()
-        gc.freeze()
+        freeze_heap()
         return True
 
     async def _push_loop(self) -> None:
