@@ -430,6 +430,7 @@ class Window:
     scan_after: list[ProcSample]
     groups: dict[int, str]
     gc: dict[str, dict[str, float]] = field(default_factory=dict)  # gc_delta by group
+    redis_bg: dict[str, Any] = field(default_factory=dict)  # redis_background_delta
 
     @property
     def duration_s(self) -> float:
@@ -445,6 +446,7 @@ def measure_window(p: LocalPipeline, stack: Stack, duration_s: float) -> Window:
     assert p.sim is not None
     roots = [os.getpid()]
     gc0 = gc_view(p, host_snapshots(p))
+    bg0 = redis_background(p)
     scan0 = scan_processes(roots, stack.kafka_pids)
     t0 = time.time()
     mark0 = sim_mark(p)
@@ -454,6 +456,7 @@ def measure_window(p: LocalPipeline, stack: Stack, duration_s: float) -> Window:
     end1, done1 = kafka_offsets(p)
     t1 = time.time()
     scan1 = scan_processes(roots, stack.kafka_pids)
+    bg1 = redis_background(p)
     snaps = host_snapshots(p)  # one round of snapshots for the mailboxes and the pauses
     hosts = host_view(snaps)
     gc1 = gc_view(p, snaps)
@@ -474,7 +477,46 @@ def measure_window(p: LocalPipeline, stack: Stack, duration_s: float) -> Window:
         scan_after=scan1,
         groups=groups,
         gc=gc_delta(gc0, gc1, t0, t1),
+        redis_bg=redis_background_delta(bg0, bg1),
     )
+
+
+def redis_background(p: LocalPipeline) -> dict[str, int]:
+    """Redis's background work so far (INFO persistence and stats): AOF rewrites and
+    forks. A rewrite runs in a forked child that is gone before the next /proc scan, so
+    its CPU is in no group's figure; the fork itself stalls Redis for
+    `latest_fork_usec`, and the rewrite's cost grows with the dataset (the stamps and
+    done-flags of every message handled so far)."""
+    info = p.redis_client().info()
+    return {
+        "aof_rewrites": int(info.get("aof_rewrites", 0)),
+        "forks": int(info.get("total_forks", 0)),
+        "rewriting": int(info.get("aof_rewrite_in_progress", 0)),
+        "latest_fork_usec": int(info.get("latest_fork_usec", 0)),
+        "aof_mib": int(info.get("aof_current_size", 0)) >> 20,
+        "used_mib": int(info.get("used_memory", 0)) >> 20,
+        # CPU of reaped children (the rewrites), in ms: no /proc scan sees the child
+        "children_cpu_ms": round(
+            1000
+            * (
+                float(info.get("used_cpu_user_children", 0))
+                + float(info.get("used_cpu_sys_children", 0))
+            )
+        ),
+    }
+
+
+def redis_background_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """Rewrites and forks begun in a window, whether one ran at either end, sizes at its end."""
+    return {
+        "aof_rewrites": after["aof_rewrites"] - before["aof_rewrites"],
+        "forks": after["forks"] - before["forks"],
+        "children_cpu_ms": after["children_cpu_ms"] - before["children_cpu_ms"],
+        "rewriting_start_end": [before["rewriting"], after["rewriting"]],
+        "latest_fork_ms": round(after["latest_fork_usec"] / 1000.0, 1),
+        "aof_mib_end": after["aof_mib"],
+        "used_mib_end": after["used_mib"],
+    }
 
 
 def gc_view(p: LocalPipeline, hosts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

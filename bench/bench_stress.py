@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ from bench.bench_profiles import (
     pipeline_overrides,
     rss_split,
     running_pipeline,
+    sim_mark,
     sim_post,
     wait_first_stamps,
     window_stats,
@@ -57,6 +59,21 @@ if TYPE_CHECKING:
     from qywx_ray.devstack.pipeline import LocalPipeline, Stamp
 
 P99_LIMIT_MS = 1000.0
+# When the bench Redis rewrites its append-only file. "redis": Redis's own policy (when
+# the file has doubled). Then a rewrite can land inside a window, and it grows with
+# the data the run has left behind (every stamp and done-flag, ~0.7 GiB by the 10,000
+# step of the default ladder). The forked child took 5.9 s of CPU there, on the two
+# cores the whole pipeline shares. Ingest into Kafka fell from ~10,000 to ~5,500 msg/s
+# for the ~12 s it ran, and the backlog never drained inside the window
+# (bench/results/compare/README.md, "AOF rewrite"). A production Redis runs on its own
+# cores, so there a rewrite costs the pipeline only the fork's pause.
+# "between-steps" (default): the bench rewrites the file itself before each ladder step
+# (the load runs on at the previous rate) and after each drain (the pipeline idle), and
+# waits for the rewrite to end, so the file stays bounded and no rewrite competes inside
+# a measured window. "off": never
+# (an experiment).
+AOF_REWRITE_MODES = ("between-steps", "redis", "off")
+AOF_REWRITE_TIMEOUT_S = 300.0
 PROCESSED_MIN_RATIO = 0.9
 OFFERED_MIN_RATIO = 0.8
 LAG_GROWTH_MAX_RATIO = 0.05  # of the messages offered in the window
@@ -164,6 +181,22 @@ def redis_commands(p: LocalPipeline) -> int:
     return int(p.redis_client().info("stats")["total_commands_processed"])
 
 
+def rewrite_aof(p: LocalPipeline, timeout_s: float = AOF_REWRITE_TIMEOUT_S) -> None:
+    """BGREWRITEAOF on the pipeline's Redis, then wait (bounded) until no rewrite runs."""
+    client = p.redis_client()
+    started = time.monotonic()
+    client.bgrewriteaof()
+    while time.monotonic() - started < timeout_s:
+        info = client.info("persistence")
+        if not int(info.get("aof_rewrite_in_progress", 0)) + int(
+            info.get("aof_rewrite_scheduled", 0)
+        ):
+            log(f"bench: AOF rewritten in {time.monotonic() - started:.1f} s")
+            return
+        time.sleep(0.2)  # polling Redis's own flag: there is nothing to wait on
+    log(f"bench: AOF rewrite still running after {timeout_s:.0f} s; the step starts anyway")
+
+
 class StampReader:
     """Reads the handler stamps incrementally (the list only grows)."""
 
@@ -230,6 +263,60 @@ def refine_between(
     return {"held_msg_s": held, "broke_msg_s": broke, **out}
 
 
+class StepTrace:
+    """Once a second from the rate change to the window's end: messages created at the
+    simulator, in Kafka, and committed by the consumers (cumulative), and whether Redis
+    is rewriting its AOF. The transient of a step, which the window's totals average away.
+    One Kafka client for the whole trace (a client per sample would cost more than the
+    sample); a failed sample is skipped, never the step."""
+
+    def __init__(self, p: LocalPipeline, every_s: float = 1.0) -> None:
+        self.p = p
+        self.every_s = every_s
+        # [seconds since the start, created, in Kafka, committed, rewriting]
+        self.rows: list[list[float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="step-trace", daemon=True)
+
+    def __enter__(self) -> StepTrace:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        assert self.p.settings is not None
+        k = self.p.settings.kafka
+        consumer = Consumer(
+            {
+                "bootstrap.servers": k.bootstrap_servers,
+                "group.id": k.consumer.group_id,
+                "enable.auto.commit": False,
+            }
+        )
+        tps = [TopicPartition(k.main_topic.name, i) for i in range(k.main_topic.partitions)]
+        redis = self.p.redis_client()
+        t0 = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                try:
+                    created = sim_mark(self.p)["messages"]
+                    end = sum(consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in tps)
+                    done = sum(max(tp.offset, 0) for tp in consumer.committed(tps, timeout=5))
+                    rewriting = int(redis.info("persistence").get("aof_rewrite_in_progress", 0))
+                    at = round(time.monotonic() - t0, 1)
+                    self.rows.append([at, created, end, done, rewriting])
+                except Exception as exc:  # a missed sample, not a failed step
+                    log(f"bench: trace sample skipped: {exc}")
+                self._stop.wait(self.every_s)
+        finally:
+            consumer.close()
+
+
 def run_step(
     p: LocalPipeline,
     stack: Stack,
@@ -239,12 +326,20 @@ def run_step(
     settle_s: float,
     step_s: float,
     grace_s: float,
+    trace: bool = False,
 ) -> tuple[dict[str, Any], Any]:
-    sim_post(p, "/sim/population/rates", {"rate_per_min": target_msg_s * 60.0 / users})
-    time.sleep(settle_s)  # the new rate reaches steady state before the window opens
-    redis0 = redis_commands(p)
-    w = measure_window(p, stack, step_s)
-    redis1 = redis_commands(p)
+    tracer = StepTrace(p) if trace else None
+    if tracer is not None:
+        tracer.__enter__()
+    try:
+        sim_post(p, "/sim/population/rates", {"rate_per_min": target_msg_s * 60.0 / users})
+        time.sleep(settle_s)  # the new rate reaches steady state before the window opens
+        redis0 = redis_commands(p)
+        w = measure_window(p, stack, step_s)
+        redis1 = redis_commands(p)
+    finally:
+        if tracer is not None:
+            tracer.__exit__()
     time.sleep(grace_s)  # messages created at the window's end get their chance
     evaluated_ms = int(time.time() * 1000)
     ws = window_stats(reader.refresh(), w.t0_ms, w.t1_ms)
@@ -284,6 +379,7 @@ def run_step(
         "cpu_pct_by_group": w.cpu,
         "cpu_total_pct": round(sum(w.cpu.values()), 1),
         "gc_by_group": w.gc,
+        "redis_bg": w.redis_bg,
         "rss_mib": rss_split(w.rss),
         "mailboxes": w.hosts["mailboxes"],
         "host_pending": w.hosts["pending"],
@@ -292,6 +388,8 @@ def run_step(
         "broke": verdict.broke,
         "reasons": verdict.reasons,
     }
+    if tracer is not None:
+        row["trace"] = tracer.rows
     return row, w
 
 
@@ -397,6 +495,17 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="after the first break, bisect this many times between it and the step before",
     )
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="record each step once a second (created, in Kafka, committed, AOF rewrite)",
+    )
+    ap.add_argument(
+        "--aof-rewrite",
+        choices=AOF_REWRITE_MODES,
+        default="between-steps",
+        help="when the bench Redis rewrites its AOF (see AOF_REWRITE_MODES)",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     if args.quick:
@@ -425,13 +534,22 @@ def main(argv: list[str] | None = None) -> int:
     refined: dict[str, Any] | None = None
     with bench_stack() as stack, running_pipeline(stack, "stress", sim_args, overrides) as p:
         reader = StampReader(p)
+        if args.aof_rewrite != "redis":
+            p.redis_client().config_set("auto-aof-rewrite-percentage", 0)
         wait_first_stamps(p)
 
         def step(i: int, target: float, refine: bool = False) -> tuple[dict[str, Any], Any]:
+            # A ladder step's rewrite runs at the previous rate; a bisection's ran in the
+            # drain before it (the pipeline idle); a second attempt's file has grown by
+            # one window only.
+            if args.aof_rewrite == "between-steps" and not refine:
+                rewrite_aof(p)
             for attempt in range(2):
                 log(f"bench: stress step {i}: {target:.0f} msg/s (attempt {attempt})")
-                row, w = run_step(p, stack, reader, target, args.users, settle_s, step_s, 2.0)
-                row.update(step=i, attempt=attempt, refined=refine)
+                row, w = run_step(
+                    p, stack, reader, target, args.users, settle_s, step_s, 2.0, args.trace
+                )
+                row.update(step=i, attempt=attempt, refined=refine, aof_rewrite=args.aof_rewrite)
                 # On this shared machine a neighbour's burst can spike p99 with no
                 # backlog: a latency-only break is measured once more before it counts.
                 row["retried"] = retry_step(row["reasons"], attempt)
@@ -448,7 +566,10 @@ def main(argv: list[str] | None = None) -> int:
             assert p.sim is not None
             truth = p.sim.truth()
             expected = sum(len(ids) for users in truth.values() for ids in users.values())
-            return wait_all_stamped(p, reader, expected, args.drain_timeout_s)
+            drained = wait_all_stamped(p, reader, expected, args.drain_timeout_s)
+            if args.aof_rewrite == "between-steps":
+                rewrite_aof(p)
+            return drained
 
         def resume_at(rate: float) -> None:
             sim_post(p, "/sim/population/rates", {"rate_per_min": rate * 60.0 / args.users})
@@ -483,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "dead_letters_by_reason": reasons,
         "handler": args.handler,
         "users": args.users,
+        "aof_rewrite": args.aof_rewrite,
     }
     if breaking is None:
         summary["note"] = f"no step broke up to {rates[-1]:.0f} msg/s"

@@ -26,6 +26,11 @@ REDIS_US_BEST, REDIS_US_WORST = 6.0, 23.0
 # Memory per live hosted user (a mailbox: state, queue, timers): 4.7 KiB idle RSS
 # (bench_idle_users), 7.4 KiB with recent traffic (architecture notes); a host process
 # starts at ~120 MiB RSS.
+# Redis memory per done-flag (`qywx:done:{msgid}` with its TTL, 32-character msgids):
+# 132.9 bytes, median of 3 runs of bench_redis_memory (2026-12-07). Redis holds one per
+# message for `consume.dedup_ttl_s` (one day by default): rate x window of them.
+DONE_FLAG_BYTES = 132.9
+DEDUP_TTL_S = 86_400
 USER_KIB = 7.4
 HOST_BASE_MIB = 120.0
 HOST_MAX_GIB = 4.0  # keep a host's heap small enough to restart quickly after a node loss
@@ -49,6 +54,7 @@ class Sizing:
     memory_gib: float
     nodes: int
     redis_cores: tuple[float, float]  # best, worst case: > 1 means one Redis is not enough
+    redis_flags_gib: float  # the done-flags of one dedup window (DEDUP_TTL_S)
 
 
 def cores(msg_s: float, us_per_msg: float) -> float:
@@ -82,7 +88,14 @@ def size(users: int, msg_s: int, callbacks_per_msg: float = 1.0) -> Sizing:
             round(msg_s * REDIS_US_BEST / 1e6, 2),
             round(msg_s * REDIS_US_WORST / 1e6, 2),
         ),
+        redis_flags_gib=round(done_flags_gib(msg_s), 1),
     )
+
+
+def done_flags_gib(msg_s: float, ttl_s: int = DEDUP_TTL_S) -> float:
+    """Redis memory of the done-flags at `msg_s` sustained: one flag per message, each
+    kept `ttl_s` (consume.dedup_ttl_s)."""
+    return msg_s * ttl_s * DONE_FLAG_BYTES / 2**30
 
 
 USERS = (10_000, 1_000_000, 10_000_000)
@@ -94,8 +107,9 @@ def table() -> str:
     rows = [
         "| live users | msg/s | worker nodes (8 vCPU, 32 GiB) | partitions | consumers "
         "| user hosts | syncer hosts (≥ open_kfids) | ingress cores (1 callback/msg) "
-        "| mailbox + host memory | Redis cores (best–worst) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mailbox + host memory | Redis cores (best–worst) "
+        "| Redis memory: done-flags of 1 day |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for users in USERS:
         for rate in RATES:
@@ -103,7 +117,7 @@ def table() -> str:
             rows.append(
                 f"| {users:,} | {rate:,} | {s.nodes} | {s.partitions} | {s.consumers} "
                 f"| {s.hosts} | {s.syncer_hosts} | {s.ingress_cores:g} | {s.memory_gib:g} GiB "
-                f"| {s.redis_cores[0]:g}–{s.redis_cores[1]:g} |"
+                f"| {s.redis_cores[0]:g}–{s.redis_cores[1]:g} | {s.redis_flags_gib:,g} GiB |"
             )
     return "\n".join(rows)
 

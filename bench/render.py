@@ -203,6 +203,15 @@ def render_profiles(records: list[dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
+_AOF_REWRITE_NOTES = {
+    "between-steps": "the bench rewrites the file before each step and waits for it; Redis's "
+    "own rewrites are off, so none runs inside a measured window. On these 2 cores a rewrite "
+    "that lands in a window competes with the pipeline: see bench/bench_stress.py",
+    "redis": "Redis's own policy: a rewrite can land inside a window",
+    "off": "never rewritten (an experiment)",
+}
+
+
 def render_stress(steps: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> list[str]:
     """The stress curve (one row per step) and where and why it broke."""
     if not steps and not summaries:
@@ -251,6 +260,9 @@ def render_stress(steps: list[dict[str, Any]], summaries: list[dict[str, Any]]) 
             f"({r.get('users', '?')} users, handler `{r.get('handler', '?')}`). Audit after "
             f"the climb: " + ", ".join(f"{k}={v}" for k, v in audit.items()) + "."
         )
+        rewrite = r.get("aof_rewrite")
+        if rewrite:
+            out.append(f"Redis AOF rewrites: `{rewrite}` ({_AOF_REWRITE_NOTES.get(rewrite, '')}).")
         ref = r.get("refined") or {}
         if ref.get("stopped") and not ref.get("tried"):
             out.append(f"Bisection stopped before its first try: {ref['stopped']}.")

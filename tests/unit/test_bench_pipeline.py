@@ -629,3 +629,65 @@ def test_gc_delta_counts_the_window_only_and_skips_a_group_that_changed() -> Non
     assert gc_delta(before, after, 100.0, 110.0) == {
         "hosts": {"ms": 302.0, "full": 1, "longest_ms": 300.0}  # the 500 ms pause was before
     }
+
+
+def test_redis_background_delta_counts_rewrites_forks_and_child_cpu_in_the_window() -> None:
+    from bench.bench_profiles import redis_background_delta
+
+    before = {
+        "aof_rewrites": 1,
+        "forks": 2,
+        "rewriting": 0,
+        "latest_fork_usec": 900,
+        "aof_mib": 70,
+        "used_mib": 80,
+        "children_cpu_ms": 1500,
+    }
+    after = {**before, "aof_rewrites": 2, "forks": 3, "rewriting": 1, "latest_fork_usec": 4200}
+    after.update(aof_mib=150, used_mib=180, children_cpu_ms=4100)
+    assert redis_background_delta(before, after) == {
+        "aof_rewrites": 1,
+        "forks": 1,
+        "children_cpu_ms": 2600,
+        "rewriting_start_end": [0, 1],
+        "latest_fork_ms": 4.2,
+        "aof_mib_end": 150,
+        "used_mib_end": 180,
+    }
+
+
+class _RewritingRedis:
+    """A Redis whose AOF rewrite is scheduled first, then runs for `turns` INFO reads."""
+
+    def __init__(self, turns: int) -> None:
+        self.turns = turns
+        self.asked = 0
+        self.reads = 0
+
+    def bgrewriteaof(self) -> None:
+        self.asked += 1
+
+    def info(self, section: str) -> dict[str, int]:
+        assert section == "persistence"
+        self.reads += 1
+        busy = self.reads <= self.turns
+        return {
+            "aof_rewrite_scheduled": int(busy and self.reads == 1),
+            "aof_rewrite_in_progress": int(busy and self.reads > 1),
+        }
+
+
+def test_rewrite_aof_waits_for_a_scheduled_then_running_rewrite_and_gives_up_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench import bench_stress
+
+    monkeypatch.setattr(bench_stress.time, "sleep", lambda _s: None)
+    redis = _RewritingRedis(turns=3)
+    pipeline = SimpleNamespace(redis_client=lambda: redis)
+    bench_stress.rewrite_aof(pipeline)  # type: ignore[arg-type]
+    assert (redis.asked, redis.reads) == (1, 4)  # scheduled, running, running, done
+
+    endless = _RewritingRedis(turns=10**9)
+    bench_stress.rewrite_aof(SimpleNamespace(redis_client=lambda: endless), timeout_s=0.0)  # type: ignore[arg-type]
+    assert endless.asked == 1  # the step starts anyway: a bounded wait, no exception

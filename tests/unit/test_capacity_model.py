@@ -34,6 +34,16 @@ def test_model_grows_with_load_and_users() -> None:
 def test_model_inputs_are_the_measured_ones() -> None:
     """Changing an input is a decision: the page quotes them."""
     page = (ROOT / "docs" / "capacity.md").read_text()
-    for value in ("20.3 µs", "15.8 µs", "42.8 µs", "4.7 KiB", "7.4 KiB", "20,738"):
+    for value in ("20.3 µs", "15.8 µs", "42.8 µs", "4.7 KiB", "7.4 KiB", "20,738", "132.9 bytes"):
         assert value in page, value
     assert (capacity.SYNCER_US, capacity.CONSUMER_US, capacity.HOST_US) == (20.3, 15.8, 42.8)
+    assert capacity.DONE_FLAG_BYTES == 132.9
+
+
+def test_done_flag_memory_is_rate_times_window() -> None:
+    # a day at 10,000 msg/s: 864 M flags of 132.9 bytes
+    assert round(capacity.done_flags_gib(10_000), 1) == 106.9
+    assert capacity.done_flags_gib(10_000, ttl_s=3_600) == capacity.done_flags_gib(10_000) / 24
+    from qywx_ray.consume.settings import ConsumeSettings
+
+    assert ConsumeSettings().dedup_ttl_s == capacity.DEDUP_TTL_S  # the table's window
