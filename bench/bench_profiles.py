@@ -507,13 +507,16 @@ def redis_background(p: LocalPipeline) -> dict[str, int]:
 
 
 def redis_background_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
-    """Rewrites and forks begun in a window, whether one ran at either end, sizes at its end."""
+    """Rewrites and forks begun in a window, the CPU of the children that ended in it (a
+    rewrite's CPU counts where it ended), whether one ran at either end, the pause of
+    the window's last fork (None: no fork in it), sizes at its end."""
+    forked = after["forks"] > before["forks"]
     return {
         "aof_rewrites": after["aof_rewrites"] - before["aof_rewrites"],
         "forks": after["forks"] - before["forks"],
         "children_cpu_ms": after["children_cpu_ms"] - before["children_cpu_ms"],
         "rewriting_start_end": [before["rewriting"], after["rewriting"]],
-        "latest_fork_ms": round(after["latest_fork_usec"] / 1000.0, 1),
+        "latest_fork_ms": round(after["latest_fork_usec"] / 1000.0, 1) if forked else None,
         "aof_mib_end": after["aof_mib"],
         "used_mib_end": after["used_mib"],
     }

@@ -6,8 +6,9 @@ live as long as the window, so Redis holds rate x window of them: capacity plann
 needs the bytes per flag, which depend on Redis's own per-key overhead (dict entry,
 expiry entry, allocator rounding), not only on the key's length.
 
-Each run: a fresh Redis (the pipeline's configuration: AOF on, no RDB snapshots) and
-the hosts' own client and write path (`RedisDoneStore.mark_done`, batched as the hosts
+One Redis (the pipeline's configuration: AOF on, no RDB snapshots; its own AOF rewrites
+off, so none lands inside a measurement), flushed before each run, and the hosts' own
+client and write path (`RedisDoneStore.mark_done`, batched as the hosts
 batch it), msgids of 32 characters as the WeCom simulator makes them. Measured:
 `used_memory` after minus before over the flags written (`bytes_per_done_flag`), and the
 AOF's growth over the same flags (`aof_bytes_per_done_flag`: disk, and what an AOF
@@ -41,6 +42,7 @@ async def one_run(url: str, flags: int, msgid_len: int, ttl_s: int) -> dict[str,
 
     client = make_async_redis(RedisSettings(url=url))
     try:
+        await client.config_set("auto-aof-rewrite-percentage", 0)
         await client.flushall()
         store = RedisDoneStore(client, ttl_s)
         before = await client.info()

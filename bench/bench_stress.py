@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from redis import exceptions as redis_errors
+
 from bench.bench_profiles import (
     NOOP_STAMPED_HANDLER,
     STAMPED_HANDLER,
@@ -181,20 +183,31 @@ def redis_commands(p: LocalPipeline) -> int:
     return int(p.redis_client().info("stats")["total_commands_processed"])
 
 
-def rewrite_aof(p: LocalPipeline, timeout_s: float = AOF_REWRITE_TIMEOUT_S) -> None:
-    """BGREWRITEAOF on the pipeline's Redis, then wait (bounded) until no rewrite runs."""
+def rewrite_aof(
+    p: LocalPipeline, timeout_s: float = AOF_REWRITE_TIMEOUT_S, poll_s: float = 0.2
+) -> dict[str, Any]:
+    """BGREWRITEAOF on the pipeline's Redis, then wait (bounded) until no rewrite runs.
+    A rewrite already running (Redis refuses a second one) is waited for instead. Returns
+    what happened, for the next step's row: seconds waited, Redis's status of its last
+    rewrite ("ok" / "err"), or "timeout" (the step then starts anyway)."""
     client = p.redis_client()
     started = time.monotonic()
-    client.bgrewriteaof()
+    try:
+        client.bgrewriteaof()
+    except redis_errors.ResponseError as exc:  # "... already in progress": wait for that one
+        log(f"bench: AOF rewrite not started ({exc}); waiting for the running one")
+    status = "timeout"
     while time.monotonic() - started < timeout_s:
         info = client.info("persistence")
         if not int(info.get("aof_rewrite_in_progress", 0)) + int(
             info.get("aof_rewrite_scheduled", 0)
         ):
-            log(f"bench: AOF rewritten in {time.monotonic() - started:.1f} s")
-            return
-        time.sleep(0.2)  # polling Redis's own flag: there is nothing to wait on
-    log(f"bench: AOF rewrite still running after {timeout_s:.0f} s; the step starts anyway")
+            status = str(info.get("aof_last_bgrewrite_status", "?"))
+            break
+        time.sleep(poll_s)  # polling Redis's own flag: there is nothing to wait on
+    waited_s = round(time.monotonic() - started, 1)
+    log(f"bench: AOF rewrite before the step: {status} after {waited_s} s")
+    return {"status": status, "waited_s": waited_s}
 
 
 class StampReader:
@@ -285,36 +298,42 @@ class StepTrace:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        # A sample still in flight (a slow answer) must not change the emitted row later.
+        self.rows = list(self.rows)
 
     def _run(self) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
         assert self.p.settings is not None
         k = self.p.settings.kafka
-        consumer = Consumer(
-            {
-                "bootstrap.servers": k.bootstrap_servers,
-                "group.id": k.consumer.group_id,
-                "enable.auto.commit": False,
-            }
-        )
         tps = [TopicPartition(k.main_topic.name, i) for i in range(k.main_topic.partitions)]
-        redis = self.p.redis_client()
+        consumer = None
         t0 = time.monotonic()
         try:
+            consumer = Consumer(
+                {
+                    "bootstrap.servers": k.bootstrap_servers,
+                    "group.id": k.consumer.group_id,
+                    "enable.auto.commit": False,
+                }
+            )
+            redis = self.p.redis_client()
             while not self._stop.is_set():
                 try:
                     created = sim_mark(self.p)["messages"]
-                    end = sum(consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in tps)
-                    done = sum(max(tp.offset, 0) for tp in consumer.committed(tps, timeout=5))
+                    end = sum(consumer.get_watermark_offsets(tp, timeout=2)[1] for tp in tps)
+                    done = sum(max(tp.offset, 0) for tp in consumer.committed(tps, timeout=2))
                     rewriting = int(redis.info("persistence").get("aof_rewrite_in_progress", 0))
                     at = round(time.monotonic() - t0, 1)
                     self.rows.append([at, created, end, done, rewriting])
                 except Exception as exc:  # a missed sample, not a failed step
                     log(f"bench: trace sample skipped: {exc}")
                 self._stop.wait(self.every_s)
+        except Exception as exc:  # no trace, never a failed step
+            log(f"bench: trace stopped: {exc}")
         finally:
-            consumer.close()
+            if consumer is not None:
+                consumer.close()
 
 
 def run_step(
@@ -538,18 +557,25 @@ def main(argv: list[str] | None = None) -> int:
             p.redis_client().config_set("auto-aof-rewrite-percentage", 0)
         wait_first_stamps(p)
 
+        last_drain_rewrite: dict[str, dict[str, Any]] = {}  # the drain's, for the next step
+
         def step(i: int, target: float, refine: bool = False) -> tuple[dict[str, Any], Any]:
             # A ladder step's rewrite runs at the previous rate; a bisection's ran in the
             # drain before it (the pipeline idle); a second attempt's file has grown by
             # one window only.
+            rewrite = None
             if args.aof_rewrite == "between-steps" and not refine:
-                rewrite_aof(p)
+                rewrite = rewrite_aof(p)
+            elif refine:
+                rewrite = last_drain_rewrite.pop("rewrite", None)
             for attempt in range(2):
                 log(f"bench: stress step {i}: {target:.0f} msg/s (attempt {attempt})")
                 row, w = run_step(
                     p, stack, reader, target, args.users, settle_s, step_s, 2.0, args.trace
                 )
                 row.update(step=i, attempt=attempt, refined=refine, aof_rewrite=args.aof_rewrite)
+                if attempt == 0 and rewrite is not None:
+                    row["aof_rewrite_before"] = rewrite  # its backlog: ingest_backlog_start
                 # On this shared machine a neighbour's burst can spike p99 with no
                 # backlog: a latency-only break is measured once more before it counts.
                 row["retried"] = retry_step(row["reasons"], attempt)
@@ -568,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             expected = sum(len(ids) for users in truth.values() for ids in users.values())
             drained = wait_all_stamped(p, reader, expected, args.drain_timeout_s)
             if args.aof_rewrite == "between-steps":
-                rewrite_aof(p)
+                last_drain_rewrite["rewrite"] = rewrite_aof(p)
             return drained
 
         def resume_at(rate: float) -> None:

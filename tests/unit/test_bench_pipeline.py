@@ -654,40 +654,92 @@ def test_redis_background_delta_counts_rewrites_forks_and_child_cpu_in_the_windo
         "aof_mib_end": 150,
         "used_mib_end": 180,
     }
+    quiet = redis_background_delta(after, {**after, "latest_fork_usec": 58_300})
+    assert quiet["forks"] == 0
+    assert quiet["latest_fork_ms"] is None  # an older fork's pause, not this window's
 
 
 class _RewritingRedis:
-    """A Redis whose AOF rewrite is scheduled first, then runs for `turns` INFO reads."""
+    """A Redis whose AOF rewrite is scheduled first, then runs for `turns` INFO reads;
+    `running`: one is already running, so BGREWRITEAOF is refused as Redis 7.0 does."""
 
-    def __init__(self, turns: int) -> None:
+    def __init__(self, turns: int, running: bool = False) -> None:
         self.turns = turns
+        self.running = running
         self.asked = 0
         self.reads = 0
 
     def bgrewriteaof(self) -> None:
         self.asked += 1
+        if self.running:
+            import redis
 
-    def info(self, section: str) -> dict[str, int]:
+            raise redis.exceptions.ResponseError(
+                "Background append only file rewriting already in progress"
+            )
+
+    def info(self, section: str) -> dict[str, Any]:
         assert section == "persistence"
         self.reads += 1
         busy = self.reads <= self.turns
         return {
-            "aof_rewrite_scheduled": int(busy and self.reads == 1),
-            "aof_rewrite_in_progress": int(busy and self.reads > 1),
+            "aof_rewrite_scheduled": int(busy and self.reads == 1 and not self.running),
+            "aof_rewrite_in_progress": int(busy and (self.reads > 1 or self.running)),
+            "aof_last_bgrewrite_status": "ok",
         }
 
 
-def test_rewrite_aof_waits_for_a_scheduled_then_running_rewrite_and_gives_up_bounded(
+def test_rewrite_aof_waits_for_a_scheduled_then_running_rewrite() -> None:
+    from bench import bench_stress
+
+    redis = _RewritingRedis(turns=3)
+    got = bench_stress.rewrite_aof(SimpleNamespace(redis_client=lambda: redis), poll_s=0.0)  # type: ignore[arg-type]
+    assert (redis.asked, redis.reads) == (1, 4)  # scheduled, running, running, done
+    assert got["status"] == "ok"
+
+
+def test_rewrite_aof_waits_for_one_already_running_and_gives_up_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from bench import bench_stress
 
-    monkeypatch.setattr(bench_stress.time, "sleep", lambda _s: None)
-    redis = _RewritingRedis(turns=3)
-    pipeline = SimpleNamespace(redis_client=lambda: redis)
-    bench_stress.rewrite_aof(pipeline)  # type: ignore[arg-type]
-    assert (redis.asked, redis.reads) == (1, 4)  # scheduled, running, running, done
+    running = _RewritingRedis(turns=2, running=True)
+    got = bench_stress.rewrite_aof(SimpleNamespace(redis_client=lambda: running), poll_s=0.0)  # type: ignore[arg-type]
+    assert (running.asked, running.reads, got["status"]) == (1, 3, "ok")  # refused, then waited
 
+    clock = iter(range(1000))  # one second per reading: 5 polls fit in a 5 s timeout
+    monkeypatch.setattr(bench_stress.time, "monotonic", lambda: float(next(clock)))
     endless = _RewritingRedis(turns=10**9)
-    bench_stress.rewrite_aof(SimpleNamespace(redis_client=lambda: endless), timeout_s=0.0)  # type: ignore[arg-type]
-    assert endless.asked == 1  # the step starts anyway: a bounded wait, no exception
+    never_done: Any = SimpleNamespace(redis_client=lambda: endless)
+    got = bench_stress.rewrite_aof(never_done, timeout_s=5.0, poll_s=0.0)
+    assert got["status"] == "timeout"  # the step starts anyway: no exception
+    assert 1 <= endless.reads <= 5
+
+
+def test_redis_background_reads_rewrites_forks_and_children_cpu_from_info() -> None:
+    from bench.bench_profiles import redis_background
+
+    info = {
+        "aof_rewrites": 3,
+        "total_forks": 4,
+        "aof_rewrite_in_progress": 1,
+        "latest_fork_usec": 34_400,
+        "aof_current_size": 300 << 20,
+        "used_memory": 700 << 20,
+        "used_cpu_user_children": 5.5,
+        "used_cpu_sys_children": 0.388,
+    }
+    client = SimpleNamespace(info=lambda: info)
+    got = redis_background(SimpleNamespace(redis_client=lambda: client))  # type: ignore[arg-type]
+    assert got == {
+        "aof_rewrites": 3,
+        "forks": 4,
+        "rewriting": 1,
+        "latest_fork_usec": 34_400,
+        "aof_mib": 300,
+        "used_mib": 700,
+        "children_cpu_ms": 5888,
+    }
+    bare = redis_background(SimpleNamespace(redis_client=lambda: SimpleNamespace(info=dict)))  # type: ignore[arg-type]
+    assert bare["aof_rewrites"] == 0  # an older Redis without the fields: zeros
+    assert bare["children_cpu_ms"] == 0
