@@ -61,9 +61,11 @@ async def one_run(url: str, flags: int, msgid_len: int, ttl_s: int) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.services import exit_on_sigterm
     from qywx_ray.consume.settings import ConsumeSettings
     from qywx_ray.devstack.redis import RedisServer
 
+    exit_on_sigterm()  # the harness's timeout still stops our Redis
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--flags", type=int, default=None, help="done-flags per run (200k; quick 50k)")

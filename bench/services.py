@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.output import log
 from bench.runs import BOOTSTRAP_ENV, REDIS_ENV
+from qywx_ray.devstack.procs import die_with_parent
 
 
 @dataclass
@@ -60,11 +61,15 @@ def settings_for(
 
 
 def exit_on_sigterm() -> None:
-    """Turn SIGTERM (the harness's timeout) into SystemExit so `finally` blocks stop services.
+    """Turn SIGTERM (the harness's timeout) into SystemExit so `finally` blocks stop
+    services, and have the kernel stop them should those blocks never run.
 
     The devstack starts Kafka and Redis in their own sessions, out of reach of a signal
     to the bench's process group: only our own cleanup can stop them.
     """
+    # If the cleanup never runs (a kill -9, an abort in Ray's shutdown), the kernel stops
+    # the services this process starts from now on.
+    die_with_parent()
     if threading.current_thread() is not threading.main_thread():
         return
 

@@ -2,6 +2,14 @@
 
 Every process is started in its own session so a stop can signal its whole group,
 and its PID is written beside its data so `qywx-ray dev down` finds it again.
+
+A harness (a benchmark) that must not leave services behind calls `die_with_parent()`
+first: every process started after it gets SIGTERM from the kernel when the thread that
+started it ends (Linux `PR_SET_PDEATHSIG`). Its own cleanup stops them by PID as before;
+this covers the cases where that cleanup never runs (a kill -9, or an abort in Ray's
+shutdown after SIGTERM: ray.init replaces Python's SIGTERM handler, and a bench stopped
+by its harness's timeout left its Kafka and Redis running). Never for `qywx-ray dev up`,
+whose services outlive the command.
 """
 
 from __future__ import annotations
@@ -16,6 +24,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qywx_ray.errors import InfraError
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_die_with_parent = False
+_prctl: Callable[..., int] | None = None
+
+
+def die_with_parent(on: bool = True) -> None:
+    """Processes started from now on end (SIGTERM) when the thread starting them ends."""
+    global _die_with_parent, _prctl
+    if on and _prctl is None:
+        import ctypes
+
+        # Resolved here, in the parent: the child runs only the call between fork and exec.
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _die_with_parent = on
+
+
+def _ends_with(parent_pid: int) -> Callable[[], None]:
+    prctl = _prctl
+    assert prctl is not None
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent ended before the call: end now
+            os._exit(1)
+
+    return in_child
 
 
 def free_port() -> int:
@@ -91,6 +126,8 @@ class ManagedProcess:
                 cwd=self.workdir,
                 env=env,
                 start_new_session=True,
+                # only the prctl call runs between fork and exec (see die_with_parent)
+                preexec_fn=_ends_with(os.getpid()) if _die_with_parent else None,
             )
         except FileNotFoundError as exc:
             raise InfraError(f"{self.name}: cannot run {self.argv[0]}: {exc}") from exc
