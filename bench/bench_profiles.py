@@ -565,8 +565,9 @@ def gc_delta(
     return out
 
 
-def kafka_offsets(p: LocalPipeline) -> tuple[int, int]:
-    """(end offsets, committed offsets) summed over the main topic's partitions."""
+def offsets_client(p: LocalPipeline) -> tuple[Any, list[Any]]:
+    """A Kafka client of the consumer group (never subscribing) and the main topic's
+    partitions, for `group_offsets`; the caller closes it."""
     from confluent_kafka import Consumer, TopicPartition
 
     assert p.settings is not None
@@ -578,11 +579,21 @@ def kafka_offsets(p: LocalPipeline) -> tuple[int, int]:
             "enable.auto.commit": False,
         }
     )
+    return c, [TopicPartition(k.main_topic.name, i) for i in range(k.main_topic.partitions)]
+
+
+def group_offsets(c: Any, tps: list[Any], timeout_s: float = 10.0) -> tuple[int, int]:
+    """(end offsets, committed offsets) summed over `tps`."""
+    end = sum(c.get_watermark_offsets(tp, timeout=timeout_s)[1] for tp in tps)
+    done = sum(max(tp.offset, 0) for tp in c.committed(tps, timeout=timeout_s))
+    return end, done
+
+
+def kafka_offsets(p: LocalPipeline) -> tuple[int, int]:
+    """(end offsets, committed offsets) summed over the main topic's partitions."""
+    c, tps = offsets_client(p)
     try:
-        tps = [TopicPartition(k.main_topic.name, i) for i in range(k.main_topic.partitions)]
-        end = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
-        done = sum(max(tp.offset, 0) for tp in c.committed(tps, timeout=10))
-        return end, done
+        return group_offsets(c, tps)
     finally:
         c.close()
 

@@ -43,7 +43,9 @@ from bench.bench_profiles import (
     audit_stamps,
     bench_stack,
     dead_letter_reasons,
+    group_offsets,
     measure_window,
+    offsets_client,
     pipeline_overrides,
     rss_split,
     running_pipeline,
@@ -62,18 +64,16 @@ if TYPE_CHECKING:
 
 P99_LIMIT_MS = 1000.0
 # When the bench Redis rewrites its append-only file. "redis": Redis's own policy (when
-# the file has doubled). Then a rewrite can land inside a window, and it grows with
-# the data the run has left behind (every stamp and done-flag, ~0.7 GiB by the 10,000
-# step of the default ladder). The forked child took 5.9 s of CPU there, on the two
-# cores the whole pipeline shares. Ingest into Kafka fell from ~10,000 to ~5,500 msg/s
-# for the ~12 s it ran, and the backlog never drained inside the window
-# (bench/results/compare/README.md, "AOF rewrite"). A production Redis runs on its own
-# cores, so there a rewrite costs the pipeline only the fork's pause.
-# "between-steps" (default): the bench rewrites the file itself before each ladder step
-# (the load runs on at the previous rate) and after each drain (the pipeline idle), and
-# waits for the rewrite to end, so the file stays bounded and no rewrite competes inside
-# a measured window. "off": never
-# (an experiment).
+# the file has doubled), so a rewrite can land inside a window. Its forked child copies
+# every stamp and done-flag the run has left behind (~0.7 GiB by the bisections of the
+# default ladder): there it took 5.9 s of CPU on the two cores the whole pipeline
+# shares, the rate into Kafka fell to a median 5,900 msg/s of the 10,000 offered for the
+# ~12 s it ran, and the window broke (bench/results/compare/README.md, "AOF rewrite").
+# A production Redis runs apart, where a rewrite costs the pipeline the fork's pause
+# (which grows with the dataset). "between-steps" (default): the bench rewrites the file
+# itself before each ladder step (the load runs on at the previous rate) and after each
+# drain (the pipeline idle), and waits for it, so the file stays bounded and no rewrite
+# competes inside a measured window. "off": never (an experiment).
 AOF_REWRITE_MODES = ("between-steps", "redis", "off")
 AOF_REWRITE_TIMEOUT_S = 300.0
 PROCESSED_MIN_RATIO = 0.9
@@ -302,27 +302,15 @@ class StepTrace:
         self.rows = list(self.rows)
 
     def _run(self) -> None:
-        from confluent_kafka import Consumer, TopicPartition
-
-        assert self.p.settings is not None
-        k = self.p.settings.kafka
-        tps = [TopicPartition(k.main_topic.name, i) for i in range(k.main_topic.partitions)]
         consumer = None
         t0 = time.monotonic()
         try:
-            consumer = Consumer(
-                {
-                    "bootstrap.servers": k.bootstrap_servers,
-                    "group.id": k.consumer.group_id,
-                    "enable.auto.commit": False,
-                }
-            )
+            consumer, tps = offsets_client(self.p)
             redis = self.p.redis_client()
             while not self._stop.is_set():
                 try:
                     created = sim_mark(self.p)["messages"]
-                    end = sum(consumer.get_watermark_offsets(tp, timeout=2)[1] for tp in tps)
-                    done = sum(max(tp.offset, 0) for tp in consumer.committed(tps, timeout=2))
+                    end, done = group_offsets(consumer, tps, timeout_s=2.0)
                     rewriting = int(redis.info("persistence").get("aof_rewrite_in_progress", 0))
                     at = round(time.monotonic() - t0, 1)
                     self.rows.append([at, created, end, done, rewriting])

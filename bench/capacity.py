@@ -23,14 +23,14 @@ CALLBACK_US = 1000.0
 # messages per user, 21 µs/msg when every message is another user's (docs/benchmarks.md),
 # plus done-flag writes and the admit MGET (~2 µs).
 REDIS_US_BEST, REDIS_US_WORST = 6.0, 23.0
-# Memory per live hosted user (a mailbox: state, queue, timers): 4.7 KiB idle RSS
-# (bench_idle_users), 7.4 KiB with recent traffic (architecture notes); a host process
-# starts at ~120 MiB RSS.
 # Redis memory per done-flag (`qywx:done:{msgid}` with its TTL, 32-character msgids):
 # 132.9 bytes, median of 3 runs of bench_redis_memory (2026-12-07). Redis holds one per
 # message for `consume.dedup_ttl_s` (one day by default): rate x window of them.
 DONE_FLAG_BYTES = 132.9
 DEDUP_TTL_S = 86_400
+# Memory per live hosted user (a mailbox: state, queue, timers): 4.7 KiB idle RSS
+# (bench_idle_users), 7.4 KiB with recent traffic (architecture notes); a host process
+# starts at ~120 MiB RSS.
 USER_KIB = 7.4
 HOST_BASE_MIB = 120.0
 HOST_MAX_GIB = 4.0  # keep a host's heap small enough to restart quickly after a node loss
