@@ -27,12 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.capacity import RATES, done_flags_gib
 from bench.output import emit, log
 from bench.runs import default_runs, quick_mode
 from bench.stats import median
 
 BATCH = 500  # a delivery batch's flags: one mark_done call, as a host's flush makes it
-DAY_S = 86_400
 
 
 async def one_run(url: str, flags: int, msgid_len: int, ttl_s: int) -> dict[str, float]:
@@ -99,11 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     per_flag = median(got["bytes_per_done_flag"])
     log(f"redis_memory: {per_flag:.1f} bytes per done-flag (median of {runs})")
-    for rate in (1_000, 10_000, 100_000):
-        gib = per_flag * rate * ttl_s / 2**30
+    for rate in RATES:  # the capacity model's rates, at this run's bytes per flag
+        gib = done_flags_gib(rate, ttl_s, per_flag)
         log(f"redis_memory: {rate:,} msg/s x dedup_ttl_s {ttl_s:,}: {gib:,.1f} GiB of flags")
-    if ttl_s != DAY_S:
-        log(f"redis_memory: (consume.dedup_ttl_s defaults to {ttl_s:,} s here)")
     return 0
 
 

@@ -23,6 +23,7 @@ order. Never touches the shared development services (see bench_profiles).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -336,17 +337,12 @@ def run_step(
     trace: bool = False,
 ) -> tuple[dict[str, Any], Any]:
     tracer = StepTrace(p) if trace else None
-    if tracer is not None:
-        tracer.__enter__()
-    try:
+    with tracer or contextlib.nullcontext():
         sim_post(p, "/sim/population/rates", {"rate_per_min": target_msg_s * 60.0 / users})
         time.sleep(settle_s)  # the new rate reaches steady state before the window opens
         redis0 = redis_commands(p)
         w = measure_window(p, stack, step_s)
         redis1 = redis_commands(p)
-    finally:
-        if tracer is not None:
-            tracer.__exit__()
     time.sleep(grace_s)  # messages created at the window's end get their chance
     evaluated_ms = int(time.time() * 1000)
     ws = window_stats(reader.refresh(), w.t0_ms, w.t1_ms)

@@ -92,10 +92,12 @@ def size(users: int, msg_s: int, callbacks_per_msg: float = 1.0) -> Sizing:
     )
 
 
-def done_flags_gib(msg_s: float, ttl_s: int = DEDUP_TTL_S) -> float:
+def done_flags_gib(
+    msg_s: float, ttl_s: int = DEDUP_TTL_S, bytes_per_flag: float = DONE_FLAG_BYTES
+) -> float:
     """Redis memory of the done-flags at `msg_s` sustained: one flag per message, each
     kept `ttl_s` (consume.dedup_ttl_s)."""
-    return msg_s * ttl_s * DONE_FLAG_BYTES / 2**30
+    return msg_s * ttl_s * bytes_per_flag / 2**30
 
 
 USERS = (10_000, 1_000_000, 10_000_000)

@@ -204,7 +204,8 @@ def render_profiles(records: list[dict[str, Any]]) -> list[str]:
 
 
 _AOF_REWRITE_NOTES = {
-    "between-steps": "the bench rewrites the file before each step and waits for it; Redis's "
+    "between-steps": "the bench rewrites the file before each ladder step and after each "
+    "drain, and waits for it; Redis's "
     "own rewrites are off, so none runs inside a measured window. On these 2 cores a rewrite "
     "that lands in a window competes with the pipeline: see bench/bench_stress.py",
     "redis": "Redis's own policy: a rewrite can land inside a window",

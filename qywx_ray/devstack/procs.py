@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,9 @@ _prctl: Callable[..., int] | None = None
 
 
 def die_with_parent(on: bool = True) -> None:
-    """Processes started from now on end (SIGTERM) when the thread starting them ends."""
+    """Processes started from now on, from the main thread, end (SIGTERM) when it ends.
+    The kernel ties a child to the thread that started it, so a start from another
+    thread is left out: it would end with that thread, not with the process."""
     global _die_with_parent, _prctl
     if on and _prctl is None:
         import ctypes
@@ -127,7 +130,7 @@ class ManagedProcess:
                 env=env,
                 start_new_session=True,
                 # only the prctl call runs between fork and exec (see die_with_parent)
-                preexec_fn=_ends_with(os.getpid()) if _die_with_parent else None,
+                preexec_fn=_ends_with(os.getpid()) if self._dies_with_parent() else None,
             )
         except FileNotFoundError as exc:
             raise InfraError(f"{self.name}: cannot run {self.argv[0]}: {exc}") from exc
@@ -137,6 +140,10 @@ class ManagedProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @staticmethod
+    def _dies_with_parent() -> bool:
+        return _die_with_parent and threading.current_thread() is threading.main_thread()
 
     def kill9(self) -> None:
         """Hard crash, as in a fault drill."""

@@ -631,34 +631,6 @@ def test_gc_delta_counts_the_window_only_and_skips_a_group_that_changed() -> Non
     }
 
 
-def test_redis_background_delta_counts_rewrites_forks_and_child_cpu_in_the_window() -> None:
-    from bench.bench_profiles import redis_background_delta
-
-    before = {
-        "aof_rewrites": 1,
-        "forks": 2,
-        "rewriting": 0,
-        "latest_fork_usec": 900,
-        "aof_mib": 70,
-        "used_mib": 80,
-        "children_cpu_ms": 1500,
-    }
-    after = {**before, "aof_rewrites": 2, "forks": 3, "rewriting": 1, "latest_fork_usec": 4200}
-    after.update(aof_mib=150, used_mib=180, children_cpu_ms=4100)
-    assert redis_background_delta(before, after) == {
-        "aof_rewrites": 1,
-        "forks": 1,
-        "children_cpu_ms": 2600,
-        "rewriting_start_end": [0, 1],
-        "latest_fork_ms": 4.2,
-        "aof_mib_end": 150,
-        "used_mib_end": 180,
-    }
-    quiet = redis_background_delta(after, {**after, "latest_fork_usec": 58_300})
-    assert quiet["forks"] == 0
-    assert quiet["latest_fork_ms"] is None  # an older fork's pause, not this window's
-
-
 class _RewritingRedis:
     """A Redis whose AOF rewrite is scheduled first, then runs for `turns` INFO reads;
     `running`: one is already running, so BGREWRITEAOF is refused as Redis 7.0 does."""
@@ -716,30 +688,45 @@ def test_rewrite_aof_waits_for_one_already_running_and_gives_up_bounded(
     assert 1 <= endless.reads <= 5
 
 
-def test_redis_background_reads_rewrites_forks_and_children_cpu_from_info() -> None:
-    from bench.bench_profiles import redis_background
+def test_redis_background_reads_info_and_counts_what_happened_in_the_window() -> None:
+    from bench.bench_profiles import redis_background, redis_background_delta
 
-    info = {
-        "aof_rewrites": 3,
-        "total_forks": 4,
-        "aof_rewrite_in_progress": 1,
-        "latest_fork_usec": 34_400,
-        "aof_current_size": 300 << 20,
-        "used_memory": 700 << 20,
-        "used_cpu_user_children": 5.5,
-        "used_cpu_sys_children": 0.388,
+    def read(**info: Any) -> dict[str, int]:
+        pipeline: Any = SimpleNamespace(redis_client=lambda: SimpleNamespace(info=lambda: info))
+        return redis_background(pipeline)
+
+    before = read(
+        aof_rewrites=1,
+        total_forks=2,
+        latest_fork_usec=900,
+        aof_current_size=70 << 20,
+        used_memory=80 << 20,
+        used_cpu_user_children=1.0,
+        used_cpu_sys_children=0.5,
+    )
+    assert before["children_cpu_ms"] == 1500  # children's user + sys seconds, in ms
+    after = read(
+        aof_rewrites=2,
+        total_forks=3,
+        aof_rewrite_in_progress=1,
+        latest_fork_usec=34_400,
+        aof_current_size=150 << 20,
+        used_memory=180 << 20,
+        used_cpu_user_children=5.5,
+        used_cpu_sys_children=0.388,
+    )
+    assert redis_background_delta(before, after) == {
+        "aof_rewrites": 1,
+        "forks": 1,
+        "children_cpu_ms": 4388,
+        "rewriting_start_end": [0, 1],
+        "latest_fork_ms": 34.4,
+        "aof_mib_end": 150,
+        "used_mib_end": 180,
     }
-    client = SimpleNamespace(info=lambda: info)
-    got = redis_background(SimpleNamespace(redis_client=lambda: client))  # type: ignore[arg-type]
-    assert got == {
-        "aof_rewrites": 3,
-        "forks": 4,
-        "rewriting": 1,
-        "latest_fork_usec": 34_400,
-        "aof_mib": 300,
-        "used_mib": 700,
-        "children_cpu_ms": 5888,
-    }
-    bare = redis_background(SimpleNamespace(redis_client=lambda: SimpleNamespace(info=dict)))  # type: ignore[arg-type]
-    assert bare["aof_rewrites"] == 0  # an older Redis without the fields: zeros
+    quiet = redis_background_delta(after, {**after, "latest_fork_usec": 58_300})
+    assert quiet["forks"] == 0
+    assert quiet["latest_fork_ms"] is None  # an older fork's pause, not this window's
+    bare = read()  # an older Redis without these fields: zeros
+    assert bare["aof_rewrites"] == 0
     assert bare["children_cpu_ms"] == 0

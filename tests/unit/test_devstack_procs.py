@@ -14,14 +14,21 @@ import pytest
 from qywx_ray.devstack.procs import pid_alive
 
 # A harness that starts a long `sleep` as a service, prints its PID, then waits to be killed.
+# The kernel ties PR_SET_PDEATHSIG to the starting thread, so only main-thread starts use it.
 HARNESS = """
-import sys, time
+import sys, threading, time
 from pathlib import Path
 from qywx_ray.devstack import procs
-if sys.argv[2] == "die_with_parent":
+mode = sys.argv[2]
+if mode != "default":
     procs.die_with_parent()
 service = procs.ManagedProcess("svc", ["sleep", "300"], Path(sys.argv[1]))
-service.start()
+if mode == "from_a_thread":  # a thread that starts it and ends
+    starter = threading.Thread(target=service.start)
+    starter.start()
+    starter.join()
+else:
+    service.start()
 print(service.pid, flush=True)
 time.sleep(300)
 """
@@ -64,6 +71,18 @@ def test_a_service_ends_with_a_harness_killed_9_only_when_asked(tmp_path: Path, 
         if harness.poll() is None:
             harness.kill()
             harness.wait(timeout=10)
+        if pid_alive(service):
+            os.kill(service, signal.SIGKILL)
+        assert _gone_within(service, 10.0)
+
+
+def test_a_service_started_from_a_thread_outlives_that_thread(tmp_path: Path) -> None:
+    harness, service = _start_harness(tmp_path, "from_a_thread")
+    try:
+        assert not _gone_within(service, 0.5)  # the thread has ended; the service runs on
+    finally:
+        harness.kill()
+        harness.wait(timeout=10)
         if pid_alive(service):
             os.kill(service, signal.SIGKILL)
         assert _gone_within(service, 10.0)
