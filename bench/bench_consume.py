@@ -11,6 +11,9 @@ done-flags). Per run it prints JSON lines (bench.output.emit) for:
              I/O-handler drain throughput and CPU µs per message of the consumer and host
              actors during the drains (latency phases first: a drain leaves background
              work behind, e.g. Redis rewriting its AOF)
+  concurrency  (`--peer-concurrency`, default 64) the hosted trivial and 5 ms drains again
+             on a fresh pipeline with that many handlers in all (num_hosts x total /
+             num_hosts): the peer bench's other concurrency (cases hosted_<handler>_c64)
   dedicated  50 users (quick: 20), each a real Ray actor: the same, at a lower paced rate
   dedicated_pool  (`--dedicated-pool N`, default the dedicated users) cold start again, the
              same number of new users at the same rate, on a pipeline with
@@ -300,8 +303,12 @@ class ModeBench:
         raw: dict[str, Any] | None = None,
         case: str = "",
         bursts: bool = False,
+        record: bool = True,
+        concurrency: int | None = None,
     ) -> None:
-        """Produce a backlog with the consumers stopped, then time the drain."""
+        """Produce a backlog with the consumers stopped, then time the drain. `record`
+        False: a warm-up drain (the users' mailboxes made), nothing emitted.
+        `concurrency`: the hosts' total handler concurrency, as a dimension."""
         extra: dict[str, Any] = {"sleep_ms": sleep_ms} if sleep_ms else {}
         extra.update(raw or {})
         msgs = make_envelopes(
@@ -336,6 +343,13 @@ class ModeBench:
         dims: dict[str, Any] = {"state_bytes": raw["state_bytes"]} if raw else {}
         if bursts:
             dims["order"] = "bursts"
+        if concurrency is not None:
+            dims["concurrency"] = concurrency
+        if not record:
+            self.stop_consumers_only()
+            if done < n:
+                raise RuntimeError(f"warm-up drain: only {done}/{n} completed")
+            return
         common = self.dims(handler=name, **dims)
         emit(
             case=case,
@@ -625,6 +639,32 @@ def run_hosted(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
 STATE_HANDLER = "qywx_ray.consume.handlers:bench_state_handler"
 
 
+def run_concurrency(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
+    """The hosted drains again at each total handler concurrency of the peer bench that
+    the defaults do not run (`--peer-concurrency`, default 64: `consume.num_hosts` hosts ×
+    64 / num_hosts handlers), on a fresh pipeline whose users' mailboxes a one-message
+    drain made first (as the hosted run's latency phases made them there). Cases
+    `hosted_<handler>_c<total>`: what `bench/render.py` sets beside Parallel Consumer at
+    that concurrency."""
+    topics: list[str] = []
+    for total in args.peer_concurrency:
+        hosts = args.hosts or svc.settings.consume.num_hosts
+        if total % hosts:
+            raise ValueError(f"--peer-concurrency {total} is not a multiple of {hosts} hosts")
+        b = ModeBench(args, svc, "hosted", run, consume={"handler_concurrency": total // hosts})
+        try:
+            b.drain("warm", 1, 0, False, record=False)
+            for name, sleep_ms in (("trivial", 0), ("sleep_5ms", 5)):
+                b.drain(
+                    name, args.per_user, sleep_ms, False, case=f"hosted_{name}_c{total}",
+                    concurrency=total,
+                )  # fmt: skip
+        finally:
+            b.stop_all()
+        topics += b.topics
+    return topics
+
+
 def run_state(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
     """State off vs on, same run, same backlog shape; the order alternates per run so
     neither always meets the warmer machine."""
@@ -757,7 +797,7 @@ def main() -> None:
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=["hosted", "dedicated", "dedicated_pool", "state"],
+        choices=["hosted", "concurrency", "dedicated", "dedicated_pool", "state"],
         default=None,
         help="run only these modes (each its --runs runs, in the usual order)",
     )
@@ -766,6 +806,14 @@ def main() -> None:
         type=int,
         default=0,
         help="> 0: also drain with per-user state of this size, off vs on (cases hosted_state_*)",
+    )
+    ap.add_argument(
+        "--peer-concurrency",
+        type=int,
+        nargs="*",
+        default=[64],
+        help="concurrency mode: hosted drains at these total handler concurrencies "
+        "(the peer bench's; none: skip)",
     )
     ap.add_argument(
         "--bursts",
@@ -801,6 +849,7 @@ def main() -> None:
             # land on the next hosted run's latency phases.
             modes = [
                 ("hosted", run_hosted),
+                ("concurrency", run_concurrency),
                 ("dedicated", run_dedicated),
                 ("dedicated_pool", run_dedicated_pool),
             ]

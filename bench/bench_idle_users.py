@@ -28,11 +28,10 @@ import os
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from bench.output import emit, log
-from bench.procs import cpu_seconds
+from bench.procs import cpu_seconds, proc_memory
 from bench.runs import default_runs, quick_mode
 from bench.services import bench_services
 from bench.stats import median
@@ -40,18 +39,6 @@ from bench.stats import median
 WARM_USERS = 1000
 BATCH = 1000
 SWEEP_INTERVAL_S = 1.0
-
-
-def proc_memory(pid: int) -> dict[str, int]:
-    """rss and uss (private clean + dirty) of a process, in bytes."""
-    out = {"rss": 0, "uss": 0}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        parts = line.split()
-        if parts[0] == "Rss:":
-            out["rss"] = int(parts[1]) * 1024
-        elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
-            out["uss"] += int(parts[1]) * 1024
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

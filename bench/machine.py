@@ -14,7 +14,7 @@ from typing import Any
 from bench.runs import ROOT
 
 
-def _meminfo_bytes(field: str) -> int | None:
+def meminfo_bytes(field: str) -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -76,6 +76,19 @@ def steal_pct(before: dict[str, int], after: dict[str, int]) -> float | None:
     return round(100.0 * (after.get("steal", 0) - before.get("steal", 0)) / total, 2)
 
 
+def busy_pct(before: dict[str, int], after: dict[str, int]) -> float | None:
+    """The whole machine's busy CPU between two cpu_jiffies() snapshots, in % of one
+    core (200 = both cores of this box): every process, the kernel's own work included."""
+    if not before or not after:
+        return None
+    total = sum(after.values()) - sum(before.values())
+    if total <= 0:
+        return None
+    idle = sum(after.get(k, 0) - before.get(k, 0) for k in ("idle", "iowait"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return round(100.0 * cores * (total - idle) / total, 2)
+
+
 def machine_facts() -> dict[str, Any]:
     """Cores, memory, load, versions: recorded with every run (the vCPUs here are noisy)."""
     import confluent_kafka
@@ -94,8 +107,8 @@ def machine_facts() -> dict[str, Any]:
         "nproc": affinity,
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
-        "mem_total_bytes": _meminfo_bytes("MemTotal"),
-        "mem_available_bytes": _meminfo_bytes("MemAvailable"),
+        "mem_total_bytes": meminfo_bytes("MemTotal"),
+        "mem_available_bytes": meminfo_bytes("MemAvailable"),
         "loadavg": [round(load1, 2), round(load5, 2), round(load15, 2)],
         "kernel": platform.release(),
         "python": platform.python_version(),

@@ -77,6 +77,29 @@ def cpu_seconds(pid: int) -> float:
     return parse_proc_stat((Path("/proc") / str(pid) / "stat").read_text())[1] / CLK_TCK
 
 
+def proc_memory(pid: int) -> dict[str, int]:
+    """rss, pss (shared pages split among their users) and uss (private clean + dirty) of
+    a process, in bytes. For N processes of one kind, uss is what one more costs the
+    node; rss counts the shared libraries in each of them again."""
+    out = {"rss": 0, "pss": 0, "uss": 0}
+    for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
+        parts = line.split()
+        if parts[0] == "Rss:":
+            out["rss"] = int(parts[1]) * 1024
+        elif parts[0] == "Pss:":
+            out["pss"] = int(parts[1]) * 1024
+        elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
+            out["uss"] += int(parts[1]) * 1024
+    return out
+
+
+def thread_count(pid: int) -> int:
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
 def read_proc(pid: int) -> ProcSample | None:
     base = Path("/proc") / str(pid)
     try:

@@ -342,15 +342,21 @@ def peer_comparisons(
 ) -> list[PeerComparison]:
     """Each peer throughput case of the consume scenario, with ours where ours exists.
 
-    Ours exists where bench_consume ran the same handler (`hosted_<handler>`) and our total
-    concurrency equals the peer's; any other peer case stands alone (ratio None).
+    Ours exists where bench_consume ran the same handler at the same total concurrency:
+    `hosted_<handler>` at the hosted pipeline's own (hosts × handlers per host), or
+    `hosted_<handler>_c<N>` (its `concurrency` mode) at N; any other peer case stands alone
+    (ratio None).
     """
     ours_total = ours_concurrency(contexts)
-    ours_by_handler = {
-        r.case.removeprefix("hosted_"): r
-        for r in all_rows.get(OURS_BENCH, [])
-        if r.case.startswith("hosted_") and r.metric == "throughput" and is_throughput(r)
-    }
+    ours_by_case: dict[tuple[str, int | None], Row] = {}
+    for r in all_rows.get(OURS_BENCH, []):
+        if not (r.case.startswith("hosted_") and r.metric == "throughput" and is_throughput(r)):
+            continue
+        handler, total = r.case.removeprefix("hosted_"), ours_total
+        stem, sep, suffix = handler.rpartition("_c")
+        if sep and suffix.isdigit():
+            handler, total = stem, int(suffix)
+        ours_by_case[handler, total] = r
     out = []
     for row in all_rows.get(PEER_BENCH, []):
         if row.metric != "throughput" or row.dim("scenario") != "consume":
@@ -360,7 +366,7 @@ def peer_comparisons(
             concurrency = int(row.dim("concurrency") or "0")
         except ValueError:
             concurrency = 0
-        ours = ours_by_handler.get(handler) if concurrency == ours_total else None
+        ours = ours_by_case.get((handler, concurrency))
         out.append(
             PeerComparison(
                 handler=handler,
@@ -393,9 +399,11 @@ def render_peer(all_rows: dict[str, list[Row]], contexts: list[dict[str, Any]]) 
         f"commit mode {ctx.get('commit_mode', '?')}, one warm JVM; ours: the `consume` "
         f"bench's hosted drains, {ctx.get('ours_num_hosts', '?')} hosts × "
         f"{ctx.get('ours_handler_concurrency', '?')} handlers per host = {ours_total or '?'} "
-        "at once (`consume.num_hosts` × `consume.handler_concurrency`). A ratio is shown "
-        "where the total concurrency is the same; ours also writes a durable done-flag per "
-        "message and consults the rate limiter per batch, the peer does neither.",
+        "at once (`consume.num_hosts` × `consume.handler_concurrency`), and the same drains "
+        "on a pipeline with fewer handlers per host for the peer's other concurrency. A "
+        "ratio is shown where the total concurrency is the same; ours also writes a durable "
+        "done-flag per message and consults the rate limiter per batch, the peer does "
+        "neither.",
         "",
         "| handler | concurrency | peer msg/s median (min–max) | ours msg/s median (min–max) "
         "| ours / peer | runs (peer/ours) |",
@@ -405,9 +413,10 @@ def render_peer(all_rows: dict[str, list[Row]], contexts: list[dict[str, Any]]) 
         ours_text = (
             f"{fmt(c.ours.median)} ({fmt(c.ours.min)}–{fmt(c.ours.max)})"
             if c.ours
-            else f"- (ours runs {ours_total or '?'})"
-            if c.concurrency != ours_total
             else "- (no `consume` hosted drain in these results)"
+            if c.concurrency == ours_total
+            else f"- (ours runs {ours_total or '?'}; `bench_consume --only concurrency "
+            f"--peer-concurrency {c.concurrency}` adds it)"
         )
         ratio_text = f"**{c.ratio:.2f}×**" if c.ratio is not None else "-"
         if c.ours is not None and c.ours.run_ids != c.peer.run_ids:

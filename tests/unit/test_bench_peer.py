@@ -266,8 +266,40 @@ def test_report_renders_the_peer_section(tmp_path: Path) -> None:
         in text
     )
     assert "| trivial | 64 |" in text
-    assert "- (ours runs 128)" in text
+    assert "- (ours runs 128; `bench_consume --only concurrency --peer-concurrency 64`" in text
     assert "**4,100 msg/s** here" in text
+
+
+def test_ours_at_the_peers_other_concurrency_pairs_with_it(tmp_path: Path) -> None:
+    """`bench_consume --only concurrency` writes hosted_<handler>_c<N>: it pairs with the
+    peer's case at N, and the hosted pipeline's own total (128) still pairs at 128."""
+    results_dir = write_results(tmp_path)
+    consume = results_dir / "consume.jsonl"
+    c64 = [
+        measurement(
+            "consume",
+            "hosted_trivial_c64",
+            v,
+            run,
+            pipeline="hosted",
+            handler="trivial",
+            concurrency=64,
+        )
+        for run, v in enumerate([4500, 5000, 5500])
+    ]
+    consume.write_text(consume.read_text() + "\n".join(c64) + "\n")
+    machine, benches = results.load_results(results_dir)
+    all_rows = {b.name: results.summarize(b.measurements) for b in benches}
+    peer = next(b for b in benches if b.name == "peer_parallel_consumer")
+    by_case = {
+        (c.handler, c.concurrency): c
+        for c in render.peer_comparisons(all_rows, peer.sections["peer_context"])
+    }
+    assert by_case[("trivial", 64)].ratio == pytest.approx(5000 / 10000)
+    assert by_case[("trivial", 128)].ratio == pytest.approx(2.1)  # not the c64 rows
+    text = render.render_report(machine, benches)
+    row = "| trivial | 64 | 10,000 (9,000–11,000) | 5,000 (4,500–5,500) | **0.50×** | 3/3 |"
+    assert row in text
 
 
 def test_a_ratio_across_harness_runs_is_marked(tmp_path: Path) -> None:
