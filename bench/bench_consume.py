@@ -40,6 +40,8 @@ consumed to the last completion reported back (done-flag durable).
       QYWX_BENCH_REDIS_URL=redis://127.0.0.1:16390/6 python -m bench.bench_consume
 """
 
+# bench-timeout-s: full=1500 quick=600
+
 from __future__ import annotations
 
 import argparse

@@ -88,16 +88,36 @@ def _deliveries(
     return out
 
 
-async def _one(users: int, per_user: int, batch: int) -> float:
+def sleeping(ms: float) -> Any:
+    async def handler(message: Any, ctx: HandlerContext) -> None:
+        await asyncio.sleep(ms / 1000.0)
+
+    return handler
+
+
+def run_on(loop: str, coro: Any) -> Any:
+    """`coro` to completion on a fresh loop of the kind named (asyncio's or uvloop's)."""
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+async def _one(
+    users: int, per_user: int, batch: int, sleep_ms: float = 0.0, concurrency: int = 1000
+) -> float:
     items = _deliveries(users, per_user)
     completions = _Completions(len(items))
     core = HostCore(
         name="bench",
-        handler=trivial,
+        handler=sleeping(sleep_ms) if sleep_ms > 0 else trivial,
         dedup=Deduplicator(MemoryDoneStore()),
         completions=completions,
         dead_letters=_Letters(),
-        options=CoreOptions(completion_flush_ms=5.0, handler_concurrency=1000),
+        options=CoreOptions(completion_flush_ms=5.0, handler_concurrency=concurrency),
     )
     t0 = time.process_time()
     for i in range(0, len(items), batch):
@@ -264,8 +284,9 @@ def _main_redis(a: argparse.Namespace) -> None:
             by_case: dict[str, list[dict[str, float]]] = {c: [] for c in cases}
             for run in range(a.runs):
                 for state in cases if run % 2 == 0 else cases[::-1]:
-                    got = asyncio.run(
-                        _one_redis(a.users, a.per_user, a.batch, server.url, state, a.state_bytes)
+                    got = run_on(
+                        a.loop,
+                        _one_redis(a.users, a.per_user, a.batch, server.url, state, a.state_bytes),
                     )
                     by_case[state].append(got)
                     for metric, value in got.items():
@@ -280,6 +301,7 @@ def _main_redis(a: argparse.Namespace) -> None:
                             users=a.users,
                             per_user=a.per_user,
                             batch=a.batch,
+                            loop=a.loop,
                             **({"state_bytes": a.state_bytes} if state else {}),
                         )
         finally:
@@ -311,13 +333,18 @@ def main() -> None:
         help="with --redis: the consume hosts' GC tuning first (freeze, gen0 threshold)",
     )
     ap.add_argument("--state-bytes", type=int, default=0, help="> 0 with --redis: state off/on")
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    ap.add_argument(
+        "--sleep-ms", type=float, default=0.0, help="in memory: the handler awaits this long"
+    )
+    ap.add_argument("--concurrency", type=int, default=1000, help="in memory: handler_concurrency")
     a = ap.parse_args()
     if a.redis:
         _main_redis(a)
         return
     runs = []
     for run in range(a.runs):
-        us = asyncio.run(_one(a.users, a.per_user, a.batch))
+        us = run_on(a.loop, _one(a.users, a.per_user, a.batch, a.sleep_ms, a.concurrency))
         runs.append(us)
         emit(
             bench="host_cpu",
@@ -330,6 +357,9 @@ def main() -> None:
             users=a.users,
             per_user=a.per_user,
             batch=a.batch,
+            loop=a.loop,
+            sleep_ms=a.sleep_ms,
+            concurrency=a.concurrency,
         )
     print(
         f"host_cpu: best {min(runs):.2f} us/msg, median {statistics.median(runs):.2f}",

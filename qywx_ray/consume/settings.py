@@ -31,7 +31,7 @@ class ConsumeSettings(BaseModel):
     # Dedicated mode: spare actors kept started for new users (consume/dedicated_pool.py).
     # A new user's first message then waits for a Ray call instead of a Ray worker
     # process start (1-2 per second on 2 cores, seconds each in a burst). Each spare is
-    # a live process (~116 MiB, ~0.6 % of a core idle): size it to the burst of new
+    # a live process (~70 MiB of node memory, ~0.7 % of a core idle): size it to the burst of new
     # dedicated users expected within one refill. 0 = no pool.
     dedicated_pool_size: int = Field(default=0, ge=0)
     # Spares started at a time (consumer 0 keeps the pool). Refills run beside the claims:

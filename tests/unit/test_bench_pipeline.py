@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench import charts, render, results
+from bench import charts, machine, render, results
 from bench.bench_profiles import (
     PROFILES,
     audit_stamps,
@@ -38,7 +39,9 @@ from bench.procs import (
     descendants,
     hottest_pid,
     parse_proc_stat,
+    proc_memory,
     rss_by_group,
+    thread_count,
 )
 from bench.pyspy import speedscope_top
 from bench.run_all import declared_timeout, timeout_for
@@ -86,6 +89,26 @@ def test_parse_proc_stat_survives_spaces_and_parens_in_comm() -> None:
     fields = ["S", "41", "1", "1", "0", "-1", "0", "0", "0", "0", "0", "250", "30"]
     text = "123 (ray::User Host) (x)) " + " ".join(fields) + " 20 0 1 0 5 6 7"
     assert parse_proc_stat(text) == (41, 280)
+
+
+def test_busy_pct_is_the_whole_machine_in_percent_of_one_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Idle and iowait are not busy; the share is scaled to the cores (200 = both of 2)."""
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda _pid: {0, 1})
+    before = {"user": 100, "system": 50, "idle": 800, "iowait": 50, "steal": 0}
+    after = {"user": 160, "system": 90, "idle": 880, "iowait": 70, "steal": 0}
+    # 200 jiffies passed, 100 of them busy: half of both cores = one core.
+    assert machine.busy_pct(before, after) == 100.0
+    assert machine.busy_pct({}, after) is None
+    assert machine.busy_pct(after, after) is None
+
+
+def test_proc_memory_reads_our_own_process() -> None:
+    mem = proc_memory(os.getpid())
+    assert 0 < mem["uss"] <= mem["rss"]
+    assert 0 < mem["pss"] <= mem["rss"]
+    assert thread_count(os.getpid()) >= 1
 
 
 def test_descendants_follow_the_tree_and_ignore_strangers() -> None:
