@@ -17,7 +17,8 @@ actors are asked for at once, as a burst of new users would; measured:
 - `mem_available_drop_per_actor` (MiB): the node's MemAvailable before the burst minus
   after it, over N (the actors plus what Ray's raylet/GCS keep for them);
 - `threads_per_actor`: threads in one worker process;
-- `idle_cpu_per_actor` (% of one core): their CPU over a --idle-s window with no traffic;
+- `idle_cpu_per_actor` (% of one core): their CPU over a --idle-s window with no traffic,
+  opened --settle-s (10) after the last answer (the burst's tail is not idle cost);
 - `node_idle_cpu_per_actor` (% of one core): the whole machine's busy CPU in that window
   minus its busy CPU in an equal window just before the burst, over N (Ray's own
   per-actor bookkeeping in the raylet and GCS included).
@@ -69,8 +70,21 @@ def _wait_gone(pids: list[int], timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while any(Path(f"/proc/{p}").exists() for p in pids):
         if time.monotonic() > deadline:
-            raise RuntimeError("killed actors' processes still running after 120 s")
+            raise RuntimeError(f"killed actors' processes still running after {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+def _kill_all(handles: list[Any], pids: list[int]) -> None:
+    """Best effort, also after a failed run: no detached actor outlives its run."""
+    import ray
+
+    for h in handles:
+        try:
+            ray.kill(h, no_restart=True)
+        except Exception as exc:  # the others still get killed
+            log(f"actor_start: kill failed: {exc!r}")
+    if pids:
+        _wait_gone(pids)
 
 
 def _empty_actor_class() -> Any:
@@ -89,48 +103,55 @@ def _empty_actor_class() -> Any:
     return EmptyActor
 
 
-def one_run(settings: Any, n: int, idle_s: float, kind: str) -> dict[str, float]:
+def one_run(settings: Any, n: int, idle_s: float, kind: str, settle_s: float) -> dict[str, float]:
     import ray
 
     from qywx_ray.consume.hosts import get_or_create_user_actor, user_actor_name
 
-    mib = 1024 * 1024
     busy_before = _idle_window(idle_s)
-    avail0 = machine.meminfo_bytes("MemAvailable") or 0
+    avail0 = machine.meminfo_bytes("MemAvailable")
     tag = uuid.uuid4().hex[:6]
     empty = _empty_actor_class() if kind == "empty" else None
+    handles: list[Any] = []
+    pids: list[int] = []
     t0 = time.perf_counter()
-    if empty is not None:
-        handles = [
-            empty.options(name=f"empty-{tag}-{i}", lifetime="detached", max_concurrency=1).remote()
-            for i in range(n)
-        ]
-    else:
-        handles = [
-            get_or_create_user_actor(settings, user_actor_name(f"kf{tag}", f"u{i}"))
-            for i in range(n)
-        ]
-    pending = {h.incarnation_id.remote(): i for i, h in enumerate(handles)}
-    answered: list[float] = []
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=300)
-        if not done:
-            raise RuntimeError(f"{len(pending)} actors did not answer in 300 s")
-        ray.get(done[0])
-        answered.append(time.perf_counter() - t0)
-        del pending[done[0]]
-    pids = ray.get([h.pid.remote() for h in handles])
-    mem = [proc_memory(p) for p in pids]
-    avail1 = machine.meminfo_bytes("MemAvailable") or 0
-    threads = [thread_count(p) for p in pids]
-    cpu0 = [cpu_seconds(p) for p in pids]
-    w0 = time.perf_counter()
-    busy_with = _idle_window(idle_s)
-    window = time.perf_counter() - w0
-    idle = [(cpu_seconds(p) - c) / window * 100 for p, c in zip(pids, cpu0, strict=True)]
-    for h in handles:
-        ray.kill(h, no_restart=True)
-    _wait_gone(pids)
+    try:
+        if empty is not None:
+            handles = [
+                empty.options(
+                    name=f"empty-{tag}-{i}", lifetime="detached", max_concurrency=1
+                ).remote()
+                for i in range(n)
+            ]
+        else:
+            handles = [
+                get_or_create_user_actor(settings, user_actor_name(f"kf{tag}", f"u{i}"))
+                for i in range(n)
+            ]
+        pending = {h.incarnation_id.remote(): i for i, h in enumerate(handles)}
+        answered: list[float] = []
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=300)
+            if not done:
+                raise RuntimeError(f"{len(pending)} actors did not answer in 300 s")
+            ray.get(done[0])
+            answered.append(time.perf_counter() - t0)
+            del pending[done[0]]
+        pids = ray.get([h.pid.remote() for h in handles])
+        mem = [proc_memory(p) for p in pids]
+        avail1 = machine.meminfo_bytes("MemAvailable")
+        threads = [thread_count(p) for p in pids]
+        # The burst's tail (the raylet and GCS finishing its bookkeeping, workers
+        # settling) is not idle cost: it passes before the window opens.
+        time.sleep(settle_s)  # a fixed pause before a measurement, not synchronisation
+        cpu0 = [cpu_seconds(p) for p in pids]
+        w0 = time.perf_counter()
+        busy_with = _idle_window(idle_s)
+        window = time.perf_counter() - w0
+        idle = [(cpu_seconds(p) - c) / window * 100 for p, c in zip(pids, cpu0, strict=True)]
+    finally:
+        _kill_all(handles, pids)
+    mib = 1024 * 1024
     out = {
         "ttfa_p50_s": _pct(answered, 0.5),
         "ttfa_p99_s": _pct(answered, 0.99),
@@ -138,11 +159,12 @@ def one_run(settings: Any, n: int, idle_s: float, kind: str) -> dict[str, float]
         "rss_per_actor_mib": statistics.mean(m["rss"] for m in mem) / mib,
         "pss_per_actor_mib": statistics.mean(m["pss"] for m in mem) / mib,
         "uss_per_actor_mib": statistics.mean(m["uss"] for m in mem) / mib,
-        "mem_available_drop_per_actor_mib": (avail0 - avail1) / n / mib,
         "threads_per_actor": statistics.mean(threads),
         "start_cpu_per_actor_s": statistics.mean(cpu0),
         "idle_cpu_per_actor_pct": statistics.mean(idle),
     }
+    if avail0 is not None and avail1 is not None:
+        out["mem_available_drop_per_actor_mib"] = (avail0 - avail1) / n / mib
     if busy_before is not None and busy_with is not None:
         out["node_idle_cpu_per_actor_pct"] = (busy_with - busy_before) / n
     return out
@@ -154,6 +176,12 @@ def main() -> None:
     ap.add_argument("--users", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--idle-s", type=float, default=10.0)
     ap.add_argument("--label", default="", help="recorded as `variant` (e.g. before/after)")
+    ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=10.0,
+        help="after the last actor answered, before the idle window opens",
+    )
     ap.add_argument(
         "--empty",
         action=argparse.BooleanOptionalAction,
@@ -183,15 +211,19 @@ def main() -> None:
                 (k, n): [] for k in kinds for n in args.users
             }
             for run in range(args.runs):
-                for kind, n in results:
+                # Alternate which kind goes first: neither always meets the other's
+                # leftovers (exiting workers, a busier raylet).
+                first = kinds if run % 2 == 0 else kinds[::-1]
+                order = [(k, n) for k in first for n in args.users]
+                for kind, n in order:
                     log(f"actor_start: run {run} {kind} N={n}")
-                    r = one_run(settings, n, args.idle_s, kind)
+                    r = one_run(settings, n, args.idle_s, kind, args.settle_s)
                     results[kind, n].append(r)
                     for metric, value in r.items():
                         emit(
                             bench=BENCH, case=f"{kind}_n{n}", metric=metric,
                             value=round(value, 4), run=run, users=n, variant=args.label,
-                            system_config=args.system_config,
+                            system_config=args.system_config, settle_s=args.settle_s,
                         )  # fmt: skip
             for (kind, n), rs in results.items():
                 for metric in rs[0]:
@@ -200,7 +232,7 @@ def main() -> None:
                         bench=BENCH, case=f"{kind}_n{n}_median", metric=metric,
                         value=round(statistics.median(vals), 4), min=round(min(vals), 4),
                         max=round(max(vals), 4), users=n, variant=args.label,
-                        system_config=args.system_config,
+                        system_config=args.system_config, settle_s=args.settle_s,
                     )  # fmt: skip
         finally:
             ray.shutdown()

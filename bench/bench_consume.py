@@ -306,11 +306,9 @@ class ModeBench:
         case: str = "",
         bursts: bool = False,
         record: bool = True,
-        concurrency: int | None = None,
     ) -> None:
         """Produce a backlog with the consumers stopped, then time the drain. `record`
-        False: a warm-up drain (the users' mailboxes made), nothing emitted.
-        `concurrency`: the hosts' total handler concurrency, as a dimension."""
+        False: a warm-up drain (the users' mailboxes made), nothing emitted."""
         extra: dict[str, Any] = {"sleep_ms": sleep_ms} if sleep_ms else {}
         extra.update(raw or {})
         msgs = make_envelopes(
@@ -345,8 +343,9 @@ class ModeBench:
         dims: dict[str, Any] = {"state_bytes": raw["state_bytes"]} if raw else {}
         if bursts:
             dims["order"] = "bursts"
-        if concurrency is not None:
-            dims["concurrency"] = concurrency
+        if self.mode == "hosted":  # handlers at once in all (the peer comparison's key)
+            c = self.settings.consume
+            dims["concurrency"] = c.num_hosts * c.handler_concurrency
         if not record:
             self.stop_consumers_only()
             if done < n:
@@ -649,18 +648,14 @@ def run_concurrency(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
     `hosted_<handler>_c<total>`: what `bench/render.py` sets beside Parallel Consumer at
     that concurrency."""
     topics: list[str] = []
+    hosts = args.hosts or svc.settings.consume.num_hosts
     for total in args.peer_concurrency:
-        hosts = args.hosts or svc.settings.consume.num_hosts
-        if total % hosts:
-            raise ValueError(f"--peer-concurrency {total} is not a multiple of {hosts} hosts")
         b = ModeBench(args, svc, "hosted", run, consume={"handler_concurrency": total // hosts})
+        topics += b.topics  # deleted at the end even if a drain below fails
         try:
             b.drain("warm", 1, 0, False, record=False)
             for name, sleep_ms in (("trivial", 0), ("sleep_5ms", 5)):
-                b.drain(
-                    name, args.per_user, sleep_ms, False, case=f"hosted_{name}_c{total}",
-                    concurrency=total,
-                )  # fmt: skip
+                b.drain(name, args.per_user, sleep_ms, False, case=f"hosted_{name}_c{total}")
         finally:
             b.stop_all()
         topics += b.topics
@@ -681,7 +676,6 @@ def run_state(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
             b.drain("trivial", args.per_user, 0, False, raw=raw, case=case, bursts=args.bursts)
         finally:
             b.stop_all()
-        topics += b.topics
     return topics
 
 
@@ -827,6 +821,10 @@ def main() -> None:
     output._EMITTER.stream = sys.stdout
     sys.stdout = sys.stderr
     with bench_services() as svc:
+        hosts = args.hosts or svc.settings.consume.num_hosts
+        odd = [t for t in args.peer_concurrency if t < hosts or t % hosts]
+        if odd:
+            ap.error(f"--peer-concurrency {odd}: not a positive multiple of the {hosts} hosts")
         ray.init(
             address="local",  # never join a `ray start` cluster someone else runs here
             num_cpus=4,

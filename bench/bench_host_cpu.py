@@ -88,13 +88,6 @@ def _deliveries(
     return out
 
 
-def sleeping(ms: float) -> Any:
-    async def handler(message: Any, ctx: HandlerContext) -> None:
-        await asyncio.sleep(ms / 1000.0)
-
-    return handler
-
-
 def run_on(loop: str, coro: Any) -> Any:
     """`coro` to completion on a fresh loop of the kind named (asyncio's or uvloop's)."""
     factory = None
@@ -109,11 +102,13 @@ def run_on(loop: str, coro: Any) -> Any:
 async def _one(
     users: int, per_user: int, batch: int, sleep_ms: float = 0.0, concurrency: int = 1000
 ) -> float:
-    items = _deliveries(users, per_user)
+    from qywx_ray.consume.handlers import bench_handler  # awaits raw.sleep_ms
+
+    items = _deliveries(users, per_user, raw={"sleep_ms": sleep_ms} if sleep_ms > 0 else None)
     completions = _Completions(len(items))
     core = HostCore(
         name="bench",
-        handler=sleeping(sleep_ms) if sleep_ms > 0 else trivial,
+        handler=bench_handler if sleep_ms > 0 else trivial,
         dedup=Deduplicator(MemoryDoneStore()),
         completions=completions,
         dead_letters=_Letters(),

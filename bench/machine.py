@@ -66,27 +66,45 @@ def cpu_jiffies() -> dict[str, int]:
     return {n: int(v) for n, v in zip(names, first[1:], strict=False)}
 
 
+def _jiffies_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int] | None:
+    """Per field, `after - before` of two cpu_jiffies() snapshots; None without a span."""
+    if not before or not after:
+        return None
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return delta if sum(delta.values()) > 0 else None
+
+
 def steal_pct(before: dict[str, int], after: dict[str, int]) -> float | None:
     """Share of CPU time the hypervisor stole between two cpu_jiffies() snapshots."""
-    if not before or not after:
+    delta = _jiffies_delta(before, after)
+    if delta is None:
         return None
-    total = sum(after.values()) - sum(before.values())
-    if total <= 0:
-        return None
-    return round(100.0 * (after.get("steal", 0) - before.get("steal", 0)) / total, 2)
+    return round(100.0 * delta.get("steal", 0) / sum(delta.values()), 2)
 
 
-def busy_pct(before: dict[str, int], after: dict[str, int]) -> float | None:
+def online_cpus() -> int:
+    """CPUs the aggregate `cpu` line of /proc/stat sums over (one `cpuN` line each)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return os.cpu_count() or 1
+    return sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit()) or 1
+
+
+def busy_pct(
+    before: dict[str, int], after: dict[str, int], cpus: int | None = None
+) -> float | None:
     """The whole machine's busy CPU between two cpu_jiffies() snapshots, in % of one
-    core (200 = both cores of this box): every process, the kernel's own work included."""
-    if not before or not after:
+    core (200 = both cores of this box): every process, the kernel's own work included.
+    Time the hypervisor stole is neither busy nor counted: the CPU was not ours."""
+    delta = _jiffies_delta(before, after)
+    if delta is None:
         return None
-    total = sum(after.values()) - sum(before.values())
-    if total <= 0:
+    ours = sum(delta.values()) - delta.get("steal", 0)
+    if ours <= 0:
         return None
-    idle = sum(after.get(k, 0) - before.get(k, 0) for k in ("idle", "iowait"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    return round(100.0 * cores * (total - idle) / total, 2)
+    idle = delta.get("idle", 0) + delta.get("iowait", 0)
+    return round(100.0 * (cpus or online_cpus()) * (ours - idle) / ours, 2)
 
 
 def machine_facts() -> dict[str, Any]:

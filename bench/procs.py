@@ -77,13 +77,15 @@ def cpu_seconds(pid: int) -> float:
     return parse_proc_stat((Path("/proc") / str(pid) / "stat").read_text())[1] / CLK_TCK
 
 
-def proc_memory(pid: int) -> dict[str, int]:
-    """rss, pss (shared pages split among their users) and uss (private clean + dirty) of
-    a process, in bytes. For N processes of one kind, uss is what one more costs the
-    node; rss counts the shared libraries in each of them again."""
+def parse_smaps_rollup(text: str) -> dict[str, int]:
+    """rss, pss (shared pages split among their users) and uss (private clean + dirty), in
+    bytes, from /proc/<pid>/smaps_rollup. For N processes of one kind, uss is what one more
+    costs the node; rss counts the shared libraries in each of them again."""
     out = {"rss": 0, "pss": 0, "uss": 0}
-    for line in (Path("/proc") / str(pid) / "smaps_rollup").read_text().splitlines():
+    for line in text.splitlines():
         parts = line.split()
+        if not parts:
+            continue
         if parts[0] == "Rss:":
             out["rss"] = int(parts[1]) * 1024
         elif parts[0] == "Pss:":
@@ -91,6 +93,11 @@ def proc_memory(pid: int) -> dict[str, int]:
         elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
             out["uss"] += int(parts[1]) * 1024
     return out
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    """parse_smaps_rollup of a live process."""
+    return parse_smaps_rollup((Path("/proc") / str(pid) / "smaps_rollup").read_text())
 
 
 def thread_count(pid: int) -> int:

@@ -343,20 +343,22 @@ def peer_comparisons(
     """Each peer throughput case of the consume scenario, with ours where ours exists.
 
     Ours exists where bench_consume ran the same handler at the same total concurrency:
-    `hosted_<handler>` at the hosted pipeline's own (hosts × handlers per host), or
-    `hosted_<handler>_c<N>` (its `concurrency` mode) at N; any other peer case stands alone
-    (ratio None).
+    its rows' `handler` and `concurrency` dimensions (a row without `concurrency`, from
+    before it was recorded, ran at the hosted pipeline's own total). Where two drains claim
+    the same pair, the hosted run's own (`hosted_<handler>`) is kept.
     """
     ours_total = ours_concurrency(contexts)
     ours_by_case: dict[tuple[str, int | None], Row] = {}
     for r in all_rows.get(OURS_BENCH, []):
         if not (r.case.startswith("hosted_") and r.metric == "throughput" and is_throughput(r)):
             continue
-        handler, total = r.case.removeprefix("hosted_"), ours_total
-        stem, sep, suffix = handler.rpartition("_c")
-        if sep and suffix.isdigit():
-            handler, total = stem, int(suffix)
-        ours_by_case[handler, total] = r
+        handler = r.dim("handler")
+        if handler is None or r.dim("state_bytes") is not None or r.dim("warmup"):
+            continue  # not a plain drain (per-user state on/off) or not a result (warm-up)
+        conc = r.dim("concurrency")
+        key = (handler, int(conc) if conc and conc.isdigit() else ours_total)
+        if key not in ours_by_case or r.case == f"hosted_{handler}":
+            ours_by_case[key] = r
     out = []
     for row in all_rows.get(PEER_BENCH, []):
         if row.metric != "throughput" or row.dim("scenario") != "consume":
@@ -399,8 +401,8 @@ def render_peer(all_rows: dict[str, list[Row]], contexts: list[dict[str, Any]]) 
         f"commit mode {ctx.get('commit_mode', '?')}, one warm JVM; ours: the `consume` "
         f"bench's hosted drains, {ctx.get('ours_num_hosts', '?')} hosts × "
         f"{ctx.get('ours_handler_concurrency', '?')} handlers per host = {ours_total or '?'} "
-        "at once (`consume.num_hosts` × `consume.handler_concurrency`), and the same drains "
-        "on a pipeline with fewer handlers per host for the peer's other concurrency. A "
+        "at once (`consume.num_hosts` × `consume.handler_concurrency`), and its `concurrency` "
+        "mode's drains at the peer's other concurrency. A "
         "ratio is shown where the total concurrency is the same; ours also writes a durable "
         "done-flag per message and consults the rate limiter per batch, the peer does "
         "neither.",

@@ -286,6 +286,17 @@ def test_ours_at_the_peers_other_concurrency_pairs_with_it(tmp_path: Path) -> No
             concurrency=64,
         )
         for run, v in enumerate([4500, 5000, 5500])
+    ] + [  # --peer-concurrency 128 too: the hosted run's own drain keeps the 128 pair
+        measurement(
+            "consume",
+            "hosted_trivial_c128",
+            1,
+            run,
+            pipeline="hosted",
+            handler="trivial",
+            concurrency=128,
+        )
+        for run in range(3)
     ]
     consume.write_text(consume.read_text() + "\n".join(c64) + "\n")
     machine, benches = results.load_results(results_dir)
@@ -296,7 +307,7 @@ def test_ours_at_the_peers_other_concurrency_pairs_with_it(tmp_path: Path) -> No
         for c in render.peer_comparisons(all_rows, peer.sections["peer_context"])
     }
     assert by_case[("trivial", 64)].ratio == pytest.approx(5000 / 10000)
-    assert by_case[("trivial", 128)].ratio == pytest.approx(2.1)  # not the c64 rows
+    assert by_case[("trivial", 128)].ratio == pytest.approx(2.1)  # not the c64/c128 rows
     text = render.render_report(machine, benches)
     row = "| trivial | 64 | 10,000 (9,000–11,000) | 5,000 (4,500–5,500) | **0.50×** | 3/3 |"
     assert row in text

@@ -39,6 +39,7 @@ from bench.procs import (
     descendants,
     hottest_pid,
     parse_proc_stat,
+    parse_smaps_rollup,
     proc_memory,
     rss_by_group,
     thread_count,
@@ -91,23 +92,44 @@ def test_parse_proc_stat_survives_spaces_and_parens_in_comm() -> None:
     assert parse_proc_stat(text) == (41, 280)
 
 
-def test_busy_pct_is_the_whole_machine_in_percent_of_one_core(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Idle and iowait are not busy; the share is scaled to the cores (200 = both of 2)."""
-    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda _pid: {0, 1})
+def test_busy_pct_is_the_whole_machine_in_percent_of_one_core() -> None:
+    """Idle and iowait are not busy, stolen time is not ours at all; the share is scaled
+    to the CPUs (200 = both of 2)."""
     before = {"user": 100, "system": 50, "idle": 800, "iowait": 50, "steal": 0}
     after = {"user": 160, "system": 90, "idle": 880, "iowait": 70, "steal": 0}
     # 200 jiffies passed, 100 of them busy: half of both cores = one core.
-    assert machine.busy_pct(before, after) == 100.0
+    assert machine.busy_pct(before, after, cpus=2) == 100.0
+    stolen = {**after, "steal": 200}  # as many jiffies stolen again: still one core busy
+    assert machine.busy_pct(before, stolen, cpus=2) == 100.0
+    assert machine.steal_pct(before, stolen) == 50.0
     assert machine.busy_pct({}, after) is None
     assert machine.busy_pct(after, after) is None
 
 
-def test_proc_memory_reads_our_own_process() -> None:
-    mem = proc_memory(os.getpid())
-    assert 0 < mem["uss"] <= mem["rss"]
-    assert 0 < mem["pss"] <= mem["rss"]
+SMAPS_ROLLUP = """\
+00400000-7ffd1a2b3000 ---p 00000000 00:00 0                              [rollup]
+Rss:              118272 kB
+Pss:               70400 kB
+Pss_Anon:          60000 kB
+Pss_File:          10400 kB
+Shared_Clean:      48000 kB
+Shared_Dirty:        100 kB
+Private_Clean:      2000 kB
+Private_Dirty:     68000 kB
+Referenced:       118000 kB
+Anonymous:         68000 kB
+"""
+
+
+def test_parse_smaps_rollup_reads_rss_pss_and_private_memory() -> None:
+    """Pss is not Pss_Anon or Pss_File, USS is Private_Clean + Private_Dirty."""
+    assert parse_smaps_rollup(SMAPS_ROLLUP) == {
+        "rss": 118272 * 1024,
+        "pss": 70400 * 1024,
+        "uss": (2000 + 68000) * 1024,
+    }
+    mem = proc_memory(os.getpid())  # and the live file parses
+    assert 0 < mem["uss"] <= mem["pss"] <= mem["rss"]
     assert thread_count(os.getpid()) >= 1
 
 
