@@ -658,7 +658,6 @@ def run_concurrency(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
                 b.drain(name, args.per_user, sleep_ms, False, case=f"hosted_{name}_c{total}")
         finally:
             b.stop_all()
-        topics += b.topics
     return topics
 
 
@@ -671,6 +670,7 @@ def run_state(args: argparse.Namespace, svc: Any, run: int) -> list[str]:
         variants.reverse()
     for name, handler, raw in variants:
         b = ModeBench(args, svc, "hosted", run, handler=handler)
+        topics += b.topics  # deleted at the end even if the drain below fails
         try:
             case = f"hosted_state_{name}"
             b.drain("trivial", args.per_user, 0, False, raw=raw, case=case, bursts=args.bursts)
