@@ -330,6 +330,11 @@ class ModeBench:
             if done >= n:
                 break
             time.sleep(0.05)
+        if not record:  # a warm-up: nothing to time or count
+            self.stop_consumers_only()
+            if done < n:
+                raise RuntimeError(f"warm-up drain: only {done}/{n} completed")
+            return
         t_end = time.time()
         firsts = [s["first_consumed_unix_s"] for s in p.snapshots()]
         t_first = min((f for f in firsts if f is not None), default=t_end)
@@ -346,11 +351,6 @@ class ModeBench:
         if self.mode == "hosted":  # handlers at once in all (the peer comparison's key)
             c = self.settings.consume
             dims["concurrency"] = c.num_hosts * c.handler_concurrency
-        if not record:
-            self.stop_consumers_only()
-            if done < n:
-                raise RuntimeError(f"warm-up drain: only {done}/{n} completed")
-            return
         common = self.dims(handler=name, **dims)
         emit(
             case=case,

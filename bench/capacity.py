@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from qywx_ray.consume.settings import ConsumeSettings
+
 # CPU per message, µs, medians (bench/results/compare/README.md, bench/REPORT.md).
 SYNCER_US = 20.3  # one syncer host process, one account, GC tuned (syncer_after_gc_*_round3)
 CONSUMER_US = 15.8  # partition consumer, hosted trivial drain (REPORT.md cpu_per_msg_consumers)
@@ -27,7 +29,7 @@ REDIS_US_BEST, REDIS_US_WORST = 6.0, 23.0
 # 132.9 bytes, median of 3 runs of bench_redis_memory (2026-12-07). Redis holds one per
 # message for `consume.dedup_ttl_s` (one day by default): rate x window of them.
 DONE_FLAG_BYTES = 132.9
-DEDUP_TTL_S = 86_400
+DEDUP_TTL_S: int = ConsumeSettings.model_fields["dedup_ttl_s"].default  # the default window
 # Memory per live hosted user (a mailbox: state, queue, timers): 4.7 KiB idle RSS
 # (bench_idle_users), 7.4 KiB with recent traffic (architecture notes); a host process
 # starts at ~120 MiB RSS.
